@@ -1,0 +1,220 @@
+"""2-D convolution kernels: im2col/col2im in Numba, GEMMs through numpy (BLAS).
+
+Layouts follow PyTorch: activations NCHW, conv weights (O, C/groups, kh, kw),
+transposed-conv weights (Cin, Cout, kh, kw). ``cols`` workspaces are
+(N, C*kh*kw, OH*OW) with row index c*kh*kw + i*kw + j (``torch.nn.functional.unfold``
+order). All kernels overwrite their outputs and return None.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._common import check_c, check_shape, valid_range
+
+__all__ = [
+    "im2col",
+    "col2im",
+    "conv2d_forward",
+    "conv2d_backward",
+    "conv_transpose2d_forward",
+    "conv_transpose2d_backward",
+]
+
+
+@njit(parallel=True, cache=True)
+def _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
+    n_, c_, h_, w_ = x.shape
+    kk = kh * kw
+    for nc in prange(n_ * c_):
+        n = nc // c_
+        c = nc - n * c_
+        for i in range(kh):
+            for j in range(kw):
+                row = c * kk + i * kw + j
+                offx = j * dw - pl
+                lo, hi = valid_range(offx, sw, w_, ow)
+                for oy in range(oh):
+                    iy = oy * sh - pt + i * dh
+                    base = oy * ow
+                    if iy < 0 or iy >= h_:
+                        for ox in range(ow):
+                            cols[n, row, base + ox] = 0
+                    else:
+                        for ox in range(lo):
+                            cols[n, row, base + ox] = 0
+                        for ox in range(lo, hi):
+                            cols[n, row, base + ox] = x[n, c, iy, ox * sw + offx]
+                        for ox in range(hi, ow):
+                            cols[n, row, base + ox] = 0
+
+
+@njit(parallel=True, cache=True)
+def _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
+    n_, c_, h_, w_ = dx.shape
+    kk = kh * kw
+    for nc in prange(n_ * c_):
+        n = nc // c_
+        c = nc - n * c_
+        for iy in range(h_):
+            for ix in range(w_):
+                dx[n, c, iy, ix] = 0
+        for i in range(kh):
+            for j in range(kw):
+                row = c * kk + i * kw + j
+                offx = j * dw - pl
+                lo, hi = valid_range(offx, sw, w_, ow)
+                for oy in range(oh):
+                    iy = oy * sh - pt + i * dh
+                    if iy < 0 or iy >= h_:
+                        continue
+                    base = oy * ow
+                    for ox in range(lo, hi):
+                        dx[n, c, iy, ox * sw + offx] += cols[n, row, base + ox]
+
+
+def _check_cols(x, cols, kh, kw, oh, ow, name="cols"):
+    check_shape(name, cols, (x.shape[0], x.shape[1] * kh * kw, oh * ow))
+    if cols.dtype != x.dtype:
+        raise ValueError(f"{name} dtype {cols.dtype} != {x.dtype}")
+
+
+def im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
+    """Unfold x (N,C,H,W) into cols (N, C*kh*kw, oh*ow); padded positions are 0."""
+    check_c(x=x, cols=cols)
+    args = (kh, kw, sh, sw, pt, pl, dh, dw, oh, ow)
+    kh, kw, sh, sw, pt, pl, dh, dw, oh, ow = (int(v) for v in args)
+    _check_cols(x, cols, kh, kw, oh, ow)
+    _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
+
+
+def col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
+    """Adjoint of :func:`im2col`: fold cols back into dx (N,C,H,W), overwriting dx."""
+    check_c(cols=cols, dx=dx)
+    args = (kh, kw, sh, sw, pt, pl, dh, dw, oh, ow)
+    kh, kw, sh, sw, pt, pl, dh, dw, oh, ow = (int(v) for v in args)
+    _check_cols(dx, cols, kh, kw, oh, ow)
+    _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx)
+
+
+def _unpack(stride, pad, dilation):
+    sh, sw = (int(s) for s in stride)
+    pt, pb, pl, pr = (int(p) for p in pad)
+    dh, dw = (int(d) for d in dilation)
+    return sh, sw, pt, pb, pl, pr, dh, dw
+
+
+def _accumulate_batch_gemm(a, b_t, dst, tmp=None):
+    """dst = sum_n a[n] @ b_t[n] in fixed sample order (deterministic).
+
+    a: (N, ..., M, L), b_t: (N, ..., L, K) (may be a transposed view), dst (..., M, K).
+    """
+    n = a.shape[0]
+    np.matmul(a[0], b_t[0], out=dst)
+    if n > 1:
+        if tmp is None:
+            tmp = np.empty_like(dst)
+        for i in range(1, n):
+            np.matmul(a[i], b_t[i], out=tmp)
+            dst += tmp
+
+
+def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, cols):
+    """out = conv2d(x, w) + b (PyTorch cross-correlation); cols <- im2col(x)."""
+    sh, sw, pt, _pb, pl, _pr, dh, dw = _unpack(stride, pad, dilation)
+    n, c, _h, _w = x.shape
+    o, cg, kh, kw = w.shape
+    g = int(groups)
+    if c != cg * g or o % g:
+        raise ValueError(f"bad grouped conv shapes: x {x.shape}, w {w.shape}, groups {g}")
+    oh, ow = out.shape[2], out.shape[3]
+    check_shape("out", out, (n, o, oh, ow))
+    check_c(x=x, w=w, out=out, cols=cols)
+    _check_cols(x, cols, kh, kw, oh, ow)
+    _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
+    L = oh * ow
+    kg = cg * kh * kw
+    if g == 1:
+        np.matmul(w.reshape(o, kg), cols, out=out.reshape(n, o, L))
+    else:
+        np.matmul(
+            w.reshape(g, o // g, kg),
+            cols.reshape(n, g, kg, L),
+            out=out.reshape(n, g, o // g, L),
+        )
+    if b is not None:
+        out += b.reshape(1, o, 1, 1)
+
+
+def conv2d_backward(x, w, dout, stride, pad, dilation, groups, cols, dx, dw, db, dcols=None):
+    """Gradients of :func:`conv2d_forward`.
+
+    ``cols`` must still hold im2col(x) from the forward pass; it is not modified.
+    dx / db may be None. ``dcols`` (optional, same shape/dtype as cols) is a workspace
+    for the input gradient; one is allocated per call when it is not given.
+    """
+    sh, sw, pt, _pb, pl, _pr, dh, dwl = _unpack(stride, pad, dilation)
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    g = int(groups)
+    oh, ow = dout.shape[2], dout.shape[3]
+    L = oh * ow
+    kg = cg * kh * kw
+    og = o // g
+    check_shape("dout", dout, (n, o, oh, ow))
+    check_shape("dw", dw, w.shape)
+    check_c(x=x, w=w, dout=dout, cols=cols, dx=dx, dw=dw, dcols=dcols)
+    _check_cols(x, cols, kh, kw, oh, ow)
+    dout4 = dout.reshape(n, g, og, L)
+    cols4 = cols.reshape(n, g, kg, L)
+    if db is not None:
+        check_shape("db", db, (o,))
+        np.sum(dout, axis=(0, 2, 3), out=db)
+    _accumulate_batch_gemm(dout4, cols4.transpose(0, 1, 3, 2), dw.reshape(g, og, kg))
+    if dx is not None:
+        check_shape("dx", dx, x.shape)
+        if dcols is None:
+            dcols = np.empty_like(cols)
+        else:
+            _check_cols(x, dcols, kh, kw, oh, ow, "dcols")
+        np.matmul(w.reshape(g, og, kg).transpose(0, 2, 1), dout4, out=dcols.reshape(n, g, kg, L))
+        _col2im(dcols, kh, kw, sh, sw, pt, pl, dh, dwl, oh, ow, dx)
+
+
+def conv_transpose2d_forward(x, w, b, stride, pad, dilation, out, cols):
+    """PyTorch ConvTranspose2d (groups=1): cols <- W^T x, out <- col2im(cols) + b."""
+    sh, sw, pt, _pb, pl, _pr, dh, dw = _unpack(stride, pad, dilation)
+    n, cin, h, wd = x.shape
+    cin_w, cout, kh, kw = w.shape
+    if cin_w != cin:
+        raise ValueError(f"weight {w.shape} does not match input channels {cin}")
+    check_shape("out", out, (n, cout, out.shape[2], out.shape[3]))
+    check_c(x=x, w=w, out=out, cols=cols)
+    _check_cols(out, cols, kh, kw, h, wd)
+    np.matmul(w.reshape(cin, cout * kh * kw).T, x.reshape(n, cin, h * wd), out=cols)
+    _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, h, wd, out)
+    if b is not None:
+        out += b.reshape(1, cout, 1, 1)
+
+
+def conv_transpose2d_backward(x, w, dout, stride, pad, dilation, cols, dx, dw, db):
+    """Gradients of :func:`conv_transpose2d_forward`; ``cols`` is used as workspace
+    (overwritten with im2col(dout)). dx / db may be None."""
+    sh, sw, pt, _pb, pl, _pr, dh, dwl = _unpack(stride, pad, dilation)
+    n, cin, h, wd = x.shape
+    _, cout, kh, kw = w.shape
+    check_shape("dout", dout, (n, cout, dout.shape[2], dout.shape[3]))
+    check_shape("dw", dw, w.shape)
+    check_c(x=x, w=w, dout=dout, cols=cols, dx=dx, dw=dw)
+    _check_cols(dout, cols, kh, kw, h, wd)
+    if db is not None:
+        check_shape("db", db, (cout,))
+        np.sum(dout, axis=(0, 2, 3), out=db)
+    _im2col(dout, kh, kw, sh, sw, pt, pl, dh, dwl, h, wd, cols)
+    k = cout * kh * kw
+    x3 = x.reshape(n, cin, h * wd)
+    _accumulate_batch_gemm(x3, cols.transpose(0, 2, 1), dw.reshape(cin, k))
+    if dx is not None:
+        check_shape("dx", dx, x.shape)
+        np.matmul(w.reshape(cin, k), cols, out=dx.reshape(n, cin, h * wd))

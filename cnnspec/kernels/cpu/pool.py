@@ -1,0 +1,317 @@
+"""Pooling kernels (max, average, global average, LeNet-5 trainable subsampling).
+
+Output spatial sizes come from the ``out`` arrays (the caller handles ceil_mode).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._common import check_c, check_shape
+
+__all__ = [
+    "maxpool2d_forward",
+    "maxpool2d_backward",
+    "avgpool2d_forward",
+    "avgpool2d_backward",
+    "global_avgpool_forward",
+    "global_avgpool_backward",
+    "subsample2d_forward",
+    "subsample2d_backward",
+]
+
+
+# --------------------------------------------------------------------------- max pool
+@njit(parallel=True, cache=True)
+def _maxpool_fwd(x, kh, kw, sh, sw, pt, pl, out, argmax):
+    n_, c_, h_, w_ = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    for nc in prange(n_ * c_):
+        n = nc // c_
+        c = nc - n * c_
+        for oy in range(oh):
+            hs = oy * sh - pt
+            he = min(hs + kh, h_)
+            hs = max(hs, 0)
+            for ox in range(ow):
+                ws = ox * sw - pl
+                we = min(ws + kw, w_)
+                ws = max(ws, 0)
+                best = -np.inf
+                idx = -1
+                if hs < he and ws < we:
+                    idx = hs * w_ + ws
+                    for iy in range(hs, he):
+                        for ix in range(ws, we):
+                            v = x[n, c, iy, ix]
+                            # same rule as PyTorch: NaN wins (propagates)
+                            if v > best or v != v:
+                                best = v
+                                idx = iy * w_ + ix
+                out[n, c, oy, ox] = best
+                argmax[n, c, oy, ox] = idx
+
+
+@njit(parallel=True, cache=True)
+def _maxpool_bwd(dout, argmax, dx):
+    # 2-D views: dout/argmax (NC, OH*OW), dx (NC, H*W)
+    nc_, hw = dx.shape
+    lo = dout.shape[1]
+    for nc in prange(nc_):
+        for i in range(hw):
+            dx[nc, i] = 0
+        for o in range(lo):
+            idx = argmax[nc, o]
+            if idx >= 0:
+                dx[nc, idx] += dout[nc, o]
+
+
+def maxpool2d_forward(x, kh, kw, sh, sw, pt, pl, out, argmax):
+    """Max pooling; argmax (int32, like out) gets the flat h*W+w index in x's plane."""
+    check_c(x=x, out=out, argmax=argmax)
+    n, c = x.shape[:2]
+    check_shape("out", out, (n, c, out.shape[2], out.shape[3]))
+    check_shape("argmax", argmax, out.shape)
+    if argmax.dtype != np.int32:
+        raise ValueError("argmax must be int32")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError("empty input plane")
+    _maxpool_fwd(x, int(kh), int(kw), int(sh), int(sw), int(pt), int(pl), out, argmax)
+
+
+def maxpool2d_backward(dout, argmax, dx):
+    """dx <- scatter of dout to the argmax positions (overwrites dx)."""
+    check_c(dout=dout, argmax=argmax, dx=dx)
+    check_shape("argmax", argmax, dout.shape)
+    n, c = dx.shape[:2]
+    check_shape("dout", dout, (n, c, dout.shape[2], dout.shape[3]))
+    _maxpool_bwd(dout.reshape(n * c, -1), argmax.reshape(n * c, -1), dx.reshape(n * c, -1))
+
+
+# ----------------------------------------------------------------------- average pool
+@njit(cache=True)
+def _avg_window(o, s, k, p_before, size, p_after):
+    """PyTorch AvgPool2d window: clipped [start, end) and the padded pool extent."""
+    start = o * s - p_before
+    end = min(start + k, size + p_after)
+    extent = end - start
+    start = max(start, 0)
+    end = min(end, size)
+    return start, end, extent
+
+
+@njit(parallel=True, cache=True)
+def _avgpool_fwd(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out):
+    n_, c_, h_, w_ = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    for nc in prange(n_ * c_):
+        n = nc // c_
+        c = nc - n * c_
+        for oy in range(oh):
+            hs, he, ph = _avg_window(oy, sh, kh, pt, h_, pb)
+            for ox in range(ow):
+                ws, we, pw = _avg_window(ox, sw, kw, pl, w_, pr)
+                if count_include_pad:
+                    div = ph * pw
+                else:
+                    div = (he - hs) * (we - ws)
+                acc = 0.0
+                for iy in range(hs, he):
+                    for ix in range(ws, we):
+                        acc += x[n, c, iy, ix]
+                out[n, c, oy, ox] = acc / div if div > 0 else 0.0
+
+
+@njit(parallel=True, cache=True)
+def _avgpool_bwd(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, dx):
+    n_, c_, h_, w_ = dx.shape
+    oh, ow = dout.shape[2], dout.shape[3]
+    for nc in prange(n_ * c_):
+        n = nc // c_
+        c = nc - n * c_
+        for iy in range(h_):
+            for ix in range(w_):
+                dx[n, c, iy, ix] = 0
+        for oy in range(oh):
+            hs, he, ph = _avg_window(oy, sh, kh, pt, h_, pb)
+            for ox in range(ow):
+                ws, we, pw = _avg_window(ox, sw, kw, pl, w_, pr)
+                if count_include_pad:
+                    div = ph * pw
+                else:
+                    div = (he - hs) * (we - ws)
+                if div <= 0:
+                    continue
+                g = dout[n, c, oy, ox] / div
+                for iy in range(hs, he):
+                    for ix in range(ws, we):
+                        dx[n, c, iy, ix] += g
+
+
+def avgpool2d_forward(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out):
+    """PyTorch AvgPool2d (divisor rule generalised to asymmetric padding)."""
+    check_c(x=x, out=out)
+    n, c = x.shape[:2]
+    check_shape("out", out, (n, c, out.shape[2], out.shape[3]))
+    _avgpool_fwd(
+        x,
+        int(kh),
+        int(kw),
+        int(sh),
+        int(sw),
+        int(pt),
+        int(pb),
+        int(pl),
+        int(pr),
+        bool(count_include_pad),
+        out,
+    )
+
+
+def avgpool2d_backward(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, dx):
+    """Gradient of :func:`avgpool2d_forward` (overwrites dx)."""
+    check_c(dout=dout, dx=dx)
+    n, c = dx.shape[:2]
+    check_shape("dout", dout, (n, c, dout.shape[2], dout.shape[3]))
+    _avgpool_bwd(
+        dout,
+        int(kh),
+        int(kw),
+        int(sh),
+        int(sw),
+        int(pt),
+        int(pb),
+        int(pl),
+        int(pr),
+        bool(count_include_pad),
+        dx,
+    )
+
+
+# ---------------------------------------------------------------- global average pool
+@njit(parallel=True, cache=True)
+def _gap_fwd(x, out):
+    # x (NC, HW), out (NC,)
+    nc_, hw = x.shape
+    for nc in prange(nc_):
+        acc = 0.0
+        for i in range(hw):
+            acc += x[nc, i]
+        out[nc] = acc / hw
+
+
+@njit(parallel=True, cache=True)
+def _gap_bwd(dout, dx):
+    nc_, hw = dx.shape
+    for nc in prange(nc_):
+        g = dout[nc] / hw
+        for i in range(hw):
+            dx[nc, i] = g
+
+
+def global_avgpool_forward(x, out):
+    """out (N, C) = mean of x (N, C, H, W) over H, W."""
+    check_c(x=x, out=out)
+    n, c = x.shape[:2]
+    check_shape("out", out, (n, c))
+    _gap_fwd(x.reshape(n * c, -1), out.reshape(n * c))
+
+
+def global_avgpool_backward(dout, dx):
+    check_c(dout=dout, dx=dx)
+    n, c = dx.shape[:2]
+    check_shape("dout", dout, (n, c))
+    _gap_bwd(dout.reshape(n * c), dx.reshape(n * c, -1))
+
+
+# ------------------------------------------------------ LeNet-5 trainable subsampling
+@njit(parallel=True, cache=True)
+def _subsample_fwd(x, coef, bias, kh, kw, sh, sw, out, pooled):
+    n_, c_, h_, w_ = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    for nc in prange(n_ * c_):
+        n = nc // c_
+        c = nc - n * c_
+        a = coef[c]
+        b = bias[c]
+        for oy in range(oh):
+            hs = oy * sh
+            he = min(hs + kh, h_)
+            for ox in range(ow):
+                ws = ox * sw
+                we = min(ws + kw, w_)
+                acc = 0.0
+                for iy in range(hs, he):
+                    for ix in range(ws, we):
+                        acc += x[n, c, iy, ix]
+                cnt = (he - hs) * (we - ws)
+                p = acc / cnt if cnt > 0 else 0.0
+                pooled[n, c, oy, ox] = p
+                out[n, c, oy, ox] = a * pooled[n, c, oy, ox] + b
+
+
+@njit(parallel=True, cache=True)
+def _subsample_bwd_dx(dout, coef, kh, kw, sh, sw, dx):
+    n_, c_, h_, w_ = dx.shape
+    oh, ow = dout.shape[2], dout.shape[3]
+    for nc in prange(n_ * c_):
+        n = nc // c_
+        c = nc - n * c_
+        a = coef[c]
+        for iy in range(h_):
+            for ix in range(w_):
+                dx[n, c, iy, ix] = 0
+        for oy in range(oh):
+            hs = oy * sh
+            he = min(hs + kh, h_)
+            for ox in range(ow):
+                ws = ox * sw
+                we = min(ws + kw, w_)
+                cnt = (he - hs) * (we - ws)
+                if cnt <= 0:
+                    continue
+                g = a * dout[n, c, oy, ox] / cnt
+                for iy in range(hs, he):
+                    for ix in range(ws, we):
+                        dx[n, c, iy, ix] += g
+
+
+@njit(parallel=True, cache=True)
+def _subsample_bwd_params(dout, pooled, dcoef, dbias):
+    # dout/pooled (N, C, L); per-channel sums in fixed (n, l) order -> deterministic
+    n_, c_, l_ = dout.shape
+    for c in prange(c_):
+        sa = 0.0
+        sb = 0.0
+        for n in range(n_):
+            for i in range(l_):
+                g = dout[n, c, i]
+                sa += g * pooled[n, c, i]
+                sb += g
+        dcoef[c] = sa
+        dbias[c] = sb
+
+
+def subsample2d_forward(x, coef, bias, kh, kw, sh, sw, out, pooled):
+    """LeNet-5 subsampling: pooled = window mean (no padding), out = coef[c]*pooled + bias[c]."""
+    check_c(x=x, coef=coef, bias=bias, out=out, pooled=pooled)
+    n, c = x.shape[:2]
+    check_shape("out", out, (n, c, out.shape[2], out.shape[3]))
+    check_shape("pooled", pooled, out.shape)
+    check_shape("coef", coef, (c,))
+    check_shape("bias", bias, (c,))
+    _subsample_fwd(x, coef, bias, int(kh), int(kw), int(sh), int(sw), out, pooled)
+
+
+def subsample2d_backward(dout, pooled, coef, kh, kw, sh, sw, dx, dcoef, dbias):
+    """Gradients of :func:`subsample2d_forward`; dx may be None."""
+    check_c(dout=dout, pooled=pooled, coef=coef, dx=dx, dcoef=dcoef, dbias=dbias)
+    n, c = dout.shape[:2]
+    check_shape("pooled", pooled, dout.shape)
+    check_shape("dcoef", dcoef, (c,))
+    check_shape("dbias", dbias, (c,))
+    _subsample_bwd_params(dout.reshape(n, c, -1), pooled.reshape(n, c, -1), dcoef, dbias)
+    if dx is not None:
+        check_shape("dx", dx, (n, c, dx.shape[2], dx.shape[3]))
+        _subsample_bwd_dx(dout, coef, int(kh), int(kw), int(sh), int(sw), dx)

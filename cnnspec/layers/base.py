@@ -1,0 +1,175 @@
+"""The contract every layer answers, and the attribute helpers they share.
+
+A layer class owns everything about one `type`: resolving its attributes, its
+shape rule, its receptive-field rule, its parameters and their initialisation,
+its cost, and the kernels that run it forward and backward. The registry maps
+the spec's `type` names to these classes; the JSON Schema says which attributes
+each may carry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import LayerError
+
+REGISTRY: dict[str, type[Layer]] = {}
+
+
+def register(cls):
+    for name in (cls.type_name, *cls.aliases):
+        REGISTRY[name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    """One parameter array: PyTorch layout, whether SGD trains it, how to initialise it."""
+
+    name: str
+    shape: tuple
+    trainable: bool = True
+    init: str = "zeros"  # zeros | ones | auto (fan-based, chosen by activation) | uniform:a
+    fan_in: int = 1
+    fan_out: int = 1
+    count: int | None = None  # trainable entries when a mask hides some (LeNet-5's C3)
+
+    @property
+    def size(self) -> int:
+        return self.count if self.count is not None else int(np.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class Field:
+    """Receptive field along one axis: size, effective stride (jump), start offset."""
+
+    size: int = 1
+    jump: int = 1
+    start: float = 0.0  # effective padding = -start
+
+    def through(self, kernel: int, stride: int, pad: int, dilation: int = 1) -> Field:
+        return Field(
+            self.size + dilation * (kernel - 1) * self.jump,
+            self.jump * stride,
+            self.start - pad * self.jump,
+        )
+
+
+class Layer:
+    type_name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    role: ClassVar[str] = "hidden"  # hidden | merge | output
+    min_inputs: ClassVar[int] = 1
+    max_inputs: ClassVar[int] = 1
+    elementwise: ClassVar[bool] = False  # receptive field and shape pass through
+
+    def __init__(self, name: str, attrs: dict, in_shapes: list[tuple]):
+        self.name = name
+        self.raw = attrs
+        self.in_shapes = [tuple(s) for s in in_shapes]
+        self.attrs: dict = {}
+        self.out_shape: tuple = self.setup(attrs, self.in_shapes)
+
+    # ---- shape inference --------------------------------------------------
+    def setup(self, attrs: dict, in_shapes: list[tuple]) -> tuple:
+        """Resolve attributes into self.attrs and return the output shape."""
+        self.attrs = {}
+        return in_shapes[0]
+
+    def param_defs(self) -> list[ParamDef]:
+        return []
+
+    def macs(self) -> int:
+        return 0
+
+    def receptive_field(self, fields: list[tuple[Field, Field]]) -> tuple[Field, Field]:
+        return fields[0]
+
+    # ---- execution --------------------------------------------------------
+    def allocate(self, batch: int, dtype=np.float32) -> None:
+        """Allocate per-(spec, batch) workspaces once; nothing is allocated per step."""
+
+    def forward(self, xs: list, out, p: dict, train: bool, rng) -> None:
+        raise NotImplementedError
+
+    def backward(self, xs: list, out, dout, dxs: list, p: dict, g: dict) -> None:
+        """Write input gradients into dxs (None where not needed) and parameter gradients into g."""
+        raise NotImplementedError
+
+
+# ---- attribute helpers ----------------------------------------------------
+
+
+def pair(value, what: str) -> list[int]:
+    if isinstance(value, bool):
+        raise LayerError(f"'{what}' must be an integer or [h, w]", what)
+    if isinstance(value, int):
+        return [value, value]
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return list(value)
+    raise LayerError(f"'{what}' must be an integer or [h, w], got {value!r}", what)
+
+
+def spatial(shape: tuple, layer: str) -> tuple[int, int, int]:
+    if len(shape) != 3:
+        raise LayerError(
+            f"{layer} needs a [channels, height, width] input, got {list(shape)}",
+            hint="put it before any flatten or dense layer",
+        )
+    return shape
+
+
+def resolve_padding(value, kernel, stride, dilation, size) -> list[int]:
+    """Padding as [top, bottom, left, right] from an int, [h, w], [t, b, l, r] or a mode."""
+    if value == "valid":
+        return [0, 0, 0, 0]
+    if value == "full":
+        ph, pw = (d * (k - 1) for d, k in zip(dilation, kernel))
+        return [ph, ph, pw, pw]
+    if value == "same":
+        pads = []
+        for n, k, s, d in zip(size, kernel, stride, dilation):
+            total = max((math.ceil(n / s) - 1) * s + d * (k - 1) + 1 - n, 0)
+            pads += [total // 2, total - total // 2]
+        return pads
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value] * 4
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        if len(value) == 2:
+            return [value[0], value[0], value[1], value[1]]
+        if len(value) == 4:
+            return list(value)
+    raise LayerError(
+        f"'padding' must be an integer, [h, w], [top, bottom, left, right], "
+        f"'valid', 'same' or 'full', got {value!r}",
+        "padding",
+    )
+
+
+def output_size(n, k, s, p0, p1, d, ceil_mode=False, axis="height", attr="kernel") -> int:
+    """O = floor((n + p0 + p1 - d*(k-1) - 1)/s) + 1, or PyTorch's ceil mode."""
+    span = d * (k - 1) + 1
+    padded = n + p0 + p1
+    num = padded - span
+    formula = f"({n} + {p0} + {p1} - {d}*({k}-1) - 1)/{s} + 1"
+    if num < 0:
+        raise LayerError(
+            f"the {axis} kernel ({span} with dilation) is larger than the padded input ({padded})",
+            attr,
+            f"output {axis} = floor({formula}) = {num // s + 1}; "
+            "use a smaller kernel, more padding or a larger input",
+        )
+    out = (-(-num // s) if ceil_mode else num // s) + 1
+    if ceil_mode and (out - 1) * s >= n + p0:
+        out -= 1  # the last window would start inside the right padding
+    if out < 1:
+        raise LayerError(f"output {axis} would be {out}", attr, f"floor({formula}) = {out}")
+    return out
+
+
+def flat_size(shape: tuple) -> int:
+    return int(np.prod(shape))

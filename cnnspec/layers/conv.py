@@ -1,0 +1,220 @@
+"""Convolutions: conv2d (stride, padding modes, dilation, groups, connection
+table) and conv_transpose2d. Both lower onto the im2col/GEMM kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import LayerError
+from .base import Field, Layer, ParamDef, output_size, pair, register, resolve_padding, spatial
+
+
+def _kernels():
+    from ..kernels.cpu import conv
+
+    return conv
+
+
+@register
+class Conv2d(Layer):
+    type_name = "conv2d"
+    aliases = ("conv",)
+
+    def setup(self, a, in_shapes):
+        c, h, w = spatial(in_shapes[0], self.type_name)
+        filters = a["filters"]
+        kernel = pair(a["kernel"], "kernel")
+        stride = pair(a.get("stride", 1), "stride")
+        dilation = pair(a.get("dilation", 1), "dilation")
+        groups = a.get("groups", 1)
+        padding = resolve_padding(a.get("padding", 0), kernel, stride, dilation, (h, w))
+        if c % groups:
+            raise LayerError(
+                f"groups ({groups}) must divide the input channels ({c})",
+                "groups",
+                f"{c} / {groups} = {c / groups:g}",
+            )
+        if filters % groups:
+            raise LayerError(
+                f"groups ({groups}) must divide filters ({filters})",
+                "groups",
+                f"{filters} / {groups} = {filters / groups:g}",
+            )
+        connections = a.get("connections")
+        self.mask = None
+        if connections is not None:
+            if groups != 1:
+                raise LayerError("'connections' cannot be combined with groups", "connections")
+            if len(connections) != filters:
+                raise LayerError(
+                    f"'connections' lists {len(connections)} output maps but filters is {filters}",
+                    "connections",
+                    "give one list of input maps per output map",
+                )
+            self.mask = np.zeros((filters, c, 1, 1), np.float32)
+            for o, inputs in enumerate(connections):
+                for i in inputs:
+                    if not 0 <= i < c:
+                        raise LayerError(
+                            f"'connections' row {o} names input map {i}, "
+                            f"but the input has maps 0..{c - 1}",
+                            "connections",
+                        )
+                    self.mask[o, i] = 1.0
+        oh = output_size(h, kernel[0], stride[0], padding[0], padding[1], dilation[0],
+                         axis="height")
+        ow = output_size(w, kernel[1], stride[1], padding[2], padding[3], dilation[1],
+                         axis="width")
+        self.attrs = {
+            "filters": filters,
+            "kernel": kernel,
+            "stride": stride,
+            "padding": padding,
+            "dilation": dilation,
+            "groups": groups,
+            "bias": a.get("bias", True),
+        }
+        if connections is not None:
+            self.attrs["connections"] = connections
+        return (filters, oh, ow)
+
+    def _fan_in(self):
+        c = self.in_shapes[0][0]
+        kh, kw = self.attrs["kernel"]
+        if self.mask is not None:
+            return int(self.mask.sum(axis=1).mean() * kh * kw)
+        return c // self.attrs["groups"] * kh * kw
+
+    def param_defs(self):
+        c = self.in_shapes[0][0]
+        a = self.attrs
+        kh, kw = a["kernel"]
+        shape = (a["filters"], c // a["groups"], kh, kw)
+        count = int(self.mask.sum()) * kh * kw if self.mask is not None else None
+        fan_out = a["filters"] // a["groups"] * kh * kw
+        defs = [ParamDef("weight", shape, True, "auto", self._fan_in(), fan_out, count)]
+        if a["bias"]:
+            defs.append(ParamDef("bias", (a["filters"],)))
+        return defs
+
+    def macs(self):
+        o, oh, ow = self.out_shape
+        return o * oh * ow * self._fan_in()
+
+    def receptive_field(self, fields):
+        a = self.attrs
+        fh, fw = fields[0]
+        return (
+            fh.through(a["kernel"][0], a["stride"][0], a["padding"][0], a["dilation"][0]),
+            fw.through(a["kernel"][1], a["stride"][1], a["padding"][2], a["dilation"][1]),
+        )
+
+    def allocate(self, batch, dtype=np.float32):
+        c = self.in_shapes[0][0]
+        kh, kw = self.attrs["kernel"]
+        _, oh, ow = self.out_shape
+        self.cols = np.zeros((batch, c * kh * kw, oh * ow), dtype)
+
+    def forward(self, xs, out, p, train, rng):
+        a = self.attrs
+        _kernels().conv2d_forward(
+            xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"],
+            a["groups"], out, self.cols,
+        )
+
+    def backward(self, xs, out, dout, dxs, p, g):
+        a = self.attrs
+        _kernels().conv2d_backward(
+            xs[0], p["weight"], dout, a["stride"], a["padding"], a["dilation"], a["groups"],
+            self.cols, dxs[0], g["weight"], g.get("bias"),
+        )
+        if self.mask is not None:
+            g["weight"] *= self.mask
+
+
+@register
+class ConvTranspose2d(Layer):
+    type_name = "conv_transpose2d"
+    aliases = ("deconv2d",)
+
+    def setup(self, a, in_shapes):
+        c, h, w = spatial(in_shapes[0], self.type_name)
+        filters = a["filters"]
+        kernel = pair(a["kernel"], "kernel")
+        stride = pair(a.get("stride", 1), "stride")
+        dilation = pair(a.get("dilation", 1), "dilation")
+        extra = pair(a.get("output_padding", 0), "output_padding")
+        padding = a.get("padding", 0)
+        if isinstance(padding, str):
+            raise LayerError(
+                "conv_transpose2d takes numeric padding, not a mode", "padding",
+                "use an integer, [h, w] or [top, bottom, left, right]",
+            )
+        padding = resolve_padding(padding, kernel, stride, dilation, (h, w))
+        sizes = []
+        for axis, n, k, s, d, p0, p1, e in zip(
+            ("height", "width"), (h, w), kernel, stride, dilation,
+            padding[0::2], padding[1::2], extra,
+        ):
+            if e >= max(s, d):
+                raise LayerError(
+                    f"output_padding ({e}) must be smaller than stride or dilation",
+                    "output_padding",
+                )
+            o = (n - 1) * s - p0 - p1 + d * (k - 1) + 1 + e
+            if o < 1:
+                raise LayerError(
+                    f"output {axis} would be {o}", "padding",
+                    f"({n}-1)*{s} - {p0} - {p1} + {d}*({k}-1) + 1 + {e} = {o}",
+                )
+            sizes.append(o)
+        self.attrs = {
+            "filters": filters, "kernel": kernel, "stride": stride, "padding": padding,
+            "output_padding": extra, "dilation": dilation, "groups": 1,
+            "bias": a.get("bias", True),
+        }
+        return (filters, *sizes)
+
+    def param_defs(self):
+        c = self.in_shapes[0][0]
+        kh, kw = self.attrs["kernel"]
+        f = self.attrs["filters"]
+        defs = [ParamDef("weight", (c, f, kh, kw), True, "auto", f * kh * kw, c * kh * kw)]
+        if self.attrs["bias"]:
+            defs.append(ParamDef("bias", (f,)))
+        return defs
+
+    def macs(self):
+        c, h, w = self.in_shapes[0]
+        kh, kw = self.attrs["kernel"]
+        return c * h * w * self.attrs["filters"] * kh * kw
+
+    def receptive_field(self, fields):
+        # An input unit spreads over k outputs s apart: the field shrinks in jump.
+        a = self.attrs
+        out = []
+        for f, k, s, p, d in zip(fields[0], a["kernel"], a["stride"], a["padding"][0::2],
+                                 a["dilation"]):
+            jump = f.jump / s
+            size = f.size + (d * (k - 1) // s) * jump
+            out.append(Field(max(1, round(size)), jump, f.start - (d * (k - 1) - p) * jump))
+        return tuple(out)
+
+    def allocate(self, batch, dtype=np.float32):
+        _, h, w = self.in_shapes[0]
+        kh, kw = self.attrs["kernel"]
+        self.cols = np.zeros((batch, self.attrs["filters"] * kh * kw, h * w), dtype)
+
+    def forward(self, xs, out, p, train, rng):
+        a = self.attrs
+        _kernels().conv_transpose2d_forward(
+            xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], out,
+            self.cols,
+        )
+
+    def backward(self, xs, out, dout, dxs, p, g):
+        a = self.attrs
+        _kernels().conv_transpose2d_backward(
+            xs[0], p["weight"], dout, a["stride"], a["padding"], a["dilation"], self.cols,
+            dxs[0], g["weight"], g.get("bias"),
+        )

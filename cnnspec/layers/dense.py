@@ -1,0 +1,63 @@
+"""Fully connected layers and flatten. A dense layer on a [C, H, W] input
+flattens it implicitly (as Caffe's InnerProduct does)."""
+
+from __future__ import annotations
+
+from .base import Layer, ParamDef, flat_size, register
+from .pool import covers_input
+
+
+def _kernels():
+    from ..kernels.cpu import dense
+
+    return dense
+
+
+@register
+class Flatten(Layer):
+    type_name = "flatten"
+
+    def setup(self, a, in_shapes):
+        return (flat_size(in_shapes[0]),)
+
+    def receptive_field(self, fields):
+        return covers_input(fields, self.in_shapes[0])
+
+    def forward(self, xs, out, p, train, rng):
+        out[...] = xs[0].reshape(out.shape)
+
+    def backward(self, xs, out, dout, dxs, p, g):
+        if dxs[0] is not None:
+            dxs[0][...] = dout.reshape(dxs[0].shape)
+
+
+@register
+class Dense(Layer):
+    type_name = "dense"
+    aliases = ("fc",)
+
+    def setup(self, a, in_shapes):
+        self.attrs = {"units": a["units"], "bias": a.get("bias", True)}
+        return (a["units"],)
+
+    def param_defs(self):
+        n_in, n_out = flat_size(self.in_shapes[0]), self.attrs["units"]
+        defs = [ParamDef("weight", (n_out, n_in), True, "auto", n_in, n_out)]
+        if self.attrs["bias"]:
+            defs.append(ParamDef("bias", (n_out,)))
+        return defs
+
+    def macs(self):
+        return flat_size(self.in_shapes[0]) * self.attrs["units"]
+
+    def receptive_field(self, fields):
+        return covers_input(fields, self.in_shapes[0])
+
+    def forward(self, xs, out, p, train, rng):
+        x = xs[0].reshape(xs[0].shape[0], -1)
+        _kernels().dense_forward(x, p["weight"], p.get("bias"), out)
+
+    def backward(self, xs, out, dout, dxs, p, g):
+        x = xs[0].reshape(xs[0].shape[0], -1)
+        dx = None if dxs[0] is None else dxs[0].reshape(x.shape)
+        _kernels().dense_backward(x, p["weight"], dout, dx, g["weight"], g.get("bias"))

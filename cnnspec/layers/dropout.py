@@ -1,0 +1,34 @@
+"""Inverted dropout: scale kept units by 1/(1-rate) in training, identity in eval."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Layer, register
+
+
+@register
+class Dropout(Layer):
+    type_name = "dropout"
+    elementwise = True
+
+    def setup(self, a, in_shapes):
+        self.attrs = {"rate": a.get("rate", 0.5)}
+        return in_shapes[0]
+
+    def allocate(self, batch, dtype=np.float32):
+        self.mask = np.ones((batch, *self.out_shape), dtype)
+
+    def forward(self, xs, out, p, train, rng):
+        rate = self.attrs["rate"]
+        if train and rate > 0:
+            rng.random(out=self.mask, dtype=self.mask.dtype)
+            # mask holds 0 or 1/(1-rate): one multiply forward, one backward
+            np.greater_equal(self.mask, rate, out=self.mask)
+            self.mask *= 1.0 / (1.0 - rate)
+        else:
+            self.mask.fill(1.0)
+        np.multiply(xs[0], self.mask, out=out)
+
+    def backward(self, xs, out, dout, dxs, p, g):
+        np.multiply(dout, self.mask, out=dxs[0])

@@ -1,0 +1,112 @@
+"""Merging branches: concat (along channels), add (residual), and channel_pad
+(zero channels appended: ResNet's option-A shortcut)."""
+
+from __future__ import annotations
+
+from ..errors import LayerError
+from .base import Field, Layer, register
+
+
+def union(fields):
+    """Receptive field of a merge: the union of the branches' fields, per axis."""
+    out = []
+    for axis in range(2):
+        fs = [f[axis] for f in fields]
+        start = min(f.start for f in fs)
+        end = max(f.start + f.size for f in fs)
+        out.append(Field(int(end - start), max(f.jump for f in fs), start))
+    return tuple(out)
+
+
+def unaligned(fields) -> bool:
+    return any(f[axis].jump != fields[0][axis].jump for f in fields for axis in range(2))
+
+
+class _Merge(Layer):
+    role = "merge"
+    min_inputs = 2
+    max_inputs = 1_000
+
+    def receptive_field(self, fields):
+        return union(fields)
+
+
+@register
+class Concat(_Merge):
+    type_name = "concat"
+
+    def setup(self, a, in_shapes):
+        first = in_shapes[0]
+        for s in in_shapes[1:]:
+            if len(s) != len(first) or s[1:] != first[1:]:
+                sizes = ", ".join("x".join(map(str, t[1:])) or "(flat)" for t in in_shapes)
+                raise LayerError(
+                    f"concat needs equal spatial sizes, got {sizes}", "inputs",
+                    "pad or crop the branches so their outputs line up",
+                )
+        self.attrs = {"axis": 0}
+        return (sum(s[0] for s in in_shapes), *first[1:])
+
+    def forward(self, xs, out, p, train, rng):
+        c = 0
+        for x in xs:
+            out[:, c : c + x.shape[1]] = x
+            c += x.shape[1]
+
+    def backward(self, xs, out, dout, dxs, p, g):
+        c = 0
+        for x, dx in zip(xs, dxs):
+            if dx is not None:
+                dx[...] = dout[:, c : c + x.shape[1]]
+            c += x.shape[1]
+
+
+@register
+class Add(_Merge):
+    type_name = "add"
+
+    def setup(self, a, in_shapes):
+        for s in in_shapes[1:]:
+            if s != in_shapes[0]:
+                shapes = ", ".join(str(list(t)) for t in in_shapes)
+                hint = "use a 1x1 conv2d (projection) or channel_pad on the shortcut"
+                if s[0] == in_shapes[0][0]:
+                    hint = "the branches' strides differ: give the shortcut the same stride"
+                raise LayerError(f"add needs equal shapes, got {shapes}", "inputs", hint)
+        return in_shapes[0]
+
+    def forward(self, xs, out, p, train, rng):
+        out[...] = xs[0]
+        for x in xs[1:]:
+            out += x
+
+    def backward(self, xs, out, dout, dxs, p, g):
+        for dx in dxs:
+            if dx is not None:
+                dx[...] = dout
+
+
+@register
+class ChannelPad(Layer):
+    """Appends zero channels up to `channels` (He et al.'s option-A shortcut)."""
+
+    type_name = "channel_pad"
+    elementwise = True
+
+    def setup(self, a, in_shapes):
+        c = in_shapes[0][0]
+        if a["channels"] < c:
+            raise LayerError(
+                f"channel_pad to {a['channels']} channels, but the input already has {c}",
+                "channels",
+            )
+        self.attrs = {"channels": a["channels"]}
+        return (a["channels"], *in_shapes[0][1:])
+
+    def forward(self, xs, out, p, train, rng):
+        c = xs[0].shape[1]
+        out[:, :c] = xs[0]
+        out[:, c:] = 0
+
+    def backward(self, xs, out, dout, dxs, p, g):
+        dxs[0][...] = dout[:, : xs[0].shape[1]]

@@ -1,0 +1,111 @@
+"""Output layers: they end the network and define its loss. softmax (cross-
+entropy on its input logits), linear (mean squared error), rbf (LeNet-5's
+Euclidean RBF units; the loss treats negative distances as logits)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Layer, ParamDef, flat_size, register
+
+
+def _kernels():
+    from ..kernels.cpu import loss
+
+    return loss
+
+
+class _Output(Layer):
+    role = "output"
+    loss_name = "cross_entropy"
+
+    def setup(self, a, in_shapes):
+        self.attrs = {"loss_weight": a.get("loss_weight", 1.0)}
+        return (flat_size(in_shapes[0]),)
+
+    def scores(self, out):
+        """Higher = more likely, for accuracy and predictions."""
+        return out
+
+    def allocate(self, batch, dtype=np.float32):
+        self.dlogits = np.zeros((batch, self.out_shape[0]), dtype)
+
+    def loss(self, xs, out, target) -> float:
+        """Loss of this head; leaves d(loss)/d(input) in self.dlogits (weighted)."""
+        raise NotImplementedError
+
+    def backward(self, xs, out, dout, dxs, p, g):
+        if dxs[0] is not None:
+            dxs[0][...] = self.dlogits.reshape(dxs[0].shape)
+
+
+@register
+class Softmax(_Output):
+    type_name = "softmax"
+
+    def forward(self, xs, out, p, train, rng):
+        z = xs[0].reshape(out.shape)
+        np.subtract(z, z.max(axis=1, keepdims=True), out=out)
+        np.exp(out, out=out)
+        out /= out.sum(axis=1, keepdims=True)
+
+    def loss(self, xs, out, target):
+        logits = xs[0].reshape(out.shape)
+        return _kernels().softmax_cross_entropy(
+            logits, target, out, self.dlogits, self.attrs["loss_weight"]
+        )
+
+
+@register
+class Linear(_Output):
+    type_name = "linear"
+    loss_name = "mse"
+
+    def forward(self, xs, out, p, train, rng):
+        out[...] = xs[0].reshape(out.shape)
+
+    def loss(self, xs, out, target):
+        return _kernels().mse(out, target, self.dlogits, self.attrs["loss_weight"])
+
+
+@register
+class RBF(_Output):
+    """y_k = sum_j (x_j - w_kj)^2; the class is the nearest centre."""
+
+    type_name = "rbf"
+
+    def setup(self, a, in_shapes):
+        self.attrs = {
+            "units": a["units"],
+            "trainable": a.get("trainable", False),
+            "loss_weight": a.get("loss_weight", 1.0),
+        }
+        return (a["units"],)
+
+    def param_defs(self):
+        n_in = flat_size(self.in_shapes[0])
+        # LeCun's centres are +-1 codes; random +-1 codes play that part here.
+        return [ParamDef("weight", (self.attrs["units"], n_in), self.attrs["trainable"], "sign")]
+
+    def scores(self, out):
+        return -out
+
+    def allocate(self, batch, dtype=np.float32):
+        super().allocate(batch, dtype)
+        self.probs = np.zeros((batch, self.out_shape[0]), dtype)
+        self.dscores = np.zeros_like(self.probs)
+
+    def forward(self, xs, out, p, train, rng):
+        _kernels().rbf_forward(xs[0].reshape(xs[0].shape[0], -1), p["weight"], out)
+
+    def loss(self, xs, out, target):
+        value = _kernels().softmax_cross_entropy(
+            -out, target, self.probs, self.dscores, self.attrs["loss_weight"]
+        )
+        self.dscores *= -1  # d loss / d distance
+        return value
+
+    def backward(self, xs, out, dout, dxs, p, g):
+        x = xs[0].reshape(xs[0].shape[0], -1)
+        dx = None if dxs[0] is None else dxs[0].reshape(x.shape)
+        _kernels().rbf_backward(x, p["weight"], self.dscores, dx, g.get("weight"))

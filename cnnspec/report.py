@@ -1,0 +1,158 @@
+"""What `check` and `summary` show: the stable JSON form and the rich table."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BYTES_PER_VALUE = 4  # float32
+
+
+def _int_or_float(v):
+    return int(v) if float(v).is_integer() else round(float(v), 4)
+
+
+def layer_dict(info) -> dict:
+    layer = info.layer
+    defs = layer.param_defs()
+    fh, fw = info.field
+    return {
+        "name": info.name,
+        "type": info.node.type,
+        "inputs": list(info.node.inputs),
+        "attrs": dict(layer.attrs),
+        "output_shape": list(layer.out_shape),
+        "params": sum(p.size for p in defs),
+        "trainable_params": sum(p.size for p in defs if p.trainable),
+        "macs": layer.macs(),
+        "receptive_field": {
+            "size": [_int_or_float(fh.size), _int_or_float(fw.size)],
+            "stride": [_int_or_float(fh.jump), _int_or_float(fw.jump)],
+            "padding": [_int_or_float(-fh.start), _int_or_float(-fw.start)],
+        },
+        "activation_bytes": int(np.prod(layer.out_shape)) * BYTES_PER_VALUE,
+    }
+
+
+def summary_dict(net) -> dict:
+    layers = [layer_dict(i) for i in net.infos]
+    totals = net.totals()
+    totals["activation_bytes"] = sum(x["activation_bytes"] for x in layers)
+    totals["param_bytes"] = totals["params"] * BYTES_PER_VALUE
+    return {
+        "name": net.name,
+        "input": list(net.input_shape),
+        "layers": layers,
+        "totals": totals,
+        "outputs": [o.name for o in net.outputs],
+        "warnings": [w.to_dict() for w in net.warnings],
+    }
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M'."""
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f}{suffix}{unit}"
+    return f"{n:g}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    for factor, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= factor:
+            return f"{n / factor:.2f} {suffix}"
+    return f"{int(n)} B"
+
+
+def shape_text(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def group_rows(summary: dict, depth: int | None) -> list[dict]:
+    """Collapse layers deeper than `depth` name segments into one row per block."""
+    rows: list[dict] = []
+    index: dict[str, dict] = {}
+    for layer in summary["layers"]:
+        parts = layer["name"].split(".")
+        if depth is None or len(parts) <= depth:
+            rows.append(dict(layer, depth=len(parts) - 1, count=1))
+            continue
+        key = ".".join(parts[:depth])
+        row = index.get(key)
+        if row is None:
+            row = index[key] = dict(layer, name=key, type="", depth=depth - 1, count=0,
+                                    params=0, trainable_params=0, macs=0, activation_bytes=0)
+            rows.append(row)
+        row["count"] += 1
+        for k in ("params", "trainable_params", "macs", "activation_bytes"):
+            row[k] += layer[k]
+        row["output_shape"] = layer["output_shape"]
+        row["receptive_field"] = layer["receptive_field"]
+    return rows
+
+
+def block_types(net) -> dict[str, str]:
+    """Block instance name -> block type, from the expansion trail of each node."""
+    out = {}
+    for info in net.infos:
+        for part in filter(None, info.node.block.split(" > ")):
+            kind, _, name = part.partition(" ")
+            out[name] = kind
+    return out
+
+
+def _pair(v) -> str:
+    return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
+
+
+def render_summary(net, console, depth: int | None = 1) -> None:
+    from rich.table import Table
+
+    summary = net.summary()
+    kinds = block_types(net)
+    table = Table(title=f"{summary['name']}  input {shape_text(summary['input'])}",
+                  title_justify="left", show_lines=False, pad_edge=False)
+    for col, justify in (("layer", "left"), ("type", "left"), ("output", "right"),
+                         ("params", "right"), ("MACs", "right"), ("RF", "right"),
+                         ("stride", "right"), ("pad", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    for row in group_rows(summary, depth):
+        kind = row["type"] or f"[cyan]{kinds.get(row['name'], 'block')}[/] ({row['count']})"
+        rf = row["receptive_field"]
+        table.add_row(
+            "  " * row["depth"] + row["name"],
+            kind,
+            shape_text(row["output_shape"]),
+            f"{row['params']:,}" if row["params"] else "-",
+            human(row["macs"]) if row["macs"] else "-",
+            _pair(rf["size"]),
+            _pair(rf["stride"]),
+            _pair(rf["padding"]),
+        )
+    console.print(table)
+    t = summary["totals"]
+    frozen = t["params"] - t["trainable_params"]
+    console.print(
+        f"params: [bold]{t['params']:,}[/] ({human(t['params'])})"
+        + (f", of which {frozen:,} not trainable" if frozen else "")
+        + f"   MACs: [bold]{human(t['macs'])}[/] per image"
+        + f"   weights: {human_bytes(t['param_bytes'])}"
+        + f"   activations: {human_bytes(t['activation_bytes'])} per image"
+    )
+    if depth is not None and any(len(x["name"].split(".")) > depth for x in summary["layers"]):
+        console.print(f"[dim]blocks collapsed at depth {depth}; --depth N or --all "
+                      "to expand them[/]")
+    for w in net.warnings:
+        console.print(f"[yellow]{w.format()}[/]")
+
+
+def check_line(net) -> str:
+    t = net.totals()
+    return (f"{net.file}: ok: {net.name}: input {shape_text(net.input_shape)} -> "
+            f"{shape_text(net.output_shape)}, {t['params']:,} params, "
+            f"{human(t['macs'])} MACs, {len(net.infos)} layers")
+
+
+def fmt_ratio(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.2f}x"

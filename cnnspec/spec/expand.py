@@ -1,0 +1,203 @@
+"""Expand blocks, `repeat` and `when` into a flat list of primitive layer nodes.
+
+Names are scoped: a layer named `conv1` inside block instance `3a` becomes
+`3a.conv1`; the k-th copy of a repeated layer `stage` becomes `stage.k`. Inside
+a block, `in` is the instance's input. A layer left out by `when: false` passes
+its input through, so `inputs` may still name it (optional projections).
+References are resolved after a scope is complete, so a forward reference is
+legal and a loop is reported as a cycle rather than as an unknown name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import Problem, did_you_mean
+from ..graph import INPUT, Node
+from .exprs import ExprError, substitute
+from .load import Document
+from .schema import layer_types
+
+COMMON = ("type", "name", "inputs", "repeat", "when", "comment")
+MAX_BLOCK_DEPTH = 16
+MAX_NODES = 100_000
+
+
+@dataclass(eq=False)
+class Scope:
+    prefix: str
+    names: dict = field(default_factory=dict)  # local name -> global name or Ref
+    counters: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Ref:
+    scope: Scope
+    name: str
+    path: tuple  # where the reference is written
+
+
+class Expander:
+    def __init__(self, doc: Document):
+        self.doc = doc
+        self.data = doc.data
+        self.blocks = self.data.get("blocks") or {}
+        if not isinstance(self.blocks, dict):
+            self.blocks = {}
+        self.types = layer_types()
+        self.nodes: list[Node] = []
+        self.problems: list[Problem] = []
+
+    def problem(self, path, message, hint="", key=False):
+        line, col = self.doc.pos(path, key=key)
+        self.problems.append(Problem(message, line, col, hint, file=self.doc.file))
+
+    # ---- expansion --------------------------------------------------------
+    def run(self) -> list[Node]:
+        top = Scope("", {INPUT: INPUT})
+        layers = self.data.get("layers")
+        if isinstance(layers, list):
+            self.expand(layers, ("layers",), top, {}, {}, INPUT, ())
+        for node in self.nodes:
+            node.inputs = [self.resolve(r) if isinstance(r, Ref) else r for r in node.inputs]
+        return self.nodes
+
+    def expand(self, items, items_path, scope, env, env_paths, prev, stack):
+        for idx, item in enumerate(items):
+            path = items_path + (idx,)
+            if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+                continue  # the schema reports it
+            if len(self.nodes) > MAX_NODES:
+                self.problem(path, f"the network expands to more than {MAX_NODES} layers")
+                return prev
+            kind = item["type"]
+            given = self.value(item.get("inputs"), env, path + ("inputs",))
+            refs = None
+            if isinstance(given, list) and all(isinstance(n, str) for n in given):
+                refs = [Ref(scope, n, path + ("inputs", i)) for i, n in enumerate(given)]
+            name = item.get("name")
+            if not isinstance(name, str):
+                n = scope.counters[kind] = scope.counters.get(kind, 0) + 1
+                name = f"{kind}_{n}"
+            elif name in scope.names:
+                self.problem(path + ("name",), f"duplicate layer name '{name}'",
+                             "give each layer a unique name")
+                continue
+            if not self.value(item.get("when", True), env, path + ("when",)):
+                # left out: its name stands for its input
+                scope.names[name] = refs[0] if refs else prev
+                continue
+            repeat = self.value(item.get("repeat", 1), env, path + ("repeat",))
+            if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+                repeat = 1  # the schema reports it
+            for r in range(repeat):
+                copy = name if repeat == 1 else f"{name}.{r + 1}"
+                inputs = refs if (refs and r == 0) else [prev]
+                if kind in self.blocks:
+                    prev = self.instance(item, path, kind, copy, inputs, scope, env, env_paths,
+                                         stack)
+                elif kind in self.types:
+                    prev = self.primitive(item, path, copy, inputs, scope, env, env_paths, stack)
+                else:
+                    choices = list(self.types) + list(self.blocks)
+                    hint = did_you_mean(kind, choices) or (
+                        "define it under `blocks:` or use a layer type (`cnnspec schema` lists them)"
+                    )
+                    self.problem(path + ("type",), f"unknown layer type '{kind}'", hint)
+                    break
+            if repeat > 1:
+                scope.names[name] = prev
+        return prev
+
+    def primitive(self, item, path, name, inputs, scope, env, env_paths, stack):
+        gname = scope.prefix + name
+        attrs, attr_paths = {}, {}
+        for key, raw in item.items():
+            if key in COMMON:
+                continue
+            attrs[key] = self.value(raw, env, path + (key,))
+            arg = raw[1:] if isinstance(raw, str) and raw[1:] in env_paths else None
+            attr_paths[key] = env_paths[arg] if arg else path + (key,)
+        node = Node(gname, self.types[item["type"]], attrs, list(inputs), path, attr_paths,
+                    " > ".join(stack))
+        self.nodes.append(node)
+        scope.names[name] = gname
+        return gname
+
+    def instance(self, item, path, kind, name, inputs, scope, env, env_paths, stack):
+        if kind in (s.split(" ")[0] for s in stack) or len(stack) >= MAX_BLOCK_DEPTH:
+            self.problem(path + ("type",), f"block '{kind}' uses itself",
+                         "blocks may use other blocks, but not recursively")
+            return inputs[0]
+        block = self.blocks[kind]
+        if not isinstance(block, dict) or not isinstance(block.get("layers"), list):
+            return inputs[0]
+        if len(inputs) != 1:
+            self.problem(path + ("inputs",), f"block '{kind}' takes exactly one input",
+                         "merge the inputs first with concat or add")
+        params = block.get("params") or {}
+        if not isinstance(params, dict):
+            params = {}
+        args, arg_paths = {}, {}
+        for key, raw in item.items():
+            if key in COMMON:
+                continue
+            if key not in params:
+                self.problem(path + (key,), f"block '{kind}' has no argument '{key}'",
+                             did_you_mean(key, params) or
+                             "its arguments: " + (", ".join(params) or "none"), key=True)
+                continue
+            args[key] = self.value(raw, env, path + (key,))
+            arg_paths[key] = path + (key,)
+        for key, default in params.items():
+            if key in args:
+                continue
+            if default is None:
+                self.problem(path, f"block '{kind}' needs the argument '{key}'",
+                             f"add `{key}: ...` to this layer")
+                args[key] = None
+            else:
+                args[key] = default
+                arg_paths[key] = ("blocks", kind, "params", key)
+        inner = Scope(scope.prefix + name + ".", {"in": inputs[0]})
+        out = self.expand(block["layers"], ("blocks", kind, "layers"), inner, args, arg_paths,
+                          inputs[0], stack + (f"{kind} {scope.prefix}{name}",))
+        if isinstance(block.get("output"), str):
+            out = Ref(inner, block["output"], ("blocks", kind, "output"))
+        scope.names[name] = out
+        return out
+
+    def value(self, raw, env, path):
+        try:
+            return substitute(raw, env)
+        except ExprError as exc:
+            self.problem(path, str(exc), "block arguments are written $name or ${expression}"
+                         if env else "`$` values are only meaningful inside a block")
+            return None
+
+    # ---- reference resolution ---------------------------------------------
+    def resolve(self, ref: Ref):
+        seen = set()
+        target = ref
+        while isinstance(target, Ref):
+            if id(target) in seen:
+                self.problem(ref.path, f"'{ref.name}' refers to itself through `when: false`")
+                return None
+            seen.add(id(target))
+            found = target.scope.names.get(target.name)
+            if found is None:
+                hint = did_you_mean(target.name, target.scope.names) or (
+                    "inputs name earlier layers of the same block or network"
+                    + ("; `in` is the block's input" if target.scope.prefix else
+                       "; `input` is the network's input")
+                )
+                self.problem(target.path, f"unknown input '{target.name}'", hint)
+                return None
+            target = found
+        return target
+
+
+def expand(doc: Document) -> tuple[list[Node], list[Problem]]:
+    ex = Expander(doc)
+    nodes = ex.run()
+    return nodes, ex.problems

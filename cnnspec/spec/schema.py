@@ -1,0 +1,143 @@
+"""Validate a document against the shipped JSON Schema (draft 2020-12) and turn
+jsonschema's errors into `where: what` + `help: how to fix it`."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+
+import jsonschema
+
+from ..errors import Problem, did_you_mean
+from .load import Document
+
+EXPR = {"$ref": "#/$defs/expr"}
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return json.loads(resources.files("cnnspec").joinpath("schema.json").read_text())
+
+
+@lru_cache(maxsize=1)
+def validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(schema())
+
+
+def layer_types() -> dict[str, str]:
+    """Every primitive type and alias -> its canonical name."""
+    out = {}
+    for rule in schema()["$defs"]["layer"]["allOf"]:
+        names = rule["if"]["properties"]["type"]["enum"]
+        for n in names:
+            out[n] = names[0]
+    return out
+
+
+def validate(doc: Document, data=None, base_path=(), subschema: str | None = None):
+    """Problems of `data` (default: the whole document) against the schema or one $def."""
+    data = doc.data if data is None else data
+    v = validator()
+    if subschema:
+        v = v.evolve(schema={"$ref": f"#/$defs/{subschema}", "$defs": schema()["$defs"]})
+    problems = []
+    for err in v.iter_errors(data):
+        problems.extend(_explain(doc, err, tuple(base_path)))
+    return problems
+
+
+def _leaves(err):
+    """Descend into anyOf/oneOf/allOf to the errors that say something useful."""
+    if err.validator in ("anyOf", "oneOf") and err.context:
+        # skip the `$arg` alternative: outside blocks nobody meant an expression
+        branches = err.validator_value
+        useful = [e for e in err.context if branches[e.relative_schema_path[0]] != EXPR]
+        depth = max((len(e.absolute_path) for e in useful), default=0)
+        if depth > len(err.absolute_path):
+            return [leaf for e in useful if len(e.absolute_path) == depth for leaf in _leaves(e)]
+        return [err]
+    if err.validator in ("allOf", "$ref") and err.context:
+        return [leaf for e in err.context for leaf in _leaves(e)]
+    return [err]
+
+
+def _describe_type(schema_part) -> str:
+    if not isinstance(schema_part, dict):
+        return "a valid value"
+    if "anyOf" in schema_part:
+        kinds = [_describe_type(s) for s in schema_part["anyOf"] if s != EXPR]
+        return " or ".join(kinds)
+    if "enum" in schema_part:
+        return "one of " + ", ".join(repr(v) for v in schema_part["enum"])
+    t = schema_part.get("type")
+    if t == "integer":
+        lo = schema_part.get("minimum")
+        return "a positive integer" if lo == 1 else "an integer >= 0" if lo == 0 else "an integer"
+    if t == "array":
+        n = schema_part.get("minItems"), schema_part.get("maxItems")
+        item = _describe_type(schema_part.get("items", {}))
+        return f"a list of {n[0]}" + (f"-{n[1]}" if n[1] != n[0] else "") + f" ({item})"
+    return {"number": "a number", "boolean": "true or false", "string": "a string",
+            "object": "a mapping"}.get(t, "a valid value")
+
+
+def _explain(doc: Document, err, base) -> list[Problem]:
+    out = []
+    for e in _leaves(err):
+        path = base + tuple(e.absolute_path)
+        line, col = doc.pos(path)
+        where = _where(path)
+        hint = ""
+        v = e.validator
+        if v in ("additionalProperties", "unevaluatedProperties"):
+            allowed = list(e.schema.get("properties", {}))
+            if e.schema.get("$ref") == "#/$defs/common":
+                allowed += list(schema()["$defs"]["common"]["properties"])
+            extras = [k for k in e.instance if k not in allowed] if isinstance(e.instance, dict) else []
+            for key in extras or [None]:
+                kline, kcol = doc.pos(path + (key,), key=True) if key else (line, col)
+                hint = did_you_mean(key, allowed) or ("allowed: " + ", ".join(sorted(allowed)))
+                owner = e.instance.get("type") if isinstance(e.instance, dict) else None
+                subject = f"{owner}" if owner else where
+                out.append(Problem(f"unknown attribute '{key}' for {subject}", kline, kcol, hint,
+                                   file=doc.file))
+            continue
+        if v == "required":
+            missing = e.message.split("'")[1] if "'" in e.message else e.message
+            owner = e.instance.get("type", where) if isinstance(e.instance, dict) else where
+            sub = e.schema.get("properties", {}).get(missing, {})
+            message = f"{owner} needs '{missing}'"
+            hint = f"add `{missing}: ...` ({_describe_type(sub)})" if sub else f"add `{missing}:`"
+        elif v in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+                   "minItems", "maxItems", "pattern", "minLength"):
+            message = f"{where} must be {_describe_type(e.schema)}"
+            if v in ("minimum", "exclusiveMinimum"):
+                message = f"{where} must be {'>=' if v == 'minimum' else '>'} {e.validator_value}"
+            elif v in ("maximum", "exclusiveMaximum"):
+                message = f"{where} must be {'<=' if v == 'maximum' else '<'} {e.validator_value}"
+            elif v == "pattern" and e.validator_value != "^\\$":
+                message = f"{where} has characters that are not allowed"
+                hint = e.schema.get("description", "")
+            message += f", got {_show(e.instance)}"
+        elif v == "enum":
+            message = f"{where} must be {_describe_type(e.schema)}, got {_show(e.instance)}"
+            hint = did_you_mean(e.instance, e.validator_value)
+        elif v in ("anyOf", "oneOf"):
+            message = f"{where} must be {_describe_type(e.schema)}, got {_show(e.instance)}"
+        else:
+            message = f"{where}: {e.message}"
+        out.append(Problem(message, line, col, hint, file=doc.file))
+    return out
+
+
+def _where(path) -> str:
+    if not path:
+        return "the spec"
+    names = [p for p in path if isinstance(p, str)]
+    return f"'{names[-1]}'" if names else f"item {path[-1]}"
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
