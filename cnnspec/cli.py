@@ -16,7 +16,7 @@ app = typer.Typer(
     help="Validate, analyse, compile and train convolutional networks written in YAML.",
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False)
 
 

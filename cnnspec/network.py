@@ -124,7 +124,7 @@ def _validate_expanded(doc: Document, nodes: list[Node]) -> list[Problem]:
         shim = Document(None, doc.file, "", {(): doc.pos(node.path)})
         for key, p in node.attr_paths.items():
             shim.positions[(key,)] = doc.pos(p)
-        data = {"type": node.type, **node.attrs}
+        data = {"type": node.type, "inputs": [str(i) for i in node.inputs], **node.attrs}
         problems += validate(shim, data, (), subschema=node.type)
     return problems
 

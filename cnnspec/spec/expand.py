@@ -4,6 +4,8 @@ Names are scoped: a layer named `conv1` inside block instance `3a` becomes
 `3a.conv1`; the k-th copy of a repeated layer `stage` becomes `stage.k`. Inside
 a block, `in` is the instance's input. A layer left out by `when: false` passes
 its input through, so `inputs` may still name it (optional projections).
+A repeated block instance sees its copy number as `index` (1-based), so the
+first copy of a ResNet stage can stride and project while the others do not.
 References are resolved after a scope is complete, so a forward reference is
 legal and a loop is reported as a cycle rather than as an unknown name.
 """
@@ -84,8 +86,8 @@ class Expander:
                              "give each layer a unique name")
                 continue
             if not self.value(item.get("when", True), env, path + ("when",)):
-                # left out: its name stands for its input
-                scope.names[name] = refs[0] if refs else prev
+                # left out: it acts as identity, for `inputs` and for the next layer
+                prev = scope.names[name] = refs[0] if refs else prev
                 continue
             repeat = self.value(item.get("repeat", 1), env, path + ("repeat",))
             if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
@@ -94,8 +96,8 @@ class Expander:
                 copy = name if repeat == 1 else f"{name}.{r + 1}"
                 inputs = refs if (refs and r == 0) else [prev]
                 if kind in self.blocks:
-                    prev = self.instance(item, path, kind, copy, inputs, scope, env, env_paths,
-                                         stack)
+                    prev = self.instance(item, path, kind, copy, inputs, scope, env, stack,
+                                         index=r + 1)
                 elif kind in self.types:
                     prev = self.primitive(item, path, copy, inputs, scope, env, env_paths, stack)
                 else:
@@ -124,7 +126,7 @@ class Expander:
         scope.names[name] = gname
         return gname
 
-    def instance(self, item, path, kind, name, inputs, scope, env, env_paths, stack):
+    def instance(self, item, path, kind, name, inputs, scope, env, stack, index):
         if kind in (s.split(" ")[0] for s in stack) or len(stack) >= MAX_BLOCK_DEPTH:
             self.problem(path + ("type",), f"block '{kind}' uses itself",
                          "blocks may use other blocks, but not recursively")
@@ -159,6 +161,7 @@ class Expander:
             else:
                 args[key] = default
                 arg_paths[key] = ("blocks", kind, "params", key)
+        args["index"] = index  # 1-based copy number under `repeat`
         inner = Scope(scope.prefix + name + ".", {"in": inputs[0]})
         out = self.expand(block["layers"], ("blocks", kind, "layers"), inner, args, arg_paths,
                           inputs[0], stack + (f"{kind} {scope.prefix}{name}",))

@@ -103,7 +103,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
         raise
     except ValueError as e:
         if "pickle" in str(e):
-            raise CheckpointError(f"{path}: contains a pickled object array; refusing to load it") from None
+            raise CheckpointError(
+                f"{path}: contains a pickled object array; refusing to load it"
+            ) from None
         raise CheckpointError(f"{path}: corrupt checkpoint ({e})") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt checkpoint ({e})") from None
@@ -112,7 +114,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
 
 def canonical_json(obj: Any) -> str:
     """Key-sorted, whitespace-free JSON: equal data gives equal text."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def spec_hash(text_or_dict: str | dict[str, Any]) -> str:

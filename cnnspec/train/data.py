@@ -50,9 +50,13 @@ class Dataset:
     def __post_init__(self) -> None:
         # Programmer errors, not user errors: loaders always produce this layout.
         if self.x.dtype != np.float32 or self.x.ndim != 4:
-            raise ValueError(f"Dataset.x must be float32 (N, C, H, W), got {self.x.dtype} {self.x.shape}")
+            raise ValueError(
+                f"Dataset.x must be float32 (N, C, H, W), got {self.x.dtype} {self.x.shape}"
+            )
         if self.y.dtype != np.int64 or self.y.shape != (self.x.shape[0],):
-            raise ValueError(f"Dataset.y must be int64 ({self.x.shape[0]},), got {self.y.dtype} {self.y.shape}")
+            raise ValueError(
+                f"Dataset.y must be int64 ({self.x.shape[0]},), got {self.y.dtype} {self.y.shape}"
+            )
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -133,7 +137,9 @@ def _parse_idx(raw: bytes, path: Path, kind: str) -> np.ndarray:
     want_ndim = 3 if kind == "images" else 1
     other = "labels" if kind == "images" else "images"
     if len(raw) < 4:
-        raise DataError(f"{path}: only {len(raw)} bytes, too short for an IDX header; the file is truncated")
+        raise DataError(
+            f"{path}: only {len(raw)} bytes, too short for an IDX header; the file is truncated"
+        )
     if raw[:2] != b"\0\0":
         raise DataError(
             f"{path}: not an IDX file (magic number 0x{raw[:4].hex()}, expected "
@@ -148,10 +154,14 @@ def _parse_idx(raw: bytes, path: Path, kind: str) -> np.ndarray:
     ndim = raw[3]
     if ndim != want_ndim:
         hint = f"; did you swap the {kind} and {other} files?" if ndim in (1, 3) else ""
-        raise DataError(f"{path}: IDX file has {ndim} dimensions, an IDX {kind} file has {want_ndim}{hint}")
+        raise DataError(
+            f"{path}: IDX file has {ndim} dimensions, an IDX {kind} file has {want_ndim}{hint}"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{path}: the IDX header is cut short; the file is truncated, download it again")
+        raise DataError(
+            f"{path}: the IDX header is cut short; the file is truncated, download it again"
+        )
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = header + math.prod(dims)
     if len(raw) != expected:
@@ -275,7 +285,8 @@ def _npz_labels(y: np.ndarray, n: int, path: Path) -> np.ndarray:
         y = y[:, 0]
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
         raise DataError(
-            f"{path}: 'y' is {y.dtype} of shape {y.shape}; expected integer class labels of shape (N,)"
+            f"{path}: 'y' is {y.dtype} of shape {y.shape}; expected integer class labels, "
+            "shape (N,)"
         )
     if len(y) != n:
         raise DataError(f"{path}: 'x' holds {n} images but 'y' holds {len(y)} labels")
@@ -295,7 +306,8 @@ def load_npz(path: str | Path) -> Dataset:
             if missing:
                 raise DataError(
                     f"{path}: no array named {' or '.join(map(repr, missing))} (found: "
-                    f"{', '.join(f.files) or 'nothing'}); save with np.savez(path, x=images, y=labels)"
+                    f"{', '.join(f.files) or 'nothing'}); save with "
+                    "np.savez(path, x=images, y=labels)"
                 )
             x, y = f["x"], f["y"]
     except DataError:
@@ -308,7 +320,9 @@ def load_npz(path: str | Path) -> Dataset:
             ) from None
         raise DataError(f"{path}: not a valid .npz file ({e})") from None
     except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: not a valid .npz file ({e}); re-create it with numpy.savez") from None
+        raise DataError(
+            f"{path}: not a valid .npz file ({e}); re-create it with numpy.savez"
+        ) from None
     images = _npz_images(x, path)
     return _labels_to_dataset(images, _npz_labels(y, len(images), path), path.name)
 
@@ -335,7 +349,11 @@ def _load_directory(directory: Path, split: str) -> Dataset:
         have, want = (images[0], "labels") if images else (labels[0], "images")
         raise DataError(f"{directory}: found {have.name} but no matching {prefix}-{want} IDX file")
     cifar_dir = directory / "cifar-10-batches-bin"
-    if any((d / n).is_file() for d in (directory, cifar_dir) for n in CIFAR_TRAIN_FILES + CIFAR_TEST_FILES):
+    if any(
+        (d / n).is_file()
+        for d in (directory, cifar_dir)
+        for n in CIFAR_TRAIN_FILES + CIFAR_TEST_FILES
+    ):
         return load_cifar10(directory, split)
     raise DataError(
         f"{directory}: no recognisable data; looked for {prefix}-images-idx3-ubyte[.gz] with "
@@ -459,7 +477,8 @@ def split_dataset(
     n_val = int(round(n * val_fraction))
     if n_val < 1 or n_val >= n:
         raise DataError(
-            f"{ds.name}: {n} images are too few to hold out a fraction {val_fraction} for validation"
+            f"{ds.name}: {n} images are too few to hold out a fraction {val_fraction} "
+            "for validation"
         )
     order = np.random.default_rng(seed).permutation(n)
     if stratify:
@@ -517,7 +536,9 @@ class Batches:
         self.y = np.zeros(batch_size, np.int64)
         self.augment = p > 0 or self.hflip
         # Staging buffer for augmentation; its zero border is never written, so it stays zero.
-        self._padded = np.zeros((batch_size, c, h + 2 * p, w + 2 * p), np.float32) if self.augment else None
+        self._padded = (
+            np.zeros((batch_size, c, h + 2 * p, w + 2 * p), np.float32) if self.augment else None
+        )
         self._uniform = np.empty((batch_size, 3), np.float64)  # per image: dy, dx, flip
 
     def __len__(self) -> int:

@@ -1,0 +1,200 @@
+"""Convolution kernels: finite differences (float64) and PyTorch parity (float32)."""
+
+import numpy as np
+import pytest
+
+from cnnspec.kernels.cpu import conv
+from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
+
+FD_TOL = 1e-6
+TORCH_TOL = 1e-4
+
+# (N, C, H, W, O, kh, kw, stride, pad(t, b, l, r), dilation, groups, bias)
+CONV_CASES = {
+    "basic": (2, 3, 6, 5, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, True),
+    "stride_asympad_dilation_groups": (2, 4, 7, 6, 6, 3, 2, (2, 1), (1, 2, 0, 1), (1, 2), 2, True),
+    "depthwise_nobias": (2, 4, 6, 6, 4, 3, 3, (2, 2), (1, 0, 1, 0), (1, 1), 4, False),
+    "depthwise_multiplier": (1, 3, 5, 5, 6, 2, 2, (1, 1), (0, 1, 1, 0), (2, 1), 3, True),
+    "pointwise_nobias": (2, 5, 4, 3, 3, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, False),
+}
+
+# (N, Cin, H, W, Cout, kh, kw, stride, pad, dilation, output_padding, bias)
+CONVT_CASES = {
+    "stride2_pad1_outpad1": (2, 3, 4, 3, 2, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), (1, 1), True),
+    "asym_dilated": (2, 3, 3, 4, 4, 3, 2, (2, 3), (1, 0, 2, 1), (2, 1), (1, 2), True),
+    "stride1_nobias": (1, 2, 4, 4, 3, 2, 2, (1, 1), (0, 0, 0, 0), (1, 1), (0, 0), False),
+}
+
+
+def _conv_out(h, k, s, p0, p1, d):
+    return (h + p0 + p1 - d * (k - 1) - 1) // s + 1
+
+
+def _make_conv(case, dtype, seed=0):
+    n, c, h, w, o, kh, kw, stride, pad, dil, g, bias = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((o, c // g, kh, kw)).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype) if bias else None
+    oh = _conv_out(h, kh, stride[0], pad[0], pad[1], dil[0])
+    ow = _conv_out(w, kw, stride[1], pad[2], pad[3], dil[1])
+    out = np.empty((n, o, oh, ow), dtype)
+    cols = np.empty((n, c * kh * kw, oh * ow), dtype)
+    return x, wt, b, out, cols, rng
+
+
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv2d_finite_differences(name):
+    case = CONV_CASES[name]
+    stride, pad, dil, g = case[7], case[8], case[9], case[10]
+    x, w, b, out, cols, rng = _make_conv(case, np.float64)
+    r = rng.standard_normal(out.shape)
+
+    def loss():
+        conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, cols)
+        return float(np.sum(out * r))
+
+    loss()
+    dx, dw = np.empty_like(x), np.empty_like(w)
+    db = None if b is None else np.empty_like(b)
+    dx.fill(np.nan)
+    dw.fill(np.nan)
+    conv.conv2d_backward(x, w, r, stride, pad, dil, g, cols, dx, dw, db)
+    assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
+    assert rel_error(dw, numerical_grad(loss, w)) < FD_TOL
+    if b is not None:
+        assert rel_error(db, numerical_grad(loss, b)) < FD_TOL
+    # dx=None / db=None path gives the same dw, and cols is left untouched
+    loss()
+    cols_before = cols.copy()
+    dw2 = np.empty_like(w)
+    conv.conv2d_backward(x, w, r, stride, pad, dil, g, cols, None, dw2, None)
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(cols, cols_before)
+
+
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv2d_matches_torch(name):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    case = CONV_CASES[name]
+    stride, pad, dil, g = case[7], case[8], case[9], case[10]
+    x, w, b, out, cols, rng = _make_conv(case, np.float32, seed=1)
+    conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, cols)
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
+    bt = None if b is None else torch.tensor(b, requires_grad=True)
+    ref = F.conv2d(F.pad(xt, (pad[2], pad[3], pad[0], pad[1])), wt, bt, stride, 0, dil, g)
+    assert ref.shape == out.shape
+    assert rel_error(out, ref.detach().numpy()) < TORCH_TOL
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    ref.backward(torch.tensor(dout))
+    dx, dw = np.empty_like(x), np.empty_like(w)
+    db = None if b is None else np.empty_like(b)
+    conv.conv2d_backward(x, w, dout, stride, pad, dil, g, cols, dx, dw, db)
+    assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
+    assert rel_error(dw, wt.grad.numpy()) < TORCH_TOL
+    if b is not None:
+        assert rel_error(db, bt.grad.numpy()) < TORCH_TOL
+
+
+def test_im2col_matches_unfold_and_col2im_is_adjoint():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(3)
+    n, c, h, w, kh, kw = 2, 3, 6, 7, 3, 2
+    sh, sw, p, dh, dw = 2, 1, 1, 1, 2
+    x = rng.standard_normal((n, c, h, w))
+    oh = _conv_out(h, kh, sh, p, p, dh)
+    ow = _conv_out(w, kw, sw, p, p, dw)
+    cols = np.empty((n, c * kh * kw, oh * ow))
+    conv.im2col(x, kh, kw, sh, sw, p, p, dh, dw, oh, ow, cols)
+    ref = F.unfold(torch.tensor(x), (kh, kw), dilation=(dh, dw), padding=p, stride=(sh, sw))
+    np.testing.assert_allclose(cols, ref.numpy(), rtol=0, atol=0)
+    c2 = rng.standard_normal(cols.shape)
+    back = np.full_like(x, np.nan)
+    conv.col2im(c2, kh, kw, sh, sw, p, p, dh, dw, oh, ow, back)
+    ref_fold = F.fold(torch.tensor(c2), (h, w), (kh, kw), (dh, dw), p, (sh, sw))
+    np.testing.assert_allclose(back, ref_fold.numpy(), rtol=1e-12, atol=1e-12)
+    assert np.isclose(np.sum(cols * c2), np.sum(x * back))
+
+
+def _make_convt(case, dtype, seed=0):
+    n, cin, h, w, cout, kh, kw, stride, pad, dil, op, bias = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, cin, h, w)).astype(dtype)
+    wt = rng.standard_normal((cin, cout, kh, kw)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype) if bias else None
+    oh = (h - 1) * stride[0] - (pad[0] + pad[1]) + dil[0] * (kh - 1) + 1 + op[0]
+    ow = (w - 1) * stride[1] - (pad[2] + pad[3]) + dil[1] * (kw - 1) + 1 + op[1]
+    out = np.empty((n, cout, oh, ow), dtype)
+    cols = np.empty((n, cout * kh * kw, h * w), dtype)
+    return x, wt, b, out, cols, rng
+
+
+@pytest.mark.parametrize("name", list(CONVT_CASES))
+def test_conv_transpose2d_finite_differences(name):
+    case = CONVT_CASES[name]
+    stride, pad, dil = case[7], case[8], case[9]
+    x, w, b, out, cols, rng = _make_convt(case, np.float64)
+    r = rng.standard_normal(out.shape)
+
+    def loss():
+        conv.conv_transpose2d_forward(x, w, b, stride, pad, dil, out, cols)
+        return float(np.sum(out * r))
+
+    loss()
+    dx, dw = np.full_like(x, np.nan), np.full_like(w, np.nan)
+    db = None if b is None else np.full_like(b, np.nan)
+    conv.conv_transpose2d_backward(x, w, r, stride, pad, dil, cols, dx, dw, db)
+    assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
+    assert rel_error(dw, numerical_grad(loss, w)) < FD_TOL
+    if b is not None:
+        assert rel_error(db, numerical_grad(loss, b)) < FD_TOL
+    dw2 = np.empty_like(w)
+    conv.conv_transpose2d_backward(x, w, r, stride, pad, dil, cols, None, dw2, None)
+    np.testing.assert_array_equal(dw2, dw)
+
+
+@pytest.mark.parametrize("name", list(CONVT_CASES))
+def test_conv_transpose2d_matches_torch(name):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    case = CONVT_CASES[name]
+    stride, pad, dil = case[7], case[8], case[9]
+    x, w, b, out, cols, rng = _make_convt(case, np.float32, seed=2)
+    conv.conv_transpose2d_forward(x, w, b, stride, pad, dil, out, cols)
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
+    bt = None if b is None else torch.tensor(b, requires_grad=True)
+    oh, ow = out.shape[2:]
+    if pad[0] == pad[1] and pad[2] == pad[3]:
+        op = case[10]
+        ref = F.conv_transpose2d(xt, wt, bt, stride, (pad[0], pad[2]), op, 1, dil)
+    else:
+        # asymmetric padding: full (unpadded) transposed conv, zero-extended, then cropped
+        full = F.conv_transpose2d(xt, wt, None, stride, 0, 0, 1, dil)
+        eh = max(0, pad[0] + oh - full.shape[2])
+        ew = max(0, pad[2] + ow - full.shape[3])
+        ref = F.pad(full, (0, ew, 0, eh))[:, :, pad[0] : pad[0] + oh, pad[2] : pad[2] + ow]
+        if bt is not None:
+            ref = ref + bt.view(1, -1, 1, 1)
+    assert ref.shape == out.shape
+    assert rel_error(out, ref.detach().numpy()) < TORCH_TOL
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    ref.backward(torch.tensor(dout))
+    dx, dw = np.empty_like(x), np.empty_like(w)
+    db = None if b is None else np.empty_like(b)
+    conv.conv_transpose2d_backward(x, w, dout, stride, pad, dil, cols, dx, dw, db)
+    assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
+    assert rel_error(dw, wt.grad.numpy()) < TORCH_TOL
+    if b is not None:
+        assert rel_error(db, bt.grad.numpy()) < TORCH_TOL
+
+
+def test_conv2d_rejects_bad_workspace():
+    x = np.zeros((1, 2, 4, 4), np.float32)
+    w = np.zeros((3, 2, 3, 3), np.float32)
+    out = np.empty((1, 3, 2, 2), np.float32)
+    with pytest.raises(ValueError):
+        conv.conv2d_forward(x, w, None, (1, 1), (0, 0, 0, 0), (1, 1), 1, out, np.empty((1, 18, 5)))

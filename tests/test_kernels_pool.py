@@ -1,0 +1,252 @@
+"""Pooling kernels: finite differences (float64) and PyTorch / numpy parity (float32)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from cnnspec.kernels.cpu import pool
+from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
+
+FD_TOL = 1e-6
+TORCH_TOL = 1e-4
+
+
+def _pool_out(size, k, s, p0, p1, ceil_mode=False):
+    """PyTorch's pooling output size (with ceil_mode's 'last window starts inside' rule)."""
+    num = size + p0 + p1 - k
+    o = (math.ceil(num / s) if ceil_mode else num // s) + 1
+    if ceil_mode and (o - 1) * s >= size + p0:
+        o -= 1
+    return o
+
+
+# (N, C, H, W, k, s, p, ceil_mode)  -- symmetric padding, comparable with torch directly
+MAX_CASES = {
+    "k2s2": (2, 3, 6, 6, 2, 2, 0, False),
+    "overlap_k3s2": (2, 2, 7, 7, 3, 2, 0, False),
+    "k3s2_pad1": (1, 3, 6, 5, 3, 2, 1, False),
+    "k3s2_ceil": (2, 2, 8, 6, 3, 2, 0, True),
+    "k3s2_pad1_ceil": (1, 2, 6, 7, 3, 2, 1, True),
+}
+
+
+def _randn_distinct(rng, shape, dtype):
+    # distinct values: no ties for max pooling, well-defined finite differences
+    n = int(np.prod(shape))
+    vals = rng.permutation(n).astype(np.float64) / n + 0.01 * rng.standard_normal(n)
+    return (vals.reshape(shape) * 4 - 2).astype(dtype)
+
+
+def _max_setup(case, dtype, seed=0):
+    n, c, h, w, k, s, p, ceil_mode = case
+    rng = np.random.default_rng(seed)
+    x = _randn_distinct(rng, (n, c, h, w), dtype)
+    oh = _pool_out(h, k, s, p, p, ceil_mode)
+    ow = _pool_out(w, k, s, p, p, ceil_mode)
+    out = np.empty((n, c, oh, ow), dtype)
+    arg = np.empty((n, c, oh, ow), np.int32)
+    return x, out, arg, rng
+
+
+@pytest.mark.parametrize("name", list(MAX_CASES))
+def test_maxpool_finite_differences(name):
+    case = MAX_CASES[name]
+    k, s, p = case[4:7]
+    x, out, arg, rng = _max_setup(case, np.float64)
+    r = rng.standard_normal(out.shape)
+
+    def loss():
+        pool.maxpool2d_forward(x, k, k, s, s, p, p, out, arg)
+        return float(np.sum(out * r))
+
+    loss()
+    dx = np.full_like(x, np.nan)
+    pool.maxpool2d_backward(r, arg, dx)
+    assert rel_error(dx, numerical_grad(loss, x, eps=1e-7)) < FD_TOL
+
+
+@pytest.mark.parametrize("name", list(MAX_CASES))
+def test_maxpool_matches_torch(name):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    case = MAX_CASES[name]
+    k, s, p, ceil_mode = case[4:8]
+    x, out, arg, rng = _max_setup(case, np.float32, seed=1)
+    pool.maxpool2d_forward(x, k, k, s, s, p, p, out, arg)
+    xt = torch.tensor(x, requires_grad=True)
+    ref, idx = F.max_pool2d(xt, k, s, p, ceil_mode=ceil_mode, return_indices=True)
+    assert ref.shape == out.shape
+    np.testing.assert_array_equal(out, ref.detach().numpy())
+    np.testing.assert_array_equal(arg, idx.numpy())
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    ref.backward(torch.tensor(dout))
+    dx = np.empty_like(x)
+    pool.maxpool2d_backward(dout, arg, dx)
+    assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
+
+
+def test_maxpool_asymmetric_padding_is_minus_inf():
+    x = -np.ones((1, 1, 3, 3), np.float32) - np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)
+    out = np.empty((1, 1, 2, 2), np.float32)
+    arg = np.empty(out.shape, np.int32)
+    # pad top 1, left 0, k2 s2: row windows [-1, 1) and [1, 3); col windows [0, 2) and [2, 4)
+    pool.maxpool2d_forward(x, 2, 2, 2, 2, 1, 0, out, arg)
+    np.testing.assert_array_equal(out[0, 0], [[-1, -3], [-4, -6]])
+    np.testing.assert_array_equal(arg[0, 0], [[0, 2], [3, 5]])
+
+
+# (N, C, H, W, k, s, pad(t, b, l, r), ceil_mode)
+AVG_CASES = {
+    "k2s2": (2, 3, 6, 6, 2, 2, (0, 0, 0, 0), False),
+    "overlap_k3s2": (2, 2, 7, 7, 3, 2, (0, 0, 0, 0), False),
+    "k3s2_pad1": (1, 3, 6, 5, 3, 2, (1, 1, 1, 1), False),
+    "k3s2_pad1_ceil": (1, 2, 6, 7, 3, 2, (1, 1, 1, 1), True),
+    "k3s2_ceil": (2, 2, 8, 6, 3, 2, (0, 0, 0, 0), True),
+    "k3s1_asym_pad": (1, 2, 5, 6, 3, 1, (1, 0, 2, 1), False),
+}
+
+
+def _avg_setup(case, dtype, seed=0):
+    n, c, h, w, k, s, pad, ceil_mode = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    oh = _pool_out(h, k, s, pad[0], pad[1], ceil_mode)
+    ow = _pool_out(w, k, s, pad[2], pad[3], ceil_mode)
+    return x, np.empty((n, c, oh, ow), dtype), rng
+
+
+@pytest.mark.parametrize("include_pad", [True, False])
+@pytest.mark.parametrize("name", list(AVG_CASES))
+def test_avgpool_finite_differences(name, include_pad):
+    case = AVG_CASES[name]
+    k, s, pad = case[4:7]
+    x, out, rng = _avg_setup(case, np.float64)
+    r = rng.standard_normal(out.shape)
+
+    def loss():
+        pool.avgpool2d_forward(x, k, k, s, s, *pad, include_pad, out)
+        return float(np.sum(out * r))
+
+    loss()
+    dx = np.full_like(x, np.nan)
+    pool.avgpool2d_backward(r, k, k, s, s, *pad, include_pad, dx)
+    assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
+
+
+@pytest.mark.parametrize("include_pad", [True, False])
+@pytest.mark.parametrize("name", list(AVG_CASES))
+def test_avgpool_matches_torch(name, include_pad):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    case = AVG_CASES[name]
+    k, s, pad, ceil_mode = case[4:8]
+    x, out, rng = _avg_setup(case, np.float32, seed=1)
+    pool.avgpool2d_forward(x, k, k, s, s, *pad, include_pad, out)
+    xt = torch.tensor(x, requires_grad=True)
+    if pad[0] == pad[1] == pad[2] == pad[3]:
+        ref = F.avg_pool2d(xt, k, s, pad[0], ceil_mode, count_include_pad=include_pad)
+    else:
+        # asymmetric padding (no ceil): explicit zero padding, divisor = all or valid cells
+        tpad = (pad[2], pad[3], pad[0], pad[1])
+        ref = F.avg_pool2d(F.pad(xt, tpad), k, s)
+        if not include_pad:
+            ones = torch.ones_like(xt[:1, :1])
+            ref = ref / F.avg_pool2d(F.pad(ones, tpad), k, s)
+    assert ref.shape == out.shape
+    assert rel_error(out, ref.detach().numpy()) < TORCH_TOL
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    ref.backward(torch.tensor(dout))
+    dx = np.empty_like(x)
+    pool.avgpool2d_backward(dout, k, k, s, s, *pad, include_pad, dx)
+    assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
+
+
+def test_global_avgpool():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4, 5))
+    out = np.empty((2, 3))
+    pool.global_avgpool_forward(x, out)
+    np.testing.assert_allclose(out, x.mean(axis=(2, 3)), rtol=1e-12)
+    r = rng.standard_normal(out.shape)
+
+    def loss():
+        pool.global_avgpool_forward(x, out)
+        return float(np.sum(out * r))
+
+    dx = np.full_like(x, np.nan)
+    pool.global_avgpool_backward(r, dx)
+    assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
+
+
+def test_global_avgpool_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    out = np.empty((2, 3), np.float32)
+    pool.global_avgpool_forward(x, out)
+    xt = torch.tensor(x, requires_grad=True)
+    ref = torch.nn.functional.adaptive_avg_pool2d(xt, 1).flatten(1)
+    assert rel_error(out, ref.detach().numpy()) < TORCH_TOL
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    ref.backward(torch.tensor(dout))
+    dx = np.empty_like(x)
+    pool.global_avgpool_backward(dout, dx)
+    assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
+
+
+def _subsample_ref(x, coef, bias, k, s):
+    n, c, h, w = x.shape
+    oh, ow = (h - k) // s + 1, (w - k) // s + 1
+    pooled = np.zeros((n, c, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            pooled[:, :, i, j] = x[:, :, i * s : i * s + k, j * s : j * s + k].mean(axis=(2, 3))
+    return coef[None, :, None, None] * pooled + bias[None, :, None, None], pooled
+
+
+@pytest.mark.parametrize("k,s", [(2, 2), (3, 2)])
+def test_subsample2d(k, s):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 7, 6))
+    coef = rng.standard_normal(3)
+    bias = rng.standard_normal(3)
+    ref_out, ref_pooled = _subsample_ref(x, coef, bias, k, s)
+    out = np.empty_like(ref_out)
+    pooled = np.empty_like(ref_pooled)
+    pool.subsample2d_forward(x, coef, bias, k, k, s, s, out, pooled)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(pooled, ref_pooled, rtol=1e-12, atol=1e-12)
+    r = rng.standard_normal(out.shape)
+
+    def loss():
+        pool.subsample2d_forward(x, coef, bias, k, k, s, s, out, pooled)
+        return float(np.sum(out * r))
+
+    loss()
+    dx = np.full_like(x, np.nan)
+    dcoef, dbias = np.empty_like(coef), np.empty_like(bias)
+    pool.subsample2d_backward(r, pooled, coef, k, k, s, s, dx, dcoef, dbias)
+    assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
+    assert rel_error(dcoef, numerical_grad(loss, coef)) < FD_TOL
+    assert rel_error(dbias, numerical_grad(loss, bias)) < FD_TOL
+
+
+def test_subsample2d_float32_matches_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    coef = rng.standard_normal(3).astype(np.float32)
+    bias = rng.standard_normal(3).astype(np.float32)
+    ref_out, ref_pooled = _subsample_ref(x.astype(np.float64), coef, bias, 2, 2)
+    out = np.empty(ref_out.shape, np.float32)
+    pooled = np.empty(ref_out.shape, np.float32)
+    pool.subsample2d_forward(x, coef, bias, 2, 2, 2, 2, out, pooled)
+    assert rel_error(out, ref_out) < TORCH_TOL
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    dx = np.empty_like(x)
+    dcoef, dbias = np.empty_like(coef), np.empty_like(bias)
+    pool.subsample2d_backward(dout, pooled, coef, 2, 2, 2, 2, dx, dcoef, dbias)
+    ref_dx = np.repeat(np.repeat(dout * coef[None, :, None, None] / 4, 2, axis=2), 2, axis=3)
+    assert rel_error(dx, ref_dx) < TORCH_TOL
+    assert rel_error(dcoef, (dout * ref_pooled).sum(axis=(0, 2, 3))) < TORCH_TOL
+    assert rel_error(dbias, dout.sum(axis=(0, 2, 3))) < TORCH_TOL
