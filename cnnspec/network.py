@@ -70,10 +70,11 @@ class Network:
         """The same spec inferred for another input size."""
         return build(self.doc, tuple(input_shape))
 
-    def compile(self, device: str = "cpu", batch_size: int = 32, seed: int = 0):
+    def compile(self, device: str = "cpu", batch_size: int = 32, seed: int = 0, dtype="float32"):
+        """A Model with static buffers for this batch size (float64 for gradient checks)."""
         from .compile import compile_network
 
-        return compile_network(self, device=device, batch_size=batch_size, seed=seed)
+        return compile_network(self, device, batch_size, seed, dtype)
 
 
 def load(path: str, input_shape=None) -> Network:

@@ -41,7 +41,7 @@ class Conv2d(Layer):
                 f"{filters} / {groups} = {filters / groups:g}",
             )
         connections = a.get("connections")
-        self.mask = None
+        self.connection_mask = None
         if connections is not None:
             if groups != 1:
                 raise LayerError("'connections' cannot be combined with groups", "connections")
@@ -51,7 +51,7 @@ class Conv2d(Layer):
                     "connections",
                     "give one list of input maps per output map",
                 )
-            self.mask = np.zeros((filters, c, 1, 1), np.float32)
+            self.connection_mask = np.zeros((filters, c, 1, 1), np.float32)
             for o, inputs in enumerate(connections):
                 for i in inputs:
                     if not 0 <= i < c:
@@ -60,7 +60,7 @@ class Conv2d(Layer):
                             f"but the input has maps 0..{c - 1}",
                             "connections",
                         )
-                    self.mask[o, i] = 1.0
+                    self.connection_mask[o, i] = 1.0
         oh = output_size(h, kernel[0], stride[0], padding[0], padding[1], dilation[0],
                          axis="height")
         ow = output_size(w, kernel[1], stride[1], padding[2], padding[3], dilation[1],
@@ -81,8 +81,8 @@ class Conv2d(Layer):
     def _fan_in(self):
         c = self.in_shapes[0][0]
         kh, kw = self.attrs["kernel"]
-        if self.mask is not None:
-            return int(self.mask.sum(axis=1).mean() * kh * kw)
+        if self.connection_mask is not None:
+            return int(self.connection_mask.sum(axis=1).mean() * kh * kw)
         return c // self.attrs["groups"] * kh * kw
 
     def param_defs(self):
@@ -90,7 +90,7 @@ class Conv2d(Layer):
         a = self.attrs
         kh, kw = a["kernel"]
         shape = (a["filters"], c // a["groups"], kh, kw)
-        count = int(self.mask.sum()) * kh * kw if self.mask is not None else None
+        count = int(self.connection_mask.sum()) * kh * kw if self.connection_mask is not None else None
         fan_out = a["filters"] // a["groups"] * kh * kw
         defs = [ParamDef("weight", shape, True, "auto", self._fan_in(), fan_out, count)]
         if a["bias"]:
@@ -128,8 +128,8 @@ class Conv2d(Layer):
             xs[0], p["weight"], dout, a["stride"], a["padding"], a["dilation"], a["groups"],
             self.cols, dxs[0], g["weight"], g.get("bias"),
         )
-        if self.mask is not None:
-            g["weight"] *= self.mask
+        if self.connection_mask is not None:
+            g["weight"] *= self.connection_mask
 
 
 @register

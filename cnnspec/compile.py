@@ -1,0 +1,228 @@
+"""Network -> Model: static buffers, parameter views, and the kernel calls of a
+forward and backward pass.
+
+Shapes are static once a spec is inferred, so every activation, gradient and
+workspace buffer is allocated here, once per (spec, batch size); a training
+step allocates nothing. Trainable parameters live in one flat array (and their
+gradients in another), so an optimizer can update them in one vector operation;
+`model.params` holds named views into that storage.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import INPUT
+
+# Layers that do not change which initialisation suits the weights before them.
+_TRANSPARENT = {"batchnorm2d", "dropout", "lrn", "maxpool2d", "avgpool2d", "global_avgpool2d",
+                "flatten", "channel_pad", "subsample2d"}
+
+
+class Model:
+    def __init__(self, net, batch_size: int = 32, seed: int = 0, dtype=np.float32):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        net = net.reshape(net.input_shape)  # fresh layer objects: they hold workspaces
+        self.net = net
+        self.batch_size = batch_size
+        self.dtype = np.dtype(dtype)
+        self.input_shape = tuple(net.input_shape)
+        self.infos = net.infos
+        self.outputs = [i for i in self.infos if i.layer.role == "output"]
+        self.head = self.infos[-1]
+        self.num_outputs = int(np.prod(self.head.layer.out_shape))
+        seeds = np.random.SeedSequence(seed).spawn(2)
+        self.rng = np.random.default_rng(seeds[1])  # dropout, RReLU
+        self._allocate(batch_size)
+        self._init_params(np.random.default_rng(seeds[0]))
+
+    # ---- construction ------------------------------------------------------
+    def _allocate(self, batch):
+        dt = self.dtype
+        self.buf = {INPUT: np.zeros((batch, *self.input_shape), dt)}
+        for info in self.infos:
+            self.buf[info.name] = np.zeros((batch, *info.layer.out_shape), dt)
+            info.layer.allocate(batch, dt)
+        defs = [(info, d) for info in self.infos for d in info.layer.param_defs()]
+        n_train = sum(int(np.prod(d.shape)) for _, d in defs if d.trainable)
+        n_fixed = sum(int(np.prod(d.shape)) for _, d in defs if not d.trainable)
+        self.flat_params = np.zeros(n_train, dt)
+        self.flat_grads = np.zeros(n_train, dt)
+        self.flat_fixed = np.zeros(n_fixed, dt)
+        self.params, self.grads, self.defs = {}, {}, {}
+        self.layer_params = {i.name: {} for i in self.infos}
+        self.layer_grads = {i.name: {} for i in self.infos}
+        at_train = at_fixed = 0
+        for info, d in defs:
+            key = f"{info.name}.{d.name}"
+            size = int(np.prod(d.shape))
+            if d.trainable:
+                p = self.flat_params[at_train : at_train + size].reshape(d.shape)
+                g = self.flat_grads[at_train : at_train + size].reshape(d.shape)
+                at_train += size
+                self.grads[key] = self.layer_grads[info.name][d.name] = g
+            else:
+                p = self.flat_fixed[at_fixed : at_fixed + size].reshape(d.shape)
+                at_fixed += size
+            self.params[key] = self.layer_params[info.name][d.name] = p
+            self.defs[key] = (info, d)
+        self.trainable = set(self.grads)
+        self._plan_backward(batch)
+
+    def _plan_backward(self, batch):
+        """Gradient buffers: a consumer writes d(input) straight into its producer's
+        gradient when it is the only consumer, else into its own buffer, summed later."""
+        dt = self.dtype
+        consumers: dict[str, int] = {}
+        for info in self.infos:
+            for i in info.node.inputs:
+                consumers[i] = consumers.get(i, 0) + 1
+        self.dbuf = {i.name: np.zeros((batch, *i.layer.out_shape), dt) for i in self.infos}
+        self.dx_targets = {}  # layer name -> list of arrays (or None) for its inputs
+        self.fan_in_sums = {}  # producer -> list of scratch arrays to add up
+        needs_grad = {INPUT: False}
+        for info in self.infos:
+            has_params = bool(self.layer_grads[info.name])
+            needs_grad[info.name] = has_params or any(needs_grad[i] for i in info.node.inputs)
+            targets = []
+            for i in info.node.inputs:
+                if not needs_grad[i]:
+                    targets.append(None)
+                elif consumers[i] == 1:
+                    targets.append(self.dbuf[i])
+                else:
+                    scratch = np.zeros_like(self.dbuf[i])
+                    self.fan_in_sums.setdefault(i, []).append(scratch)
+                    targets.append(scratch)
+            self.dx_targets[info.name] = targets
+        self.needs_grad = needs_grad
+
+    def _init_params(self, rng):
+        # entries a connection table leaves out are not parameters: they stay zero
+        self.masks = {
+            f"{i.name}.weight": np.broadcast_to(i.layer.connection_mask, self.params[f"{i.name}.weight"].shape)
+            for i in self.infos
+            if getattr(i.layer, "connection_mask", None) is not None
+        }
+        self._users = {}
+        for i in self.infos:
+            for src in i.node.inputs:
+                self._users.setdefault(src, []).append(i)
+        for key, (info, d) in self.defs.items():
+            p = self.params[key]
+            if d.init == "zeros":
+                p.fill(0)
+            elif d.init == "ones":
+                p.fill(1)
+            elif d.init.startswith("const:"):
+                p.fill(float(d.init.split(":", 1)[1]))
+            elif d.init == "sign":
+                p[...] = np.where(rng.random(d.shape) < 0.5, -1.0, 1.0)
+            else:
+                p[...] = self._auto_init(info, d, rng)
+            if key in self.masks:
+                p *= self.masks[key]
+
+    def _auto_init(self, info, d, rng):
+        """He for the ReLU family, Glorot for tanh/sigmoid, LeCun for scaled tanh and
+        for the layer before an output."""
+        family = self._next_activation(info)
+        if family == "relu":
+            return rng.normal(0.0, np.sqrt(2.0 / d.fan_in), d.shape)
+        if family == "tanh":
+            limit = np.sqrt(6.0 / (d.fan_in + d.fan_out))
+            return rng.uniform(-limit, limit, d.shape)
+        return rng.normal(0.0, np.sqrt(1.0 / d.fan_in), d.shape)
+
+    def _next_activation(self, info):
+        users = self._users
+        frontier = users.get(info.name, [])
+        for _ in range(8):
+            if not frontier:
+                return "linear"
+            nxt = frontier[0]
+            if nxt.node.type == "scaled_tanh":
+                return "lecun"
+            family = getattr(nxt.layer, "family", None)
+            if family:
+                return family
+            if nxt.node.type not in _TRANSPARENT:
+                return "linear"
+            frontier = users.get(nxt.name, [])
+        return "linear"
+
+    # ---- execution ---------------------------------------------------------
+    def _load_input(self, x):
+        x = np.asarray(x)
+        if x.shape != self.buf[INPUT].shape:
+            raise ValueError(
+                f"input batch has shape {x.shape}, the model expects "
+                f"{self.buf[INPUT].shape} (batch size is fixed at compile time)"
+            )
+        np.copyto(self.buf[INPUT], x, casting="same_kind")
+
+    def _forward(self, train: bool):
+        buf, rng = self.buf, self.rng
+        for info in self.infos:
+            info.layer.forward([buf[i] for i in info.node.inputs], buf[info.name],
+                               self.layer_params[info.name], train, rng)
+
+    def forward(self, x, train: bool = False) -> np.ndarray:
+        """Scores of the main output (higher = more likely): softmax probabilities,
+        regression values, or negated RBF distances. The array is the model's own
+        buffer, overwritten by the next call."""
+        self._load_input(x)
+        self._forward(train)
+        return self.head.layer.scores(self.buf[self.head.name])
+
+    def loss_and_grads(self, x, y):
+        """Forward in training mode, every output's loss (weighted), backward.
+        Returns the loss and the gradient dict (the model's own buffers)."""
+        self._load_input(x)
+        self._forward(True)
+        loss = 0.0
+        for info in self.outputs:
+            xs = [self.buf[i] for i in info.node.inputs]
+            loss += info.layer.loss(xs, self.buf[info.name], y)
+        self._backward()
+        return loss, self.grads
+
+    def _backward(self):
+        buf, dbuf = self.buf, self.dbuf
+        for info in reversed(self.infos):
+            name = info.name
+            if not self.needs_grad[name]:
+                continue
+            parts = self.fan_in_sums.get(name)
+            if parts:
+                np.add(parts[0], parts[1], out=dbuf[name])
+                for extra in parts[2:]:
+                    dbuf[name] += extra
+            info.layer.backward([buf[i] for i in info.node.inputs], buf[name], dbuf[name],
+                                self.dx_targets[name], self.layer_params[name],
+                                self.layer_grads[name])
+
+    def step(self, x, y, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
+             nesterov: bool = False) -> float:
+        """One SGD step on a batch; returns its loss."""
+        from .train.optim import SGD
+
+        opt = getattr(self, "_sgd", None)
+        if opt is None:
+            opt = self._sgd = SGD(self.params, lr=lr, momentum=momentum, nesterov=nesterov,
+                                  weight_decay=weight_decay)
+        opt.momentum, opt.nesterov, opt.weight_decay = momentum, nesterov, weight_decay
+        loss, grads = self.loss_and_grads(x, y)
+        opt.step(grads, lr=lr)
+        return loss
+
+    def predict_classes(self, x) -> np.ndarray:
+        return np.argmax(self.forward(x, train=False), axis=1)
+
+
+def compile_network(net, device: str = "cpu", batch_size: int = 32, seed: int = 0,
+                    dtype=np.float32) -> Model:
+    if device != "cpu":
+        raise ValueError(f"device '{device}' is not available; this build compiles for 'cpu'")
+    return Model(net, batch_size=batch_size, seed=seed, dtype=dtype)
