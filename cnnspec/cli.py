@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -16,8 +17,8 @@ app = typer.Typer(
     help="Validate, analyse, compile and train convolutional networks written in YAML.",
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 
 def _input_shape(spec_input, values: list[int] | None):
@@ -122,6 +123,237 @@ def schema():
     from .spec.schema import schema as get_schema
 
     print(json.dumps(get_schema(), indent=2))
+
+
+def _fail(message: str, code: int = 1):
+    err.print(f"[red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load_or_exit(spec: str, input_size=None):
+    try:
+        return _load(spec, input_size)
+    except SpecError as e:
+        _print_problems(e)
+        raise typer.Exit(1) from None
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    import numba
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= threads <= limit:
+        _fail(f"--threads must be between 1 and {limit} on this machine", 2)
+    numba.set_num_threads(threads)
+
+
+def _spec_hash(net) -> str:
+    """What a checkpoint must match: the network, not its training settings."""
+    from .train.checkpoint import spec_hash
+
+    return spec_hash(net.summary()["layers"])
+
+
+def _dataset(source: str, split: str, net):
+    from .train.data import check_labels, fit_to_input, load_data
+
+    ds = load_data(source, split)
+    ds = fit_to_input(ds, net.input_shape)
+    check_labels(ds, int(net.outputs[-1].layer.out_shape[0]) if net.outputs else 0)
+    return ds
+
+
+Threads = typer.Option(None, "--threads", help="CPU threads for the kernels.")
+
+
+@app.command()
+def train(
+    spec: str = typer.Argument(..., help="Spec file."),
+    data: str = typer.Option(None, "--data", help="digits (built in), an .npz file, an MNIST "
+                             "IDX or CIFAR-10 directory. Default: the spec's train.data."),
+    epochs: int = typer.Option(None, "--epochs", min=1),
+    batch_size: int = typer.Option(None, "--batch-size", min=1),
+    lr: float = typer.Option(None, "--lr", min=0.0),
+    momentum: float = typer.Option(None, "--momentum", min=0.0, max=0.999999),
+    nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov"),
+    weight_decay: float = typer.Option(None, "--weight-decay", min=0.0),
+    schedule: str = typer.Option(None, "--schedule", help="constant, step, multistep, cosine"),
+    warmup_epochs: float = typer.Option(None, "--warmup-epochs", min=0.0),
+    val_split: float = typer.Option(None, "--val-split", min=0.0, max=0.95),
+    seed: int = typer.Option(None, "--seed", min=0),
+    out_dir: str = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.npz."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    threads: int = Threads,
+):
+    """Train a spec with SGD; checkpoints and metrics go to OUT/."""
+    from .train import DataError, TrainingDiverged, TrainingInterrupted, fit, split_dataset
+    from .train.checkpoint import CheckpointError
+
+    _set_threads(threads)
+    net = _load_or_exit(spec)
+    if not net.outputs:
+        _fail(f"{spec}: the network has no output layer (softmax, linear or rbf) to train")
+    cfg = net.train_config
+    flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
+             "nesterov": nesterov, "weight_decay": weight_decay, "schedule": schedule,
+             "warmup_epochs": warmup_epochs, "val_split": val_split, "seed": seed, "data": data}
+    cfg.update({k: v for k, v in flags.items() if v is not None})
+    source = cfg.pop("data", "digits")
+    val_fraction = cfg.pop("val_split", 0.1)
+    cfg.setdefault("batch_size", 32)
+    cfg.setdefault("seed", 0)
+    out_path = Path(out_dir or Path("runs") / net.name)
+    try:
+        ds = _dataset(source, "train", net)
+        train_ds, val_ds = split_dataset(ds, val_fraction, cfg["seed"]) if val_fraction else (
+            ds, None)
+        if len(train_ds) < cfg["batch_size"]:
+            _fail(f"the training set has {len(train_ds)} images, fewer than one batch of "
+                  f"{cfg['batch_size']}; lower --batch-size")
+        model = net.compile(batch_size=cfg["batch_size"], seed=cfg["seed"])
+        cfg["spec_hash"] = _spec_hash(net)
+        out.print(f"training [bold]{net.name}[/] on {ds.name}: {len(train_ds)} train, "
+                  f"{len(val_ds) if val_ds else 0} validation images, batch {cfg['batch_size']}"
+                  f", {cfg.get('epochs', 10)} epochs -> {out_path}/")
+        out_path.mkdir(parents=True, exist_ok=True)
+        history = fit(model, train_ds, val_ds, cfg, out_path, resume=resume, progress=progress,
+                      console=out)
+    except (DataError, CheckpointError, ValueError) as exc:
+        _fail(str(exc))
+    except TrainingInterrupted as exc:
+        err.print(f"[yellow]interrupted:[/] {exc}")
+        raise typer.Exit(130) from None
+    except TrainingDiverged as exc:
+        _fail(str(exc))
+    if history:
+        last = history[-1]
+        best = max((h.get("val_acc") or h.get("train_acc") or 0.0) for h in history)
+        out.print(f"done: epoch {last['epoch']}, best accuracy {best:.2%}; weights in "
+                  f"{out_path / 'best.npz'}, metrics in {out_path / 'metrics.jsonl'}")
+
+
+def _restored_model(spec: str, weights: str, batch_size: int):
+    from .train import restore_model
+    from .train.checkpoint import CheckpointError
+
+    net = _load_or_exit(spec)
+    model = net.compile(batch_size=batch_size)
+    try:
+        restore_model(model, weights, _spec_hash(net))
+    except CheckpointError as exc:
+        _fail(str(exc))
+    return net, model
+
+
+@app.command("eval")
+def evaluate_cmd(
+    spec: str = typer.Argument(..., help="Spec file."),
+    weights: str = typer.Option(..., "--weights", help="A checkpoint (.npz) of this spec."),
+    data: str = typer.Option(None, "--data", help="Data source (default: the spec's)."),
+    split: str = typer.Option("test", "--split", help="train or test"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    as_json: bool = typer.Option(False, "--json"),
+    threads: int = Threads,
+):
+    """Loss, top-1/top-5 accuracy and confusion matrix of trained weights."""
+    from .train import DataError, evaluate
+
+    _set_threads(threads)
+    net, model = _restored_model(spec, weights, batch_size)
+    source = data or net.train_config.get("data", "digits")
+    try:
+        ds = _dataset(source, split, net)
+        result = evaluate(model, ds)
+    except DataError as exc:
+        _fail(str(exc))
+    result["data"] = ds.name
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.table import Table
+
+    line = f"{net.name} on {ds.name} ({result['count']} images): loss {result['loss']:.4f}, " \
+        f"top-1 {result['accuracy']:.2%}"
+    if "top5" in result:
+        line += f", top-5 {result['top5']:.2%}"
+    out.print(line)
+    confusion = result["confusion"]
+    if len(confusion) <= 20:
+        table = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
+        table.add_column("")
+        for k in range(len(confusion)):
+            table.add_column(str(k), justify="right")
+        for k, row in enumerate(confusion):
+            table.add_row(str(k), *[f"[bold]{v}[/]" if i == k else (str(v) if v else "[dim].[/]")
+                                    for i, v in enumerate(row)])
+        out.print(table)
+
+
+def _read_inputs(path: str, net):
+    import numpy as np
+
+    from .train.data import DataError, Dataset, fit_to_input, load_npz
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: no such file")
+    if p.suffix == ".npy":
+        try:
+            x = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{path}: not a readable .npy array ({exc})") from None
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim == 3 and x.shape[0] not in (1, 3):
+            x = x[:, None]
+        elif x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4:
+            raise DataError(f"{path}: expected images as (N, C, H, W), got shape {x.shape}")
+        x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+        ds = Dataset(x, np.zeros(len(x), np.int64), 1, p.name)
+    else:
+        ds = load_npz(p)
+    return fit_to_input(ds, net.input_shape)
+
+
+@app.command()
+def predict(
+    spec: str = typer.Argument(..., help="Spec file."),
+    inputs: str = typer.Argument(..., help="Images: .npy (N,C,H,W or N,H,W) or .npz with x."),
+    weights: str = typer.Option(..., "--weights", help="A checkpoint (.npz) of this spec."),
+    top: int = typer.Option(1, "--top", min=1, help="How many classes to show per image."),
+    as_json: bool = typer.Option(False, "--json"),
+    threads: int = Threads,
+):
+    """Classify images from a file with trained weights."""
+    import numpy as np
+
+    from .train.data import Batches, DataError
+
+    _set_threads(threads)
+    net, model = _restored_model(spec, weights, 64)
+    try:
+        ds = _read_inputs(inputs, net)
+    except DataError as exc:
+        _fail(str(exc))
+    results = []
+    for x, _, n in Batches(ds, model.batch_size):
+        scores = np.asarray(model.forward(x))[:n]
+        if net.outputs[-1].node.type != "softmax":  # distances or raw values: normalise
+            z = scores - scores.max(axis=1, keepdims=True)
+            scores = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        for row in scores:
+            best = np.argsort(-row)[:top]
+            results.append([{"class": int(k), "probability": float(row[k])} for k in best])
+    if as_json:
+        print(json.dumps([{"index": i, "top": r} for i, r in enumerate(results)], indent=2))
+        return
+    for i, r in enumerate(results):
+        out.print(f"{i}: " + ", ".join(f"{c['class']} ({c['probability']:.1%})" for c in r))
 
 
 def main() -> None:

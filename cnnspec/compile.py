@@ -185,6 +185,7 @@ class Model:
         for info in self.outputs:
             xs = [self.buf[i] for i in info.node.inputs]
             loss += info.layer.loss(xs, self.buf[info.name], y)
+        self.last_scores = self.head.layer.scores(self.buf[self.head.name])
         self._backward()
         return loss, self.grads
 
@@ -205,16 +206,17 @@ class Model:
 
     def step(self, x, y, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
              nesterov: bool = False) -> float:
-        """One SGD step on a batch; returns its loss."""
+        """One SGD step on a batch (momentum state kept across calls); returns its loss."""
         from .train.optim import SGD
 
-        opt = getattr(self, "_sgd", None)
-        if opt is None:
-            opt = self._sgd = SGD(self.params, lr=lr, momentum=momentum, nesterov=nesterov,
-                                  weight_decay=weight_decay)
-        opt.momentum, opt.nesterov, opt.weight_decay = momentum, nesterov, weight_decay
+        settings = (momentum, weight_decay, nesterov)
+        if getattr(self, "_sgd_settings", None) != settings:
+            trainable = {k: self.params[k] for k in self.trainable}
+            self._sgd = SGD(trainable, lr=lr, momentum=momentum, nesterov=nesterov,
+                            weight_decay=weight_decay)
+            self._sgd_settings = settings
         loss, grads = self.loss_and_grads(x, y)
-        opt.step(grads, lr=lr)
+        self._sgd.step(grads, lr=lr)
         return loss
 
     def predict_classes(self, x) -> np.ndarray:

@@ -102,7 +102,8 @@ def _torch_ref(name, xt, slopes):
     if name == "rrelu_eval":
         return F.rrelu(xt, RRELU_LO, RRELU_HI, training=False)
     if name == "rrelu_train":
-        return torch.where(xt >= 0, xt, xt * torch.tensor(slopes))
+        # like torch.rrelu(training=True): elements <= 0 use the noise slope
+        return torch.where(xt > 0, xt, xt * torch.tensor(slopes))
     raise AssertionError(name)
 
 

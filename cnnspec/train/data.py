@@ -300,6 +300,11 @@ def load_npz(path: str | Path) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    if not zipfile.is_zipfile(path):  # np.load would also take .npy and pickles: refuse both
+        raise DataError(
+            f"{path}: not a valid .npz file (not a zip archive); save it with "
+            "np.savez(path, x=images, y=labels)"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x", "y") if k not in f.files]

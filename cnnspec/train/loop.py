@@ -340,7 +340,12 @@ def _append_metrics(path: Path, record: dict[str, Any]) -> None:
 
 def _weights_finite(model: Any) -> bool:
     # A sum is NaN/inf whenever any element is: one cheap pass instead of a boolean array.
-    return all(math.isfinite(float(model.params[k].sum(dtype=np.float64))) for k in model.trainable)
+    # All floating arrays, running statistics included: they are saved and used for eval too.
+    return all(
+        math.isfinite(float(a.sum(dtype=np.float64)))
+        for a in model.params.values()
+        if np.issubdtype(a.dtype, np.floating)
+    )
 
 
 def _summary(r: dict[str, Any], epochs: int) -> str:
@@ -450,7 +455,9 @@ class _Trainer:
         state, epochs = self.state, self.cfg["epochs"]
         if state.epoch >= epochs:
             self.console.print(
-                f"nothing to do: {self.last} has already trained {state.epoch} epochs", markup=False
+                f"nothing to do: {self.last} has already trained {state.epoch} epochs",
+                markup=False,
+                soft_wrap=True,
             )
         columns = (
             TextColumn("epoch {task.fields[epoch]}"),
@@ -502,10 +509,15 @@ class _Trainer:
             state.epoch_rng_state = self.data_rng.bit_generator.state
         else:  # resuming mid-epoch: replay the epoch's shuffle, skip the batches already done
             self.data_rng.bit_generator.state = state.epoch_rng_state
-        epoch_lr = learning_rate(cfg, state.epoch + state.step / steps)
-        bar.reset(
-            task, total=steps, completed=state.step, epoch=f"{state.epoch + 1}/{cfg['epochs']}"
-        )
+        epoch_lr = learning_rate(cfg, state.epoch)  # reported: the rate the epoch starts with
+        # reset() replaces all of a task's fields, so every column's field is given again.
+        fields = {
+            "epoch": f"{state.epoch + 1}/{cfg['epochs']}",
+            "loss": 0.0,
+            "acc": 0.0,
+            "ips": 0.0,
+        }
+        bar.reset(task, total=steps, completed=state.step, **fields)
         has_scores = hasattr(model, "last_scores")
         started = time.perf_counter()
         for s, (x, y, n) in enumerate(self.batches.epoch(start=state.step), start=state.step):
@@ -579,4 +591,4 @@ class _Trainer:
         if improved:
             self.save(self.best)
         _append_metrics(self.metrics, record)
-        self.console.print(_summary(record, self.cfg["epochs"]), markup=False)
+        self.console.print(_summary(record, self.cfg["epochs"]), markup=False, soft_wrap=True)

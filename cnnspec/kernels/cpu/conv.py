@@ -30,24 +30,26 @@ def _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
     for nc in prange(n_ * c_):
         n = nc // c_
         c = nc - n * c_
+        xp = x[n, c]
         for i in range(kh):
             for j in range(kw):
-                row = c * kk + i * kw + j
+                crow = cols[n, c * kk + i * kw + j]
                 offx = j * dw - pl
                 lo, hi = valid_range(offx, sw, w_, ow)
                 for oy in range(oh):
                     iy = oy * sh - pt + i * dh
-                    base = oy * ow
+                    seg = crow[oy * ow : oy * ow + ow]
                     if iy < 0 or iy >= h_:
-                        for ox in range(ow):
-                            cols[n, row, base + ox] = 0
+                        seg[:] = 0
+                        continue
+                    xr = xp[iy]
+                    seg[:lo] = 0
+                    if sw == 1:
+                        seg[lo:hi] = xr[lo + offx : hi + offx]
                     else:
-                        for ox in range(lo):
-                            cols[n, row, base + ox] = 0
                         for ox in range(lo, hi):
-                            cols[n, row, base + ox] = x[n, c, iy, ox * sw + offx]
-                        for ox in range(hi, ow):
-                            cols[n, row, base + ox] = 0
+                            seg[ox] = xr[ox * sw + offx]
+                    seg[hi:] = 0
 
 
 @njit(parallel=True, cache=True)
@@ -57,12 +59,11 @@ def _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
     for nc in prange(n_ * c_):
         n = nc // c_
         c = nc - n * c_
-        for iy in range(h_):
-            for ix in range(w_):
-                dx[n, c, iy, ix] = 0
+        dp = dx[n, c]
+        dp[:, :] = 0
         for i in range(kh):
             for j in range(kw):
-                row = c * kk + i * kw + j
+                crow = cols[n, c * kk + i * kw + j]
                 offx = j * dw - pl
                 lo, hi = valid_range(offx, sw, w_, ow)
                 for oy in range(oh):
@@ -70,8 +71,16 @@ def _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
                     if iy < 0 or iy >= h_:
                         continue
                     base = oy * ow
-                    for ox in range(lo, hi):
-                        dx[n, c, iy, ox * sw + offx] += cols[n, row, base + ox]
+                    if sw == 1:
+                        # unit stride: contiguous slices vectorise well
+                        dr = dp[iy, lo + offx : hi + offx]
+                        sr = crow[base + lo : base + hi]
+                        for t in range(hi - lo):
+                            dr[t] += sr[t]
+                    else:
+                        dr = dp[iy]
+                        for ox in range(lo, hi):
+                            dr[ox * sw + offx] += crow[base + ox]
 
 
 def _check_cols(x, cols, kh, kw, oh, ow, name="cols"):

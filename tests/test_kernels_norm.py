@@ -1,0 +1,138 @@
+"""Normalisation kernels: finite differences (float64) and PyTorch parity (float32)."""
+
+import numpy as np
+import pytest
+
+from cnnspec.kernels.cpu import norm
+from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
+
+FD_TOL = 1e-6
+TORCH_TOL = 1e-4
+EPS = 1e-5
+MOMENTUM = 0.1
+
+BN_SHAPES = {"4d": (3, 4, 3, 2), "2d": (6, 3)}
+
+
+def _bn_setup(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    x = rng.standard_normal(shape) * 2 + rng.standard_normal((1, c) + (1,) * (len(shape) - 2))
+    gamma = rng.uniform(0.5, 1.5, c)
+    beta = rng.standard_normal(c)
+    return rng, x.astype(dtype), gamma.astype(dtype), beta.astype(dtype)
+
+
+@pytest.mark.parametrize("name", list(BN_SHAPES))
+def test_batchnorm_train_finite_differences(name):
+    shape = BN_SHAPES[name]
+    rng, x, gamma, beta = _bn_setup(shape, np.float64, 0)
+    c = shape[1]
+    r = rng.standard_normal(shape)
+    out, xhat, inv_std = np.empty_like(x), np.empty_like(x), np.empty(c)
+    rm, rv = np.zeros(c), np.ones(c)
+
+    def loss():
+        norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, rm, rv, out, xhat, inv_std)
+        return float(np.sum(out * r))
+
+    loss()
+    dx, dg, db = np.full_like(x, np.nan), np.full(c, np.nan), np.full(c, np.nan)
+    norm.batchnorm_backward(r, xhat, gamma, inv_std, dx, dg, db)
+    assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
+    assert rel_error(dg, numerical_grad(loss, gamma)) < FD_TOL
+    assert rel_error(db, numerical_grad(loss, beta)) < FD_TOL
+
+
+@pytest.mark.parametrize("name", list(BN_SHAPES))
+def test_batchnorm_matches_torch(name):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    shape = BN_SHAPES[name]
+    rng, x, gamma, beta = _bn_setup(shape, np.float32, 1)
+    c = shape[1]
+    rm = rng.standard_normal(c).astype(np.float32)
+    rv = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    rm_t, rv_t = torch.tensor(rm), torch.tensor(rv)
+    out, xhat, inv_std = np.empty_like(x), np.empty_like(x), np.empty(c, np.float32)
+    norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, rm, rv, out, xhat, inv_std)
+    xt = torch.tensor(x, requires_grad=True)
+    gt = torch.tensor(gamma, requires_grad=True)
+    bt = torch.tensor(beta, requires_grad=True)
+    ref = F.batch_norm(xt, rm_t, rv_t, gt, bt, training=True, momentum=MOMENTUM, eps=EPS)
+    assert rel_error(out, ref.detach().numpy()) < TORCH_TOL
+    assert rel_error(rm, rm_t.numpy()) < TORCH_TOL
+    assert rel_error(rv, rv_t.numpy()) < TORCH_TOL
+    dout = rng.standard_normal(shape).astype(np.float32)
+    ref.backward(torch.tensor(dout))
+    dx, dg, db = np.empty_like(x), np.empty_like(gamma), np.empty_like(beta)
+    norm.batchnorm_backward(dout, xhat, gamma, inv_std, dx, dg, db)
+    assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
+    assert rel_error(dg, gt.grad.numpy()) < TORCH_TOL
+    assert rel_error(db, bt.grad.numpy()) < TORCH_TOL
+    # eval mode with the updated running statistics
+    out_eval = np.empty_like(x)
+    norm.batchnorm_forward_eval(x, gamma, beta, EPS, rm, rv, out_eval)
+    ref_eval = F.batch_norm(torch.tensor(x), rm_t, rv_t, gt, bt, training=False, eps=EPS)
+    assert rel_error(out_eval, ref_eval.detach().numpy()) < TORCH_TOL
+
+
+def test_batchnorm_eval_float64_and_no_affine():
+    rng, x, gamma, beta = _bn_setup((2, 3, 2, 2), np.float64, 2)
+    rm = rng.standard_normal(3)
+    rv = rng.uniform(0.5, 2.0, 3)
+    out = np.empty_like(x)
+    norm.batchnorm_forward_eval(x, gamma, beta, EPS, rm, rv, out)
+    b = (1, 3, 1, 1)
+    ref = (x - rm.reshape(b)) / np.sqrt(rv.reshape(b) + EPS) * gamma.reshape(b) + beta.reshape(b)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    norm.batchnorm_forward_eval(x, None, None, EPS, rm, rv, out)
+    ref = (x - rm.reshape(b)) / np.sqrt(rv.reshape(b) + EPS)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+
+
+# (shape, size, alpha, beta, k)
+LRN_CASES = {
+    "alexnet_size5": ((2, 7, 3, 2), 5, 1e-4, 0.75, 2.0),
+    "size3": ((2, 5, 2, 3), 3, 1e-4, 0.75, 1.0),
+    "size5_strong": ((1, 6, 2, 2), 5, 2.0, 0.75, 1.0),
+    "size4_even_strong": ((2, 6, 2, 2), 4, 1.5, 0.6, 1.0),
+    "size3_2d": ((3, 5), 3, 1.0, 0.75, 2.0),
+}
+
+
+@pytest.mark.parametrize("name", list(LRN_CASES))
+def test_lrn_finite_differences(name):
+    shape, size, alpha, beta, k = LRN_CASES[name]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape) * 3
+    r = rng.standard_normal(shape)
+    out, scale = np.empty_like(x), np.empty_like(x)
+
+    def loss():
+        norm.lrn_forward(x, size, alpha, beta, k, out, scale)
+        return float(np.sum(out * r))
+
+    loss()
+    dx = np.full_like(x, np.nan)
+    norm.lrn_backward(x, out, scale, r, size, alpha, beta, dx)
+    assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
+
+
+@pytest.mark.parametrize("name", list(LRN_CASES))
+def test_lrn_matches_torch(name):
+    torch = pytest.importorskip("torch")
+    shape, size, alpha, beta, k = LRN_CASES[name]
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    out, scale = np.empty_like(x), np.empty_like(x)
+    norm.lrn_forward(x, size, alpha, beta, k, out, scale)
+    xt = torch.tensor(x, requires_grad=True)
+    xin = xt if xt.dim() >= 3 else xt.unsqueeze(-1)  # torch needs >= 3 dims
+    ref = torch.nn.functional.local_response_norm(xin, size, alpha, beta, k).reshape(shape)
+    assert rel_error(out, ref.detach().numpy()) < TORCH_TOL
+    dout = rng.standard_normal(shape).astype(np.float32)
+    ref.backward(torch.tensor(dout))
+    dx = np.empty_like(x)
+    norm.lrn_backward(x, out, scale, dout, size, alpha, beta, dx)
+    assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL

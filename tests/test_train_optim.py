@@ -1,0 +1,198 @@
+"""SGD parity with torch.optim.SGD and learning-rate schedules against torch's schedulers."""
+
+import numpy as np
+import pytest
+import torch
+
+from cnnspec.train.optim import SGD
+from cnnspec.train.schedules import learning_rate, validate_schedule
+
+SHAPES = {"w": (5, 3, 3, 3), "b": (5,), "fc": (10, 20)}
+
+
+def make_params(seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def make_grads(rng):
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+@pytest.mark.parametrize(
+    "momentum, nesterov, weight_decay",
+    [
+        (0.0, False, 0.0),
+        (0.0, False, 5e-4),
+        (0.9, False, 0.0),
+        (0.9, False, 1e-2),
+        (0.9, True, 0.0),
+        (0.8, True, 1e-3),
+    ],
+)
+def test_sgd_matches_torch(momentum, nesterov, weight_decay):
+    params = make_params()
+    tparams = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in params.items()}
+    storage = {k: v for k, v in params.items()}  # the arrays must be updated in place
+    opt = SGD(params, lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    topt = torch.optim.SGD(
+        tparams.values(), lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+    )
+    rng = np.random.default_rng(1)
+    for step, lr in enumerate([0.1, 0.1, 0.05, 0.2, 0.01, 0.1]):
+        grads = make_grads(rng)
+        for k, t in tparams.items():
+            t.grad = torch.from_numpy(grads[k].copy())
+        for group in topt.param_groups:
+            group["lr"] = lr
+        topt.step()
+        opt.step(grads, lr=lr)
+        for k in SHAPES:
+            assert params[k] is storage[k]
+            np.testing.assert_allclose(
+                params[k],
+                tparams[k].detach().numpy(),
+                atol=1e-6,
+                rtol=0,
+                err_msg=f"{k} step {step}",
+            )
+    assert opt.steps == 6
+
+
+def test_sgd_updates_only_given_keys_and_does_not_touch_grads():
+    params = make_params()
+    before = {k: v.copy() for k, v in params.items()}
+    opt = SGD(params, lr=0.5, momentum=0.9, weight_decay=0.1)
+    grads = {"b": np.ones(5, np.float32)}
+    opt.step(grads)
+    np.testing.assert_array_equal(params["w"], before["w"])
+    np.testing.assert_array_equal(grads["b"], np.ones(5, np.float32))
+    np.testing.assert_allclose(params["b"], before["b"] - 0.5 * (1 + 0.1 * before["b"]), rtol=1e-6)
+    assert set(opt.state_dict()) == {"steps", "momentum_buffer/b"}
+
+
+def test_sgd_state_dict_round_trip_continues_identically():
+    rng = np.random.default_rng(3)
+    grads = [make_grads(rng) for _ in range(5)]
+    a = SGD(make_params(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    for g in grads[:2]:
+        a.step(g)
+    state = a.state_dict()
+    b = SGD(
+        {k: v.copy() for k, v in a.params.items()},
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=1e-3,
+    )
+    b.load_state_dict(state)
+    for g in grads[2:]:
+        a.step(g)
+        b.step(g)
+    for k in SHAPES:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    assert b.steps == 5
+    with pytest.raises(ValueError, match="unknown"):
+        b.load_state_dict({**state, "momentum_buffer/zz": np.zeros(1)})
+
+
+def test_sgd_rejects_bad_settings():
+    with pytest.raises(ValueError, match="nesterov"):
+        SGD(make_params(), lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="floating"):
+        SGD({"i": np.zeros(3, np.int64)}, lr=0.1)
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def torch_lrs(make_scheduler, epochs, lr=0.1):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = make_scheduler(opt)
+    out = []
+    for _ in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def ours(cfg, epochs):
+    validate_schedule(cfg)
+    return [learning_rate(cfg, e) for e in range(epochs)]
+
+
+def test_constant():
+    assert ours({"lr": 0.3}, 4) == [0.3] * 4
+
+
+def test_step_matches_steplr():
+    S = torch.optim.lr_scheduler
+    ref = torch_lrs(lambda o: S.StepLR(o, step_size=3, gamma=0.5), 12)
+    np.testing.assert_allclose(
+        ours({"lr": 0.1, "schedule": "step", "step_size": 3, "gamma": 0.5}, 12), ref, rtol=1e-12
+    )
+
+
+def test_multistep_matches_multisteplr():
+    S = torch.optim.lr_scheduler
+    ref = torch_lrs(lambda o: S.MultiStepLR(o, milestones=[2, 5, 9], gamma=0.1), 12)
+    cfg = {"lr": 0.1, "schedule": "multistep", "milestones": [9, 2, 5], "gamma": 0.1}
+    np.testing.assert_allclose(ours(cfg, 12), ref, rtol=1e-12)
+
+
+def test_cosine_matches_cosineannealinglr():
+    S = torch.optim.lr_scheduler
+    ref = torch_lrs(lambda o: S.CosineAnnealingLR(o, T_max=10, eta_min=1e-3), 11)
+    cfg = {"lr": 0.1, "schedule": "cosine", "epochs": 10, "min_lr": 1e-3}
+    np.testing.assert_allclose(ours(cfg, 11), ref, rtol=1e-9)
+    assert learning_rate(cfg, 25) == pytest.approx(1e-3)  # stays at the floor afterwards
+
+
+def test_warmup_matches_linearlr():
+    S = torch.optim.lr_scheduler
+    ref = torch_lrs(lambda o: S.LinearLR(o, start_factor=0.1, total_iters=4), 8)
+    np.testing.assert_allclose(ours({"lr": 0.1, "warmup_epochs": 4}, 8), ref, rtol=1e-12)
+
+
+def test_warmup_then_cosine_matches_sequentiallr():
+    S = torch.optim.lr_scheduler
+
+    def make(o):
+        warm = S.LinearLR(o, start_factor=0.1, total_iters=3)
+        cos = S.CosineAnnealingLR(o, T_max=9, eta_min=0.0)
+        return S.SequentialLR(o, [warm, cos], milestones=[3])
+
+    ref = torch_lrs(make, 13)
+    np.testing.assert_allclose(
+        ours({"lr": 0.1, "schedule": "cosine", "epochs": 12, "warmup_epochs": 3}, 13),
+        ref,
+        rtol=1e-9,
+        atol=1e-15,
+    )
+
+
+def test_fractional_epochs_are_smooth():
+    cfg = {"lr": 1.0, "schedule": "cosine", "epochs": 10, "warmup_epochs": 2}
+    values = [learning_rate(cfg, e / 10) for e in range(101)]
+    assert values[0] == pytest.approx(0.1) and max(values) == pytest.approx(1.0)
+    assert learning_rate(cfg, 1.0) == pytest.approx(0.55)
+    assert all(b >= a for a, b in zip(values[:20], values[1:21], strict=True))
+    assert all(b <= a for a, b in zip(values[20:-1], values[21:], strict=True))
+    assert learning_rate({"lr": 1.0, "schedule": "step", "step_size": 2}, 1.999) == 1.0
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"lr": 0.1, "schedule": "exponential"}, "unknown learning-rate schedule"),
+        ({"lr": 0.1, "schedule": "multistep"}, "milestones"),
+        ({"lr": 0.1, "schedule": "cosine"}, "epochs"),
+        ({"lr": 0.1, "schedule": "cosine", "epochs": 3, "warmup_epochs": 3}, "epochs greater"),
+        ({"lr": 0.0}, "lr must be positive"),
+        ({"lr": 0.1, "schedule": "step", "step_size": 0}, "step_size"),
+    ],
+)
+def test_validate_schedule(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        validate_schedule(cfg)
