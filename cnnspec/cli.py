@@ -50,7 +50,7 @@ def _load(path: str, input_values=None):
 
 def _print_problems(e: SpecError) -> None:
     for p in e.problems:
-        err.print(p.format(), markup=False, highlight=False)
+        err.print(p.format(), markup=False, highlight=False, soft_wrap=True)
     n = sum(p.severity == "error" for p in e.problems)
     err.print(f"[red]{n} error{'s' if n != 1 else ''}[/]")
 
@@ -89,7 +89,7 @@ def check(
 
             print(check_line(net))
             for w in net.warnings:
-                err.print(w.format(), markup=False)
+                err.print(w.format(), markup=False, soft_wrap=True)
     if as_json:
         print(json.dumps(results, indent=2))
     raise typer.Exit(1 if failed else 0)

@@ -14,6 +14,7 @@ class Problem:
     hint: str = ""
     severity: str = "error"  # "error" or "warning"
     file: str = ""
+    path: tuple = ()  # document path, when known: lets later stages skip broken layers
 
     def format(self, file: str | None = None) -> str:
         where = file if file is not None else (self.file or "<spec>")

@@ -94,7 +94,8 @@ def build(doc: Document, input_shape=None) -> Network:
     problems = validate(doc)
     nodes, more = expand(doc)
     problems += more
-    problems += _validate_expanded(doc, nodes)
+    more, bad_block_nodes = _validate_expanded(doc, nodes)
+    problems += more
     order, cyclic = topological(nodes)
     for node in cyclic:
         line, col = doc.pos(node.path)
@@ -103,8 +104,12 @@ def build(doc: Document, input_shape=None) -> Network:
             "a layer cannot depend on its own output", file=doc.file))
     shape = tuple(input_shape) if input_shape else tuple(doc.data.get("input") or ())
     infos, warnings = [], []
-    if not any(p.severity == "error" for p in problems) and len(shape) == 3:
-        infos, more, warnings = _infer(doc, order, shape)
+    if len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape):
+        # layers with problems so far are skipped, and so is everything after them,
+        # so independent mistakes are all reported without follow-on noise
+        broken = {p.path[:2] for p in problems if p.path[:1] == ("layers",)}
+        broken |= {n.name for n in nodes if n.block and n.name in bad_block_nodes}
+        infos, more, warnings = _infer(doc, order, shape, broken)
         problems += more
     problems = _unique(problems)
     if problems:
@@ -118,7 +123,7 @@ def build(doc: Document, input_shape=None) -> Network:
 
 def _validate_expanded(doc: Document, nodes: list[Node]) -> list[Problem]:
     """Check block-made layers against their schema once arguments are substituted."""
-    problems = []
+    problems, bad = [], set()
     for node in nodes:
         if not node.block:
             continue  # top-level layers were validated as written
@@ -126,11 +131,14 @@ def _validate_expanded(doc: Document, nodes: list[Node]) -> list[Problem]:
         for key, p in node.attr_paths.items():
             shim.positions[(key,)] = doc.pos(p)
         data = {"type": node.type, "inputs": [str(i) for i in node.inputs], **node.attrs}
-        problems += validate(shim, data, (), subschema=node.type)
-    return problems
+        found = validate(shim, data, (), subschema=node.type)
+        if found:
+            bad.add(node.name)
+            problems += found
+    return problems, bad
 
 
-def _infer(doc, order, input_shape):
+def _infer(doc, order, input_shape, broken=frozenset()):
     problems, warnings = [], []
     shapes = {INPUT: input_shape}
     fields = {INPUT: (Field(), Field())}
@@ -139,8 +147,10 @@ def _infer(doc, order, input_shape):
     for node in order:
         for i in node.inputs:
             consumers.setdefault(i, []).append(node)
-        if any(i not in shapes for i in node.inputs):
-            continue  # an input failed: its problem is already reported
+        if any(i not in shapes for i in node.inputs) or node.name in broken or (
+            not node.block and node.path[:2] in broken
+        ):
+            continue  # it, or an input, has a problem already reported
         cls = REGISTRY[node.type]
         if not cls.min_inputs <= len(node.inputs) <= cls.max_inputs:
             want = (f"at least {cls.min_inputs}" if cls.max_inputs > 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 BYTES_PER_VALUE = 4  # float32
@@ -102,6 +100,19 @@ def block_types(net) -> dict[str, str]:
     return out
 
 
+def _block_label(row, kinds) -> str:
+    """'inception (14 layers)', or 'basic x3 (21 layers)' for a repeated block."""
+    name = row["name"]
+    kind, copies = kinds.get(name), 1
+    if kind is None:
+        depth = name.count(".") + 1
+        inner = [n for n in kinds if n.startswith(name + ".") and n.count(".") == depth]
+        kind = kinds.get(inner[0], "block") if inner else "block"
+        copies = len(inner) or 1
+    times = f" x{copies}" if copies > 1 else ""
+    return f"[cyan]{kind}[/]{times} ({row['count']} layers)"
+
+
 def _pair(v) -> str:
     return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
 
@@ -118,7 +129,7 @@ def render_summary(net, console, depth: int | None = 1) -> None:
                          ("stride", "right"), ("pad", "right")):
         table.add_column(col, justify=justify, no_wrap=True)
     for row in group_rows(summary, depth):
-        kind = row["type"] or f"[cyan]{kinds.get(row['name'], 'block')}[/] ({row['count']})"
+        kind = row["type"] or _block_label(row, kinds)
         rf = row["receptive_field"]
         table.add_row(
             "  " * row["depth"] + row["name"],
@@ -149,10 +160,8 @@ def render_summary(net, console, depth: int | None = 1) -> None:
 
 def check_line(net) -> str:
     t = net.totals()
+    frozen = t["params"] - t["trainable_params"]
     return (f"{net.file}: ok: {net.name}: input {shape_text(net.input_shape)} -> "
-            f"{shape_text(net.output_shape)}, {t['params']:,} params, "
-            f"{human(t['macs'])} MACs, {len(net.infos)} layers")
-
-
-def fmt_ratio(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x:.2f}x"
+            f"{shape_text(net.output_shape)}, {t['trainable_params']:,} trainable params"
+            + (f" (+{frozen:,} fixed)" if frozen else "")
+            + f", {human(t['macs'])} MACs, {len(net.infos)} layers")

@@ -155,19 +155,18 @@ def output_size(n, k, s, p0, p1, d, ceil_mode=False, axis="height", attr="kernel
     span = d * (k - 1) + 1
     padded = n + p0 + p1
     num = padded - span
-    formula = f"({n} + {p0} + {p1} - {d}*({k}-1) - 1)/{s} + 1"
+    formula = f"floor(({n} + {p0} + {p1} - {d}*({k}-1) - 1)/{s}) + 1"
     if num < 0:
+        kernel = f"{k}" if d == 1 else f"{k}, dilated to {span}"
         raise LayerError(
-            f"the {axis} kernel ({span} with dilation) is larger than the padded input ({padded})",
+            f"the {axis} kernel ({kernel}) is larger than the padded input ({padded})",
             attr,
-            f"output {axis} = floor({formula}) = {num // s + 1}; "
+            f"output {axis} = {formula} = {num // s + 1}; "
             "use a smaller kernel, more padding or a larger input",
         )
     out = (-(-num // s) if ceil_mode else num // s) + 1
     if ceil_mode and (out - 1) * s >= n + p0:
         out -= 1  # the last window would start inside the right padding
-    if out < 1:
-        raise LayerError(f"output {axis} would be {out}", attr, f"floor({formula}) = {out}")
     return out
 
 

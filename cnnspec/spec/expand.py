@@ -20,6 +20,7 @@ from .exprs import ExprError, substitute
 from .load import Document
 from .schema import layer_types
 
+BROKEN = "<broken>"  # stands for a layer that could not be made: its users are skipped
 COMMON = ("type", "name", "inputs", "repeat", "when", "comment")
 MAX_BLOCK_DEPTH = 16
 MAX_NODES = 100_000
@@ -106,6 +107,7 @@ class Expander:
                         "define it under `blocks:` or use a layer type (`cnnspec schema` lists them)"
                     )
                     self.problem(path + ("type",), f"unknown layer type '{kind}'", hint)
+                    prev = scope.names[name] = BROKEN
                     break
             if repeat > 1:
                 scope.names[name] = prev

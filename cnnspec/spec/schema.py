@@ -101,7 +101,7 @@ def _explain(doc: Document, err, base) -> list[Problem]:
                 owner = e.instance.get("type") if isinstance(e.instance, dict) else None
                 subject = f"{owner}" if owner else where
                 out.append(Problem(f"unknown attribute '{key}' for {subject}", kline, kcol, hint,
-                                   file=doc.file))
+                                   file=doc.file, path=path))
             continue
         if v == "required":
             missing = e.message.split("'")[1] if "'" in e.message else e.message
@@ -127,7 +127,7 @@ def _explain(doc: Document, err, base) -> list[Problem]:
             message = f"{where} must be {_describe_type(e.schema)}, got {_show(e.instance)}"
         else:
             message = f"{where}: {e.message}"
-        out.append(Problem(message, line, col, hint, file=doc.file))
+        out.append(Problem(message, line, col, hint, file=doc.file, path=path))
     return out
 
 

@@ -83,6 +83,97 @@ def _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
                             dr[ox * sw + offx] += crow[base + ox]
 
 
+# Grouped convolutions whose per-group GEMMs are tiny (depthwise, ResNeXt-style) run as
+# direct Numba loops; bigger groups (and groups=1) use one BLAS GEMM per sample and group.
+_SMALL_GROUP_GEMM = 4096  # og * kg below this -> Numba loops
+
+
+@njit(parallel=True, cache=True)
+def _grouped_fwd(w3, cols4, out4):
+    n_, g_, kg, L = cols4.shape
+    og = w3.shape[1]
+    for ng in prange(n_ * g_):
+        n = ng // g_
+        g = ng - n * g_
+        for o in range(og):
+            orow = out4[n, g, o]
+            orow[:] = 0
+            for k in range(kg):
+                wv = w3[g, o, k]
+                crow = cols4[n, g, k]
+                for t in range(L):
+                    orow[t] += wv * crow[t]
+
+
+@njit(parallel=True, cache=True)
+def _grouped_dcols(w3, dout4, dcols4):
+    n_, g_, og, L = dout4.shape
+    kg = w3.shape[2]
+    for ng in prange(n_ * g_):
+        n = ng // g_
+        g = ng - n * g_
+        for k in range(kg):
+            drow = dcols4[n, g, k]
+            drow[:] = 0
+            for o in range(og):
+                wv = w3[g, o, k]
+                grow = dout4[n, g, o]
+                for t in range(L):
+                    drow[t] += wv * grow[t]
+
+
+@njit(parallel=True, cache=True)
+def _grouped_dw(dout4, cols4, dw3):
+    # one (group, out-channel) per iteration; the batch is summed in fixed order
+    n_, g_, og, L = dout4.shape
+    kg = cols4.shape[2]
+    for go in prange(g_ * og):
+        g = go // og
+        o = go - g * og
+        for k in range(kg):
+            acc = 0.0
+            for n in range(n_):
+                grow = dout4[n, g, o]
+                crow = cols4[n, g, k]
+                for t in range(L):
+                    acc += grow[t] * crow[t]
+            dw3[g, o, k] = acc
+
+
+def _use_blas(w3):
+    g, og, kg = w3.shape
+    return g == 1 or og * kg >= _SMALL_GROUP_GEMM
+
+
+def _gemm_fwd(w3, cols4, out4):
+    """out4[n, g] = w3[g] @ cols4[n, g]."""
+    if _use_blas(w3):
+        for i in range(cols4.shape[0]):
+            for g in range(w3.shape[0]):
+                np.matmul(w3[g], cols4[i, g], out=out4[i, g])
+    else:
+        _grouped_fwd(w3, cols4, out4)
+
+
+def _gemm_dcols(w3, dout4, dcols4):
+    """dcols4[n, g] = w3[g]^T @ dout4[n, g]."""
+    if _use_blas(w3):
+        for i in range(dout4.shape[0]):
+            for g in range(w3.shape[0]):
+                np.matmul(w3[g].T, dout4[i, g], out=dcols4[i, g])
+    else:
+        _grouped_dcols(w3, dout4, dcols4)
+
+
+def _gemm_dw(dout4, cols4, dw3):
+    """dw3[g] = sum_n dout4[n, g] @ cols4[n, g]^T, summed in fixed sample order."""
+    if _use_blas(dw3):
+        for g in range(dw3.shape[0]):
+            _accumulate_batch_gemm(dout4[:, g], cols4[:, g].transpose(0, 2, 1), dw3[g])
+    else:
+        _grouped_dw(dout4, cols4, dw3)
+
+
 def _check_cols(x, cols, kh, kw, oh, ow, name="cols"):
     check_shape(name, cols, (x.shape[0], x.shape[1] * kh * kw, oh * ow))
     if cols.dtype != x.dtype:
@@ -144,14 +235,8 @@ def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, cols):
     _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
     L = oh * ow
     kg = cg * kh * kw
-    if g == 1:
-        np.matmul(w.reshape(o, kg), cols, out=out.reshape(n, o, L))
-    else:
-        np.matmul(
-            w.reshape(g, o // g, kg),
-            cols.reshape(n, g, kg, L),
-            out=out.reshape(n, g, o // g, L),
-        )
+    og = o // g
+    _gemm_fwd(w.reshape(g, og, kg), cols.reshape(n, g, kg, L), out.reshape(n, g, og, L))
     if b is not None:
         out += b.reshape(1, o, 1, 1)
 
@@ -180,14 +265,14 @@ def conv2d_backward(x, w, dout, stride, pad, dilation, groups, cols, dx, dw, db,
     if db is not None:
         check_shape("db", db, (o,))
         np.sum(dout, axis=(0, 2, 3), out=db)
-    _accumulate_batch_gemm(dout4, cols4.transpose(0, 1, 3, 2), dw.reshape(g, og, kg))
+    _gemm_dw(dout4, cols4, dw.reshape(g, og, kg))
     if dx is not None:
         check_shape("dx", dx, x.shape)
         if dcols is None:
             dcols = np.empty_like(cols)
         else:
             _check_cols(x, dcols, kh, kw, oh, ow, "dcols")
-        np.matmul(w.reshape(g, og, kg).transpose(0, 2, 1), dout4, out=dcols.reshape(n, g, kg, L))
+        _gemm_dcols(w.reshape(g, og, kg), dout4, dcols.reshape(n, g, kg, L))
         _col2im(dcols, kh, kw, sh, sw, pt, pl, dh, dwl, oh, ow, dx)
 
 
@@ -201,7 +286,10 @@ def conv_transpose2d_forward(x, w, b, stride, pad, dilation, out, cols):
     check_shape("out", out, (n, cout, out.shape[2], out.shape[3]))
     check_c(x=x, w=w, out=out, cols=cols)
     _check_cols(out, cols, kh, kw, h, wd)
-    np.matmul(w.reshape(cin, cout * kh * kw).T, x.reshape(n, cin, h * wd), out=cols)
+    w2t = w.reshape(cin, cout * kh * kw).T
+    x3 = x.reshape(n, cin, h * wd)
+    for i in range(n):
+        np.matmul(w2t, x3[i], out=cols[i])
     _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, h, wd, out)
     if b is not None:
         out += b.reshape(1, cout, 1, 1)
@@ -226,4 +314,7 @@ def conv_transpose2d_backward(x, w, dout, stride, pad, dilation, cols, dx, dw, d
     _accumulate_batch_gemm(x3, cols.transpose(0, 2, 1), dw.reshape(cin, k))
     if dx is not None:
         check_shape("dx", dx, x.shape)
-        np.matmul(w.reshape(cin, k), cols, out=dx.reshape(n, cin, h * wd))
+        w2 = w.reshape(cin, k)
+        dx3 = dx.reshape(n, cin, h * wd)
+        for i in range(n):
+            np.matmul(w2, cols[i], out=dx3[i])
