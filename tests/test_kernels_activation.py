@@ -172,6 +172,9 @@ def test_prelu_finite_differences(name):
     act.prelu_backward(x, w, r, dx, dw)
     assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
     assert rel_error(dw, numerical_grad(loss, w)) < FD_TOL
+    dw2 = np.empty_like(w)
+    act.prelu_backward(x, w, r, None, dw2)  # first layer: no input gradient
+    np.testing.assert_array_equal(dw2, dw)
 
 
 @pytest.mark.parametrize("name", list(PRELU_CASES))

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cnnspec.kernels.cpu import conv
 from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
@@ -198,3 +200,128 @@ def test_conv2d_rejects_bad_workspace():
     out = np.empty((1, 3, 2, 2), np.float32)
     with pytest.raises(ValueError):
         conv.conv2d_forward(x, w, None, (1, 1), (0, 0, 0, 0), (1, 1), 1, out, np.empty((1, 18, 5)))
+
+
+@pytest.mark.parametrize("name", ["stride_asympad_dilation_groups", "depthwise_multiplier"])
+def test_grouped_conv_blas_and_loop_paths_agree(name, monkeypatch):
+    """Small groups run as Numba loops, large ones as per-group BLAS GEMMs: same numbers."""
+    case = CONV_CASES[name]
+    stride, pad, dil, g = case[7], case[8], case[9], case[10]
+    results = []
+    for threshold in (conv._SMALL_GROUP_GEMM, 0):  # default (loops), then forced BLAS
+        monkeypatch.setattr(conv, "_SMALL_GROUP_GEMM", threshold)
+        x, w, b, out, cols, rng = _make_conv(case, np.float64, seed=4)
+        conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, cols)
+        dout = rng.standard_normal(out.shape)
+        dx, dw, db = np.empty_like(x), np.empty_like(w), np.empty_like(b)
+        conv.conv2d_backward(x, w, dout, stride, pad, dil, g, cols, dx, dw, db)
+        results.append((out, dx, dw, db))
+    for a, b_ in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)
+
+
+def _naive_im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
+    n, c, h, w = x.shape
+    cols = np.zeros((n, c * kh * kw, oh * ow))
+    for ci in range(c):
+        for i in range(kh):
+            for j in range(kw):
+                for oy in range(oh):
+                    for ox in range(ow):
+                        iy, ix = oy * sh - pt + i * dh, ox * sw - pl + j * dw
+                        if 0 <= iy < h and 0 <= ix < w:
+                            cols[:, ci * kh * kw + i * kw + j, oy * ow + ox] = x[:, ci, iy, ix]
+    return cols
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    kh=st.integers(1, 3),
+    kw=st.integers(1, 3),
+    sh=st.integers(1, 3),
+    sw=st.integers(1, 3),
+    pt=st.integers(0, 3),
+    pl=st.integers(0, 3),
+    dh=st.integers(1, 2),
+    dw=st.integers(1, 2),
+    extra_h=st.integers(0, 2),
+    extra_w=st.integers(0, 2),
+)
+def test_im2col_col2im_random_geometry(h, w, kh, kw, sh, sw, pt, pl, dh, dw, extra_h, extra_w):
+    """im2col equals a naive loop and col2im is its exact adjoint for arbitrary geometry,
+    including windows that run past the input (ceil_mode / output_padding style)."""
+    oh = max(1, (h + pt - dh * (kh - 1) - 1) // sh + 1) + extra_h
+    ow = max(1, (w + pl - dw * (kw - 1) - 1) // sw + 1) + extra_w
+    rng = np.random.default_rng(h * 1000 + w)
+    x = rng.standard_normal((1, 2, h, w))
+    cols = np.full((1, 2 * kh * kw, oh * ow), np.nan)
+    conv.im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
+    np.testing.assert_array_equal(cols, _naive_im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow))
+    c2 = rng.standard_normal(cols.shape)
+    back = np.full_like(x, np.nan)
+    conv.col2im(c2, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, back)
+    assert np.isclose(np.sum(cols * c2), np.sum(x * back), rtol=1e-12, atol=1e-12)
+
+
+def test_batch_reductions_do_not_depend_on_thread_count():
+    """Weight gradients are summed over the batch in a fixed order: bit-identical results
+    for any number of Numba threads."""
+    import numba
+
+    from cnnspec.kernels.cpu import activation, norm, pool
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 4, 6, 6)).astype(np.float32)
+    dout = rng.standard_normal((8, 4, 6, 6)).astype(np.float32)
+
+    def grads():
+        res = []
+        for g in (1, 4):
+            w = np.linspace(-1, 1, 4 * (4 // g) * 9, dtype=np.float32).reshape(4, 4 // g, 3, 3)
+            out = np.empty_like(x)
+            cols = np.empty((8, 36, 36), np.float32)
+            conv.conv2d_forward(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), g, out, cols)
+            dx, dw, db = np.empty_like(x), np.empty_like(w), np.empty(4, np.float32)
+            conv.conv2d_backward(x, w, dout, (1, 1), (1, 1, 1, 1), (1, 1), g, cols, dx, dw, db)
+            res += [out, dx, dw, db]
+        y, xhat, inv = np.empty_like(x), np.empty_like(x), np.empty(4, np.float32)
+        ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
+        norm.batchnorm_forward_train(x, ones, zeros, 1e-5, 0.1, None, None, y, xhat, inv)
+        dx, dg, dbeta = np.empty_like(x), np.empty(4, np.float32), np.empty(4, np.float32)
+        norm.batchnorm_backward(dout, xhat, ones, inv, dx, dg, dbeta)
+        dpw = np.empty(4, np.float32)
+        activation.prelu_backward(x, np.full(4, 0.25, np.float32), dout, dx.copy(), dpw)
+        pooled, sub = np.empty((8, 4, 3, 3), np.float32), np.empty((8, 4, 3, 3), np.float32)
+        pool.subsample2d_forward(x, ones, zeros, 2, 2, 2, 2, sub, pooled)
+        dc, dsb = np.empty(4, np.float32), np.empty(4, np.float32)
+        pool.subsample2d_backward(sub, pooled, ones, 2, 2, 2, 2, None, dc, dsb)
+        return res + [y, dx, dg, dbeta, dpw, dc, dsb]
+
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        serial = grads()
+    finally:
+        numba.set_num_threads(threads)
+    for a, b in zip(serial, grads(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["basic", "depthwise_nobias"])
+def test_conv2d_backward_chunked_scratch_and_given_dcols_agree(name, monkeypatch):
+    case = CONV_CASES[name]
+    stride, pad, dil, g = case[7], case[8], case[9], case[10]
+    x, w, b, out, cols, rng = _make_conv(case, np.float64, seed=6)
+    conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, cols)
+    dout = rng.standard_normal(out.shape)
+    dx_full, dw_full = np.full_like(x, np.nan), np.empty_like(w)
+    conv.conv2d_backward(
+        x, w, dout, stride, pad, dil, g, cols, dx_full, dw_full, None, np.empty_like(cols)
+    )
+    monkeypatch.setattr(conv, "_DCOLS_SCRATCH_BYTES", 1)  # one sample per chunk
+    dx_chunked, dw_chunked = np.full_like(x, np.nan), np.empty_like(w)
+    conv.conv2d_backward(x, w, dout, stride, pad, dil, g, cols, dx_chunked, dw_chunked, None)
+    np.testing.assert_array_equal(dx_chunked, dx_full)
+    np.testing.assert_array_equal(dw_chunked, dw_full)

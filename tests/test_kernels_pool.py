@@ -250,3 +250,19 @@ def test_subsample2d_float32_matches_numpy():
     assert rel_error(dx, ref_dx) < TORCH_TOL
     assert rel_error(dcoef, (dout * ref_pooled).sum(axis=(0, 2, 3))) < TORCH_TOL
     assert rel_error(dbias, dout.sum(axis=(0, 2, 3))) < TORCH_TOL
+
+
+def test_maxpool_nan_and_inf_follow_torch():
+    torch = pytest.importorskip("torch")
+    x = np.arange(2 * 6 * 6, dtype=np.float32).reshape(1, 2, 6, 6) / 10
+    x[0, 0, 1, 1] = np.nan
+    x[0, 0, 4, 4] = np.inf
+    x[0, 1, :3, :3] = -np.inf
+    x[0, 1, 3, 3] = np.nan
+    x[0, 1, 3, 5] = np.nan
+    out = np.empty((1, 2, 3, 3), np.float32)
+    arg = np.empty(out.shape, np.int32)
+    pool.maxpool2d_forward(x, 3, 3, 2, 2, 1, 1, out, arg)
+    ref, idx = torch.nn.functional.max_pool2d(torch.tensor(x), 3, 2, 1, return_indices=True)
+    np.testing.assert_array_equal(out, ref.numpy())  # NaN positions compare equal
+    np.testing.assert_array_equal(arg, idx.numpy())

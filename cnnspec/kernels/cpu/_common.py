@@ -1,9 +1,12 @@
-"""Small helpers shared by the CPU kernels (shape checks, index ranges)."""
+"""Plain-Python helpers shared by the CPU kernels (argument checks, views).
+
+Jitted helpers live next to their callers: Numba's on-disk cache does not notice when a
+function in another module changes.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 
 def check_c(**arrays: np.ndarray | None) -> None:
@@ -27,22 +30,3 @@ def as_3d(a: np.ndarray) -> np.ndarray:
     if a.ndim < 2:
         raise ValueError(f"expected an array with a channel axis, got shape {a.shape}")
     return a.reshape(a.shape[0], a.shape[1], -1)
-
-
-@njit(cache=True)
-def valid_range(off, stride, size, n_out):
-    """Indices o in [lo, hi) with 0 <= o*stride + off < size, clipped to [0, n_out)."""
-    if off < 0:
-        lo = (-off + stride - 1) // stride
-    else:
-        lo = 0
-    last = size - 1 - off
-    if last < 0:
-        hi = 0
-    else:
-        hi = last // stride + 1
-    if hi > n_out:
-        hi = n_out
-    if lo > hi:
-        lo = hi
-    return lo, hi

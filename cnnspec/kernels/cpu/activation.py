@@ -277,9 +277,12 @@ def prelu_forward(x, w, out):
 
 
 def prelu_backward(x, w, dout, dx, dw):
-    """dx overwritten; dw overwritten with the batch-summed (deterministic) slope gradient."""
+    """dx overwritten (dx may be None); dw overwritten with the batch-summed
+    (deterministic) slope gradient."""
     check_c(x=x, w=w, dout=dout, dx=dx, dw=dw)
     check_shape("dout", dout, x.shape)
+    if dx is None:
+        dx = np.empty_like(x)
     check_shape("dx", dx, x.shape)
     check_shape("dw", dw, w.shape)
     if w.ndim != 1 or w.shape[0] not in (1, x.shape[1]):

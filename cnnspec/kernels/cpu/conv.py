@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._common import check_c, check_shape, valid_range
+from ._common import check_c, check_shape
 
 __all__ = [
     "im2col",
@@ -21,6 +21,25 @@ __all__ = [
     "conv_transpose2d_forward",
     "conv_transpose2d_backward",
 ]
+
+
+@njit(cache=True)
+def _valid_range(off, stride, size, n_out):
+    """Indices o in [lo, hi) with 0 <= o*stride + off < size, clipped to [0, n_out)."""
+    if off < 0:
+        lo = (-off + stride - 1) // stride
+    else:
+        lo = 0
+    last = size - 1 - off
+    if last < 0:
+        hi = 0
+    else:
+        hi = last // stride + 1
+    if hi > n_out:
+        hi = n_out
+    if lo > hi:
+        lo = hi
+    return lo, hi
 
 
 @njit(parallel=True, cache=True)
@@ -35,7 +54,7 @@ def _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
             for j in range(kw):
                 crow = cols[n, c * kk + i * kw + j]
                 offx = j * dw - pl
-                lo, hi = valid_range(offx, sw, w_, ow)
+                lo, hi = _valid_range(offx, sw, w_, ow)
                 for oy in range(oh):
                     iy = oy * sh - pt + i * dh
                     seg = crow[oy * ow : oy * ow + ow]
@@ -65,7 +84,7 @@ def _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
             for j in range(kw):
                 crow = cols[n, c * kk + i * kw + j]
                 offx = j * dw - pl
-                lo, hi = valid_range(offx, sw, w_, ow)
+                lo, hi = _valid_range(offx, sw, w_, ow)
                 for oy in range(oh):
                     iy = oy * sh - pt + i * dh
                     if iy < 0 or iy >= h_:
@@ -86,6 +105,7 @@ def _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
 # Grouped convolutions whose per-group GEMMs are tiny (depthwise, ResNeXt-style) run as
 # direct Numba loops; bigger groups (and groups=1) use one BLAS GEMM per sample and group.
 _SMALL_GROUP_GEMM = 4096  # og * kg below this -> Numba loops
+_DCOLS_SCRATCH_BYTES = 32 << 20  # conv2d_backward's input-gradient scratch (when not given)
 
 
 @njit(parallel=True, cache=True)
@@ -245,8 +265,9 @@ def conv2d_backward(x, w, dout, stride, pad, dilation, groups, cols, dx, dw, db,
     """Gradients of :func:`conv2d_forward`.
 
     ``cols`` must still hold im2col(x) from the forward pass; it is not modified.
-    dx / db may be None. ``dcols`` (optional, same shape/dtype as cols) is a workspace
-    for the input gradient; one is allocated per call when it is not given.
+    dx / db may be None. ``dcols`` (optional extension, same shape/dtype as cols) is a
+    workspace for the input gradient; without it a scratch of at most
+    ``_DCOLS_SCRATCH_BYTES`` (but at least one sample) is allocated per call.
     """
     sh, sw, pt, _pb, pl, _pr, dh, dwl = _unpack(stride, pad, dilation)
     n, c, h, wd = x.shape
@@ -266,14 +287,23 @@ def conv2d_backward(x, w, dout, stride, pad, dilation, groups, cols, dx, dw, db,
         check_shape("db", db, (o,))
         np.sum(dout, axis=(0, 2, 3), out=db)
     _gemm_dw(dout4, cols4, dw.reshape(g, og, kg))
-    if dx is not None:
-        check_shape("dx", dx, x.shape)
-        if dcols is None:
-            dcols = np.empty_like(cols)
-        else:
-            _check_cols(x, dcols, kh, kw, oh, ow, "dcols")
-        _gemm_dcols(w.reshape(g, og, kg), dout4, dcols.reshape(n, g, kg, L))
-        _col2im(dcols, kh, kw, sh, sw, pt, pl, dh, dwl, oh, ow, dx)
+    if dx is None:
+        return
+    check_shape("dx", dx, x.shape)
+    if dcols is None:
+        # bounded scratch: process the batch in chunks instead of a second full cols buffer
+        per_sample = max(1, c * kh * kw * L * cols.itemsize)
+        chunk = int(min(n, max(1, _DCOLS_SCRATCH_BYTES // per_sample)))
+        dcols = np.empty((chunk, c * kh * kw, L), dtype=cols.dtype)
+    else:
+        _check_cols(x, dcols, kh, kw, oh, ow, "dcols")
+        chunk = n
+    w3 = w.reshape(g, og, kg)
+    for s0 in range(0, n, chunk):
+        s1 = min(n, s0 + chunk)
+        buf = dcols[: s1 - s0]
+        _gemm_dcols(w3, dout4[s0:s1], buf.reshape(s1 - s0, g, kg, L))
+        _col2im(buf, kh, kw, sh, sw, pt, pl, dh, dwl, oh, ow, dx[s0:s1])
 
 
 def conv_transpose2d_forward(x, w, b, stride, pad, dilation, out, cols):

@@ -6,6 +6,8 @@ accumulated in float64 and reduced in a fixed order, so results are deterministi
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -186,6 +188,15 @@ def batchnorm_backward(dout, xhat, gamma, inv_std, dx, dgamma, dbeta):
 
 
 # ------------------------------------------------------------- local response norm
+@njit(cache=True)
+def _pow_neg(s, beta):
+    """s ** -beta, with a fast exact-enough path for AlexNet's beta = 0.75."""
+    if beta == 0.75:
+        r = math.sqrt(s)
+        return 1.0 / (r * math.sqrt(r))
+    return s ** (-beta)
+
+
 @njit(parallel=True, cache=True)
 def _lrn_fwd(x, size, alpha, beta, k, out, scale):
     n_, c_, s_ = x.shape
@@ -195,16 +206,18 @@ def _lrn_fwd(x, size, alpha, beta, k, out, scale):
     for nc in prange(n_ * c_):
         n = nc // c_
         c = nc - n * c_
-        for i in range(s_):
-            scale[n, c, i] = 0
+        sp = scale[n, c]
+        sp[:] = 0
         for j in range(max(0, c - before), min(c_, c + after + 1)):
+            xj = x[n, j]
             for i in range(s_):
-                v = x[n, j, i]
-                scale[n, c, i] += v * v
+                sp[i] += xj[i] * xj[i]
+        xc = x[n, c]
+        oc = out[n, c]
         for i in range(s_):
-            sc = k + a * scale[n, c, i]
-            scale[n, c, i] = sc
-            out[n, c, i] = x[n, c, i] * sc ** (-beta)
+            sc = k + a * sp[i]
+            sp[i] = sc
+            oc[i] = xc[i] * _pow_neg(sc, beta)
 
 
 @njit(parallel=True, cache=True)
@@ -218,15 +231,19 @@ def _lrn_bwd(x, out, scale, dout, size, alpha, beta, dx):
     for nc in prange(n_ * c_):
         n = nc // c_
         c = nc - n * c_
-        for i in range(s_):
-            dx[n, c, i] = 0
+        dp = dx[n, c]
+        dp[:] = 0
         for j in range(max(0, c - after), min(c_, c + before + 1)):
+            gj = dout[n, j]
+            yj = out[n, j]
+            sj = scale[n, j]
             for i in range(s_):
-                dx[n, c, i] += dout[n, j, i] * out[n, j, i] / scale[n, j, i]
+                dp[i] += gj[i] * yj[i] / sj[i]
+        xc = x[n, c]
+        gc = dout[n, c]
+        sc = scale[n, c]
         for i in range(s_):
-            dx[n, c, i] = (
-                dout[n, c, i] * scale[n, c, i] ** (-beta) - coef * x[n, c, i] * dx[n, c, i]
-            )
+            dp[i] = gc[i] * _pow_neg(sc[i], beta) - coef * xc[i] * dp[i]
 
 
 def lrn_forward(x, size, alpha, beta, k, out, scale):

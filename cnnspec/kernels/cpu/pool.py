@@ -30,6 +30,9 @@ def _maxpool_fwd(x, kh, kw, sh, sw, pt, pl, out, argmax):
     for nc in prange(n_ * c_):
         n = nc // c_
         c = nc - n * c_
+        xp = x[n, c]
+        op = out[n, c]
+        ap = argmax[n, c]
         for oy in range(oh):
             hs = oy * sh - pt
             he = min(hs + kh, h_)
@@ -38,19 +41,33 @@ def _maxpool_fwd(x, kh, kw, sh, sw, pt, pl, out, argmax):
                 ws = ox * sw - pl
                 we = min(ws + kw, w_)
                 ws = max(ws, 0)
-                best = -np.inf
-                idx = -1
-                if hs < he and ws < we:
+                if hs >= he or ws >= we:  # window entirely in the padding
+                    op[oy, ox] = -np.inf
+                    ap[oy, ox] = -1
+                    continue
+                best = xp[hs, ws]
+                idx = hs * w_ + ws
+                nan_probe = xp[hs, ws] - xp[hs, ws]  # becomes NaN if any NaN/inf is seen
+                for iy in range(hs, he):
+                    xr = xp[iy]
+                    for ix in range(ws, we):
+                        v = xr[ix]
+                        nan_probe += v
+                        if v > best:
+                            best = v
+                            idx = iy * w_ + ix
+                if nan_probe != nan_probe:
+                    # rare slow path, PyTorch's exact rule: (v > best) or isnan(v) wins
+                    best = -np.inf
                     idx = hs * w_ + ws
                     for iy in range(hs, he):
                         for ix in range(ws, we):
-                            v = x[n, c, iy, ix]
-                            # same rule as PyTorch: NaN wins (propagates)
+                            v = xp[iy, ix]
                             if v > best or v != v:
                                 best = v
                                 idx = iy * w_ + ix
-                out[n, c, oy, ox] = best
-                argmax[n, c, oy, ox] = idx
+                op[oy, ox] = best
+                ap[oy, ox] = idx
 
 
 @njit(parallel=True, cache=True)
@@ -108,6 +125,8 @@ def _avgpool_fwd(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out):
     for nc in prange(n_ * c_):
         n = nc // c_
         c = nc - n * c_
+        xp = x[n, c]
+        op = out[n, c]
         for oy in range(oh):
             hs, he, ph = _avg_window(oy, sh, kh, pt, h_, pb)
             for ox in range(ow):
@@ -118,9 +137,10 @@ def _avgpool_fwd(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out):
                     div = (he - hs) * (we - ws)
                 acc = 0.0
                 for iy in range(hs, he):
+                    xr = xp[iy]
                     for ix in range(ws, we):
-                        acc += x[n, c, iy, ix]
-                out[n, c, oy, ox] = acc / div if div > 0 else 0.0
+                        acc += xr[ix]
+                op[oy, ox] = acc / div if div > 0 else 0.0
 
 
 @njit(parallel=True, cache=True)
@@ -130,9 +150,9 @@ def _avgpool_bwd(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, dx):
     for nc in prange(n_ * c_):
         n = nc // c_
         c = nc - n * c_
-        for iy in range(h_):
-            for ix in range(w_):
-                dx[n, c, iy, ix] = 0
+        dp = dx[n, c]
+        gp = dout[n, c]
+        dp[:, :] = 0
         for oy in range(oh):
             hs, he, ph = _avg_window(oy, sh, kh, pt, h_, pb)
             for ox in range(ow):
@@ -143,10 +163,11 @@ def _avgpool_bwd(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, dx):
                     div = (he - hs) * (we - ws)
                 if div <= 0:
                     continue
-                g = dout[n, c, oy, ox] / div
+                g = gp[oy, ox] / div
                 for iy in range(hs, he):
+                    dr = dp[iy]
                     for ix in range(ws, we):
-                        dx[n, c, iy, ix] += g
+                        dr[ix] += g
 
 
 def avgpool2d_forward(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out):
