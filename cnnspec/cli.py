@@ -126,7 +126,7 @@ def schema():
 
 
 def _fail(message: str, code: int = 1):
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -181,6 +181,9 @@ def train(
     weight_decay: float = typer.Option(None, "--weight-decay", min=0.0),
     schedule: str = typer.Option(None, "--schedule", help="constant, step, multistep, cosine"),
     warmup_epochs: float = typer.Option(None, "--warmup-epochs", min=0.0),
+    crop_padding: int = typer.Option(None, "--crop-padding", min=0,
+                                     help="Augment: random crop after zero padding."),
+    hflip: bool = typer.Option(None, "--hflip/--no-hflip", help="Augment: horizontal flips."),
     val_split: float = typer.Option(None, "--val-split", min=0.0, max=0.95),
     seed: int = typer.Option(None, "--seed", min=0),
     out_dir: str = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
@@ -199,7 +202,8 @@ def train(
     cfg = net.train_config
     flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
              "nesterov": nesterov, "weight_decay": weight_decay, "schedule": schedule,
-             "warmup_epochs": warmup_epochs, "val_split": val_split, "seed": seed, "data": data}
+             "warmup_epochs": warmup_epochs, "val_split": val_split, "seed": seed, "data": data,
+             "crop_padding": crop_padding, "hflip": hflip}
     cfg.update({k: v for k, v in flags.items() if v is not None})
     source = cfg.pop("data", "digits")
     val_fraction = cfg.pop("val_split", 0.1)
@@ -342,10 +346,7 @@ def predict(
         _fail(str(exc))
     results = []
     for x, _, n in Batches(ds, model.batch_size):
-        scores = np.asarray(model.forward(x))[:n]
-        if net.outputs[-1].node.type != "softmax":  # distances or raw values: normalise
-            z = scores - scores.max(axis=1, keepdims=True)
-            scores = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        scores = model.probabilities(x)[:n]
         for row in scores:
             best = np.argsort(-row)[:top]
             results.append([{"class": int(k), "probability": float(row[k])} for k in best])

@@ -169,12 +169,22 @@ class Model:
                                self.layer_params[info.name], train, rng)
 
     def forward(self, x, train: bool = False) -> np.ndarray:
-        """Scores of the main output (higher = more likely): softmax probabilities,
-        regression values, or negated RBF distances. The array is the model's own
-        buffer, overwritten by the next call."""
+        """Scores of the main output, higher = more likely: the logits of a softmax
+        (its probabilities are `model.probabilities`), regression values, or negated
+        RBF distances. Often the model's own buffer, overwritten by the next call."""
         self._load_input(x)
         self._forward(train)
-        return self.head.layer.scores(self.buf[self.head.name])
+        return self._scores()
+
+    def _scores(self):
+        head = self.head
+        return head.layer.scores([self.buf[i] for i in head.node.inputs], self.buf[head.name])
+
+    def probabilities(self, x) -> np.ndarray:
+        """Class probabilities of the main output (softmax of the scores)."""
+        z = self.forward(x, train=False)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
 
     def loss_and_grads(self, x, y):
         """Forward in training mode, every output's loss (weighted), backward.
@@ -185,7 +195,7 @@ class Model:
         for info in self.outputs:
             xs = [self.buf[i] for i in info.node.inputs]
             loss += info.layer.loss(xs, self.buf[info.name], y)
-        self.last_scores = self.head.layer.scores(self.buf[self.head.name])
+        self.last_scores = self._scores()
         self._backward()
         return loss, self.grads
 

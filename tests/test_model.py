@@ -178,8 +178,9 @@ def test_lenet5_matches_pytorch_forward_and_backward():
     ref = torch.nn.functional.cross_entropy(out, torch.from_numpy(y))
     ref.backward()
     assert abs(loss - ref.item()) <= 1e-5 * max(1, abs(ref.item()))
+    np.testing.assert_allclose(model.forward(x), out.detach().numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
-        model.forward(x), torch.softmax(out, 1).detach().numpy(), rtol=1e-4, atol=1e-6
+        model.probabilities(x), torch.softmax(out, 1).detach().numpy(), rtol=1e-4, atol=1e-6
     )
     for mod, name in zip(t, names):
         if name:

@@ -23,8 +23,8 @@ class _Output(Layer):
         self.attrs = {"loss_weight": a.get("loss_weight", 1.0)}
         return (flat_size(in_shapes[0]),)
 
-    def scores(self, out):
-        """Higher = more likely, for accuracy and predictions."""
+    def scores(self, xs, out):
+        """Higher = more likely, for accuracy, losses of evaluation, predictions."""
         return out
 
     def allocate(self, batch, dtype=np.float32):
@@ -42,6 +42,9 @@ class _Output(Layer):
 @register
 class Softmax(_Output):
     type_name = "softmax"
+
+    def scores(self, xs, out):
+        return xs[0].reshape(out.shape)  # the logits: softmax(logits) = out
 
     def forward(self, xs, out, p, train, rng):
         z = xs[0].reshape(out.shape)
@@ -87,7 +90,7 @@ class RBF(_Output):
         # LeCun's centres are +-1 codes; random +-1 codes play that part here.
         return [ParamDef("weight", (self.attrs["units"], n_in), self.attrs["trainable"], "sign")]
 
-    def scores(self, out):
+    def scores(self, xs, out):
         return -out
 
     def allocate(self, batch, dtype=np.float32):
