@@ -72,18 +72,29 @@ def check(
         except SpecError as e:
             failed = True
             if as_json:
-                results.append({"file": path, "ok": False,
-                                "problems": [p.to_dict() | {"file": path} for p in e.problems]})
+                results.append(
+                    {
+                        "file": path,
+                        "ok": False,
+                        "problems": [p.to_dict() | {"file": path} for p in e.problems],
+                    }
+                )
             else:
                 _print_problems(e)
             continue
         t = net.totals()
         if as_json:
-            results.append({
-                "file": path, "ok": True, "name": net.name, "input": list(net.input_shape),
-                "output_shape": list(net.output_shape), **t,
-                "problems": [w.to_dict() for w in net.warnings],
-            })
+            results.append(
+                {
+                    "file": path,
+                    "ok": True,
+                    "name": net.name,
+                    "input": list(net.input_shape),
+                    "output_shape": list(net.output_shape),
+                    **t,
+                    "problems": [w.to_dict() for w in net.warnings],
+                }
+            )
         else:
             from .report import check_line
 
@@ -171,8 +182,12 @@ Threads = typer.Option(None, "--threads", help="CPU threads for the kernels.")
 @app.command()
 def train(
     spec: str = typer.Argument(..., help="Spec file."),
-    data: str = typer.Option(None, "--data", help="digits (built in), an .npz file, an MNIST "
-                             "IDX or CIFAR-10 directory. Default: the spec's train.data."),
+    data: str = typer.Option(
+        None,
+        "--data",
+        help="digits (built in), an .npz file, an MNIST "
+        "IDX or CIFAR-10 directory. Default: the spec's train.data.",
+    ),
     epochs: int = typer.Option(None, "--epochs", min=1),
     batch_size: int = typer.Option(None, "--batch-size", min=1),
     lr: float = typer.Option(None, "--lr", min=0.0),
@@ -181,8 +196,9 @@ def train(
     weight_decay: float = typer.Option(None, "--weight-decay", min=0.0),
     schedule: str = typer.Option(None, "--schedule", help="constant, step, multistep, cosine"),
     warmup_epochs: float = typer.Option(None, "--warmup-epochs", min=0.0),
-    crop_padding: int = typer.Option(None, "--crop-padding", min=0,
-                                     help="Augment: random crop after zero padding."),
+    crop_padding: int = typer.Option(
+        None, "--crop-padding", min=0, help="Augment: random crop after zero padding."
+    ),
     hflip: bool = typer.Option(None, "--hflip/--no-hflip", help="Augment: horizontal flips."),
     val_split: float = typer.Option(None, "--val-split", min=0.0, max=0.95),
     seed: int = typer.Option(None, "--seed", min=0),
@@ -200,10 +216,21 @@ def train(
     if not net.outputs:
         _fail(f"{spec}: the network has no output layer (softmax, linear or rbf) to train")
     cfg = net.train_config
-    flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
-             "nesterov": nesterov, "weight_decay": weight_decay, "schedule": schedule,
-             "warmup_epochs": warmup_epochs, "val_split": val_split, "seed": seed, "data": data,
-             "crop_padding": crop_padding, "hflip": hflip}
+    flags = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "momentum": momentum,
+        "nesterov": nesterov,
+        "weight_decay": weight_decay,
+        "schedule": schedule,
+        "warmup_epochs": warmup_epochs,
+        "val_split": val_split,
+        "seed": seed,
+        "data": data,
+        "crop_padding": crop_padding,
+        "hflip": hflip,
+    }
     cfg.update({k: v for k, v in flags.items() if v is not None})
     source = cfg.pop("data", "digits")
     val_fraction = cfg.pop("val_split", 0.1)
@@ -212,19 +239,25 @@ def train(
     out_path = Path(out_dir or Path("runs") / net.name)
     try:
         ds = _dataset(source, "train", net)
-        train_ds, val_ds = split_dataset(ds, val_fraction, cfg["seed"]) if val_fraction else (
-            ds, None)
+        train_ds, val_ds = (
+            split_dataset(ds, val_fraction, cfg["seed"]) if val_fraction else (ds, None)
+        )
         if len(train_ds) < cfg["batch_size"]:
-            _fail(f"the training set has {len(train_ds)} images, fewer than one batch of "
-                  f"{cfg['batch_size']}; lower --batch-size")
+            _fail(
+                f"the training set has {len(train_ds)} images, fewer than one batch of "
+                f"{cfg['batch_size']}; lower --batch-size"
+            )
         model = net.compile(batch_size=cfg["batch_size"], seed=cfg["seed"])
         cfg["spec_hash"] = _spec_hash(net)
-        out.print(f"training [bold]{net.name}[/] on {ds.name}: {len(train_ds)} train, "
-                  f"{len(val_ds) if val_ds else 0} validation images, batch {cfg['batch_size']}"
-                  f", {cfg.get('epochs', 10)} epochs -> {out_path}/")
+        out.print(
+            f"training [bold]{net.name}[/] on {ds.name}: {len(train_ds)} train, "
+            f"{len(val_ds) if val_ds else 0} validation images, batch {cfg['batch_size']}"
+            f", {cfg.get('epochs', 10)} epochs -> {out_path}/"
+        )
         out_path.mkdir(parents=True, exist_ok=True)
-        history = fit(model, train_ds, val_ds, cfg, out_path, resume=resume, progress=progress,
-                      console=out)
+        history = fit(
+            model, train_ds, val_ds, cfg, out_path, resume=resume, progress=progress, console=out
+        )
     except (DataError, CheckpointError, ValueError) as exc:
         _fail(str(exc))
     except TrainingInterrupted as exc:
@@ -235,8 +268,10 @@ def train(
     if history:
         last = history[-1]
         best = max((h.get("val_acc") or h.get("train_acc") or 0.0) for h in history)
-        out.print(f"done: epoch {last['epoch']}, best accuracy {best:.2%}; weights in "
-                  f"{out_path / 'best.npz'}, metrics in {out_path / 'metrics.jsonl'}")
+        out.print(
+            f"done: epoch {last['epoch']}, best accuracy {best:.2%}; weights in "
+            f"{out_path / 'best.npz'}, metrics in {out_path / 'metrics.jsonl'}"
+        )
 
 
 def _restored_model(spec: str, weights: str, batch_size: int):
@@ -279,8 +314,10 @@ def evaluate_cmd(
         return
     from rich.table import Table
 
-    line = f"{net.name} on {ds.name} ({result['count']} images): loss {result['loss']:.4f}, " \
+    line = (
+        f"{net.name} on {ds.name} ({result['count']} images): loss {result['loss']:.4f}, "
         f"top-1 {result['accuracy']:.2%}"
+    )
     if "top5" in result:
         line += f", top-5 {result['top5']:.2%}"
     out.print(line)
@@ -291,8 +328,13 @@ def evaluate_cmd(
         for k in range(len(confusion)):
             table.add_column(str(k), justify="right")
         for k, row in enumerate(confusion):
-            table.add_row(str(k), *[f"[bold]{v}[/]" if i == k else (str(v) if v else "[dim].[/]")
-                                    for i, v in enumerate(row)])
+            table.add_row(
+                str(k),
+                *[
+                    f"[bold]{v}[/]" if i == k else (str(v) if v else "[dim].[/]")
+                    for i, v in enumerate(row)
+                ],
+            )
         out.print(table)
 
 
@@ -355,6 +397,31 @@ def predict(
         return
     for i, r in enumerate(results):
         out.print(f"{i}: " + ", ".join(f"{c['class']} ({c['probability']:.1%})" for c in r))
+
+
+@app.command("bench")
+def bench_cmd(
+    spec: str = typer.Argument(..., help="Spec file."),
+    batch: int = typer.Option(64, "--batch", min=1, help="Batch size."),
+    threads: int = Threads,
+    repeat: int = typer.Option(20, "--repeat", min=1, help="Timed runs per measurement."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed runs before each."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable result."),
+    input_size: list[int] = InputOpt,
+):
+    """Time eval forward, train forward+backward and SGD steps; per-layer times; GFLOP/s."""
+    from .bench import bench, render_bench
+
+    _set_threads(threads)
+    net = _load_or_exit(spec, input_size)
+    try:
+        result = bench(net, batch=batch, threads=threads, warmup=warmup, repeat=repeat)
+    except ValueError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    render_bench(result, out)
 
 
 def main() -> None:

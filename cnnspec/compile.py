@@ -10,13 +10,39 @@ gradients in another), so an optimizer can update them in one vector operation;
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from .graph import INPUT
 
+
+@lru_cache(maxsize=1)
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """Numba's kernels use every core; OpenBLAS threads spinning beside them on the
+    same cores slow a step down 5-20x (measured on 2 cores), so the model's GEMMs run
+    on the calling thread while it computes."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
 # Layers that do not change which initialisation suits the weights before them.
-_TRANSPARENT = {"batchnorm2d", "dropout", "lrn", "maxpool2d", "avgpool2d", "global_avgpool2d",
-                "flatten", "channel_pad", "subsample2d"}
+_TRANSPARENT = {
+    "batchnorm2d",
+    "dropout",
+    "lrn",
+    "maxpool2d",
+    "avgpool2d",
+    "global_avgpool2d",
+    "flatten",
+    "channel_pad",
+    "subsample2d",
+}
 
 
 class Model:
@@ -41,9 +67,16 @@ class Model:
     def _allocate(self, batch):
         dt = self.dtype
         self.buf = {INPUT: np.zeros((batch, *self.input_shape), dt)}
+        self.fused = self._fuse_relus()
         for info in self.infos:
-            self.buf[info.name] = np.zeros((batch, *info.layer.out_shape), dt)
+            if info.name in self.fused:  # computes in place in its producer's buffer
+                self.buf[info.name] = self.buf[self.fused[info.name]]
+            else:
+                self.buf[info.name] = np.zeros((batch, *info.layer.out_shape), dt)
             info.layer.allocate(batch, dt)
+        scratch = np.zeros(max([i.layer.workspace_size(batch) for i in self.infos] + [1]), dt)
+        for info in self.infos:
+            info.layer.workspace = scratch
         defs = [(info, d) for info in self.infos for d in info.layer.param_defs()]
         n_train = sum(int(np.prod(d.shape)) for _, d in defs if d.trainable)
         n_fixed = sum(int(np.prod(d.shape)) for _, d in defs if not d.trainable)
@@ -70,6 +103,22 @@ class Model:
         self.trainable = set(self.grads)
         self._plan_backward(batch)
 
+    def _fuse_relus(self) -> dict:
+        """ReLUs that run in the epilogue of the conv/dense layer before them (when that
+        layer feeds nothing else): relu name -> producer name."""
+        users: dict[str, int] = {}
+        for info in self.infos:
+            for i in info.node.inputs:
+                users[i] = users.get(i, 0) + 1
+        by_name = {i.name: i for i in self.infos}
+        fused = {}
+        for info in self.infos:
+            src = by_name.get(info.node.inputs[0]) if info.node.type == "relu" else None
+            if src is not None and src.layer.fusable and users[src.name] == 1:
+                src.layer.fused_act = 1
+                fused[info.name] = src.name
+        return fused
+
     def _plan_backward(self, batch):
         """Gradient buffers: a consumer writes d(input) straight into its producer's
         gradient when it is the only consumer, else into its own buffer, summed later."""
@@ -78,7 +127,12 @@ class Model:
         for info in self.infos:
             for i in info.node.inputs:
                 consumers[i] = consumers.get(i, 0) + 1
-        self.dbuf = {i.name: np.zeros((batch, *i.layer.out_shape), dt) for i in self.infos}
+        self.dbuf = {}
+        for info in self.infos:
+            if info.name not in self.fused:
+                self.dbuf[info.name] = np.zeros((batch, *info.layer.out_shape), dt)
+        for relu, producer in self.fused.items():
+            self.dbuf[relu] = self.dbuf[producer]  # the producer applies the ReLU mask
         self.dx_targets = {}  # layer name -> list of arrays (or None) for its inputs
         self.fan_in_sums = {}  # producer -> list of scratch arrays to add up
         needs_grad = {INPUT: False}
@@ -101,7 +155,9 @@ class Model:
     def _init_params(self, rng):
         # entries a connection table leaves out are not parameters: they stay zero
         self.masks = {
-            f"{i.name}.weight": np.broadcast_to(i.layer.connection_mask, self.params[f"{i.name}.weight"].shape)
+            f"{i.name}.weight": np.broadcast_to(
+                i.layer.connection_mask, self.params[f"{i.name}.weight"].shape
+            )
             for i in self.infos
             if getattr(i.layer, "connection_mask", None) is not None
         }
@@ -165,15 +221,23 @@ class Model:
     def _forward(self, train: bool):
         buf, rng = self.buf, self.rng
         for info in self.infos:
-            info.layer.forward([buf[i] for i in info.node.inputs], buf[info.name],
-                               self.layer_params[info.name], train, rng)
+            if info.name in self.fused:
+                continue
+            info.layer.forward(
+                [buf[i] for i in info.node.inputs],
+                buf[info.name],
+                self.layer_params[info.name],
+                train,
+                rng,
+            )
 
     def forward(self, x, train: bool = False) -> np.ndarray:
         """Scores of the main output, higher = more likely: the logits of a softmax
         (its probabilities are `model.probabilities`), regression values, or negated
         RBF distances. Often the model's own buffer, overwritten by the next call."""
         self._load_input(x)
-        self._forward(train)
+        with one_blas_thread():
+            self._forward(train)
         return self._scores()
 
     def _scores(self):
@@ -190,40 +254,54 @@ class Model:
         """Forward in training mode, every output's loss (weighted), backward.
         Returns the loss and the gradient dict (the model's own buffers)."""
         self._load_input(x)
-        self._forward(True)
-        loss = 0.0
-        for info in self.outputs:
-            xs = [self.buf[i] for i in info.node.inputs]
-            loss += info.layer.loss(xs, self.buf[info.name], y)
-        self.last_scores = self._scores()
-        self._backward()
+        with one_blas_thread():
+            self._forward(True)
+            loss = 0.0
+            for info in self.outputs:
+                xs = [self.buf[i] for i in info.node.inputs]
+                loss += info.layer.loss(xs, self.buf[info.name], y)
+            self.last_scores = self._scores()
+            self._backward()
         return loss, self.grads
 
     def _backward(self):
         buf, dbuf = self.buf, self.dbuf
         for info in reversed(self.infos):
             name = info.name
-            if not self.needs_grad[name]:
+            if not self.needs_grad[name] or name in self.fused:
                 continue
             parts = self.fan_in_sums.get(name)
             if parts:
                 np.add(parts[0], parts[1], out=dbuf[name])
                 for extra in parts[2:]:
                     dbuf[name] += extra
-            info.layer.backward([buf[i] for i in info.node.inputs], buf[name], dbuf[name],
-                                self.dx_targets[name], self.layer_params[name],
-                                self.layer_grads[name])
+            info.layer.backward(
+                [buf[i] for i in info.node.inputs],
+                buf[name],
+                dbuf[name],
+                self.dx_targets[name],
+                self.layer_params[name],
+                self.layer_grads[name],
+            )
 
-    def step(self, x, y, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
-             nesterov: bool = False) -> float:
+    def step(
+        self,
+        x,
+        y,
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ) -> float:
         """One SGD step on a batch (momentum state kept across calls); returns its loss."""
         from .train.optim import SGD
 
         settings = (momentum, weight_decay, nesterov)
         if getattr(self, "_sgd_settings", None) != settings:
             trainable = {k: self.params[k] for k in self.trainable}
-            self._sgd = SGD(trainable, lr=lr, momentum=momentum, nesterov=nesterov,
-                            weight_decay=weight_decay)
+            self._sgd = SGD(
+                trainable, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+            )
             self._sgd_settings = settings
         loss, grads = self.loss_and_grads(x, y)
         self._sgd.step(grads, lr=lr)
@@ -233,8 +311,9 @@ class Model:
         return np.argmax(self.forward(x, train=False), axis=1)
 
 
-def compile_network(net, device: str = "cpu", batch_size: int = 32, seed: int = 0,
-                    dtype=np.float32) -> Model:
+def compile_network(
+    net, device: str = "cpu", batch_size: int = 32, seed: int = 0, dtype=np.float32
+) -> Model:
     if device != "cpu":
         raise ValueError(f"device '{device}' is not available; this build compiles for 'cpu'")
     return Model(net, batch_size=batch_size, seed=seed, dtype=dtype)

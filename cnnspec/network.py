@@ -88,9 +88,17 @@ def loads(text: str, file: str = "<spec>", input_shape=None) -> Network:
 
 def build(doc: Document, input_shape=None) -> Network:
     if not isinstance(doc.data, dict):
-        raise SpecError([Problem(
-            f"the spec must be a mapping, got {type(doc.data).__name__}", 1, 1,
-            "start with `name:`, `input: [C, H, W]` and `layers:`", file=doc.file)])
+        raise SpecError(
+            [
+                Problem(
+                    f"the spec must be a mapping, got {type(doc.data).__name__}",
+                    1,
+                    1,
+                    "start with `name:`, `input: [C, H, W]` and `layers:`",
+                    file=doc.file,
+                )
+            ]
+        )
     problems = validate(doc)
     nodes, more = expand(doc)
     problems += more
@@ -99,9 +107,15 @@ def build(doc: Document, input_shape=None) -> Network:
     order, cyclic = topological(nodes)
     for node in cyclic:
         line, col = doc.pos(node.path)
-        problems.append(Problem(
-            f"layer '{node.name}' is on a cycle of inputs", line, col,
-            "a layer cannot depend on its own output", file=doc.file))
+        problems.append(
+            Problem(
+                f"layer '{node.name}' is on a cycle of inputs",
+                line,
+                col,
+                "a layer cannot depend on its own output",
+                file=doc.file,
+            )
+        )
     shape = tuple(input_shape) if input_shape else tuple(doc.data.get("input") or ())
     infos, warnings = [], []
     if len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape):
@@ -115,8 +129,9 @@ def build(doc: Document, input_shape=None) -> Network:
     if problems:
         raise SpecError(problems)
     if not infos:
-        raise SpecError([Problem("the network has no layers", *doc.pos(("layers",)),
-                                 file=doc.file)])
+        raise SpecError(
+            [Problem("the network has no layers", *doc.pos(("layers",)), file=doc.file)]
+        )
     name = doc.data.get("name") or os.path.splitext(os.path.basename(doc.file))[0]
     return Network(name, shape, infos, doc, warnings)
 
@@ -147,17 +162,29 @@ def _infer(doc, order, input_shape, broken=frozenset()):
     for node in order:
         for i in node.inputs:
             consumers.setdefault(i, []).append(node)
-        if any(i not in shapes for i in node.inputs) or node.name in broken or (
-            not node.block and node.path[:2] in broken
+        if (
+            any(i not in shapes for i in node.inputs)
+            or node.name in broken
+            or (not node.block and node.path[:2] in broken)
         ):
             continue  # it, or an input, has a problem already reported
         cls = REGISTRY[node.type]
         if not cls.min_inputs <= len(node.inputs) <= cls.max_inputs:
-            want = (f"at least {cls.min_inputs}" if cls.max_inputs > 1
-                    else f"exactly {cls.min_inputs}")
-            problems.append(_problem(doc, node, "inputs", LayerError(
-                f"{node.type} takes {want} input(s), got {len(node.inputs)}", "inputs",
-                "list them under `inputs: [...]`")))
+            want = (
+                f"at least {cls.min_inputs}" if cls.max_inputs > 1 else f"exactly {cls.min_inputs}"
+            )
+            problems.append(
+                _problem(
+                    doc,
+                    node,
+                    "inputs",
+                    LayerError(
+                        f"{node.type} takes {want} input(s), got {len(node.inputs)}",
+                        "inputs",
+                        "list them under `inputs: [...]`",
+                    ),
+                )
+            )
             continue
         in_shapes = [shapes[i] for i in node.inputs]
         try:
@@ -172,29 +199,50 @@ def _infer(doc, order, input_shape, broken=frozenset()):
         in_fields = [fields[i] for i in node.inputs]
         if len(in_fields) > 1 and unaligned(in_fields):
             line, col = doc.pos(node.path)
-            warnings.append(Problem(
-                f"'{node.name}' merges branches with different effective strides; "
-                "its receptive field is their union", line, col, severity="warning",
-                file=doc.file))
+            warnings.append(
+                Problem(
+                    f"'{node.name}' merges branches with different effective strides; "
+                    "its receptive field is their union",
+                    line,
+                    col,
+                    severity="warning",
+                    file=doc.file,
+                )
+            )
         shapes[node.name] = layer.out_shape
         fields[node.name] = layer.receptive_field(in_fields)
         infos.append(Info(node, layer, fields[node.name]))
     for info in infos:
         used_by = consumers.get(info.name, [])
         if info.layer.role == "output" and used_by:
-            problems.append(_problem(doc, used_by[0], "inputs", LayerError(
-                f"output layer '{info.name}' feeds '{used_by[0].name}'; "
-                "output layers must end the network", "inputs",
-                "take the layer before the output instead")))
+            problems.append(
+                _problem(
+                    doc,
+                    used_by[0],
+                    "inputs",
+                    LayerError(
+                        f"output layer '{info.name}' feeds '{used_by[0].name}'; "
+                        "output layers must end the network",
+                        "inputs",
+                        "take the layer before the output instead",
+                    ),
+                )
+            )
     if infos and not problems:
         last = infos[-1]
         for info in infos[:-1]:
             if not consumers.get(info.name) and info.layer.role != "output":
                 line, col = doc.pos(info.node.path)
-                warnings.append(Problem(
-                    f"the output of '{info.name}' is never used", line, col,
-                    f"only '{last.name}' and output layers end the network",
-                    severity="warning", file=doc.file))
+                warnings.append(
+                    Problem(
+                        f"the output of '{info.name}' is never used",
+                        line,
+                        col,
+                        f"only '{last.name}' and output layers end the network",
+                        severity="warning",
+                        file=doc.file,
+                    )
+                )
     return infos, problems, warnings
 
 

@@ -79,8 +79,17 @@ def group_rows(summary: dict, depth: int | None) -> list[dict]:
         key = ".".join(parts[:depth])
         row = index.get(key)
         if row is None:
-            row = index[key] = dict(layer, name=key, type="", depth=depth - 1, count=0,
-                                    params=0, trainable_params=0, macs=0, activation_bytes=0)
+            row = index[key] = dict(
+                layer,
+                name=key,
+                type="",
+                depth=depth - 1,
+                count=0,
+                params=0,
+                trainable_params=0,
+                macs=0,
+                activation_bytes=0,
+            )
             rows.append(row)
         row["count"] += 1
         for k in ("params", "trainable_params", "macs", "activation_bytes"):
@@ -122,11 +131,22 @@ def render_summary(net, console, depth: int | None = 1) -> None:
 
     summary = net.summary()
     kinds = block_types(net)
-    table = Table(title=f"{summary['name']}  input {shape_text(summary['input'])}",
-                  title_justify="left", show_lines=False, pad_edge=False)
-    for col, justify in (("layer", "left"), ("type", "left"), ("output", "right"),
-                         ("params", "right"), ("MACs", "right"), ("RF", "right"),
-                         ("stride", "right"), ("pad", "right")):
+    table = Table(
+        title=f"{summary['name']}  input {shape_text(summary['input'])}",
+        title_justify="left",
+        show_lines=False,
+        pad_edge=False,
+    )
+    for col, justify in (
+        ("layer", "left"),
+        ("type", "left"),
+        ("output", "right"),
+        ("params", "right"),
+        ("MACs", "right"),
+        ("RF", "right"),
+        ("stride", "right"),
+        ("pad", "right"),
+    ):
         table.add_column(col, justify=justify, no_wrap=True)
     for row in group_rows(summary, depth):
         kind = row["type"] or _block_label(row, kinds)
@@ -152,8 +172,9 @@ def render_summary(net, console, depth: int | None = 1) -> None:
         + f"   activations: {human_bytes(t['activation_bytes'])} per image"
     )
     if depth is not None and any(len(x["name"].split(".")) > depth for x in summary["layers"]):
-        console.print(f"[dim]blocks collapsed at depth {depth}; --depth N or --all "
-                      "to expand them[/]")
+        console.print(
+            f"[dim]blocks collapsed at depth {depth}; --depth N or --all to expand them[/]"
+        )
     for w in net.warnings:
         console.print(f"[yellow]{w.format()}[/]")
 
@@ -161,7 +182,9 @@ def render_summary(net, console, depth: int | None = 1) -> None:
 def check_line(net) -> str:
     t = net.totals()
     frozen = t["params"] - t["trainable_params"]
-    return (f"{net.file}: ok: {net.name}: input {shape_text(net.input_shape)} -> "
-            f"{shape_text(net.output_shape)}, {t['trainable_params']:,} trainable params"
-            + (f" (+{frozen:,} fixed)" if frozen else "")
-            + f", {human(t['macs'])} MACs, {len(net.infos)} layers")
+    return (
+        f"{net.file}: ok: {net.name}: input {shape_text(net.input_shape)} -> "
+        f"{shape_text(net.output_shape)}, {t['trainable_params']:,} trainable params"
+        + (f" (+{frozen:,} fixed)" if frozen else "")
+        + f", {human(t['macs'])} MACs, {len(net.infos)} layers"
+    )

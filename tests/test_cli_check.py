@@ -13,8 +13,14 @@ REPO = Path(__file__).resolve().parent.parent
 SPECS = sorted((REPO / "specs").glob("*.yaml"))
 SPEC_NAMES = [f"specs/{p.name}" for p in SPECS]
 
-LAYER_KEYS = {"name", "type", "inputs", "attrs", "output_shape", "params", "trainable_params",
-              "macs", "receptive_field"}
+LAYER_KEYS = set(
+    "name type inputs attrs output_shape params trainable_params macs receptive_field".split()
+)
+CANONICAL_TYPES = set(
+    """conv2d conv_transpose2d maxpool2d avgpool2d subsample2d global_avgpool2d flatten dense
+    dropout batchnorm2d lrn relu leaky_relu prelu rrelu elu sigmoid tanh scaled_tanh maxout
+    concat add channel_pad softmax linear rbf""".split()
+)
 
 
 def strict_json(text):
@@ -39,7 +45,7 @@ def test_check_all_specs_exits_0(cli):
     result = ok(cli("check", *SPEC_NAMES))
     lines = result.stdout.splitlines()
     assert len(lines) == len(SPECS)
-    for name, line in zip(SPEC_NAMES, lines):
+    for name, line in zip(SPEC_NAMES, lines, strict=True):
         assert line.startswith(f"{name}: ok: ")
     assert "error" not in result.stderr
 
@@ -57,15 +63,18 @@ def test_check_invalid_exits_1(cli):
     assert result.stderr.rstrip().endswith("3 errors")
 
 
-@pytest.mark.parametrize("args", [
-    ("check", "specs/lenet5.yaml", "--bogus"),
-    ("check",),
-    ("summary", "specs/lenet5.yaml", "--depth", "0"),
-    ("summary", "specs/lenet5.yaml", "--depth", "two"),
-    ("summary",),
-    ("frobnicate", "specs/lenet5.yaml"),
-    ("check", "specs/lenet5.yaml", "--input", "x"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check", "specs/lenet5.yaml", "--bogus"),
+        ("check",),
+        ("summary", "specs/lenet5.yaml", "--depth", "0"),
+        ("summary", "specs/lenet5.yaml", "--depth", "two"),
+        ("summary",),
+        ("frobnicate", "specs/lenet5.yaml"),
+        ("check", "specs/lenet5.yaml", "--input", "x"),
+    ],
+)
 def test_usage_errors_exit_2(cli, args):
     result = cli(*args)
     assert result.exit_code == 2, result.stdout + result.stderr
@@ -81,15 +90,18 @@ def test_no_arguments_shows_help(cli):
 
 def test_warnings_do_not_fail_the_check(cli, tmp_path):
     spec = tmp_path / "unused.yaml"
-    spec.write_text("name: unused\ninput: [3, 8, 8]\nlayers:\n"
-                    "  - {name: a, type: conv2d, filters: 4, kernel: 3}\n"
-                    "  - {name: b, type: conv2d, inputs: [input], filters: 4, kernel: 3}\n")
+    spec.write_text(
+        "name: unused\ninput: [3, 8, 8]\nlayers:\n"
+        "  - {name: a, type: conv2d, filters: 4, kernel: 3}\n"
+        "  - {name: b, type: conv2d, inputs: [input], filters: 4, kernel: 3}\n"
+    )
     result = ok(cli("check", spec))
     assert f"{spec}:4:5: warning: the output of 'a' is never used" in result.stderr
     entry = json.loads(ok(cli("check", "--json", spec)).stdout)[0]
     assert entry["ok"] is True
     assert [(p["line"], p["column"], p["severity"]) for p in entry["problems"]] == [
-        (4, 5, "warning")]
+        (4, 5, "warning")
+    ]
 
 
 # ---- check --json -----------------------------------------------------------------
@@ -100,23 +112,36 @@ def test_check_json_shape(cli):
     assert result.exit_code == 1
     good, bad = strict_json(result.stdout)
     assert good == {
-        "file": "specs/lenet5.yaml", "ok": True, "name": "lenet5", "input": [1, 32, 32],
-        "output_shape": [10], "params": 61_706, "trainable_params": 61_706,
-        "macs": good["macs"], "problems": [],
+        "file": "specs/lenet5.yaml",
+        "ok": True,
+        "name": "lenet5",
+        "input": [1, 32, 32],
+        "output_shape": [10],
+        "params": 61_706,
+        "trainable_params": 61_706,
+        "macs": good["macs"],
+        "problems": [],
     }
     assert isinstance(good["macs"], int) and good["macs"] > 0
     assert bad["file"] == "tests/broken/unknown_input.yaml" and bad["ok"] is False
     assert [(p["line"], p["column"], p["severity"]) for p in bad["problems"]] == [
-        (6, 37, "error"), (7, 37, "error")]
+        (6, 37, "error"),
+        (7, 37, "error"),
+    ]
     assert bad["problems"][0] == {
-        "file": "tests/broken/unknown_input.yaml", "line": 6, "column": 37, "severity": "error",
-        "message": "unknown input 'conv_1'", "hint": "did you mean 'conv1'?"}
+        "file": "tests/broken/unknown_input.yaml",
+        "line": 6,
+        "column": 37,
+        "severity": "error",
+        "message": "unknown input 'conv_1'",
+        "hint": "did you mean 'conv1'?",
+    }
 
 
 def test_check_json_matches_python_api(cli):
     entries = strict_json(ok(cli("check", "--json", *SPEC_NAMES)).stdout)
     assert [e["file"] for e in entries] == SPEC_NAMES
-    for entry, path in zip(entries, SPECS):
+    for entry, path in zip(entries, SPECS, strict=True):
         net = cnnspec.load(path)
         assert entry["ok"] is True
         assert entry["name"] == net.name
@@ -159,11 +184,7 @@ def test_summary_json_is_the_stable_form(summaries, path):
         assert LAYER_KEYS <= set(x)
         assert set(x["inputs"]) <= seen, f"{x['name']} reads a later layer"
         seen.add(x["name"])
-        assert x["type"] in {
-            "conv2d", "conv_transpose2d", "maxpool2d", "avgpool2d", "subsample2d",
-            "global_avgpool2d", "flatten", "dense", "dropout", "batchnorm2d", "lrn", "relu",
-            "leaky_relu", "prelu", "rrelu", "elu", "sigmoid", "tanh", "scaled_tanh", "maxout",
-            "concat", "add", "channel_pad", "softmax", "linear", "rbf"}  # canonical names
+        assert x["type"] in CANONICAL_TYPES
         assert all(isinstance(v, int) and v > 0 for v in x["output_shape"])
         assert 0 <= x["trainable_params"] <= x["params"]
         rf = x["receptive_field"]
@@ -184,8 +205,7 @@ def test_summary_json_resolves_attributes(summaries):
     # block arguments substituted, defaults filled in
     b2 = layers["3a.b2.conv"]["attrs"]
     assert (b2["filters"], b2["kernel"], b2["padding"]) == (128, [3, 3], [1, 1, 1, 1])
-    assert layers["3a.concat"]["inputs"] == ["3a.b1.relu", "3a.b2.relu", "3a.b3.relu",
-                                             "3a.b4.relu"]
+    assert layers["3a.concat"]["inputs"] == ["3a.b1.relu", "3a.b2.relu", "3a.b3.relu", "3a.b4.relu"]
     assert layers["3a.b1.conv"]["inputs"] == ["pool2"]
     # every convolution and pooling says kernel [h, w], stride [h, w], padding [t, b, l, r]
     for summary in summaries.values():
@@ -199,8 +219,10 @@ def test_summary_json_resolves_attributes(summaries):
 
 def test_summary_json_same_padding_is_resolved(cli, tmp_path):
     spec = tmp_path / "same.yaml"
-    spec.write_text("input: [3, 9, 10]\nlayers:\n"
-                    "  - {type: conv2d, filters: 2, kernel: [4, 3], stride: 2, padding: same}\n")
+    spec.write_text(
+        "input: [3, 9, 10]\nlayers:\n"
+        "  - {type: conv2d, filters: 2, kernel: [4, 3], stride: 2, padding: same}\n"
+    )
     (layer,) = strict_json(ok(cli("summary", "--json", spec)).stdout)["layers"]
     # 9 -> ceil(9/2) = 5 needs 4*2 + 4 - 9 = 3 rows: 1 on top, 2 at the bottom;
     # 10 -> 5 needs 4*2 + 3 - 10 = 1 column: 0 left, 1 right
@@ -209,8 +231,10 @@ def test_summary_json_same_padding_is_resolved(cli, tmp_path):
     assert layer["output_shape"] == [2, 5, 5]
 
 
-@pytest.mark.xfail(reason="NaN passes the schema and `summary --json` prints it as NaN, which "
-                   "is not JSON", strict=True)
+@pytest.mark.xfail(
+    reason="NaN passes the schema and `summary --json` prints it as NaN, which is not JSON",
+    strict=True,
+)
 def test_summary_json_is_strict_json_for_any_accepted_spec(cli):
     result = cli("summary", "--json", "tests/broken/nan_values.yaml")
     if result.exit_code == 0:
@@ -258,8 +282,9 @@ def test_summary_of_broken_spec_exits_1(cli):
 
 
 def test_summary_input_size(cli):
-    summary = strict_json(ok(cli("summary", "--json", "specs/resnet18.yaml", "--input", "160"))
-                          .stdout)
+    summary = strict_json(
+        ok(cli("summary", "--json", "specs/resnet18.yaml", "--input", "160")).stdout
+    )
     assert summary["input"] == [3, 160, 160]
     layers = {x["name"]: x for x in summary["layers"]}
     assert layers["layer4.2.relu"]["output_shape"] == [512, 5, 5]
@@ -274,23 +299,36 @@ def test_check_input_size(cli):
 def test_check_input_too_small(cli):
     result = cli("check", "specs/lenet5.yaml", "--input", "16")
     assert result.exit_code == 1
-    assert "specs/lenet5.yaml:13:52: error: the height kernel (5) is larger than the padded " \
-           "input (1)" in result.stderr
+    # 16 -> 12 -> 6 -> 2 -> 1: c5's 5x5 kernel is pointed at
+    lines = (REPO / "specs" / "lenet5.yaml").read_text().splitlines()
+    row = next(i for i, text in enumerate(lines) if "name: c5," in text)
+    where = f"specs/lenet5.yaml:{row + 1}:{lines[row].index('kernel: 5') + 9}"
+    assert (
+        f"{where}: error: the height kernel (5) is larger than the padded input (1)"
+        in result.stderr
+    )
 
 
-@pytest.mark.xfail(reason="--input is a one-value list option: `--input 160 128` takes 160 and "
-                   "treats 128 as a spec file ('128: error: no such file'); the help promises "
-                   "SIZE, H W, or C H W", strict=True)
-@pytest.mark.parametrize("values, shape", [(["160", "128"], "3x160x128"),
-                                           (["3", "160", "128"], "3x160x128")])
+@pytest.mark.xfail(
+    reason="--input is a one-value list option: `--input 160 128` takes 160 and "
+    "treats 128 as a spec file ('128: error: no such file'); the help promises "
+    "SIZE, H W, or C H W",
+    strict=True,
+)
+@pytest.mark.parametrize(
+    "values, shape", [(["160", "128"], "3x160x128"), (["3", "160", "128"], "3x160x128")]
+)
 def test_check_input_h_w(cli, values, shape):
     result = cli("check", "specs/resnet18.yaml", "--input", *values)
     assert result.exit_code == 0, result.stderr
     assert f"input {shape} -> 1000" in result.stdout
 
 
-@pytest.mark.xfail(reason="an --input of 0 channels or size 0 is reported as 'the network has "
-                   "no layers' instead of a problem with --input", strict=True)
+@pytest.mark.xfail(
+    reason="an --input of 0 channels or size 0 is reported as 'the network has "
+    "no layers' instead of a problem with --input",
+    strict=True,
+)
 def test_check_input_zero(cli):
     result = cli("check", "specs/lenet5.yaml", "--input", "0")
     assert result.exit_code in (1, 2)
@@ -324,8 +362,17 @@ def test_every_spec_validates_against_the_schema(schema, path):
     assert errors == [], [e.message for e in errors]
 
 
-@pytest.mark.parametrize("name", ["misspelled_attribute", "missing_required", "wrong_types",
-                                  "bad_numbers", "train_section", "unknown_top_level_key"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "misspelled_attribute",
+        "missing_required",
+        "wrong_types",
+        "bad_numbers",
+        "train_section",
+        "unknown_top_level_key",
+    ],
+)
 def test_schema_rejects_broken_specs(schema, name):
     data = yaml.safe_load((REPO / "tests" / "broken" / f"{name}.yaml").read_text())
     assert not jsonschema.Draft202012Validator(schema).is_valid(data)
@@ -334,6 +381,9 @@ def test_schema_rejects_broken_specs(schema, name):
 def test_schema_lists_every_layer_type(schema):
     from cnnspec.layers import REGISTRY
 
-    names = {n for rule in schema["$defs"]["layer"]["allOf"]
-             for n in rule["if"]["properties"]["type"]["enum"]}
+    names = {
+        n
+        for rule in schema["$defs"]["layer"]["allOf"]
+        for n in rule["if"]["properties"]["type"]["enum"]
+    }
     assert names == set(REGISTRY)

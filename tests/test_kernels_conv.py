@@ -41,8 +41,9 @@ def _make_conv(case, dtype, seed=0):
     oh = _conv_out(h, kh, stride[0], pad[0], pad[1], dil[0])
     ow = _conv_out(w, kw, stride[1], pad[2], pad[3], dil[1])
     out = np.empty((n, o, oh, ow), dtype)
-    cols = np.empty((n, c * kh * kw, oh * ow), dtype)
-    return x, wt, b, out, cols, rng
+    # a workspace for half the batch, so the chunked path runs too
+    ws = np.empty(conv.conv2d_workspace(x.shape, wt.shape, out.shape, max(1, n // 2)), dtype)
+    return x, wt, b, out, ws, rng
 
 
 @pytest.mark.parametrize("name", list(CONV_CASES))
@@ -66,13 +67,30 @@ def test_conv2d_finite_differences(name):
     assert rel_error(dw, numerical_grad(loss, w)) < FD_TOL
     if b is not None:
         assert rel_error(db, numerical_grad(loss, b)) < FD_TOL
-    # dx=None / db=None path gives the same dw, and cols is left untouched
+    # dx=None / db=None path gives the same dw
     loss()
-    cols_before = cols.copy()
     dw2 = np.empty_like(w)
     conv.conv2d_backward(x, w, r, stride, pad, dil, g, cols, None, dw2, None)
     np.testing.assert_array_equal(dw2, dw)
-    np.testing.assert_array_equal(cols, cols_before)
+
+
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv2d_fused_relu_is_relu_of_conv(name):
+    case = CONV_CASES[name]
+    stride, pad, dil, g = case[7], case[8], case[9], case[10]
+    x, w, b, out, ws, rng = _make_conv(case, np.float64, seed=6)
+    conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, ws)
+    plain = out.copy()
+    conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, ws, conv.ACT_RELU)
+    np.testing.assert_array_equal(out, np.maximum(plain, 0))
+    dout = rng.standard_normal(out.shape)
+    dx, dw, db = np.empty_like(x), np.empty_like(w), None if b is None else np.empty_like(b)
+    conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, dx, dw, db, out, conv.ACT_RELU)
+    masked = dout * (plain > 0)
+    dx2, dw2, db2 = np.empty_like(x), np.empty_like(w), None if b is None else np.empty_like(b)
+    conv.conv2d_backward(x, w, masked, stride, pad, dil, g, ws, dx2, dw2, db2)
+    np.testing.assert_allclose(dx, dx2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw, dw2, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", list(CONV_CASES))
@@ -310,18 +328,17 @@ def test_batch_reductions_do_not_depend_on_thread_count():
 
 
 @pytest.mark.parametrize("name", ["basic", "depthwise_nobias"])
-def test_conv2d_backward_chunked_scratch_and_given_dcols_agree(name, monkeypatch):
+def test_conv2d_chunk_size_does_not_change_results(name):
     case = CONV_CASES[name]
     stride, pad, dil, g = case[7], case[8], case[9], case[10]
-    x, w, b, out, cols, rng = _make_conv(case, np.float64, seed=6)
-    conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, cols)
+    x, w, b, out, _, rng = _make_conv(case, np.float64, seed=6)
     dout = rng.standard_normal(out.shape)
-    dx_full, dw_full = np.full_like(x, np.nan), np.empty_like(w)
-    conv.conv2d_backward(
-        x, w, dout, stride, pad, dil, g, cols, dx_full, dw_full, None, np.empty_like(cols)
-    )
-    monkeypatch.setattr(conv, "_DCOLS_SCRATCH_BYTES", 1)  # one sample per chunk
-    dx_chunked, dw_chunked = np.full_like(x, np.nan), np.empty_like(w)
-    conv.conv2d_backward(x, w, dout, stride, pad, dil, g, cols, dx_chunked, dw_chunked, None)
-    np.testing.assert_array_equal(dx_chunked, dx_full)
-    np.testing.assert_array_equal(dw_chunked, dw_full)
+    results = []
+    for chunk in (1, x.shape[0]):
+        ws = np.empty(conv.conv2d_workspace(x.shape, w.shape, out.shape, chunk))
+        conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, ws)
+        dx, dw = np.full_like(x, np.nan), np.empty_like(w)
+        conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, dx, dw, None)
+        results.append((out.copy(), dx, dw))
+    for a, b_ in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)

@@ -154,13 +154,22 @@ def _torch_lenet(model):
     torch = pytest.importorskip("torch")
     nn = torch.nn
     t = nn.Sequential(
-        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Conv2d(16, 120, 5), nn.ReLU(), nn.Flatten(), nn.Linear(120, 84),
-        nn.ReLU(), nn.Linear(84, 10),
+        nn.Conv2d(1, 6, 5),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 120, 5),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, 10),
     )
     names = ["c1", None, None, "c3", None, None, "c5", None, None, "f6", None, "logits"]
     with torch.no_grad():
-        for mod, name in zip(t, names):
+        for mod, name in zip(t, names, strict=True):
             if name:
                 mod.weight.copy_(torch.from_numpy(model.params[f"{name}.weight"]))
                 mod.bias.copy_(torch.from_numpy(model.params[f"{name}.bias"]))
@@ -182,7 +191,7 @@ def test_lenet5_matches_pytorch_forward_and_backward():
     np.testing.assert_allclose(
         model.probabilities(x), torch.softmax(out, 1).detach().numpy(), rtol=1e-4, atol=1e-6
     )
-    for mod, name in zip(t, names):
+    for mod, name in zip(t, names, strict=True):
         if name:
             for part in ("weight", "bias"):
                 ref_g = getattr(mod, part).grad.numpy()

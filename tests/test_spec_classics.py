@@ -31,8 +31,19 @@ def summary_layer(network, name):
 
 def test_specs_folder_is_populated():
     names = {p.stem for p in ALL_SPECS}
-    assert {"lenet5", "lenet5-1998", "alexnet", "vgg16", "googlenet", "googlenet-bn", "resnet18",
-            "resnet34", "resnet50", "resnet20-cifar", "densenet121"} <= names
+    assert {
+        "lenet5",
+        "lenet5-1998",
+        "alexnet",
+        "vgg16",
+        "googlenet",
+        "googlenet-bn",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet20-cifar",
+        "densenet121",
+    } <= names
 
 
 @pytest.mark.parametrize("path", ALL_SPECS, ids=lambda p: p.stem)
@@ -82,8 +93,13 @@ def test_batchnorm_statistics_are_not_trainable():
 def test_lenet5_1998_layer_shapes_and_c3():
     network = net("lenet5-1998")
     spatial = {n: layer(network, n).layer.out_shape for n in ("c1", "s2", "c3", "s4", "c5")}
-    assert spatial == {"c1": (6, 28, 28), "s2": (6, 14, 14), "c3": (16, 10, 10),
-                       "s4": (16, 5, 5), "c5": (120, 1, 1)}
+    assert spatial == {
+        "c1": (6, 28, 28),
+        "s2": (6, 14, 14),
+        "c3": (16, 10, 10),
+        "s4": (16, 5, 5),
+        "c5": (120, 1, 1),
+    }
     c3 = summary_layer(network, "c3")
     # Table I: 6 maps see 3 inputs, 9 see 4, 1 sees all 6 -> (6*3 + 9*4 + 6) * 25 + 16
     assert c3["params"] == c3["trainable_params"] == 1_516
@@ -97,7 +113,10 @@ def test_lenet5_1998_layer_shapes_and_c3():
 def test_lenet5_course_version_shapes():
     network = net("lenet5")
     assert [i.layer.out_shape[1:] for i in network.infos if i.node.type == "conv2d"] == [
-        (28, 28), (10, 10), (1, 1)]
+        (28, 28),
+        (10, 10),
+        (1, 1),
+    ]
     assert network.output_shape == (10,)
 
 
@@ -106,8 +125,10 @@ def test_lenet5_course_version_shapes():
 
 def test_alexnet_spatial_sizes_and_fc6_input():
     network = net("alexnet")
-    sizes = [layer(network, n).layer.out_shape[1] for n in
-             ("conv1", "pool1", "conv2", "pool2", "conv5", "pool5")]
+    sizes = [
+        layer(network, n).layer.out_shape[1]
+        for n in ("conv1", "pool1", "conv2", "pool2", "conv5", "pool5")
+    ]
     assert sizes == [55, 27, 27, 13, 13, 6]
     assert layer(network, "pool5").layer.out_shape == (256, 6, 6)
     fc6 = layer(network, "fc6").layer
@@ -149,8 +170,17 @@ TABLE1 = {
     "5a": ((256, 160, 320, 32, 128, 128), (832, 7, 7), 1072),
     "5b": ((384, 192, 384, 48, 128, 128), (1024, 7, 7), 1388),
 }
-INPUT_CHANNELS = {"3a": 192, "3b": 256, "4a": 480, "4b": 512, "4c": 512, "4d": 512,
-                  "4e": 528, "5a": 832, "5b": 832}
+INPUT_CHANNELS = {
+    "3a": 192,
+    "3b": 256,
+    "4a": 480,
+    "4b": 512,
+    "4c": 512,
+    "4d": 512,
+    "4e": 528,
+    "5a": 832,
+    "5b": 832,
+}
 
 
 def inception_weights(module):
@@ -196,8 +226,12 @@ def test_googlenet_auxiliary_heads_and_pooling():
     assert [o.name for o in network.outputs] == ["aux1.prob", "aux2.prob", "prob"]
     assert layer(network, "aux1.prob").layer.attrs["loss_weight"] == 0.3
     assert layer(network, "aux1.pool").layer.out_shape == (512, 4, 4)  # 14 -> 4 with 5x5/3
-    assert [layer(network, p).layer.out_shape[1] for p in ("pool1", "pool2", "pool3", "pool4")] \
-        == [56, 28, 14, 7]
+    assert [layer(network, p).layer.out_shape[1] for p in ("pool1", "pool2", "pool3", "pool4")] == [
+        56,
+        28,
+        14,
+        7,
+    ]
     assert layer(network, "pool5").layer.out_shape == (1024, 1, 1)
 
 
@@ -262,8 +296,11 @@ def test_reshape_to_an_impossible_input_is_refused(shape):
         net("lenet5").reshape(shape)
 
 
-@pytest.mark.xfail(reason="reshape() to an impossible input shape reports 'the network has no "
-                   "layers' instead of a problem with the input shape", strict=True)
+@pytest.mark.xfail(
+    reason="reshape() to an impossible input shape reports 'the network has no "
+    "layers' instead of a problem with the input shape",
+    strict=True,
+)
 @pytest.mark.parametrize("shape", BAD_SHAPES, ids=str)
 def test_reshape_to_an_impossible_input_names_the_input(shape):
     with pytest.raises(cnnspec.SpecError) as info:

@@ -178,8 +178,14 @@ def test_ceil_mode_window_overhanging_small_input(n, k, s):
 
 
 def transposed(n, k, s, p, d, extra):
-    attrs = {"filters": 1, "kernel": k, "stride": s, "padding": p, "dilation": d,
-             "output_padding": extra}
+    attrs = {
+        "filters": 1,
+        "kernel": k,
+        "stride": s,
+        "padding": p,
+        "dilation": d,
+        "output_padding": extra,
+    }
     return ConvTranspose2d("up", attrs, [(1, n, n)])
 
 
@@ -217,15 +223,27 @@ def test_transposed_rejects_output_padding_not_below_stride_or_dilation():
 
 
 def test_transposed_asymmetric_attributes():
-    attrs = {"filters": 2, "kernel": [3, 2], "stride": [2, 3], "padding": [1, 0],
-             "dilation": [1, 2], "output_padding": [1, 2]}
+    attrs = {
+        "filters": 2,
+        "kernel": [3, 2],
+        "stride": [2, 3],
+        "padding": [1, 0],
+        "dilation": [1, 2],
+        "output_padding": [1, 2],
+    }
     layer = ConvTranspose2d("up", attrs, [(3, 4, 5)])
     h = (4 - 1) * 2 - 2 + 1 * (3 - 1) + 1 + 1
     w = (5 - 1) * 3 - 0 + 2 * (2 - 1) + 1 + 2
     assert layer.out_shape == (2, h, w)
     if torch is not None:
-        y = F.conv_transpose2d(torch.zeros(1, 3, 4, 5), torch.zeros(3, 2, 3, 2), stride=(2, 3),
-                               padding=(1, 0), output_padding=(1, 2), dilation=(1, 2))
+        y = F.conv_transpose2d(
+            torch.zeros(1, 3, 4, 5),
+            torch.zeros(3, 2, 3, 2),
+            stride=(2, 3),
+            padding=(1, 0),
+            output_padding=(1, 2),
+            dilation=(1, 2),
+        )
         assert tuple(y.shape[1:]) == layer.out_shape
 
 

@@ -31,8 +31,10 @@ class _Elementwise(Layer):
 
     def backward(self, xs, out, dout, dxs, p, g):
         getattr(_kernels(), self.type_name + "_backward")(
-            *self._saved(xs[0].reshape(-1), out.reshape(-1)), *self.attrs.values(),
-            dout.reshape(-1), dxs[0].reshape(-1),
+            *self._saved(xs[0].reshape(-1), out.reshape(-1)),
+            *self.attrs.values(),
+            dout.reshape(-1),
+            dxs[0].reshape(-1),
         )
 
     def _saved(self, x, y):
@@ -115,8 +117,9 @@ class RReLU(Layer):
         _kernels().rrelu_forward(xs[0].reshape(-1), self.slopes, out.reshape(-1))
 
     def backward(self, xs, out, dout, dxs, p, g):
-        _kernels().rrelu_backward(xs[0].reshape(-1), self.slopes, dout.reshape(-1),
-                                  dxs[0].reshape(-1))
+        _kernels().rrelu_backward(
+            xs[0].reshape(-1), self.slopes, dout.reshape(-1), dxs[0].reshape(-1)
+        )
 
 
 @register
@@ -150,7 +153,8 @@ class Maxout(Layer):
         k = a["pieces"]
         if c % k:
             raise LayerError(
-                f"pieces ({k}) must divide the input channels ({c})", "pieces",
+                f"pieces ({k}) must divide the input channels ({c})",
+                "pieces",
                 f"{c} / {k} = {c / k:g}",
             )
         self.attrs = {"pieces": k}

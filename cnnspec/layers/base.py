@@ -90,8 +90,17 @@ class Layer:
         return fields[0]
 
     # ---- execution --------------------------------------------------------
+    fusable: ClassVar[bool] = False  # can apply a following ReLU itself (fused_act = 1)
+    fused_act: int = 0
+    workspace = None  # scratch shared by all layers, bound by the model
+
     def allocate(self, batch: int, dtype=np.float32) -> None:
-        """Allocate per-(spec, batch) workspaces once; nothing is allocated per step."""
+        """Allocate per-(spec, batch) buffers once; nothing is allocated per step."""
+
+    def workspace_size(self, batch: int) -> int:
+        """Elements of scratch needed during one forward or backward call. Layers run
+        one at a time, so the model gives them all the same buffer."""
+        return 0
 
     def forward(self, xs: list, out, p: dict, train: bool, rng) -> None:
         raise NotImplementedError
@@ -128,11 +137,11 @@ def resolve_padding(value, kernel, stride, dilation, size) -> list[int]:
     if value == "valid":
         return [0, 0, 0, 0]
     if value == "full":
-        ph, pw = (d * (k - 1) for d, k in zip(dilation, kernel))
+        ph, pw = (d * (k - 1) for d, k in zip(dilation, kernel, strict=True))
         return [ph, ph, pw, pw]
     if value == "same":
         pads = []
-        for n, k, s, d in zip(size, kernel, stride, dilation):
+        for n, k, s, d in zip(size, kernel, stride, dilation, strict=True):
             total = max((math.ceil(n / s) - 1) * s + d * (k - 1) + 1 - n, 0)
             pads += [total // 2, total - total // 2]
         return pads

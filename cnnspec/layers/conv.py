@@ -61,10 +61,10 @@ class Conv2d(Layer):
                             "connections",
                         )
                     self.connection_mask[o, i] = 1.0
-        oh = output_size(h, kernel[0], stride[0], padding[0], padding[1], dilation[0],
-                         axis="height")
-        ow = output_size(w, kernel[1], stride[1], padding[2], padding[3], dilation[1],
-                         axis="width")
+        oh = output_size(
+            h, kernel[0], stride[0], padding[0], padding[1], dilation[0], axis="height"
+        )
+        ow = output_size(w, kernel[1], stride[1], padding[2], padding[3], dilation[1], axis="width")
         self.attrs = {
             "filters": filters,
             "kernel": kernel,
@@ -90,7 +90,9 @@ class Conv2d(Layer):
         a = self.attrs
         kh, kw = a["kernel"]
         shape = (a["filters"], c // a["groups"], kh, kw)
-        count = int(self.connection_mask.sum()) * kh * kw if self.connection_mask is not None else None
+        count = (
+            int(self.connection_mask.sum()) * kh * kw if self.connection_mask is not None else None
+        )
         fan_out = a["filters"] // a["groups"] * kh * kw
         defs = [ParamDef("weight", shape, True, "auto", self._fan_in(), fan_out, count)]
         if a["bias"]:
@@ -109,24 +111,43 @@ class Conv2d(Layer):
             fw.through(a["kernel"][1], a["stride"][1], a["padding"][2], a["dilation"][1]),
         )
 
-    def allocate(self, batch, dtype=np.float32):
-        c = self.in_shapes[0][0]
-        kh, kw = self.attrs["kernel"]
-        _, oh, ow = self.out_shape
-        self.cols = np.zeros((batch, c * kh * kw, oh * ow), dtype)
+    fusable = True  # a following ReLU can run in this layer's epilogue
+
+    def workspace_size(self, batch):
+        (w,) = [d.shape for d in self.param_defs() if d.name == "weight"]
+        return _kernels().conv2d_workspace((batch, *self.in_shapes[0]), w, (batch, *self.out_shape))
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
         _kernels().conv2d_forward(
-            xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"],
-            a["groups"], out, self.cols,
+            xs[0],
+            p["weight"],
+            p.get("bias"),
+            a["stride"],
+            a["padding"],
+            a["dilation"],
+            a["groups"],
+            out,
+            self.workspace,
+            self.fused_act,
         )
 
     def backward(self, xs, out, dout, dxs, p, g):
         a = self.attrs
         _kernels().conv2d_backward(
-            xs[0], p["weight"], dout, a["stride"], a["padding"], a["dilation"], a["groups"],
-            self.cols, dxs[0], g["weight"], g.get("bias"),
+            xs[0],
+            p["weight"],
+            dout,
+            a["stride"],
+            a["padding"],
+            a["dilation"],
+            a["groups"],
+            self.workspace,
+            dxs[0],
+            g["weight"],
+            g.get("bias"),
+            out,
+            self.fused_act,
         )
         if self.connection_mask is not None:
             g["weight"] *= self.connection_mask
@@ -147,14 +168,22 @@ class ConvTranspose2d(Layer):
         padding = a.get("padding", 0)
         if isinstance(padding, str):
             raise LayerError(
-                "conv_transpose2d takes numeric padding, not a mode", "padding",
+                "conv_transpose2d takes numeric padding, not a mode",
+                "padding",
                 "use an integer, [h, w] or [top, bottom, left, right]",
             )
         padding = resolve_padding(padding, kernel, stride, dilation, (h, w))
         sizes = []
         for axis, n, k, s, d, p0, p1, e in zip(
-            ("height", "width"), (h, w), kernel, stride, dilation,
-            padding[0::2], padding[1::2], extra,
+            ("height", "width"),
+            (h, w),
+            kernel,
+            stride,
+            dilation,
+            padding[0::2],
+            padding[1::2],
+            extra,
+            strict=True,
         ):
             if e >= max(s, d):
                 raise LayerError(
@@ -164,13 +193,19 @@ class ConvTranspose2d(Layer):
             o = (n - 1) * s - p0 - p1 + d * (k - 1) + 1 + e
             if o < 1:
                 raise LayerError(
-                    f"output {axis} would be {o}", "padding",
+                    f"output {axis} would be {o}",
+                    "padding",
                     f"({n}-1)*{s} - {p0} - {p1} + {d}*({k}-1) + 1 + {e} = {o}",
                 )
             sizes.append(o)
         self.attrs = {
-            "filters": filters, "kernel": kernel, "stride": stride, "padding": padding,
-            "output_padding": extra, "dilation": dilation, "groups": 1,
+            "filters": filters,
+            "kernel": kernel,
+            "stride": stride,
+            "padding": padding,
+            "output_padding": extra,
+            "dilation": dilation,
+            "groups": 1,
             "bias": a.get("bias", True),
         }
         return (filters, *sizes)
@@ -193,8 +228,9 @@ class ConvTranspose2d(Layer):
         # An input unit spreads over k outputs s apart: the field shrinks in jump.
         a = self.attrs
         out = []
-        for f, k, s, p, d in zip(fields[0], a["kernel"], a["stride"], a["padding"][0::2],
-                                 a["dilation"]):
+        for f, k, s, p, d in zip(
+            fields[0], a["kernel"], a["stride"], a["padding"][0::2], a["dilation"], strict=True
+        ):
             jump = f.jump / s
             size = f.size + (d * (k - 1) // s) * jump
             out.append(Field(max(1, round(size)), jump, f.start - (d * (k - 1) - p) * jump))
@@ -208,13 +244,27 @@ class ConvTranspose2d(Layer):
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
         _kernels().conv_transpose2d_forward(
-            xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], out,
+            xs[0],
+            p["weight"],
+            p.get("bias"),
+            a["stride"],
+            a["padding"],
+            a["dilation"],
+            out,
             self.cols,
         )
 
     def backward(self, xs, out, dout, dxs, p, g):
         a = self.attrs
         _kernels().conv_transpose2d_backward(
-            xs[0], p["weight"], dout, a["stride"], a["padding"], a["dilation"], self.cols,
-            dxs[0], g["weight"], g.get("bias"),
+            xs[0],
+            p["weight"],
+            dout,
+            a["stride"],
+            a["padding"],
+            a["dilation"],
+            self.cols,
+            dxs[0],
+            g["weight"],
+            g.get("bias"),
         )

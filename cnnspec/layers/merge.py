@@ -41,7 +41,8 @@ class Concat(_Merge):
             if len(s) != len(first) or s[1:] != first[1:]:
                 sizes = ", ".join("x".join(map(str, t[1:])) or "(flat)" for t in in_shapes)
                 raise LayerError(
-                    f"concat needs equal spatial sizes, got {sizes}", "inputs",
+                    f"concat needs equal spatial sizes, got {sizes}",
+                    "inputs",
                     "pad or crop the branches so their outputs line up",
                 )
         self.attrs = {"axis": 0}
@@ -55,7 +56,7 @@ class Concat(_Merge):
 
     def backward(self, xs, out, dout, dxs, p, g):
         c = 0
-        for x, dx in zip(xs, dxs):
+        for x, dx in zip(xs, dxs, strict=True):
             if dx is not None:
                 dx[...] = dout[:, c : c + x.shape[1]]
             c += x.shape[1]

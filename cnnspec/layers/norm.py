@@ -41,16 +41,26 @@ class BatchNorm2d(Layer):
         k, a = _kernels(), self.attrs
         if train:
             k.batchnorm_forward_train(
-                xs[0], p["weight"], p["bias"], a["eps"], a["momentum"], p["running_mean"],
-                p["running_var"], out, self.xhat, self.inv_std,
+                xs[0],
+                p["weight"],
+                p["bias"],
+                a["eps"],
+                a["momentum"],
+                p["running_mean"],
+                p["running_var"],
+                out,
+                self.xhat,
+                self.inv_std,
             )
         else:
-            k.batchnorm_forward_eval(xs[0], p["weight"], p["bias"], a["eps"],
-                                     p["running_mean"], p["running_var"], out)
+            k.batchnorm_forward_eval(
+                xs[0], p["weight"], p["bias"], a["eps"], p["running_mean"], p["running_var"], out
+            )
 
     def backward(self, xs, out, dout, dxs, p, g):
-        _kernels().batchnorm_backward(dout, self.xhat, p["weight"], self.inv_std, dxs[0],
-                                      g["weight"], g["bias"])
+        _kernels().batchnorm_backward(
+            dout, self.xhat, p["weight"], self.inv_std, dxs[0], g["weight"], g["bias"]
+        )
 
 
 @register
@@ -59,8 +69,12 @@ class LRN(Layer):
     elementwise = True
 
     def setup(self, a, in_shapes):
-        self.attrs = {"size": a.get("size", 5), "alpha": a.get("alpha", 1e-4),
-                      "beta": a.get("beta", 0.75), "k": a.get("k", 2.0)}
+        self.attrs = {
+            "size": a.get("size", 5),
+            "alpha": a.get("alpha", 1e-4),
+            "beta": a.get("beta", 0.75),
+            "k": a.get("k", 2.0),
+        }
         return in_shapes[0]
 
     def allocate(self, batch, dtype=np.float32):
@@ -72,5 +86,6 @@ class LRN(Layer):
 
     def backward(self, xs, out, dout, dxs, p, g):
         a = self.attrs
-        _kernels().lrn_backward(xs[0], out, self.scale, dout, a["size"], a["alpha"], a["beta"],
-                                dxs[0])
+        _kernels().lrn_backward(
+            xs[0], out, self.scale, dout, a["size"], a["alpha"], a["beta"], dxs[0]
+        )

@@ -21,8 +21,10 @@ class _Pool2d(Layer):
         kernel = pair(a.get("kernel", 2), "kernel")
         stride = pair(a.get("stride", kernel), "stride")
         padding = resolve_padding(a.get("padding", 0), kernel, stride, [1, 1], (h, w))
-        for axis, k, p0, p1 in (("height", kernel[0], *padding[:2]),
-                                ("width", kernel[1], *padding[2:])):
+        for axis, k, p0, p1 in (
+            ("height", kernel[0], *padding[:2]),
+            ("width", kernel[1], *padding[2:]),
+        ):
             if max(p0, p1) * 2 > k:
                 raise LayerError(
                     f"{axis} padding ({max(p0, p1)}) must be at most half the kernel ({k})",
@@ -32,15 +34,21 @@ class _Pool2d(Layer):
         ceil_mode = a.get("ceil_mode", False)
         oh = output_size(h, kernel[0], stride[0], padding[0], padding[1], 1, ceil_mode, "height")
         ow = output_size(w, kernel[1], stride[1], padding[2], padding[3], 1, ceil_mode, "width")
-        self.attrs = {"kernel": kernel, "stride": stride, "padding": padding,
-                      "ceil_mode": ceil_mode}
+        self.attrs = {
+            "kernel": kernel,
+            "stride": stride,
+            "padding": padding,
+            "ceil_mode": ceil_mode,
+        }
         return (c, oh, ow)
 
     def receptive_field(self, fields):
         a = self.attrs
         fh, fw = fields[0]
-        return (fh.through(a["kernel"][0], a["stride"][0], a["padding"][0]),
-                fw.through(a["kernel"][1], a["stride"][1], a["padding"][2]))
+        return (
+            fh.through(a["kernel"][0], a["stride"][0], a["padding"][0]),
+            fw.through(a["kernel"][1], a["stride"][1], a["padding"][2]),
+        )
 
 
 @register
@@ -53,8 +61,9 @@ class MaxPool2d(_Pool2d):
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
-        _kernels().maxpool2d_forward(xs[0], *a["kernel"], *a["stride"], a["padding"][0],
-                                     a["padding"][2], out, self.argmax)
+        _kernels().maxpool2d_forward(
+            xs[0], *a["kernel"], *a["stride"], a["padding"][0], a["padding"][2], out, self.argmax
+        )
 
     def backward(self, xs, out, dout, dxs, p, g):
         _kernels().maxpool2d_backward(dout, self.argmax, dxs[0])
@@ -103,21 +112,32 @@ class Subsample2d(Layer):
     def receptive_field(self, fields):
         a = self.attrs
         fh, fw = fields[0]
-        return (fh.through(a["kernel"][0], a["stride"][0], 0),
-                fw.through(a["kernel"][1], a["stride"][1], 0))
+        return (
+            fh.through(a["kernel"][0], a["stride"][0], 0),
+            fw.through(a["kernel"][1], a["stride"][1], 0),
+        )
 
     def allocate(self, batch, dtype=np.float32):
         self.pooled = np.zeros((batch, *self.out_shape), dtype)
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
-        _kernels().subsample2d_forward(xs[0], p["weight"], p["bias"], *a["kernel"],
-                                       *a["stride"], out, self.pooled)
+        _kernels().subsample2d_forward(
+            xs[0], p["weight"], p["bias"], *a["kernel"], *a["stride"], out, self.pooled
+        )
 
     def backward(self, xs, out, dout, dxs, p, g):
         a = self.attrs
-        _kernels().subsample2d_backward(dout, self.pooled, p["weight"], *a["kernel"],
-                                        *a["stride"], dxs[0], g["weight"], g["bias"])
+        _kernels().subsample2d_backward(
+            dout,
+            self.pooled,
+            p["weight"],
+            *a["kernel"],
+            *a["stride"],
+            dxs[0],
+            g["weight"],
+            g["bias"],
+        )
 
 
 @register
@@ -147,4 +167,3 @@ def covers_input(fields, in_shape):
         return fields[0]
     _, h, w = in_shape
     return fields[0][0].through(h, 1, 0), fields[0][1].through(w, 1, 0)
-

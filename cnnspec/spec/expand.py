@@ -83,8 +83,11 @@ class Expander:
                 n = scope.counters[kind] = scope.counters.get(kind, 0) + 1
                 name = f"{kind}_{n}"
             elif name in scope.names:
-                self.problem(path + ("name",), f"duplicate layer name '{name}'",
-                             "give each layer a unique name")
+                self.problem(
+                    path + ("name",),
+                    f"duplicate layer name '{name}'",
+                    "give each layer a unique name",
+                )
                 continue
             if not self.value(item.get("when", True), env, path + ("when",)):
                 # left out: it acts as identity, for `inputs` and for the next layer
@@ -97,14 +100,16 @@ class Expander:
                 copy = name if repeat == 1 else f"{name}.{r + 1}"
                 inputs = refs if (refs and r == 0) else [prev]
                 if kind in self.blocks:
-                    prev = self.instance(item, path, kind, copy, inputs, scope, env, stack,
-                                         index=r + 1)
+                    prev = self.instance(
+                        item, path, kind, copy, inputs, scope, env, stack, index=r + 1
+                    )
                 elif kind in self.types:
                     prev = self.primitive(item, path, copy, inputs, scope, env, env_paths, stack)
                 else:
                     choices = list(self.types) + list(self.blocks)
                     hint = did_you_mean(kind, choices) or (
-                        "define it under `blocks:` or use a layer type (`cnnspec schema` lists them)"
+                        "define it under `blocks:` or use a layer type "
+                        "(`cnnspec schema` lists them)"
                     )
                     self.problem(path + ("type",), f"unknown layer type '{kind}'", hint)
                     prev = scope.names[name] = BROKEN
@@ -122,23 +127,36 @@ class Expander:
             attrs[key] = self.value(raw, env, path + (key,))
             arg = raw[1:] if isinstance(raw, str) and raw[1:] in env_paths else None
             attr_paths[key] = env_paths[arg] if arg else path + (key,)
-        node = Node(gname, self.types[item["type"]], attrs, list(inputs), path, attr_paths,
-                    " > ".join(stack))
+        node = Node(
+            gname,
+            self.types[item["type"]],
+            attrs,
+            list(inputs),
+            path,
+            attr_paths,
+            " > ".join(stack),
+        )
         self.nodes.append(node)
         scope.names[name] = gname
         return gname
 
     def instance(self, item, path, kind, name, inputs, scope, env, stack, index):
         if kind in (s.split(" ")[0] for s in stack) or len(stack) >= MAX_BLOCK_DEPTH:
-            self.problem(path + ("type",), f"block '{kind}' uses itself",
-                         "blocks may use other blocks, but not recursively")
+            self.problem(
+                path + ("type",),
+                f"block '{kind}' uses itself",
+                "blocks may use other blocks, but not recursively",
+            )
             return inputs[0]
         block = self.blocks[kind]
         if not isinstance(block, dict) or not isinstance(block.get("layers"), list):
             return inputs[0]
         if len(inputs) != 1:
-            self.problem(path + ("inputs",), f"block '{kind}' takes exactly one input",
-                         "merge the inputs first with concat or add")
+            self.problem(
+                path + ("inputs",),
+                f"block '{kind}' takes exactly one input",
+                "merge the inputs first with concat or add",
+            )
         params = block.get("params") or {}
         if not isinstance(params, dict):
             params = {}
@@ -147,9 +165,12 @@ class Expander:
             if key in COMMON:
                 continue
             if key not in params:
-                self.problem(path + (key,), f"block '{kind}' has no argument '{key}'",
-                             did_you_mean(key, params) or
-                             "its arguments: " + (", ".join(params) or "none"), key=True)
+                self.problem(
+                    path + (key,),
+                    f"block '{kind}' has no argument '{key}'",
+                    did_you_mean(key, params) or "its arguments: " + (", ".join(params) or "none"),
+                    key=True,
+                )
                 continue
             args[key] = self.value(raw, env, path + (key,))
             arg_paths[key] = path + (key,)
@@ -157,16 +178,26 @@ class Expander:
             if key in args:
                 continue
             if default is None:
-                self.problem(path, f"block '{kind}' needs the argument '{key}'",
-                             f"add `{key}: ...` to this layer")
+                self.problem(
+                    path,
+                    f"block '{kind}' needs the argument '{key}'",
+                    f"add `{key}: ...` to this layer",
+                )
                 args[key] = None
             else:
                 args[key] = default
                 arg_paths[key] = ("blocks", kind, "params", key)
         args["index"] = index  # 1-based copy number under `repeat`
         inner = Scope(scope.prefix + name + ".", {"in": inputs[0]})
-        out = self.expand(block["layers"], ("blocks", kind, "layers"), inner, args, arg_paths,
-                          inputs[0], stack + (f"{kind} {scope.prefix}{name}",))
+        out = self.expand(
+            block["layers"],
+            ("blocks", kind, "layers"),
+            inner,
+            args,
+            arg_paths,
+            inputs[0],
+            stack + (f"{kind} {scope.prefix}{name}",),
+        )
         if isinstance(block.get("output"), str):
             out = Ref(inner, block["output"], ("blocks", kind, "output"))
         scope.names[name] = out
@@ -176,8 +207,13 @@ class Expander:
         try:
             return substitute(raw, env)
         except ExprError as exc:
-            self.problem(path, str(exc), "block arguments are written $name or ${expression}"
-                         if env else "`$` values are only meaningful inside a block")
+            self.problem(
+                path,
+                str(exc),
+                "block arguments are written $name or ${expression}"
+                if env
+                else "`$` values are only meaningful inside a block",
+            )
             return None
 
     # ---- reference resolution ---------------------------------------------
@@ -193,8 +229,11 @@ class Expander:
             if found is None:
                 hint = did_you_mean(target.name, target.scope.names) or (
                     "inputs name earlier layers of the same block or network"
-                    + ("; `in` is the block's input" if target.scope.prefix else
-                       "; `input` is the network's input")
+                    + (
+                        "; `in` is the block's input"
+                        if target.scope.prefix
+                        else "; `input` is the network's input"
+                    )
                 )
                 self.problem(target.path, f"unknown input '{target.name}'", hint)
                 return None

@@ -101,7 +101,7 @@ def _eval(node, env):
         return all(values) if isinstance(node.op, ast.And) else any(values)
     if isinstance(node, ast.Compare) and all(type(o) in _CMPOPS for o in node.ops):
         left = _eval(node.left, env)
-        for op, comp in zip(node.ops, node.comparators):
+        for op, comp in zip(node.ops, node.comparators, strict=True):
             right = _eval(comp, env)
             if not _CMPOPS[type(op)](left, right):
                 return False

@@ -71,9 +71,7 @@ def load_text(text: str, file: str = "<spec>") -> Document:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        message = "invalid YAML: " + " ".join(
-            str(s) for s in (exc.context, exc.problem) if s
-        )
+        message = "invalid YAML: " + " ".join(str(s) for s in (exc.context, exc.problem) if s)
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
         raise _fail(file, message, line, col) from None
     except yaml.YAMLError as exc:

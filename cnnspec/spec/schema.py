@@ -78,8 +78,12 @@ def _describe_type(schema_part) -> str:
         n = schema_part.get("minItems"), schema_part.get("maxItems")
         item = _describe_type(schema_part.get("items", {}))
         return f"a list of {n[0]}" + (f"-{n[1]}" if n[1] != n[0] else "") + f" ({item})"
-    return {"number": "a number", "boolean": "true or false", "string": "a string",
-            "object": "a mapping"}.get(t, "a valid value")
+    return {
+        "number": "a number",
+        "boolean": "true or false",
+        "string": "a string",
+        "object": "a mapping",
+    }.get(t, "a valid value")
 
 
 def _explain(doc: Document, err, base) -> list[Problem]:
@@ -94,14 +98,24 @@ def _explain(doc: Document, err, base) -> list[Problem]:
             allowed = list(e.schema.get("properties", {}))
             if e.schema.get("$ref") == "#/$defs/common":
                 allowed += list(schema()["$defs"]["common"]["properties"])
-            extras = [k for k in e.instance if k not in allowed] if isinstance(e.instance, dict) else []
+            extras = (
+                [k for k in e.instance if k not in allowed] if isinstance(e.instance, dict) else []
+            )
             for key in extras or [None]:
                 kline, kcol = doc.pos(path + (key,), key=True) if key else (line, col)
                 hint = did_you_mean(key, allowed) or ("allowed: " + ", ".join(sorted(allowed)))
                 owner = e.instance.get("type") if isinstance(e.instance, dict) else None
                 subject = f"{owner}" if owner else where
-                out.append(Problem(f"unknown attribute '{key}' for {subject}", kline, kcol, hint,
-                                   file=doc.file, path=path))
+                out.append(
+                    Problem(
+                        f"unknown attribute '{key}' for {subject}",
+                        kline,
+                        kcol,
+                        hint,
+                        file=doc.file,
+                        path=path,
+                    )
+                )
             continue
         if v == "required":
             missing = e.message.split("'")[1] if "'" in e.message else e.message
@@ -109,8 +123,17 @@ def _explain(doc: Document, err, base) -> list[Problem]:
             sub = e.schema.get("properties", {}).get(missing, {})
             message = f"{owner} needs '{missing}'"
             hint = f"add `{missing}: ...` ({_describe_type(sub)})" if sub else f"add `{missing}:`"
-        elif v in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-                   "minItems", "maxItems", "pattern", "minLength"):
+        elif v in (
+            "type",
+            "minimum",
+            "maximum",
+            "exclusiveMinimum",
+            "exclusiveMaximum",
+            "minItems",
+            "maxItems",
+            "pattern",
+            "minLength",
+        ):
             message = f"{where} must be {_describe_type(e.schema)}"
             if v in ("minimum", "exclusiveMinimum"):
                 message = f"{where} must be {'>=' if v == 'minimum' else '>'} {e.validator_value}"

@@ -14,6 +14,9 @@ from numba import njit, prange
 from ._common import check_c, check_shape
 
 __all__ = [
+    "ACT_NONE",
+    "ACT_RELU",
+    "conv2d_workspace",
     "im2col",
     "col2im",
     "conv2d_forward",
@@ -102,62 +105,168 @@ def _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
                             dr[ox * sw + offx] += crow[base + ox]
 
 
-# Grouped convolutions whose per-group GEMMs are tiny (depthwise, ResNeXt-style) run as
-# direct Numba loops; bigger groups (and groups=1) use one BLAS GEMM per sample and group.
-_SMALL_GROUP_GEMM = 4096  # og * kg below this -> Numba loops
-_DCOLS_SCRATCH_BYTES = 32 << 20  # conv2d_backward's input-gradient scratch (when not given)
+# ---------------------------------------------------------------- batched lowering
+# conv2d runs a chunk of samples at a time: im2col writes the chunk as one matrix
+# cols (K, nb*L), K = C*kh*kw, L = OH*OW, so each group needs one GEMM per chunk
+# instead of one per sample; an epilogue then scatters the (O, nb*L) product into
+# NCHW while adding the bias and applying a fused activation. The chunk is sized
+# from the workspace, which bounds memory for large images and batches.
+
+ACT_NONE, ACT_RELU = 0, 1
+_SMALL_GROUP_GEMM = 4096  # og * kg below this -> Numba loops instead of BLAS
+_CHUNK_BYTES = 24 << 20  # default workspace per conv call
 
 
 @njit(parallel=True, cache=True)
-def _grouped_fwd(w3, cols4, out4):
-    n_, g_, kg, L = cols4.shape
-    og = w3.shape[1]
-    for ng in prange(n_ * g_):
-        n = ng // g_
-        g = ng - n * g_
-        for o in range(og):
-            orow = out4[n, g, o]
-            orow[:] = 0
-            for k in range(kg):
-                wv = w3[g, o, k]
-                crow = cols4[n, g, k]
-                for t in range(L):
-                    orow[t] += wv * crow[t]
+def _im2col_t(x, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
+    _, c_, h_, w_ = x.shape
+    kk = kh * kw
+    L = oh * ow
+    for nc in prange(nb * c_):
+        n = nc // c_
+        c = nc - n * c_
+        xp = x[n0 + n, c]
+        for i in range(kh):
+            for j in range(kw):
+                crow = cols[c * kk + i * kw + j, n * L : n * L + L]
+                offx = j * dw - pl
+                lo, hi = _valid_range(offx, sw, w_, ow)
+                for oy in range(oh):
+                    iy = oy * sh - pt + i * dh
+                    seg = crow[oy * ow : oy * ow + ow]
+                    if iy < 0 or iy >= h_:
+                        seg[:] = 0
+                        continue
+                    xr = xp[iy]
+                    seg[:lo] = 0
+                    if sw == 1:
+                        seg[lo:hi] = xr[lo + offx : hi + offx]
+                    else:
+                        for ox in range(lo, hi):
+                            seg[ox] = xr[ox * sw + offx]
+                    seg[hi:] = 0
 
 
 @njit(parallel=True, cache=True)
-def _grouped_dcols(w3, dout4, dcols4):
-    n_, g_, og, L = dout4.shape
-    kg = w3.shape[2]
-    for ng in prange(n_ * g_):
-        n = ng // g_
-        g = ng - n * g_
-        for k in range(kg):
-            drow = dcols4[n, g, k]
-            drow[:] = 0
-            for o in range(og):
-                wv = w3[g, o, k]
-                grow = dout4[n, g, o]
-                for t in range(L):
-                    drow[t] += wv * grow[t]
+def _col2im_t(cols, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
+    _, c_, h_, w_ = dx.shape
+    kk = kh * kw
+    L = oh * ow
+    for nc in prange(nb * c_):
+        n = nc // c_
+        c = nc - n * c_
+        dp = dx[n0 + n, c]
+        dp[:, :] = 0
+        for i in range(kh):
+            for j in range(kw):
+                crow = cols[c * kk + i * kw + j, n * L : n * L + L]
+                offx = j * dw - pl
+                lo, hi = _valid_range(offx, sw, w_, ow)
+                for oy in range(oh):
+                    iy = oy * sh - pt + i * dh
+                    if iy < 0 or iy >= h_:
+                        continue
+                    base = oy * ow
+                    if sw == 1:
+                        dr = dp[iy, lo + offx : hi + offx]
+                        sr = crow[base + lo : base + hi]
+                        for t in range(hi - lo):
+                            dr[t] += sr[t]
+                    else:
+                        dr = dp[iy]
+                        for ox in range(lo, hi):
+                            dr[ox * sw + offx] += crow[base + ox]
 
 
 @njit(parallel=True, cache=True)
-def _grouped_dw(dout4, cols4, dw3):
-    # one (group, out-channel) per iteration; the batch is summed in fixed order
-    n_, g_, og, L = dout4.shape
-    kg = cols4.shape[2]
+def _epilogue(prod, bias, act, n0, nb, out):
+    """out[n0+n, o] = act(prod[o, n*L : (n+1)*L] + bias[o]) (bias may be empty)."""
+    o_ = out.shape[1]
+    L = out.shape[2] * out.shape[3]
+    has_bias = bias.shape[0] > 0
+    for no in prange(nb * o_):
+        n = no // o_
+        o = no - n * o_
+        src = prod[o, n * L : n * L + L]
+        dst = out[n0 + n, o].reshape(L)
+        b = bias[o] if has_bias else 0.0
+        if act == 1:
+            for t in range(L):
+                v = src[t] + b
+                dst[t] = v if v > 0 else 0.0
+        else:
+            for t in range(L):
+                dst[t] = src[t] + b
+
+
+@njit(parallel=True, cache=True)
+def _gather_grad(dout, out, act, n0, nb, dprod):
+    """dprod[o, n*L + t] = dout[n0+n, o, t], masked by a fused ReLU's output."""
+    o_ = dout.shape[1]
+    L = dout.shape[2] * dout.shape[3]
+    for no in prange(nb * o_):
+        n = no // o_
+        o = no - n * o_
+        src = dout[n0 + n, o].reshape(L)
+        dst = dprod[o, n * L : n * L + L]
+        if act == 1:
+            y = out[n0 + n, o].reshape(L)
+            for t in range(L):
+                dst[t] = src[t] if y[t] > 0 else 0.0
+        else:
+            for t in range(L):
+                dst[t] = src[t]
+
+
+@njit(parallel=True, cache=True)
+def _grouped_fwd_t(w3, cols, prod):
+    g_, og, kg = w3.shape
+    m = cols.shape[1]
     for go in prange(g_ * og):
         g = go // og
         o = go - g * og
+        dst = prod[go]
+        dst[:] = 0
         for k in range(kg):
+            wv = w3[g, o, k]
+            src = cols[g * kg + k]
+            for t in range(m):
+                dst[t] += wv * src[t]
+
+
+@njit(parallel=True, cache=True)
+def _grouped_dcols_t(w3, dprod, dcols):
+    g_, og, kg = w3.shape
+    m = dprod.shape[1]
+    for gk in prange(g_ * kg):
+        g = gk // kg
+        k = gk - g * kg
+        dst = dcols[gk]
+        dst[:] = 0
+        for o in range(og):
+            wv = w3[g, o, k]
+            src = dprod[g * og + o]
+            for t in range(m):
+                dst[t] += wv * src[t]
+
+
+@njit(parallel=True, cache=True)
+def _grouped_dw_t(dprod, cols, dw3, accumulate):
+    g_, og, kg = dw3.shape
+    m = cols.shape[1]
+    for go in prange(g_ * og):
+        g = go // og
+        o = go - g * og
+        grow = dprod[go]
+        for k in range(kg):
+            crow = cols[g * kg + k]
             acc = 0.0
-            for n in range(n_):
-                grow = dout4[n, g, o]
-                crow = cols4[n, g, k]
-                for t in range(L):
-                    acc += grow[t] * crow[t]
-            dw3[g, o, k] = acc
+            for t in range(m):
+                acc += grow[t] * crow[t]
+            if accumulate:
+                dw3[g, o, k] += acc
+            else:
+                dw3[g, o, k] = acc
 
 
 def _use_blas(w3):
@@ -165,33 +274,134 @@ def _use_blas(w3):
     return g == 1 or og * kg >= _SMALL_GROUP_GEMM
 
 
-def _gemm_fwd(w3, cols4, out4):
-    """out4[n, g] = w3[g] @ cols4[n, g]."""
-    if _use_blas(w3):
-        for i in range(cols4.shape[0]):
-            for g in range(w3.shape[0]):
-                np.matmul(w3[g], cols4[i, g], out=out4[i, g])
-    else:
-        _grouped_fwd(w3, cols4, out4)
+def conv2d_workspace(x_shape, w_shape, out_shape, batch_chunk=None) -> int:
+    """Elements a conv2d workspace needs for `batch_chunk` samples per GEMM (default:
+    as many as fit in about 24 MiB, at least one, at most the batch)."""
+    n = x_shape[0]
+    per = _per_sample(x_shape, w_shape, out_shape)
+    if batch_chunk is None:
+        batch_chunk = max(1, min(n, _CHUNK_BYTES // (4 * per)))
+    return int(per * batch_chunk)
 
 
-def _gemm_dcols(w3, dout4, dcols4):
-    """dcols4[n, g] = w3[g]^T @ dout4[n, g]."""
-    if _use_blas(w3):
-        for i in range(dout4.shape[0]):
-            for g in range(w3.shape[0]):
-                np.matmul(w3[g].T, dout4[i, g], out=dcols4[i, g])
-    else:
-        _grouped_dcols(w3, dout4, dcols4)
+def _per_sample(x_shape, w_shape, out_shape):
+    o, cg, kh, kw = w_shape
+    k = x_shape[1] * kh * kw
+    return (2 * k + o) * out_shape[2] * out_shape[3]  # cols + dcols + product
 
 
-def _gemm_dw(dout4, cols4, dw3):
-    """dw3[g] = sum_n dout4[n, g] @ cols4[n, g]^T, summed in fixed sample order."""
-    if _use_blas(dw3):
-        for g in range(dw3.shape[0]):
-            _accumulate_batch_gemm(dout4[:, g], cols4[:, g].transpose(0, 2, 1), dw3[g])
-    else:
-        _grouped_dw(dout4, cols4, dw3)
+def _views(ws, x, w, out):
+    n, c = x.shape[:2]
+    o, _cg, kh, kw = w.shape
+    L = out.shape[2] * out.shape[3]
+    k = c * kh * kw
+    flat = ws.reshape(-1)
+    nb = min(n, flat.size // _per_sample(x.shape, w.shape, out.shape))
+    if nb < 1:
+        need = _per_sample(x.shape, w.shape, out.shape)
+        raise ValueError(f"conv2d workspace has {flat.size} elements, one sample needs {need}")
+    cols = flat[: k * nb * L].reshape(k, nb * L)
+    dcols = flat[k * nb * L : 2 * k * nb * L].reshape(k, nb * L)
+    prod = flat[2 * k * nb * L : (2 * k + o) * nb * L].reshape(o, nb * L)
+    return nb, cols, dcols, prod
+
+
+def _bias_or_empty(b, dtype):
+    return np.zeros(0, dtype) if b is None else b
+
+
+def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, ws, act=ACT_NONE):
+    """out = act(conv2d(x, w) + b), PyTorch cross-correlation; `ws` is a workspace of
+    at least :func:`conv2d_workspace` elements (any shape, C-contiguous)."""
+    sh, sw, pt, _pb, pl, _pr, dh, dw = _unpack(stride, pad, dilation)
+    n, c, _h, _w = x.shape
+    o, cg, kh, kw = w.shape
+    g = int(groups)
+    if c != cg * g or o % g:
+        raise ValueError(f"bad grouped conv shapes: x {x.shape}, w {w.shape}, groups {g}")
+    oh, ow = out.shape[2], out.shape[3]
+    check_shape("out", out, (n, o, oh, ow))
+    check_c(x=x, w=w, out=out, ws=ws)
+    nb, cols, _dcols, prod = _views(ws, x, w, out)
+    w3 = w.reshape(g, o // g, cg * kh * kw)
+    bias = _bias_or_empty(b, x.dtype)
+    for n0 in range(0, n, nb):
+        m = min(nb, n - n0)
+        L = oh * ow
+        c_m, p_m = cols[:, : m * L], prod[:, : m * L]
+        _im2col_t(x, n0, m, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
+        _product(w3, c_m, p_m)
+        _epilogue(prod, bias, int(act), n0, m, out)
+
+
+def _product(w3, cols, prod):
+    """prod[g*og:(g+1)*og] = w3[g] @ cols[g*kg:(g+1)*kg] for each group."""
+    g, og, kg = w3.shape
+    if not _use_blas(w3):
+        _grouped_fwd_t(w3, cols, prod)
+        return
+    for gi in range(g):
+        np.matmul(w3[gi], cols[gi * kg : (gi + 1) * kg], out=prod[gi * og : (gi + 1) * og])
+
+
+def conv2d_backward(
+    x, w, dout, stride, pad, dilation, groups, ws, dx, dw, db, out=None, act=ACT_NONE
+):
+    """Gradients of :func:`conv2d_forward` (im2col is recomputed per chunk, so nothing
+    from the forward pass is needed but `out` when an activation was fused).
+    dx / db may be None; dw is overwritten."""
+    sh, sw, pt, _pb, pl, _pr, dh, dwl = _unpack(stride, pad, dilation)
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    g = int(groups)
+    oh, ow = dout.shape[2], dout.shape[3]
+    L = oh * ow
+    kg = cg * kh * kw
+    og = o // g
+    check_shape("dout", dout, (n, o, oh, ow))
+    check_shape("dw", dw, w.shape)
+    check_c(x=x, w=w, dout=dout, ws=ws, dx=dx, dw=dw)
+    if act and out is None:
+        raise ValueError("a fused activation needs the forward output")
+    if dx is not None:
+        check_shape("dx", dx, x.shape)
+    if db is not None:
+        check_shape("db", db, (o,))
+    nb, cols, dcols, prod = _views(ws, x, w, dout)
+    w3 = w.reshape(g, og, kg)
+    dw3 = dw.reshape(g, og, kg)
+    y = out if out is not None else dout
+    blas = _use_blas(w3)
+    for n0 in range(0, n, nb):
+        m = min(nb, n - n0)
+        c_m, d_m, p_m = cols[:, : m * L], dcols[:, : m * L], prod[:, : m * L]
+        _gather_grad(dout, y, int(act), n0, m, prod)
+        _im2col_t(x, n0, m, kh, kw, sh, sw, pt, pl, dh, dwl, oh, ow, cols)
+        first = n0 == 0
+        if db is not None:
+            part = p_m.sum(axis=1)
+            if first:
+                db[...] = part
+            else:
+                db += part
+        if blas:
+            for gi in range(g):
+                rows, ks = slice(gi * og, (gi + 1) * og), slice(gi * kg, (gi + 1) * kg)
+                if first:
+                    np.matmul(p_m[rows], c_m[ks].T, out=dw3[gi])
+                else:
+                    dw3[gi] += p_m[rows] @ c_m[ks].T
+        else:
+            _grouped_dw_t(p_m, c_m, dw3, not first)
+        if dx is None:
+            continue
+        if blas:
+            for gi in range(g):
+                rows, ks = slice(gi * og, (gi + 1) * og), slice(gi * kg, (gi + 1) * kg)
+                np.matmul(w3[gi].T, p_m[rows], out=d_m[ks])
+        else:
+            _grouped_dcols_t(w3, p_m, d_m)
+        _col2im_t(dcols, n0, m, kh, kw, sh, sw, pt, pl, dh, dwl, oh, ow, dx)
 
 
 def _check_cols(x, cols, kh, kw, oh, ow, name="cols"):
@@ -238,72 +448,6 @@ def _accumulate_batch_gemm(a, b_t, dst, tmp=None):
         for i in range(1, n):
             np.matmul(a[i], b_t[i], out=tmp)
             dst += tmp
-
-
-def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, cols):
-    """out = conv2d(x, w) + b (PyTorch cross-correlation); cols <- im2col(x)."""
-    sh, sw, pt, _pb, pl, _pr, dh, dw = _unpack(stride, pad, dilation)
-    n, c, _h, _w = x.shape
-    o, cg, kh, kw = w.shape
-    g = int(groups)
-    if c != cg * g or o % g:
-        raise ValueError(f"bad grouped conv shapes: x {x.shape}, w {w.shape}, groups {g}")
-    oh, ow = out.shape[2], out.shape[3]
-    check_shape("out", out, (n, o, oh, ow))
-    check_c(x=x, w=w, out=out, cols=cols)
-    _check_cols(x, cols, kh, kw, oh, ow)
-    _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
-    L = oh * ow
-    kg = cg * kh * kw
-    og = o // g
-    _gemm_fwd(w.reshape(g, og, kg), cols.reshape(n, g, kg, L), out.reshape(n, g, og, L))
-    if b is not None:
-        out += b.reshape(1, o, 1, 1)
-
-
-def conv2d_backward(x, w, dout, stride, pad, dilation, groups, cols, dx, dw, db, dcols=None):
-    """Gradients of :func:`conv2d_forward`.
-
-    ``cols`` must still hold im2col(x) from the forward pass; it is not modified.
-    dx / db may be None. ``dcols`` (optional extension, same shape/dtype as cols) is a
-    workspace for the input gradient; without it a scratch of at most
-    ``_DCOLS_SCRATCH_BYTES`` (but at least one sample) is allocated per call.
-    """
-    sh, sw, pt, _pb, pl, _pr, dh, dwl = _unpack(stride, pad, dilation)
-    n, c, h, wd = x.shape
-    o, cg, kh, kw = w.shape
-    g = int(groups)
-    oh, ow = dout.shape[2], dout.shape[3]
-    L = oh * ow
-    kg = cg * kh * kw
-    og = o // g
-    check_shape("dout", dout, (n, o, oh, ow))
-    check_shape("dw", dw, w.shape)
-    check_c(x=x, w=w, dout=dout, cols=cols, dx=dx, dw=dw, dcols=dcols)
-    _check_cols(x, cols, kh, kw, oh, ow)
-    dout4 = dout.reshape(n, g, og, L)
-    cols4 = cols.reshape(n, g, kg, L)
-    if db is not None:
-        check_shape("db", db, (o,))
-        np.sum(dout, axis=(0, 2, 3), out=db)
-    _gemm_dw(dout4, cols4, dw.reshape(g, og, kg))
-    if dx is None:
-        return
-    check_shape("dx", dx, x.shape)
-    if dcols is None:
-        # bounded scratch: process the batch in chunks instead of a second full cols buffer
-        per_sample = max(1, c * kh * kw * L * cols.itemsize)
-        chunk = int(min(n, max(1, _DCOLS_SCRATCH_BYTES // per_sample)))
-        dcols = np.empty((chunk, c * kh * kw, L), dtype=cols.dtype)
-    else:
-        _check_cols(x, dcols, kh, kw, oh, ow, "dcols")
-        chunk = n
-    w3 = w.reshape(g, og, kg)
-    for s0 in range(0, n, chunk):
-        s1 = min(n, s0 + chunk)
-        buf = dcols[: s1 - s0]
-        _gemm_dcols(w3, dout4[s0:s1], buf.reshape(s1 - s0, g, kg, L))
-        _col2im(buf, kh, kw, sh, sw, pt, pl, dh, dwl, oh, ow, dx[s0:s1])
 
 
 def conv_transpose2d_forward(x, w, b, stride, pad, dilation, out, cols):
