@@ -10,6 +10,7 @@ gradients in another), so an optimizer can update them in one vector operation;
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -24,11 +25,14 @@ def _blas_controller():
     return ThreadpoolController()
 
 
-def one_blas_thread():
-    """Numba's kernels use every core; OpenBLAS threads spinning beside them on the
-    same cores slow a step down 5-20x (measured on 2 cores), so the model's GEMMs run
-    on the calling thread while it computes."""
-    return _blas_controller().limit(limits=1, user_api="blas")
+@contextmanager
+def computing():
+    """How the model computes. Numba's kernels use every core; OpenBLAS threads
+    spinning beside them on the same cores slow a step down 5-20x (measured on 2
+    cores), so GEMMs run on the calling thread meanwhile. Overflow to inf/NaN is
+    not an exception here: the trainer detects a non-finite loss and says so."""
+    with _blas_controller().limit(limits=1, user_api="blas"), np.errstate(all="ignore"):
+        yield
 
 
 # Layers that do not change which initialisation suits the weights before them.
@@ -236,7 +240,7 @@ class Model:
         (its probabilities are `model.probabilities`), regression values, or negated
         RBF distances. Often the model's own buffer, overwritten by the next call."""
         self._load_input(x)
-        with one_blas_thread():
+        with computing():
             self._forward(train)
         return self._scores()
 
@@ -254,7 +258,7 @@ class Model:
         """Forward in training mode, every output's loss (weighted), backward.
         Returns the loss and the gradient dict (the model's own buffers)."""
         self._load_input(x)
-        with one_blas_thread():
+        with computing():
             self._forward(True)
             loss = 0.0
             for info in self.outputs:
