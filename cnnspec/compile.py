@@ -60,7 +60,8 @@ class Model:
         self.input_shape = tuple(net.input_shape)
         self.infos = net.infos
         self.outputs = [i for i in self.infos if i.layer.role == "output"]
-        self.head = self.infos[-1]
+        # the prediction: the last output layer (auxiliary heads come before it)
+        self.head = self.outputs[-1] if self.outputs else self.infos[-1]
         self.num_outputs = int(np.prod(self.head.layer.out_shape))
         seeds = np.random.SeedSequence(seed).spawn(2)
         self.rng = np.random.default_rng(seeds[1])  # dropout, RReLU
@@ -246,6 +247,8 @@ class Model:
 
     def _scores(self):
         head = self.head
+        if head.layer.role != "output":
+            return self.buf[head.name]
         return head.layer.scores([self.buf[i] for i in head.node.inputs], self.buf[head.name])
 
     def probabilities(self, x) -> np.ndarray:

@@ -197,3 +197,47 @@ def test_lenet5_matches_pytorch_forward_and_backward():
                 ref_g = getattr(mod, part).grad.numpy()
                 got = grads[f"{name}.{part}"]
                 assert np.abs(got - ref_g).max() <= 1e-4 * np.abs(ref_g).max() + 1e-7, name
+
+
+FUSIONS = """
+input: [2, 6, 6]
+layers:
+  - {name: conv, type: conv2d, filters: 3, kernel: 3, padding: 1}
+  - {name: r1, type: relu}
+  - {name: bn, type: batchnorm2d}
+  - {name: r2, type: relu}
+  - {name: fc, type: dense, units: 4}
+  - {name: r3, type: relu}
+  - {name: out, type: dense, units: 3}
+  - {name: prob, type: softmax}
+"""
+
+
+def test_fused_relus_compute_what_separate_relus_do():
+    """ReLUs after conv, batch norm and dense run inside those layers; the numbers must
+    be those of separate layers (checked here against finite differences and against
+    a network where each ReLU cannot fuse because its producer has a second user)."""
+    net = cnnspec.loads(FUSIONS)
+    model = net.compile(batch_size=4, seed=2, dtype=np.float64)
+    assert set(model.fused) == {"r1", "r2", "r3"}
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(4, 2, 6, 6)), rng.integers(0, 3, 4)
+    _fd_check(model, x, y)
+    unfused = cnnspec.loads(
+        FUSIONS.replace(
+            "{name: prob, type: softmax}",
+            "{name: prob, type: softmax}\n"
+            "  - {name: keep, type: concat, inputs: [conv, bn]}\n"
+            "  - {name: keep2, type: flatten, inputs: [fc]}",
+        )
+    )
+    other = unfused.compile(batch_size=4, seed=2, dtype=np.float64)
+    assert not other.fused
+    for k in model.params:
+        other.params[k][...] = model.params[k]
+    np.testing.assert_allclose(other.forward(x, train=True), model.forward(x, train=True))
+    loss_a, grads_a = model.loss_and_grads(x, y)
+    loss_b, grads_b = other.loss_and_grads(x, y)
+    assert np.isclose(loss_a, loss_b)
+    for k in grads_a:
+        np.testing.assert_allclose(grads_a[k], grads_b[k], rtol=1e-10, atol=1e-12)

@@ -19,6 +19,7 @@ class BatchNorm2d(Layer):
     type_name = "batchnorm2d"
     aliases = ("batchnorm", "bn")
     elementwise = True
+    fusable = True  # a following ReLU runs in the normalisation pass
 
     def setup(self, a, in_shapes):
         self.attrs = {"momentum": a.get("momentum", 0.1), "eps": a.get("eps", 1e-5)}
@@ -51,15 +52,31 @@ class BatchNorm2d(Layer):
                 out,
                 self.xhat,
                 self.inv_std,
+                self.fused_act,
             )
         else:
             k.batchnorm_forward_eval(
-                xs[0], p["weight"], p["bias"], a["eps"], p["running_mean"], p["running_var"], out
+                xs[0],
+                p["weight"],
+                p["bias"],
+                a["eps"],
+                p["running_mean"],
+                p["running_var"],
+                out,
+                self.fused_act,
             )
 
     def backward(self, xs, out, dout, dxs, p, g):
         _kernels().batchnorm_backward(
-            dout, self.xhat, p["weight"], self.inv_std, dxs[0], g["weight"], g["bias"]
+            dout,
+            self.xhat,
+            p["weight"],
+            self.inv_std,
+            dxs[0],
+            g["weight"],
+            g["bias"],
+            out,
+            self.fused_act,
         )
 
 

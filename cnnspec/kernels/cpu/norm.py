@@ -44,7 +44,7 @@ def _bn_stats(x, mean, var):
 
 
 @njit(parallel=True, cache=True)
-def _bn_normalize(x, mean, inv_std, gamma, beta, out, xhat):
+def _bn_normalize(x, mean, inv_std, gamma, beta, out, xhat, act):
     n_, c_, s_ = x.shape
     for nc in prange(n_ * c_):
         n = nc // c_
@@ -56,11 +56,12 @@ def _bn_normalize(x, mean, inv_std, gamma, beta, out, xhat):
         for i in range(s_):
             xh = (x[n, c, i] - mu) * istd
             xhat[n, c, i] = xh
-            out[n, c, i] = g * xhat[n, c, i] + b
+            v = g * xh + b
+            out[n, c, i] = v if (act == 0 or v > 0) else 0.0
 
 
 @njit(parallel=True, cache=True)
-def _affine(x, scale, shift, out):
+def _affine(x, scale, shift, out, act):
     n_, c_, s_ = x.shape
     for nc in prange(n_ * c_):
         n = nc // c_
@@ -68,18 +69,20 @@ def _affine(x, scale, shift, out):
         a = scale[c]
         b = shift[c]
         for i in range(s_):
-            out[n, c, i] = x[n, c, i] * a + b
+            v = x[n, c, i] * a + b
+            out[n, c, i] = v if (act == 0 or v > 0) else 0.0
 
 
 @njit(parallel=True, cache=True)
-def _bn_bwd_sums(dout, xhat, sum_dy, sum_dy_xhat):
+def _bn_bwd_sums(dout, xhat, y, act, sum_dy, sum_dy_xhat):
+    # with a fused ReLU (act=1), the gradient reaching the norm is dout where y > 0
     n_, c_, s_ = dout.shape
     for c in prange(c_):
         a = 0.0
         b = 0.0
         for n in range(n_):
             for i in range(s_):
-                g = dout[n, c, i]
+                g = dout[n, c, i] if (act == 0 or y[n, c, i] > 0) else 0.0
                 a += g
                 b += g * xhat[n, c, i]
         sum_dy[c] = a
@@ -87,7 +90,7 @@ def _bn_bwd_sums(dout, xhat, sum_dy, sum_dy_xhat):
 
 
 @njit(parallel=True, cache=True)
-def _bn_bwd_dx(dout, xhat, coef, mean_dy, mean_dy_xhat, dx):
+def _bn_bwd_dx(dout, xhat, y, act, coef, mean_dy, mean_dy_xhat, dx):
     # dx = gamma*inv_std * (dy - mean(dy) - xhat*mean(dy*xhat)); coef = gamma*inv_std
     n_, c_, s_ = dout.shape
     for nc in prange(n_ * c_):
@@ -97,7 +100,8 @@ def _bn_bwd_dx(dout, xhat, coef, mean_dy, mean_dy_xhat, dx):
         m1 = mean_dy[c]
         m2 = mean_dy_xhat[c]
         for i in range(s_):
-            dx[n, c, i] = k * (dout[n, c, i] - m1 - xhat[n, c, i] * m2)
+            g = dout[n, c, i] if (act == 0 or y[n, c, i] > 0) else 0.0
+            dx[n, c, i] = k * (g - m1 - xhat[n, c, i] * m2)
 
 
 def _param_or(value, c, dtype, fill):
@@ -108,7 +112,7 @@ def _param_or(value, c, dtype, fill):
 
 
 def batchnorm_forward_train(
-    x, gamma, beta, eps, momentum, running_mean, running_var, out, xhat, inv_std
+    x, gamma, beta, eps, momentum, running_mean, running_var, out, xhat, inv_std, act=0
 ):
     """Training-mode batch norm. Normalises with the biased batch variance and updates
     running stats in place with the unbiased one: r = (1-momentum)*r + momentum*batch.
@@ -128,7 +132,7 @@ def batchnorm_forward_train(
     var = np.empty(c, dtype=np.float64)
     _bn_stats(x3, mean, var)
     inv_std[:] = 1.0 / np.sqrt(var + float(eps))
-    _bn_normalize(x3, mean.astype(x.dtype), inv_std, gamma, beta, as_3d(out), as_3d(xhat))
+    _bn_normalize(x3, mean.astype(x.dtype), inv_std, gamma, beta, as_3d(out), as_3d(xhat), int(act))
     mom = float(momentum)
     if running_mean is not None:
         running_mean *= 1.0 - mom
@@ -139,7 +143,7 @@ def batchnorm_forward_train(
         running_var += mom * unbiased
 
 
-def batchnorm_forward_eval(x, gamma, beta, eps, running_mean, running_var, out):
+def batchnorm_forward_eval(x, gamma, beta, eps, running_mean, running_var, out, act=0):
     """Inference batch norm: out = (x - running_mean) / sqrt(running_var + eps) * gamma + beta."""
     check_c(x=x, out=out)
     check_shape("out", out, x.shape)
@@ -152,12 +156,15 @@ def batchnorm_forward_eval(x, gamma, beta, eps, running_mean, running_var, out):
     scale = np.ascontiguousarray(scale, dtype=x.dtype)
     shift = np.ascontiguousarray(shift, dtype=x.dtype)
     check_shape("running_mean", scale, (c,))
-    _affine(as_3d(x), scale, shift, as_3d(out))
+    _affine(as_3d(x), scale, shift, as_3d(out), int(act))
 
 
-def batchnorm_backward(dout, xhat, gamma, inv_std, dx, dgamma, dbeta):
+def batchnorm_backward(dout, xhat, gamma, inv_std, dx, dgamma, dbeta, out=None, act=0):
     """Gradients of training-mode batch norm. gamma may be None (treated as 1);
-    dx, dgamma, dbeta may each be None (skipped)."""
+    dx, dgamma, dbeta may each be None (skipped). With a fused ReLU (act=1), `out`
+    is the forward output and dout is the gradient after the ReLU."""
+    if act and out is None:
+        raise ValueError("a fused activation needs the forward output")
     check_c(dout=dout, xhat=xhat, dx=dx)
     check_shape("xhat", xhat, dout.shape)
     c = dout.shape[1]
@@ -166,7 +173,8 @@ def batchnorm_backward(dout, xhat, gamma, inv_std, dx, dgamma, dbeta):
     m = d3.shape[0] * d3.shape[2]
     sum_dy = np.empty(c, dtype=np.float64)
     sum_dy_xhat = np.empty(c, dtype=np.float64)
-    _bn_bwd_sums(d3, x3, sum_dy, sum_dy_xhat)
+    y3 = as_3d(out) if act else d3
+    _bn_bwd_sums(d3, x3, y3, int(act), sum_dy, sum_dy_xhat)
     if dbeta is not None:
         dbeta[:] = sum_dy
     if dgamma is not None:
@@ -180,6 +188,8 @@ def batchnorm_backward(dout, xhat, gamma, inv_std, dx, dgamma, dbeta):
         _bn_bwd_dx(
             d3,
             x3,
+            y3,
+            int(act),
             coef.astype(t),
             (sum_dy / m).astype(t),
             (sum_dy_xhat / m).astype(t),
