@@ -250,9 +250,9 @@ def train(
         model = net.compile(batch_size=cfg["batch_size"], seed=cfg["seed"])
         cfg["spec_hash"] = _spec_hash(net)
         out.print(
-            f"training [bold]{net.name}[/] on {ds.name}: {len(train_ds)} train, "
-            f"{len(val_ds) if val_ds else 0} validation images, batch {cfg['batch_size']}"
-            f", {cfg.get('epochs', 10)} epochs -> {out_path}/"
+            f"training [bold]{net.name}[/] on {ds.name} ({len(train_ds)} train, "
+            f"{len(val_ds) if val_ds else 0} validation images), batch {cfg['batch_size']}, "
+            f"{cfg.get('epochs', 10)} epochs -> {out_path}/"
         )
         out_path.mkdir(parents=True, exist_ok=True)
         history = fit(

@@ -108,6 +108,7 @@ def load_builtin_digits(split: str = "all") -> Dataset:
     if split == "all":
         return ds
     train, test = split_dataset(ds, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
+    train.name, test.name = "digits:train", "digits:test"
     return train if split == "train" else test
 
 
