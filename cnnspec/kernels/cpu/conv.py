@@ -290,12 +290,21 @@ def _per_sample(x_shape, w_shape, out_shape):
     return (2 * k + o) * out_shape[2] * out_shape[3]  # cols + dcols + product
 
 
-def _views(ws, x, w, out):
+def _views(ws, x, w, out, cols=None):
+    """Chunk size and the (cols, dcols, product) matrices inside the workspace; a
+    caller-kept `cols` (K, N*L) means one chunk and no recomputing in backward."""
     n, c = x.shape[:2]
     o, _cg, kh, kw = w.shape
     L = out.shape[2] * out.shape[3]
     k = c * kh * kw
     flat = ws.reshape(-1)
+    if cols is not None:
+        check_shape("cols", cols, (k, n * L))
+        if flat.size < (k + o) * n * L:
+            raise ValueError(f"conv2d workspace has {flat.size} elements, need {(k + o) * n * L}")
+        dcols = flat[: k * n * L].reshape(k, n * L)
+        prod = flat[k * n * L : (k + o) * n * L].reshape(o, n * L)
+        return n, cols, dcols, prod
     nb = min(n, flat.size // _per_sample(x.shape, w.shape, out.shape))
     if nb < 1:
         need = _per_sample(x.shape, w.shape, out.shape)
@@ -310,9 +319,10 @@ def _bias_or_empty(b, dtype):
     return np.zeros(0, dtype) if b is None else b
 
 
-def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, ws, act=ACT_NONE):
+def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, ws, act=ACT_NONE, cols=None):
     """out = act(conv2d(x, w) + b), PyTorch cross-correlation; `ws` is a workspace of
-    at least :func:`conv2d_workspace` elements (any shape, C-contiguous)."""
+    at least :func:`conv2d_workspace` elements (any shape, C-contiguous). A `cols`
+    matrix (C*kh*kw, N*OH*OW) kept by the caller keeps im2col(x) for the backward pass."""
     sh, sw, pt, _pb, pl, _pr, dh, dw = _unpack(stride, pad, dilation)
     n, c, _h, _w = x.shape
     o, cg, kh, kw = w.shape
@@ -321,8 +331,8 @@ def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, ws, act=ACT_NONE
         raise ValueError(f"bad grouped conv shapes: x {x.shape}, w {w.shape}, groups {g}")
     oh, ow = out.shape[2], out.shape[3]
     check_shape("out", out, (n, o, oh, ow))
-    check_c(x=x, w=w, out=out, ws=ws)
-    nb, cols, _dcols, prod = _views(ws, x, w, out)
+    check_c(x=x, w=w, out=out, ws=ws, cols=cols)
+    nb, cols, _dcols, prod = _views(ws, x, w, out, cols)
     w3 = w.reshape(g, o // g, cg * kh * kw)
     bias = _bias_or_empty(b, x.dtype)
     for n0 in range(0, n, nb):
@@ -345,10 +355,10 @@ def _product(w3, cols, prod):
 
 
 def conv2d_backward(
-    x, w, dout, stride, pad, dilation, groups, ws, dx, dw, db, out=None, act=ACT_NONE
+    x, w, dout, stride, pad, dilation, groups, ws, dx, dw, db, out=None, act=ACT_NONE, cols=None
 ):
-    """Gradients of :func:`conv2d_forward` (im2col is recomputed per chunk, so nothing
-    from the forward pass is needed but `out` when an activation was fused).
+    """Gradients of :func:`conv2d_forward`: im2col is recomputed per chunk unless the
+    forward's `cols` is passed back; `out` is needed when an activation was fused.
     dx / db may be None; dw is overwritten."""
     sh, sw, pt, _pb, pl, _pr, dh, dwl = _unpack(stride, pad, dilation)
     n, c, h, wd = x.shape
@@ -360,14 +370,15 @@ def conv2d_backward(
     og = o // g
     check_shape("dout", dout, (n, o, oh, ow))
     check_shape("dw", dw, w.shape)
-    check_c(x=x, w=w, dout=dout, ws=ws, dx=dx, dw=dw)
+    check_c(x=x, w=w, dout=dout, ws=ws, dx=dx, dw=dw, cols=cols)
+    kept = cols is not None
     if act and out is None:
         raise ValueError("a fused activation needs the forward output")
     if dx is not None:
         check_shape("dx", dx, x.shape)
     if db is not None:
         check_shape("db", db, (o,))
-    nb, cols, dcols, prod = _views(ws, x, w, dout)
+    nb, cols, dcols, prod = _views(ws, x, w, dout, cols)
     w3 = w.reshape(g, og, kg)
     dw3 = dw.reshape(g, og, kg)
     y = out if out is not None else dout
@@ -376,7 +387,8 @@ def conv2d_backward(
         m = min(nb, n - n0)
         c_m, d_m, p_m = cols[:, : m * L], dcols[:, : m * L], prod[:, : m * L]
         _gather_grad(dout, y, int(act), n0, m, prod)
-        _im2col_t(x, n0, m, kh, kw, sh, sw, pt, pl, dh, dwl, oh, ow, cols)
+        if not kept:
+            _im2col_t(x, n0, m, kh, kw, sh, sw, pt, pl, dh, dwl, oh, ow, cols)
         first = n0 == 0
         if db is not None:
             part = p_m.sum(axis=1)
