@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,17 +23,50 @@ out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() el
 err = Console(stderr=True, highlight=False, emoji=False)
 
 
-def _input_shape(spec_input, values: list[int] | None):
-    """--input H W, --input S, or --input C H W."""
+INPUT_FORMS = "SIZE, HxW or CxHxW (e.g. 160, 160x128, 3x160x128)"
+
+
+def _input_error(message: str):
+    raise typer.BadParameter(message, param_hint="'--input'")  # the command adds its usage
+
+
+def _input_values(values) -> list[int]:
+    """--input 160x128, '160 128', 160,128 (and, repeated, --input 160 --input 128)."""
+    if isinstance(values, (str, int)):
+        values = [values]
+    out = []
+    for value in values:
+        text = str(value).strip().lower()
+        if not re.fullmatch(r"[+-]?\d+(?:(?:\s*[x,]\s*|\s+)[+-]?\d+)*", text):
+            _input_error(f"{value!r} is not a size: give {INPUT_FORMS}")
+        out += [int(p) for p in re.findall(r"[+-]?\d+", text)]
+    if not 1 <= len(out) <= 3:
+        _input_error(f"give {INPUT_FORMS}, not {len(out)} numbers")
+    if any(v < 1 for v in out):
+        _input_error(f"sizes must be positive integers, got {'x'.join(map(str, out))}")
+    return out
+
+
+def _input_shape(spec_input, values):
+    """--input SIZE, HxW or CxHxW: the spec's channels unless C is given."""
     if not values:
         return None
+    values = _input_values(values)
     if len(values) == 1:
         return (spec_input[0], values[0], values[0])
     if len(values) == 2:
         return (spec_input[0], *values)
-    if len(values) == 3:
-        return tuple(values)
-    raise typer.BadParameter("give SIZE, H W, or C H W", param_hint="--input")
+    return tuple(values)
+
+
+def _stray_sizes(paths, input_given) -> None:
+    """`--input 160 128` makes 128 a spec file: say how to write it instead."""
+    stray = [p for p in paths if re.fullmatch(r"\d+", p) and not os.path.exists(p)]
+    if stray and input_given:
+        _input_error(
+            f"{' '.join(stray)}: not a spec file; --input takes one value: "
+            f"write it as {INPUT_FORMS}"
+        )
 
 
 def _load(path: str, input_values=None):
@@ -43,7 +78,7 @@ def _load(path: str, input_values=None):
     if input_values:
         spec_input = doc.data.get("input") if isinstance(doc.data, dict) else None
         if not (isinstance(spec_input, list) and len(spec_input) == 3):
-            spec_input = [3, 0, 0]
+            spec_input = [3, 0, 0]  # the spec's own problems are reported
         shape = _input_shape(spec_input, input_values)
     return build(doc, shape)
 
@@ -56,15 +91,25 @@ def _print_problems(e: SpecError) -> None:
 
 
 InputOpt = typer.Option(None, "--input", help="Re-infer for another input: SIZE, H W, or C H W.")
+InputSize = typer.Option(
+    None,
+    "--input",
+    metavar="SIZE|HxW|CxHxW",
+    help="Re-infer for another input size: SIZE, HxW or CxHxW (e.g. 160x128); "
+    "the spec's channels unless C is given.",
+)
 
 
 @app.command()
 def check(
     specs: list[str] = typer.Argument(..., help="Spec files."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable result."),
-    input_size: list[int] = InputOpt,
+    input_size: list[str] = InputSize,
 ):
     """Validate specs; report every problem as FILE:LINE:COL."""
+    _stray_sizes(specs, bool(input_size))
+    if input_size:
+        _input_values(input_size)  # a malformed --input is a usage error, whatever the spec
     results, failed = [], False
     for path in specs:
         try:
@@ -106,15 +151,23 @@ def check(
     raise typer.Exit(1 if failed else 0)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 def summary(
+    ctx: typer.Context,
     spec: str = typer.Argument(..., help="Spec file."),
     as_json: bool = typer.Option(False, "--json", help="The stable JSON form."),
     depth: int = typer.Option(1, "--depth", min=1, help="Collapse blocks below this depth."),
     show_all: bool = typer.Option(False, "--all", help="Show every primitive layer."),
-    input_size: list[int] = InputOpt,
+    input_size: list[str] = InputSize,
 ):
     """Per-layer shapes, parameters, multiply-adds and receptive fields."""
+    if ctx.args:  # `--input 160 128` leaves 128 here: say how to write it instead
+        _stray_sizes(ctx.args, bool(input_size))
+        raise typer.BadParameter(
+            f"one spec file only; unexpected: {' '.join(ctx.args)}", param_hint="'SPEC'"
+        )
+    if input_size:
+        _input_values(input_size)
     try:
         net = _load(spec, input_size)
     except SpecError as e:

@@ -3,6 +3,8 @@ knows its output shape, parameters, cost and receptive field."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -10,9 +12,10 @@ from .errors import LayerError, Problem, SpecError
 from .graph import INPUT, Node, topological
 from .layers import REGISTRY, Field, Layer
 from .layers.merge import unaligned
+from .report import human, param_size
 from .spec.expand import expand
 from .spec.load import Document, load_file, load_text
-from .spec.schema import validate
+from .spec.schema import schema, validate
 
 
 @dataclass
@@ -56,8 +59,8 @@ class Network:
         params = trainable = macs = 0
         for info in self.infos:
             for p in info.layer.param_defs():
-                params += p.size
-                trainable += p.size if p.trainable else 0
+                params += param_size(p)
+                trainable += param_size(p) if p.trainable else 0
             macs += info.layer.macs()
         return {"params": params, "trainable_params": trainable, "macs": macs}
 
@@ -100,9 +103,12 @@ def build(doc: Document, input_shape=None) -> Network:
             ]
         )
     problems = validate(doc)
-    nodes, more = expand(doc)
-    problems += more
-    more, bad_block_nodes = _validate_expanded(doc, nodes)
+    expanded = expand(doc)
+    nodes = expanded.nodes
+    problems += expanded.problems
+    if expanded.full:  # the layer limit: checking 100,000 layers further helps nobody
+        raise SpecError(_unique(problems))
+    more, bad_block_nodes = _validate_expanded(doc, nodes, expanded.broken)
     problems += more
     order, cyclic = topological(nodes)
     for node in cyclic:
@@ -116,13 +122,19 @@ def build(doc: Document, input_shape=None) -> Network:
                 file=doc.file,
             )
         )
-    shape = tuple(input_shape) if input_shape else tuple(doc.data.get("input") or ())
+    if input_shape is not None:
+        shape, problem = _requested_input(doc, input_shape)
+        if problem:
+            problems.append(problem)
+    else:
+        given = doc.data.get("input")  # the schema reports one that is not [C, H, W]
+        shape = tuple(given) if isinstance(given, list) and _valid_input(given) else None
     infos, warnings = [], []
-    if len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape):
+    if shape:
         # layers with problems so far are skipped, and so is everything after them,
         # so independent mistakes are all reported without follow-on noise
         broken = {p.path[:2] for p in problems if p.path[:1] == ("layers",)}
-        broken |= {n.name for n in nodes if n.block and n.name in bad_block_nodes}
+        broken |= bad_block_nodes | expanded.broken
         infos, more, warnings = _infer(doc, order, shape, broken)
         problems += more
     problems = _unique(problems)
@@ -136,12 +148,43 @@ def build(doc: Document, input_shape=None) -> Network:
     return Network(name, shape, infos, doc, warnings)
 
 
-def _validate_expanded(doc: Document, nodes: list[Node]) -> list[Problem]:
+def _input_limit() -> int:
+    return schema()["properties"]["input"]["items"]["maximum"]
+
+
+def _valid_input(shape) -> bool:
+    return len(shape) == 3 and all(
+        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _input_limit() for v in shape
+    )
+
+
+def _requested_input(doc: Document, input_shape):
+    """An input shape asked for by the caller (reshape, --input) and its problem, if any."""
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        shape = (input_shape,)
+    shape = tuple(
+        int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v for v in shape
+    )
+    if _valid_input(shape):
+        return shape, None
+    shown = "[" + ", ".join(repr(v) for v in shape) + "]"
+    if len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape):
+        message = f"input sizes must be at most {_input_limit()}, got {shown}"
+    else:
+        message = f"input must be [channels, height, width] of positive integers, got {shown}"
+    line, col = doc.pos(("input",))
+    hint = "the input asked for replaces the spec's `input` here"
+    return None, Problem(message, line, col, hint, file=doc.file)
+
+
+def _validate_expanded(doc: Document, nodes: list[Node], broken=frozenset()):
     """Check block-made layers against their schema once arguments are substituted."""
     problems, bad = [], set()
     for node in nodes:
-        if not node.block:
-            continue  # top-level layers were validated as written
+        if not node.block or node.name in broken:
+            continue  # top-level layers were validated as written; broken ones are reported
         shim = Document(None, doc.file, "", {(): doc.pos(node.path)})
         for key, p in node.attr_paths.items():
             shim.positions[(key,)] = doc.pos(p)
@@ -209,8 +252,16 @@ def _infer(doc, order, input_shape, broken=frozenset()):
                     file=doc.file,
                 )
             )
+        try:
+            field_ = layer.receptive_field(in_fields)
+        except OverflowError:
+            field_ = None
+        problem = _too_large(doc, node, layer, field_)
+        if problem:
+            problems.append(problem)
+            continue
         shapes[node.name] = layer.out_shape
-        fields[node.name] = layer.receptive_field(in_fields)
+        fields[node.name] = field_
         infos.append(Info(node, layer, fields[node.name]))
     for info in infos:
         used_by = consumers.get(info.name, [])
@@ -244,6 +295,30 @@ def _infer(doc, order, input_shape, broken=frozenset()):
                     )
                 )
     return infos, problems, warnings
+
+
+MAX_VALUES = 2**63  # what a 64-bit index addresses: no tensor, index or stride is larger
+
+
+def _too_large(doc, node, layer, field_) -> Problem | None:
+    """A layer no machine could run: its output, or its receptive field's stride, is
+    beyond any 64-bit index (it also keeps every reported number short)."""
+    values = math.prod(int(v) for v in layer.out_shape)
+    if values >= MAX_VALUES:
+        message = (
+            f"the output of '{node.name}' ({'x'.join(map(str, layer.out_shape))}) "
+            f"has {human(values)} values per image, beyond any 64-bit index"
+        )
+        hint = "check the sizes, strides and paddings that lead here"
+    elif field_ is None or any(
+        max(abs(f.size), abs(f.jump), abs(f.start)) >= MAX_VALUES for f in field_
+    ):
+        message = f"the receptive field of '{node.name}' grows beyond any 64-bit index"
+        hint = "its effective stride multiplies the strides before it; check them"
+    else:
+        return None
+    line, col = doc.pos(node.path)
+    return Problem(message, line, col, hint, file=doc.file)
 
 
 def _problem(doc, node, attr, exc: LayerError) -> Problem:

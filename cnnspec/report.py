@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
 BYTES_PER_VALUE = 4  # float32
 
 
+def param_size(p) -> int:
+    """Entries of a ParamDef, exactly: Python integers, whatever the size."""
+    return int(p.count) if p.count is not None else math.prod(int(d) for d in p.shape)
+
+
+def values(shape) -> int:
+    """Values in a tensor of this shape, exactly."""
+    return math.prod(int(d) for d in shape)
+
+
 def _int_or_float(v):
+    if isinstance(v, int):
+        return int(v)
     return int(v) if float(v).is_integer() else round(float(v), 4)
 
 
@@ -21,15 +33,15 @@ def layer_dict(info) -> dict:
         "inputs": list(info.node.inputs),
         "attrs": dict(layer.attrs),
         "output_shape": list(layer.out_shape),
-        "params": sum(p.size for p in defs),
-        "trainable_params": sum(p.size for p in defs if p.trainable),
+        "params": sum(param_size(p) for p in defs),
+        "trainable_params": sum(param_size(p) for p in defs if p.trainable),
         "macs": layer.macs(),
         "receptive_field": {
             "size": [_int_or_float(fh.size), _int_or_float(fw.size)],
             "stride": [_int_or_float(fh.jump), _int_or_float(fw.jump)],
             "padding": [_int_or_float(-fh.start), _int_or_float(-fw.start)],
         },
-        "activation_bytes": int(np.prod(layer.out_shape)) * BYTES_PER_VALUE,
+        "activation_bytes": values(layer.out_shape) * BYTES_PER_VALUE,
     }
 
 
@@ -48,19 +60,38 @@ def summary_dict(net) -> dict:
     }
 
 
-def human(n: float, unit: str = "") -> str:
-    """1234567 -> '1.23M'."""
+def human(n, unit: str = "") -> str:
+    """1234567 -> '1.23M'; any int, however large: 10**400 -> '1.00e400'."""
+    if isinstance(n, int) and abs(n) >= 10**15:
+        return _scientific(n) + unit
     for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= factor:
             return f"{n / factor:.2f}{suffix}{unit}"
     return f"{n:g}{unit}"
 
 
-def human_bytes(n: float) -> str:
-    for factor, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+def _scientific(n: int) -> str:
+    """An int as d.dde+X without converting it to a float or to all its digits."""
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    exp = max(int((n.bit_length() - 1) * math.log10(2)) - 1, 0)
+    while 10 ** (exp + 1) <= n:
+        exp += 1
+    digits = n * 100 // 10**exp  # 100..999: three significant digits, truncated
+    return f"{sign}{digits // 100}.{digits % 100:02d}e{exp}"
+
+
+def human_bytes(n) -> str:
+    if n >= 2**50:
+        return f"{human(int(n))} B"
+    for factor, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if n >= factor:
             return f"{n / factor:.2f} {suffix}"
     return f"{int(n)} B"
+
+
+def count(n: int) -> str:
+    """An exact count with thousands separators, or its scientific form when very long."""
+    return f"{n:,}" if abs(n) < 10**30 else human(n)
 
 
 def shape_text(shape) -> str:
@@ -155,7 +186,7 @@ def render_summary(net, console, depth: int | None = 1) -> None:
             "  " * row["depth"] + row["name"],
             kind,
             shape_text(row["output_shape"]),
-            f"{row['params']:,}" if row["params"] else "-",
+            count(row["params"]) if row["params"] else "-",
             human(row["macs"]) if row["macs"] else "-",
             _pair(rf["size"]),
             _pair(rf["stride"]),
@@ -165,8 +196,8 @@ def render_summary(net, console, depth: int | None = 1) -> None:
     t = summary["totals"]
     frozen = t["params"] - t["trainable_params"]
     console.print(
-        f"params: [bold]{t['params']:,}[/] ({human(t['params'])})"
-        + (f", of which {frozen:,} not trainable" if frozen else "")
+        f"params: [bold]{count(t['params'])}[/] ({human(t['params'])})"
+        + (f", of which {count(frozen)} not trainable" if frozen else "")
         + f"   MACs: [bold]{human(t['macs'])}[/] per image"
         + f"   weights: {human_bytes(t['param_bytes'])}"
         + f"   activations: {human_bytes(t['activation_bytes'])} per image"
@@ -184,7 +215,7 @@ def check_line(net) -> str:
     frozen = t["params"] - t["trainable_params"]
     return (
         f"{net.file}: ok: {net.name}: input {shape_text(net.input_shape)} -> "
-        f"{shape_text(net.output_shape)}, {t['trainable_params']:,} trainable params"
-        + (f" (+{frozen:,} fixed)" if frozen else "")
+        f"{shape_text(net.output_shape)}, {count(t['trainable_params'])} trainable params"
+        + (f" (+{count(frozen)} fixed)" if frozen else "")
         + f", {human(t['macs'])} MACs, {len(net.infos)} layers"
     )

@@ -296,14 +296,20 @@ def test_reshape_to_an_impossible_input_is_refused(shape):
         net("lenet5").reshape(shape)
 
 
-@pytest.mark.xfail(
-    reason="reshape() to an impossible input shape reports 'the network has no "
-    "layers' instead of a problem with the input shape",
-    strict=True,
-)
 @pytest.mark.parametrize("shape", BAD_SHAPES, ids=str)
 def test_reshape_to_an_impossible_input_names_the_input(shape):
     with pytest.raises(cnnspec.SpecError) as info:
         net("lenet5").reshape(shape)
     message = info.value.problems[0].message
     assert "input" in message and "no layers" not in message
+    assert (
+        message
+        == f"input must be [channels, height, width] of positive integers, got {list(shape)}"
+    )
+
+
+def test_reshape_beyond_the_input_limit_names_the_limit():
+    with pytest.raises(cnnspec.SpecError) as info:
+        net("lenet5").reshape((1, 70000, 32))
+    (p,) = info.value.problems
+    assert p.message == "input sizes must be at most 65536, got [1, 70000, 32]"

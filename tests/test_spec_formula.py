@@ -161,12 +161,6 @@ def test_ceil_mode_googlenet_sizes():
     assert output_size(112, 3, 2, 0, 0, 1) == 55  # floor mode would lose a row
 
 
-@pytest.mark.xfail(
-    reason="ceil mode: PyTorch lets the last window overhang the padded input by less "
-    "than a stride (output 1); cnnspec reports 'kernel larger than the padded input'",
-    raises=LayerError,
-    strict=True,
-)
 @pytest.mark.parametrize("n, k, s", [(2, 3, 2), (1, 2, 2), (4, 5, 3)])
 def test_ceil_mode_window_overhanging_small_input(n, k, s):
     expected = torch_pool_out(n, k, s, 0, 1, True) if torch is not None else 1
@@ -268,3 +262,35 @@ def test_receptive_field_of_a_stack_matches_index_propagation(stack):
     assert field.jump == jump
     assert field.start == lo  # effective padding is -lo
     assert field.size == hi - lo + 1
+
+
+def test_ceil_mode_still_refuses_windows_that_start_past_the_input():
+    # 1 + 4 > 1 + 2 - 1: even overhanging by less than a stride, no window fits
+    with pytest.raises(LayerError, match=r"kernel \(5\) is larger than the padded input \(1\)"):
+        output_size(1, 5, 2, 0, 0, 1, ceil_mode=True)
+
+
+def test_floor_mode_refuses_a_kernel_beyond_the_padded_input():
+    # convolutions have no ceil mode: the PyTorch rule is the window must fit
+    with pytest.raises(LayerError, match=r"larger than the padded input \(2\)"):
+        output_size(2, 3, 2, 0, 0, 1)
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+@pytest.mark.parametrize("n, k, s, p", [(2, 3, 2, 0), (1, 2, 2, 0), (4, 5, 3, 0), (5, 4, 3, 2)])
+def test_pool_kernels_match_pytorch_on_overhanging_windows(n, k, s, p):
+    """The kernels clip windows to the input and use PyTorch's average divisor."""
+    import numpy as np
+
+    from cnnspec.kernels.cpu import pool
+
+    o = output_size(n, k, s, p, p, 1, ceil_mode=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, n, n)).astype(np.float32)
+    out, argmax = np.zeros((2, 3, o, o), np.float32), np.zeros((2, 3, o, o), np.int32)
+    pool.maxpool2d_forward(x, k, k, s, s, p, p, out, argmax)
+    want = F.max_pool2d(torch.tensor(x), k, s, p, ceil_mode=True)
+    assert np.allclose(out, want.numpy())
+    for include_pad in (True, False):
+        pool.avgpool2d_forward(x, k, k, s, s, p, p, p, p, include_pad, out)
+        want = F.avg_pool2d(torch.tensor(x), k, s, p, ceil_mode=True, count_include_pad=include_pad)
+        assert np.allclose(out, want.numpy(), atol=1e-6)

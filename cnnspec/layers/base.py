@@ -40,7 +40,7 @@ class ParamDef:
 
     @property
     def size(self) -> int:
-        return self.count if self.count is not None else int(np.prod(self.shape))
+        return self.count if self.count is not None else math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -160,24 +160,27 @@ def resolve_padding(value, kernel, stride, dilation, size) -> list[int]:
 
 
 def output_size(n, k, s, p0, p1, d, ceil_mode=False, axis="height", attr="kernel") -> int:
-    """O = floor((n + p0 + p1 - d*(k-1) - 1)/s) + 1, or PyTorch's ceil mode."""
+    """O = floor((n + p0 + p1 - d*(k-1) - 1)/s) + 1, or PyTorch's ceil mode: ceil instead
+    of floor (the last window may overhang the padded input by less than a stride), less
+    one if the last window would start in the right padding."""
     span = d * (k - 1) + 1
     padded = n + p0 + p1
     num = padded - span
-    formula = f"floor(({n} + {p0} + {p1} - {d}*({k}-1) - 1)/{s}) + 1"
-    if num < 0:
-        kernel = f"{k}" if d == 1 else f"{k}, dilated to {span}"
-        raise LayerError(
-            f"the {axis} kernel ({kernel}) is larger than the padded input ({padded})",
-            attr,
-            f"output {axis} = {formula} = {num // s + 1}; "
-            "use a smaller kernel, more padding or a larger input",
-        )
     out = (-(-num // s) if ceil_mode else num // s) + 1
     if ceil_mode and (out - 1) * s >= n + p0:
         out -= 1  # the last window would start inside the right padding
+    if out < 1:
+        kernel = f"{k}" if d == 1 else f"{k}, dilated to {span}"
+        rounding = "ceil" if ceil_mode else "floor"
+        formula = f"{rounding}(({n} + {p0} + {p1} - {d}*({k}-1) - 1)/{s}) + 1"
+        raise LayerError(
+            f"the {axis} kernel ({kernel}) is larger than the padded input ({padded})",
+            attr,
+            f"output {axis} = {formula} = {out}; "
+            "use a smaller kernel, more padding or a larger input",
+        )
     return out
 
 
 def flat_size(shape: tuple) -> int:
-    return int(np.prod(shape))
+    return math.prod(int(v) for v in shape)  # exact: numpy's int64 would overflow

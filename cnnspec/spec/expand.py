@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import Problem, did_you_mean
 from ..graph import INPUT, Node
-from .exprs import ExprError, substitute
+from .exprs import MISSING, ExprError, MissingArgument, is_expr, substitute
 from .load import Document
 from .schema import layer_types
 
@@ -24,6 +24,8 @@ BROKEN = "<broken>"  # stands for a layer that could not be made: its users are 
 COMMON = ("type", "name", "inputs", "repeat", "when", "comment")
 MAX_BLOCK_DEPTH = 16
 MAX_NODES = 100_000
+MAX_REPEAT = 10_000  # also the schema's maximum for a literal `repeat`
+REPEAT_WHY = f"a network expands to at most {MAX_NODES} layers"
 
 
 @dataclass(eq=False)
@@ -38,6 +40,7 @@ class Ref:
     scope: Scope
     name: str
     path: tuple  # where the reference is written
+    what: str = "input"  # "input", or "output" for a block's `output:`
 
 
 class Expander:
@@ -50,10 +53,17 @@ class Expander:
         self.types = layer_types()
         self.nodes: list[Node] = []
         self.problems: list[Problem] = []
+        self.broken: set[str] = set()  # nodes made from values that could not be computed
+        self.outputs: list[Ref] = []  # every block instance's `output:` reference
+        self.failed = False  # a value() call since the last reset could not be computed
+        self.full = False  # the layer limit was reached: expansion stopped
+        self._least: dict[str, int] = {}
 
     def problem(self, path, message, hint="", key=False):
         line, col = self.doc.pos(path, key=key)
-        self.problems.append(Problem(message, line, col, hint, file=self.doc.file))
+        self.problems.append(
+            Problem(message, line, col, hint, file=self.doc.file, path=tuple(path))
+        )
 
     # ---- expansion --------------------------------------------------------
     def run(self) -> list[Node]:
@@ -63,6 +73,8 @@ class Expander:
             self.expand(layers, ("layers",), top, {}, {}, INPUT, ())
         for node in self.nodes:
             node.inputs = [self.resolve(r) if isinstance(r, Ref) else r for r in node.inputs]
+        for ref in self.outputs:  # reported even when nothing consumes the block
+            self.resolve(ref)
         return self.nodes
 
     def expand(self, items, items_path, scope, env, env_paths, prev, stack):
@@ -70,10 +82,10 @@ class Expander:
             path = items_path + (idx,)
             if not isinstance(item, dict) or not isinstance(item.get("type"), str):
                 continue  # the schema reports it
-            if len(self.nodes) > MAX_NODES:
-                self.problem(path, f"the network expands to more than {MAX_NODES} layers")
+            if self.full:
                 return prev
             kind = item["type"]
+            self.failed = False
             given = self.value(item.get("inputs"), env, path + ("inputs",))
             refs = None
             if isinstance(given, list) and all(isinstance(n, str) for n in given):
@@ -89,14 +101,35 @@ class Expander:
                     "give each layer a unique name",
                 )
                 continue
-            if not self.value(item.get("when", True), env, path + ("when",)):
+            when = self.value(item.get("when", True), env, path + ("when",))
+            repeat = self.value(item.get("repeat", 1), env, path + ("repeat",))
+            if self.failed:
+                # `inputs`, `when` or `repeat` could not be computed (reported once):
+                # the layer is left out and whatever takes its output is skipped
+                prev = scope.names[name] = BROKEN
+                continue
+            if not when:
                 # left out: it acts as identity, for `inputs` and for the next layer
                 prev = scope.names[name] = refs[0] if refs else prev
                 continue
-            repeat = self.value(item.get("repeat", 1), env, path + ("repeat",))
             if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
                 repeat = 1  # the schema reports it
+            elif repeat > MAX_REPEAT:
+                if is_expr(item.get("repeat")):  # a literal is reported by the schema
+                    self.problem(
+                        path + ("repeat",),
+                        f"'repeat' must be <= {MAX_REPEAT} ({REPEAT_WHY}), got {repeat}",
+                    )
+                prev = scope.names[name] = BROKEN
+                continue
+            if kind in self.blocks or kind in self.types:
+                each = self.least(kind) if kind in self.blocks else 1
+                if len(self.nodes) + repeat * each > MAX_NODES:
+                    self.limit(path)  # fail at once, not after making 100,000 layers
+                    return prev
             for r in range(repeat):
+                if self.full:
+                    return prev
                 copy = name if repeat == 1 else f"{name}.{r + 1}"
                 inputs = refs if (refs and r == 0) else [prev]
                 if kind in self.blocks:
@@ -118,9 +151,48 @@ class Expander:
                 scope.names[name] = prev
         return prev
 
+    def limit(self, path):
+        self.full = True
+        self.problem(
+            path,
+            f"the network expands to more than {MAX_NODES} layers",
+            "lower `repeat` counts, or nest fewer repeated blocks",
+        )
+
+    def least(self, kind, seen=()) -> int:
+        """Fewest layers an instance of block `kind` makes: a lower bound, where what
+        depends on expressions, `when` or recursion counts as none (capped just past
+        the limit)."""
+        if kind in self._least:
+            return self._least[kind]
+        if kind in seen:
+            return 0
+        block = self.blocks.get(kind)
+        total = 0
+        if isinstance(block, dict) and isinstance(block.get("layers"), list):
+            for item in block["layers"]:
+                total = min(total + self._least_item(item, seen + (kind,)), MAX_NODES + 1)
+        self._least[kind] = total
+        return total
+
+    def _least_item(self, item, seen) -> int:
+        if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+            return 0
+        if item.get("when", True) is not True or is_expr(item.get("inputs")):
+            return 0
+        repeat = item.get("repeat", 1)
+        if not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= MAX_REPEAT:
+            return 0
+        kind = item["type"]
+        return repeat * (self.least(kind, seen) if kind in self.blocks else int(kind in self.types))
+
     def primitive(self, item, path, name, inputs, scope, env, env_paths, stack):
+        if len(self.nodes) >= MAX_NODES:
+            self.limit(path)
+            return BROKEN
         gname = scope.prefix + name
         attrs, attr_paths = {}, {}
+        self.failed = False
         for key, raw in item.items():
             if key in COMMON:
                 continue
@@ -137,6 +209,8 @@ class Expander:
             " > ".join(stack),
         )
         self.nodes.append(node)
+        if self.failed:
+            self.broken.add(gname)  # its failed values are reported; do not check it further
         scope.names[name] = gname
         return gname
 
@@ -172,7 +246,7 @@ class Expander:
                     key=True,
                 )
                 continue
-            args[key] = self.value(raw, env, path + (key,))
+            args[key] = self.value(raw, env, path + (key,), missing=MISSING)
             arg_paths[key] = path + (key,)
         for key, default in params.items():
             if key in args:
@@ -183,7 +257,7 @@ class Expander:
                     f"block '{kind}' needs the argument '{key}'",
                     f"add `{key}: ...` to this layer",
                 )
-                args[key] = None
+                args[key] = MISSING  # layers that use it are skipped, not reported again
             else:
                 args[key] = default
                 arg_paths[key] = ("blocks", kind, "params", key)
@@ -199,14 +273,20 @@ class Expander:
             stack + (f"{kind} {scope.prefix}{name}",),
         )
         if isinstance(block.get("output"), str):
-            out = Ref(inner, block["output"], ("blocks", kind, "output"))
+            out = Ref(inner, block["output"], ("blocks", kind, "output"), "output")
+            self.outputs.append(out)
         scope.names[name] = out
         return out
 
-    def value(self, raw, env, path):
+    def value(self, raw, env, path, missing=None):
         try:
             return substitute(raw, env)
+        except MissingArgument:
+            # the instance that left the argument out is reported, not this use of it
+            self.failed = True
+            return missing
         except ExprError as exc:
+            self.failed = True
             self.problem(
                 path,
                 str(exc),
@@ -214,7 +294,7 @@ class Expander:
                 if env
                 else "`$` values are only meaningful inside a block",
             )
-            return None
+            return missing  # a block argument that failed is not reported again where used
 
     # ---- reference resolution ---------------------------------------------
     def resolve(self, ref: Ref):
@@ -226,6 +306,17 @@ class Expander:
                 return None
             seen.add(id(target))
             found = target.scope.names.get(target.name)
+            if found is None and target.what == "output":
+                hint = did_you_mean(target.name, target.scope.names) or (
+                    "`output` names one of the block's layers; by default the last is its output"
+                )
+                block = target.path[1] if len(target.path) > 1 else "?"
+                self.problem(
+                    target.path,
+                    f"block '{block}' has no layer '{target.name}' for its output",
+                    hint,
+                )
+                return None
             if found is None:
                 hint = did_you_mean(target.name, target.scope.names) or (
                     "inputs name earlier layers of the same block or network"
@@ -241,7 +332,9 @@ class Expander:
         return target
 
 
-def expand(doc: Document) -> tuple[list[Node], list[Problem]]:
+def expand(doc: Document) -> Expander:
+    """Expand the document; the Expander holds `nodes`, `problems`, `broken` (names of
+    nodes whose values could not be computed) and `full` (the layer limit was hit)."""
     ex = Expander(doc)
-    nodes = ex.run()
-    return nodes, ex.problems
+    ex.run()
+    return ex

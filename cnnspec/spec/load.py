@@ -8,7 +8,9 @@ itself stands, so an unknown attribute can be pointed at exactly.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import yaml
@@ -71,6 +73,11 @@ def load_text(text: str, file: str = "<spec>") -> Document:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        if exc.context_mark and (
+            re.search(r"\b(tag|anchor|alias)\b", exc.context or "")
+            or re.search(r"end of stream|<stream end>", exc.problem or "")
+        ):
+            mark = exc.context_mark  # where the tag, or what never ends, starts
         message = "invalid YAML: " + " ".join(str(s) for s in (exc.context, exc.problem) if s)
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
         raise _fail(file, message, line, col) from None
@@ -83,13 +90,29 @@ def load_text(text: str, file: str = "<spec>") -> Document:
     doc = Document(None, file, text)
     builder = _Builder(doc)
     doc.data = builder.build(root, (), 0)
-    if builder.problems:
-        raise SpecError(builder.problems)
+    if builder.problems:  # once each: a merged anchor is read once per `<<`
+        raise SpecError(list(dict.fromkeys(builder.problems)))
     return doc
 
 
 def load_file(path: str) -> Document:
     return load_text(read_text(path), path)
+
+
+YAML_TAG = "tag:yaml.org,2002:"
+MERGE_TAG = YAML_TAG + "merge"
+MAPPING_TAGS = (YAML_TAG + "map", YAML_TAG + "set")
+SEQUENCE_TAGS = (YAML_TAG + "seq", YAML_TAG + "omap", YAML_TAG + "pairs")
+MAX_DIGITS = 4300  # Python's own limit on int <-> str conversion
+
+
+def _short(tag: str) -> str:
+    return "!!" + tag[len(YAML_TAG) :] if tag.startswith(YAML_TAG) else tag
+
+
+def _where(path) -> str:
+    names = [p for p in path if isinstance(p, str)]
+    return f"'{names[-1]}'" if names else "a value"
 
 
 class _Builder:
@@ -103,6 +126,9 @@ class _Builder:
         m = node.start_mark
         self.problems.append(Problem(message, m.line + 1, m.column + 1, hint, file=self.doc.file))
 
+    def _mark(self, node):
+        return (node.start_mark.line + 1, node.start_mark.column + 1)
+
     def build(self, node, path, depth):
         self.nodes += 1
         if self.nodes > MAX_NODES:
@@ -111,37 +137,104 @@ class _Builder:
         if depth > MAX_DEPTH:
             self._problem(node, f"the document nests deeper than {MAX_DEPTH} levels")
             raise SpecError(self.problems)
-        self.doc.positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-        if isinstance(node, yaml.MappingNode):
-            out = {}
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    self._problem(key_node, "mapping keys must be plain names")
-                    continue
-                key = self._scalar(key_node)
-                if not isinstance(key, str):
-                    key = str(key)
-                if key in out:
-                    self._problem(key_node, f"duplicate key '{key}'", "remove one of them")
-                    continue
-                self.doc.key_positions[path + (key,)] = (
-                    key_node.start_mark.line + 1,
-                    key_node.start_mark.column + 1,
+        self.doc.positions[path] = self._mark(node)
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            mapping = isinstance(node, yaml.MappingNode)
+            if node.tag not in self.constructor.yaml_constructors:
+                self._unknown_tag(node)
+            elif node.tag not in (MAPPING_TAGS if mapping else SEQUENCE_TAGS):
+                self._problem(
+                    node,
+                    f"a {'mapping' if mapping else 'list'} cannot be tagged '{_short(node.tag)}'",
+                    "remove the tag",
                 )
-                out[key] = self.build(value_node, path + (key,), depth + 1)
-            return out
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path, depth)
         if isinstance(node, yaml.SequenceNode):
             return [self.build(v, path + (i,), depth + 1) for i, v in enumerate(node.value)]
-        return self._scalar(node)
+        return self._scalar(node, path)
 
-    def _scalar(self, node):
+    def _mapping(self, node, path, depth):
+        # YAML merge keys (`<<: *defaults`) first: the mapping's own keys override them
+        merged = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag == MERGE_TAG:
+                for source in self._merge_sources(value_node):
+                    part = self.build(source, path, depth)
+                    for key, value in part.items():
+                        merged.setdefault(key, value)
+        self.doc.positions[path] = self._mark(node)
+        out = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                self._problem(key_node, "mapping keys must be plain names")
+                continue
+            if key_node.tag == MERGE_TAG:
+                continue
+            key = self._scalar(key_node, None)
+            if not isinstance(key, str):
+                key = str(key)
+            if key in out:
+                self._problem(key_node, f"duplicate key '{key}'", "remove one of them")
+                continue
+            self.doc.key_positions[path + (key,)] = self._mark(key_node)
+            out[key] = self.build(value_node, path + (key,), depth + 1)
+        return {**{k: v for k, v in merged.items() if k not in out}, **out}
+
+    def _merge_sources(self, node):
+        if isinstance(node, yaml.MappingNode):
+            return [node]
+        if isinstance(node, yaml.SequenceNode) and all(
+            isinstance(v, yaml.MappingNode) for v in node.value
+        ):
+            return node.value
+        self._problem(
+            node,
+            "`<<` (a YAML merge key) takes a mapping or a list of mappings",
+            "write `<<: *name` where `&name` marks a mapping",
+        )
+        return []
+
+    def _unknown_tag(self, node):
+        self._problem(
+            node,
+            f"unknown YAML tag '{_short(node.tag)}'",
+            "a spec holds plain values: remove the tag",
+        )
+
+    def _scalar(self, node, path=()):
+        """A scalar's value (None after reporting a problem); `path` None for a key."""
+        tag = node.tag
+        if tag not in self.constructor.yaml_constructors:
+            self._unknown_tag(node)
+            return None
+        if tag == YAML_TAG + "int":
+            digits = sum(c.isdigit() for c in node.value)
+            if digits > MAX_DIGITS:
+                self._problem(
+                    node,
+                    f"number too large ({digits:,} digits)",
+                    "numbers in a spec are layer sizes and settings, not thousands of digits",
+                )
+                return None
         try:
             value = self.constructor.construct_object(node, deep=True)
-        except (ValueError, yaml.YAMLError) as exc:
-            self._problem(node, f"cannot read this value: {exc}")
+        except Exception:  # PyYAML raises ValueError, IndexError, KeyError, AttributeError...
+            self._problem(
+                node,
+                f"cannot read this value: {node.value!r} is not a valid {_short(tag)}",
+                "remove the tag or fix the value",
+            )
             return None
         if isinstance(value, (bytes, bytearray)):
             self._problem(node, "binary values are not allowed in a spec")
+            return None
+        if isinstance(value, float) and not math.isfinite(value) and path is not None:
+            self._problem(
+                node,
+                f"{_where(path)} must be a finite number, got {node.value}",
+                "numbers in a spec cannot be .nan or .inf",
+            )
             return None
         if not isinstance(value, (str, int, float, bool, type(None))):
             # timestamps and other YAML-specific types: keep their text

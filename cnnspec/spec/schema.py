@@ -13,6 +13,8 @@ from ..errors import Problem, did_you_mean
 from .load import Document
 
 EXPR = {"$ref": "#/$defs/expr"}
+RANGE = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+OPS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
 
 
 @lru_cache(maxsize=1)
@@ -20,9 +22,17 @@ def schema() -> dict:
     return json.loads(resources.files("cnnspec").joinpath("schema.json").read_text())
 
 
+def _is_integer(checker, instance) -> bool:
+    # JSON Schema counts 4.0 as an integer; a layer size or count must be a Python int
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
 @lru_cache(maxsize=1)
-def validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(schema())
+def validator():
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine("integer", _is_integer)
+    cls = jsonschema.validators.extend(base, type_checker=checker)
+    return cls(schema())
 
 
 def layer_types() -> dict[str, str]:
@@ -74,16 +84,57 @@ def _describe_type(schema_part) -> str:
     if t == "integer":
         lo = schema_part.get("minimum")
         return "a positive integer" if lo == 1 else "an integer >= 0" if lo == 0 else "an integer"
+    if "$ref" in schema_part and "type" not in schema_part:
+        return "a " + schema_part["$ref"].rsplit("/", 1)[-1]
     if t == "array":
-        n = schema_part.get("minItems"), schema_part.get("maxItems")
+        lo, hi = schema_part.get("minItems"), schema_part.get("maxItems")
         item = _describe_type(schema_part.get("items", {}))
-        return f"a list of {n[0]}" + (f"-{n[1]}" if n[1] != n[0] else "") + f" ({item})"
+        if lo is not None and lo == hi:
+            count = f"{lo} item" + ("s" if lo != 1 else "")
+        elif lo is not None and hi is not None:
+            count = f"{lo} to {hi} items"
+        elif lo is not None:
+            count = f"at least {lo} item" + ("s" if lo != 1 else "")
+        elif hi is not None:
+            count = f"at most {hi} items"
+        else:
+            return f"a list (each item {item})"
+        return f"a list of {count} (each {item})"
     return {
         "number": "a number",
         "boolean": "true or false",
         "string": "a string",
         "object": "a mapping",
     }.get(t, "a valid value")
+
+
+def _range_leaf(err):
+    """Inside anyOf/oneOf: the error of a branch whose type fits the value but whose
+    range does not (`rate: 1.5` is a number, just too large)."""
+    for e in err.context or ():
+        if len(e.absolute_path) != len(err.absolute_path):
+            continue  # about an item or attribute inside the value
+        if e.validator in RANGE:
+            return e
+        if e.validator in ("anyOf", "oneOf", "allOf", "$ref"):
+            found = _range_leaf(e)
+            if found is not None:
+                return found
+    return None
+
+
+def _range_message(where, e) -> str:
+    """`'rate' must be < 1, got 1.5`; a positive integer stays a positive integer."""
+    bound = e.validator_value
+    if e.validator in ("minimum", "exclusiveMinimum") and e.schema.get("type") == "integer":
+        if (e.validator, bound) in (("minimum", 0), ("minimum", 1)):
+            return f"{where} must be {_describe_type(e.schema)}, got {_show(e.instance)}"
+    why = e.schema.get("description")
+    return (
+        f"{where} must be {OPS[e.validator]} {bound}"
+        + (f" ({why})" if why else "")
+        + (f", got {_show(e.instance)}")
+    )
 
 
 def _explain(doc: Document, err, base) -> list[Problem]:
@@ -123,23 +174,11 @@ def _explain(doc: Document, err, base) -> list[Problem]:
             sub = e.schema.get("properties", {}).get(missing, {})
             message = f"{owner} needs '{missing}'"
             hint = f"add `{missing}: ...` ({_describe_type(sub)})" if sub else f"add `{missing}:`"
-        elif v in (
-            "type",
-            "minimum",
-            "maximum",
-            "exclusiveMinimum",
-            "exclusiveMaximum",
-            "minItems",
-            "maxItems",
-            "pattern",
-            "minLength",
-        ):
+        elif v in RANGE:
+            message = _range_message(where, e)
+        elif v in ("type", "minItems", "maxItems", "pattern", "minLength"):
             message = f"{where} must be {_describe_type(e.schema)}"
-            if v in ("minimum", "exclusiveMinimum"):
-                message = f"{where} must be {'>=' if v == 'minimum' else '>'} {e.validator_value}"
-            elif v in ("maximum", "exclusiveMaximum"):
-                message = f"{where} must be {'<=' if v == 'maximum' else '<'} {e.validator_value}"
-            elif v == "pattern" and e.validator_value != "^\\$":
+            if v == "pattern" and e.validator_value != "^\\$":
                 message = f"{where} has characters that are not allowed"
                 hint = e.schema.get("description", "")
             message += f", got {_show(e.instance)}"
@@ -147,7 +186,11 @@ def _explain(doc: Document, err, base) -> list[Problem]:
             message = f"{where} must be {_describe_type(e.schema)}, got {_show(e.instance)}"
             hint = did_you_mean(e.instance, e.validator_value)
         elif v in ("anyOf", "oneOf"):
-            message = f"{where} must be {_describe_type(e.schema)}, got {_show(e.instance)}"
+            r = _range_leaf(e)
+            if r is not None:
+                message = _range_message(where, r)
+            else:
+                message = f"{where} must be {_describe_type(e.schema)}, got {_show(e.instance)}"
         else:
             message = f"{where}: {e.message}"
         out.append(Problem(message, line, col, hint, file=doc.file, path=path))
