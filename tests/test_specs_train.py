@@ -29,6 +29,10 @@ def test_spec_compiles_and_loss_falls(path):
     x = rng.random((2, *net.input_shape), dtype=np.float32)
     y = rng.integers(0, model.num_outputs, 2)
     lr = LEARNING_RATE.get(net.name, 0.002)
-    losses = [model.step(x, y, lr=lr, momentum=0.9) for _ in range(4)]
+    state = model.rng.bit_generator.state
+    losses = []
+    for _ in range(4):
+        model.rng.bit_generator.state = state  # the same dropout masks: one fixed objective
+        losses.append(model.step(x, y, lr=lr, momentum=0.9))
     assert all(np.isfinite(losses)), losses
     assert losses[-1] < losses[0], losses
