@@ -1,0 +1,321 @@
+"""Benchmark tools: cnnspec.bench, `cnnspec bench`, and benchmarks/vs_torch.py's torch twins.
+
+Nothing here is timed: the tests check the shape of the results, not the speed.
+"""
+
+import importlib.util
+import io
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numba
+import pytest
+from rich.console import Console
+
+import cnnspec
+from cnnspec.bench import (
+    LAYER_KEYS,
+    PHASE_KEYS,
+    PHASES,
+    RESULT_KEYS,
+    bench,
+    busy_warning,
+    cache_verdict,
+    render_bench,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+# conv-bn-relu feeding both a conv and a residual add: covers parameters, batch norm,
+# fan-in gradient sums, pooling, dense (with a ReLU the model may fuse) and the softmax loss
+TINY = """
+name: tiny
+input: [2, 8, 8]
+layers:
+  - {name: a, type: conv2d, filters: 4, kernel: 3, padding: 1}
+  - {name: bn, type: batchnorm2d}
+  - {name: r, type: relu}
+  - {name: b, type: conv2d, filters: 4, kernel: 3, padding: 1, bias: false}
+  - {name: sum, type: add, inputs: [r, b]}
+  - {name: pool, type: maxpool2d, kernel: 2}
+  - {name: hidden, type: dense, units: 5}
+  - {name: hidden_relu, type: relu}
+  - {name: fc, type: dense, units: 3}
+  - {name: out, type: softmax}
+"""
+
+
+def strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not valid JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    net = cnnspec.loads(TINY)
+    return net, bench(net, batch=2, threads=1, warmup=0, repeat=1, peak_n=64, peak_repeat=1)
+
+
+def test_bench_returns_documented_keys_with_positive_numbers(tiny_result):
+    net, r = tiny_result
+    assert set(RESULT_KEYS) <= set(r)
+    assert r["name"] == "tiny" and r["batch"] == 2 and r["repeat"] == 1
+    assert r["macs_per_image"] == net.totals()["macs"] > 0
+    for key, _, factor in PHASES:
+        phase = r[key]
+        assert set(PHASE_KEYS) <= set(phase), key
+        for k in ("median_ms", "min_ms", "images_per_s", "gflops", "peak_share"):
+            assert phase[k] > 0, (key, k)
+        assert phase["flops_per_batch"] == factor * 2 * r["macs_per_image"] * 2
+    assert r["peak"]["gflops"] > 0 and r["peak"]["n"] == 64
+    cold = r["cold_start"]
+    assert cold["compile_s"] > 0 and cold["first_step_s"] > 0
+    assert cold["total_s"] == pytest.approx(cold["compile_s"] + cold["first_step_s"])
+    assert cold["numba_cache"] in {"warm", "cold", "partial", "in-process", "unknown"}
+    assert r["threads"]["numba"] == 1
+    assert isinstance(r["final_loss"], float)
+    assert r["machine"]["cores"] >= 1 and r["versions"]["numba"] == numba.__version__
+    strict_json(json.dumps(r))  # JSON-ready: no numpy scalars, no NaN
+
+
+def test_layer_table_covers_every_layer(tiny_result):
+    net, r = tiny_result
+    assert [row["name"] for row in r["layers"]] == [i.name for i in net.infos]
+    fused = getattr(net.compile(batch_size=1), "fused", {})  # layers the model skips
+    for row in r["layers"]:
+        assert set(LAYER_KEYS) <= set(row)
+        assert row["ran"] == (row["name"] not in fused), row["name"]
+        assert row["total_ms"] == pytest.approx(row["forward_ms"] + row["backward_ms"])
+        if row["ran"]:
+            assert row["forward_ms"] > 0 and row["eval_ms"] > 0, row["name"]
+            # every layer here has parameters or is downstream of some: all have a backward
+            assert row["backward_ms"] > 0, row["name"]
+        else:
+            assert row["total_ms"] == row["eval_ms"] == 0
+    assert sum(row["share"] for row in r["layers"]) == pytest.approx(1.0)
+    assert r["layers_total_ms"] == pytest.approx(sum(x["total_ms"] for x in r["layers"]))
+    assert 0 < r["layers_coverage"] <= 1
+    types = r["by_type"]
+    assert set(types) == {i.node.type for i in net.infos}
+    assert sum(t["count"] for t in types.values()) == len(net.infos)
+    assert sum(t["share"] for t in types.values()) == pytest.approx(1.0)
+    conv = next(row for row in r["layers"] if row["name"] == "a")
+    assert conv["macs"] == 4 * 8 * 8 * 2 * 9 and conv["forward_gflops"] > 0
+
+
+def test_bench_restores_thread_count():
+    before = numba.get_num_threads()
+    net = cnnspec.loads(TINY)
+    r = bench(net, batch=1, threads=1, warmup=0, repeat=1, peak_n=0, layers=False)
+    assert numba.get_num_threads() == before
+    assert r["peak"] is None and r["step"]["peak_share"] is None
+    assert r["layers"] == [] and r["layers_coverage"] is None
+
+
+def test_render_bench_prints_every_layer(tiny_result):
+    net, r = tiny_result
+    console = Console(file=io.StringIO(), width=160, record=True)
+    render_bench(r, console)
+    text = console.export_text()
+    for phase in ("eval forward", "train fwd+bwd", "SGD step"):
+        assert phase in text
+    for info in net.infos:
+        assert info.name in text
+    assert "GEMM peak" in text and "cold start" in text
+
+
+def test_cache_verdict():
+    base = {"signatures": 5, "hits": 2, "misses": 1, "cache_path": "/c"}
+
+    def after(sigs, hits, misses):
+        return {"signatures": 5 + sigs, "hits": 2 + hits, "misses": 1 + misses, "cache_path": "/c"}
+
+    assert cache_verdict(base, after(0, 0, 0))["numba_cache"] == "in-process"
+    assert cache_verdict(base, after(3, 3, 0))["numba_cache"] == "warm"
+    assert cache_verdict(base, after(3, 0, 3))["numba_cache"] == "cold"
+    got = cache_verdict(base, after(3, 1, 2))
+    assert got["numba_cache"] == "partial" and got["kernels_compiled"] == 2
+
+
+def test_busy_warning():
+    assert busy_warning({"cores": 2, "external_load_cores": 0.0, "loadavg_before": [0.1]}) is None
+    assert "unreliable" in busy_warning(
+        {"cores": 2, "external_load_cores": 1.5, "loadavg_before": [0.1]}
+    )
+
+
+# ---- `cnnspec bench` ---------------------------------------------------------------------------
+def test_cli_bench_json(cli):
+    result = cli(
+        "bench",
+        "specs/lenet5.yaml",
+        "--batch",
+        "2",
+        "--repeat",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stdout + result.stderr
+    data = strict_json(result.stdout)
+    assert set(RESULT_KEYS) <= set(data)
+    assert data["name"] == "lenet5" and data["batch"] == 2
+    assert data["threads"]["numba"] == 1
+    assert len(data["layers"]) == 12
+    assert data["step"]["images_per_s"] > 0
+
+
+def test_cli_bench_table(cli):
+    result = cli(
+        "bench",
+        "specs/lenet5.yaml",
+        "--batch",
+        "2",
+        "--repeat",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+    )
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "SGD step" in result.stdout and "c3" in result.stdout
+
+
+def test_cli_bench_invalid_spec_exits_1(cli):
+    result = cli("bench", "tests/broken/missing_required.yaml")
+    assert result.exit_code == 1
+    assert "error" in result.stderr and "Traceback" not in result.stdout + result.stderr
+
+
+# ---- benchmarks/vs_torch.py --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vs_torch():
+    spec = importlib.util.spec_from_file_location("vs_torch", REPO / "benchmarks" / "vs_torch.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+TORCH_TYPES = {
+    "Conv2d": "conv2d",
+    "Linear": "dense",
+    "BatchNorm2d": "batchnorm2d",
+    "MaxPool2d": "maxpool2d",
+    "AvgPool2d": "avgpool2d",
+}
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20-cifar", "vgg-small"])
+def test_torch_twins_match_the_specs(vs_torch, name):
+    torch = pytest.importorskip("torch")
+    net = cnnspec.load(REPO / vs_torch.SPECS[name])
+    model = vs_torch.torch_model(name)
+    assert vs_torch.param_count(model) == net.totals()["trainable_params"]
+    # the same layers with weights or pooling windows (ResNet's option-A subsampling is a
+    # slice in torch, a 1x1 max pool in the spec)
+    spec_types = Counter(
+        i.node.type
+        for i in net.infos
+        if i.node.type in TORCH_TYPES.values()
+        and not (i.node.type == "maxpool2d" and i.layer.attrs["kernel"] == [1, 1])
+    )
+    torch_types = Counter(
+        TORCH_TYPES[type(m).__name__] for m in model.modules() if type(m).__name__ in TORCH_TYPES
+    )
+    assert torch_types == spec_types
+    x = torch.zeros(2, *net.input_shape)
+    assert tuple(model(x).shape) == (2, *net.output_shape)
+
+
+def test_vs_torch_rows_use_known_specs(vs_torch):
+    assert {r.spec for r in vs_torch.ROWS} <= set(vs_torch.SPECS)
+    for path in vs_torch.SPECS.values():
+        assert (REPO / path).exists()
+    assert {(r.key, r.batch, r.mode) for r in vs_torch.ROWS} >= {
+        ("lenet5-b64", 64, "train"),
+        ("lenet5-b256", 256, "train"),
+        ("resnet20-b128", 128, "train"),
+        ("vgg-small-b64", 64, "train"),
+        ("lenet5-b256-eval", 256, "eval"),
+        ("resnet20-b128-eval", 128, "eval"),
+    }
+
+
+def test_vs_torch_markdown_renders(vs_torch):
+    side = {
+        "images_per_s": 100.0,
+        "median_ms": 10.0,
+        "peak_rss_mb": 200.0,
+        "rss_after_import_mb": 100.0,
+    }
+    startup = {
+        "total_s": 1.0,
+        "import_s": 0.3,
+        "build_s": 0.1,
+        "first_s": 0.5,
+        "cache": {"numba_cache": "warm", "kernels_compiled": 0},
+    }
+    result = {
+        "date": "2025-01-01 00:00 UTC",
+        "machine": {"cpu": "CPU", "cores": 2, "platform": "linux", "loadavg": [0.1, 0, 0]},
+        "versions": {
+            "torch": "t",
+            "numba": "n",
+            "numpy": "np",
+            "python": "3",
+            "cnnspec": "c",
+            "git": "abc",
+        },
+        "settings": {
+            "mode": "quick",
+            "threads": 2,
+            "rounds": 3,
+            "round_s": 0.3,
+            "warmup": 2,
+            "max_load": 0.2,
+        },
+        "quiet_check_cores": 0.05,
+        "rows": [
+            {
+                "row": {"label": "LeNet-5", "batch": 64, "mode": "train"},
+                "cnnspec": side,
+                "torch": side,
+                "ratio": 1.0,
+                "external_load_cores": 0.0,
+                "rounds_kept": 3,
+                "rounds_discarded": 1,
+            },
+            {
+                "row": {"label": "ResNet-20", "batch": 128, "mode": "eval"},
+                "cnnspec": side,
+                "torch": side,
+                "ratio": 0.5,
+                "external_load_cores": 0.9,
+                "rounds_kept": 3,
+                "rounds_discarded": 0,
+                "note": "no quiet round: all rounds were measured under load",
+            },
+        ],
+        "startup": [
+            {
+                "spec": "lenet5",
+                "batch": 64,
+                "cnnspec_warm": startup,
+                "cnnspec_cold": startup,
+                "torch": startup,
+            }
+        ],
+    }
+    text = vs_torch.markdown(result)
+    assert "| LeNet-5 | 64 | train step |" in text and "**1.00**" in text
+    assert "| ResNet-20 | 128 | inference |" in text and "0.90 ⚠ | 3 / 0 |" in text
+    assert "unreliable" in text and "1 of 2 rows" in text and "CPU, 2 cores" in text
