@@ -45,66 +45,6 @@ def _valid_range(off, stride, size, n_out):
     return lo, hi
 
 
-@njit(parallel=True, cache=True)
-def _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
-    n_, c_, h_, w_ = x.shape
-    kk = kh * kw
-    for nc in prange(n_ * c_):
-        n = nc // c_
-        c = nc - n * c_
-        xp = x[n, c]
-        for i in range(kh):
-            for j in range(kw):
-                crow = cols[n, c * kk + i * kw + j]
-                offx = j * dw - pl
-                lo, hi = _valid_range(offx, sw, w_, ow)
-                for oy in range(oh):
-                    iy = oy * sh - pt + i * dh
-                    seg = crow[oy * ow : oy * ow + ow]
-                    if iy < 0 or iy >= h_:
-                        seg[:] = 0
-                        continue
-                    xr = xp[iy]
-                    seg[:lo] = 0
-                    if sw == 1:
-                        seg[lo:hi] = xr[lo + offx : hi + offx]
-                    else:
-                        for ox in range(lo, hi):
-                            seg[ox] = xr[ox * sw + offx]
-                    seg[hi:] = 0
-
-
-@njit(parallel=True, cache=True)
-def _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
-    n_, c_, h_, w_ = dx.shape
-    kk = kh * kw
-    for nc in prange(n_ * c_):
-        n = nc // c_
-        c = nc - n * c_
-        dp = dx[n, c]
-        dp[:, :] = 0
-        for i in range(kh):
-            for j in range(kw):
-                crow = cols[n, c * kk + i * kw + j]
-                offx = j * dw - pl
-                lo, hi = _valid_range(offx, sw, w_, ow)
-                for oy in range(oh):
-                    iy = oy * sh - pt + i * dh
-                    if iy < 0 or iy >= h_:
-                        continue
-                    base = oy * ow
-                    if sw == 1:
-                        # unit stride: contiguous slices vectorise well
-                        dr = dp[iy, lo + offx : hi + offx]
-                        sr = crow[base + lo : base + hi]
-                        for t in range(hi - lo):
-                            dr[t] += sr[t]
-                    else:
-                        dr = dp[iy]
-                        for ox in range(lo, hi):
-                            dr[ox * sw + offx] += crow[base + ox]
-
-
 # ---------------------------------------------------------------- batched lowering
 # conv2d runs a chunk of samples at a time: im2col writes the chunk as one matrix
 # cols (K, nb*L), K = C*kh*kw, L = OH*OW, so each group needs one GEMM per chunk
@@ -428,7 +368,7 @@ def im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
     args = (kh, kw, sh, sw, pt, pl, dh, dw, oh, ow)
     kh, kw, sh, sw, pt, pl, dh, dw, oh, ow = (int(v) for v in args)
     _check_cols(x, cols, kh, kw, oh, ow)
-    _im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
+    _im2col_each(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
 
 
 def col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
@@ -437,7 +377,18 @@ def col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
     args = (kh, kw, sh, sw, pt, pl, dh, dw, oh, ow)
     kh, kw, sh, sw, pt, pl, dh, dw, oh, ow = (int(v) for v in args)
     _check_cols(dx, cols, kh, kw, oh, ow)
-    _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx)
+    _col2im_each(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx)
+
+
+def _im2col_each(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
+    """Per-sample layout (N, K, L): sample i's matrix is a one-sample chunk."""
+    for i in range(x.shape[0]):
+        _im2col_t(x, i, 1, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols[i])
+
+
+def _col2im_each(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
+    for i in range(dx.shape[0]):
+        _col2im_t(cols[i], i, 1, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx)
 
 
 def _unpack(stride, pad, dilation):
@@ -476,7 +427,7 @@ def conv_transpose2d_forward(x, w, b, stride, pad, dilation, out, cols):
     x3 = x.reshape(n, cin, h * wd)
     for i in range(n):
         np.matmul(w2t, x3[i], out=cols[i])
-    _col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, h, wd, out)
+    _col2im_each(cols, kh, kw, sh, sw, pt, pl, dh, dw, h, wd, out)
     if b is not None:
         out += b.reshape(1, cout, 1, 1)
 
@@ -494,7 +445,7 @@ def conv_transpose2d_backward(x, w, dout, stride, pad, dilation, cols, dx, dw, d
     if db is not None:
         check_shape("db", db, (cout,))
         np.sum(dout, axis=(0, 2, 3), out=db)
-    _im2col(dout, kh, kw, sh, sw, pt, pl, dh, dwl, h, wd, cols)
+    _im2col_each(dout, kh, kw, sh, sw, pt, pl, dh, dwl, h, wd, cols)
     k = cout * kh * kw
     x3 = x.reshape(n, cin, h * wd)
     _accumulate_batch_gemm(x3, cols.transpose(0, 2, 1), dw.reshape(cin, k))
