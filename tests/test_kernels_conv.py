@@ -363,3 +363,16 @@ def test_conv2d_kept_cols_match_recomputed(name):
     conv.conv2d_backward(x, w, dout, stride, pad, dil, g, big, dx2, dw2, None, cols=cols)
     for a, b_ in ((out, ref), (dx2, dx), (dw2, dw)):
         np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(8, 300, 20000), (20000, 300, 8)], ids=["wide", "tall"])
+def test_large_products_split_across_threads_match_numpy(shape):
+    """Products above the split threshold are computed in two halves by two threads."""
+    m, k, n = shape
+    assert 2.0 * m * k * n >= conv._BIG_GEMM_FLOPS
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    out = np.empty((m, n), np.float32)
+    conv._matmul(a, b, out)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-3)

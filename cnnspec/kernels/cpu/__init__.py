@@ -1,6 +1,13 @@
 """Numba/numpy CPU kernels for cnnspec layers (NCHW, outputs written in place)."""
 
-from .activation import (
+import os
+
+# Numba's OpenMP workers otherwise spin after every parallel loop and take the cores
+# that conv's split GEMMs need next (measured on 2 cores: +30% VGG-style, +11% ResNet-20
+# training throughput). Read when the OpenMP runtime starts; a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .activation import (  # noqa: E402
     elu_backward,
     elu_forward,
     leaky_relu_backward,
