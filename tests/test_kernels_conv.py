@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnnspec.kernels.cpu import conv
+from cnnspec.kernels.cpu import _common, conv
 from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
 
 FD_TOL = 1e-6
@@ -369,10 +369,10 @@ def test_conv2d_kept_cols_match_recomputed(name):
 def test_large_products_split_across_threads_match_numpy(shape):
     """Products above the split threshold are computed in two halves by two threads."""
     m, k, n = shape
-    assert 2.0 * m * k * n >= conv._BIG_GEMM_FLOPS
+    assert 2.0 * m * k * n >= _common._BIG_GEMM_FLOPS
     rng = np.random.default_rng(9)
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
     out = np.empty((m, n), np.float32)
-    conv._matmul(a, b, out)
+    _common.matmul(a, b, out)
     np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-3)

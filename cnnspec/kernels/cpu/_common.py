@@ -6,6 +6,10 @@ function in another module changes.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numba
 import numpy as np
 
 
@@ -30,3 +34,30 @@ def as_3d(a: np.ndarray) -> np.ndarray:
     if a.ndim < 2:
         raise ValueError(f"expected an array with a channel axis, got shape {a.shape}")
     return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+_BIG_GEMM_FLOPS = 32e6  # above this a GEMM is split across threads
+
+
+@lru_cache(maxsize=1)
+def _gemm_pool():
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="cnnspec-gemm")
+
+
+def matmul(a, b, out):
+    """out = a @ b. The model holds BLAS to one thread (its threads and Numba's would
+    spin against each other on the same cores), so cnnspec splits a large product in
+    two itself: numpy releases the GIL inside BLAS, and the halves run side by side."""
+    m, n = out.shape
+    if 2.0 * m * a.shape[1] * n < _BIG_GEMM_FLOPS or numba.get_num_threads() < 2:
+        np.matmul(a, b, out=out)
+        return
+    if n >= m:
+        h = n // 2
+        parts = [(a, b[:, :h], out[:, :h]), (a, b[:, h:], out[:, h:])]
+    else:
+        h = m // 2
+        parts = [(a[:h], b, out[:h]), (a[h:], b, out[h:])]
+    futures = [_gemm_pool().submit(np.matmul, x, y, out=z) for x, y, z in parts]
+    for f in futures:
+        f.result()

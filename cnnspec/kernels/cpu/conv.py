@@ -8,14 +8,10 @@ order). All kernels overwrite their outputs and return None.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
-
-import numba
 import numpy as np
 from numba import njit, prange
 
-from ._common import check_c, check_shape
+from ._common import check_c, check_shape, matmul
 
 __all__ = [
     "ACT_NONE",
@@ -213,33 +209,6 @@ def _grouped_dw_t(dprod, cols, dw3, accumulate):
                 dw3[g, o, k] = acc
 
 
-_BIG_GEMM_FLOPS = 32e6  # above this a GEMM is split across threads
-
-
-@lru_cache(maxsize=1)
-def _gemm_pool():
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="cnnspec-gemm")
-
-
-def _matmul(a, b, out):
-    """out = a @ b. The model holds BLAS to one thread (its threads and Numba's would
-    spin against each other on the same cores), so cnnspec splits a large product in
-    two itself: numpy releases the GIL inside BLAS, and the halves run side by side."""
-    m, n = out.shape
-    if 2.0 * m * a.shape[1] * n < _BIG_GEMM_FLOPS or numba.get_num_threads() < 2:
-        np.matmul(a, b, out=out)
-        return
-    if n >= m:
-        h = n // 2
-        parts = [(a, b[:, :h], out[:, :h]), (a, b[:, h:], out[:, h:])]
-    else:
-        h = m // 2
-        parts = [(a[:h], b, out[:h]), (a[h:], b, out[h:])]
-    futures = [_gemm_pool().submit(np.matmul, x, y, out=z) for x, y, z in parts]
-    for f in futures:
-        f.result()
-
-
 def _use_blas(w3):
     g, og, kg = w3.shape
     return g == 1 or og * kg >= _SMALL_GROUP_GEMM
@@ -322,7 +291,7 @@ def _product(w3, cols, prod):
         _grouped_fwd_t(w3, cols, prod)
         return
     for gi in range(g):
-        _matmul(w3[gi], cols[gi * kg : (gi + 1) * kg], prod[gi * og : (gi + 1) * og])
+        matmul(w3[gi], cols[gi * kg : (gi + 1) * kg], prod[gi * og : (gi + 1) * og])
 
 
 def conv2d_backward(
@@ -371,7 +340,7 @@ def conv2d_backward(
             for gi in range(g):
                 rows, ks = slice(gi * og, (gi + 1) * og), slice(gi * kg, (gi + 1) * kg)
                 if first:
-                    _matmul(p_m[rows], c_m[ks].T, dw3[gi])
+                    matmul(p_m[rows], c_m[ks].T, dw3[gi])
                 else:
                     dw3[gi] += p_m[rows] @ c_m[ks].T
         else:
@@ -381,7 +350,7 @@ def conv2d_backward(
         if blas:
             for gi in range(g):
                 rows, ks = slice(gi * og, (gi + 1) * og), slice(gi * kg, (gi + 1) * kg)
-                _matmul(w3[gi].T, p_m[rows], d_m[ks])
+                matmul(w3[gi].T, p_m[rows], d_m[ks])
         else:
             _grouped_dcols_t(w3, p_m, d_m)
         _col2im_t(dcols, n0, m, kh, kw, sh, sw, pt, pl, dh, dwl, oh, ow, dx)
