@@ -159,7 +159,8 @@ def _gather_grad(dout, out, act, n0, nb, dprod):
 
 
 @njit(parallel=True, cache=True)
-def _grouped_fwd_t(w3, cols, prod):
+def _grouped_product(w3, cols, prod):
+    # prod[g*og + o] = sum_k w3[g, o, k] * cols[g*kg + k]: per-group GEMMs too small for BLAS
     g_, og, kg = w3.shape
     m = cols.shape[1]
     for go in prange(g_ * og):
@@ -170,22 +171,6 @@ def _grouped_fwd_t(w3, cols, prod):
         for k in range(kg):
             wv = w3[g, o, k]
             src = cols[g * kg + k]
-            for t in range(m):
-                dst[t] += wv * src[t]
-
-
-@njit(parallel=True, cache=True)
-def _grouped_dcols_t(w3, dprod, dcols):
-    g_, og, kg = w3.shape
-    m = dprod.shape[1]
-    for gk in prange(g_ * kg):
-        g = gk // kg
-        k = gk - g * kg
-        dst = dcols[gk]
-        dst[:] = 0
-        for o in range(og):
-            wv = w3[g, o, k]
-            src = dprod[g * og + o]
             for t in range(m):
                 dst[t] += wv * src[t]
 
@@ -288,7 +273,7 @@ def _product(w3, cols, prod):
     """prod[g*og:(g+1)*og] = w3[g] @ cols[g*kg:(g+1)*kg] for each group."""
     g, og, kg = w3.shape
     if not _use_blas(w3):
-        _grouped_fwd_t(w3, cols, prod)
+        _grouped_product(w3, cols, prod)
         return
     for gi in range(g):
         matmul(w3[gi], cols[gi * kg : (gi + 1) * kg], prod[gi * og : (gi + 1) * og])
@@ -352,7 +337,7 @@ def conv2d_backward(
                 rows, ks = slice(gi * og, (gi + 1) * og), slice(gi * kg, (gi + 1) * kg)
                 matmul(w3[gi].T, p_m[rows], d_m[ks])
         else:
-            _grouped_dcols_t(w3, p_m, d_m)
+            _grouped_product(np.ascontiguousarray(w3.transpose(0, 2, 1)), p_m, d_m)
         _col2im_t(dcols, n0, m, kh, kw, sh, sw, pt, pl, dh, dwl, oh, ow, dx)
 
 
