@@ -313,3 +313,18 @@ def test_reshape_beyond_the_input_limit_names_the_limit():
         net("lenet5").reshape((1, 70000, 32))
     (p,) = info.value.problems
     assert p.message == "input sizes must be at most 65536, got [1, 70000, 32]"
+
+
+def test_figures_quoted_in_the_readme():
+    # course LeNet-5: 156 + 2,416 + 48,120 + 10,164 + 850
+    assert net("lenet5").totals()["trainable_params"] == 61_706
+    # ResNet-20, option A: 432 + 32 (stem) + 14,016 + 51,072 + 203,520 (stages) + 650 (fc)
+    assert net("resnet20-cifar").totals()["trainable_params"] == 269_722
+    # GoogLeNet (paper): each auxiliary head is conv 1x1 128 (+bias) on 4a (512 channels)
+    # or 4d (528), fc 2048 -> 1024 and fc 1024 -> 1000, both with biases
+    heads = [c * 128 + 128 + 2048 * 1024 + 1024 + 1024 * 1000 + 1000 for c in (512, 528)]
+    assert heads == [3_188_840, 3_190_888]
+    googlenet = net("googlenet").summary()
+    assert googlenet["totals"]["trainable_params"] == 13_378_280
+    main = [x for x in googlenet["layers"] if not x["name"].startswith("aux")]
+    assert sum(x["trainable_params"] for x in main) == 13_378_280 - sum(heads) == 6_998_552
