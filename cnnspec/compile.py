@@ -275,13 +275,15 @@ class Model:
         buf, dbuf = self.buf, self.dbuf
         for info in reversed(self.infos):
             name = info.name
-            if not self.needs_grad[name] or name in self.fused:
+            if not self.needs_grad[name]:
                 continue
             parts = self.fan_in_sums.get(name)
-            if parts:
+            if parts:  # several users: their gradients add up (a fused ReLU's too)
                 np.add(parts[0], parts[1], out=dbuf[name])
                 for extra in parts[2:]:
                     dbuf[name] += extra
+            if name in self.fused:
+                continue  # its producer applies the ReLU's gradient
             info.layer.backward(
                 [buf[i] for i in info.node.inputs],
                 buf[name],

@@ -213,6 +213,28 @@ layers:
 """
 
 
+def test_fused_relu_with_several_users_sums_their_gradients():
+    """A ReLU fused into batch norm whose output feeds two layers (ResNet's stem feeds
+    the first block's conv and its shortcut): both users' gradients must reach it."""
+    net = cnnspec.loads(
+        """
+input: [2, 6, 6]
+layers:
+  - {name: conv, type: conv2d, filters: 3, kernel: 3, padding: 1}
+  - {name: bn, type: batchnorm2d}
+  - {name: r, type: relu}
+  - {name: a, type: conv2d, filters: 3, kernel: 3, padding: 1}
+  - {name: sum, type: add, inputs: [a, r]}
+  - {name: fc, type: dense, units: 3}
+  - {name: prob, type: softmax}
+"""
+    )
+    model = net.compile(batch_size=4, seed=2, dtype=np.float64)
+    assert model.fused == {"r": "bn"}
+    rng = np.random.default_rng(3)
+    _fd_check(model, rng.normal(size=(4, 2, 6, 6)), rng.integers(0, 3, 4))
+
+
 def test_fused_relus_compute_what_separate_relus_do():
     """ReLUs after conv, batch norm and dense run inside those layers; the numbers must
     be those of separate layers (checked here against finite differences and against
@@ -241,3 +263,12 @@ def test_fused_relus_compute_what_separate_relus_do():
     assert np.isclose(loss_a, loss_b)
     for k in grads_a:
         np.testing.assert_allclose(grads_a[k], grads_b[k], rtol=1e-10, atol=1e-12)
+
+
+def test_resnet20_gradients_match_finite_differences():
+    """A whole classic spec (blocks, `when`, option-A shortcuts, fused ReLUs feeding
+    residual branches) at a small input size, in float64."""
+    net = cnnspec.load("specs/resnet20-cifar.yaml").reshape((3, 8, 8))
+    model = net.compile(batch_size=2, seed=4, dtype=np.float64)
+    rng = np.random.default_rng(5)
+    _fd_check(model, rng.normal(size=(2, 3, 8, 8)), rng.integers(0, 10, 2), n_checks=2)
