@@ -10,6 +10,7 @@ gradients in another), so an optimizer can update them in one vector operation;
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -47,6 +48,27 @@ _TRANSPARENT = {
     "channel_pad",
     "subsample2d",
 }
+
+
+class _BufferPool:
+    """Hands out zeroed arrays; one whose life ([first, last] backward steps) has
+    ended before another's begins is handed out again, so gradients share memory."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.slots: dict[int, list] = {}  # size -> [[flat array, last step], ...]
+
+    def get(self, shape, first, last):
+        size = math.prod(shape)
+        if first is None:  # never written: a private zero buffer
+            return np.zeros(shape, self.dtype)
+        for slot in self.slots.setdefault(size, []):
+            if slot[1] < first:
+                slot[1] = last
+                return slot[0].reshape(shape)
+        flat = np.zeros(size, self.dtype)
+        self.slots[size].append([flat, last])
+        return flat.reshape(shape)
 
 
 class Model:
@@ -125,37 +147,54 @@ class Model:
         return fused
 
     def _plan_backward(self, batch):
-        """Gradient buffers: a consumer writes d(input) straight into its producer's
-        gradient when it is the only consumer, else into its own buffer, summed later."""
-        dt = self.dtype
-        consumers: dict[str, int] = {}
+        """Gradient buffers. A layer writes d(input) straight into its producer's
+        gradient when it is the producer's only user, else into a buffer of its own
+        that the producer adds up. A gradient lives from its first write to its layer's
+        backward step; buffers whose lives do not overlap share memory."""
+        users: dict[str, list[str]] = {}
         for info in self.infos:
             for i in info.node.inputs:
-                consumers[i] = consumers.get(i, 0) + 1
-        self.dbuf = {}
-        for info in self.infos:
-            if info.name not in self.fused:
-                self.dbuf[info.name] = np.zeros((batch, *info.layer.out_shape), dt)
-        for relu, producer in self.fused.items():
-            self.dbuf[relu] = self.dbuf[producer]  # the producer applies the ReLU mask
-        self.dx_targets = {}  # layer name -> list of arrays (or None) for its inputs
-        self.fan_in_sums = {}  # producer -> list of scratch arrays to add up
+                users.setdefault(i, []).append(info.name)
         needs_grad = {INPUT: False}
         for info in self.infos:
             has_params = bool(self.layer_grads[info.name])
             needs_grad[info.name] = has_params or any(needs_grad[i] for i in info.node.inputs)
+        self.needs_grad = needs_grad
+        step = {info.name: k for k, info in enumerate(reversed(self.infos))}  # backward order
+        shapes = {info.name: (batch, *info.layer.out_shape) for info in self.infos}
+        pool = _BufferPool(self.dtype)
+        # (first write, last read, name): a fused ReLU's gradient is its producer's
+        lives = []
+        for info in self.infos:
+            name = info.name
+            if name in self.fused:
+                continue
+            relu = next((r for r, p in self.fused.items() if p == name), None)
+            writers = users.get(relu or name, [])
+            if not writers or not needs_grad[name]:
+                lives.append((None, None, name))  # never written: stays zero
+                continue
+            first = step[writers[0]] if len(writers) == 1 else step[relu or name]
+            lives.append((min(first, step[writers[0]]), step[name], name))
+        self.dbuf = {}
+        for first, last, name in sorted(lives, key=lambda t: (t[0] is not None, t[0] or 0)):
+            self.dbuf[name] = pool.get(shapes[name], first, last)
+        for relu, producer in self.fused.items():
+            self.dbuf[relu] = self.dbuf[producer]  # the producer applies the ReLU mask
+        self.dx_targets = {}  # layer name -> list of arrays (or None) for its inputs
+        self.fan_in_sums = {}  # gradient -> the users' buffers that add up to it
+        for info in reversed(self.infos):  # by first write, as the pool wants
             targets = []
             for i in info.node.inputs:
                 if not needs_grad[i]:
                     targets.append(None)
-                elif consumers[i] == 1:
+                elif len(users[i]) == 1:
                     targets.append(self.dbuf[i])
                 else:
-                    scratch = np.zeros_like(self.dbuf[i])
+                    scratch = pool.get(self.dbuf[i].shape, step[info.name], step[i])
                     self.fan_in_sums.setdefault(i, []).append(scratch)
                     targets.append(scratch)
             self.dx_targets[info.name] = targets
-        self.needs_grad = needs_grad
 
     def _init_params(self, rng):
         # entries a connection table leaves out are not parameters: they stay zero

@@ -272,3 +272,9 @@ def test_resnet20_gradients_match_finite_differences():
     model = net.compile(batch_size=2, seed=4, dtype=np.float64)
     rng = np.random.default_rng(5)
     _fd_check(model, rng.normal(size=(2, 3, 8, 8)), rng.integers(0, 10, 2), n_checks=2)
+
+
+def test_gradient_buffers_share_memory_when_their_lives_do_not_overlap():
+    model = cnnspec.load("specs/resnet20-cifar.yaml").compile(batch_size=2)
+    bases = {id(b.base if b.base is not None else b) for b in model.dbuf.values()}
+    assert len(bases) < len(model.dbuf) / 3  # 73 layers, a handful of buffers
