@@ -136,3 +136,20 @@ def test_lrn_matches_torch(name):
     dx = np.empty_like(x)
     norm.lrn_backward(x, out, scale, dout, size, alpha, beta, dx)
     assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
+
+
+def test_batchnorm_xhat_recomputes_the_forward_normalisation():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    c = x.shape[1]
+    out, xhat, inv_std, mean = (
+        np.empty_like(x),
+        np.empty_like(x),
+        np.empty(c, np.float32),
+        np.empty(c, np.float32),
+    )
+    norm.batchnorm_forward_train(x, None, None, 1e-5, 0.1, None, None, out, xhat, inv_std, 0, mean)
+    again = np.empty_like(x)
+    norm.batchnorm_xhat(x, mean, inv_std, again)
+    np.testing.assert_allclose(again, xhat, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)

@@ -3,6 +3,8 @@ local response normalisation (PyTorch's LocalResponseNorm convention: alpha/size
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .base import Layer, ParamDef, register
@@ -35,8 +37,16 @@ class BatchNorm2d(Layer):
         ]
 
     def allocate(self, batch, dtype=np.float32):
-        self.xhat = np.zeros((batch, *self.out_shape), dtype)
-        self.inv_std = np.zeros(self.in_shapes[0][0], dtype)
+        c = self.in_shapes[0][0]
+        self.inv_std = np.zeros(c, dtype)
+        self.batch_mean = np.zeros(c, dtype)
+
+    def workspace_size(self, batch):
+        # the normalised input lives in the shared scratch: recomputed for backward
+        return batch * math.prod(self.out_shape)
+
+    def _xhat(self, x):
+        return self.workspace[: x.size].reshape(x.shape)
 
     def forward(self, xs, out, p, train, rng):
         k, a = _kernels(), self.attrs
@@ -50,9 +60,10 @@ class BatchNorm2d(Layer):
                 p["running_mean"],
                 p["running_var"],
                 out,
-                self.xhat,
+                self._xhat(xs[0]),
                 self.inv_std,
                 self.fused_act,
+                self.batch_mean,
             )
         else:
             k.batchnorm_forward_eval(
@@ -67,9 +78,11 @@ class BatchNorm2d(Layer):
             )
 
     def backward(self, xs, out, dout, dxs, p, g):
+        xhat = self._xhat(xs[0])
+        _kernels().batchnorm_xhat(xs[0], self.batch_mean, self.inv_std, xhat)
         _kernels().batchnorm_backward(
             dout,
-            self.xhat,
+            xhat,
             p["weight"],
             self.inv_std,
             dxs[0],

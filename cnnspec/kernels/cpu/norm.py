@@ -17,6 +17,7 @@ __all__ = [
     "batchnorm_forward_train",
     "batchnorm_forward_eval",
     "batchnorm_backward",
+    "batchnorm_xhat",
     "lrn_forward",
     "lrn_backward",
 ]
@@ -112,11 +113,23 @@ def _param_or(value, c, dtype, fill):
 
 
 def batchnorm_forward_train(
-    x, gamma, beta, eps, momentum, running_mean, running_var, out, xhat, inv_std, act=0
+    x,
+    gamma,
+    beta,
+    eps,
+    momentum,
+    running_mean,
+    running_var,
+    out,
+    xhat,
+    inv_std,
+    act=0,
+    batch_mean=None,
 ):
     """Training-mode batch norm. Normalises with the biased batch variance and updates
     running stats in place with the unbiased one: r = (1-momentum)*r + momentum*batch.
-    gamma/beta may be None (affine=False); running_mean/var may be None (not tracked)."""
+    gamma/beta may be None (affine=False); running_mean/var may be None (not tracked).
+    `batch_mean` (C,), if given, receives the batch mean (for :func:`batchnorm_xhat`)."""
     check_c(x=x, gamma=gamma, beta=beta, out=out, xhat=xhat, inv_std=inv_std)
     check_shape("out", out, x.shape)
     check_shape("xhat", xhat, x.shape)
@@ -132,6 +145,8 @@ def batchnorm_forward_train(
     var = np.empty(c, dtype=np.float64)
     _bn_stats(x3, mean, var)
     inv_std[:] = 1.0 / np.sqrt(var + float(eps))
+    if batch_mean is not None:
+        batch_mean[:] = mean
     _bn_normalize(x3, mean.astype(x.dtype), inv_std, gamma, beta, as_3d(out), as_3d(xhat), int(act))
     mom = float(momentum)
     if running_mean is not None:
@@ -157,6 +172,16 @@ def batchnorm_forward_eval(x, gamma, beta, eps, running_mean, running_var, out, 
     shift = np.ascontiguousarray(shift, dtype=x.dtype)
     check_shape("running_mean", scale, (c,))
     _affine(as_3d(x), scale, shift, as_3d(out), int(act))
+
+
+def batchnorm_xhat(x, batch_mean, inv_std, xhat):
+    """Recompute the normalised input (x - mean) * inv_std of a training forward pass,
+    so the backward pass needs no stored copy of it."""
+    check_c(x=x, xhat=xhat)
+    check_shape("xhat", xhat, x.shape)
+    scale = np.ascontiguousarray(inv_std, dtype=x.dtype)
+    shift = np.ascontiguousarray(-batch_mean * inv_std, dtype=x.dtype)
+    _affine(as_3d(x), scale, shift, as_3d(xhat), 0)
 
 
 def batchnorm_backward(dout, xhat, gamma, inv_std, dx, dgamma, dbeta, out=None, act=0):
