@@ -34,17 +34,17 @@ def _input_values(values) -> list[int]:
     """--input 160x128, '160 128', 160,128 (and, repeated, --input 160 --input 128)."""
     if isinstance(values, (str, int)):
         values = [values]
-    out = []
+    sizes = []
     for value in values:
         text = str(value).strip().lower()
         if not re.fullmatch(r"[+-]?\d+(?:(?:\s*[x,]\s*|\s+)[+-]?\d+)*", text):
             _input_error(f"{value!r} is not a size: give {INPUT_FORMS}")
-        out += [int(p) for p in re.findall(r"[+-]?\d+", text)]
-    if not 1 <= len(out) <= 3:
-        _input_error(f"give {INPUT_FORMS}, not {len(out)} numbers")
-    if any(v < 1 for v in out):
-        _input_error(f"sizes must be positive integers, got {'x'.join(map(str, out))}")
-    return out
+        sizes += [int(p) for p in re.findall(r"[+-]?\d+", text)]
+    if not 1 <= len(sizes) <= 3:
+        _input_error(f"give {INPUT_FORMS}, not {len(sizes)} numbers")
+    if any(v < 1 for v in sizes):
+        _input_error(f"sizes must be positive integers, got {'x'.join(map(str, sizes))}")
+    return sizes
 
 
 def _input_shape(spec_input, values):
@@ -90,7 +90,6 @@ def _print_problems(e: SpecError) -> None:
     err.print(f"[red]{n} error{'s' if n != 1 else ''}[/]")
 
 
-InputOpt = typer.Option(None, "--input", help="Re-infer for another input: SIZE, H W, or C H W.")
 InputSize = typer.Option(
     None,
     "--input",
@@ -460,7 +459,7 @@ def bench_cmd(
     repeat: int = typer.Option(20, "--repeat", min=1, help="Timed runs per measurement."),
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed runs before each."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable result."),
-    input_size: list[int] = InputOpt,
+    input_size: list[str] = InputSize,
 ):
     """Time eval forward, train forward+backward and SGD steps; per-layer times; GFLOP/s."""
     from .bench import bench, render_bench
