@@ -204,7 +204,7 @@ class _CnnspecRunner:
         before = cb.kernel_state()
         t0 = time.perf_counter()
         net = cnnspec.load(ROOT / spec_file)
-        self.model = net.compile(batch_size=batch, seed=0)
+        self.model = net.compile(batch_size=batch, seed=0, training=mode == "train")
         self.build_s = time.perf_counter() - t0
         self.x, self.y = cb.random_batch(self.model, 0)
         self.mode = mode

@@ -331,7 +331,7 @@ def _restored_model(spec: str, weights: str, batch_size: int):
     from .train.checkpoint import CheckpointError
 
     net = _load_or_exit(spec)
-    model = net.compile(batch_size=batch_size)
+    model = net.compile(batch_size=batch_size, training=False)
     try:
         restore_model(model, weights, _spec_hash(net))
     except CheckpointError as exc:

@@ -75,9 +75,12 @@ class _BufferPool:
 
 
 class Model:
-    def __init__(self, net, batch_size: int = 32, seed: int = 0, dtype=np.float32):
+    def __init__(
+        self, net, batch_size: int = 32, seed: int = 0, dtype=np.float32, training: bool = True
+    ):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        self.training = training  # False: forward only, activations share memory
         net = net.reshape(net.input_shape)  # fresh layer objects: they hold workspaces
         self.net = net
         self.batch_size = batch_size
@@ -98,11 +101,8 @@ class Model:
         dt = self.dtype
         self.buf = {INPUT: np.zeros((batch, *self.input_shape), dt)}
         self.fused = self._fuse_relus()
+        self._allocate_activations(batch)
         for info in self.infos:
-            if info.name in self.fused:  # computes in place in its producer's buffer
-                self.buf[info.name] = self.buf[self.fused[info.name]]
-            else:
-                self.buf[info.name] = np.zeros((batch, *info.layer.out_shape), dt)
             info.layer.allocate(batch, dt)
         # im2col matrices kept from forward to backward: a speed-for-memory trade with
         # a budget for the whole model; the rest recompute theirs in backward
@@ -111,7 +111,7 @@ class Model:
             cols = getattr(info.layer, "cols", None)
             if cols is not None:
                 kept += cols.nbytes
-                if kept > KEEP_COLS_BUDGET:
+                if kept > KEEP_COLS_BUDGET or not self.training:
                     info.layer.cols = None
         scratch = np.zeros(max([i.layer.workspace_size(batch) for i in self.infos] + [1]), dt)
         for info in self.infos:
@@ -140,7 +140,34 @@ class Model:
             self.params[key] = self.layer_params[info.name][d.name] = p
             self.defs[key] = (info, d)
         self.trainable = set(self.grads)
-        self._plan_backward(batch)
+        if self.training:
+            self._plan_backward(batch)
+
+    def _allocate_activations(self, batch):
+        """Training keeps every activation for the backward pass; inference lets an
+        activation's memory go to a later layer once its last user has run."""
+        order = {info.name: k for k, info in enumerate(self.infos)}
+        end = len(self.infos)
+        last = {}
+        for info in self.infos:
+            for i in info.node.inputs:
+                owner = self.fused.get(i, i)  # a fused ReLU lives in its producer's buffer
+                last[owner] = max(last.get(owner, 0), order[info.name])
+        for info in [*self.outputs, self.head]:  # scores read the heads and their inputs
+            for name in (info.name, *info.node.inputs):
+                last[self.fused.get(name, name)] = end
+        pool = _BufferPool(self.dtype)
+        for info in self.infos:
+            name = info.name
+            if name in self.fused:
+                continue
+            shape = (batch, *info.layer.out_shape)
+            if self.training:
+                self.buf[name] = np.zeros(shape, self.dtype)
+            else:
+                self.buf[name] = pool.get(shape, order[name], last.get(name, end))
+        for relu, producer in self.fused.items():
+            self.buf[relu] = self.buf[producer]  # computes in place in its producer's buffer
 
     def _fuse_relus(self) -> dict:
         """ReLUs that run in the epilogue of the conv/dense layer before them (when that
@@ -311,6 +338,8 @@ class Model:
     def loss_and_grads(self, x, y):
         """Forward in training mode, every output's loss (weighted), backward.
         Returns the loss and the gradient dict (the model's own buffers)."""
+        if not self.training:
+            raise RuntimeError("this model was compiled for inference (training=False)")
         self._load_input(x)
         with computing():
             self._forward(True)
@@ -372,8 +401,13 @@ class Model:
 
 
 def compile_network(
-    net, device: str = "cpu", batch_size: int = 32, seed: int = 0, dtype=np.float32
+    net,
+    device: str = "cpu",
+    batch_size: int = 32,
+    seed: int = 0,
+    dtype=np.float32,
+    training: bool = True,
 ) -> Model:
     if device != "cpu":
         raise ValueError(f"device '{device}' is not available; this build compiles for 'cpu'")
-    return Model(net, batch_size=batch_size, seed=seed, dtype=dtype)
+    return Model(net, batch_size=batch_size, seed=seed, dtype=dtype, training=training)

@@ -73,11 +73,19 @@ class Network:
         """The same spec inferred for another input size."""
         return build(self.doc, tuple(input_shape))
 
-    def compile(self, device: str = "cpu", batch_size: int = 32, seed: int = 0, dtype="float32"):
-        """A Model with static buffers for this batch size (float64 for gradient checks)."""
+    def compile(
+        self,
+        device: str = "cpu",
+        batch_size: int = 32,
+        seed: int = 0,
+        dtype="float32",
+        training: bool = True,
+    ):
+        """A Model with static buffers for this batch size (float64 for gradient checks;
+        training=False: forward only, in less memory)."""
         from .compile import compile_network
 
-        return compile_network(self, device, batch_size, seed, dtype)
+        return compile_network(self, device, batch_size, seed, dtype, training)
 
 
 def load(path: str, input_shape=None) -> Network:

@@ -278,3 +278,32 @@ def test_gradient_buffers_share_memory_when_their_lives_do_not_overlap():
     model = cnnspec.load("specs/resnet20-cifar.yaml").compile(batch_size=2)
     bases = {id(b.base if b.base is not None else b) for b in model.dbuf.values()}
     assert len(bases) < len(model.dbuf) / 3  # 73 layers, a handful of buffers
+
+
+@pytest.mark.parametrize(
+    "spec, shape",
+    [
+        ("lenet5", None),
+        ("resnet20-cifar", (3, 16, 16)),
+        ("googlenet-bn", (3, 64, 64)),
+        ("densenet121", (3, 32, 32)),
+    ],
+)
+def test_inference_model_shares_activation_memory_and_predicts_the_same(spec, shape):
+    net = cnnspec.load(f"specs/{spec}.yaml")
+    if shape:
+        net = net.reshape(shape)
+    train = net.compile(batch_size=2, seed=1)
+    infer = net.compile(batch_size=2, seed=1, training=False)
+    x = np.random.default_rng(2).random((2, *net.input_shape), dtype=np.float32)
+    np.testing.assert_array_equal(infer.forward(x), train.forward(x))
+
+    def held(model):
+        return sum({id(b): b.nbytes for b in model.buf.values() if b.base is None}.values()) + sum(
+            {id(b.base): b.base.nbytes for b in model.buf.values() if b.base is not None}.values()
+        )
+
+    if spec != "lenet5":  # LeNet-5's activations all differ in size: nothing to share
+        assert held(infer) < held(train)
+    with pytest.raises(RuntimeError, match="inference"):
+        infer.loss_and_grads(x, np.zeros(2, np.int64))
