@@ -307,3 +307,23 @@ def test_inference_model_shares_activation_memory_and_predicts_the_same(spec, sh
         assert held(infer) < held(train)
     with pytest.raises(RuntimeError, match="inference"):
         infer.loss_and_grads(x, np.zeros(2, np.int64))
+
+
+def test_conv_covering_its_whole_input_runs_as_dense_and_matches_finite_differences():
+    net = cnnspec.loads(
+        """
+input: [2, 6, 6]
+layers:
+  - {name: c1, type: conv2d, filters: 3, kernel: 2}
+  - {name: full, type: conv2d, filters: 4, kernel: 5,
+     connections: [[0], [0, 1], [1, 2], [0, 1, 2]]}
+  - {name: r, type: relu}
+  - {name: fc, type: dense, units: 3}
+  - {name: prob, type: softmax}
+"""
+    )
+    assert net.infos[1].layer.is_dense and not net.infos[0].layer.is_dense
+    model = net.compile(batch_size=3, seed=6, dtype=np.float64)
+    assert model.fused == {"r": "full"}
+    rng = np.random.default_rng(7)
+    _fd_check(model, rng.normal(size=(3, 2, 6, 6)), rng.integers(0, 3, 3))

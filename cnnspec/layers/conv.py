@@ -15,6 +15,12 @@ def _kernels():
     return conv
 
 
+def _dense():
+    from ..kernels.cpu import dense
+
+    return dense
+
+
 @register
 class Conv2d(Layer):
     type_name = "conv2d"
@@ -115,16 +121,32 @@ class Conv2d(Layer):
     KEEP_COLS_BYTES = 32 << 20  # im2col kept from forward to backward up to this size
     cols = None
 
+    @property
+    def is_dense(self) -> bool:
+        """A kernel that covers the whole unpadded input (LeNet-5's C5) is a dense
+        layer on the flattened input: weight [out, C, H, W] = [out, C*H*W]."""
+        a = self.attrs
+        return (
+            self.out_shape[1:] == (1, 1)
+            and list(self.in_shapes[0][1:]) == a["kernel"]
+            and a["padding"] == [0, 0, 0, 0]
+            and a["groups"] == 1
+        )
+
     def allocate(self, batch, dtype=np.float32):
         c = self.in_shapes[0][0]
         kh, kw = self.attrs["kernel"]
         _, oh, ow = self.out_shape
         shape = (c * kh * kw, batch * oh * ow)
+        if self.is_dense:
+            return
         if shape[0] * shape[1] * np.dtype(dtype).itemsize <= self.KEEP_COLS_BYTES:
             self.cols = np.zeros(shape, dtype)
 
     def workspace_size(self, batch):
         (w,) = [d.shape for d in self.param_defs() if d.name == "weight"]
+        if self.is_dense:
+            return 0
         if self.cols is not None:  # dcols and the product, for the whole batch at once
             return (self.cols.shape[0] + w[0]) * self.cols.shape[1]
         x_shape, out_shape = (batch, *self.in_shapes[0]), (batch, *self.out_shape)
@@ -132,6 +154,13 @@ class Conv2d(Layer):
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
+        if self.is_dense:
+            n = out.shape[0]
+            w = p["weight"].reshape(p["weight"].shape[0], -1)
+            _dense().dense_forward(xs[0].reshape(n, -1), w, p.get("bias"), out.reshape(n, -1))
+            if self.fused_act:
+                np.maximum(out, 0, out=out)
+            return
         _kernels().conv2d_forward(
             xs[0],
             p["weight"],
@@ -148,6 +177,23 @@ class Conv2d(Layer):
 
     def backward(self, xs, out, dout, dxs, p, g):
         a = self.attrs
+        if self.is_dense:
+            n = out.shape[0]
+            if self.fused_act:
+                dout *= out > 0  # the fused ReLU's gradient
+            o = p["weight"].shape[0]
+            dx = None if dxs[0] is None else dxs[0].reshape(n, -1)
+            _dense().dense_backward(
+                xs[0].reshape(n, -1),
+                p["weight"].reshape(o, -1),
+                dout.reshape(n, o),
+                dx,
+                g["weight"].reshape(o, -1),
+                g.get("bias"),
+            )
+            if self.connection_mask is not None:
+                g["weight"] *= self.connection_mask
+            return
         _kernels().conv2d_backward(
             xs[0],
             p["weight"],
