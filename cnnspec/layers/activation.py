@@ -16,7 +16,6 @@ def _kernels():
 
 
 class _Elementwise(Layer):
-    elementwise = True
     defaults: dict = {}
     # activation family, used to pick the initialisation of the layer before it
     family = "linear"
@@ -93,7 +92,6 @@ class RReLU(Layer):
     """Randomised leaky ReLU: slope ~ U(lower, upper) in training, their mean in eval."""
 
     type_name = "rrelu"
-    elementwise = True
     family = "relu"
 
     def setup(self, a, in_shapes):
@@ -125,7 +123,6 @@ class RReLU(Layer):
 @register
 class PReLU(Layer):
     type_name = "prelu"
-    elementwise = True
     family = "relu"
 
     def setup(self, a, in_shapes):

@@ -65,7 +65,6 @@ class Layer:
     role: ClassVar[str] = "hidden"  # hidden | merge | output
     min_inputs: ClassVar[int] = 1
     max_inputs: ClassVar[int] = 1
-    elementwise: ClassVar[bool] = False  # receptive field and shape pass through
 
     def __init__(self, name: str, attrs: dict, in_shapes: list[tuple]):
         self.name = name

@@ -10,7 +10,6 @@ from .base import Layer, register
 @register
 class Dropout(Layer):
     type_name = "dropout"
-    elementwise = True
 
     def setup(self, a, in_shapes):
         self.attrs = {"rate": a.get("rate", 0.5)}

@@ -92,7 +92,6 @@ class ChannelPad(Layer):
     """Appends zero channels up to `channels` (He et al.'s option-A shortcut)."""
 
     type_name = "channel_pad"
-    elementwise = True
 
     def setup(self, a, in_shapes):
         c = in_shapes[0][0]

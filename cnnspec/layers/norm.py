@@ -20,7 +20,6 @@ def _kernels():
 class BatchNorm2d(Layer):
     type_name = "batchnorm2d"
     aliases = ("batchnorm", "bn")
-    elementwise = True
     fusable = True  # a following ReLU runs in the normalisation pass
 
     def setup(self, a, in_shapes):
@@ -96,7 +95,6 @@ class BatchNorm2d(Layer):
 @register
 class LRN(Layer):
     type_name = "lrn"
-    elementwise = True
 
     def setup(self, a, in_shapes):
         self.attrs = {
