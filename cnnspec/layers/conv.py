@@ -155,11 +155,14 @@ class Conv2d(Layer):
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
         if self.is_dense:
-            n = out.shape[0]
-            w = p["weight"].reshape(p["weight"].shape[0], -1)
-            _dense().dense_forward(xs[0].reshape(n, -1), w, p.get("bias"), out.reshape(n, -1))
-            if self.fused_act:
-                np.maximum(out, 0, out=out)
+            n, o = out.shape[:2]
+            _dense().dense_forward(
+                xs[0].reshape(n, -1),
+                p["weight"].reshape(o, -1),
+                p.get("bias"),
+                out.reshape(n, o),
+                self.fused_act,
+            )
             return
         _kernels().conv2d_forward(
             xs[0],
@@ -178,10 +181,7 @@ class Conv2d(Layer):
     def backward(self, xs, out, dout, dxs, p, g):
         a = self.attrs
         if self.is_dense:
-            n = out.shape[0]
-            if self.fused_act:
-                dout *= out > 0  # the fused ReLU's gradient
-            o = p["weight"].shape[0]
+            n, o = out.shape[:2]
             dx = None if dxs[0] is None else dxs[0].reshape(n, -1)
             _dense().dense_backward(
                 xs[0].reshape(n, -1),
@@ -190,6 +190,8 @@ class Conv2d(Layer):
                 dx,
                 g["weight"].reshape(o, -1),
                 g.get("bias"),
+                out.reshape(n, o),
+                self.fused_act,
             )
             if self.connection_mask is not None:
                 g["weight"] *= self.connection_mask

@@ -3,8 +3,6 @@ flattens it implicitly (as Caffe's InnerProduct does)."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from .base import Layer, ParamDef, flat_size, register
 from .pool import covers_input
 
@@ -59,13 +57,11 @@ class Dense(Layer):
 
     def forward(self, xs, out, p, train, rng):
         x = xs[0].reshape(xs[0].shape[0], -1)
-        _kernels().dense_forward(x, p["weight"], p.get("bias"), out)
-        if self.fused_act:
-            np.maximum(out, 0, out=out)
+        _kernels().dense_forward(x, p["weight"], p.get("bias"), out, self.fused_act)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        if self.fused_act:
-            dout *= out > 0  # the fused ReLU's gradient
         x = xs[0].reshape(xs[0].shape[0], -1)
         dx = None if dxs[0] is None else dxs[0].reshape(x.shape)
-        _kernels().dense_backward(x, p["weight"], dout, dx, g["weight"], g.get("bias"))
+        _kernels().dense_backward(
+            x, p["weight"], dout, dx, g["weight"], g.get("bias"), out, self.fused_act
+        )

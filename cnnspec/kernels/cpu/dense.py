@@ -9,8 +9,8 @@ from ._common import check_shape, matmul
 __all__ = ["dense_forward", "dense_backward"]
 
 
-def dense_forward(x, w, b, out):
-    """out (N, O) = x (N, F) @ w(O, F)^T + b (b may be None)."""
+def dense_forward(x, w, b, out, act=0):
+    """out (N, O) = act(x (N, F) @ w(O, F)^T + b) (b may be None; act 1 = ReLU)."""
     n, f = x.shape
     o = w.shape[0]
     check_shape("w", w, (o, f))
@@ -19,10 +19,17 @@ def dense_forward(x, w, b, out):
     if b is not None:
         check_shape("b", b, (o,))
         out += b
+    if act:
+        np.maximum(out, 0, out=out)
 
 
-def dense_backward(x, w, dout, dx, dw, db):
-    """dw <- dout^T x; dx <- dout w; db <- sum_n dout (dx and db may be None)."""
+def dense_backward(x, w, dout, dx, dw, db, out=None, act=0):
+    """dw <- dout^T x; dx <- dout w; db <- sum_n dout (dx and db may be None). With a
+    fused ReLU (act 1), `out` is the forward output and dout is masked in place."""
+    if act:
+        if out is None:
+            raise ValueError("a fused activation needs the forward output")
+        dout *= out > 0
     n, f = x.shape
     o = w.shape[0]
     check_shape("dout", dout, (n, o))
