@@ -50,9 +50,6 @@ _TRANSPARENT = {
 }
 
 
-KEEP_COLS_BUDGET = 64 << 20  # bytes of im2col matrices a model keeps between passes
-
-
 class _BufferPool:
     """Hands out zeroed arrays; one whose life ([first, last] backward steps) has
     ended before another's begins is handed out again, so gradients share memory."""
@@ -104,15 +101,6 @@ class Model:
         self._allocate_activations(batch)
         for info in self.infos:
             info.layer.allocate(batch, dt)
-        # im2col matrices kept from forward to backward: a speed-for-memory trade with
-        # a budget for the whole model; the rest recompute theirs in backward
-        kept = 0
-        for info in self.infos:
-            cols = getattr(info.layer, "cols", None)
-            if cols is not None:
-                kept += cols.nbytes
-                if kept > KEEP_COLS_BUDGET or not self.training:
-                    info.layer.cols = None
         scratch = np.zeros(max([i.layer.workspace_size(batch) for i in self.infos] + [1]), dt)
         for info in self.infos:
             info.layer.workspace = scratch

@@ -118,8 +118,6 @@ class Conv2d(Layer):
         )
 
     fusable = True  # a following ReLU can run in this layer's epilogue
-    KEEP_COLS_BYTES = 32 << 20  # im2col kept from forward to backward up to this size
-    cols = None
 
     @property
     def is_dense(self) -> bool:
@@ -133,24 +131,15 @@ class Conv2d(Layer):
             and a["groups"] == 1
         )
 
-    def allocate(self, batch, dtype=np.float32):
-        c = self.in_shapes[0][0]
-        kh, kw = self.attrs["kernel"]
-        _, oh, ow = self.out_shape
-        shape = (c * kh * kw, batch * oh * ow)
-        if self.is_dense:
-            return
-        if shape[0] * shape[1] * np.dtype(dtype).itemsize <= self.KEEP_COLS_BYTES:
-            self.cols = np.zeros(shape, dtype)
-
     def workspace_size(self, batch):
-        (w,) = [d.shape for d in self.param_defs() if d.name == "weight"]
         if self.is_dense:
             return 0
-        if self.cols is not None:  # dcols and the product, for the whole batch at once
-            return (self.cols.shape[0] + w[0]) * self.cols.shape[1]
+        (w,) = [d.shape for d in self.param_defs() if d.name == "weight"]
+        a = self.attrs
         x_shape, out_shape = (batch, *self.in_shapes[0]), (batch, *self.out_shape)
-        return _kernels().conv2d_workspace(x_shape, w, out_shape)
+        return _kernels().conv2d_workspace(
+            x_shape, w, out_shape, a["stride"], a["padding"], a["dilation"]
+        )
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
@@ -175,7 +164,6 @@ class Conv2d(Layer):
             out,
             self.workspace,
             self.fused_act,
-            self.cols,
         )
 
     def backward(self, xs, out, dout, dxs, p, g):
@@ -210,7 +198,6 @@ class Conv2d(Layer):
             g.get("bias"),
             out,
             self.fused_act,
-            self.cols,
         )
         if self.connection_mask is not None:
             g["weight"] *= self.connection_mask
