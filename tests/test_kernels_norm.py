@@ -29,16 +29,16 @@ def test_batchnorm_train_finite_differences(name):
     rng, x, gamma, beta = _bn_setup(shape, np.float64, 0)
     c = shape[1]
     r = rng.standard_normal(shape)
-    out, xhat, inv_std = np.empty_like(x), np.empty_like(x), np.empty(c)
+    out, mean, inv_std = np.empty_like(x), np.empty(c), np.empty(c)
     rm, rv = np.zeros(c), np.ones(c)
 
     def loss():
-        norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, rm, rv, out, xhat, inv_std)
+        norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, rm, rv, out, mean, inv_std)
         return float(np.sum(out * r))
 
     loss()
     dx, dg, db = np.full_like(x, np.nan), np.full(c, np.nan), np.full(c, np.nan)
-    norm.batchnorm_backward(r, xhat, gamma, inv_std, dx, dg, db)
+    norm.batchnorm_backward(r, x, mean, gamma, inv_std, dx, dg, db)
     assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
     assert rel_error(dg, numerical_grad(loss, gamma)) < FD_TOL
     assert rel_error(db, numerical_grad(loss, beta)) < FD_TOL
@@ -54,8 +54,8 @@ def test_batchnorm_matches_torch(name):
     rm = rng.standard_normal(c).astype(np.float32)
     rv = rng.uniform(0.5, 2.0, c).astype(np.float32)
     rm_t, rv_t = torch.tensor(rm), torch.tensor(rv)
-    out, xhat, inv_std = np.empty_like(x), np.empty_like(x), np.empty(c, np.float32)
-    norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, rm, rv, out, xhat, inv_std)
+    out, mean, inv_std = np.empty_like(x), np.empty(c, np.float32), np.empty(c, np.float32)
+    norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, rm, rv, out, mean, inv_std)
     xt = torch.tensor(x, requires_grad=True)
     gt = torch.tensor(gamma, requires_grad=True)
     bt = torch.tensor(beta, requires_grad=True)
@@ -66,7 +66,7 @@ def test_batchnorm_matches_torch(name):
     dout = rng.standard_normal(shape).astype(np.float32)
     ref.backward(torch.tensor(dout))
     dx, dg, db = np.empty_like(x), np.empty_like(gamma), np.empty_like(beta)
-    norm.batchnorm_backward(dout, xhat, gamma, inv_std, dx, dg, db)
+    norm.batchnorm_backward(dout, x, mean, gamma, inv_std, dx, dg, db)
     assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
     assert rel_error(dg, gt.grad.numpy()) < TORCH_TOL
     assert rel_error(db, bt.grad.numpy()) < TORCH_TOL
@@ -138,18 +138,28 @@ def test_lrn_matches_torch(name):
     assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
 
 
-def test_batchnorm_xhat_recomputes_the_forward_normalisation():
+def test_batchnorm_returns_the_batch_statistics_backward_uses():
     rng = np.random.default_rng(11)
-    x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    x = (rng.standard_normal((4, 3, 5, 5)) * 3 + 7).astype(np.float32)
     c = x.shape[1]
-    out, xhat, inv_std, mean = (
-        np.empty_like(x),
-        np.empty_like(x),
-        np.empty(c, np.float32),
-        np.empty(c, np.float32),
-    )
-    norm.batchnorm_forward_train(x, None, None, 1e-5, 0.1, None, None, out, xhat, inv_std, 0, mean)
-    again = np.empty_like(x)
-    norm.batchnorm_xhat(x, mean, inv_std, again)
-    np.testing.assert_allclose(again, xhat, rtol=1e-5, atol=1e-5)
+    out, inv_std, mean = np.empty_like(x), np.empty(c, np.float32), np.empty(c, np.float32)
+    norm.batchnorm_forward_train(x, None, None, 1e-5, 0.1, None, None, out, mean, inv_std)
     np.testing.assert_allclose(mean, x.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(inv_std, 1 / np.sqrt(x.var(axis=(0, 2, 3)) + 1e-5), rtol=1e-5)
+
+
+def test_batchnorm_fused_relu_is_relu_of_batchnorm():
+    rng, x, gamma, beta = _bn_setup((4, 3, 5, 5), np.float64, 12)
+    c = x.shape[1]
+    mean, inv_std = np.empty(c), np.empty(c)
+    plain, fused = np.empty_like(x), np.empty_like(x)
+    norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, None, None, plain, mean, inv_std)
+    norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, None, None, fused, mean, inv_std, 1)
+    np.testing.assert_array_equal(fused, np.maximum(plain, 0))
+    dout = rng.standard_normal(x.shape)
+    grads = [np.empty_like(x), np.empty(c), np.empty(c)]
+    norm.batchnorm_backward(dout, x, mean, gamma, inv_std, *grads, fused, 1)
+    expect = [np.empty_like(x), np.empty(c), np.empty(c)]
+    norm.batchnorm_backward(dout * (plain > 0), x, mean, gamma, inv_std, *expect)
+    for a, b in zip(grads, expect, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -3,8 +3,6 @@ local response normalisation (PyTorch's LocalResponseNorm convention: alpha/size
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .base import Layer, ParamDef, register
@@ -40,13 +38,6 @@ class BatchNorm2d(Layer):
         self.inv_std = np.zeros(c, dtype)
         self.batch_mean = np.zeros(c, dtype)
 
-    def workspace_size(self, batch):
-        # the normalised input lives in the shared scratch: recomputed for backward
-        return batch * math.prod(self.out_shape)
-
-    def _xhat(self, x):
-        return self.workspace[: x.size].reshape(x.shape)
-
     def forward(self, xs, out, p, train, rng):
         k, a = _kernels(), self.attrs
         if train:
@@ -59,10 +50,9 @@ class BatchNorm2d(Layer):
                 p["running_mean"],
                 p["running_var"],
                 out,
-                self._xhat(xs[0]),
+                self.batch_mean,
                 self.inv_std,
                 self.fused_act,
-                self.batch_mean,
             )
         else:
             k.batchnorm_forward_eval(
@@ -77,11 +67,10 @@ class BatchNorm2d(Layer):
             )
 
     def backward(self, xs, out, dout, dxs, p, g):
-        xhat = self._xhat(xs[0])
-        _kernels().batchnorm_xhat(xs[0], self.batch_mean, self.inv_std, xhat)
         _kernels().batchnorm_backward(
             dout,
-            xhat,
+            xs[0],
+            self.batch_mean,
             p["weight"],
             self.inv_std,
             dxs[0],

@@ -17,14 +17,20 @@ __all__ = [
     "batchnorm_forward_train",
     "batchnorm_forward_eval",
     "batchnorm_backward",
-    "batchnorm_xhat",
     "lrn_forward",
     "lrn_backward",
 ]
 
 
 # ------------------------------------------------------------------------ batch norm
-@njit(parallel=True, cache=True)
+# The normalised input xhat = (x - mean) * inv_std is never stored: each pass
+# recomputes what it needs from x, which costs less than writing and reading it.
+# Sums run per channel in float64; `reassoc` lets LLVM vectorise them into partial
+# sums (a fixed order, chosen at compile time: the same bits on every run).
+_SUMS = {"reassoc"}
+
+
+@njit(parallel=True, cache=True, fastmath=_SUMS)
 def _bn_stats(x, mean, var):
     # x (N, C, S); mean/var float64 (C,); biased variance, two-pass for accuracy
     n_, c_, s_ = x.shape
@@ -32,33 +38,18 @@ def _bn_stats(x, mean, var):
     for c in prange(c_):
         acc = 0.0
         for n in range(n_):
+            row = x[n, c]
             for i in range(s_):
-                acc += x[n, c, i]
+                acc += row[i]
         mu = acc / m_
         acc2 = 0.0
         for n in range(n_):
+            row = x[n, c]
             for i in range(s_):
-                d = x[n, c, i] - mu
+                d = row[i] - mu
                 acc2 += d * d
         mean[c] = mu
         var[c] = acc2 / m_
-
-
-@njit(parallel=True, cache=True)
-def _bn_normalize(x, mean, inv_std, gamma, beta, out, xhat, act):
-    n_, c_, s_ = x.shape
-    for nc in prange(n_ * c_):
-        n = nc // c_
-        c = nc - n * c_
-        mu = mean[c]
-        istd = inv_std[c]
-        g = gamma[c]
-        b = beta[c]
-        for i in range(s_):
-            xh = (x[n, c, i] - mu) * istd
-            xhat[n, c, i] = xh
-            v = g * xh + b
-            out[n, c, i] = v if (act == 0 or v > 0) else 0.0
 
 
 @njit(parallel=True, cache=True)
@@ -69,40 +60,45 @@ def _affine(x, scale, shift, out, act):
         c = nc - n * c_
         a = scale[c]
         b = shift[c]
+        src, dst = x[n, c], out[n, c]
         for i in range(s_):
-            v = x[n, c, i] * a + b
-            out[n, c, i] = v if (act == 0 or v > 0) else 0.0
+            v = src[i] * a + b
+            dst[i] = v if (act == 0 or v > 0) else 0.0
 
 
-@njit(parallel=True, cache=True)
-def _bn_bwd_sums(dout, xhat, y, act, sum_dy, sum_dy_xhat):
-    # with a fused ReLU (act=1), the gradient reaching the norm is dout where y > 0
+@njit(parallel=True, cache=True, fastmath=_SUMS)
+def _bn_bwd_sums(dout, x, y, act, mean, sum_dy, sum_dy_xc):
+    # sum_dy = sum(g), sum_dy_xc = sum(g * (x - mean)); with a fused ReLU (act=1)
+    # the gradient reaching the norm is g = dout where y > 0
     n_, c_, s_ = dout.shape
     for c in prange(c_):
+        mu = mean[c]
         a = 0.0
         b = 0.0
         for n in range(n_):
+            d, xr, yr = dout[n, c], x[n, c], y[n, c]
             for i in range(s_):
-                g = dout[n, c, i] if (act == 0 or y[n, c, i] > 0) else 0.0
+                yv = yr[i]  # loaded unconditionally: a conditional load blocks SIMD
+                g = d[i] if (yv > 0 or act == 0) else 0.0
                 a += g
-                b += g * xhat[n, c, i]
+                b += g * (xr[i] - mu)
         sum_dy[c] = a
-        sum_dy_xhat[c] = b
+        sum_dy_xc[c] = b
 
 
 @njit(parallel=True, cache=True)
-def _bn_bwd_dx(dout, xhat, y, act, coef, mean_dy, mean_dy_xhat, dx):
-    # dx = gamma*inv_std * (dy - mean(dy) - xhat*mean(dy*xhat)); coef = gamma*inv_std
+def _bn_bwd_dx(dout, x, y, act, ka, kb, kc, dx):
+    # dx = ka*g + kb*x + kc per channel (the batch-norm gradient, expanded)
     n_, c_, s_ = dout.shape
     for nc in prange(n_ * c_):
         n = nc // c_
         c = nc - n * c_
-        k = coef[c]
-        m1 = mean_dy[c]
-        m2 = mean_dy_xhat[c]
+        a, b, k = ka[c], kb[c], kc[c]
+        d, xr, yr, dst = dout[n, c], x[n, c], y[n, c], dx[n, c]
         for i in range(s_):
-            g = dout[n, c, i] if (act == 0 or y[n, c, i] > 0) else 0.0
-            dx[n, c, i] = k * (g - m1 - xhat[n, c, i] * m2)
+            yv = yr[i]
+            g = d[i] if (yv > 0 or act == 0) else 0.0
+            dst[i] = a * g + b * xr[i] + k
 
 
 def _param_or(value, c, dtype, fill):
@@ -113,28 +109,17 @@ def _param_or(value, c, dtype, fill):
 
 
 def batchnorm_forward_train(
-    x,
-    gamma,
-    beta,
-    eps,
-    momentum,
-    running_mean,
-    running_var,
-    out,
-    xhat,
-    inv_std,
-    act=0,
-    batch_mean=None,
+    x, gamma, beta, eps, momentum, running_mean, running_var, out, batch_mean, inv_std, act=0
 ):
     """Training-mode batch norm. Normalises with the biased batch variance and updates
     running stats in place with the unbiased one: r = (1-momentum)*r + momentum*batch.
     gamma/beta may be None (affine=False); running_mean/var may be None (not tracked).
-    `batch_mean` (C,), if given, receives the batch mean (for :func:`batchnorm_xhat`)."""
-    check_c(x=x, gamma=gamma, beta=beta, out=out, xhat=xhat, inv_std=inv_std)
+    `batch_mean` and `inv_std` (C,) receive the batch statistics backward needs."""
+    check_c(x=x, gamma=gamma, beta=beta, out=out, batch_mean=batch_mean, inv_std=inv_std)
     check_shape("out", out, x.shape)
-    check_shape("xhat", xhat, x.shape)
     c = x.shape[1]
     check_shape("inv_std", inv_std, (c,))
+    check_shape("batch_mean", batch_mean, (c,))
     gamma = _param_or(gamma, c, x.dtype, 1)
     beta = _param_or(beta, c, x.dtype, 0)
     x3 = as_3d(x)
@@ -144,10 +129,11 @@ def batchnorm_forward_train(
     mean = np.empty(c, dtype=np.float64)
     var = np.empty(c, dtype=np.float64)
     _bn_stats(x3, mean, var)
-    inv_std[:] = 1.0 / np.sqrt(var + float(eps))
-    if batch_mean is not None:
-        batch_mean[:] = mean
-    _bn_normalize(x3, mean.astype(x.dtype), inv_std, gamma, beta, as_3d(out), as_3d(xhat), int(act))
+    inv = 1.0 / np.sqrt(var + float(eps))
+    inv_std[:] = inv
+    batch_mean[:] = mean
+    scale = gamma * inv
+    _affine(x3, scale.astype(x.dtype), (beta - mean * scale).astype(x.dtype), as_3d(out), act)
     mom = float(momentum)
     if running_mean is not None:
         running_mean *= 1.0 - mom
@@ -174,52 +160,38 @@ def batchnorm_forward_eval(x, gamma, beta, eps, running_mean, running_var, out, 
     _affine(as_3d(x), scale, shift, as_3d(out), int(act))
 
 
-def batchnorm_xhat(x, batch_mean, inv_std, xhat):
-    """Recompute the normalised input (x - mean) * inv_std of a training forward pass,
-    so the backward pass needs no stored copy of it."""
-    check_c(x=x, xhat=xhat)
-    check_shape("xhat", xhat, x.shape)
-    scale = np.ascontiguousarray(inv_std, dtype=x.dtype)
-    shift = np.ascontiguousarray(-batch_mean * inv_std, dtype=x.dtype)
-    _affine(as_3d(x), scale, shift, as_3d(xhat), 0)
-
-
-def batchnorm_backward(dout, xhat, gamma, inv_std, dx, dgamma, dbeta, out=None, act=0):
-    """Gradients of training-mode batch norm. gamma may be None (treated as 1);
-    dx, dgamma, dbeta may each be None (skipped). With a fused ReLU (act=1), `out`
-    is the forward output and dout is the gradient after the ReLU."""
+def batchnorm_backward(dout, x, batch_mean, gamma, inv_std, dx, dgamma, dbeta, out=None, act=0):
+    """Gradients of training-mode batch norm from its input and batch statistics.
+    gamma may be None (treated as 1); dx, dgamma, dbeta may each be None (skipped).
+    With a fused ReLU (act=1), `out` is the forward output and dout is the gradient
+    after the ReLU."""
     if act and out is None:
         raise ValueError("a fused activation needs the forward output")
-    check_c(dout=dout, xhat=xhat, dx=dx)
-    check_shape("xhat", xhat, dout.shape)
+    check_c(dout=dout, x=x, dx=dx)
+    check_shape("x", x, dout.shape)
     c = dout.shape[1]
-    d3 = as_3d(dout)
-    x3 = as_3d(xhat)
+    d3, x3 = as_3d(dout), as_3d(x)
     m = d3.shape[0] * d3.shape[2]
+    mean = batch_mean.astype(np.float64)
+    inv = inv_std.astype(np.float64)
     sum_dy = np.empty(c, dtype=np.float64)
-    sum_dy_xhat = np.empty(c, dtype=np.float64)
+    sum_dy_xc = np.empty(c, dtype=np.float64)
     y3 = as_3d(out) if act else d3
-    _bn_bwd_sums(d3, x3, y3, int(act), sum_dy, sum_dy_xhat)
+    _bn_bwd_sums(d3, x3, y3, int(act), mean.astype(x.dtype), sum_dy, sum_dy_xc)
+    sum_dy_xhat = sum_dy_xc * inv
     if dbeta is not None:
         dbeta[:] = sum_dy
     if dgamma is not None:
         dgamma[:] = sum_dy_xhat
     if dx is not None:
         check_shape("dx", dx, dout.shape)
-        coef = inv_std.astype(np.float64)
-        if gamma is not None:
-            coef = coef * gamma
+        # dx = k * (g - mean(g) - xhat * mean(g * xhat)), k = gamma * inv_std,
+        # xhat = (x - mean) * inv_std: linear in g and x per channel
+        k = inv if gamma is None else inv * gamma
+        slope = -k * inv * sum_dy_xhat / m
         t = dout.dtype
-        _bn_bwd_dx(
-            d3,
-            x3,
-            y3,
-            int(act),
-            coef.astype(t),
-            (sum_dy / m).astype(t),
-            (sum_dy_xhat / m).astype(t),
-            as_3d(dx),
-        )
+        ka, kb, kc = k.astype(t), slope.astype(t), (-k * sum_dy / m - slope * mean).astype(t)
+        _bn_bwd_dx(d3, x3, y3, int(act), ka, kb, kc, as_3d(dx))
 
 
 # ------------------------------------------------------------- local response norm
