@@ -42,7 +42,8 @@ def _make_conv(case, dtype, seed=0):
     ow = _conv_out(w, kw, stride[1], pad[2], pad[3], dil[1])
     out = np.empty((n, o, oh, ow), dtype)
     # a workspace for tiles of two output rows, so images span several tiles
-    ws = np.empty(conv.conv2d_workspace(x.shape, wt.shape, out.shape, stride, pad, dil, 2), dtype)
+    shapes = (x.shape, wt.shape, out.shape, stride, pad, dil, np.dtype(dtype).itemsize)
+    ws = np.empty(conv.conv2d_workspace(*shapes, tile_rows=2), dtype)
     return x, wt, b, out, ws, rng
 
 
@@ -220,24 +221,6 @@ def test_conv2d_rejects_bad_workspace():
         conv.conv2d_forward(x, w, None, (1, 1), (0, 0, 0, 0), (1, 1), 1, out, np.empty((1, 18, 5)))
 
 
-@pytest.mark.parametrize("name", ["stride_asympad_dilation_groups", "depthwise_multiplier"])
-def test_grouped_conv_blas_and_loop_paths_agree(name, monkeypatch):
-    """Small groups run as Numba loops, large ones as per-group BLAS GEMMs: same numbers."""
-    case = CONV_CASES[name]
-    stride, pad, dil, g = case[7], case[8], case[9], case[10]
-    results = []
-    for threshold in (conv._SMALL_GROUP_GEMM, 0):  # default (loops), then forced BLAS
-        monkeypatch.setattr(conv, "_SMALL_GROUP_GEMM", threshold)
-        x, w, b, out, cols, rng = _make_conv(case, np.float64, seed=4)
-        conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, cols)
-        dout = rng.standard_normal(out.shape)
-        dx, dw, db = np.empty_like(x), np.empty_like(w), np.empty_like(b)
-        conv.conv2d_backward(x, w, dout, stride, pad, dil, g, cols, dx, dw, db)
-        results.append((out, dx, dw, db))
-    for a, b_ in zip(*results, strict=True):
-        np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)
-
-
 def _naive_im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
     n, c, h, w = x.shape
     cols = np.zeros((n, c * kh * kw, oh * ow))
@@ -327,7 +310,7 @@ def _conv_grads(g, threads=None):
     dout = rng.standard_normal((8, 4, 6, 6)).astype(np.float32)
     w = np.linspace(-1, 1, 4 * (4 // g) * 9, dtype=np.float32).reshape(4, 4 // g, 3, 3)
     geometry = ((1, 1), (1, 1, 1, 1), (1, 1))
-    ws = np.empty(conv.conv2d_workspace(x.shape, w.shape, x.shape, *geometry), np.float32)
+    ws = np.empty(conv.conv2d_workspace(x.shape, w.shape, x.shape, *geometry, 4), np.float32)
     saved = numba.get_num_threads()
     try:
         numba.set_num_threads(threads or saved)
@@ -358,7 +341,8 @@ def test_conv2d_tile_size_does_not_change_results(name):
     dout = rng.standard_normal(out.shape)
     results = []
     for rows in (1, None):
-        ws = np.empty(conv.conv2d_workspace(x.shape, w.shape, out.shape, stride, pad, dil, rows))
+        shapes = (x.shape, w.shape, out.shape, stride, pad, dil, 8)
+        ws = np.empty(conv.conv2d_workspace(*shapes, tile_rows=rows))
         conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, ws)
         dx, dw = np.full_like(x, np.nan), np.empty_like(w)
         conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, dx, dw, None)

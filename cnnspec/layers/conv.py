@@ -131,6 +131,11 @@ class Conv2d(Layer):
             and a["groups"] == 1
         )
 
+    itemsize = 4
+
+    def allocate(self, batch, dtype=np.float32):
+        self.itemsize = np.dtype(dtype).itemsize
+
     def workspace_size(self, batch):
         if self.is_dense:
             return 0
@@ -138,7 +143,7 @@ class Conv2d(Layer):
         a = self.attrs
         x_shape, out_shape = (batch, *self.in_shapes[0]), (batch, *self.out_shape)
         return _kernels().conv2d_workspace(
-            x_shape, w, out_shape, a["stride"], a["padding"], a["dilation"]
+            x_shape, w, out_shape, a["stride"], a["padding"], a["dilation"], self.itemsize
         )
 
     def forward(self, xs, out, p, train, rng):

@@ -7,7 +7,6 @@ function in another module changes.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import lru_cache
 
 import numba
@@ -62,30 +61,3 @@ def matmul(a, b, out):
     futures = [_gemm_pool().submit(np.matmul, x, y, out=z) for x, y, z in parts]
     for f in futures:
         f.result()
-
-
-@lru_cache(maxsize=1)
-def _blas_libraries():
-    from threadpoolctl import ThreadpoolController
-
-    from . import blas  # noqa: F401 - loads the BLAS the kernels call, if not numpy's
-
-    return [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
-
-
-@contextmanager
-def single_threaded_blas():
-    """BLAS on the calling thread only, for kernels that call it from each of Numba's
-    threads (BLAS threads of its own there would fight them for the cores; OpenBLAS
-    also warns of a possible hang). Cheap when the limit is already in place."""
-    saved = []
-    for lib in _blas_libraries():
-        n = lib.get_num_threads()
-        if n != 1:
-            lib.set_num_threads(1)
-            saved.append((lib, n))
-    try:
-        yield
-    finally:
-        for lib, n in saved:
-            lib.set_num_threads(n)

@@ -8,14 +8,15 @@ order). All kernels overwrite their outputs and return None.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-from ._common import check_c, check_shape, single_threaded_blas
-from .blas import gemm
+from . import microkernel as mk
+from ._common import check_c, check_shape
 
 __all__ = [
     "ACT_NONE",
@@ -114,21 +115,33 @@ def _col2im_t(cols, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
 # Each thread owns a slice of the workspace and walks its own tiles (a band of
 # output rows of one sample): it pads the sample once into a private buffer,
 # unfolds the tile's patches (im2col) into a matrix small enough to stay in its
-# core's L2 cache, multiplies by the weights with a one-thread BLAS GEMM called
-# from Numba, and writes the product through the bias and the fused activation
-# into the output. Nothing large goes through main memory, and nothing returns to
-# Python per tile. The backward pass gives each thread whole samples (their dx
-# bands overlap) and private dW / db sums, added up afterwards in thread order.
+# core's L2 cache, multiplies with the register-blocked micro-kernels and writes
+# the product through the bias and the fused activation into the output. Nothing
+# large goes through main memory, and nothing returns to Python per tile. The
+# backward pass gives each thread whole samples (their dx bands overlap) and
+# private dW / db sums, added up afterwards in thread order.
 #
 # With stride 1 a tile's patch row for (c, i, j) is one contiguous run of the
 # padded sample: the product is computed over the padded width wp (the last
 # wp - ow columns of each row are junk, dropped by the epilogue and zero in the
-# backward pass), so im2col is C*kh*kw memory copies per tile.
+# backward pass). Tile columns are padded to whole micro-kernel panels, and each
+# group's rows of W, dW and the products to whole micro-kernel blocks (zeros).
+#
+# Layouts, per tile of tc columns (tcp padded), per group g:
+#   colsP  [panel][K][NR]         im2col, forward (bcast's B)
+#   colsR  [g*kgp + k][tcp]       im2col, backward (dot's B)
+#   prod   [g*ogp + o][tcp]       forward product; dprodR: dout the same way
+#   dprodP [panel][G*ogp][NR]     dout as bcast's B, for dcols
+#   dcols  [g*kgp + k][tcp]       W^T dout, folded back into dx
+#   wpack  forward [g][o/MR][kg][MR], backward [g][k/MR][og][MR], shared
 
 ACT_NONE, ACT_RELU = 0, 1
-_SMALL_GROUP_GEMM = 4096  # og * kg below this -> Numba loops instead of BLAS
 _TILE_ELEMENTS = 1 << 19  # a tile's im2col matrix (2 MiB in float32): L2-sized; larger
-# tiles run the GEMMs faster, smaller ones fall out of cache (measured 0.5-4 MiB)
+# tiles run the products faster, smaller ones fall out of cache (measured 0.5-4 MiB)
+
+
+def _round_up(n, m):
+    return -(-n // m) * m
 
 
 class _Geometry(NamedTuple):
@@ -137,43 +150,61 @@ class _Geometry(NamedTuple):
     owe: int  # product columns per output row: wp with stride 1, else ow
     rows: int  # output rows per tile
     tiles: int  # tiles per sample
+    tcp: int  # product columns per tile, padded to whole panels
+    ogp: int  # output channels per group, padded to whole blocks
+    kgp: int  # im2col rows per group, padded to whole blocks
     pad_size: int  # a padded sample, with slack for the junk columns' reads
     per_thread: int  # workspace elements per thread
+    wpack: int  # packed weights, shared by the threads
 
 
-def _geometry(x_shape, w_shape, out_shape, stride, pad, dilation, rows=None, space=None):
+def _geometry(x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, rows=None, space=None):
     """Tile sizes: `rows` output rows per tile, else as many as fill _TILE_ELEMENTS
     and, when `space` (workspace elements per thread) is given, fit in it."""
     c, h, w = x_shape[1:]
     o, cg, kh, kw = w_shape
     oh, ow = out_shape[2], out_shape[3]
+    g = c // cg
+    og, kg, k = o // g, cg * kh * kw, c * kh * kw
     pt, pb, pl, pr = (int(p) for p in pad)
     hp, wp = h + pt + pb, w + pl + pr
     owe = wp if tuple(int(s) for s in stride) == (1, 1) else ow
-    k = c * kh * kw
+    nr = mk.panel(itemsize)
+    ogp = _round_up(og, math.lcm(mk.MR, mk.MD))
+    kgp = _round_up(kg, math.lcm(mk.MR, mk.ND))
     pad_size = c * hp * wp + (kw - 1) * int(dilation[1]) + wp
-    # padded x and dx, dW, db; then per tile column: cols, dcols, the product
-    fixed = 2 * pad_size + o * cg * kh * kw + o
-    per_column = 2 * k + o
+    fixed = 2 * pad_size + g * ogp * kgp + o  # padded x and dx, dW, db
+    per_column = 1 + 2 * g * kgp + 2 * g * ogp  # a row buffer, cols and dcols, 2 products
     if rows is None:
         rows = max(1, _TILE_ELEMENTS // (k * owe))
         if space is not None:
-            rows = min(rows, (space - fixed) // (per_column * owe))
-    rows = min(rows, oh)
-    tiles = -(-oh // max(rows, 1))
+            rows = min(rows, ((space - fixed) // per_column // nr * nr) // owe)
+    rows = max(1, min(rows, oh))
+    tiles = -(-oh // rows)
     rows = -(-oh // tiles)  # bands of even height
-    return _Geometry(hp, wp, owe, rows, tiles, pad_size, fixed + per_column * rows * owe)
+    tcp = _round_up(rows * owe, nr)
+    wpack = g * max(ogp * kg, kgp * og)
+    per = fixed + per_column * tcp
+    return _Geometry(hp, wp, owe, rows, tiles, tcp, ogp, kgp, pad_size, per, wpack)
 
 
 def conv2d_workspace(
-    x_shape, w_shape, out_shape, stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1), tile_rows=None
+    x_shape,
+    w_shape,
+    out_shape,
+    stride=(1, 1),
+    pad=(0, 0, 0, 0),
+    dilation=(1, 1),
+    itemsize=4,
+    tile_rows=None,
 ) -> int:
     """Elements of workspace a conv2d needs for all of Numba's threads: each takes
-    a padded sample and its gradient, one tile's im2col matrix and its gradient,
-    the tile's product and private dW / db sums. A smaller workspace runs smaller
-    tiles (`tile_rows` output rows each), or fewer threads."""
-    geo = _geometry(x_shape, w_shape, out_shape, stride, pad, dilation, tile_rows)
-    return geo.per_thread * numba.get_num_threads()
+    a padded sample and its gradient, one tile's im2col matrices and products and
+    private dW / db sums; the packed weights are shared. A smaller workspace runs
+    smaller tiles (`tile_rows` output rows each), or fewer threads."""
+    shapes = (x_shape, w_shape, out_shape, stride, pad, dilation, itemsize)
+    geo = _geometry(*shapes, rows=tile_rows)
+    return geo.per_thread * numba.get_num_threads() + geo.wpack
 
 
 # Inner loops index views with the loop variable alone: an index like s + q, whose
@@ -195,160 +226,191 @@ def _pad_sample(x, n, pt, pl, hp, wp, xpad):
 
 
 @njit(cache=True, nogil=True)
-def _unfold(xpad, c_, kh, kw, sh, sw, dh, dw, hp, wp, oy0, nr, owe, ow, cols):
-    """cols[(c, i, j), r*owe + ox] = xpad[c, (oy0+r)*sh + i*dh, ox*sw + j*dw]."""
+def _unfold_row(xpad, c, i, j, dims, hp, wp, oy0, nr, owe, ow, dst):
+    """dst[r*owe + ox] = xpad[c, (oy0+r)*sh + i*dh, ox*sw + j*dw]: im2col row (c, i, j)
+    of the tile, zeros after it."""
+    sh, sw, _pt, _pl, dh, dw, _kh, _kw = dims
     tc = nr * owe
-    for c in range(c_):
-        for i in range(kh):
-            for j in range(kw):
-                row = cols[(c * kh + i) * kw + j]
-                if sh == 1 and sw == 1:  # one run: rows of the padded sample follow on
-                    s = c * hp * wp + (oy0 + i * dh) * wp + j * dw
-                    src = xpad[s : s + tc]
-                    for q in range(tc):  # not row[:] = src: Numba checks overlap, slower
-                        row[q] = src[q]
-                    continue
-                for r in range(nr):
-                    s = c * hp * wp + ((oy0 + r) * sh + i * dh) * wp + j * dw
-                    src, dst = xpad[s : s + (ow - 1) * sw + 1 : sw], row[r * owe : r * owe + ow]
-                    for ox in range(ow):
-                        dst[ox] = src[ox]
+    if sh == 1 and sw == 1:  # one run: rows of the padded sample follow on
+        s = c * hp * wp + (oy0 + i * dh) * wp + j * dw
+        src = xpad[s : s + tc]
+        for q in range(tc):  # not dst[:] = src: Numba checks overlap, slower
+            dst[q] = src[q]
+    else:
+        for r in range(nr):
+            s = c * hp * wp + ((oy0 + r) * sh + i * dh) * wp + j * dw
+            src, d = xpad[s : s + (ow - 1) * sw + 1 : sw], dst[r * owe : r * owe + ow]
+            for ox in range(ow):
+                d[ox] = src[ox]
+    for q in range(tc, dst.shape[0]):
+        dst[q] = 0.0
 
 
 @njit(cache=True, nogil=True)
-def _fold(dcols, c_, kh, kw, sh, sw, dh, dw, hp, wp, oy0, nr, owe, ow, dxpad):
-    """Adjoint of _unfold: dxpad[...] += dcols[...]."""
+def _fold_row(src, c, i, j, dims, hp, wp, oy0, nr, owe, ow, dxpad):
+    """Adjoint of _unfold_row: dxpad[...] += src[...]."""
+    sh, sw, _pt, _pl, dh, dw, _kh, _kw = dims
     tc = nr * owe
-    for c in range(c_):
-        for i in range(kh):
-            for j in range(kw):
-                row = dcols[(c * kh + i) * kw + j]
-                if sh == 1 and sw == 1:
-                    s = c * hp * wp + (oy0 + i * dh) * wp + j * dw
-                    dst = dxpad[s : s + tc]
-                    for q in range(tc):
-                        dst[q] += row[q]
-                    continue
-                for r in range(nr):
-                    s = c * hp * wp + ((oy0 + r) * sh + i * dh) * wp + j * dw
-                    dst, src = dxpad[s : s + (ow - 1) * sw + 1 : sw], row[r * owe : r * owe + ow]
-                    for ox in range(ow):
-                        dst[ox] += src[ox]
+    if sh == 1 and sw == 1:
+        s = c * hp * wp + (oy0 + i * dh) * wp + j * dw
+        dst = dxpad[s : s + tc]
+        for q in range(tc):
+            dst[q] += src[q]
+        return
+    for r in range(nr):
+        s = c * hp * wp + ((oy0 + r) * sh + i * dh) * wp + j * dw
+        dst, row = dxpad[s : s + (ow - 1) * sw + 1 : sw], src[r * owe : r * owe + ow]
+        for ox in range(ow):
+            dst[ox] += row[ox]
 
 
 @njit(cache=True, nogil=True)
-def _matrix(ws, at, rows, cols):
-    return ws[at : at + rows * cols].reshape((rows, cols))
-
-
-@njit(cache=True, nogil=True)
-def _product(w3, cols, blas, prod):
-    """prod[g*og + o] = w3[g, o] @ cols[g*kg : (g+1)*kg] for each group g."""
+def _pack_forward(w3, ogp, wpack):
+    """wpack[g][o // MR][k][o % MR] = w3[g, o, k], zero rows up to ogp."""
     g_, og, kg = w3.shape
+    mr = mk.MR
     for g in range(g_):
-        a, b = cols[g * kg : (g + 1) * kg], prod[g * og : (g + 1) * og]
-        if blas:
-            gemm(False, False, 1.0, w3[g], a, 0.0, b)
-            continue
-        b[:] = 0
-        for o in range(og):
+        for ob in range(ogp // mr):
             for k in range(kg):
-                wv = w3[g, o, k]
-                for q in range(a.shape[1]):
-                    b[o, q] += wv * a[k, q]
+                at = ((g * (ogp // mr) + ob) * kg + k) * mr
+                for i in range(mr):
+                    o = ob * mr + i
+                    wpack[at + i] = w3[g, o, k] if o < og else 0.0
 
 
 @njit(cache=True, nogil=True)
-def _product_t(w3, dprod, blas, dcols):
-    """dcols[g*kg:(g+1)*kg] = w3[g].T @ dprod[g*og:(g+1)*og]."""
+def _pack_backward(w3, kgp, wpack):
+    """wpack[g][k // MR][o][k % MR] = w3[g, o, k] (W transposed), zero rows up to kgp."""
     g_, og, kg = w3.shape
+    mr = mk.MR
     for g in range(g_):
-        a, b = dprod[g * og : (g + 1) * og], dcols[g * kg : (g + 1) * kg]
-        if blas:
-            gemm(True, False, 1.0, w3[g], a, 0.0, b)
-            continue
-        b[:] = 0
-        for o in range(og):
-            for k in range(kg):
-                wv = w3[g, o, k]
-                for q in range(a.shape[1]):
-                    b[k, q] += wv * a[o, q]
+        for kb in range(kgp // mr):
+            for o in range(og):
+                at = ((g * (kgp // mr) + kb) * og + o) * mr
+                for i in range(mr):
+                    k = kb * mr + i
+                    wpack[at + i] = w3[g, o, k] if k < kg else 0.0
 
 
-@njit(cache=True, nogil=True)
-def _add_weight_grad(dprod, cols, blas, dw3):
-    """dw3[g] += dprod[g*og:(g+1)*og] @ cols[g*kg:(g+1)*kg].T."""
-    g_, og, kg = dw3.shape
-    for g in range(g_):
-        a, b = dprod[g * og : (g + 1) * og], cols[g * kg : (g + 1) * kg]
-        if blas:
-            gemm(False, True, 1.0, a, b, 1.0, dw3[g])
-            continue
-        for o in range(og):
-            for k in range(kg):
-                acc = 0.0
-                for q in range(a.shape[1]):
-                    acc += a[o, q] * b[k, q]
-                dw3[g, o, k] += acc
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _gather(dout, y, act, n, oy0, nr, owe, ogp, g_, dprod, db):
+    """dprod[g*ogp + o, r*owe + v] = dout[n, g*og + o, oy0 + r, v], masked where a
+    fused ReLU's output y is 0; junk and padding columns 0. db[o] += its sum
+    ('reassoc' vectorises the sum, in an order fixed at compile time)."""
+    o_, ow = dout.shape[1], dout.shape[3]
+    og = o_ // g_
+    tcp = dprod.shape[0] // (g_ * ogp)
+    for o in range(o_):
+        g = o // og
+        row = dprod[((g * ogp) + o - g * og) * tcp : ((g * ogp) + o - g * og + 1) * tcp]
+        acc = 0.0
+        for r in range(nr):
+            dst = row[r * owe : (r + 1) * owe]
+            src, yr = dout[n, o, oy0 + r], y[n, o, oy0 + r]
+            for v in range(ow):
+                yv = yr[v]  # loaded unconditionally: a conditional load blocks SIMD
+                d = src[v] if (yv > 0 or act == 0) else 0.0
+                dst[v] = d
+                acc += d
+            for v in range(ow, owe):
+                dst[v] = 0.0
+        for q in range(nr * owe, tcp):
+            row[q] = 0.0
+        db[o] += acc
 
 
 @njit(parallel=True, cache=True)
-def _forward_tiles(x, w3, bias, act, blas, dims, geo, T, out, ws):
-    sh, sw, pt, pl, dh, dw, kh, kw = dims
-    hp, wp, owe, rows, tiles, pad_size, per = geo
+def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
+    hp, wp, owe, rows, tiles, tcp, ogp, kgp, pad_size, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
     o_, oh, ow = out.shape[1], out.shape[2], out.shape[3]
+    g_, og, kg = w3.shape
+    kh, kw = dims[6], dims[7]
     k_ = c_ * kh * kw
+    nr_ = mk.NV * (mk.VECTOR_BYTES // x.itemsize)  # panel width
+    mr = mk.MR
+    wpack = ws[T * per :]
+    _pack_forward(w3, ogp, wpack)
     total = n_ * tiles
     has_bias = bias.shape[0] > 0
     for t in prange(T):
         base = t * per
         xpad = ws[base : base + pad_size]
-        at_cols = base + 2 * pad_size
-        at_prod = at_cols + 2 * k_ * rows * owe
+        rowbuf = ws[base + 2 * pad_size : base + 2 * pad_size + tcp]
+        at_cols = base + 2 * pad_size + tcp
+        cols = ws[at_cols : at_cols + k_ * tcp]
+        at_prod = at_cols + 2 * g_ * kgp * tcp
+        prod = ws[at_prod : at_prod + g_ * ogp * tcp]
         last = -1
         for tile in range(t * total // T, (t + 1) * total // T):
             n = tile // tiles
             oy0 = (tile - n * tiles) * rows
             nr = min(rows, oh - oy0)
             if n != last:
-                _pad_sample(x, n, pt, pl, hp, wp, xpad)
+                _pad_sample(x, n, dims[2], dims[3], hp, wp, xpad)
                 last = n
-            cols = _matrix(ws, at_cols, k_, nr * owe)
-            prod = _matrix(ws, at_prod, o_, nr * owe)
-            _unfold(xpad, c_, kh, kw, sh, sw, dh, dw, hp, wp, oy0, nr, owe, ow, cols)
-            _product(w3, cols, blas, prod)
+            for k in range(k_):  # im2col into panels
+                c = k // (kh * kw)
+                ij = k - c * kh * kw
+                _unfold_row(xpad, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, rowbuf)
+                for p in range(tcp // nr_):
+                    dst = cols[(p * k_ + k) * nr_ : (p * k_ + k + 1) * nr_]
+                    src = rowbuf[p * nr_ : (p + 1) * nr_]
+                    for q in range(nr_):
+                        dst[q] = src[q]
+            for g in range(g_):
+                for p in range(tcp // nr_):
+                    for ob in range(ogp // mr):
+                        mk.bcast(
+                            wpack, (g * (ogp // mr) + ob) * kg * mr,
+                            cols, (p * k_ + g * kg) * nr_,
+                            prod, (g * ogp + ob * mr) * tcp + p * nr_, tcp, kg, 0,
+                        )  # fmt: skip
             for o in range(o_):
                 b = bias[o] if has_bias else 0.0
+                g = o // og
+                src_row = (g * ogp + o - g * og) * tcp
                 for r in range(nr):
-                    src = prod[o, r * owe : r * owe + ow]
+                    src = prod[src_row + r * owe : src_row + r * owe + ow]
                     dst = out[n, o, oy0 + r]
                     for v in range(ow):
-                        y = src[v] + b
-                        dst[v] = (y if y > 0 else 0.0) if act == 1 else y
+                        yv = src[v] + b
+                        dst[v] = (yv if yv > 0 else 0.0) if act == 1 else yv
 
 
 @njit(parallel=True, cache=True)
-def _backward_samples(x, w3, dout, y, act, blas, want_dx, dims, geo, T, dx, ws):
-    sh, sw, pt, pl, dh, dw, kh, kw = dims
-    hp, wp, owe, rows, tiles, pad_size, per = geo
+def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
+    hp, wp, owe, rows, tiles, tcp, ogp, kgp, pad_size, per, _ = geo
     n_, c_, h_, w_ = x.shape
     o_, oh, ow = dout.shape[1], dout.shape[2], dout.shape[3]
     g_, og, kg = w3.shape
-    k_ = c_ * kh * kw
-    wsize = w3.size
+    kh, kw = dims[6], dims[7]
+    cg = c_ // g_
+    pt, pl = dims[2], dims[3]
+    nr_ = mk.NV * (mk.VECTOR_BYTES // x.itemsize)
+    mr, md, nd = mk.MR, mk.MD, mk.ND
+    go = g_ * ogp  # rows of the products
+    gk = g_ * kgp  # rows of cols and dcols
+    wpack = ws[T * per :]
+    if want_dx:
+        _pack_backward(w3, kgp, wpack)
     for t in prange(T):
         base = t * per
         xpad = ws[base : base + pad_size]
         dxpad = ws[base + pad_size : base + 2 * pad_size]
-        at_cols = base + 2 * pad_size
-        at_dcols = at_cols + k_ * rows * owe
-        at_prod = at_dcols + k_ * rows * owe
-        at_dw = at_prod + o_ * rows * owe
-        dw3 = ws[at_dw : at_dw + wsize].reshape((g_, og, kg))
-        db = ws[at_dw + wsize : at_dw + wsize + o_]
-        dw3[:] = 0
+        at = base + 2 * pad_size + tcp
+        cols = ws[at : at + gk * tcp]
+        dcols = ws[at + gk * tcp : at + 2 * gk * tcp]
+        at += 2 * gk * tcp
+        dprod = ws[at : at + go * tcp]
+        dprod_p = ws[at + go * tcp : at + 2 * go * tcp]
+        at += 2 * go * tcp
+        dwt = ws[at : at + go * kgp]
+        db = ws[at + go * kgp : at + go * kgp + o_]
+        dwt[:] = 0
         db[:] = 0
+        cols[:] = 0  # padding rows stay 0 (finite: they meet zeros of dprod)
+        dprod[:] = 0
         for n in range(t * n_ // T, (t + 1) * n_ // T):
             _pad_sample(x, n, pt, pl, hp, wp, xpad)
             if want_dx:
@@ -356,38 +418,50 @@ def _backward_samples(x, w3, dout, y, act, blas, want_dx, dims, geo, T, dx, ws):
             for b in range(tiles):
                 oy0 = b * rows
                 nr = min(rows, oh - oy0)
-                cols = _matrix(ws, at_cols, k_, nr * owe)
-                dprod = _matrix(ws, at_prod, o_, nr * owe)
-                for o in range(o_):
-                    acc = 0.0
-                    for r in range(nr):
-                        dst = dprod[o, r * owe : (r + 1) * owe]
-                        src = dout[n, o, oy0 + r]
-                        yr = y[n, o, oy0 + r]
-                        for v in range(ow):
-                            d = src[v] if act == 0 or yr[v] > 0 else 0.0
-                            dst[v] = d
-                            acc += d
-                        dst[ow:] = 0
-                    db[o] += acc
-                _unfold(xpad, c_, kh, kw, sh, sw, dh, dw, hp, wp, oy0, nr, owe, ow, cols)
-                _add_weight_grad(dprod, cols, blas, dw3)
-                if want_dx:
-                    dcols = _matrix(ws, at_dcols, k_, nr * owe)
-                    _product_t(w3, dprod, blas, dcols)
-                    _fold(dcols, c_, kh, kw, sh, sw, dh, dw, hp, wp, oy0, nr, owe, ow, dxpad)
+                _gather(dout, y, act, n, oy0, nr, owe, ogp, g_, dprod, db)
+                for c in range(c_):
+                    g = c // cg
+                    for ij in range(kh * kw):
+                        row = g * kgp + (c - g * cg) * kh * kw + ij
+                        dst = cols[row * tcp : (row + 1) * tcp]
+                        _unfold_row(xpad, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, dst)
+                for g in range(g_):  # dW += dprod cols^T
+                    for ob in range(0, ogp, md):
+                        for kb in range(0, kgp, nd):
+                            mk.dot(
+                                dprod, (g * ogp + ob) * tcp, tcp,
+                                cols, (g * kgp + kb) * tcp, tcp,
+                                dwt, (g * ogp + ob) * kgp + kb, kgp, tcp,
+                            )  # fmt: skip
+                if not want_dx:
+                    continue
+                for p in range(tcp // nr_):  # dout into panels
+                    for r in range(go):
+                        dst = dprod_p[(p * go + r) * nr_ : (p * go + r + 1) * nr_]
+                        src = dprod[r * tcp + p * nr_ : r * tcp + (p + 1) * nr_]
+                        for q in range(nr_):
+                            dst[q] = src[q]
+                for g in range(g_):  # dcols = W^T dprod
+                    for p in range(tcp // nr_):
+                        for kb in range(kgp // mr):
+                            mk.bcast(
+                                wpack, (g * (kgp // mr) + kb) * og * mr,
+                                dprod_p, (p * go + g * ogp) * nr_,
+                                dcols, (g * kgp + kb * mr) * tcp + p * nr_, tcp, og, 0,
+                            )  # fmt: skip
+                for c in range(c_):
+                    g = c // cg
+                    for ij in range(kh * kw):
+                        row = g * kgp + (c - g * cg) * kh * kw + ij
+                        src = dcols[row * tcp : (row + 1) * tcp]
+                        _fold_row(src, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, dxpad)
             if want_dx:
                 for c in range(c_):
                     for yy in range(h_):
                         s = c * hp * wp + (yy + pt) * wp + pl
-                        dst = dx[n, c, yy]
+                        src, dst = dxpad[s : s + w_], dx[n, c, yy]
                         for v in range(w_):
-                            dst[v] = dxpad[s + v]
-
-
-def _use_blas(w3):
-    g, og, kg = w3.shape
-    return g == 1 or og * kg >= _SMALL_GROUP_GEMM
+                            dst[v] = src[v]
 
 
 def _plan(x, w, out, stride, pad, dilation, groups, ws):
@@ -399,13 +473,16 @@ def _plan(x, w, out, stride, pad, dilation, groups, ws):
     if c != cg * g or o % g:
         raise ValueError(f"bad grouped conv shapes: x {x.shape}, w {w.shape}, groups {g}")
     check_shape("out", out, (n, o, out.shape[2], out.shape[3]))
+    if x.dtype != w.dtype or x.dtype != out.dtype or x.dtype != ws.dtype:
+        raise ValueError("conv2d arrays must share one dtype")
     flat = ws.reshape(-1)
-    shapes = (x.shape, w.shape, out.shape, stride, pad, dilation)
-    need = _geometry(*shapes, rows=1).per_thread
-    threads = min(numba.get_num_threads(), flat.size // need)
+    shapes = (x.shape, w.shape, out.shape, stride, pad, dilation, x.itemsize)
+    one = _geometry(*shapes, rows=1)
+    threads = min(numba.get_num_threads(), (flat.size - one.wpack) // one.per_thread)
     if threads < 1:
+        need = one.per_thread + one.wpack
         raise ValueError(f"conv2d workspace has {flat.size} elements, need {need}")
-    geo = _geometry(*shapes, space=flat.size // threads)
+    geo = _geometry(*shapes, space=(flat.size - one.wpack) // threads)
     return geo, threads, flat, w.reshape(g, o // g, cg * kh * kw)
 
 
@@ -421,13 +498,12 @@ def _dims(w, stride, pad, dilation):
 
 def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, ws, act=ACT_NONE):
     """out = act(conv2d(x, w) + b), PyTorch cross-correlation; `ws` is a workspace
-    (any shape, C-contiguous) of :func:`conv2d_workspace` elements."""
+    (any shape, C-contiguous, x's dtype) of :func:`conv2d_workspace` elements."""
     check_c(x=x, w=w, out=out, ws=ws)
     geo, threads, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
     bias = _bias_or_empty(b, x.dtype)
     dims = _dims(w, stride, pad, dilation)
-    with single_threaded_blas():
-        _forward_tiles(x, w3, bias, int(act), _use_blas(w3), dims, tuple(geo), threads, out, flat)
+    _forward_tiles(x, w3, bias, int(act), dims, tuple(geo), threads, out, flat)
 
 
 def conv2d_backward(
@@ -448,32 +524,20 @@ def conv2d_backward(
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
     dims = _dims(w, stride, pad, dilation)
-    with single_threaded_blas():
-        _backward_samples(
-            x,
-            w3,
-            dout,
-            y,
-            int(act),
-            _use_blas(w3),
-            want_dx,
-            dims,
-            tuple(geo),
-            threads,
-            dx_arg,
-            flat,
-        )
+    _backward_samples(x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat)
     # the threads' private sums, added in thread order: the same bits every run
-    k = x.shape[1] * w.shape[2] * w.shape[3]
-    at = 2 * geo.pad_size + (2 * k + w.shape[0]) * geo.rows * geo.owe  # after the tile buffers
+    g, og, kg = w3.shape
+    go, gk = g * geo.ogp, g * geo.kgp
+    at = 2 * geo.pad_size + geo.tcp + 2 * (gk + go) * geo.tcp  # after the tile buffers
+    dw3 = dw.reshape(g, og, kg)
     for t in range(threads):
         start = t * geo.per_thread + at
-        part = flat[start : start + w.size].reshape(w.shape)
-        part_db = flat[start + w.size : start + w.size + w.shape[0]]
+        part = flat[start : start + go * geo.kgp].reshape(g, geo.ogp, geo.kgp)[:, :og, :kg]
+        part_db = flat[start + go * geo.kgp : start + go * geo.kgp + w.shape[0]]
         if t == 0:
-            dw[...] = part
+            dw3[...] = part
         else:
-            dw += part
+            dw3 += part
         if db is not None:
             if t == 0:
                 db[...] = part_db
