@@ -362,3 +362,29 @@ def test_large_products_split_across_threads_match_numpy(shape):
     out = np.empty((m, n), np.float32)
     _common.matmul(a, b, out)
     np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
+def test_conv2d_several_samples_per_tile_match_one_row_tiles(stride):
+    """Small images share a tile (a partial one last); same numbers as one-row tiles."""
+    import numba
+
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((9, 3, 5, 6))
+    w = rng.standard_normal((5, 3, 3, 3))
+    b = rng.standard_normal(5)
+    pad, dil = (1, 1, 1, 1), (1, 1)
+    oh, ow = _conv_out(5, 3, stride[0], 1, 1, 1), _conv_out(6, 3, stride[1], 1, 1, 1)
+    out = np.empty((9, 5, oh, ow))
+    dout = rng.standard_normal(out.shape)
+    shapes = (x.shape, w.shape, out.shape, stride, pad, dil, 8)
+    assert conv._geometry(*shapes, numba.get_num_threads()).spt > 1
+    results = []
+    for rows in (None, 1):
+        ws = np.empty(conv.conv2d_workspace(*shapes, tile_rows=rows))
+        conv.conv2d_forward(x, w, b, stride, pad, dil, 1, out, ws, conv.ACT_RELU)
+        dx, dw, db = np.empty_like(x), np.empty_like(w), np.empty_like(b)
+        conv.conv2d_backward(x, w, dout, stride, pad, dil, 1, ws, dx, dw, db, out, conv.ACT_RELU)
+        results.append((out.copy(), dx, dw, db))
+    for a, b_ in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)

@@ -136,8 +136,10 @@ def _col2im_t(cols, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
 #   wpack  forward [g][o/MR][kg][MR], backward [g][k/MR][og][MR], shared
 
 ACT_NONE, ACT_RELU = 0, 1
-_TILE_ELEMENTS = 1 << 19  # a tile's im2col matrix (2 MiB in float32): L2-sized; larger
-# tiles run the products faster, smaller ones fall out of cache (measured 0.5-4 MiB)
+_TILE_ELEMENTS = 1 << 18  # a tile's im2col matrix (1 MiB in float32): about L2-sized.
+# Measured on 2 cores over the ResNet-20 / VGG-small convs (forward + backward):
+# 128K elements starve the dW dot products of long rows (big layers 1.5x slower),
+# 512K falls out of L2 on small ones (up to 1.2x slower).
 
 
 def _round_up(n, m):
@@ -149,7 +151,8 @@ class _Geometry(NamedTuple):
     wp: int
     owe: int  # product columns per output row: wp with stride 1, else ow
     rows: int  # output rows per tile
-    tiles: int  # tiles per sample
+    tiles: int  # tiles per sample (bands of rows)
+    spt: int  # samples per tile (several small ones, else 1)
     tcp: int  # product columns per tile, padded to whole panels
     ogp: int  # output channels per group, padded to whole blocks
     kgp: int  # im2col rows per group, padded to whole blocks
@@ -158,10 +161,13 @@ class _Geometry(NamedTuple):
     wpack: int  # packed weights, shared by the threads
 
 
-def _geometry(x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, rows=None, space=None):
-    """Tile sizes: `rows` output rows per tile, else as many as fill _TILE_ELEMENTS
-    and, when `space` (workspace elements per thread) is given, fit in it."""
-    c, h, w = x_shape[1:]
+def _geometry(
+    x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, threads, rows=None, space=None
+):
+    """Tile sizes: `rows` output rows per tile, else as many rows, or whole samples,
+    as fill _TILE_ELEMENTS (leaving two tiles per thread) and, when `space`
+    (workspace elements per thread) is given, fit in it."""
+    n, c, h, w = x_shape
     o, cg, kh, kw = w_shape
     oh, ow = out_shape[2], out_shape[3]
     g = c // cg
@@ -173,19 +179,29 @@ def _geometry(x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, rows
     ogp = _round_up(og, math.lcm(mk.MR, mk.MD))
     kgp = _round_up(kg, math.lcm(mk.MR, mk.ND))
     pad_size = c * hp * wp + (kw - 1) * int(dilation[1]) + wp
-    fixed = 2 * pad_size + g * ogp * kgp + o  # padded x and dx, dW, db
-    per_column = 1 + 2 * g * kgp + 2 * g * ogp  # a row buffer, cols and dcols, 2 products
+
+    def size(rows, spt):
+        # per sample padded x and dx; dW, db; per column a row buffer, cols and
+        # dcols, two products
+        columns = _round_up(spt * rows * owe, nr)
+        return 2 * pad_size * spt + g * ogp * kgp + o + (1 + 2 * g * (kgp + ogp)) * columns
+
+    spt = 1
     if rows is None:
-        rows = max(1, _TILE_ELEMENTS // (k * owe))
+        rows = max(1, min(oh, _TILE_ELEMENTS // (k * owe)))
+        if rows == oh:
+            spt = max(1, min(_TILE_ELEMENTS // (k * oh * owe), -(-n // (2 * threads))))
         if space is not None:
-            rows = min(rows, ((space - fixed) // per_column // nr * nr) // owe)
+            while spt > 1 and size(rows, spt) > space:
+                spt -= 1
+            while rows > 1 and size(rows, 1) > space:
+                rows -= 1
     rows = max(1, min(rows, oh))
     tiles = -(-oh // rows)
     rows = -(-oh // tiles)  # bands of even height
-    tcp = _round_up(rows * owe, nr)
+    tcp = _round_up(spt * rows * owe, nr)
     wpack = g * max(ogp * kg, kgp * og)
-    per = fixed + per_column * tcp
-    return _Geometry(hp, wp, owe, rows, tiles, tcp, ogp, kgp, pad_size, per, wpack)
+    return _Geometry(hp, wp, owe, rows, tiles, spt, tcp, ogp, kgp, pad_size, size(rows, spt), wpack)
 
 
 def conv2d_workspace(
@@ -199,12 +215,13 @@ def conv2d_workspace(
     tile_rows=None,
 ) -> int:
     """Elements of workspace a conv2d needs for all of Numba's threads: each takes
-    a padded sample and its gradient, one tile's im2col matrices and products and
-    private dW / db sums; the packed weights are shared. A smaller workspace runs
-    smaller tiles (`tile_rows` output rows each), or fewer threads."""
-    shapes = (x_shape, w_shape, out_shape, stride, pad, dilation, itemsize)
+    padded samples and their gradients, one tile's im2col matrices and products
+    and private dW / db sums; the packed weights are shared. A smaller workspace
+    runs smaller tiles (`tile_rows` output rows each), or fewer threads."""
+    threads = numba.get_num_threads()
+    shapes = (x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, threads)
     geo = _geometry(*shapes, rows=tile_rows)
-    return geo.per_thread * numba.get_num_threads() + geo.wpack
+    return geo.per_thread * threads + geo.wpack
 
 
 # Inner loops index views with the loop variable alone: an index like s + q, whose
@@ -227,8 +244,8 @@ def _pad_sample(x, n, pt, pl, hp, wp, xpad):
 
 @njit(cache=True, nogil=True)
 def _unfold_row(xpad, c, i, j, dims, hp, wp, oy0, nr, owe, ow, dst):
-    """dst[r*owe + ox] = xpad[c, (oy0+r)*sh + i*dh, ox*sw + j*dw]: im2col row (c, i, j)
-    of the tile, zeros after it."""
+    """dst[r*owe + ox] = xpad[c, (oy0+r)*sh + i*dh, ox*sw + j*dw]: a sample's part of
+    the tile's im2col row (c, i, j)."""
     sh, sw, _pt, _pl, dh, dw, _kh, _kw = dims
     tc = nr * owe
     if sh == 1 and sw == 1:  # one run: rows of the padded sample follow on
@@ -242,8 +259,6 @@ def _unfold_row(xpad, c, i, j, dims, hp, wp, oy0, nr, owe, ow, dst):
             src, d = xpad[s : s + (ow - 1) * sw + 1 : sw], dst[r * owe : r * owe + ow]
             for ox in range(ow):
                 d[ox] = src[ox]
-    for q in range(tc, dst.shape[0]):
-        dst[q] = 0.0
 
 
 @njit(cache=True, nogil=True)
@@ -293,16 +308,16 @@ def _pack_backward(w3, kgp, wpack):
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _gather(dout, y, act, n, oy0, nr, owe, ogp, g_, dprod, db):
-    """dprod[g*ogp + o, r*owe + v] = dout[n, g*og + o, oy0 + r, v], masked where a
-    fused ReLU's output y is 0; junk and padding columns 0. db[o] += its sum
+def _gather(dout, y, act, n, oy0, nr, owe, ogp, g_, col0, tcp, dprod, db):
+    """dprod[g*ogp + o, col0 + r*owe + v] = dout[n, g*og + o, oy0 + r, v], masked
+    where a fused ReLU's output y is 0; junk columns 0. db[o] += its sum
     ('reassoc' vectorises the sum, in an order fixed at compile time)."""
     o_, ow = dout.shape[1], dout.shape[3]
     og = o_ // g_
-    tcp = dprod.shape[0] // (g_ * ogp)
     for o in range(o_):
         g = o // og
-        row = dprod[((g * ogp) + o - g * og) * tcp : ((g * ogp) + o - g * og + 1) * tcp]
+        at = (g * ogp + o - g * og) * tcp + col0
+        row = dprod[at : at + nr * owe]
         acc = 0.0
         for r in range(nr):
             dst = row[r * owe : (r + 1) * owe]
@@ -314,14 +329,32 @@ def _gather(dout, y, act, n, oy0, nr, owe, ogp, g_, dprod, db):
                 acc += d
             for v in range(ow, owe):
                 dst[v] = 0.0
-        for q in range(nr * owe, tcp):
-            row[q] = 0.0
         db[o] += acc
+
+
+@njit(cache=True, nogil=True)
+def _zero_columns(m, rows, tcp, start):
+    """m[r, start:tcp] = 0 for a rows x tcp matrix stored flat."""
+    for r in range(rows):
+        tail = m[r * tcp + start : (r + 1) * tcp]
+        for q in range(tail.shape[0]):
+            tail[q] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def _tile_at(tile, spt, tiles, rows, n_, oh):
+    """(first sample, samples, first output row, rows) of forward tile number `tile`."""
+    if spt > 1:
+        n0 = tile * spt
+        return n0, min(spt, n_ - n0), 0, oh
+    n0 = tile // tiles
+    oy0 = (tile - n0 * tiles) * rows
+    return n0, 1, oy0, min(rows, oh - oy0)
 
 
 @njit(parallel=True, cache=True)
 def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
-    hp, wp, owe, rows, tiles, tcp, ogp, kgp, pad_size, per, _ = geo
+    hp, wp, owe, rows, tiles, spt, tcp, ogp, kgp, pad_size, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
     o_, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     g_, og, kg = w3.shape
@@ -331,28 +364,32 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
     mr = mk.MR
     wpack = ws[T * per :]
     _pack_forward(w3, ogp, wpack)
-    total = n_ * tiles
+    total = -(-n_ // spt) if spt > 1 else n_ * tiles
     has_bias = bias.shape[0] > 0
     for t in prange(T):
         base = t * per
-        xpad = ws[base : base + pad_size]
-        rowbuf = ws[base + 2 * pad_size : base + 2 * pad_size + tcp]
-        at_cols = base + 2 * pad_size + tcp
-        cols = ws[at_cols : at_cols + k_ * tcp]
-        at_prod = at_cols + 2 * g_ * kgp * tcp
-        prod = ws[at_prod : at_prod + g_ * ogp * tcp]
+        at = base + 2 * spt * pad_size
+        rowbuf = ws[at : at + tcp]
+        cols = ws[at + tcp : at + tcp + k_ * tcp]
+        at += tcp + 2 * g_ * kgp * tcp
+        prod = ws[at : at + g_ * ogp * tcp]
         last = -1
         for tile in range(t * total // T, (t + 1) * total // T):
-            n = tile // tiles
-            oy0 = (tile - n * tiles) * rows
-            nr = min(rows, oh - oy0)
-            if n != last:
-                _pad_sample(x, n, dims[2], dims[3], hp, wp, xpad)
-                last = n
+            n0, ns, oy0, nr = _tile_at(tile, spt, tiles, rows, n_, oh)
+            span = nr * owe  # a sample's columns
+            if n0 != last:
+                for s in range(ns):
+                    xpad = ws[base + s * pad_size : base + (s + 1) * pad_size]
+                    _pad_sample(x, n0 + s, dims[2], dims[3], hp, wp, xpad)
+                last = n0
+            _zero_columns(rowbuf, 1, tcp, ns * span)
             for k in range(k_):  # im2col into panels
                 c = k // (kh * kw)
                 ij = k - c * kh * kw
-                _unfold_row(xpad, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, rowbuf)
+                for s in range(ns):
+                    xpad = ws[base + s * pad_size : base + (s + 1) * pad_size]
+                    dst = rowbuf[s * span : (s + 1) * span]
+                    _unfold_row(xpad, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, dst)
                 for p in range(tcp // nr_):
                     dst = cols[(p * k_ + k) * nr_ : (p * k_ + k + 1) * nr_]
                     src = rowbuf[p * nr_ : (p + 1) * nr_]
@@ -366,21 +403,22 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
                             cols, (p * k_ + g * kg) * nr_,
                             prod, (g * ogp + ob * mr) * tcp + p * nr_, tcp, kg, 0,
                         )  # fmt: skip
-            for o in range(o_):
-                b = bias[o] if has_bias else 0.0
-                g = o // og
-                src_row = (g * ogp + o - g * og) * tcp
-                for r in range(nr):
-                    src = prod[src_row + r * owe : src_row + r * owe + ow]
-                    dst = out[n, o, oy0 + r]
-                    for v in range(ow):
-                        yv = src[v] + b
-                        dst[v] = (yv if yv > 0 else 0.0) if act == 1 else yv
+            for s in range(ns):
+                for o in range(o_):
+                    b = bias[o] if has_bias else 0.0
+                    g = o // og
+                    at = (g * ogp + o - g * og) * tcp + s * span
+                    for r in range(nr):
+                        src = prod[at + r * owe : at + r * owe + ow]
+                        dst = out[n0 + s, o, oy0 + r]
+                        for v in range(ow):
+                            yv = src[v] + b
+                            dst[v] = (yv if yv > 0 else 0.0) if act == 1 else yv
 
 
 @njit(parallel=True, cache=True)
 def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
-    hp, wp, owe, rows, tiles, tcp, ogp, kgp, pad_size, per, _ = geo
+    hp, wp, owe, rows, tiles, spt, tcp, ogp, kgp, pad_size, per, _ = geo
     n_, c_, h_, w_ = x.shape
     o_, oh, ow = dout.shape[1], dout.shape[2], dout.shape[3]
     g_, og, kg = w3.shape
@@ -396,9 +434,8 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
         _pack_backward(w3, kgp, wpack)
     for t in prange(T):
         base = t * per
-        xpad = ws[base : base + pad_size]
-        dxpad = ws[base + pad_size : base + 2 * pad_size]
-        at = base + 2 * pad_size + tcp
+        dxbase = base + spt * pad_size
+        at = base + 2 * spt * pad_size + tcp
         cols = ws[at : at + gk * tcp]
         dcols = ws[at + gk * tcp : at + 2 * gk * tcp]
         at += 2 * gk * tcp
@@ -411,20 +448,33 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
         db[:] = 0
         cols[:] = 0  # padding rows stay 0 (finite: they meet zeros of dprod)
         dprod[:] = 0
-        for n in range(t * n_ // T, (t + 1) * n_ // T):
-            _pad_sample(x, n, pt, pl, hp, wp, xpad)
-            if want_dx:
-                dxpad[:] = 0
+        n0, hi = t * n_ // T, (t + 1) * n_ // T
+        while n0 < hi:
+            ns = min(spt, hi - n0)
+            for s in range(ns):
+                _pad_sample(
+                    x, n0 + s, pt, pl, hp, wp, ws[base + s * pad_size : base + (s + 1) * pad_size]
+                )
+                if want_dx:
+                    ws[dxbase + s * pad_size : dxbase + (s + 1) * pad_size] = 0
             for b in range(tiles):
                 oy0 = b * rows
                 nr = min(rows, oh - oy0)
-                _gather(dout, y, act, n, oy0, nr, owe, ogp, g_, dprod, db)
+                span = nr * owe
+                for s in range(ns):
+                    _gather(dout, y, act, n0 + s, oy0, nr, owe, ogp, g_, s * span, tcp, dprod, db)
+                _zero_columns(dprod, go, tcp, ns * span)
                 for c in range(c_):
                     g = c // cg
                     for ij in range(kh * kw):
                         row = g * kgp + (c - g * cg) * kh * kw + ij
-                        dst = cols[row * tcp : (row + 1) * tcp]
-                        _unfold_row(xpad, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, dst)
+                        for s in range(ns):
+                            xpad = ws[base + s * pad_size : base + (s + 1) * pad_size]
+                            dst = cols[row * tcp + s * span : row * tcp + (s + 1) * span]
+                            _unfold_row(
+                                xpad, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, dst
+                            )
+                _zero_columns(cols, gk, tcp, ns * span)
                 for g in range(g_):  # dW += dprod cols^T
                     for ob in range(0, ogp, md):
                         for kb in range(0, kgp, nd):
@@ -453,15 +503,21 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
                     g = c // cg
                     for ij in range(kh * kw):
                         row = g * kgp + (c - g * cg) * kh * kw + ij
-                        src = dcols[row * tcp : (row + 1) * tcp]
-                        _fold_row(src, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, dxpad)
+                        for s in range(ns):
+                            src = dcols[row * tcp + s * span : row * tcp + (s + 1) * span]
+                            dxpad = ws[dxbase + s * pad_size : dxbase + (s + 1) * pad_size]
+                            _fold_row(
+                                src, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, dxpad
+                            )
             if want_dx:
-                for c in range(c_):
-                    for yy in range(h_):
-                        s = c * hp * wp + (yy + pt) * wp + pl
-                        src, dst = dxpad[s : s + w_], dx[n, c, yy]
-                        for v in range(w_):
-                            dst[v] = src[v]
+                for s in range(ns):
+                    for c in range(c_):
+                        for yy in range(h_):
+                            at = dxbase + s * pad_size + c * hp * wp + (yy + pt) * wp + pl
+                            src, dst = ws[at : at + w_], dx[n0 + s, c, yy]
+                            for v in range(w_):
+                                dst[v] = src[v]
+            n0 += ns
 
 
 def _plan(x, w, out, stride, pad, dilation, groups, ws):
@@ -477,12 +533,12 @@ def _plan(x, w, out, stride, pad, dilation, groups, ws):
         raise ValueError("conv2d arrays must share one dtype")
     flat = ws.reshape(-1)
     shapes = (x.shape, w.shape, out.shape, stride, pad, dilation, x.itemsize)
-    one = _geometry(*shapes, rows=1)
+    one = _geometry(*shapes, 1, rows=1)
     threads = min(numba.get_num_threads(), (flat.size - one.wpack) // one.per_thread)
     if threads < 1:
         need = one.per_thread + one.wpack
         raise ValueError(f"conv2d workspace has {flat.size} elements, need {need}")
-    geo = _geometry(*shapes, space=(flat.size - one.wpack) // threads)
+    geo = _geometry(*shapes, threads, space=(flat.size - one.wpack) // threads)
     return geo, threads, flat, w.reshape(g, o // g, cg * kh * kw)
 
 
@@ -528,7 +584,7 @@ def conv2d_backward(
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape
     go, gk = g * geo.ogp, g * geo.kgp
-    at = 2 * geo.pad_size + geo.tcp + 2 * (gk + go) * geo.tcp  # after the tile buffers
+    at = 2 * geo.spt * geo.pad_size + geo.tcp + 2 * (gk + go) * geo.tcp  # after the tiles
     dw3 = dw.reshape(g, og, kg)
     for t in range(threads):
         start = t * geo.per_thread + at
