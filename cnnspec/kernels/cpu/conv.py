@@ -8,7 +8,6 @@ order). All kernels overwrite their outputs and return None.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numba
@@ -129,11 +128,14 @@ def _col2im_t(cols, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
 #
 # Layouts, per tile of tc columns (tcp padded), per group g:
 #   colsP  [panel][K][NR]         im2col, forward (bcast's B)
-#   colsR  [g*kgp + k][tcp]       im2col, backward (dot's B)
-#   prod   [g*ogp + o][tcp]       forward product; dprodR: dout the same way
-#   dprodP [panel][G*ogp][NR]     dout as bcast's B, for dcols
-#   dcols  [g*kgp + k][tcp]       W^T dout, folded back into dx
+#   colsR  [g*kgd + k][tcp]       im2col, backward (dot's B)
+#   prod   [g*ogb + o][tcp]       forward product
+#   dprodR [g*ogd + o][tcp]       dout (dot's A)
+#   dprodP [panel][G*ogd][NR]     dout as bcast's B, for dcols
+#   dcols  [g*kgb + k][tcp]       W^T dout, folded back into dx
 #   wpack  forward [g][o/MR][kg][MR], backward [g][k/MR][og][MR], shared
+# where ogb, kgb round og, kg up to MR (bcast blocks), ogd to MD and kgd to ND
+# (dot blocks).
 
 ACT_NONE, ACT_RELU = 0, 1
 _TILE_ELEMENTS = 1 << 18  # a tile's im2col matrix (1 MiB in float32): about L2-sized.
@@ -154,8 +156,10 @@ class _Geometry(NamedTuple):
     tiles: int  # tiles per sample (bands of rows)
     spt: int  # samples per tile (several small ones, else 1)
     tcp: int  # product columns per tile, padded to whole panels
-    ogp: int  # output channels per group, padded to whole blocks
-    kgp: int  # im2col rows per group, padded to whole blocks
+    ogb: int  # output channels per group, padded to whole bcast blocks
+    ogd: int  # ... to whole dot blocks
+    kgb: int  # im2col rows per group, padded to whole bcast blocks
+    kgd: int  # ... to whole dot blocks
     pad_size: int  # a padded sample, with slack for the junk columns' reads
     per_thread: int  # workspace elements per thread
     wpack: int  # packed weights, shared by the threads
@@ -176,15 +180,16 @@ def _geometry(
     hp, wp = h + pt + pb, w + pl + pr
     owe = wp if tuple(int(s) for s in stride) == (1, 1) else ow
     nr = mk.panel(itemsize)
-    ogp = _round_up(og, math.lcm(mk.MR, mk.MD))
-    kgp = _round_up(kg, math.lcm(mk.MR, mk.ND))
+    ogb, ogd = _round_up(og, mk.MR), _round_up(og, mk.MD)
+    kgb, kgd = _round_up(kg, mk.MR), _round_up(kg, mk.ND)
     pad_size = c * hp * wp + (kw - 1) * int(dilation[1]) + wp
 
     def size(rows, spt):
-        # per sample padded x and dx; dW, db; per column a row buffer, cols and
-        # dcols, two products
+        # per sample padded x and dx; dW, db; per column a row buffer, cols,
+        # dcols, the product (or dout) and dout in panels
         columns = _round_up(spt * rows * owe, nr)
-        return 2 * pad_size * spt + g * ogp * kgp + o + (1 + 2 * g * (kgp + ogp)) * columns
+        per_column = 1 + g * (kgd + kgb + max(ogb, ogd) + ogd)
+        return 2 * pad_size * spt + g * ogd * kgd + o + per_column * columns
 
     spt = 1
     if rows is None:
@@ -200,8 +205,9 @@ def _geometry(
     tiles = -(-oh // rows)
     rows = -(-oh // tiles)  # bands of even height
     tcp = _round_up(spt * rows * owe, nr)
-    wpack = g * max(ogp * kg, kgp * og)
-    return _Geometry(hp, wp, owe, rows, tiles, spt, tcp, ogp, kgp, pad_size, size(rows, spt), wpack)
+    wpack = g * max(ogb * kg, kgb * og)
+    per = size(rows, spt)
+    return _Geometry(hp, wp, owe, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, wpack)
 
 
 def conv2d_workspace(
@@ -280,43 +286,43 @@ def _fold_row(src, c, i, j, dims, hp, wp, oy0, nr, owe, ow, dxpad):
 
 
 @njit(cache=True, nogil=True)
-def _pack_forward(w3, ogp, wpack):
-    """wpack[g][o // MR][k][o % MR] = w3[g, o, k], zero rows up to ogp."""
+def _pack_forward(w3, ogb, wpack):
+    """wpack[g][o // MR][k][o % MR] = w3[g, o, k], zero rows up to ogb."""
     g_, og, kg = w3.shape
     mr = mk.MR
     for g in range(g_):
-        for ob in range(ogp // mr):
+        for ob in range(ogb // mr):
             for k in range(kg):
-                at = ((g * (ogp // mr) + ob) * kg + k) * mr
+                at = ((g * (ogb // mr) + ob) * kg + k) * mr
                 for i in range(mr):
                     o = ob * mr + i
                     wpack[at + i] = w3[g, o, k] if o < og else 0.0
 
 
 @njit(cache=True, nogil=True)
-def _pack_backward(w3, kgp, wpack):
-    """wpack[g][k // MR][o][k % MR] = w3[g, o, k] (W transposed), zero rows up to kgp."""
+def _pack_backward(w3, kgb, wpack):
+    """wpack[g][k // MR][o][k % MR] = w3[g, o, k] (W transposed), zero rows up to kgb."""
     g_, og, kg = w3.shape
     mr = mk.MR
     for g in range(g_):
-        for kb in range(kgp // mr):
+        for kb in range(kgb // mr):
             for o in range(og):
-                at = ((g * (kgp // mr) + kb) * og + o) * mr
+                at = ((g * (kgb // mr) + kb) * og + o) * mr
                 for i in range(mr):
                     k = kb * mr + i
                     wpack[at + i] = w3[g, o, k] if k < kg else 0.0
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _gather(dout, y, act, n, oy0, nr, owe, ogp, g_, col0, tcp, dprod, db):
-    """dprod[g*ogp + o, col0 + r*owe + v] = dout[n, g*og + o, oy0 + r, v], masked
+def _gather(dout, y, act, n, oy0, nr, owe, ogd, g_, col0, tcp, dprod, db):
+    """dprod[g*ogd + o, col0 + r*owe + v] = dout[n, g*og + o, oy0 + r, v], masked
     where a fused ReLU's output y is 0; junk columns 0. db[o] += its sum
     ('reassoc' vectorises the sum, in an order fixed at compile time)."""
     o_, ow = dout.shape[1], dout.shape[3]
     og = o_ // g_
     for o in range(o_):
         g = o // og
-        at = (g * ogp + o - g * og) * tcp + col0
+        at = (g * ogd + o - g * og) * tcp + col0
         row = dprod[at : at + nr * owe]
         acc = 0.0
         for r in range(nr):
@@ -354,7 +360,7 @@ def _tile_at(tile, spt, tiles, rows, n_, oh):
 
 @njit(parallel=True, cache=True)
 def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
-    hp, wp, owe, rows, tiles, spt, tcp, ogp, kgp, pad_size, per, _ = geo
+    hp, wp, owe, rows, tiles, spt, tcp, ogb, _ogd, kgb, kgd, pad_size, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
     o_, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     g_, og, kg = w3.shape
@@ -363,7 +369,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
     nr_ = mk.NV * (mk.VECTOR_BYTES // x.itemsize)  # panel width
     mr = mk.MR
     wpack = ws[T * per :]
-    _pack_forward(w3, ogp, wpack)
+    _pack_forward(w3, ogb, wpack)
     total = -(-n_ // spt) if spt > 1 else n_ * tiles
     has_bias = bias.shape[0] > 0
     for t in prange(T):
@@ -371,8 +377,8 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
         at = base + 2 * spt * pad_size
         rowbuf = ws[at : at + tcp]
         cols = ws[at + tcp : at + tcp + k_ * tcp]
-        at += tcp + 2 * g_ * kgp * tcp
-        prod = ws[at : at + g_ * ogp * tcp]
+        at += tcp + g_ * (kgd + kgb) * tcp
+        prod = ws[at : at + g_ * ogb * tcp]
         last = -1
         for tile in range(t * total // T, (t + 1) * total // T):
             n0, ns, oy0, nr = _tile_at(tile, spt, tiles, rows, n_, oh)
@@ -397,17 +403,17 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
                         dst[q] = src[q]
             for g in range(g_):
                 for p in range(tcp // nr_):
-                    for ob in range(ogp // mr):
+                    for ob in range(ogb // mr):
                         mk.bcast(
-                            wpack, (g * (ogp // mr) + ob) * kg * mr,
+                            wpack, (g * (ogb // mr) + ob) * kg * mr,
                             cols, (p * k_ + g * kg) * nr_,
-                            prod, (g * ogp + ob * mr) * tcp + p * nr_, tcp, kg, 0,
+                            prod, (g * ogb + ob * mr) * tcp + p * nr_, tcp, kg, 0,
                         )  # fmt: skip
             for s in range(ns):
                 for o in range(o_):
                     b = bias[o] if has_bias else 0.0
                     g = o // og
-                    at = (g * ogp + o - g * og) * tcp + s * span
+                    at = (g * ogb + o - g * og) * tcp + s * span
                     for r in range(nr):
                         src = prod[at + r * owe : at + r * owe + ow]
                         dst = out[n0 + s, o, oy0 + r]
@@ -418,7 +424,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
 
 @njit(parallel=True, cache=True)
 def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
-    hp, wp, owe, rows, tiles, spt, tcp, ogp, kgp, pad_size, per, _ = geo
+    hp, wp, owe, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, _ = geo
     n_, c_, h_, w_ = x.shape
     o_, oh, ow = dout.shape[1], dout.shape[2], dout.shape[3]
     g_, og, kg = w3.shape
@@ -427,23 +433,24 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
     pt, pl = dims[2], dims[3]
     nr_ = mk.NV * (mk.VECTOR_BYTES // x.itemsize)
     mr, md, nd = mk.MR, mk.MD, mk.ND
-    go = g_ * ogp  # rows of the products
-    gk = g_ * kgp  # rows of cols and dcols
+    go = g_ * ogd  # rows of dout (and dW)
     wpack = ws[T * per :]
     if want_dx:
-        _pack_backward(w3, kgp, wpack)
+        _pack_backward(w3, kgb, wpack)
     for t in prange(T):
         base = t * per
         dxbase = base + spt * pad_size
         at = base + 2 * spt * pad_size + tcp
-        cols = ws[at : at + gk * tcp]
-        dcols = ws[at + gk * tcp : at + 2 * gk * tcp]
-        at += 2 * gk * tcp
+        cols = ws[at : at + g_ * kgd * tcp]
+        at += g_ * kgd * tcp
+        dcols = ws[at : at + g_ * kgb * tcp]
+        at += g_ * kgb * tcp
         dprod = ws[at : at + go * tcp]
-        dprod_p = ws[at + go * tcp : at + 2 * go * tcp]
-        at += 2 * go * tcp
-        dwt = ws[at : at + go * kgp]
-        db = ws[at + go * kgp : at + go * kgp + o_]
+        at += g_ * max(ogb, ogd) * tcp
+        dprod_p = ws[at : at + go * tcp]
+        at += go * tcp
+        dwt = ws[at : at + go * kgd]
+        db = ws[at + go * kgd : at + go * kgd + o_]
         dwt[:] = 0
         db[:] = 0
         cols[:] = 0  # padding rows stay 0 (finite: they meet zeros of dprod)
@@ -462,26 +469,26 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
                 nr = min(rows, oh - oy0)
                 span = nr * owe
                 for s in range(ns):
-                    _gather(dout, y, act, n0 + s, oy0, nr, owe, ogp, g_, s * span, tcp, dprod, db)
+                    _gather(dout, y, act, n0 + s, oy0, nr, owe, ogd, g_, s * span, tcp, dprod, db)
                 _zero_columns(dprod, go, tcp, ns * span)
                 for c in range(c_):
                     g = c // cg
                     for ij in range(kh * kw):
-                        row = g * kgp + (c - g * cg) * kh * kw + ij
+                        row = g * kgd + (c - g * cg) * kh * kw + ij
                         for s in range(ns):
                             xpad = ws[base + s * pad_size : base + (s + 1) * pad_size]
                             dst = cols[row * tcp + s * span : row * tcp + (s + 1) * span]
                             _unfold_row(
                                 xpad, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, dst
                             )
-                _zero_columns(cols, gk, tcp, ns * span)
+                _zero_columns(cols, g_ * kgd, tcp, ns * span)
                 for g in range(g_):  # dW += dprod cols^T
-                    for ob in range(0, ogp, md):
-                        for kb in range(0, kgp, nd):
+                    for ob in range(0, ogd, md):
+                        for kb in range(0, kgd, nd):
                             mk.dot(
-                                dprod, (g * ogp + ob) * tcp, tcp,
-                                cols, (g * kgp + kb) * tcp, tcp,
-                                dwt, (g * ogp + ob) * kgp + kb, kgp, tcp,
+                                dprod, (g * ogd + ob) * tcp, tcp,
+                                cols, (g * kgd + kb) * tcp, tcp,
+                                dwt, (g * ogd + ob) * kgd + kb, kgd, tcp,
                             )  # fmt: skip
                 if not want_dx:
                     continue
@@ -493,16 +500,16 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
                             dst[q] = src[q]
                 for g in range(g_):  # dcols = W^T dprod
                     for p in range(tcp // nr_):
-                        for kb in range(kgp // mr):
+                        for kb in range(kgb // mr):
                             mk.bcast(
-                                wpack, (g * (kgp // mr) + kb) * og * mr,
-                                dprod_p, (p * go + g * ogp) * nr_,
-                                dcols, (g * kgp + kb * mr) * tcp + p * nr_, tcp, og, 0,
+                                wpack, (g * (kgb // mr) + kb) * og * mr,
+                                dprod_p, (p * go + g * ogd) * nr_,
+                                dcols, (g * kgb + kb * mr) * tcp + p * nr_, tcp, og, 0,
                             )  # fmt: skip
                 for c in range(c_):
                     g = c // cg
                     for ij in range(kh * kw):
-                        row = g * kgp + (c - g * cg) * kh * kw + ij
+                        row = g * kgb + (c - g * cg) * kh * kw + ij
                         for s in range(ns):
                             src = dcols[row * tcp + s * span : row * tcp + (s + 1) * span]
                             dxpad = ws[dxbase + s * pad_size : dxbase + (s + 1) * pad_size]
@@ -583,13 +590,14 @@ def conv2d_backward(
     _backward_samples(x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat)
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape
-    go, gk = g * geo.ogp, g * geo.kgp
-    at = 2 * geo.spt * geo.pad_size + geo.tcp + 2 * (gk + go) * geo.tcp  # after the tiles
+    go, ogd, kgd = g * geo.ogd, geo.ogd, geo.kgd
+    rows = g * (kgd + geo.kgb + max(geo.ogb, ogd) + ogd)
+    at = 2 * geo.spt * geo.pad_size + (1 + rows) * geo.tcp  # after the tile buffers
     dw3 = dw.reshape(g, og, kg)
     for t in range(threads):
         start = t * geo.per_thread + at
-        part = flat[start : start + go * geo.kgp].reshape(g, geo.ogp, geo.kgp)[:, :og, :kg]
-        part_db = flat[start + go * geo.kgp : start + go * geo.kgp + w.shape[0]]
+        part = flat[start : start + go * kgd].reshape(g, ogd, kgd)[:, :og, :kg]
+        part_db = flat[start + go * kgd : start + go * kgd + w.shape[0]]
         if t == 0:
             dw3[...] = part
         else:
