@@ -112,33 +112,29 @@ def _col2im_t(cols, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
 
 # ---------------------------------------------------------------- tiled conv2d
 # Each thread owns a slice of the workspace and walks its own tiles (a band of
-# output rows of one sample): it pads the sample once into a private buffer,
-# unfolds the tile's patches (im2col) into a matrix small enough to stay in its
-# core's L2 cache, multiplies with the register-blocked micro-kernels and writes
-# the product through the bias and the fused activation into the output. Nothing
-# large goes through main memory, and nothing returns to Python per tile. The
-# backward pass gives each thread whole samples (their dx bands overlap) and
-# private dW / db sums, added up afterwards in thread order.
+# output rows of one sample, or several small samples): it pads the samples into
+# a private buffer and multiplies with the register-blocked micro-kernels, which
+# find each im2col row through a table of offsets (an indirect GEMM). With stride
+# 1, im2col row (c, i, j) of a tile IS a run of the padded samples, so nothing is
+# copied: the product is computed over the padded width wp (the last wp - ow
+# columns of each row are junk, as are the bottom kh - 1 rows between stacked
+# samples: the epilogue drops them, the backward pass gives them zero gradient),
+# and the backward pass adds W^T dout straight into the padded dx. Other strides
+# unfold each tile into a cols matrix and fold a dcols matrix back.
 #
-# With stride 1 a tile's patch row for (c, i, j) is one contiguous run of the
-# padded sample: the product is computed over the padded width wp (the last
-# wp - ow columns of each row are junk, dropped by the epilogue and zero in the
-# backward pass). Tile columns are padded to whole micro-kernel panels, and each
-# group's rows of W, dW and the products to whole micro-kernel blocks (zeros).
+# The forward pass splits the tiles among threads; the backward pass gives each
+# thread whole samples (their dx bands overlap) and private dW / db sums, added
+# up afterwards in thread order. Product columns are padded to whole panels (NR),
+# and each group's rows to whole blocks of the micro-kernel that reads them
+# (zero weights): ogb, kgb round og, kg up to MR (bcast), ogd to MD and kgd to
+# ND (dot).
 #
-# Layouts, per tile of tc columns (tcp padded), per group g:
-#   colsP  [panel][K][NR]         im2col, forward (bcast's B)
-#   colsR  [g*kgd + k][tcp]       im2col, backward (dot's B)
-#   prod   [g*ogb + o][tcp]       forward product
-#   dprodR [g*ogd + o][tcp]       dout (dot's A)
-#   dprodP [panel][G*ogd][NR]     dout as bcast's B, for dcols
-#   dcols  [g*kgb + k][tcp]       W^T dout, folded back into dx
-#   wpack  forward [g][o/MR][kg][MR], backward [g][k/MR][og][MR], shared
-# where ogb, kgb round og, kg up to MR (bcast blocks), ogd to MD and kgd to ND
-# (dot blocks).
+# Per thread: padded samples [c][s][hp][wp] and their gradient, a zero row and a
+# sink row (for the padding rows' reads and writes), cols and dcols (other
+# strides), the product or dout [g*og + o][tcp], dW [g][ogd][kgd], db.
 
 ACT_NONE, ACT_RELU = 0, 1
-_TILE_ELEMENTS = 1 << 18  # a tile's im2col matrix (1 MiB in float32): about L2-sized.
+_TILE_ELEMENTS = 1 << 18  # a tile's (virtual) im2col matrix, 1 MiB in float32.
 # Measured on 2 cores over the ResNet-20 / VGG-small convs (forward + backward):
 # 128K elements starve the dW dot products of long rows (big layers 1.5x slower),
 # 512K falls out of L2 on small ones (up to 1.2x slower).
@@ -155,12 +151,13 @@ class _Geometry(NamedTuple):
     rows: int  # output rows per tile
     tiles: int  # tiles per sample (bands of rows)
     spt: int  # samples per tile (several small ones, else 1)
+    ss: int  # product columns from one sample of a tile to the next
     tcp: int  # product columns per tile, padded to whole panels
     ogb: int  # output channels per group, padded to whole bcast blocks
     ogd: int  # ... to whole dot blocks
     kgb: int  # im2col rows per group, padded to whole bcast blocks
     kgd: int  # ... to whole dot blocks
-    pad_size: int  # a padded sample, with slack for the junk columns' reads
+    pad_size: int  # padded samples, with slack for the padding columns' reads
     per_thread: int  # workspace elements per thread
     wpack: int  # packed weights, shared by the threads
 
@@ -178,18 +175,20 @@ def _geometry(
     og, kg, k = o // g, cg * kh * kw, c * kh * kw
     pt, pb, pl, pr = (int(p) for p in pad)
     hp, wp = h + pt + pb, w + pl + pr
-    owe = wp if tuple(int(s) for s in stride) == (1, 1) else ow
+    direct = tuple(int(s) for s in stride) == (1, 1)
+    owe = wp if direct else ow
     nr = mk.panel(itemsize)
     ogb, ogd = _round_up(og, mk.MR), _round_up(og, mk.MD)
     kgb, kgd = _round_up(kg, mk.MR), _round_up(kg, mk.ND)
-    pad_size = c * hp * wp + (kw - 1) * int(dilation[1]) + wp
 
-    def size(rows, spt):
-        # per sample padded x and dx; dW, db; per column a row buffer, cols,
-        # dcols, the product (or dout) and dout in panels
-        columns = _round_up(spt * rows * owe, nr)
-        per_column = 1 + g * (kgd + kgb + max(ogb, ogd) + ogd)
-        return 2 * pad_size * spt + g * ogd * kgd + o + per_column * columns
+    def layout(rows, spt):
+        ss = hp * wp if direct else rows * ow
+        tcp = _round_up((spt - 1) * ss + rows * owe, nr)
+        pad_size = c * spt * hp * wp + nr + kw * int(dilation[1]) + wp
+        # padded x and dx, zero and sink rows, cols and dcols, product, dW, db
+        size = 2 * pad_size + 2 * tcp + (0 if direct else 2 * k * tcp)
+        size += g * max(ogb, ogd) * tcp + g * ogd * kgd + o
+        return ss, tcp, pad_size, size
 
     spt = 1
     if rows is None:
@@ -197,17 +196,18 @@ def _geometry(
         if rows == oh:
             spt = max(1, min(_TILE_ELEMENTS // (k * oh * owe), -(-n // (2 * threads))))
         if space is not None:
-            while spt > 1 and size(rows, spt) > space:
+            while spt > 1 and layout(rows, spt)[3] > space:
                 spt -= 1
-            while rows > 1 and size(rows, 1) > space:
+            while rows > 1 and layout(rows, 1)[3] > space:
                 rows -= 1
     rows = max(1, min(rows, oh))
     tiles = -(-oh // rows)
     rows = -(-oh // tiles)  # bands of even height
-    tcp = _round_up(spt * rows * owe, nr)
+    ss, tcp, pad_size, size = layout(rows, spt)
     wpack = g * max(ogb * kg, kgb * og)
-    per = size(rows, spt)
-    return _Geometry(hp, wp, owe, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, wpack)
+    return _Geometry(
+        hp, wp, owe, rows, tiles, spt, ss, tcp, ogb, ogd, kgb, kgd, pad_size, size, wpack
+    )
 
 
 def conv2d_workspace(
@@ -221,9 +221,10 @@ def conv2d_workspace(
     tile_rows=None,
 ) -> int:
     """Elements of workspace a conv2d needs for all of Numba's threads: each takes
-    padded samples and their gradients, one tile's im2col matrices and products
-    and private dW / db sums; the packed weights are shared. A smaller workspace
-    runs smaller tiles (`tile_rows` output rows each), or fewer threads."""
+    padded samples and their gradient, one tile's products (and im2col matrices,
+    for strides above 1) and private dW / db sums; the packed weights are shared.
+    A smaller workspace runs smaller tiles (`tile_rows` output rows each), or
+    fewer threads."""
     threads = numba.get_num_threads()
     shapes = (x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, threads)
     geo = _geometry(*shapes, rows=tile_rows)
@@ -236,53 +237,80 @@ def conv2d_workspace(
 
 
 @njit(cache=True, nogil=True)
-def _pad_sample(x, n, pt, pl, hp, wp, xpad):
-    """xpad[c, y, x] (flat, hp x wp per channel) = x[n] placed at (pt, pl), zeros around."""
+def _pad_samples(x, n0, ns, spt, pt, pl, hp, wp, xpad):
+    """xpad[c][s][y][x] (flat) = x[n0 + s] placed at (pt, pl), zeros around."""
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
     xpad[:] = 0
     for c in range(c_):
-        for y in range(h_):
-            d = c * hp * wp + (y + pt) * wp + pl
-            dst, src = xpad[d : d + w_], x[n, c, y]
-            for v in range(w_):
-                dst[v] = src[v]
+        for s in range(ns):
+            for y in range(h_):
+                d = ((c * spt + s) * hp + y + pt) * wp + pl
+                dst, src = xpad[d : d + w_], x[n0 + s, c, y]
+                for v in range(w_):
+                    dst[v] = src[v]
 
 
 @njit(cache=True, nogil=True)
-def _unfold_row(xpad, c, i, j, dims, hp, wp, oy0, nr, owe, ow, dst):
-    """dst[r*owe + ox] = xpad[c, (oy0+r)*sh + i*dh, ox*sw + j*dw]: a sample's part of
-    the tile's im2col row (c, i, j)."""
-    sh, sw, _pt, _pl, dh, dw, _kh, _kw = dims
-    tc = nr * owe
-    if sh == 1 and sw == 1:  # one run: rows of the padded sample follow on
-        s = c * hp * wp + (oy0 + i * dh) * wp + j * dw
-        src = xpad[s : s + tc]
-        for q in range(tc):  # not dst[:] = src: Numba checks overlap, slower
-            dst[q] = src[q]
-    else:
-        for r in range(nr):
-            s = c * hp * wp + ((oy0 + r) * sh + i * dh) * wp + j * dw
-            src, d = xpad[s : s + (ow - 1) * sw + 1 : sw], dst[r * owe : r * owe + ow]
-            for ox in range(ow):
-                d[ox] = src[ox]
+def _unpad_samples(dxpad, n0, ns, spt, pt, pl, hp, wp, dx):
+    """dx[n0 + s] = the interior of dxpad's sample s (the adjoint of padding)."""
+    c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
+    for c in range(c_):
+        for s in range(ns):
+            for y in range(h_):
+                d = ((c * spt + s) * hp + y + pt) * wp + pl
+                src, dst = dxpad[d : d + w_], dx[n0 + s, c, y]
+                for v in range(w_):
+                    dst[v] = src[v]
 
 
 @njit(cache=True, nogil=True)
-def _fold_row(src, c, i, j, dims, hp, wp, oy0, nr, owe, ow, dxpad):
-    """Adjoint of _unfold_row: dxpad[...] += src[...]."""
-    sh, sw, _pt, _pl, dh, dw, _kh, _kw = dims
-    tc = nr * owe
-    if sh == 1 and sw == 1:
-        s = c * hp * wp + (oy0 + i * dh) * wp + j * dw
-        dst = dxpad[s : s + tc]
-        for q in range(tc):
-            dst[q] += src[q]
-        return
-    for r in range(nr):
-        s = c * hp * wp + ((oy0 + r) * sh + i * dh) * wp + j * dw
-        dst, row = dxpad[s : s + (ow - 1) * sw + 1 : sw], src[r * owe : r * owe + ow]
-        for ox in range(ow):
-            dst[ox] += row[ox]
+def _patch_offset(k, cg, kh, kw, dims, spt, hp, wp):
+    """Where im2col row k (c, i, j) starts in the padded samples."""
+    c = k // (kh * kw)
+    i = (k - c * kh * kw) // kw
+    j = k - c * kh * kw - i * kw
+    return (c * spt * hp + i * dims[4]) * wp + j * dims[5]
+
+
+@njit(cache=True, nogil=True)
+def _unfold(xpad, dims, geo, k_, ns, oy0, nr, ow, cols):
+    """cols[k, s*ss + r*ow + ox] = sample s's padded input under output (oy0 + r, ox)
+    for patch row k; strides above 1 only. Padding columns 0."""
+    sh, sw, _pt, _pl, dh, dw, kh, kw = dims
+    hp, wp, owe, _rows, _tiles, spt, ss, tcp = geo[:8]
+    for k in range(k_):
+        c = k // (kh * kw)
+        i = (k - c * kh * kw) // kw
+        j = k - c * kh * kw - i * kw
+        row = cols[k * tcp : (k + 1) * tcp]
+        for s in range(ns):
+            for r in range(nr):
+                at = ((c * spt + s) * hp + (oy0 + r) * sh + i * dh) * wp + j * dw
+                src = xpad[at : at + (ow - 1) * sw + 1 : sw]
+                dst = row[s * ss + r * owe : s * ss + r * owe + ow]
+                for v in range(ow):
+                    dst[v] = src[v]
+        for q in range(ns * ss, tcp):
+            row[q] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def _fold(dcols, dims, geo, k_, ns, oy0, nr, ow, dxpad):
+    """Adjoint of _unfold: dxpad[...] += dcols[...]."""
+    sh, sw, _pt, _pl, dh, dw, kh, kw = dims
+    hp, wp, owe, _rows, _tiles, spt, ss, tcp = geo[:8]
+    for k in range(k_):
+        c = k // (kh * kw)
+        i = (k - c * kh * kw) // kw
+        j = k - c * kh * kw - i * kw
+        row = dcols[k * tcp : (k + 1) * tcp]
+        for s in range(ns):
+            for r in range(nr):
+                at = ((c * spt + s) * hp + (oy0 + r) * sh + i * dh) * wp + j * dw
+                dst = dxpad[at : at + (ow - 1) * sw + 1 : sw]
+                src = row[s * ss + r * owe : s * ss + r * owe + ow]
+                for v in range(ow):
+                    dst[v] += src[v]
 
 
 @njit(cache=True, nogil=True)
@@ -313,38 +341,52 @@ def _pack_backward(w3, kgb, wpack):
                     wpack[at + i] = w3[g, o, k] if k < kg else 0.0
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _gather(dout, y, act, n, oy0, nr, owe, ogd, g_, col0, tcp, dprod, db):
-    """dprod[g*ogd + o, col0 + r*owe + v] = dout[n, g*og + o, oy0 + r, v], masked
-    where a fused ReLU's output y is 0; junk columns 0. db[o] += its sum
-    ('reassoc' vectorises the sum, in an order fixed at compile time)."""
-    o_, ow = dout.shape[1], dout.shape[3]
-    og = o_ // g_
-    for o in range(o_):
-        g = o // og
-        at = (g * ogd + o - g * og) * tcp + col0
-        row = dprod[at : at + nr * owe]
-        acc = 0.0
-        for r in range(nr):
-            dst = row[r * owe : (r + 1) * owe]
-            src, yr = dout[n, o, oy0 + r], y[n, o, oy0 + r]
-            for v in range(ow):
-                yv = yr[v]  # loaded unconditionally: a conditional load blocks SIMD
-                d = src[v] if (yv > 0 or act == 0) else 0.0
-                dst[v] = d
-                acc += d
-            for v in range(ow, owe):
-                dst[v] = 0.0
-        db[o] += acc
+@njit(cache=True, nogil=True)
+def _tables(w3, dims, geo, direct, x_at, cols_at, dx_at, dcols_at, zero_at, sink_at, prod_at):
+    """The micro-kernels' row offsets into the workspace: im2col rows (B of the
+    forward and dW products; padding rows read a zero row), dx rows (C of dcols;
+    padding rows write a sink row), product rows."""
+    g_, og, kg = w3.shape
+    kh, kw = dims[6], dims[7]
+    hp, wp, spt, tcp = geo[0], geo[1], geo[5], geo[7]
+    ogb, ogd, kgb, kgd = geo[8], geo[9], geo[10], geo[11]
+    rows_b = np.empty(g_ * kgd, np.int64)
+    rows_dx = np.empty(g_ * kgb, np.int64)
+    rows_p = np.empty(g_ * max(ogb, ogd), np.int64)
+    for g in range(g_):
+        for kk in range(kgd):
+            k = g * kg + kk
+            if kk >= kg:
+                rows_b[g * kgd + kk] = zero_at
+            elif direct:
+                rows_b[g * kgd + kk] = x_at + _patch_offset(k, 0, kh, kw, dims, spt, hp, wp)
+            else:
+                rows_b[g * kgd + kk] = cols_at + k * tcp
+        for kk in range(kgb):
+            k = g * kg + kk
+            if kk >= kg:
+                rows_dx[g * kgb + kk] = sink_at
+            elif direct:
+                rows_dx[g * kgb + kk] = dx_at + _patch_offset(k, 0, kh, kw, dims, spt, hp, wp)
+            else:
+                rows_dx[g * kgb + kk] = dcols_at + k * tcp
+    for r in range(rows_p.shape[0]):
+        rows_p[r] = prod_at + r * tcp
+    return rows_b, rows_dx, rows_p
 
 
 @njit(cache=True, nogil=True)
-def _zero_columns(m, rows, tcp, start):
-    """m[r, start:tcp] = 0 for a rows x tcp matrix stored flat."""
-    for r in range(rows):
-        tail = m[r * tcp + start : (r + 1) * tcp]
-        for q in range(tail.shape[0]):
-            tail[q] = 0.0
+def _regions(t, per, geo, k_, direct):
+    """Offsets of thread t's buffers: x, dx, zero row, sink row, cols, dcols, product, dW."""
+    tcp, pad_size = geo[7], geo[12]
+    x_at = t * per
+    dx_at = x_at + pad_size
+    zero_at = dx_at + pad_size
+    sink_at = zero_at + tcp
+    cols_at = sink_at + tcp
+    dcols_at = cols_at + (0 if direct else k_ * tcp)
+    prod_at = dcols_at + (0 if direct else k_ * tcp)
+    return x_at, dx_at, zero_at, sink_at, cols_at, dcols_at, prod_at
 
 
 @njit(cache=True, nogil=True)
@@ -358,62 +400,74 @@ def _tile_at(tile, spt, tiles, rows, n_, oh):
     return n0, 1, oy0, min(rows, oh - oy0)
 
 
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _gather(dout, y, act, n, oy0, nr, owe, ogd, g_, col0, tcp, dprod, db):
+    """dprod[g*ogd + o, col0 + r*owe + v] = dout[n, g*og + o, oy0 + r, v], masked
+    where a fused ReLU's output y is 0. db[o] += its sum ('reassoc' vectorises the
+    sum, in an order fixed at compile time)."""
+    o_, ow = dout.shape[1], dout.shape[3]
+    og = o_ // g_
+    for o in range(o_):
+        g = o // og
+        at = (g * ogd + o - g * og) * tcp + col0
+        row = dprod[at : at + nr * owe]
+        acc = 0.0
+        for r in range(nr):
+            dst = row[r * owe : r * owe + ow]
+            src, yr = dout[n, o, oy0 + r], y[n, o, oy0 + r]
+            for v in range(ow):
+                yv = yr[v]  # loaded unconditionally: a conditional load blocks SIMD
+                d = src[v] if (yv > 0 or act == 0) else 0.0
+                dst[v] = d
+                acc += d
+        db[o] += acc
+
+
 @njit(parallel=True, cache=True)
 def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
-    hp, wp, owe, rows, tiles, spt, tcp, ogb, _ogd, kgb, kgd, pad_size, per, _ = geo
+    hp, wp, owe, rows, tiles, spt, ss, tcp, ogb, _ogd, _kgb, kgd, pad_size, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
     o_, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     g_, og, kg = w3.shape
-    kh, kw = dims[6], dims[7]
-    k_ = c_ * kh * kw
+    k_ = c_ * dims[6] * dims[7]
     nr_ = mk.NV * (mk.VECTOR_BYTES // x.itemsize)  # panel width
     mr = mk.MR
+    direct = dims[0] == 1 and dims[1] == 1
     wpack = ws[T * per :]
     _pack_forward(w3, ogb, wpack)
     total = -(-n_ // spt) if spt > 1 else n_ * tiles
     has_bias = bias.shape[0] > 0
     for t in prange(T):
-        base = t * per
-        at = base + 2 * spt * pad_size
-        rowbuf = ws[at : at + tcp]
-        cols = ws[at + tcp : at + tcp + k_ * tcp]
-        at += tcp + g_ * (kgd + kgb) * tcp
-        prod = ws[at : at + g_ * ogb * tcp]
+        x_at, _dx_at, zero_at, sink_at, cols_at, dcols_at, prod_at = _regions(
+            t, per, geo, k_, direct
+        )
+        rows_b, _rows_dx, rows_p = _tables(
+            w3, dims, geo, direct, x_at, cols_at, 0, dcols_at, zero_at, sink_at, prod_at
+        )
+        xpad = ws[x_at : x_at + pad_size]
+        prod = ws[prod_at : prod_at + g_ * ogb * tcp]
         last = -1
         for tile in range(t * total // T, (t + 1) * total // T):
             n0, ns, oy0, nr = _tile_at(tile, spt, tiles, rows, n_, oh)
-            span = nr * owe  # a sample's columns
             if n0 != last:
-                for s in range(ns):
-                    xpad = ws[base + s * pad_size : base + (s + 1) * pad_size]
-                    _pad_sample(x, n0 + s, dims[2], dims[3], hp, wp, xpad)
+                _pad_samples(x, n0, ns, spt, dims[2], dims[3], hp, wp, xpad)
                 last = n0
-            _zero_columns(rowbuf, 1, tcp, ns * span)
-            for k in range(k_):  # im2col into panels
-                c = k // (kh * kw)
-                ij = k - c * kh * kw
-                for s in range(ns):
-                    xpad = ws[base + s * pad_size : base + (s + 1) * pad_size]
-                    dst = rowbuf[s * span : (s + 1) * span]
-                    _unfold_row(xpad, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, dst)
-                for p in range(tcp // nr_):
-                    dst = cols[(p * k_ + k) * nr_ : (p * k_ + k + 1) * nr_]
-                    src = rowbuf[p * nr_ : (p + 1) * nr_]
-                    for q in range(nr_):
-                        dst[q] = src[q]
+            col = oy0 * wp if direct else 0
+            if not direct:
+                _unfold(xpad, dims, geo, k_, ns, oy0, nr, ow, ws[cols_at : cols_at + k_ * tcp])
             for g in range(g_):
                 for p in range(tcp // nr_):
                     for ob in range(ogb // mr):
                         mk.bcast(
                             wpack, (g * (ogb // mr) + ob) * kg * mr,
-                            cols, (p * k_ + g * kg) * nr_,
-                            prod, (g * ogb + ob * mr) * tcp + p * nr_, tcp, kg, 0,
+                            ws, rows_b, g * kgd, col + p * nr_,
+                            ws, rows_p, g * ogb + ob * mr, p * nr_, kg, 0,
                         )  # fmt: skip
             for s in range(ns):
                 for o in range(o_):
                     b = bias[o] if has_bias else 0.0
                     g = o // og
-                    at = (g * ogb + o - g * og) * tcp + s * span
+                    at = (g * ogb + o - g * og) * tcp + s * ss
                     for r in range(nr):
                         src = prod[at + r * owe : at + r * owe + ow]
                         dst = out[n0 + s, o, oy0 + r]
@@ -424,106 +478,73 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
 
 @njit(parallel=True, cache=True)
 def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
-    hp, wp, owe, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, _ = geo
-    n_, c_, h_, w_ = x.shape
+    hp, wp, owe, rows, tiles, spt, ss, tcp, ogb, ogd, kgb, kgd, pad_size, per, _ = geo
+    n_, c_ = x.shape[0], x.shape[1]
     o_, oh, ow = dout.shape[1], dout.shape[2], dout.shape[3]
     g_, og, kg = w3.shape
-    kh, kw = dims[6], dims[7]
-    cg = c_ // g_
-    pt, pl = dims[2], dims[3]
+    k_ = c_ * dims[6] * dims[7]
     nr_ = mk.NV * (mk.VECTOR_BYTES // x.itemsize)
     mr, md, nd = mk.MR, mk.MD, mk.ND
-    go = g_ * ogd  # rows of dout (and dW)
+    direct = dims[0] == 1 and dims[1] == 1
+    go = g_ * ogd  # rows of dout
+    beta = 1 if direct else 0  # direct: add into the padded dx; else write dcols
     wpack = ws[T * per :]
     if want_dx:
         _pack_backward(w3, kgb, wpack)
     for t in prange(T):
-        base = t * per
-        dxbase = base + spt * pad_size
-        at = base + 2 * spt * pad_size + tcp
-        cols = ws[at : at + g_ * kgd * tcp]
-        at += g_ * kgd * tcp
-        dcols = ws[at : at + g_ * kgb * tcp]
-        at += g_ * kgb * tcp
-        dprod = ws[at : at + go * tcp]
-        at += g_ * max(ogb, ogd) * tcp
-        dprod_p = ws[at : at + go * tcp]
-        at += go * tcp
-        dwt = ws[at : at + go * kgd]
-        db = ws[at + go * kgd : at + go * kgd + o_]
+        x_at, dx_at, zero_at, sink_at, cols_at, dcols_at, prod_at = _regions(
+            t, per, geo, k_, direct
+        )
+        rows_b, rows_dx, rows_p = _tables(
+            w3, dims, geo, direct, x_at, cols_at, dx_at, dcols_at, zero_at, sink_at, prod_at
+        )
+        xpad = ws[x_at : x_at + pad_size]
+        dxpad = ws[dx_at : dx_at + pad_size]
+        dprod = ws[prod_at : prod_at + go * tcp]
+        dw_at = prod_at + g_ * max(ogb, ogd) * tcp
+        dwt = ws[dw_at : dw_at + go * kgd]
+        db = ws[dw_at + go * kgd : dw_at + go * kgd + o_]
         dwt[:] = 0
         db[:] = 0
-        cols[:] = 0  # padding rows stay 0 (finite: they meet zeros of dprod)
-        dprod[:] = 0
+        ws[zero_at : zero_at + tcp] = 0
         n0, hi = t * n_ // T, (t + 1) * n_ // T
         while n0 < hi:
             ns = min(spt, hi - n0)
-            for s in range(ns):
-                _pad_sample(
-                    x, n0 + s, pt, pl, hp, wp, ws[base + s * pad_size : base + (s + 1) * pad_size]
-                )
-                if want_dx:
-                    ws[dxbase + s * pad_size : dxbase + (s + 1) * pad_size] = 0
+            _pad_samples(x, n0, ns, spt, dims[2], dims[3], hp, wp, xpad)
+            if want_dx:
+                dxpad[:] = 0
             for b in range(tiles):
                 oy0 = b * rows
                 nr = min(rows, oh - oy0)
-                span = nr * owe
+                col = oy0 * wp if direct else 0
+                dprod[:] = 0  # junk and padding columns, padding rows: zero gradient
                 for s in range(ns):
-                    _gather(dout, y, act, n0 + s, oy0, nr, owe, ogd, g_, s * span, tcp, dprod, db)
-                _zero_columns(dprod, go, tcp, ns * span)
-                for c in range(c_):
-                    g = c // cg
-                    for ij in range(kh * kw):
-                        row = g * kgd + (c - g * cg) * kh * kw + ij
-                        for s in range(ns):
-                            xpad = ws[base + s * pad_size : base + (s + 1) * pad_size]
-                            dst = cols[row * tcp + s * span : row * tcp + (s + 1) * span]
-                            _unfold_row(
-                                xpad, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, dst
-                            )
-                _zero_columns(cols, g_ * kgd, tcp, ns * span)
-                for g in range(g_):  # dW += dprod cols^T
+                    _gather(dout, y, act, n0 + s, oy0, nr, owe, ogd, g_, s * ss, tcp, dprod, db)
+                if not direct:
+                    _unfold(xpad, dims, geo, k_, ns, oy0, nr, ow, ws[cols_at : cols_at + k_ * tcp])
+                for g in range(g_):  # dW += dout im2col^T
                     for ob in range(0, ogd, md):
                         for kb in range(0, kgd, nd):
                             mk.dot(
                                 dprod, (g * ogd + ob) * tcp, tcp,
-                                cols, (g * kgd + kb) * tcp, tcp,
+                                ws, rows_b, g * kgd + kb, col,
                                 dwt, (g * ogd + ob) * kgd + kb, kgd, tcp,
                             )  # fmt: skip
                 if not want_dx:
                     continue
-                for p in range(tcp // nr_):  # dout into panels
-                    for r in range(go):
-                        dst = dprod_p[(p * go + r) * nr_ : (p * go + r + 1) * nr_]
-                        src = dprod[r * tcp + p * nr_ : r * tcp + (p + 1) * nr_]
-                        for q in range(nr_):
-                            dst[q] = src[q]
-                for g in range(g_):  # dcols = W^T dprod
+                for g in range(g_):  # dx (+)= W^T dout
                     for p in range(tcp // nr_):
                         for kb in range(kgb // mr):
                             mk.bcast(
                                 wpack, (g * (kgb // mr) + kb) * og * mr,
-                                dprod_p, (p * go + g * ogd) * nr_,
-                                dcols, (g * kgb + kb * mr) * tcp + p * nr_, tcp, og, 0,
+                                ws, rows_p, g * ogd, p * nr_,
+                                ws, rows_dx, g * kgb + kb * mr, col + p * nr_, og, beta,
                             )  # fmt: skip
-                for c in range(c_):
-                    g = c // cg
-                    for ij in range(kh * kw):
-                        row = g * kgb + (c - g * cg) * kh * kw + ij
-                        for s in range(ns):
-                            src = dcols[row * tcp + s * span : row * tcp + (s + 1) * span]
-                            dxpad = ws[dxbase + s * pad_size : dxbase + (s + 1) * pad_size]
-                            _fold_row(
-                                src, c, ij // kw, ij % kw, dims, hp, wp, oy0, nr, owe, ow, dxpad
-                            )
+                if not direct:
+                    dcols = ws[dcols_at : dcols_at + k_ * tcp]
+                    _fold(dcols, dims, geo, k_, ns, oy0, nr, ow, dxpad)
             if want_dx:
-                for s in range(ns):
-                    for c in range(c_):
-                        for yy in range(h_):
-                            at = dxbase + s * pad_size + c * hp * wp + (yy + pt) * wp + pl
-                            src, dst = ws[at : at + w_], dx[n0 + s, c, yy]
-                            for v in range(w_):
-                                dst[v] = src[v]
+                _unpad_samples(dxpad, n0, ns, spt, dims[2], dims[3], hp, wp, dx)
             n0 += ns
 
 
@@ -590,14 +611,16 @@ def conv2d_backward(
     _backward_samples(x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat)
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape
-    go, ogd, kgd = g * geo.ogd, geo.ogd, geo.kgd
-    rows = g * (kgd + geo.kgb + max(geo.ogb, ogd) + ogd)
-    at = 2 * geo.spt * geo.pad_size + (1 + rows) * geo.tcp  # after the tile buffers
+    k = x.shape[1] * w.shape[2] * w.shape[3]
+    direct = dims[0] == dims[1] == 1
+    at = 2 * geo.pad_size + 2 * geo.tcp + (0 if direct else 2 * k * geo.tcp)
+    at += g * max(geo.ogb, geo.ogd) * geo.tcp  # after the tile buffers
+    size = g * geo.ogd * geo.kgd
     dw3 = dw.reshape(g, og, kg)
     for t in range(threads):
         start = t * geo.per_thread + at
-        part = flat[start : start + go * kgd].reshape(g, ogd, kgd)[:, :og, :kg]
-        part_db = flat[start + go * kgd : start + go * kgd + w.shape[0]]
+        part = flat[start : start + size].reshape(g, geo.ogd, geo.kgd)[:, :og, :kg]
+        part_db = flat[start + size : start + size + w.shape[0]]
         if t == 0:
             dw3[...] = part
         else:

@@ -111,34 +111,40 @@ def _loop(builder, count, n_carried, zero, body):
     return final
 
 
+def _row_pointer(context, builder, signature, args, index, base_i, row):
+    """&array[offsets[first + row] + column] for the (array, offsets, first, column)
+    arguments starting at position `index`."""
+    ary, offs, first, column = args[index : index + 4]
+    data = context.make_array(signature.args[index])(context, builder, ary).data
+    table = context.make_array(signature.args[index + 1])(context, builder, offs).data
+    offset = builder.load(builder.gep(table, [builder.add(first, row)]))
+    return builder.gep(data, [builder.add(offset, column)])
+
+
 @intrinsic
-def bcast(typingctx, a, ao, b, bo, c, co, ldc, k, beta):
-    """C[MR x NR] at c[co:] (row stride ldc) = A B (+ C if beta != 0)."""
-    sig = types.void(a, types.int64, b, types.int64, c, types.int64, types.int64, types.int64,
-                     types.int64)  # fmt: skip
+def bcast(typingctx, a, ao, b, boffs, bi, bcol, c, coffs, ci, ccol, k, beta):
+    """C[MR x NR] = A B (+= when beta != 0). A packed [k][MR] at a[ao:]; B row kk is
+    b[boffs[bi + kk] + bcol:][:NR]; C row i is c[coffs[ci + i] + ccol:][:NR]. With
+    beta, rows are read, added and written one after another, so C rows may
+    overlap (the backward pass adds W^T dout straight into a padded dx)."""
+    i64 = types.int64
+    sig = types.void(a, i64, b, boffs, i64, i64, c, coffs, i64, i64, i64, i64)
 
     def codegen(context, builder, signature, args):
-        a_ary, ao, b_ary, bo, c_ary, co, ldc, k, beta = args
+        a_ary, ao = args[0], args[1]
+        k, beta = args[10], args[11]
         real, vec = _vector(signature.args[0].dtype)
-        nr = NV * vec.count
         pa = _base(context, builder, signature.args[0], a_ary, ao)
-        pb = _base(context, builder, signature.args[2], b_ary, bo)
-        pc = _base(context, builder, signature.args[4], c_ary, co)
 
         def step(kk, acc):
-            brow = builder.mul(kk, _const(nr))
-            bv = [
-                builder.load(
-                    _vec_ptr(builder, pb, builder.add(brow, _const(v * vec.count)), vec), align=4
-                )  # fmt: skip
-                for v in range(NV)
-            ]
+            brow = _row_pointer(context, builder, signature, args, 2, None, kk)
+            bv = [builder.load(_vec_ptr(builder, brow, _const(v * vec.count), vec), align=4)
+                  for v in range(NV)]  # fmt: skip
             arow = builder.mul(kk, _const(MR))
             out = []
             for i in range(MR):
-                s = _splat(
-                    builder, vec, builder.load(builder.gep(pa, [builder.add(arow, _const(i))]))
-                )
+                x = builder.load(builder.gep(pa, [builder.add(arow, _const(i))]))
+                s = _splat(builder, vec, x)
                 out += [_fma(builder, vec, s, bv[v], acc[i * NV + v]) for v in range(NV)]
             return out
 
@@ -146,9 +152,9 @@ def bcast(typingctx, a, ao, b, bo, c, co, ldc, k, beta):
         acc = _loop(builder, k, MR * NV, zero, step)
         add = builder.icmp_signed("!=", beta, _const(0))
         for i in range(MR):
-            row = builder.mul(ldc, _const(i))
+            crow = _row_pointer(context, builder, signature, args, 6, None, _const(i))
             for v in range(NV):
-                ptr = _vec_ptr(builder, pc, builder.add(row, _const(v * vec.count)), vec)
+                ptr = _vec_ptr(builder, crow, _const(v * vec.count), vec)
                 old = builder.load(ptr, align=4)
                 value = builder.select(add, builder.fadd(old, acc[i * NV + v]), acc[i * NV + v])
                 builder.store(value, ptr, align=4)
@@ -172,20 +178,22 @@ def _hsum(builder, vec, v):
 
 
 @intrinsic
-def dot(typingctx, a, ao, lda, b, bo, ldb, c, co, ldc, n):
-    """C[MD x ND] at c[co:] (row stride ldc) += A B^T, A = MD rows of a (stride lda),
-    B = ND rows of b (stride ldb), each n long (n a multiple of the vector width)."""
+def dot(typingctx, a, ao, lda, b, boffs, bi, bcol, c, co, ldc, n):
+    """C[MD x ND] at c[co:] (row stride ldc) += A B^T: A = MD rows of a from ao
+    (stride lda), B row j = b[boffs[bi + j] + bcol:], each n long (a multiple of
+    the vector width)."""
     i64 = types.int64
-    sig = types.void(a, i64, i64, b, i64, i64, c, i64, i64, i64)
+    sig = types.void(a, i64, i64, b, boffs, i64, i64, c, i64, i64, i64)
 
     def codegen(context, builder, signature, args):
-        a_ary, ao, lda, b_ary, bo, ldb, c_ary, co, ldc, n = args
+        a_ary, ao, lda = args[0], args[1], args[2]
+        c_ary, co, ldc, n = args[7], args[8], args[9], args[10]
         real, vec = _vector(signature.args[0].dtype)
         pa = _base(context, builder, signature.args[0], a_ary, ao)
-        pb = _base(context, builder, signature.args[3], b_ary, bo)
-        pc = _base(context, builder, signature.args[6], c_ary, co)
+        pc = _base(context, builder, signature.args[7], c_ary, co)
         rows_a = [builder.gep(pa, [builder.mul(lda, _const(i))]) for i in range(MD)]
-        rows_b = [builder.gep(pb, [builder.mul(ldb, _const(j))]) for j in range(ND)]
+        rows_b = [_row_pointer(context, builder, signature, args, 3, None, _const(j))
+                  for j in range(ND)]  # fmt: skip
 
         def step(t, acc):
             at = builder.mul(t, _const(vec.count))
@@ -200,9 +208,8 @@ def dot(typingctx, a, ao, lda, b, bo, ldb, c, co, ldc, n):
         for i in range(MD):
             for j in range(ND):
                 ptr = builder.gep(pc, [builder.add(builder.mul(ldc, _const(i)), _const(j))])
-                builder.store(
-                    builder.fadd(builder.load(ptr), _hsum(builder, vec, acc[i * ND + j])), ptr
-                )
+                total = _hsum(builder, vec, acc[i * ND + j])
+                builder.store(builder.fadd(builder.load(ptr), total), ptr)
         return context.get_dummy_value()
 
     return sig, codegen
