@@ -158,7 +158,7 @@ class Model:
             self.buf[relu] = self.buf[producer]  # computes in place in its producer's buffer
 
     def _fuse_relus(self) -> dict:
-        """ReLUs that run in the epilogue of the conv/dense layer before them (when that
+        """ReLUs that run in the epilogue of the (fusable) layer before them (when that
         layer feeds nothing else): relu name -> producer name."""
         users: dict[str, int] = {}
         for info in self.infos:

@@ -24,6 +24,7 @@ def _pool_out(size, k, s, p0, p1, ceil_mode=False):
 # (N, C, H, W, k, s, p, ceil_mode)  -- symmetric padding, comparable with torch directly
 MAX_CASES = {
     "k2s2": (2, 3, 6, 6, 2, 2, 0, False),
+    "k2s2_odd": (2, 3, 7, 5, 2, 2, 0, False),  # a row and a column no window covers
     "overlap_k3s2": (2, 2, 7, 7, 3, 2, 0, False),
     "k3s2_pad1": (1, 3, 6, 5, 3, 2, 1, False),
     "k3s2_ceil": (2, 2, 8, 6, 3, 2, 0, True),
@@ -99,6 +100,8 @@ def test_maxpool_asymmetric_padding_is_minus_inf():
 # (N, C, H, W, k, s, pad(t, b, l, r), ceil_mode)
 AVG_CASES = {
     "k2s2": (2, 3, 6, 6, 2, 2, (0, 0, 0, 0), False),
+    "k2s2_odd": (2, 3, 7, 5, 2, 2, (0, 0, 0, 0), False),
+    "k3s3": (1, 2, 9, 6, 3, 3, (0, 0, 0, 0), False),
     "overlap_k3s2": (2, 2, 7, 7, 3, 2, (0, 0, 0, 0), False),
     "k3s2_pad1": (1, 3, 6, 5, 3, 2, (1, 1, 1, 1), False),
     "k3s2_pad1_ceil": (1, 2, 6, 7, 3, 2, (1, 1, 1, 1), True),

@@ -206,6 +206,9 @@ layers:
   - {name: r1, type: relu}
   - {name: bn, type: batchnorm2d}
   - {name: r2, type: relu}
+  - {name: conv2, type: conv2d, filters: 3, kernel: 3, padding: 1}
+  - {name: sum, type: add, inputs: [conv2, r2]}
+  - {name: r4, type: relu}
   - {name: fc, type: dense, units: 4}
   - {name: r3, type: relu}
   - {name: out, type: dense, units: 3}
@@ -236,12 +239,12 @@ layers:
 
 
 def test_fused_relus_compute_what_separate_relus_do():
-    """ReLUs after conv, batch norm and dense run inside those layers; the numbers must
+    """ReLUs after conv, batch norm, add and dense run inside those layers; the numbers must
     be those of separate layers (checked here against finite differences and against
     a network where each ReLU cannot fuse because its producer has a second user)."""
     net = cnnspec.loads(FUSIONS)
     model = net.compile(batch_size=4, seed=2, dtype=np.float64)
-    assert set(model.fused) == {"r1", "r2", "r3"}
+    assert set(model.fused) == {"r1", "r2", "r3", "r4"}
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(4, 2, 6, 6)), rng.integers(0, 3, 4)
     _fd_check(model, x, y)
@@ -249,7 +252,7 @@ def test_fused_relus_compute_what_separate_relus_do():
         FUSIONS.replace(
             "{name: prob, type: softmax}",
             "{name: prob, type: softmax}\n"
-            "  - {name: keep, type: concat, inputs: [conv, bn]}\n"
+            "  - {name: keep, type: concat, inputs: [conv, bn, sum]}\n"
             "  - {name: keep2, type: flatten, inputs: [fc]}",
         )
     )

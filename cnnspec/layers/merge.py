@@ -7,6 +7,12 @@ from ..errors import LayerError
 from .base import Field, Layer, register
 
 
+def _kernels():
+    from ..kernels.cpu import merge
+
+    return merge
+
+
 def union(fields):
     """Receptive field of a merge: the union of the branches' fields, per axis."""
     out = []
@@ -76,15 +82,13 @@ class Add(_Merge):
                 raise LayerError(f"add needs equal shapes, got {shapes}", "inputs", hint)
         return in_shapes[0]
 
+    fusable = True  # a following ReLU runs in the same pass (ResNet's block output)
+
     def forward(self, xs, out, p, train, rng):
-        out[...] = xs[0]
-        for x in xs[1:]:
-            out += x
+        _kernels().add_forward(xs, out, self.fused_act)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        for dx in dxs:
-            if dx is not None:
-                dx[...] = dout
+        _kernels().add_backward(dout, out, self.fused_act, dxs)
 
 
 @register
