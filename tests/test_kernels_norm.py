@@ -163,3 +163,14 @@ def test_batchnorm_fused_relu_is_relu_of_batchnorm():
     norm.batchnorm_backward(dout * (plain > 0), x, mean, gamma, inv_std, *expect)
     for a, b in zip(grads, expect, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_statistics_survive_a_large_mean():
+    """One-pass statistics shift by a sample value first: no cancellation."""
+    rng = np.random.default_rng(14)
+    x = (1000 + 0.01 * rng.standard_normal((8, 2, 6, 6))).astype(np.float32)
+    c = x.shape[1]
+    out, inv_std, mean = np.empty_like(x), np.empty(c, np.float32), np.empty(c, np.float32)
+    norm.batchnorm_forward_train(x, None, None, 0.0, 0.1, None, None, out, mean, inv_std)
+    var = x.astype(np.float64).var(axis=(0, 2, 3))
+    np.testing.assert_allclose(1 / inv_std.astype(np.float64) ** 2, var, rtol=1e-3)

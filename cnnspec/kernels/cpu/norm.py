@@ -32,24 +32,24 @@ _SUMS = {"reassoc"}
 
 @njit(parallel=True, cache=True, fastmath=_SUMS)
 def _bn_stats(x, mean, var):
-    # x (N, C, S); mean/var float64 (C,); biased variance, two-pass for accuracy
+    # x (N, C, S); mean/var float64 (C,); biased variance in one pass over x, of
+    # the values shifted by the channel's first one (no cancellation when the
+    # mean is large against the spread)
     n_, c_, s_ = x.shape
     m_ = n_ * s_
     for c in prange(c_):
+        shift = np.float64(x[0, c, 0])
         acc = 0.0
-        for n in range(n_):
-            row = x[n, c]
-            for i in range(s_):
-                acc += row[i]
-        mu = acc / m_
         acc2 = 0.0
         for n in range(n_):
             row = x[n, c]
             for i in range(s_):
-                d = row[i] - mu
+                d = row[i] - shift
+                acc += d
                 acc2 += d * d
-        mean[c] = mu
-        var[c] = acc2 / m_
+        mu = acc / m_
+        mean[c] = shift + mu
+        var[c] = max(acc2 / m_ - mu * mu, 0.0)
 
 
 @njit(parallel=True, cache=True)
