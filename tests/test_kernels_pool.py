@@ -255,7 +255,9 @@ def test_subsample2d_float32_matches_numpy():
     assert rel_error(dbias, dout.sum(axis=(0, 2, 3))) < TORCH_TOL
 
 
-def test_maxpool_nan_and_inf_follow_torch():
+@pytest.mark.parametrize(("k", "s", "p"), [(3, 2, 1), (2, 2, 0), (3, 3, 0)])
+def test_maxpool_nan_and_inf_follow_torch(k, s, p):
+    """The general path, and the non-overlapping ones (2x2 has a branch-free loop)."""
     torch = pytest.importorskip("torch")
     x = np.arange(2 * 6 * 6, dtype=np.float32).reshape(1, 2, 6, 6) / 10
     x[0, 0, 1, 1] = np.nan
@@ -263,9 +265,10 @@ def test_maxpool_nan_and_inf_follow_torch():
     x[0, 1, :3, :3] = -np.inf
     x[0, 1, 3, 3] = np.nan
     x[0, 1, 3, 5] = np.nan
-    out = np.empty((1, 2, 3, 3), np.float32)
+    o = _pool_out(6, k, s, p, p)
+    out = np.empty((1, 2, o, o), np.float32)
     arg = np.empty(out.shape, np.int32)
-    pool.maxpool2d_forward(x, 3, 3, 2, 2, 1, 1, out, arg)
-    ref, idx = torch.nn.functional.max_pool2d(torch.tensor(x), 3, 2, 1, return_indices=True)
+    pool.maxpool2d_forward(x, k, k, s, s, p, p, out, arg)
+    ref, idx = torch.nn.functional.max_pool2d(torch.tensor(x), k, s, p, return_indices=True)
     np.testing.assert_array_equal(out, ref.numpy())  # NaN positions compare equal
     np.testing.assert_array_equal(arg, idx.numpy())

@@ -107,6 +107,24 @@ def _maxpool_fwd_tiled(x, kh, kw, out, argmax):
         xp = x[n, c]
         for oy in range(oh):
             orow, arow = out[n, c, oy], argmax[n, c, oy]
+            if kh == 2 and kw == 2:  # the common window, branch-free: LLVM vectorises it
+                r0, r1 = xp[2 * oy], xp[2 * oy + 1]
+                top = 2 * oy * w_
+                seen = 0.0
+                for ox in range(ow):
+                    v0, v1, v2, v3 = r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]
+                    seen += v0 + v1 + v2 + v3 - (v0 + v1 + v2 + v3)  # NaN if NaN/inf seen
+                    best, idx = v0, top + 2 * ox
+                    idx = top + 2 * ox + 1 if v1 > best else idx
+                    best = v1 if v1 > best else best
+                    idx = top + w_ + 2 * ox if v2 > best else idx
+                    best = v2 if v2 > best else best
+                    idx = top + w_ + 2 * ox + 1 if v3 > best else idx
+                    best = v3 if v3 > best else best
+                    orow[ox] = best
+                    arow[ox] = idx
+                if seen == 0.0:
+                    continue
             for ox in range(ow):
                 hs, ws = oy * kh, ox * kw
                 best = xp[hs, ws]
@@ -117,9 +135,9 @@ def _maxpool_fwd_tiled(x, kh, kw, out, argmax):
                     for ix in range(ws, ws + kw):
                         v = xr[ix]
                         nan_probe += v
-                        if v > best:
-                            best = v
-                            idx = iy * w_ + ix
+                        gt = v > best  # selects, not branches: random data mispredicts
+                        idx = iy * w_ + ix if gt else idx
+                        best = v if gt else best
                 if nan_probe != nan_probe:  # PyTorch's rule: (v > best) or isnan(v) wins
                     best = -np.inf
                     for iy in range(hs, hs + kh):
@@ -234,6 +252,12 @@ def _avgpool_fwd_tiled(x, kh, kw, out):
         xp = x[n, c]
         for oy in range(oh):
             orow = out[n, c, oy]
+            if kh == 2 and kw == 2:  # the common window: LLVM vectorises the pairs
+                r0, r1 = xp[2 * oy], xp[2 * oy + 1]
+                for ox in range(ow):
+                    a = r0[2 * ox] + r0[2 * ox + 1]
+                    orow[ox] = (a + r1[2 * ox] + r1[2 * ox + 1]) * scale
+                continue
             for ox in range(ow):
                 orow[ox] = 0.0
             for i in range(kh):
