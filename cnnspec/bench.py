@@ -12,8 +12,9 @@
   measurement), so the table follows the model's execution plan: a layer the model fuses
   into another (a ReLU run in a convolution's epilogue) shows as not run;
 * achieved GFLOP/s: 2 * MACs * batch per forward, three times that for a train pass or step,
-  and its share of the machine's fp32 GEMM peak, measured in the same run as the best of a
-  few numpy float32 ``n x n`` matmuls on the same thread count;
+  and its share of the machine's fp32 GEMM peak, measured in the same run as the better of
+  cnnspec's micro-kernel on every thread and a numpy float32 ``n x n`` matmul on the same
+  thread count (best of a few each);
 * cold start: the time to compile the model and run its first step, and whether Numba's
   on-disk cache was warm (kernels loaded), cold (kernels compiled) or not involved at all
   (kernels already in this process: then the number is not a cold start).
@@ -295,14 +296,22 @@ def _timed(fn, warmup: int, repeat: int) -> list[float]:
 
 
 def gemm_peak(n: int = 2048, repeat: int = 5) -> dict:
-    """Best GFLOP/s of a numpy float32 n x n matmul on the current BLAS thread count."""
+    """The machine's practical fp32 GEMM ceiling: the better of a numpy float32 n x n
+    matmul on the current BLAS thread count and cnnspec's own micro-kernel on every
+    Numba thread (OpenBLAS may run narrower vectors than the CPU has)."""
+    from .kernels.cpu import microkernel
+
+    kernel = microkernel.peak_gflops(repeat)  # first: OpenBLAS's threads spin a while after
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = np.empty((n, n), np.float32)
     best = min(_timed(lambda: np.matmul(a, b, out=c), 1, repeat))
+    blas = 2.0 * n**3 / best / 1e9
     return {
-        "gflops": 2.0 * n**3 / best / 1e9,
+        "gflops": max(blas, kernel),
+        "blas_gflops": blas,
+        "kernel_gflops": kernel,
         "n": n,
         "best_ms": best * 1e3,
         "blas_threads": blas_threads(),
@@ -489,18 +498,19 @@ def bench(
         cold.update(cache_verdict(before, kernel_state()))
         result["cold_start"] = cold
 
-        peak = gemm_peak(peak_n, peak_repeat) if peak_n else None
-        result["peak"] = peak
-        peak_gflops = peak["gflops"] if peak else None
         fwd_flops = 2.0 * macs * batch
         runs = {
             "eval_forward": lambda: model.forward(x, train=False),
             "train_fwd_bwd": lambda: model.loss_and_grads(x, y),
             "step": lambda: model.step(x, y, lr=lr, momentum=momentum),
         }
+        times = {key: _timed(runs[key], warmup, repeat) for key, _, _ in PHASES}
+        # the peak after the runs: OpenBLAS's threads keep spinning a while after a matmul
+        peak = gemm_peak(peak_n, peak_repeat) if peak_n else None
+        result["peak"] = peak
+        peak_gflops = peak["gflops"] if peak else None
         for key, _, factor in PHASES:
-            times = _timed(runs[key], warmup, repeat)
-            result[key] = _phase(times, batch, factor * fwd_flops, peak_gflops)
+            result[key] = _phase(times[key], batch, factor * fwd_flops, peak_gflops)
 
         loss = float(model.loss_and_grads(x, y)[0])
         result["final_loss"] = loss if np.isfinite(loss) else None
@@ -629,9 +639,10 @@ def render_bench(result: dict, console, top: int = 5) -> None:
     peak = result["peak"]
     if peak:
         console.print(
-            f"GEMM peak: {peak['gflops']:.1f} GFLOP/s (numpy float32 {peak['n']}x"
-            f"{peak['n']} matmul, best of a few, {peak['blas_threads'] or '?'} BLAS "
-            "threads)"
+            f"GEMM peak: {peak['gflops']:.1f} GFLOP/s, the better of cnnspec's "
+            f"micro-kernel ({peak['kernel_gflops']:.1f}) and a numpy float32 {peak['n']}x"
+            f"{peak['n']} matmul ({peak['blas_gflops']:.1f}, {peak['blas_threads'] or '?'} "
+            "BLAS threads); best of a few each"
         )
     c = result["cold_start"]
     cache = {

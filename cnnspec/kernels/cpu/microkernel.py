@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import llvmlite.binding as llvm
 from llvmlite import ir
-from numba import types
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 _WIDE = bool(llvm.get_host_cpu_features().get("avx512f", False))
@@ -213,3 +213,35 @@ def dot(typingctx, a, ao, lda, b, boffs, bi, bcol, c, co, ldc, n):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@njit(parallel=True, cache=True)
+def _probe(a, b, boffs, c, coffs, k, reps, threads):
+    # each thread multiplies its own cache-resident block, over and over
+    for t in prange(threads):
+        for _ in range(reps):
+            bcast(a, 0, b, boffs, t * k, 0, c, coffs, t * MR, 0, k, 0)
+
+
+def peak_gflops(repeat: int = 5, k: int = 256, reps: int = 2000) -> float:
+    """Best float32 GFLOP/s of the bcast kernel on every Numba thread at once: the
+    ceiling the conv kernels work against (no memory traffic)."""
+    import time
+
+    import numba
+    import numpy as np
+
+    threads = numba.get_num_threads()
+    nr = panel(4)
+    a = np.random.default_rng(0).standard_normal(k * MR).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal(threads * k * nr).astype(np.float32)
+    c = np.zeros(threads * MR * nr, np.float32)
+    boffs = np.arange(threads * k, dtype=np.int64) * nr
+    coffs = np.arange(threads * MR, dtype=np.int64) * nr
+    _probe(a, b, boffs, c, coffs, k, 1, threads)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        _probe(a, b, boffs, c, coffs, k, reps, threads)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * MR * nr * k * reps * threads / best / 1e9
