@@ -18,6 +18,8 @@ CONV_CASES = {
     "depthwise_nobias": (2, 4, 6, 6, 4, 3, 3, (2, 2), (1, 0, 1, 0), (1, 1), 4, False),
     "depthwise_multiplier": (1, 3, 5, 5, 6, 2, 2, (1, 1), (0, 1, 1, 0), (2, 1), 3, True),
     "pointwise_nobias": (2, 5, 4, 3, 3, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, False),
+    "stride3x2_k5x3_dilated": (2, 3, 11, 9, 4, 5, 3, (3, 2), (2, 1, 0, 2), (2, 1), 1, True),
+    "stride4_k11": (1, 2, 23, 19, 3, 11, 11, (4, 4), (0, 0, 0, 0), (1, 1), 1, True),
 }
 
 # (N, Cin, H, W, Cout, kh, kw, stride, pad, dilation, output_padding, bias)

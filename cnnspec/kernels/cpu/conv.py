@@ -112,15 +112,17 @@ def _col2im_t(cols, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
 
 # ---------------------------------------------------------------- tiled conv2d
 # Each thread owns a slice of the workspace and walks its own tiles (a band of
-# output rows of one sample, or several small samples): it pads the samples into
-# a private buffer and multiplies with the register-blocked micro-kernels, which
-# find each im2col row through a table of offsets (an indirect GEMM). With stride
-# 1, im2col row (c, i, j) of a tile IS a run of the padded samples, so nothing is
-# copied: the product is computed over the padded width wp (the last wp - ow
-# columns of each row are junk, as are the bottom kh - 1 rows between stacked
-# samples: the epilogue drops them, the backward pass gives them zero gradient),
-# and the backward pass adds W^T dout straight into the padded dx. Other strides
-# unfold each tile into a cols matrix and fold a dcols matrix back.
+# output rows of one sample, or several small samples): it copies the samples,
+# padded, into a private buffer and multiplies with the register-blocked
+# micro-kernels, which find each im2col row through a table of offsets (an
+# indirect GEMM). The padded samples are stored split into stride phases
+# (pixel (y, x) in plane (y % sh, x % sw) at (y // sh, x // sw)), so im2col row
+# (c, i, j) of a tile IS a run of one plane, for any stride: nothing is unfolded.
+# The product runs over the planes' full width wq (columns past ow are junk, as
+# are the rows between stacked samples: the epilogue drops them and the backward
+# pass gives them zero gradient), and the backward pass adds W^T dout straight
+# into the padded dx (bcast reads, adds and writes its C rows one after another,
+# so the overlapping rows of neighbouring (i, j) are safe).
 #
 # The forward pass splits the tiles among threads; the backward pass gives each
 # thread whole samples (their dx bands overlap) and private dW / db sums, added
@@ -129,9 +131,9 @@ def _col2im_t(cols, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
 # (zero weights): ogb, kgb round og, kg up to MR (bcast), ogd to MD and kgd to
 # ND (dot).
 #
-# Per thread: padded samples [c][s][hp][wp] and their gradient, a zero row and a
-# sink row (for the padding rows' reads and writes), cols and dcols (other
-# strides), the product or dout [g*og + o][tcp], dW [g][ogd][kgd], db.
+# Per thread: padded samples [c][sh][sw][s][hq][wq] and their gradient, a zero
+# row and a sink row (what padding rows of the blocks read and write), the
+# product or dout [g*ogb + o][tcp], dW [g][ogd][kgd], db.
 
 ACT_NONE, ACT_RELU = 0, 1
 _TILE_ELEMENTS = 1 << 18  # a tile's (virtual) im2col matrix, 1 MiB in float32.
@@ -145,13 +147,11 @@ def _round_up(n, m):
 
 
 class _Geometry(NamedTuple):
-    hp: int  # padded input height and width
-    wp: int
-    owe: int  # product columns per output row: wp with stride 1, else ow
+    hq: int  # height and width of a stride phase of a padded sample
+    wq: int
     rows: int  # output rows per tile
     tiles: int  # tiles per sample (bands of rows)
     spt: int  # samples per tile (several small ones, else 1)
-    ss: int  # product columns from one sample of a tile to the next
     tcp: int  # product columns per tile, padded to whole panels
     ogb: int  # output channels per group, padded to whole bcast blocks
     ogd: int  # ... to whole dot blocks
@@ -160,7 +160,6 @@ class _Geometry(NamedTuple):
     pad_size: int  # padded samples, with slack for the padding columns' reads
     per_thread: int  # workspace elements per thread
     wpack: int  # packed weights, shared by the threads
-    direct: int  # 1: im2col rows are runs of the padded input (stride 1), 0: unfolded
 
 
 def _geometry(
@@ -171,46 +170,39 @@ def _geometry(
     (workspace elements per thread) is given, fit in it."""
     n, c, h, w = x_shape
     o, cg, kh, kw = w_shape
-    oh, ow = out_shape[2], out_shape[3]
+    oh = out_shape[2]
     g = c // cg
     og, kg, k = o // g, cg * kh * kw, c * kh * kw
+    sh, sw = (int(s) for s in stride)
     pt, pb, pl, pr = (int(p) for p in pad)
-    hp, wp = h + pt + pb, w + pl + pr
-    # unfolding copies cost more than the junk columns of running over the padded
-    # width (measured 1.2-3x slower even for 8x8 maps with 36% junk)
-    direct = int(tuple(int(s) for s in stride) == (1, 1))
-    owe = wp if direct else ow
+    hq, wq = -(-(h + pt + pb) // sh), -(-(w + pl + pr) // sw)
     nr = mk.panel(itemsize)
     ogb, ogd = _round_up(og, mk.MR), _round_up(og, mk.MD)
     kgb, kgd = _round_up(kg, mk.MR), _round_up(kg, mk.ND)
 
     def layout(rows, spt):
-        ss = hp * wp if direct else rows * ow
-        tcp = _round_up((spt - 1) * ss + rows * owe, nr)
-        pad_size = c * spt * hp * wp + nr + kw * int(dilation[1]) + wp
-        # padded x and dx, zero and sink rows, cols and dcols, product, dW, db
-        size = 2 * pad_size + 2 * tcp + (0 if direct else 2 * k * tcp)
-        size += g * max(ogb, ogd) * tcp + g * ogd * kgd + o
-        return ss, tcp, pad_size, size
+        tcp = _round_up((spt - 1) * hq * wq + rows * wq, nr)
+        pad_size = c * sh * sw * spt * hq * wq + nr + kw * int(dilation[1]) + wq
+        # padded x and dx, zero and sink rows, the product, dW, db
+        size = 2 * pad_size + 2 * tcp + g * max(ogb, ogd) * tcp + g * ogd * kgd + o
+        return tcp, pad_size, size
 
     spt = 1
     if rows is None:
-        rows = max(1, min(oh, _TILE_ELEMENTS // (k * owe)))
+        rows = max(1, min(oh, _TILE_ELEMENTS // (k * wq)))
         if rows == oh:
-            spt = max(1, min(_TILE_ELEMENTS // (k * oh * owe), -(-n // (2 * threads))))
+            spt = max(1, min(_TILE_ELEMENTS // (k * oh * wq), -(-n // (2 * threads))))
         if space is not None:
-            while spt > 1 and layout(rows, spt)[3] > space:
+            while spt > 1 and layout(rows, spt)[2] > space:
                 spt -= 1
-            while rows > 1 and layout(rows, 1)[3] > space:
+            while rows > 1 and layout(rows, 1)[2] > space:
                 rows -= 1
     rows = max(1, min(rows, oh))
     tiles = -(-oh // rows)
     rows = -(-oh // tiles)  # bands of even height
-    ss, tcp, pad_size, size = layout(rows, spt)
+    tcp, pad_size, size = layout(rows, spt)
     wpack = g * max(ogb * kg, kgb * og)
-    return _Geometry(
-        hp, wp, owe, rows, tiles, spt, ss, tcp, ogb, ogd, kgb, kgd, pad_size, size, wpack, direct
-    )
+    return _Geometry(hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, size, wpack)
 
 
 def conv2d_workspace(
@@ -224,10 +216,9 @@ def conv2d_workspace(
     tile_rows=None,
 ) -> int:
     """Elements of workspace a conv2d needs for all of Numba's threads: each takes
-    padded samples and their gradient, one tile's products (and im2col matrices,
-    for strides above 1) and private dW / db sums; the packed weights are shared.
-    A smaller workspace runs smaller tiles (`tile_rows` output rows each), or
-    fewer threads."""
+    padded samples and their gradient, one tile's product and private dW / db sums;
+    the packed weights are shared. A smaller workspace runs smaller tiles
+    (`tile_rows` output rows each), or fewer threads."""
     threads = numba.get_num_threads()
     shapes = (x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, threads)
     geo = _geometry(*shapes, rows=tile_rows)
@@ -240,80 +231,72 @@ def conv2d_workspace(
 
 
 @njit(cache=True, nogil=True)
-def _pad_samples(x, n0, ns, spt, pt, pl, hp, wp, xpad):
-    """xpad[c][s][y][x] (flat) = x[n0 + s] placed at (pt, pl), zeros around."""
+def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad):
+    """xpad = x[n0 : n0 + ns] padded by (pt, pl) and split into stride phases:
+    padded pixel (y, x) of channel c, sample s at [c][y % sh][x % sw][s][y // sh][x // sw]."""
+    sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
     xpad[:] = 0
     for c in range(c_):
         for s in range(ns):
-            for y in range(h_):
-                d = ((c * spt + s) * hp + y + pt) * wp + pl
-                dst, src = xpad[d : d + w_], x[n0 + s, c, y]
-                for v in range(w_):
-                    dst[v] = src[v]
+            for yi in range(h_):
+                y = yi + pt
+                if sw == 1:  # whole rows: a contiguous copy (a strided view is 5x slower)
+                    plane = ((c * sh + y % sh) * sw) * spt + s
+                    d = (plane * hq + y // sh) * wq + pl
+                    dst, src = xpad[d : d + w_], x[n0 + s, c, yi]
+                    for v in range(w_):
+                        dst[v] = src[v]
+                    continue
+                for b in range(sw):  # input columns landing in phase b
+                    x0 = (b - pl) % sw
+                    m = (w_ - x0 + sw - 1) // sw
+                    if m <= 0:
+                        continue
+                    plane = ((c * sh + y % sh) * sw + b) * spt + s
+                    d = (plane * hq + y // sh) * wq + (x0 + pl) // sw
+                    dst, src = xpad[d : d + m], x[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
+                    for v in range(m):
+                        dst[v] = src[v]
 
 
 @njit(cache=True, nogil=True)
-def _unpad_samples(dxpad, n0, ns, spt, pt, pl, hp, wp, dx):
-    """dx[n0 + s] = the interior of dxpad's sample s (the adjoint of padding)."""
+def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx):
+    """dx[n0 : n0 + ns] = the interior of the phase-split dxpad (the adjoint of padding)."""
+    sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
     c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
     for c in range(c_):
         for s in range(ns):
-            for y in range(h_):
-                d = ((c * spt + s) * hp + y + pt) * wp + pl
-                src, dst = dxpad[d : d + w_], dx[n0 + s, c, y]
-                for v in range(w_):
-                    dst[v] = src[v]
+            for yi in range(h_):
+                y = yi + pt
+                if sw == 1:
+                    plane = ((c * sh + y % sh) * sw) * spt + s
+                    d = (plane * hq + y // sh) * wq + pl
+                    src, dst = dxpad[d : d + w_], dx[n0 + s, c, yi]
+                    for v in range(w_):
+                        dst[v] = src[v]
+                    continue
+                for b in range(sw):
+                    x0 = (b - pl) % sw
+                    m = (w_ - x0 + sw - 1) // sw
+                    if m <= 0:
+                        continue
+                    plane = ((c * sh + y % sh) * sw + b) * spt + s
+                    d = (plane * hq + y // sh) * wq + (x0 + pl) // sw
+                    src, dst = dxpad[d : d + m], dx[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
+                    for v in range(m):
+                        dst[v] = src[v]
 
 
 @njit(cache=True, nogil=True)
-def _patch_offset(k, cg, kh, kw, dims, spt, hp, wp):
-    """Where im2col row k (c, i, j) starts in the padded samples."""
+def _patch_offset(k, dims, spt, hq, wq):
+    """Where im2col row k = (c, i, j) starts in the phase-split padded samples."""
+    sh, sw, dh, dw, kh, kw = dims[0], dims[1], dims[4], dims[5], dims[6], dims[7]
     c = k // (kh * kw)
     i = (k - c * kh * kw) // kw
     j = k - c * kh * kw - i * kw
-    return (c * spt * hp + i * dims[4]) * wp + j * dims[5]
-
-
-@njit(cache=True, nogil=True)
-def _unfold(xpad, dims, geo, k_, ns, oy0, nr, ow, cols):
-    """cols[k, s*ss + r*ow + ox] = sample s's padded input under output (oy0 + r, ox)
-    for patch row k; strides above 1 only. Padding columns 0."""
-    sh, sw, _pt, _pl, dh, dw, kh, kw = dims
-    hp, wp, owe, _rows, _tiles, spt, ss, tcp = geo[:8]
-    for k in range(k_):
-        c = k // (kh * kw)
-        i = (k - c * kh * kw) // kw
-        j = k - c * kh * kw - i * kw
-        row = cols[k * tcp : (k + 1) * tcp]
-        for s in range(ns):
-            for r in range(nr):
-                at = ((c * spt + s) * hp + (oy0 + r) * sh + i * dh) * wp + j * dw
-                src = xpad[at : at + (ow - 1) * sw + 1 : sw]
-                dst = row[s * ss + r * owe : s * ss + r * owe + ow]
-                for v in range(ow):
-                    dst[v] = src[v]
-        for q in range(ns * ss, tcp):
-            row[q] = 0.0
-
-
-@njit(cache=True, nogil=True)
-def _fold(dcols, dims, geo, k_, ns, oy0, nr, ow, dxpad):
-    """Adjoint of _unfold: dxpad[...] += dcols[...]."""
-    sh, sw, _pt, _pl, dh, dw, kh, kw = dims
-    hp, wp, owe, _rows, _tiles, spt, ss, tcp = geo[:8]
-    for k in range(k_):
-        c = k // (kh * kw)
-        i = (k - c * kh * kw) // kw
-        j = k - c * kh * kw - i * kw
-        row = dcols[k * tcp : (k + 1) * tcp]
-        for s in range(ns):
-            for r in range(nr):
-                at = ((c * spt + s) * hp + (oy0 + r) * sh + i * dh) * wp + j * dw
-                dst = dxpad[at : at + (ow - 1) * sw + 1 : sw]
-                src = row[s * ss + r * owe : s * ss + r * owe + ow]
-                for v in range(ow):
-                    dst[v] += src[v]
+    plane = ((c * sh + (i * dh) % sh) * sw + (j * dw) % sw) * spt
+    return (plane * hq + (i * dh) // sh) * wq + (j * dw) // sw
 
 
 @njit(cache=True, nogil=True)
@@ -345,51 +328,26 @@ def _pack_backward(w3, kgb, wpack):
 
 
 @njit(cache=True, nogil=True)
-def _tables(w3, dims, geo, direct, x_at, cols_at, dx_at, dcols_at, zero_at, sink_at, prod_at):
+def _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at):
     """The micro-kernels' row offsets into the workspace: im2col rows (B of the
-    forward and dW products; padding rows read a zero row), dx rows (C of dcols;
-    padding rows write a sink row), product rows."""
+    forward and dW products; padding rows read a zero row), dx rows (C of the dx
+    product; padding rows write a sink row), product rows."""
     g_, og, kg = w3.shape
-    kh, kw = dims[6], dims[7]
-    hp, wp, spt, tcp = geo[0], geo[1], geo[5], geo[7]
-    ogb, ogd, kgb, kgd = geo[8], geo[9], geo[10], geo[11]
+    hq, wq, spt, tcp = geo[0], geo[1], geo[4], geo[5]
+    ogb, ogd, kgb, kgd = geo[6], geo[7], geo[8], geo[9]
     rows_b = np.empty(g_ * kgd, np.int64)
     rows_dx = np.empty(g_ * kgb, np.int64)
     rows_p = np.empty(g_ * max(ogb, ogd), np.int64)
     for g in range(g_):
         for kk in range(kgd):
-            k = g * kg + kk
-            if kk >= kg:
-                rows_b[g * kgd + kk] = zero_at
-            elif direct:
-                rows_b[g * kgd + kk] = x_at + _patch_offset(k, 0, kh, kw, dims, spt, hp, wp)
-            else:
-                rows_b[g * kgd + kk] = cols_at + k * tcp
+            at = _patch_offset(g * kg + kk, dims, spt, hq, wq)
+            rows_b[g * kgd + kk] = x_at + at if kk < kg else zero_at
         for kk in range(kgb):
-            k = g * kg + kk
-            if kk >= kg:
-                rows_dx[g * kgb + kk] = sink_at
-            elif direct:
-                rows_dx[g * kgb + kk] = dx_at + _patch_offset(k, 0, kh, kw, dims, spt, hp, wp)
-            else:
-                rows_dx[g * kgb + kk] = dcols_at + k * tcp
+            at = _patch_offset(g * kg + kk, dims, spt, hq, wq)
+            rows_dx[g * kgb + kk] = dx_at + at if kk < kg else sink_at
     for r in range(rows_p.shape[0]):
         rows_p[r] = prod_at + r * tcp
     return rows_b, rows_dx, rows_p
-
-
-@njit(cache=True, nogil=True)
-def _regions(t, per, geo, k_, direct):
-    """Offsets of thread t's buffers: x, dx, zero row, sink row, cols, dcols, product, dW."""
-    tcp, pad_size = geo[7], geo[12]
-    x_at = t * per
-    dx_at = x_at + pad_size
-    zero_at = dx_at + pad_size
-    sink_at = zero_at + tcp
-    cols_at = sink_at + tcp
-    dcols_at = cols_at + (0 if direct else k_ * tcp)
-    prod_at = dcols_at + (0 if direct else k_ * tcp)
-    return x_at, dx_at, zero_at, sink_at, cols_at, dcols_at, prod_at
 
 
 @njit(cache=True, nogil=True)
@@ -404,8 +362,8 @@ def _tile_at(tile, spt, tiles, rows, n_, oh):
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _gather(dout, y, act, n, oy0, nr, owe, ogd, g_, col0, tcp, dprod, db):
-    """dprod[g*ogd + o, col0 + r*owe + v] = dout[n, g*og + o, oy0 + r, v], masked
+def _gather(dout, y, act, n, oy0, nr, wq, ogd, g_, col0, tcp, dprod, db):
+    """dprod[g*ogd + o, col0 + r*wq + v] = dout[n, g*og + o, oy0 + r, v], masked
     where a fused ReLU's output y is 0. db[o] += its sum ('reassoc' vectorises the
     sum, in an order fixed at compile time)."""
     o_, ow = dout.shape[1], dout.shape[3]
@@ -413,10 +371,10 @@ def _gather(dout, y, act, n, oy0, nr, owe, ogd, g_, col0, tcp, dprod, db):
     for o in range(o_):
         g = o // og
         at = (g * ogd + o - g * og) * tcp + col0
-        row = dprod[at : at + nr * owe]
+        row = dprod[at : at + nr * wq]
         acc = 0.0
         for r in range(nr):
-            dst = row[r * owe : r * owe + ow]
+            dst = row[r * wq : r * wq + ow]
             src, yr = dout[n, o, oy0 + r], y[n, o, oy0 + r]
             for v in range(ow):
                 yv = yr[v]  # loaded unconditionally: a conditional load blocks SIMD
@@ -428,11 +386,10 @@ def _gather(dout, y, act, n, oy0, nr, owe, ogd, g_, col0, tcp, dprod, db):
 
 @njit(parallel=True, cache=True)
 def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
-    hp, wp, owe, rows, tiles, spt, ss, tcp, ogb, _ogd, _kgb, kgd, pad_size, per, _, direct = geo
-    n_, c_ = x.shape[0], x.shape[1]
+    hq, wq, rows, tiles, spt, tcp, ogb, _ogd, _kgb, kgd, pad_size, per, _ = geo
+    n_ = x.shape[0]
     o_, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     g_, og, kg = w3.shape
-    k_ = c_ * dims[6] * dims[7]
     nr_ = mk.NV * (mk.VECTOR_BYTES // x.itemsize)  # panel width
     mr = mk.MR
     wpack = ws[T * per :]
@@ -440,38 +397,33 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
     total = -(-n_ // spt) if spt > 1 else n_ * tiles
     has_bias = bias.shape[0] > 0
     for t in prange(T):
-        x_at, _dx_at, zero_at, sink_at, cols_at, dcols_at, prod_at = _regions(
-            t, per, geo, k_, direct
-        )
-        rows_b, _rows_dx, rows_p = _tables(
-            w3, dims, geo, direct, x_at, cols_at, 0, dcols_at, zero_at, sink_at, prod_at
-        )
+        x_at = t * per
+        zero_at = x_at + 2 * pad_size
+        sink_at, prod_at = zero_at + tcp, zero_at + 2 * tcp
+        rows_b, _rows_dx, rows_p = _tables(w3, dims, geo, x_at, 0, zero_at, sink_at, prod_at)
         xpad = ws[x_at : x_at + pad_size]
         prod = ws[prod_at : prod_at + g_ * ogb * tcp]
         last = -1
         for tile in range(t * total // T, (t + 1) * total // T):
             n0, ns, oy0, nr = _tile_at(tile, spt, tiles, rows, n_, oh)
             if n0 != last:
-                _pad_samples(x, n0, ns, spt, dims[2], dims[3], hp, wp, xpad)
+                _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad)
                 last = n0
-            col = oy0 * wp if direct else 0
-            if not direct:
-                _unfold(xpad, dims, geo, k_, ns, oy0, nr, ow, ws[cols_at : cols_at + k_ * tcp])
             for g in range(g_):
                 for p in range(tcp // nr_):
                     for ob in range(ogb // mr):
                         mk.bcast(
                             wpack, (g * (ogb // mr) + ob) * kg * mr,
-                            ws, rows_b, g * kgd, col + p * nr_,
+                            ws, rows_b, g * kgd, oy0 * wq + p * nr_,
                             ws, rows_p, g * ogb + ob * mr, p * nr_, kg, 0,
                         )  # fmt: skip
             for s in range(ns):
                 for o in range(o_):
                     b = bias[o] if has_bias else 0.0
                     g = o // og
-                    at = (g * ogb + o - g * og) * tcp + s * ss
+                    at = (g * ogb + o - g * og) * tcp + s * hq * wq
                     for r in range(nr):
-                        src = prod[at + r * owe : at + r * owe + ow]
+                        src = prod[at + r * wq : at + r * wq + ow]
                         dst = out[n0 + s, o, oy0 + r]
                         for v in range(ow):
                             yv = src[v] + b
@@ -480,25 +432,22 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
 
 @njit(parallel=True, cache=True)
 def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
-    hp, wp, owe, rows, tiles, spt, ss, tcp, ogb, ogd, kgb, kgd, pad_size, per, _, direct = geo
-    n_, c_ = x.shape[0], x.shape[1]
-    o_, oh, ow = dout.shape[1], dout.shape[2], dout.shape[3]
+    hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, _ = geo
+    n_ = x.shape[0]
+    o_, oh = dout.shape[1], dout.shape[2]
     g_, og, kg = w3.shape
-    k_ = c_ * dims[6] * dims[7]
     nr_ = mk.NV * (mk.VECTOR_BYTES // x.itemsize)
     mr, md, nd = mk.MR, mk.MD, mk.ND
     go = g_ * ogd  # rows of dout
-    beta = 1 if direct else 0  # direct: add into the padded dx; else write dcols
     wpack = ws[T * per :]
     if want_dx:
         _pack_backward(w3, kgb, wpack)
     for t in prange(T):
-        x_at, dx_at, zero_at, sink_at, cols_at, dcols_at, prod_at = _regions(
-            t, per, geo, k_, direct
-        )
-        rows_b, rows_dx, rows_p = _tables(
-            w3, dims, geo, direct, x_at, cols_at, dx_at, dcols_at, zero_at, sink_at, prod_at
-        )
+        x_at = t * per
+        dx_at = x_at + pad_size
+        zero_at = dx_at + pad_size
+        sink_at, prod_at = zero_at + tcp, zero_at + 2 * tcp
+        rows_b, rows_dx, rows_p = _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at)
         xpad = ws[x_at : x_at + pad_size]
         dxpad = ws[dx_at : dx_at + pad_size]
         dprod = ws[prod_at : prod_at + go * tcp]
@@ -511,41 +460,35 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
         n0, hi = t * n_ // T, (t + 1) * n_ // T
         while n0 < hi:
             ns = min(spt, hi - n0)
-            _pad_samples(x, n0, ns, spt, dims[2], dims[3], hp, wp, xpad)
+            _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad)
             if want_dx:
                 dxpad[:] = 0
             for b in range(tiles):
                 oy0 = b * rows
                 nr = min(rows, oh - oy0)
-                col = oy0 * wp if direct else 0
                 dprod[:] = 0  # junk and padding columns, padding rows: zero gradient
                 for s in range(ns):
-                    _gather(dout, y, act, n0 + s, oy0, nr, owe, ogd, g_, s * ss, tcp, dprod, db)
-                if not direct:
-                    _unfold(xpad, dims, geo, k_, ns, oy0, nr, ow, ws[cols_at : cols_at + k_ * tcp])
+                    _gather(dout, y, act, n0 + s, oy0, nr, wq, ogd, g_, s * hq * wq, tcp, dprod, db)
                 for g in range(g_):  # dW += dout im2col^T
                     for ob in range(0, ogd, md):
                         for kb in range(0, kgd, nd):
                             mk.dot(
                                 dprod, (g * ogd + ob) * tcp, tcp,
-                                ws, rows_b, g * kgd + kb, col,
+                                ws, rows_b, g * kgd + kb, oy0 * wq,
                                 dwt, (g * ogd + ob) * kgd + kb, kgd, tcp,
                             )  # fmt: skip
                 if not want_dx:
                     continue
-                for g in range(g_):  # dx (+)= W^T dout
+                for g in range(g_):  # dx += W^T dout, straight into the padded dx
                     for p in range(tcp // nr_):
                         for kb in range(kgb // mr):
                             mk.bcast(
                                 wpack, (g * (kgb // mr) + kb) * og * mr,
                                 ws, rows_p, g * ogd, p * nr_,
-                                ws, rows_dx, g * kgb + kb * mr, col + p * nr_, og, beta,
+                                ws, rows_dx, g * kgb + kb * mr, oy0 * wq + p * nr_, og, 1,
                             )  # fmt: skip
-                if not direct:
-                    dcols = ws[dcols_at : dcols_at + k_ * tcp]
-                    _fold(dcols, dims, geo, k_, ns, oy0, nr, ow, dxpad)
             if want_dx:
-                _unpad_samples(dxpad, n0, ns, spt, dims[2], dims[3], hp, wp, dx)
+                _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx)
             n0 += ns
 
 
@@ -612,10 +555,7 @@ def conv2d_backward(
     _backward_samples(x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat)
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape
-    k = x.shape[1] * w.shape[2] * w.shape[3]
-    direct = geo.direct
-    at = 2 * geo.pad_size + 2 * geo.tcp + (0 if direct else 2 * k * geo.tcp)
-    at += g * max(geo.ogb, geo.ogd) * geo.tcp  # after the tile buffers
+    at = 2 * geo.pad_size + 2 * geo.tcp + g * max(geo.ogb, geo.ogd) * geo.tcp  # after the tile
     size = g * geo.ogd * geo.kgd
     dw3 = dw.reshape(g, og, kg)
     for t in range(threads):
