@@ -25,6 +25,7 @@ def _pool_out(size, k, s, p0, p1, ceil_mode=False):
 MAX_CASES = {
     "k2s2": (2, 3, 6, 6, 2, 2, 0, False),
     "k2s2_odd": (2, 3, 7, 5, 2, 2, 0, False),  # a row and a column no window covers
+    "k1s2": (2, 3, 7, 6, 1, 2, 0, False),  # ResNet's option-A subsampling
     "overlap_k3s2": (2, 2, 7, 7, 3, 2, 0, False),
     "k3s2_pad1": (1, 3, 6, 5, 3, 2, 1, False),
     "k3s2_ceil": (2, 2, 8, 6, 3, 2, 0, True),

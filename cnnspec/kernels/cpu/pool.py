@@ -150,6 +150,22 @@ def _maxpool_fwd_tiled(x, kh, kw, out, argmax):
                 arow[ox] = idx
 
 
+@njit(parallel=True, cache=True)
+def _pick(x, sh, sw, out, argmax):
+    # 1x1 windows (ResNet's option-A shortcut subsamples): every sh-th row, sw-th column
+    n_, c_, _h, w_ = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    for nc in prange(n_ * c_):
+        n = nc // c_
+        c = nc - n * c_
+        for oy in range(oh):
+            src = x[n, c, oy * sh]
+            orow, arow = out[n, c, oy], argmax[n, c, oy]
+            for ox in range(ow):
+                orow[ox] = src[ox * sw]
+                arow[ox] = oy * sh * w_ + ox * sw
+
+
 def maxpool2d_forward(x, kh, kw, sh, sw, pt, pl, out, argmax):
     """Max pooling; argmax (int32, like out) gets the flat h*W+w index in x's plane."""
     check_c(x=x, out=out, argmax=argmax)
@@ -160,6 +176,9 @@ def maxpool2d_forward(x, kh, kw, sh, sw, pt, pl, out, argmax):
         raise ValueError("argmax must be int32")
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError("empty input plane")
+    if (kh, kw, pt, pl) == (1, 1, 0, 0):
+        _pick(x, int(sh), int(sw), out, argmax)
+        return
     if _tiled(x.shape, out.shape, kh, kw, sh, sw, (pt, pl)):
         _maxpool_fwd_tiled(x, int(kh), int(kw), out, argmax)
         return
