@@ -17,6 +17,7 @@ from functools import lru_cache
 import numpy as np
 
 from .graph import INPUT
+from .kernels.cpu.merge import add_forward
 
 
 @lru_cache(maxsize=1)
@@ -347,9 +348,7 @@ class Model:
                 continue
             parts = self.fan_in_sums.get(name)
             if parts:  # several users: their gradients add up (a fused ReLU's too)
-                np.add(parts[0], parts[1], out=dbuf[name])
-                for extra in parts[2:]:
-                    dbuf[name] += extra
+                add_forward(parts, dbuf[name])  # one parallel pass; numpy's is serial
             if name in self.fused:
                 continue  # its producer applies the ReLU's gradient
             info.layer.backward(
