@@ -299,9 +299,9 @@ def gemm_peak(n: int = 2048, repeat: int = 5) -> dict:
     """The machine's practical fp32 GEMM ceiling: the better of a numpy float32 n x n
     matmul on the current BLAS thread count and cnnspec's own micro-kernel on every
     Numba thread (OpenBLAS may run narrower vectors than the CPU has)."""
-    from .kernels.cpu import microkernel
+    from .kernels.cpu import conv
 
-    kernel = microkernel.peak_gflops(repeat)  # first: OpenBLAS's threads spin a while after
+    kernel = conv.peak_gflops(repeat)  # first: OpenBLAS's threads spin a while after
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)

@@ -1,20 +1,26 @@
-"""2-D convolution kernels: im2col/col2im in Numba, GEMMs through BLAS.
+"""2-D convolution kernels: conv2d as tiled indirect GEMMs on register-blocked
+micro-kernels (written in LLVM IR through Numba intrinsics), conv_transpose2d
+through im2col/col2im and numpy's GEMM.
 
 Layouts follow PyTorch: activations NCHW, conv weights (O, C/groups, kh, kw),
 transposed-conv weights (Cin, Cout, kh, kw). ``cols`` workspaces are
 (N, C*kh*kw, OH*OW) with row index c*kh*kw + i*kw + j (``torch.nn.functional.unfold``
-order). All kernels overwrite their outputs and return None.
+order). All kernels overwrite their outputs and return None. The micro-kernels
+live here, beside their only callers: Numba's on-disk cache does not notice when
+a function in another module changes.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
-from . import microkernel as mk
 from ._common import check_c, check_shape
 
 __all__ = [
@@ -110,6 +116,241 @@ def _col2im_t(cols, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
                             dr[ox * sw + offx] += crow[base + ox]
 
 
+# ---------------------------------------------------------------- micro-kernels
+# LLVM keeps a block of C in vector registers across the whole reduction, which
+# Numba's loops cannot ask of it; OpenBLAS, on the other hand, may run narrower
+# kernels than the CPU has (this machine's environment sets OPENBLAS_CORETYPE=
+# Haswell: AVX2). Measured on one core of the project's AVX-512 machine, float32:
+# 257-270 GFLOP/s on the conv shapes where OpenBLAS gives 100-125.
+#
+# Both kernels find rows through tables of offsets (indirect GEMM):
+# - ``bcast``: C[MR x NR] (+)= A B, A packed [k][MR] (a column of A per step,
+#   broadcast against a row of B): the forward product and dx;
+# - ``dot``: C[MD x ND] += A B^T over long rows (horizontal sums at the end): dW.
+# The vector width follows the CPU (512-bit with AVX-512, else 256-bit), so the
+# blocks fit the register file (32 or 16 vector registers).
+_WIDE = bool(llvm.get_host_cpu_features().get("avx512f", False))
+VECTOR_BYTES = 64 if _WIDE else 32
+MR = 8 if _WIDE else 4  # bcast: rows of C per block
+NV = 3  # bcast: vectors of C per row
+MD = 4 if _WIDE else 2  # dot: rows of A per block
+ND = 6 if _WIDE else 4  # dot: rows of B per block
+
+_I64 = ir.IntType(64)
+_I32 = ir.IntType(32)
+
+
+def lanes(itemsize: int) -> int:
+    return VECTOR_BYTES // itemsize
+
+
+def panel(itemsize: int) -> int:
+    """NR: the columns of one B panel / C block of ``bcast``."""
+    return NV * lanes(itemsize)
+
+
+def _llvm_real(dtype):
+    return ir.FloatType() if dtype == types.float32 else ir.DoubleType()
+
+
+def _vector(dtype):
+    real = _llvm_real(dtype)
+    return real, ir.VectorType(real, lanes(dtype.bitwidth // 8))
+
+
+def _fma(builder, vec, a, b, c):
+    name = f"llvm.fma.v{vec.count}{'f32' if isinstance(vec.element, ir.FloatType) else 'f64'}"
+    fn = builder.module.globals.get(name) or ir.Function(
+        builder.module, ir.FunctionType(vec, [vec] * 3), name
+    )
+    return builder.call(fn, [a, b, c])
+
+
+def _splat(builder, vec, x):
+    v = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(_I32, 0))
+    mask = ir.Constant(ir.VectorType(_I32, vec.count), [0] * vec.count)
+    return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), mask)
+
+
+def _base(context, builder, aryty, ary, offset):
+    return builder.gep(context.make_array(aryty)(context, builder, ary).data, [offset])
+
+
+def _vec_ptr(builder, base, index, vec):
+    return builder.bitcast(builder.gep(base, [index]), vec.as_pointer())
+
+
+def _const(n):
+    return ir.Constant(_I64, n)
+
+
+def _loop(builder, count, n_carried, zero, body):
+    """for i in range(count): carried = body(i, carried); returns the final values
+    (zero if count <= 0). Emitted as one basic block with phi nodes, so LLVM keeps
+    the carried vectors in registers."""
+    entry = builder.block
+    loop = builder.append_basic_block("mk.loop")
+    done = builder.append_basic_block("mk.done")
+    builder.cbranch(builder.icmp_signed(">", count, _const(0)), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(_I64)
+    i.add_incoming(_const(0), entry)
+    carried = [builder.phi(zero.type) for _ in range(n_carried)]
+    for p in carried:
+        p.add_incoming(zero, entry)
+    new = body(i, carried)
+    tail = builder.block
+    nxt = builder.add(i, _const(1))
+    i.add_incoming(nxt, tail)
+    for p, v in zip(carried, new, strict=True):
+        p.add_incoming(v, tail)
+    builder.cbranch(builder.icmp_signed("<", nxt, count), loop, done)
+    builder.position_at_end(done)
+    final = []
+    for v in new:
+        f = builder.phi(zero.type)
+        f.add_incoming(zero, entry)
+        f.add_incoming(v, tail)
+        final.append(f)
+    return final
+
+
+def _row_pointer(context, builder, signature, args, index, base_i, row):
+    """&array[offsets[first + row] + column] for the (array, offsets, first, column)
+    arguments starting at position `index`."""
+    ary, offs, first, column = args[index : index + 4]
+    data = context.make_array(signature.args[index])(context, builder, ary).data
+    table = context.make_array(signature.args[index + 1])(context, builder, offs).data
+    offset = builder.load(builder.gep(table, [builder.add(first, row)]))
+    return builder.gep(data, [builder.add(offset, column)])
+
+
+@intrinsic
+def bcast(typingctx, a, ao, b, boffs, bi, bcol, c, coffs, ci, ccol, k, beta):
+    """C[MR x NR] = A B (+= when beta != 0). A packed [k][MR] at a[ao:]; B row kk is
+    b[boffs[bi + kk] + bcol:][:NR]; C row i is c[coffs[ci + i] + ccol:][:NR]. With
+    beta, rows are read, added and written one after another, so C rows may
+    overlap (the backward pass adds W^T dout straight into a padded dx)."""
+    i64 = types.int64
+    sig = types.void(a, i64, b, boffs, i64, i64, c, coffs, i64, i64, i64, i64)
+
+    def codegen(context, builder, signature, args):
+        a_ary, ao = args[0], args[1]
+        k, beta = args[10], args[11]
+        real, vec = _vector(signature.args[0].dtype)
+        pa = _base(context, builder, signature.args[0], a_ary, ao)
+
+        def step(kk, acc):
+            brow = _row_pointer(context, builder, signature, args, 2, None, kk)
+            bv = [builder.load(_vec_ptr(builder, brow, _const(v * vec.count), vec), align=4)
+                  for v in range(NV)]  # fmt: skip
+            arow = builder.mul(kk, _const(MR))
+            out = []
+            for i in range(MR):
+                x = builder.load(builder.gep(pa, [builder.add(arow, _const(i))]))
+                s = _splat(builder, vec, x)
+                out += [_fma(builder, vec, s, bv[v], acc[i * NV + v]) for v in range(NV)]
+            return out
+
+        zero = ir.Constant(vec, [0.0] * vec.count)
+        acc = _loop(builder, k, MR * NV, zero, step)
+        add = builder.icmp_signed("!=", beta, _const(0))
+        for i in range(MR):
+            crow = _row_pointer(context, builder, signature, args, 6, None, _const(i))
+            for v in range(NV):
+                ptr = _vec_ptr(builder, crow, _const(v * vec.count), vec)
+                old = builder.load(ptr, align=4)
+                value = builder.select(add, builder.fadd(old, acc[i * NV + v]), acc[i * NV + v])
+                builder.store(value, ptr, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _hsum(builder, vec, v):
+    # pairwise halving: a fixed order, the same bits every run
+    n = vec.count
+    while n > 1:
+        half = n // 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
+        hi = builder.shuffle_vector(
+            v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half, n)))
+        )
+        v = builder.fadd(lo, hi)
+        n = half
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+@intrinsic
+def dot(typingctx, a, ao, lda, b, boffs, bi, bcol, c, co, ldc, n):
+    """C[MD x ND] at c[co:] (row stride ldc) += A B^T: A = MD rows of a from ao
+    (stride lda), B row j = b[boffs[bi + j] + bcol:], each n long (a multiple of
+    the vector width)."""
+    i64 = types.int64
+    sig = types.void(a, i64, i64, b, boffs, i64, i64, c, i64, i64, i64)
+
+    def codegen(context, builder, signature, args):
+        a_ary, ao, lda = args[0], args[1], args[2]
+        c_ary, co, ldc, n = args[7], args[8], args[9], args[10]
+        real, vec = _vector(signature.args[0].dtype)
+        pa = _base(context, builder, signature.args[0], a_ary, ao)
+        pc = _base(context, builder, signature.args[7], c_ary, co)
+        rows_a = [builder.gep(pa, [builder.mul(lda, _const(i))]) for i in range(MD)]
+        rows_b = [_row_pointer(context, builder, signature, args, 3, None, _const(j))
+                  for j in range(ND)]  # fmt: skip
+
+        def step(t, acc):
+            at = builder.mul(t, _const(vec.count))
+            av = [builder.load(_vec_ptr(builder, r, at, vec), align=4) for r in rows_a]
+            bv = [builder.load(_vec_ptr(builder, r, at, vec), align=4) for r in rows_b]
+            return [_fma(builder, vec, av[i], bv[j], acc[i * ND + j])
+                    for i in range(MD) for j in range(ND)]  # fmt: skip
+
+        zero = ir.Constant(vec, [0.0] * vec.count)
+        steps = builder.sdiv(n, _const(vec.count))
+        acc = _loop(builder, steps, MD * ND, zero, step)
+        for i in range(MD):
+            for j in range(ND):
+                ptr = builder.gep(pc, [builder.add(builder.mul(ldc, _const(i)), _const(j))])
+                total = _hsum(builder, vec, acc[i * ND + j])
+                builder.store(builder.fadd(builder.load(ptr), total), ptr)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(parallel=True, cache=True)
+def _probe(a, b, boffs, c, coffs, k, reps, threads):
+    # each thread multiplies its own cache-resident block, over and over
+    for t in prange(threads):
+        for _ in range(reps):
+            bcast(a, 0, b, boffs, t * k, 0, c, coffs, t * MR, 0, k, 0)
+
+
+def peak_gflops(repeat: int = 5, k: int = 256, reps: int = 2000) -> float:
+    """Best float32 GFLOP/s of the bcast kernel on every Numba thread at once: the
+    ceiling the conv kernels work against (no memory traffic)."""
+    import time
+
+    import numba
+    import numpy as np
+
+    threads = numba.get_num_threads()
+    nr = panel(4)
+    a = np.random.default_rng(0).standard_normal(k * MR).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal(threads * k * nr).astype(np.float32)
+    c = np.zeros(threads * MR * nr, np.float32)
+    boffs = np.arange(threads * k, dtype=np.int64) * nr
+    coffs = np.arange(threads * MR, dtype=np.int64) * nr
+    _probe(a, b, boffs, c, coffs, k, 1, threads)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        _probe(a, b, boffs, c, coffs, k, reps, threads)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * MR * nr * k * reps * threads / best / 1e9
+
+
 # ---------------------------------------------------------------- tiled conv2d
 # Each thread owns a slice of the workspace and walks its own tiles (a band of
 # output rows of one sample, or several small samples): it copies the samples,
@@ -176,9 +417,9 @@ def _geometry(
     sh, sw = (int(s) for s in stride)
     pt, pb, pl, pr = (int(p) for p in pad)
     hq, wq = -(-(h + pt + pb) // sh), -(-(w + pl + pr) // sw)
-    nr = mk.panel(itemsize)
-    ogb, ogd = _round_up(og, mk.MR), _round_up(og, mk.MD)
-    kgb, kgd = _round_up(kg, mk.MR), _round_up(kg, mk.ND)
+    nr = panel(itemsize)
+    ogb, ogd = _round_up(og, MR), _round_up(og, MD)
+    kgb, kgd = _round_up(kg, MR), _round_up(kg, ND)
 
     def layout(rows, spt):
         tcp = _round_up((spt - 1) * hq * wq + rows * wq, nr)
@@ -303,7 +544,7 @@ def _patch_offset(k, dims, spt, hq, wq):
 def _pack_forward(w3, ogb, wpack):
     """wpack[g][o // MR][k][o % MR] = w3[g, o, k], zero rows up to ogb."""
     g_, og, kg = w3.shape
-    mr = mk.MR
+    mr = MR
     for g in range(g_):
         for ob in range(ogb // mr):
             for k in range(kg):
@@ -317,7 +558,7 @@ def _pack_forward(w3, ogb, wpack):
 def _pack_backward(w3, kgb, wpack):
     """wpack[g][k // MR][o][k % MR] = w3[g, o, k] (W transposed), zero rows up to kgb."""
     g_, og, kg = w3.shape
-    mr = mk.MR
+    mr = MR
     for g in range(g_):
         for kb in range(kgb // mr):
             for o in range(og):
@@ -390,8 +631,8 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
     n_ = x.shape[0]
     o_, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     g_, og, kg = w3.shape
-    nr_ = mk.NV * (mk.VECTOR_BYTES // x.itemsize)  # panel width
-    mr = mk.MR
+    nr_ = NV * (VECTOR_BYTES // x.itemsize)  # panel width
+    mr = MR
     wpack = ws[T * per :]
     _pack_forward(w3, ogb, wpack)
     total = -(-n_ // spt) if spt > 1 else n_ * tiles
@@ -412,7 +653,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
             for g in range(g_):
                 for p in range(tcp // nr_):
                     for ob in range(ogb // mr):
-                        mk.bcast(
+                        bcast(
                             wpack, (g * (ogb // mr) + ob) * kg * mr,
                             ws, rows_b, g * kgd, oy0 * wq + p * nr_,
                             ws, rows_p, g * ogb + ob * mr, p * nr_, kg, 0,
@@ -436,8 +677,8 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
     n_ = x.shape[0]
     o_, oh = dout.shape[1], dout.shape[2]
     g_, og, kg = w3.shape
-    nr_ = mk.NV * (mk.VECTOR_BYTES // x.itemsize)
-    mr, md, nd = mk.MR, mk.MD, mk.ND
+    nr_ = NV * (VECTOR_BYTES // x.itemsize)
+    mr, md, nd = MR, MD, ND
     go = g_ * ogd  # rows of dout
     wpack = ws[T * per :]
     if want_dx:
@@ -472,7 +713,7 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
                 for g in range(g_):  # dW += dout im2col^T
                     for ob in range(0, ogd, md):
                         for kb in range(0, kgd, nd):
-                            mk.dot(
+                            dot(
                                 dprod, (g * ogd + ob) * tcp, tcp,
                                 ws, rows_b, g * kgd + kb, oy0 * wq,
                                 dwt, (g * ogd + ob) * kgd + kb, kgd, tcp,
@@ -482,7 +723,7 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
                 for g in range(g_):  # dx += W^T dout, straight into the padded dx
                     for p in range(tcp // nr_):
                         for kb in range(kgb // mr):
-                            mk.bcast(
+                            bcast(
                                 wpack, (g * (kgb // mr) + kb) * og * mr,
                                 ws, rows_p, g * ogd, p * nr_,
                                 ws, rows_dx, g * kgb + kb * mr, oy0 * wq + p * nr_, og, 1,
