@@ -46,17 +46,26 @@ def add_forward(xs, out, act=0):
         _add_into(x, act if i == len(flat) - 3 else 0, o)
 
 
+@njit(parallel=True, cache=True)
+def _mask2(dout, y, act, dx0, dx1):
+    for i in prange(dx0.size):
+        yv = y[i]
+        g = dout[i] if (yv > 0 or act == 0) else 0.0
+        dx0[i] = g
+        dx1[i] = g
+
+
 def add_backward(dout, out, act, dxs):
     """Each non-None dx = dout, masked where a fused ReLU's output `out` is 0."""
     check_c(dout=dout, out=out)
-    first = None
-    for dx in dxs:
-        if dx is None:
-            continue
+    targets = [dx for dx in dxs if dx is not None]
+    for dx in targets:
         check_shape("dx", dx, dout.shape)
         check_c(dx=dx)
-        if first is None:
-            _mask(dout.reshape(-1), out.reshape(-1), int(act), dx.reshape(-1))
-            first = dx
-        else:
-            dx[...] = first
+    d, y = dout.reshape(-1), out.reshape(-1)
+    if len(targets) >= 2:  # a residual block: both branches in one pass
+        _mask2(d, y, int(act), targets[0].reshape(-1), targets[1].reshape(-1))
+    elif targets:
+        _mask(d, y, int(act), targets[0].reshape(-1))
+    for dx in targets[2:]:
+        dx[...] = targets[0]
