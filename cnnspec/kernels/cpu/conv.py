@@ -541,31 +541,24 @@ def _patch_offset(k, dims, spt, hq, wq):
 
 
 @njit(cache=True, nogil=True)
-def _pack_forward(w3, ogb, wpack):
-    """wpack[g][o // MR][k][o % MR] = w3[g, o, k], zero rows up to ogb."""
+def _pack(w3, transpose, rows_p, wpack):
+    """wpack[g][r // MR][q][r % MR] = A[g, r, q], zero rows r up to rows_p: the bcast
+    kernel's A. A is w3 (forward: rows are output channels) or, with `transpose`,
+    its transpose (dx: rows are im2col rows)."""
     g_, og, kg = w3.shape
-    mr = MR
+    rows, inner = (kg, og) if transpose else (og, kg)
     for g in range(g_):
-        for ob in range(ogb // mr):
-            for k in range(kg):
-                at = ((g * (ogb // mr) + ob) * kg + k) * mr
-                for i in range(mr):
-                    o = ob * mr + i
-                    wpack[at + i] = w3[g, o, k] if o < og else 0.0
-
-
-@njit(cache=True, nogil=True)
-def _pack_backward(w3, kgb, wpack):
-    """wpack[g][k // MR][o][k % MR] = w3[g, o, k] (W transposed), zero rows up to kgb."""
-    g_, og, kg = w3.shape
-    mr = MR
-    for g in range(g_):
-        for kb in range(kgb // mr):
-            for o in range(og):
-                at = ((g * (kgb // mr) + kb) * og + o) * mr
-                for i in range(mr):
-                    k = kb * mr + i
-                    wpack[at + i] = w3[g, o, k] if k < kg else 0.0
+        for rb in range(rows_p // MR):
+            for q in range(inner):
+                at = ((g * (rows_p // MR) + rb) * inner + q) * MR
+                for i in range(MR):
+                    r = rb * MR + i
+                    if r >= rows:
+                        wpack[at + i] = 0.0
+                    elif transpose:
+                        wpack[at + i] = w3[g, q, r]
+                    else:
+                        wpack[at + i] = w3[g, r, q]
 
 
 @njit(cache=True, nogil=True)
@@ -634,7 +627,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
     nr_ = NV * (VECTOR_BYTES // x.itemsize)  # panel width
     mr = MR
     wpack = ws[T * per :]
-    _pack_forward(w3, ogb, wpack)
+    _pack(w3, False, ogb, wpack)
     total = -(-n_ // spt) if spt > 1 else n_ * tiles
     has_bias = bias.shape[0] > 0
     for t in prange(T):
@@ -682,7 +675,7 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
     go = g_ * ogd  # rows of dout
     wpack = ws[T * per :]
     if want_dx:
-        _pack_backward(w3, kgb, wpack)
+        _pack(w3, True, kgb, wpack)
     for t in prange(T):
         x_at = t * per
         dx_at = x_at + pad_size
