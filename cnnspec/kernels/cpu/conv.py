@@ -149,13 +149,10 @@ def panel(itemsize: int) -> int:
     return NV * lanes(itemsize)
 
 
-def _llvm_real(dtype):
-    return ir.FloatType() if dtype == types.float32 else ir.DoubleType()
-
-
 def _vector(dtype):
-    real = _llvm_real(dtype)
-    return real, ir.VectorType(real, lanes(dtype.bitwidth // 8))
+    """The LLVM vector type of one register's worth of `dtype` (float32 or float64)."""
+    real = ir.FloatType() if dtype == types.float32 else ir.DoubleType()
+    return ir.VectorType(real, lanes(dtype.bitwidth // 8))
 
 
 def _fma(builder, vec, a, b, c):
@@ -215,7 +212,7 @@ def _loop(builder, count, n_carried, zero, body):
     return final
 
 
-def _row_pointer(context, builder, signature, args, index, base_i, row):
+def _row_pointer(context, builder, signature, args, index, row):
     """&array[offsets[first + row] + column] for the (array, offsets, first, column)
     arguments starting at position `index`."""
     ary, offs, first, column = args[index : index + 4]
@@ -237,11 +234,11 @@ def bcast(typingctx, a, ao, b, boffs, bi, bcol, c, coffs, ci, ccol, k, beta):
     def codegen(context, builder, signature, args):
         a_ary, ao = args[0], args[1]
         k, beta = args[10], args[11]
-        real, vec = _vector(signature.args[0].dtype)
+        vec = _vector(signature.args[0].dtype)
         pa = _base(context, builder, signature.args[0], a_ary, ao)
 
         def step(kk, acc):
-            brow = _row_pointer(context, builder, signature, args, 2, None, kk)
+            brow = _row_pointer(context, builder, signature, args, 2, kk)
             bv = [builder.load(_vec_ptr(builder, brow, _const(v * vec.count), vec), align=4)
                   for v in range(NV)]  # fmt: skip
             arow = builder.mul(kk, _const(MR))
@@ -256,7 +253,7 @@ def bcast(typingctx, a, ao, b, boffs, bi, bcol, c, coffs, ci, ccol, k, beta):
         acc = _loop(builder, k, MR * NV, zero, step)
         add = builder.icmp_signed("!=", beta, _const(0))
         for i in range(MR):
-            crow = _row_pointer(context, builder, signature, args, 6, None, _const(i))
+            crow = _row_pointer(context, builder, signature, args, 6, _const(i))
             for v in range(NV):
                 ptr = _vec_ptr(builder, crow, _const(v * vec.count), vec)
                 old = builder.load(ptr, align=4)
@@ -292,12 +289,11 @@ def dot(typingctx, a, ao, lda, b, boffs, bi, bcol, c, co, ldc, n):
     def codegen(context, builder, signature, args):
         a_ary, ao, lda = args[0], args[1], args[2]
         c_ary, co, ldc, n = args[7], args[8], args[9], args[10]
-        real, vec = _vector(signature.args[0].dtype)
+        vec = _vector(signature.args[0].dtype)
         pa = _base(context, builder, signature.args[0], a_ary, ao)
         pc = _base(context, builder, signature.args[7], c_ary, co)
         rows_a = [builder.gep(pa, [builder.mul(lda, _const(i))]) for i in range(MD)]
-        rows_b = [_row_pointer(context, builder, signature, args, 3, None, _const(j))
-                  for j in range(ND)]  # fmt: skip
+        rows_b = [_row_pointer(context, builder, signature, args, 3, _const(j)) for j in range(ND)]
 
         def step(t, acc):
             at = builder.mul(t, _const(vec.count))
