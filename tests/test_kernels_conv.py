@@ -390,3 +390,51 @@ def test_conv2d_several_samples_per_tile_match_one_row_tiles(stride):
         results.append((out.copy(), dx, dw, db))
     for a, b_ in zip(*results, strict=True):
         np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_narrow_vector_kernels_match_numpy(tmp_path):
+    """The 256-bit micro-kernels (CPUs without AVX-512), forced in a fresh process with
+    its own Numba cache: forward and backward against a direct numpy reference."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np
+from cnnspec.kernels.cpu import conv
+assert conv.VECTOR_BYTES == 32
+rng = np.random.default_rng(0)
+for n, c, h, o, k, s, p in [(3, 5, 9, 7, 3, 1, 1), (2, 4, 11, 9, 3, 2, 1), (2, 3, 8, 6, 5, 1, 0)]:
+    for dt in (np.float32, np.float64):
+        x = rng.standard_normal((n, c, h, h)).astype(dt)
+        w = rng.standard_normal((o, c, k, k)).astype(dt)
+        oh = (h + 2 * p - k) // s + 1
+        out = np.empty((n, o, oh, oh), dt)
+        shapes = (x.shape, w.shape, out.shape, (s, s), (p,) * 4, (1, 1), x.itemsize)
+        ws = np.empty(conv.conv2d_workspace(*shapes), dt)
+        conv.conv2d_forward(x, w, None, (s, s), (p,) * 4, (1, 1), 1, out, ws)
+        xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+        cols = np.stack([xp[:, :, i : i + s * oh : s, j : j + s * oh : s]
+                         for i in range(k) for j in range(k)], axis=2)  # n, c, k*k, oh, oh
+        ref = np.einsum("ncqyx,ocq->noyx", cols, w.reshape(o, c, k * k))
+        assert np.allclose(out, ref, rtol=1e-4, atol=1e-4), (dt, n, c, h, o, k, s, p)
+        dout = rng.standard_normal(out.shape).astype(dt)
+        dx, dw = np.empty_like(x), np.empty_like(w)
+        conv.conv2d_backward(x, w, dout, (s, s), (p,) * 4, (1, 1), 1, ws, dx, dw, None)
+        dw_ref = np.einsum("ncqyx,noyx->ocq", cols, dout).reshape(w.shape)
+        assert np.allclose(dw, dw_ref, rtol=1e-4, atol=1e-3), "dw"
+        dcols = np.einsum("ocq,noyx->ncqyx", w.reshape(o, c, k * k), dout)
+        dxp = np.zeros_like(xp)
+        for q in range(k * k):
+            i, j = divmod(q, k)
+            dxp[:, :, i : i + s * oh : s, j : j + s * oh : s] += dcols[:, :, q]
+        assert np.allclose(dx, dxp[:, :, p : p + h, p : p + h], rtol=1e-4, atol=1e-3), "dx"
+print("ok")
+"""
+    env = dict(os.environ, CNNSPEC_VECTOR_BITS="256", NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")

@@ -12,6 +12,8 @@ a function in another module changes.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import NamedTuple
 
 import llvmlite.binding as llvm
@@ -129,7 +131,10 @@ def _col2im_t(cols, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
 # - ``dot``: C[MD x ND] += A B^T over long rows (horizontal sums at the end): dW.
 # The vector width follows the CPU (512-bit with AVX-512, else 256-bit), so the
 # blocks fit the register file (32 or 16 vector registers).
-_WIDE = bool(llvm.get_host_cpu_features().get("avx512f", False))
+# CNNSPEC_VECTOR_BITS=256 forces the narrow kernels (tests run them on AVX-512 CPUs;
+# give such a process its own NUMBA_CACHE_DIR: the cache does not key on it).
+_BITS = os.environ.get("CNNSPEC_VECTOR_BITS")
+_WIDE = _BITS == "512" or (_BITS is None and llvm.get_host_cpu_features().get("avx512f", False))
 VECTOR_BYTES = 64 if _WIDE else 32
 MR = 8 if _WIDE else 4  # bcast: rows of C per block
 NV = 3  # bcast: vectors of C per row
@@ -326,11 +331,6 @@ def _probe(a, b, boffs, c, coffs, k, reps, threads):
 def peak_gflops(repeat: int = 5, k: int = 256, reps: int = 2000) -> float:
     """Best float32 GFLOP/s of the bcast kernel on every Numba thread at once: the
     ceiling the conv kernels work against (no memory traffic)."""
-    import time
-
-    import numba
-    import numpy as np
-
     threads = numba.get_num_threads()
     nr = panel(4)
     a = np.random.default_rng(0).standard_normal(k * MR).astype(np.float32)
