@@ -2,7 +2,8 @@
 
 ``bench(net)`` compiles ``net`` for one batch size and measures, on random data:
 
-* the median images/s of an eval forward (``model.forward(x, train=False)``), of a train
+* the median images/s of an eval forward (``model.forward(x, train=False)`` on a model
+  compiled with ``training=False``, as inference runs), of a train
   forward + loss + backward (``model.loss_and_grads``) and of a full SGD step with momentum
   (``model.step``);
 * a per-layer table in the manner of ``caffe time``: the median forward (train mode; an
@@ -369,14 +370,17 @@ class _LayerClock:
         return per_pass, walls
 
 
-def layer_times(model, x, y, warmup: int = 1, repeat: int = 10) -> dict:
+def layer_times(model, x, y, warmup: int = 1, repeat: int = 10, infer=None) -> dict:
     """Per-layer medians (ms) of train forward (loss included) and backward, and of the
-    eval forward; plus the share of each pass no layer accounts for."""
+    eval forward (on `infer`, a forward-only model of the same network, if given); plus
+    the share of each pass no layer accounts for."""
+    infer = infer or model
     with _LayerClock(model) as clock:
         clock.run(lambda: model.loss_and_grads(x, y), warmup)
         train, train_wall = clock.run(lambda: model.loss_and_grads(x, y), max(1, repeat))
-        clock.run(lambda: model.forward(x, train=False), min(warmup, 1))
-        evals, eval_wall = clock.run(lambda: model.forward(x, train=False), max(1, repeat))
+    with _LayerClock(infer) as clock:
+        clock.run(lambda: infer.forward(x, train=False), min(warmup, 1))
+        evals, eval_wall = clock.run(lambda: infer.forward(x, train=False), max(1, repeat))
 
     def med(passes, name, kind):
         return statistics.median(p.get(name, {}).get(kind, 0.0) for p in passes) * 1e3
@@ -499,8 +503,10 @@ def bench(
         result["cold_start"] = cold
 
         fwd_flops = 2.0 * macs * batch
+        # inference as users run it: a forward-only model (activations share memory)
+        infer = net.compile(batch_size=batch, seed=seed, training=False)
         runs = {
-            "eval_forward": lambda: model.forward(x, train=False),
+            "eval_forward": lambda: infer.forward(x, train=False),
             "train_fwd_bwd": lambda: model.loss_and_grads(x, y),
             "step": lambda: model.step(x, y, lr=lr, momentum=momentum),
         }
@@ -514,7 +520,7 @@ def bench(
 
         loss = float(model.loss_and_grads(x, y)[0])
         result["final_loss"] = loss if np.isfinite(loss) else None
-        timed = layer_times(model, x, y, min(warmup, 1), repeat) if layers else None
+        timed = layer_times(model, x, y, min(warmup, 1), repeat, infer) if layers else None
         rows = timed["rows"] if timed else []
         result["layers"] = rows
         result["by_type"] = by_type(rows)
