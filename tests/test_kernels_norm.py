@@ -148,21 +148,31 @@ def test_batchnorm_returns_the_batch_statistics_backward_uses():
     np.testing.assert_allclose(inv_std, 1 / np.sqrt(x.var(axis=(0, 2, 3)) + 1e-5), rtol=1e-5)
 
 
-def test_batchnorm_fused_relu_is_relu_of_batchnorm():
-    rng, x, gamma, beta = _bn_setup((4, 3, 5, 5), np.float64, 12)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batchnorm_fused_relu_is_relu_of_batchnorm(dtype):
+    """Backward recomputes the ReLU's mask from x and the forward's scale and shift: it
+    must be the forward's mask exactly (the output is x * scale + shift, clipped)."""
+    rng, x, gamma, beta = _bn_setup((8, 3, 9, 9), dtype, 12)
     c = x.shape[1]
-    mean, inv_std = np.empty(c), np.empty(c)
+    mean, inv_std, affine = np.empty(c, dtype), np.empty(c, dtype), np.empty((2, c), dtype)
     plain, fused = np.empty_like(x), np.empty_like(x)
     norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, None, None, plain, mean, inv_std)
-    norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, None, None, fused, mean, inv_std, 1)
+    norm.batchnorm_forward_train(
+        x, gamma, beta, EPS, MOMENTUM, None, None, fused, mean, inv_std, 1, affine
+    )
     np.testing.assert_array_equal(fused, np.maximum(plain, 0))
-    dout = rng.standard_normal(x.shape)
-    grads = [np.empty_like(x), np.empty(c), np.empty(c)]
-    norm.batchnorm_backward(dout, x, mean, gamma, inv_std, *grads, fused, 1)
-    expect = [np.empty_like(x), np.empty(c), np.empty(c)]
-    norm.batchnorm_backward(dout * (plain > 0), x, mean, gamma, inv_std, *expect)
+    np.testing.assert_array_equal(
+        fused, np.maximum(x * affine[0, :, None, None] + affine[1, :, None, None], 0)
+    )
+    dout = rng.standard_normal(x.shape).astype(dtype)
+    grads = [np.empty_like(x), np.empty(c, dtype), np.empty(c, dtype)]
+    norm.batchnorm_backward(dout, x, mean, gamma, inv_std, *grads, affine, 1)
+    expect = [np.empty_like(x), np.empty(c, dtype), np.empty(c, dtype)]
+    masked = np.where(fused > 0, dout, 0).astype(dtype)
+    norm.batchnorm_backward(masked, x, mean, gamma, inv_std, *expect)
+    tol = 1e-5 if dtype == np.float32 else 1e-12  # the sums' vector order may differ
     for a, b in zip(grads, expect, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
 def test_batchnorm_statistics_survive_a_large_mean():

@@ -37,6 +37,7 @@ class BatchNorm2d(Layer):
         c = self.in_shapes[0][0]
         self.inv_std = np.zeros(c, dtype)
         self.batch_mean = np.zeros(c, dtype)
+        self.affine = np.zeros((2, c), dtype)  # the forward's scale and shift
 
     def forward(self, xs, out, p, train, rng):
         k, a = _kernels(), self.attrs
@@ -53,6 +54,7 @@ class BatchNorm2d(Layer):
                 self.batch_mean,
                 self.inv_std,
                 self.fused_act,
+                self.affine,
             )
         else:
             k.batchnorm_forward_eval(
@@ -76,7 +78,7 @@ class BatchNorm2d(Layer):
             dxs[0],
             g["weight"],
             g["bias"],
-            out,
+            self.affine,
             self.fused_act,
         )
 

@@ -66,39 +66,44 @@ def _affine(x, scale, shift, out, act):
             dst[i] = v if (act == 0 or v > 0) else 0.0
 
 
+# With a fused ReLU (act=1) the gradient reaching the norm is g = dout where the
+# forward output x*scale + shift > 0: recomputed from x with the forward's own scale
+# and shift (the same float operations, so the same mask) instead of reading the
+# output, one array fewer through memory in both passes.
+
+
 @njit(parallel=True, cache=True, fastmath=_SUMS)
-def _bn_bwd_sums(dout, x, y, act, mean, sum_dy, sum_dy_xc):
-    # sum_dy = sum(g), sum_dy_xc = sum(g * (x - mean)); with a fused ReLU (act=1)
-    # the gradient reaching the norm is g = dout where y > 0
+def _bn_bwd_sums(dout, x, scale, shift, act, mean, sum_dy, sum_dy_xc):
+    # sum_dy = sum(g), sum_dy_xc = sum(g * (x - mean))
     n_, c_, s_ = dout.shape
     for c in prange(c_):
-        mu = mean[c]
+        mu, sa, sb = mean[c], scale[c], shift[c]
         a = 0.0
         b = 0.0
         for n in range(n_):
-            d, xr, yr = dout[n, c], x[n, c], y[n, c]
+            d, xr = dout[n, c], x[n, c]
             for i in range(s_):
-                yv = yr[i]  # loaded unconditionally: a conditional load blocks SIMD
-                g = d[i] if (yv > 0 or act == 0) else 0.0
+                xv = xr[i]
+                g = d[i] if (xv * sa + sb > 0 or act == 0) else 0.0
                 a += g
-                b += g * (xr[i] - mu)
+                b += g * (xv - mu)
         sum_dy[c] = a
         sum_dy_xc[c] = b
 
 
 @njit(parallel=True, cache=True)
-def _bn_bwd_dx(dout, x, y, act, ka, kb, kc, dx):
+def _bn_bwd_dx(dout, x, scale, shift, act, ka, kb, kc, dx):
     # dx = ka*g + kb*x + kc per channel (the batch-norm gradient, expanded)
     n_, c_, s_ = dout.shape
     for nc in prange(n_ * c_):
         n = nc // c_
         c = nc - n * c_
-        a, b, k = ka[c], kb[c], kc[c]
-        d, xr, yr, dst = dout[n, c], x[n, c], y[n, c], dx[n, c]
+        a, b, k, sa, sb = ka[c], kb[c], kc[c], scale[c], shift[c]
+        d, xr, dst = dout[n, c], x[n, c], dx[n, c]
         for i in range(s_):
-            yv = yr[i]
-            g = d[i] if (yv > 0 or act == 0) else 0.0
-            dst[i] = a * g + b * xr[i] + k
+            xv = xr[i]
+            g = d[i] if (xv * sa + sb > 0 or act == 0) else 0.0
+            dst[i] = a * g + b * xv + k
 
 
 def _param_or(value, c, dtype, fill):
@@ -109,12 +114,25 @@ def _param_or(value, c, dtype, fill):
 
 
 def batchnorm_forward_train(
-    x, gamma, beta, eps, momentum, running_mean, running_var, out, batch_mean, inv_std, act=0
+    x,
+    gamma,
+    beta,
+    eps,
+    momentum,
+    running_mean,
+    running_var,
+    out,
+    batch_mean,
+    inv_std,
+    act=0,
+    affine=None,
 ):
     """Training-mode batch norm. Normalises with the biased batch variance and updates
     running stats in place with the unbiased one: r = (1-momentum)*r + momentum*batch.
     gamma/beta may be None (affine=False); running_mean/var may be None (not tracked).
-    `batch_mean` and `inv_std` (C,) receive the batch statistics backward needs."""
+    `batch_mean` and `inv_std` (C,) receive the batch statistics backward needs;
+    `affine` (2, C), if given, the (scale, shift) out = x * scale + shift was computed
+    with (a fused ReLU's backward recomputes its mask from them)."""
     check_c(x=x, gamma=gamma, beta=beta, out=out, batch_mean=batch_mean, inv_std=inv_std)
     check_shape("out", out, x.shape)
     c = x.shape[1]
@@ -133,7 +151,11 @@ def batchnorm_forward_train(
     inv_std[:] = inv
     batch_mean[:] = mean
     scale = gamma * inv
-    _affine(x3, scale.astype(x.dtype), (beta - mean * scale).astype(x.dtype), as_3d(out), act)
+    scale, shift = scale.astype(x.dtype), (beta - mean * scale).astype(x.dtype)
+    if affine is not None:
+        check_shape("affine", affine, (2, c))
+        affine[0], affine[1] = scale, shift
+    _affine(x3, scale, shift, as_3d(out), act)
     mom = float(momentum)
     if running_mean is not None:
         running_mean *= 1.0 - mom
@@ -160,13 +182,13 @@ def batchnorm_forward_eval(x, gamma, beta, eps, running_mean, running_var, out, 
     _affine(as_3d(x), scale, shift, as_3d(out), int(act))
 
 
-def batchnorm_backward(dout, x, batch_mean, gamma, inv_std, dx, dgamma, dbeta, out=None, act=0):
+def batchnorm_backward(dout, x, batch_mean, gamma, inv_std, dx, dgamma, dbeta, affine=None, act=0):
     """Gradients of training-mode batch norm from its input and batch statistics.
     gamma may be None (treated as 1); dx, dgamma, dbeta may each be None (skipped).
-    With a fused ReLU (act=1), `out` is the forward output and dout is the gradient
-    after the ReLU."""
-    if act and out is None:
-        raise ValueError("a fused activation needs the forward output")
+    With a fused ReLU (act=1), dout is the gradient after the ReLU and `affine` the
+    (scale, shift) that :func:`batchnorm_forward_train` reported."""
+    if act and affine is None:
+        raise ValueError("a fused activation needs the forward's affine (scale, shift)")
     check_c(dout=dout, x=x, dx=dx)
     check_shape("x", x, dout.shape)
     c = dout.shape[1]
@@ -174,10 +196,13 @@ def batchnorm_backward(dout, x, batch_mean, gamma, inv_std, dx, dgamma, dbeta, o
     m = d3.shape[0] * d3.shape[2]
     mean = batch_mean.astype(np.float64)
     inv = inv_std.astype(np.float64)
+    if affine is None:
+        affine = np.zeros((2, c), x.dtype)  # unused without a fused ReLU
+    check_shape("affine", affine, (2, c))
+    scale, shift = affine[0].astype(x.dtype), affine[1].astype(x.dtype)
     sum_dy = np.empty(c, dtype=np.float64)
     sum_dy_xc = np.empty(c, dtype=np.float64)
-    y3 = as_3d(out) if act else d3
-    _bn_bwd_sums(d3, x3, y3, int(act), mean.astype(x.dtype), sum_dy, sum_dy_xc)
+    _bn_bwd_sums(d3, x3, scale, shift, int(act), mean.astype(x.dtype), sum_dy, sum_dy_xc)
     sum_dy_xhat = sum_dy_xc * inv
     if dbeta is not None:
         dbeta[:] = sum_dy
@@ -191,7 +216,7 @@ def batchnorm_backward(dout, x, batch_mean, gamma, inv_std, dx, dgamma, dbeta, o
         slope = -k * inv * sum_dy_xhat / m
         t = dout.dtype
         ka, kb, kc = k.astype(t), slope.astype(t), (-k * sum_dy / m - slope * mean).astype(t)
-        _bn_bwd_dx(d3, x3, y3, int(act), ka, kb, kc, as_3d(dx))
+        _bn_bwd_dx(d3, x3, scale, shift, int(act), ka, kb, kc, as_3d(dx))
 
 
 # ------------------------------------------------------------- local response norm
