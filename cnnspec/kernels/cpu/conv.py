@@ -353,13 +353,15 @@ def peak_gflops(repeat: int = 5, k: int = 256, reps: int = 2000) -> float:
 # padded, into a private buffer and multiplies with the register-blocked
 # micro-kernels, which find each im2col row through a table of offsets (an
 # indirect GEMM). The padded samples are stored split into stride phases
-# (pixel (y, x) in plane (y % sh, x % sw) at (y // sh, x // sw)), so im2col row
-# (c, i, j) of a tile IS a run of one plane, for any stride: nothing is unfolded.
-# The product runs over the planes' full width wq (columns past ow are junk, as
-# are the rows between stacked samples: the epilogue drops them and the backward
-# pass gives them zero gradient), and the backward pass adds W^T dout straight
-# into the padded dx (bcast reads, adds and writes its C rows one after another,
-# so the overlapping rows of neighbouring (i, j) are safe).
+# (pixel (y, x) in plane (y % sh, x % sw) at (y // sh, x // sw)), and the samples
+# of a tile side by side within each row of a plane, so im2col row (c, i, j) of a
+# tile IS a run of one plane, for any stride: nothing is unfolded. The product
+# runs over the planes' full width wq per sample (columns past ow are junk: the
+# epilogue drops them and the backward pass gives them zero gradient), and the
+# backward pass adds W^T dout straight into the padded dx (bcast reads, adds and
+# writes its C rows one after another, so the overlapping rows of neighbouring
+# (i, j) are safe). Side by side, not stacked: stacked samples would add kh - 1
+# junk rows each (8x8 maps: 36% junk columns against 20%; measured 10% faster).
 #
 # The forward pass splits the tiles among threads; the backward pass gives each
 # thread whole samples (their dx bands overlap) and private dW / db sums, added
@@ -368,9 +370,9 @@ def peak_gflops(repeat: int = 5, k: int = 256, reps: int = 2000) -> float:
 # (zero weights): ogb, kgb round og, kg up to MR (bcast), ogd to MD and kgd to
 # ND (dot).
 #
-# Per thread: padded samples [c][sh][sw][s][hq][wq] and their gradient, a zero
+# Per thread: padded samples [c][sh][sw][hq][s][wq] and their gradient, a zero
 # row and a sink row (what padding rows of the blocks read and write), the
-# product or dout [g*ogb + o][tcp], dW [g][ogd][kgd], db.
+# product or dout [g*ogb + o][tcp] (column r*spt*wq + s*wq + x), dW [g][ogd][kgd], db.
 
 ACT_NONE, ACT_RELU = 0, 1
 _TILE_ELEMENTS = 1 << 18  # a tile's (virtual) im2col matrix, 1 MiB in float32.
@@ -424,7 +426,7 @@ def _geometry(
     kgb, kgd = _round_up(kg, MR), _round_up(kg, ND)
 
     def layout(rows, spt):
-        tcp = _round_up((spt - 1) * hq * wq + rows * wq, nr)
+        tcp = _round_up(rows * spt * wq, nr)
         pad_size = c * sh * sw * spt * hq * wq + nr + kw * int(dilation[1]) + wq
         # padded x and dx, zero and sink rows, the product, dW, db
         size = 2 * pad_size + 2 * tcp + g * max(ogb, ogd) * tcp + g * ogd * kgd + o
@@ -476,7 +478,7 @@ def conv2d_workspace(
 @njit(cache=True, nogil=True)
 def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad):
     """xpad = x[n0 : n0 + ns] padded by (pt, pl) and split into stride phases:
-    padded pixel (y, x) of channel c, sample s at [c][y % sh][x % sw][s][y // sh][x // sw]."""
+    padded pixel (y, x) of channel c, sample s at [c][y % sh][x % sw][y // sh][s][x // sw]."""
     sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
     xpad[:] = 0
@@ -485,8 +487,8 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad):
             for yi in range(h_):
                 y = yi + pt
                 if sw == 1:  # whole rows: a contiguous copy (a strided view is 5x slower)
-                    plane = ((c * sh + y % sh) * sw) * spt + s
-                    d = (plane * hq + y // sh) * wq + pl
+                    plane = (c * sh + y % sh) * sw
+                    d = ((plane * hq + y // sh) * spt + s) * wq + pl
                     dst, src = xpad[d : d + w_], x[n0 + s, c, yi]
                     for v in range(w_):
                         dst[v] = src[v]
@@ -496,8 +498,8 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad):
                     m = (w_ - x0 + sw - 1) // sw
                     if m <= 0:
                         continue
-                    plane = ((c * sh + y % sh) * sw + b) * spt + s
-                    d = (plane * hq + y // sh) * wq + (x0 + pl) // sw
+                    plane = (c * sh + y % sh) * sw + b
+                    d = ((plane * hq + y // sh) * spt + s) * wq + (x0 + pl) // sw
                     dst, src = xpad[d : d + m], x[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
                     for v in range(m):
                         dst[v] = src[v]
@@ -513,8 +515,8 @@ def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx):
             for yi in range(h_):
                 y = yi + pt
                 if sw == 1:
-                    plane = ((c * sh + y % sh) * sw) * spt + s
-                    d = (plane * hq + y // sh) * wq + pl
+                    plane = (c * sh + y % sh) * sw
+                    d = ((plane * hq + y // sh) * spt + s) * wq + pl
                     src, dst = dxpad[d : d + w_], dx[n0 + s, c, yi]
                     for v in range(w_):
                         dst[v] = src[v]
@@ -524,8 +526,8 @@ def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx):
                     m = (w_ - x0 + sw - 1) // sw
                     if m <= 0:
                         continue
-                    plane = ((c * sh + y % sh) * sw + b) * spt + s
-                    d = (plane * hq + y // sh) * wq + (x0 + pl) // sw
+                    plane = (c * sh + y % sh) * sw + b
+                    d = ((plane * hq + y // sh) * spt + s) * wq + (x0 + pl) // sw
                     src, dst = dxpad[d : d + m], dx[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
                     for v in range(m):
                         dst[v] = src[v]
@@ -538,8 +540,8 @@ def _patch_offset(k, dims, spt, hq, wq):
     c = k // (kh * kw)
     i = (k - c * kh * kw) // kw
     j = k - c * kh * kw - i * kw
-    plane = ((c * sh + (i * dh) % sh) * sw + (j * dw) % sw) * spt
-    return (plane * hq + (i * dh) // sh) * wq + (j * dw) // sw
+    plane = (c * sh + (i * dh) % sh) * sw + (j * dw) % sw
+    return (plane * hq + (i * dh) // sh) * spt * wq + (j * dw) // sw
 
 
 @njit(cache=True, nogil=True)
@@ -598,8 +600,8 @@ def _tile_at(tile, spt, tiles, rows, n_, oh):
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _gather(dout, y, act, n, oy0, nr, wq, ogd, g_, col0, tcp, dprod, db):
-    """dprod[g*ogd + o, col0 + r*wq + v] = dout[n, g*og + o, oy0 + r, v], masked
+def _gather(dout, y, act, n, oy0, nr, rs, ogd, g_, col0, tcp, dprod, db):
+    """dprod[g*ogd + o, col0 + r*rs + v] = dout[n, g*og + o, oy0 + r, v], masked
     where a fused ReLU's output y is 0. db[o] += its sum ('reassoc' vectorises the
     sum, in an order fixed at compile time)."""
     o_, ow = dout.shape[1], dout.shape[3]
@@ -607,10 +609,10 @@ def _gather(dout, y, act, n, oy0, nr, wq, ogd, g_, col0, tcp, dprod, db):
     for o in range(o_):
         g = o // og
         at = (g * ogd + o - g * og) * tcp + col0
-        row = dprod[at : at + nr * wq]
+        row = dprod[at : at + nr * rs]
         acc = 0.0
         for r in range(nr):
-            dst = row[r * wq : r * wq + ow]
+            dst = row[r * rs : r * rs + ow]
             src, yr = dout[n, o, oy0 + r], y[n, o, oy0 + r]
             for v in range(ow):
                 yv = yr[v]  # loaded unconditionally: a conditional load blocks SIMD
@@ -657,9 +659,9 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
                 for o in range(o_):
                     b = bias[o] if has_bias else 0.0
                     g = o // og
-                    at = (g * ogb + o - g * og) * tcp + s * hq * wq
+                    at = (g * ogb + o - g * og) * tcp + s * wq
                     for r in range(nr):
-                        src = prod[at + r * wq : at + r * wq + ow]
+                        src = prod[at + r * spt * wq : at + r * spt * wq + ow]
                         dst = out[n0 + s, o, oy0 + r]
                         for v in range(ow):
                             yv = src[v] + b
@@ -704,7 +706,9 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
                 nr = min(rows, oh - oy0)
                 dprod[:] = 0  # junk and padding columns, padding rows: zero gradient
                 for s in range(ns):
-                    _gather(dout, y, act, n0 + s, oy0, nr, wq, ogd, g_, s * hq * wq, tcp, dprod, db)
+                    _gather(
+                        dout, y, act, n0 + s, oy0, nr, spt * wq, ogd, g_, s * wq, tcp, dprod, db
+                    )
                 for g in range(g_):  # dW += dout im2col^T
                     for ob in range(0, ogd, md):
                         for kb in range(0, kgd, nd):
