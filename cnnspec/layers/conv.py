@@ -1,5 +1,6 @@
 """Convolutions: conv2d (stride, padding modes, dilation, groups, connection
-table) and conv_transpose2d. Both lower onto the im2col/GEMM kernels."""
+table) and conv_transpose2d: the first on cnnspec's tiled micro-kernel GEMMs, the second
+on im2col/col2im and numpy's GEMM."""
 
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ class Conv2d(Layer):
             and a["groups"] == 1
         )
 
-    itemsize = 4
+    itemsize = 4  # of the model's dtype (set by allocate): the tiles' sizes depend on it
 
     def allocate(self, batch, dtype=np.float32):
         self.itemsize = np.dtype(dtype).itemsize
