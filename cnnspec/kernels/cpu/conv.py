@@ -566,6 +566,19 @@ def _pack(w3, transpose, rows_p, wpack):
 
 
 @njit(cache=True, nogil=True)
+def _regions(geo, g_, base):
+    """Where the buffers of a thread starting at `base` are: padded x, padded dx, zero
+    row, sink row, product (or dout), then dW and db."""
+    tcp, ogb, ogd, pad_size = geo[5], geo[6], geo[7], geo[10]
+    dx_at = base + pad_size
+    zero_at = dx_at + pad_size
+    sink_at = zero_at + tcp
+    prod_at = sink_at + tcp
+    dw_at = prod_at + g_ * max(ogb, ogd) * tcp
+    return base, dx_at, zero_at, sink_at, prod_at, dw_at
+
+
+@njit(cache=True, nogil=True)
 def _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at):
     """The micro-kernels' row offsets into the workspace: im2col rows (B of the
     forward and dW products; padding rows read a zero row), dx rows (C of the dx
@@ -635,10 +648,8 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
     total = -(-n_ // spt) if spt > 1 else n_ * tiles
     has_bias = bias.shape[0] > 0
     for t in prange(T):
-        x_at = t * per
-        zero_at = x_at + 2 * pad_size
-        sink_at, prod_at = zero_at + tcp, zero_at + 2 * tcp
-        rows_b, _rows_dx, rows_p = _tables(w3, dims, geo, x_at, 0, zero_at, sink_at, prod_at)
+        x_at, dx_at, zero_at, sink_at, prod_at, _dw_at = _regions(geo, g_, t * per)
+        rows_b, _rows_dx, rows_p = _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at)
         xpad = ws[x_at : x_at + pad_size]
         prod = ws[prod_at : prod_at + g_ * ogb * tcp]
         last = -1
@@ -681,15 +692,11 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
     if want_dx:
         _pack(w3, True, kgb, wpack)
     for t in prange(T):
-        x_at = t * per
-        dx_at = x_at + pad_size
-        zero_at = dx_at + pad_size
-        sink_at, prod_at = zero_at + tcp, zero_at + 2 * tcp
+        x_at, dx_at, zero_at, sink_at, prod_at, dw_at = _regions(geo, g_, t * per)
         rows_b, rows_dx, rows_p = _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at)
         xpad = ws[x_at : x_at + pad_size]
         dxpad = ws[dx_at : dx_at + pad_size]
         dprod = ws[prod_at : prod_at + go * tcp]
-        dw_at = prod_at + g_ * max(ogb, ogd) * tcp
         dwt = ws[dw_at : dw_at + go * kgd]
         db = ws[dw_at + go * kgd : dw_at + go * kgd + o_]
         dwt[:] = 0
@@ -795,7 +802,7 @@ def conv2d_backward(
     _backward_samples(x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat)
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape
-    at = 2 * geo.pad_size + 2 * geo.tcp + g * max(geo.ogb, geo.ogd) * geo.tcp  # after the tile
+    at = _regions(tuple(geo), g, 0)[5]
     size = g * geo.ogd * geo.kgd
     dw3 = dw.reshape(g, og, kg)
     for t in range(threads):
