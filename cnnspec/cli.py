@@ -257,13 +257,41 @@ def train(
     out_dir: str = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.npz."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
-    threads: int = Threads,
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        help="CPU threads for the kernels (under MPI, per process: default the node's "
+        "cores over its processes).",
+    ),
+    scale_lr: bool = typer.Option(
+        False, "--scale-lr", help="Under MPI: lr x processes, with a linear warm-up to it."
+    ),
+    step_timeout: float = typer.Option(
+        None,
+        "--step-timeout",
+        min=0.0,
+        metavar="S",
+        help="Abort the job when no step, validation or save finishes for S seconds.",
+    ),
 ):
-    """Train a spec with SGD; checkpoints and metrics go to OUT/."""
+    """Train a spec with SGD; checkpoints and metrics go to OUT/. Data-parallel on MPI when
+    started by mpiexec/srun (see the README)."""
     from .train import DataError, TrainingDiverged, TrainingInterrupted, fit, split_dataset
     from .train.checkpoint import CheckpointError
+    from .train.dist import DistError, default_threads, scale_learning_rate, world
 
+    try:
+        processes = world()
+    except DistError as exc:
+        _fail(str(exc))
+    if not processes.root:  # every rank runs the same checks; one says what happens
+        out.quiet = err.quiet = True
+    if threads is None:
+        threads, note = default_threads(processes)
+        if note:
+            err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     _set_threads(threads)
+    processes.step_timeout = step_timeout
     net = _load_or_exit(spec)
     if not net.outputs:
         _fail(f"{spec}: the network has no output layer (softmax, linear or rbf) to train")
@@ -288,27 +316,39 @@ def train(
     val_fraction = cfg.pop("val_split", 0.1)
     cfg.setdefault("batch_size", 32)
     cfg.setdefault("seed", 0)
+    if scale_lr:
+        out.print(scale_learning_rate(cfg, processes.size), markup=False, soft_wrap=True)
     out_path = Path(out_dir or Path("runs") / net.name)
     try:
         ds = _dataset(source, "train", net)
         train_ds, val_ds = (
             split_dataset(ds, val_fraction, cfg["seed"]) if val_fraction else (ds, None)
         )
-        if len(train_ds) < cfg["batch_size"]:
+        if len(train_ds) < cfg["batch_size"] * processes.size:
             _fail(
                 f"the training set has {len(train_ds)} images, fewer than one batch of "
-                f"{cfg['batch_size']}; lower --batch-size"
+                f"{processes.describe(cfg['batch_size'])}; lower --batch-size"
             )
         model = net.compile(batch_size=cfg["batch_size"], seed=cfg["seed"])
         cfg["spec_hash"] = _spec_hash(net)
         out.print(
             f"training [bold]{net.name}[/] on {ds.name} ({len(train_ds)} train, "
-            f"{len(val_ds) if val_ds else 0} validation images), batch {cfg['batch_size']}, "
+            f"{len(val_ds) if val_ds else 0} validation images), "
+            f"{processes.describe(cfg['batch_size'])}, "
             f"{cfg.get('epochs', 10)} epochs -> {out_path}/"
         )
-        out_path.mkdir(parents=True, exist_ok=True)
+        if processes.root:
+            out_path.mkdir(parents=True, exist_ok=True)
         history = fit(
-            model, train_ds, val_ds, cfg, out_path, resume=resume, progress=progress, console=out
+            model,
+            train_ds,
+            val_ds,
+            cfg,
+            out_path,
+            resume=resume,
+            progress=progress,
+            console=out,
+            world=processes,
         )
     except (DataError, CheckpointError, ValueError) as exc:
         _fail(str(exc))

@@ -516,6 +516,13 @@ class Batches:
     ``shuffle`` draws one permutation per epoch from ``rng``; augmentation (``crop_padding``:
     zero-pad by that many pixels and crop back at a random offset; ``hflip``: mirror with
     probability 1/2) draws per image from the same generator, so one seed fixes everything.
+
+    ``shard=(rank, replicas)`` (data-parallel training, with ``drop_last``): every replica
+    draws the same permutation, cut to a multiple of ``replicas``, and takes every
+    ``replicas``-th image from ``rank`` on (PyTorch's DistributedSampler); the augmentation
+    numbers are drawn for the whole global batch and each replica uses its images' rows. So
+    the replicas' batches of a step together are, image for image, the one-process batch of
+    ``replicas * batch_size`` from the same seed.
     """
 
     def __init__(
@@ -528,9 +535,13 @@ class Batches:
         drop_last: bool = False,
         crop_padding: int = 0,
         hflip: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
+        self.rank, self.replicas = shard or (0, 1)
+        if self.replicas > 1 and not drop_last:
+            raise ValueError("sharded batches need drop_last (equal steps on every replica)")
         if (shuffle or crop_padding or hflip) and rng is None:
             raise ValueError("shuffling and augmentation need a numpy Generator (rng=...)")
         self.ds, self.batch_size, self.rng = ds, batch_size, rng
@@ -545,10 +556,11 @@ class Batches:
         self._padded = (
             np.zeros((batch_size, c, h + 2 * p, w + 2 * p), np.float32) if self.augment else None
         )
-        self._uniform = np.empty((batch_size, 3), np.float64)  # per image: dy, dx, flip
+        # per image of the global batch: dy, dx, flip
+        self._uniform = np.empty((self.replicas * batch_size, 3), np.float64)
 
     def __len__(self) -> int:
-        n, b = len(self.ds), self.batch_size
+        n, b = len(self.ds) // self.replicas, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
@@ -559,11 +571,13 @@ class Batches:
         numbers they would have used, so a resumed epoch continues identically."""
         n_total, b = len(self.ds), self.batch_size
         order = self.rng.permutation(n_total) if self.shuffle else np.arange(n_total)
+        if self.replicas > 1:
+            order = order[: n_total - n_total % self.replicas][self.rank :: self.replicas]
         for step in range(len(self)):
             index = order[step * b : (step + 1) * b]
             n = len(index)
             if self.augment:
-                self.rng.random(out=self._uniform[:n])
+                self.rng.random(out=self._uniform[: n * self.replicas])
             if step < start:
                 continue
             np.take(self.ds.x, index, axis=0, out=self.x[:n], mode="clip")
@@ -581,8 +595,9 @@ class Batches:
         padded = self._padded
         padded[:n, :, p : p + h, p : p + w] = self.x[:n]
         span = 2 * p + 1
+        mine = self._uniform[self.rank :: self.replicas]
         for i in range(n):
-            u = self._uniform[i]
+            u = mine[i]
             dy, dx = int(u[0] * span), int(u[1] * span)
             window = padded[i, :, dy : dy + h, dx : dx + w]
             # Flip while copying out of the staging buffer: no overlap, no temporary.

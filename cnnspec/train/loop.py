@@ -40,6 +40,7 @@ from rich.progress import (
 
 from .checkpoint import CheckpointError, check_spec_hash, load_checkpoint, save_checkpoint
 from .data import Batches, DataError, Dataset, check_labels
+from .dist import LOCAL, Local, adapt_resumed
 from .optim import SGD
 from .schedules import DEFAULTS as SCHEDULE_DEFAULTS
 from .schedules import learning_rate, validate_schedule
@@ -181,6 +182,7 @@ class _RunState:
         self.epoch_rng_state: dict[str, Any] | None = None  # data generator at epoch start
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
+        self.world_size = 1  # processes that trained it (data-parallel training)
 
     def to_meta(self) -> dict[str, Any]:
         return {
@@ -196,6 +198,7 @@ class _RunState:
             "data_rng": _jsonable(self.epoch_rng_state),
             "best": self.best,
             "history": self.history,
+            "world_size": self.world_size,
         }
 
     @classmethod
@@ -211,6 +214,7 @@ class _RunState:
         )
         s.epoch_rng_state = _from_jsonable(m["data_rng"])
         s.best, s.history = m["best"], list(m["history"])
+        s.world_size = int(m.get("world_size", 1))
         return s
 
 
@@ -376,6 +380,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     console: Console | None = None,
+    world: Local = LOCAL,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place and return the per-epoch metrics (all epochs, resumed ones too).
 
@@ -384,9 +389,14 @@ def fit(
     shows only when ``progress`` and the console is a terminal; a one-line summary per epoch
     is always printed. Raises TrainingInterrupted (Ctrl-C), TrainingDiverged (NaN/inf),
     DataError, CheckpointError, and ValueError for a bad ``cfg``.
+
+    ``world`` (see :mod:`.dist`) trains data-parallel on MPI processes: ``batch_size`` is then
+    each process's, and only rank 0 prints and writes.
     """
+    if not world.root:
+        console = Console(quiet=True)
     trainer = _Trainer(
-        model, train_ds, val_ds, cfg, Path(out_dir), console or Console(highlight=False)
+        model, train_ds, val_ds, cfg, Path(out_dir), console or Console(highlight=False), world
     )
     trainer.start(resume)
     return trainer.run(progress)
@@ -403,13 +413,17 @@ class _Trainer:
         cfg: dict[str, Any],
         out: Path,
         console: Console,
+        world: Local = LOCAL,
     ) -> None:
         self.cfg = cfg = resolve_config(cfg, model)
+        self.world = world
         _check_data(model, train_ds, "training")
         if val_ds is not None:
             _check_data(model, val_ds, "validation")
         self.model, self.train_ds, self.val_ds, self.console = model, train_ds, val_ds, console
-        out.mkdir(parents=True, exist_ok=True)
+        self.val_part = world.shard_of(val_ds) if val_ds is not None else None
+        if world.root:
+            out.mkdir(parents=True, exist_ok=True)
         self.last, self.best, self.metrics = (
             out / "last.npz",
             out / "best.npz",
@@ -424,12 +438,13 @@ class _Trainer:
             drop_last=True,  # a padded batch would put fake images into the gradient
             crop_padding=cfg["crop_padding"],
             hflip=cfg["hflip"],
+            shard=world.shard,
         )
         self.steps = len(self.batches)
         if self.steps == 0:
             raise DataError(
                 f"{train_ds.name}: {len(train_ds)} training images are fewer than one batch of "
-                f"{cfg['batch_size']}; use more data or compile with a smaller batch size"
+                f"{world.describe(cfg['batch_size'])}; use more data or a smaller batch size"
             )
         self.opt = SGD(
             {k: model.params[k] for k in sorted(model.trainable)},
@@ -442,14 +457,29 @@ class _Trainer:
         self.state = _RunState()
 
     def start(self, resume: bool) -> None:
-        if resume:
-            self.state = _resume(self.last, self.model, self.opt, self.cfg, len(self.train_ds))
+        w = self.world
+        if resume:  # only rank 0 reads the checkpoint; the others get its state from it
+            meta = w.from_root(
+                lambda: _resume(
+                    self.last, self.model, self.opt, self.cfg, len(self.train_ds)
+                ).to_meta(),
+                errors=(CheckpointError,),
+            )
+            self.state = _RunState.from_meta(meta)
+            change = adapt_resumed(self.state, w.size, self.cfg["batch_size"], self.steps)
+            if change:
+                self.console.print(change, markup=False, soft_wrap=True)
             self.data_rng.bit_generator.state = self.state.epoch_rng_state
+        self.state.world_size = w.size
+        w.replicate(self.model, self.opt, self.cfg["seed"], self.state.global_step)
         # On resume this drops any line written after the checkpoint; otherwise starts afresh.
-        _write_metrics(self.metrics, self.state.history)
+        if w.root:
+            _write_metrics(self.metrics, self.state.history)
 
     def save(self, path: Path) -> None:
-        _save_state(path, self.model, self.opt, self.state, self.cfg, len(self.train_ds))
+        with self.world.root_writes() as writer:
+            if writer:
+                _save_state(path, self.model, self.opt, self.state, self.cfg, len(self.train_ds))
 
     def run(self, progress: bool) -> list[dict[str, Any]]:
         state, epochs = self.state, self.cfg["epochs"]
@@ -470,7 +500,7 @@ class _Trainer:
         show = progress and self.console.is_terminal
         bar = Progress(*columns, console=self.console, disable=not show, transient=True)
         try:
-            with _StopFlag() as stop, bar:
+            with _StopFlag() as stop, bar, self.world.watch():
                 task = bar.add_task("train", total=self.steps, epoch="", loss=0.0, acc=0.0, ips=0.0)
                 while state.epoch < epochs:
                     record = self.train_epoch(stop, bar, task)
@@ -525,7 +555,10 @@ class _Trainer:
             if not has_scores:  # before the step, so that it sees the weights the loss sees
                 correct = int((model.forward(x, train=False).argmax(axis=1) == y).sum())
             loss, grads = model.loss_and_grads(x, y)
-            loss = float(loss)
+            if has_scores:
+                correct = int((model.last_scores.argmax(axis=1) == y).sum())
+            # data-parallel: gradients averaged, loss and counts over all ranks' shards
+            loss, correct, n = self.world.reduce_step(model, float(loss), correct, n, stop)
             if not math.isfinite(loss):
                 raise TrainingDiverged(
                     f"the loss became {loss} at epoch {state.epoch + 1}, step {s + 1}/{steps} "
@@ -533,8 +566,6 @@ class _Trainer:
                     f"{self.last} still holds the last good state. Lower the learning rate "
                     f"(e.g. {lr / 10:.4g}), add warm-up, or check the input data"
                 )
-            if has_scores:
-                correct = int((model.last_scores.argmax(axis=1) == y).sum())
             self.opt.step(grads, lr=lr)
             state.step, state.global_step = s + 1, state.global_step + 1
             state.loss_sum += loss
@@ -568,8 +599,9 @@ class _Trainer:
         """Validate, refuse a diverged state, then save checkpoints and metrics."""
         state = self.state
         started = time.perf_counter()
-        if self.val_ds is not None:
-            val = evaluate(self.model, self.val_ds, self.cfg["batch_size"])
+        if self.val_part is not None:
+            val = evaluate(self.model, self.val_part, self.cfg["batch_size"])
+            val = self.world.combine_eval(val)
             record["val_loss"], record["val_acc"] = val["loss"], val["accuracy"]
         record["seconds"] += time.perf_counter() - started
         val_finite = record["val_loss"] is None or math.isfinite(record["val_loss"])
@@ -590,5 +622,6 @@ class _Trainer:
         self.save(self.last)
         if improved:
             self.save(self.best)
-        _append_metrics(self.metrics, record)
+        if self.world.root:
+            _append_metrics(self.metrics, record)
         self.console.print(_summary(record, self.cfg["epochs"]), markup=False, soft_wrap=True)
