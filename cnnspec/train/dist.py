@@ -380,23 +380,26 @@ def scale_learning_rate(cfg: dict[str, Any], size: int) -> str:
     )
 
 
-def adapt_resumed(state: Any, size: int, batch_size: int, steps: int) -> str | None:
-    """A checkpoint of another world size: what changes, and the step of the current epoch
-    that continues it (an epoch stopped midway goes on after the images already seen)."""
-    old = int(getattr(state, "world_size", 1) or 1)
-    if old == size:
+def adapt_resumed(state: Any, size: int, global_batch: int, steps: int) -> str | None:
+    """A checkpoint of another world size or batch: what changes, and the step of the current
+    epoch that continues it (an epoch stopped midway goes on after the images already seen).
+    ``state`` is the resumed run state; it then describes this run."""
+    old_size = int(state.world_size)
+    old_batch = int(state.global_batch or old_size * global_batch // size)
+    state.world_size, state.global_batch = size, global_batch
+    if (old_size, old_batch) == (size, global_batch):
         return None
-    text = (
-        f"resuming a {old}-process run with {size} process{'es' if size > 1 else ''}: "
-        f"{old * batch_size} -> {size * batch_size} images per step"
-    )
+    if old_size == size:
+        text = f"resuming with {global_batch} images per step instead of {old_batch}"
+    else:
+        text = (
+            f"resuming a {old_size}-process run with {size} process{'es' if size > 1 else ''}: "
+            f"{old_batch} -> {global_batch} images per step"
+        )
     if state.step:
-        seen_batches = state.step * old
-        new_step = min(seen_batches // size, steps)
-        if new_step:
-            state.loss_sum *= new_step / state.step  # keeps the epoch's mean loss so far
-        else:
-            state.loss_sum = 0.0
+        new_step = min(state.step * old_batch // global_batch, steps)
+        # the epoch's mean loss so far stays what it was
+        state.loss_sum = state.loss_sum * new_step / state.step
         text += f"; the epoch goes on at step {new_step}/{steps} (was {state.step})"
         state.step = new_step
-    return text + "; learning rate as given now"
+    return text + "; the learning rate is the one given now"

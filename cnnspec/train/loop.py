@@ -183,6 +183,7 @@ class _RunState:
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
         self.world_size = 1  # processes that trained it (data-parallel training)
+        self.global_batch: int | None = None  # images per step over all of them
 
     def to_meta(self) -> dict[str, Any]:
         return {
@@ -199,6 +200,7 @@ class _RunState:
             "best": self.best,
             "history": self.history,
             "world_size": self.world_size,
+            "global_batch": self.global_batch,
         }
 
     @classmethod
@@ -214,7 +216,7 @@ class _RunState:
         )
         s.epoch_rng_state = _from_jsonable(m["data_rng"])
         s.best, s.history = m["best"], list(m["history"])
-        s.world_size = int(m.get("world_size", 1))
+        s.world_size, s.global_batch = int(m.get("world_size", 1)), m.get("global_batch")
         return s
 
 
@@ -441,6 +443,7 @@ class _Trainer:
             shard=world.shard,
         )
         self.steps = len(self.batches)
+        self.global_batch = world.size * cfg["batch_size"]
         if self.steps == 0:
             raise DataError(
                 f"{train_ds.name}: {len(train_ds)} training images are fewer than one batch of "
@@ -466,11 +469,12 @@ class _Trainer:
                 errors=(CheckpointError,),
             )
             self.state = _RunState.from_meta(meta)
-            change = adapt_resumed(self.state, w.size, self.cfg["batch_size"], self.steps)
+            self.data_rng.bit_generator.state = self.state.epoch_rng_state
+            change = adapt_resumed(self.state, w.size, self.global_batch, self.steps)
             if change:
                 self.console.print(change, markup=False, soft_wrap=True)
-            self.data_rng.bit_generator.state = self.state.epoch_rng_state
-        self.state.world_size = w.size
+        else:
+            self.state.world_size, self.state.global_batch = w.size, self.global_batch
         w.replicate(self.model, self.opt, self.cfg["seed"], self.state.global_step)
         # On resume this drops any line written after the checkpoint; otherwise starts afresh.
         if w.root:
