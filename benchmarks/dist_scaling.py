@@ -33,10 +33,6 @@ CASES = {  # name: (spec, global batch)
 }
 
 
-class _NoStop:
-    requested = False
-
-
 def _cpu_seconds_of_all_ranks(w) -> float:
     """CPU seconds this job has used so far, every rank's (a collective call under MPI)."""
     import numpy as np
@@ -69,7 +65,7 @@ def worker(spec: str, global_batch: int, steps: int, warmup: int) -> None:
         t0 = time.perf_counter()
         loss, grads = model.loss_and_grads(x, y)
         t1 = time.perf_counter()
-        w.reduce_step(model, float(loss), 0, batch, _NoStop)
+        w.reduce_step(model, float(loss), 0, batch, False)
         t2 = time.perf_counter()
         opt.step(grads, lr=0.01)
         t3 = time.perf_counter()

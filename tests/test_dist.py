@@ -298,3 +298,23 @@ def test_hung_rank_is_aborted_by_the_step_timeout(spec, tmp_path):
     assert code != 0
     assert "no training step finished for 3 s (--step-timeout)" in stderr
     assert load_checkpoint(out / "last.npz")[1]["epoch"] >= 1
+
+
+@needs_mpi
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(cli, spec, tmp_path):
+    """Each rank's flag changes whenever its signal arrives; the ranks agree on it in the
+    step's allreduce (and at the epoch's end), else one would save while the other waits."""
+    out = tmp_path / "run"
+    proc = _start_long_run(spec, out)
+    pid = _rank_pid(out, 0)
+    assert pid is not None
+    os.kill(pid, signal.SIGINT)
+    code, stderr = _ended(proc)
+    assert code == 130, stderr
+    assert "interrupted:" in stderr and "continue with --resume" in stderr
+    _, meta = load_checkpoint(out / "last.npz")
+    result = cli("train", spec, "--out", out, "--epochs", meta["epoch"] + 1, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming a 2-process run with 1 process" in result.output
+    assert [r["epoch"] for r in _metrics(out)] == list(range(1, meta["epoch"] + 2))

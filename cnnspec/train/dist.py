@@ -100,10 +100,16 @@ class Local:
     def describe(self, batch_size: int) -> str:
         return f"batch {batch_size}"
 
-    def reduce_step(self, model: Any, loss: float, correct: int, n: int, stop: Any):
-        """Averaged loss, summed counts over the ranks (after averaging the gradients)."""
+    def reduce_step(self, model: Any, loss: float, correct: int, n: int, stop: bool):
+        """After averaging the gradients: the loss averaged and the counts summed over the
+        ranks, and whether any rank asked to stop (Ctrl-C), so that all stop at this step."""
         self.beat()
-        return loss, correct, n
+        return loss, correct, n, stop
+
+    def agree(self, stop: bool) -> bool:
+        """Whether any rank asks to stop: every rank gets the same answer (a rank's own flag
+        can change at any moment, from its signal handler)."""
+        return stop
 
     def from_root(self, fn: Callable[[], Any], errors: tuple[type[Exception], ...] = ()) -> Any:
         """``fn()`` run on rank 0 only; its JSON result (or its error) reaches every rank."""
@@ -167,14 +173,14 @@ class MPIWorld(Local):
         return f"{self.size} processes x batch {batch_size} = {self.size * batch_size} per step"
 
     # ---- every step
-    def reduce_step(self, model: Any, loss: float, correct: int, n: int, stop: Any):
+    def reduce_step(self, model: Any, loss: float, correct: int, n: int, stop: bool):
         grads = getattr(model, "flat_grads", None)
         if not (isinstance(grads, np.ndarray) and grads.flags.c_contiguous):
             raise TypeError("data-parallel training needs the model's contiguous flat_grads")
         self.comm.Allreduce(self.MPI.IN_PLACE, grads, op=self.MPI.SUM)
         grads *= grads.dtype.type(1.0 / self.size)
         stats = self._step_buffer(model)
-        stats[:4] = (loss, correct, n, bool(stop.requested))
+        stats[:4] = (loss, correct, n, stop)
         at = 4
         for a in self._running:
             stats[at : at + a.size] = a.ravel()
@@ -184,10 +190,13 @@ class MPIWorld(Local):
         for a in self._running:  # running statistics: the mean over the ranks
             a.ravel()[...] = stats[at : at + a.size] / self.size
             at += a.size
-        if stats[3]:  # Ctrl-C on any rank: every rank stops at this same step
-            stop.requested = True
         self.beat()
-        return float(stats[0]) / self.size, int(stats[1]), int(stats[2])
+        return float(stats[0]) / self.size, int(stats[1]), int(stats[2]), bool(stats[3])
+
+    def agree(self, stop: bool) -> bool:
+        flag = np.array([stop], np.int32)
+        self.comm.Allreduce(self.MPI.IN_PLACE, flag, op=self.MPI.MAX)
+        return bool(flag[0])
 
     def _step_buffer(self, model: Any) -> np.ndarray:
         """Allocated once: loss, correct, images, stop, then every running statistic. Averaging

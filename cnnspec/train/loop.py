@@ -517,7 +517,7 @@ class _Trainer:
                             saved=True,
                         )
                     self.finish_epoch(record)
-                    if stop.requested:
+                    if self.world.agree(stop.requested):
                         raise TrainingInterrupted(
                             f"training interrupted after epoch {state.epoch}; the state is saved "
                             f"in {self.last}; continue with --resume",
@@ -562,7 +562,9 @@ class _Trainer:
             if has_scores:
                 correct = int((model.last_scores.argmax(axis=1) == y).sum())
             # data-parallel: gradients averaged, loss and counts over all ranks' shards
-            loss, correct, n = self.world.reduce_step(model, float(loss), correct, n, stop)
+            loss, correct, n, stopping = self.world.reduce_step(
+                model, float(loss), correct, n, stop.requested
+            )
             if not math.isfinite(loss):
                 raise TrainingDiverged(
                     f"the loss became {loss} at epoch {state.epoch + 1}, step {s + 1}/{steps} "
@@ -583,7 +585,7 @@ class _Trainer:
                 acc=state.correct / state.seen,
                 ips=state.seen / max(elapsed, 1e-9),
             )
-            if stop.requested and state.step < steps:
+            if stopping and state.step < steps:
                 state.seconds = elapsed
                 self.save(self.last)
                 return None
