@@ -242,13 +242,23 @@ def _start_long_run(spec: Path, out: Path, *flags) -> subprocess.Popen:
     return proc
 
 
-def _ended(proc: subprocess.Popen) -> tuple[int, str]:
+def _signal_rank(spec: Path, out: Path, rank: int, sig: int, *flags) -> tuple[int, str]:
+    """Send ``sig`` to one rank of a long 2-process run; the job's exit code and stderr."""
+    proc = _start_long_run(spec, out, *flags)
+    pid = _rank_pid(out, rank)
     try:
+        assert pid is not None
+        os.kill(pid, sig)
         _, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+        if pid is not None and sig == signal.SIGSTOP:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended with the job, as it should
+                pass
     return proc.returncode, stderr
 
 
@@ -256,11 +266,7 @@ def _ended(proc: subprocess.Popen) -> tuple[int, str]:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
 def test_killed_rank_ends_the_job_and_resume_works_with_one_and_two_processes(cli, spec, tmp_path):
     out = tmp_path / "run"
-    proc = _start_long_run(spec, out)
-    pid = _rank_pid(out, 1)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    code, _ = _ended(proc)
+    code, _ = _signal_rank(spec, out, 1, signal.SIGKILL)
     assert code != 0
     _, meta = load_checkpoint(out / "last.npz")  # intact: loads, and is a full state
     done = meta["epoch"]
@@ -284,17 +290,8 @@ def test_killed_rank_ends_the_job_and_resume_works_with_one_and_two_processes(cl
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
 def test_hung_rank_is_aborted_by_the_step_timeout(spec, tmp_path):
     out = tmp_path / "run"
-    proc = _start_long_run(spec, out, "--step-timeout", 3)
-    pid = _rank_pid(out, 1)
-    assert pid is not None
-    os.kill(pid, signal.SIGSTOP)  # hangs: rank 0 waits in the allreduce for ever
-    try:
-        code, stderr = _ended(proc)
-    finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # a stopped rank hangs: rank 0 would wait in the allreduce for ever
+    code, stderr = _signal_rank(spec, out, 1, signal.SIGSTOP, "--step-timeout", 3)
     assert code != 0
     assert "no training step finished for 3 s (--step-timeout)" in stderr
     assert load_checkpoint(out / "last.npz")[1]["epoch"] >= 1
@@ -306,11 +303,7 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(cli, spec, tmp_pat
     """Each rank's flag changes whenever its signal arrives; the ranks agree on it in the
     step's allreduce (and at the epoch's end), else one would save while the other waits."""
     out = tmp_path / "run"
-    proc = _start_long_run(spec, out)
-    pid = _rank_pid(out, 0)
-    assert pid is not None
-    os.kill(pid, signal.SIGINT)
-    code, stderr = _ended(proc)
+    code, stderr = _signal_rank(spec, out, 0, signal.SIGINT)
     assert code == 130, stderr
     assert "interrupted:" in stderr and "continue with --resume" in stderr
     _, meta = load_checkpoint(out / "last.npz")
