@@ -16,8 +16,15 @@ import numpy as np
 import pytest
 from test_cli_train import TINY  # the same tiny digits network as the one-process tests
 
-from cnnspec.train import Batches, Dataset, load_checkpoint
-from cnnspec.train.dist import LOCAL, DistError, adapt_resumed, check_slurm, world
+from cnnspec.train import Batches, Dataset, learning_rate, load_checkpoint
+from cnnspec.train.dist import (
+    LOCAL,
+    DistError,
+    adapt_resumed,
+    check_slurm,
+    scale_learning_rate,
+    world,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MPIEXEC = shutil.which(
@@ -114,6 +121,22 @@ def test_slurm_world_size_must_match_its_tasks():
     check_slurm(4, srun_step)
     check_slurm(1, {"SLURM_NTASKS": "4"})  # one process in the batch script: allowed
     check_slurm(1, {})
+
+
+def test_scale_lr_warms_up_from_the_one_process_rate_to_n_times_it():
+    cfg = {"lr": 0.1, "epochs": 20}
+    note = scale_learning_rate(cfg, 4)
+    assert cfg["lr"] == pytest.approx(0.4) and cfg["warmup_epochs"] == 5
+    assert learning_rate(cfg, 0) == pytest.approx(0.1)  # Goyal et al.: start at lr
+    assert learning_rate(cfg, 2.5) == pytest.approx(0.25)  # linear in between
+    assert learning_rate(cfg, 5) == pytest.approx(0.4)
+    assert "lr 0.1 x 4 = 0.4, warm-up over 5 epochs from 0.1" in note
+    short = {"lr": 0.1, "epochs": 4}
+    scale_learning_rate(short, 2)
+    assert short["warmup_epochs"] == 2  # at most half the run
+    given = {"lr": 0.1, "epochs": 20, "warmup_epochs": 1}
+    scale_learning_rate(given, 2)
+    assert given["warmup_epochs"] == 1 and "warmup_start_factor" not in given  # kept
 
 
 def test_resuming_mid_epoch_with_more_processes_continues_after_the_images_seen():

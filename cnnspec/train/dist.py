@@ -261,6 +261,13 @@ class MPIWorld(Local):
 
     # ---- evaluation and writing
     def shard_of(self, ds: Any) -> Any:
+        if len(ds) < self.size:
+            from .data import DataError
+
+            raise DataError(
+                f"{ds.name}: {len(ds)} validation images are fewer than the {self.size} "
+                "processes; use a larger --val-split or fewer processes"
+            )
         return ds.subset(np.arange(self.rank, len(ds), self.size))
 
     def combine_eval(self, result: dict[str, Any]) -> dict[str, Any]:
