@@ -278,7 +278,7 @@ def train(
     started by mpiexec/srun (see the README)."""
     from .train import DataError, TrainingDiverged, TrainingInterrupted, fit, split_dataset
     from .train.checkpoint import CheckpointError
-    from .train.dist import DistError, default_threads, scale_learning_rate, world
+    from .train.dist import DistError, default_threads, launch_note, scale_learning_rate, world
 
     try:
         processes = world()
@@ -286,10 +286,12 @@ def train(
         _fail(str(exc))
     if not processes.root:  # every rank runs the same checks; one says what happens
         out.quiet = err.quiet = True
+    notes = [launch_note(processes)]
     if threads is None:
-        threads, note = default_threads(processes)
-        if note:
-            err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+        threads, pinned = default_threads(processes)
+        notes.append(pinned)
+    for note in filter(None, notes):
+        err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     _set_threads(threads)
     processes.step_timeout = step_timeout
     net = _load_or_exit(spec)

@@ -356,6 +356,16 @@ def world(env: dict[str, str] | None = None) -> Local:
     return LOCAL if size == 1 else MPIWorld(comm, MPI)
 
 
+def launch_note(w: Local) -> str | None:
+    """What to say when the launch works but an error would hang the job instead of ending it."""
+    if w.size > 1 and "mpi4py.run" not in sys.modules:
+        return (
+            "started without python -m mpi4py: an error in one process would leave the others "
+            "waiting; launch as mpiexec -n N python -m mpi4py -m cnnspec train ..."
+        )
+    return None
+
+
 def default_threads(w: Local) -> tuple[int | None, str | None]:
     """Numba threads for each rank: the node's cores over the ranks on the node (None: keep
     Numba's default), and a note when the launcher pinned the rank to fewer cores."""
