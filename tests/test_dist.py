@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from cnnspec.train import Batches, Dataset, learning_rate, load_checkpoint
 from cnnspec.train.dist import (
     LOCAL,
     DistError,
+    Watchdog,
     adapt_resumed,
     check_slurm,
     scale_learning_rate,
@@ -137,6 +139,25 @@ def test_scale_lr_warms_up_from_the_one_process_rate_to_n_times_it():
     given = {"lr": 0.1, "epochs": 20, "warmup_epochs": 1}
     scale_learning_rate(given, 2)
     assert given["warmup_epochs"] == 1 and "warmup_start_factor" not in given  # kept
+
+
+def test_watchdog_aborts_when_steps_stop_coming():
+    fired, messages = threading.Event(), []
+
+    def abort(message):
+        messages.append(message)
+        fired.set()
+
+    with Watchdog(0.05, abort) as dog:
+        dog.beat()  # armed by the first step; no further beat follows
+        assert fired.wait(LAUNCH_TIMEOUT)
+    assert "no training step finished for 0.05 s (--step-timeout)" in messages[0]
+
+
+def test_step_timeout_watches_a_one_process_run_and_then_goes(cli, spec, tmp_path):
+    result = cli("train", spec, "--out", tmp_path / "run", "--epochs", 1, "--step-timeout", 600)
+    assert result.exit_code == 0, result.output
+    assert not [t for t in threading.enumerate() if t.name == "cnnspec-watchdog"]
 
 
 def test_resuming_mid_epoch_with_more_processes_continues_after_the_images_seen():
