@@ -2,8 +2,8 @@
 batch, and the gradients averaged with one in-place ``Allreduce`` of the model's flat gradient
 array per step.
 
-``world()`` finds out how the process was started. Without an MPI launcher it returns
-:data:`LOCAL`, whose hooks do nothing, so a plain ``cnnspec train`` runs exactly the
+``world()`` finds out how the process was started. Without an MPI launcher it returns a
+:class:`Local` world, whose hooks do nothing, so a plain ``cnnspec train`` runs exactly the
 single-process loop and never imports mpi4py. Under ``mpiexec``/``srun`` with more than one
 process it returns an :class:`MPIWorld`; the trainer then calls its hooks:
 
@@ -156,7 +156,7 @@ class Local:
         os._exit(ABORT_CODE)  # from the watchdog thread: the main thread may never return
 
 
-LOCAL = Local()
+LOCAL = Local()  # fit()'s default; world() hands out its own, whose step_timeout may be set
 
 
 class MPIWorld(Local):
@@ -337,12 +337,12 @@ def check_slurm(size: int, env: dict[str, str]) -> None:
 
 
 def world(env: dict[str, str] | None = None) -> Local:
-    """The processes this training runs on: :data:`LOCAL` unless started by an MPI launcher
-    with more than one process. Raises DistError for a launch that cannot work."""
+    """The processes this training runs on: one (:class:`Local`) unless started by an MPI
+    launcher with more than one process. Raises DistError for a launch that cannot work."""
     env = dict(os.environ) if env is None else env
     if not _launched(env):
         check_slurm(1, env)
-        return LOCAL
+        return Local()
     try:
         from mpi4py import MPI
     except ImportError:
@@ -353,7 +353,7 @@ def world(env: dict[str, str] | None = None) -> Local:
     comm = MPI.COMM_WORLD
     size = comm.Get_size()
     check_slurm(size, env)
-    return LOCAL if size == 1 else MPIWorld(comm, MPI)
+    return Local() if size == 1 else MPIWorld(comm, MPI)
 
 
 def launch_note(w: Local) -> str | None:
