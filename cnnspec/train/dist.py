@@ -44,6 +44,7 @@ LAUNCHER_VARS = (
 )
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 ABORT_CODE = 3
+ABORT_GRACE_S = 1.0
 
 
 class DistError(Exception):
@@ -301,6 +302,9 @@ class MPIWorld(Local):
     def abort(self, message: str) -> None:
         sys.stderr.write(f"error: rank {self.rank}: {message}\n")
         sys.stderr.flush()
+        # The launcher forwards our stderr through a pipe and stops reading it once it hears
+        # of the abort: give it a moment to pass the message on first.
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(ABORT_CODE)
 
 
