@@ -16,7 +16,9 @@ process it returns an :class:`MPIWorld`; the trainer then calls its hooks:
   after ``--resume`` (only rank 0 reads the checkpoint);
 - ``root_writes``: only rank 0 writes metrics and checkpoints, between two barriers.
 
-Only buffer methods (``Allreduce``, ``Bcast``) are used; the lowercase ones pickle.
+Only buffer methods (``Allreduce``, ``Bcast``) are used; the lowercase ones pickle. The model
+must keep its state in the compiled model's contiguous arrays (``flat_params``, ``flat_fixed``,
+``flat_grads``: one message each, whatever the number of layers).
 """
 
 from __future__ import annotations
