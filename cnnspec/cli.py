@@ -188,6 +188,24 @@ def schema():
     print(json.dumps(get_schema(), indent=2))
 
 
+@app.command()
+def layers(
+    layer_type: str = typer.Argument(None, metavar="[TYPE]", help="One type to describe."),
+):
+    """List the layer types, or describe one: its attributes, their defaults and docs."""
+    from .errors import did_you_mean
+    from .layers import REGISTRY
+    from .layers.docs import describe, vocabulary
+
+    if layer_type is None:
+        print(vocabulary())
+        return
+    if layer_type not in REGISTRY:
+        hint = did_you_mean(layer_type, REGISTRY) or "`cnnspec layers` lists them"
+        _fail(f"unknown layer type '{layer_type}'; {hint}", 2)
+    print(describe(REGISTRY[layer_type]))
+
+
 def _fail(message: str, code: int = 1):
     err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

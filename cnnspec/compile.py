@@ -37,20 +37,6 @@ def computing():
         yield
 
 
-# Layers that do not change which initialisation suits the weights before them.
-_TRANSPARENT = {
-    "batchnorm2d",
-    "dropout",
-    "lrn",
-    "maxpool2d",
-    "avgpool2d",
-    "global_avgpool2d",
-    "flatten",
-    "channel_pad",
-    "subsample2d",
-}
-
-
 class _BufferPool:
     """Hands out zeroed arrays; one whose life ([first, last] backward steps) has
     ended before another's begins is handed out again, so gradients share memory."""
@@ -270,12 +256,9 @@ class Model:
             if not frontier:
                 return "linear"
             nxt = frontier[0]
-            if nxt.node.type == "scaled_tanh":
-                return "lecun"
-            family = getattr(nxt.layer, "family", None)
-            if family:
-                return family
-            if nxt.node.type not in _TRANSPARENT:
+            if nxt.layer.family:
+                return nxt.layer.family
+            if not nxt.layer.transparent_to_init:
                 return "linear"
             frontier = users.get(nxt.name, [])
         return "linear"

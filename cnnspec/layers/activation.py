@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import LayerError
+from . import attrs as A
 from .base import Layer, ParamDef, register
+
+SAME_SHAPE = """
+
+    Shape: unchanged. Receptive field: unchanged.
+    """
 
 
 def _kernels():
@@ -16,12 +22,10 @@ def _kernels():
 
 
 class _Elementwise(Layer):
-    defaults: dict = {}
-    # activation family, used to pick the initialisation of the layer before it
     family = "linear"
 
     def setup(self, a, in_shapes):
-        self.attrs = {k: a.get(k, v) for k, v in self.defaults.items()}
+        self.attrs = {attr.name: a[attr.name] for attr in self.attributes}
         return in_shapes[0]
 
     def forward(self, xs, out, p, train, rng):
@@ -42,21 +46,24 @@ class _Elementwise(Layer):
 
 @register
 class ReLU(_Elementwise):
+    __doc__ = "max(0, x)." + SAME_SHAPE
     type_name = "relu"
     family = "relu"
 
 
 @register
 class LeakyReLU(_Elementwise):
+    __doc__ = "x if x > 0 else alpha*x." + SAME_SHAPE
     type_name = "leaky_relu"
-    defaults = {"alpha": 0.01}
+    attributes = (A.number("alpha", 0.01, "slope for x < 0"),)
     family = "relu"
 
 
 @register
 class ELU(_Elementwise):
+    __doc__ = "x if x > 0 else alpha*(exp(x)-1)." + SAME_SHAPE
     type_name = "elu"
-    defaults = {"alpha": 1.0}
+    attributes = (A.number("alpha", 1.0, "value approached as x -> -inf is -alpha"),)
     family = "relu"
 
     def _saved(self, x, y):
@@ -72,30 +79,38 @@ class _FromOutput(_Elementwise):
 
 @register
 class Sigmoid(_FromOutput):
+    __doc__ = "1 / (1 + exp(-x))." + SAME_SHAPE
     type_name = "sigmoid"
 
 
 @register
 class Tanh(_FromOutput):
+    __doc__ = "tanh(x)." + SAME_SHAPE
     type_name = "tanh"
 
 
 @register
 class ScaledTanh(_FromOutput):
-    """LeCun's 1.7159 * tanh(2x/3)."""
-
+    __doc__ = "LeCun's 1.7159 * tanh(2x/3)." + SAME_SHAPE
     type_name = "scaled_tanh"
+    family = "lecun"
 
 
 @register
 class RReLU(Layer):
-    """Randomised leaky ReLU: slope ~ U(lower, upper) in training, their mean in eval."""
-
+    __doc__ = (
+        "Randomised leaky ReLU: slope ~ U(lower, upper) in training, the mean in evaluation."
+        + SAME_SHAPE
+    )
     type_name = "rrelu"
     family = "relu"
+    attributes = (
+        A.number("lower", 1 / 8, "smallest slope", shown_default="1/8"),
+        A.number("upper", 1 / 3, "largest slope", shown_default="1/3"),
+    )
 
     def setup(self, a, in_shapes):
-        lower, upper = a.get("lower", 1 / 8), a.get("upper", 1 / 3)
+        lower, upper = a["lower"], a["upper"]
         if lower > upper:
             raise LayerError(f"'lower' ({lower}) must not exceed 'upper' ({upper})", "lower")
         self.attrs = {"lower": lower, "upper": upper}
@@ -122,11 +137,16 @@ class RReLU(Layer):
 
 @register
 class PReLU(Layer):
+    __doc__ = "Leaky ReLU with a learned slope, shared or per channel." + SAME_SHAPE
     type_name = "prelu"
     family = "relu"
+    attributes = (
+        A.boolean("shared", False, "one slope for all channels (false: one per channel)"),
+        A.number("init", 0.25, "initial slope"),
+    )
 
     def setup(self, a, in_shapes):
-        self.attrs = {"shared": a.get("shared", False), "init": a.get("init", 0.25)}
+        self.attrs = {"shared": a["shared"], "init": a["init"]}
         return in_shapes[0]
 
     def param_defs(self):
@@ -142,8 +162,14 @@ class PReLU(Layer):
 
 @register
 class Maxout(Layer):
+    """Max over groups of `pieces` consecutive channels.
+
+    Shape: [C, ...] -> [C/pieces, ...]. Receptive field: unchanged.
+    """
+
     type_name = "maxout"
     family = "relu"
+    attributes = (A.integer("pieces", doc="channels per group"),)
 
     def setup(self, a, in_shapes):
         c = in_shapes[0][0]

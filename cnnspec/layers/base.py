@@ -1,10 +1,12 @@
 """The contract every layer answers, and the attribute helpers they share.
 
-A layer class owns everything about one `type`: resolving its attributes, its
-shape rule, its receptive-field rule, its parameters and their initialisation,
-its cost, and the kernels that run it forward and backward. The registry maps
-the spec's `type` names to these classes; the JSON Schema says which attributes
-each may carry.
+A layer class owns everything about one `type`: its attributes (declared once, in
+`attributes`; the JSON Schema, README table and `cnnspec layers` derive from them),
+its shape rule, its receptive-field rule, its parameters and their initialisation,
+its cost, and which kernels run it forward and backward. The registry maps the
+spec's `type` names to these classes.
+
+The receptive-field rule for fractional fields is written once, at `Field`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import LayerError
+from .attrs import Attr, resolve
 
 REGISTRY: dict[str, type[Layer]] = {}
 
@@ -60,18 +63,33 @@ class Field:
 
 
 class Layer:
+    """The first line of a layer's docstring is its description in the schema and in
+    `cnnspec layers`; the rest says its shape rule and receptive-field rule."""
+
     type_name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
+    attributes: ClassVar[tuple[Attr, ...]] = ()
     role: ClassVar[str] = "hidden"  # hidden | merge | output
     min_inputs: ClassVar[int] = 1
     max_inputs: ClassVar[int] = 1
+    # the activation family that picks the initialisation of the weights before it
+    # (relu: He, tanh: Glorot, lecun: LeCun); None: not an activation
+    family: ClassVar[str | None] = None
+    # does not change which initialisation suits the weights before it (pooling,
+    # normalisation): the initialiser looks past it for the next activation
+    transparent_to_init: ClassVar[bool] = False
 
     def __init__(self, name: str, attrs: dict, in_shapes: list[tuple]):
         self.name = name
         self.raw = attrs
         self.in_shapes = [tuple(s) for s in in_shapes]
         self.attrs: dict = {}
-        self.out_shape: tuple = self.setup(attrs, self.in_shapes)
+        self.out_shape: tuple = self.setup(resolve(self.attributes, attrs), self.in_shapes)
+
+    @classmethod
+    def description(cls) -> str:
+        """The first line of the docstring."""
+        return (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
 
     # ---- shape inference --------------------------------------------------
     def setup(self, attrs: dict, in_shapes: list[tuple]) -> tuple:

@@ -7,7 +7,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import LayerError
+from . import attrs as A
 from .base import Field, Layer, ParamDef, output_size, pair, register, resolve_padding, spatial
+
+KERNEL = A.pair("kernel", doc="window size", aliases=("kernel_size",))
+STRIDE = A.pair("stride", 1, "step between windows")
+DILATION = A.pair("dilation", 1, "spacing between kernel taps")
+BIAS = A.boolean("bias", True, "add a learned bias per output map")
 
 
 def _kernels():
@@ -24,17 +30,37 @@ def _dense():
 
 @register
 class Conv2d(Layer):
+    """2-D convolution (cross-correlation), PyTorch weight layout [out, in/groups, kh, kw].
+
+    Shape: [C, H, W] -> [filters, O_h, O_w], O = floor((n + p0 + p1 - d*(f-1) - 1)/s) + 1;
+    `same` pads to O = ceil(n/s), `full` pads d*(f-1) on each side.
+    Receptive field: size + d*(f-1)*jump, jump * s, start - p0*jump.
+    """
+
     type_name = "conv2d"
     aliases = ("conv",)
+    attributes = (
+        A.integer("filters", doc="output maps", aliases=("out_channels",)),
+        KERNEL,
+        STRIDE,
+        A.padding(doc="zeros around the input"),
+        DILATION,
+        A.integer("groups", 1, "input and output maps split into this many groups"),
+        BIAS,
+        A.int_lists(
+            "connections",
+            doc="LeNet-5's connection table: for each output map, the input maps that feed it",
+        ),
+    )
 
     def setup(self, a, in_shapes):
         c, h, w = spatial(in_shapes[0], self.type_name)
         filters = a["filters"]
         kernel = pair(a["kernel"], "kernel")
-        stride = pair(a.get("stride", 1), "stride")
-        dilation = pair(a.get("dilation", 1), "dilation")
-        groups = a.get("groups", 1)
-        padding = resolve_padding(a.get("padding", 0), kernel, stride, dilation, (h, w))
+        stride = pair(a["stride"], "stride")
+        dilation = pair(a["dilation"], "dilation")
+        groups = a["groups"]
+        padding = resolve_padding(a["padding"], kernel, stride, dilation, (h, w))
         if c % groups:
             raise LayerError(
                 f"groups ({groups}) must divide the input channels ({c})",
@@ -47,7 +73,7 @@ class Conv2d(Layer):
                 "groups",
                 f"{filters} / {groups} = {filters / groups:g}",
             )
-        connections = a.get("connections")
+        connections = a["connections"]
         self.connection_mask = None
         if connections is not None:
             if groups != 1:
@@ -79,7 +105,7 @@ class Conv2d(Layer):
             "padding": padding,
             "dilation": dilation,
             "groups": groups,
-            "bias": a.get("bias", True),
+            "bias": a["bias"],
         }
         if connections is not None:
             self.attrs["connections"] = connections
@@ -211,17 +237,35 @@ class Conv2d(Layer):
 
 @register
 class ConvTranspose2d(Layer):
+    """Transposed convolution: O = (n-1)*s - 2p + d*(f-1) + 1 + output_padding.
+
+    Shape: [C, H, W] -> [filters, O_h, O_w] with O = (n-1)*s - p0 - p1 + d*(f-1) + 1 + e,
+    the gradient of a conv2d with these attributes (weight [in, out, kh, kw]).
+    Receptive field: an output unit reads the inputs i with i*s in [o + p0 - d*(f-1), o + p0],
+    (d*(f-1) + 1)/s of them on average: size + ((d*(f-1) + 1)/s - 1)*jump, jump / s,
+    start + (p0 - d*(f-1))*jump/s (fractions, see `Field`).
+    """
+
     type_name = "conv_transpose2d"
     aliases = ("deconv2d",)
+    attributes = (
+        A.integer("filters", doc="output maps", aliases=("out_channels",)),
+        KERNEL,
+        STRIDE,
+        A.padding(doc="removed from the output's borders"),
+        A.pair("output_padding", 0, "extra rows/columns at the bottom/right", minimum=0),
+        DILATION,
+        BIAS,
+    )
 
     def setup(self, a, in_shapes):
         c, h, w = spatial(in_shapes[0], self.type_name)
         filters = a["filters"]
         kernel = pair(a["kernel"], "kernel")
-        stride = pair(a.get("stride", 1), "stride")
-        dilation = pair(a.get("dilation", 1), "dilation")
-        extra = pair(a.get("output_padding", 0), "output_padding")
-        padding = a.get("padding", 0)
+        stride = pair(a["stride"], "stride")
+        dilation = pair(a["dilation"], "dilation")
+        extra = pair(a["output_padding"], "output_padding")
+        padding = a["padding"]
         if isinstance(padding, str):
             raise LayerError(
                 "conv_transpose2d takes numeric padding, not a mode",
@@ -262,7 +306,7 @@ class ConvTranspose2d(Layer):
             "output_padding": extra,
             "dilation": dilation,
             "groups": 1,
-            "bias": a.get("bias", True),
+            "bias": a["bias"],
         }
         return (filters, *sizes)
 

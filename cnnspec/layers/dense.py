@@ -3,6 +3,7 @@ flattens it implicitly (as Caffe's InnerProduct does)."""
 
 from __future__ import annotations
 
+from . import attrs as A
 from .base import Layer, ParamDef, flat_size, register
 from .pool import covers_input
 
@@ -15,7 +16,14 @@ def _kernels():
 
 @register
 class Flatten(Layer):
+    """Flatten a [C, H, W] input into one vector.
+
+    Shape: [C, H, W] -> [C*H*W].
+    Receptive field: every unit sees the whole input (size + (H-1)*jump, ...).
+    """
+
     type_name = "flatten"
+    transparent_to_init = True
 
     def setup(self, a, in_shapes):
         return (flat_size(in_shapes[0]),)
@@ -33,11 +41,20 @@ class Flatten(Layer):
 
 @register
 class Dense(Layer):
+    """Fully connected layer (flattens a [C, H, W] input implicitly); weight [out, in].
+
+    Shape: any -> [units]. Receptive field: the whole input, as flatten.
+    """
+
     type_name = "dense"
     aliases = ("fc",)
+    attributes = (
+        A.integer("units", doc="outputs", aliases=("out_features",)),
+        A.boolean("bias", True, "add a learned bias per unit"),
+    )
 
     def setup(self, a, in_shapes):
-        self.attrs = {"units": a["units"], "bias": a.get("bias", True)}
+        self.attrs = {"units": a["units"], "bias": a["bias"]}
         return (a["units"],)
 
     def param_defs(self):

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import attrs as A
 from .base import Layer, register
 
 
 @register
 class Dropout(Layer):
+    """Inverted dropout.
+
+    Shape: unchanged. Receptive field: unchanged.
+    """
+
     type_name = "dropout"
+    transparent_to_init = True
+    attributes = (
+        A.number(
+            "rate", 0.5, "fraction of units zeroed in training", minimum=0, exclusiveMaximum=1
+        ),
+    )
 
     def setup(self, a, in_shapes):
-        self.attrs = {"rate": a.get("rate", 0.5)}
+        self.attrs = {"rate": a["rate"]}
         return in_shapes[0]
 
     def allocate(self, batch, dtype=np.float32):

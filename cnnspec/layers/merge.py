@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from ..errors import LayerError
+from . import attrs as A
 from .base import Field, Layer, register
 
 
@@ -39,6 +40,12 @@ class _Merge(Layer):
 
 @register
 class Concat(_Merge):
+    """Concatenate the outputs named in `inputs` along channels.
+
+    Shape: [C1, H, W], [C2, H, W], ... -> [C1 + C2 + ..., H, W].
+    Receptive field: the union of the branches' fields (see `union`).
+    """
+
     type_name = "concat"
 
     def setup(self, a, in_shapes):
@@ -70,6 +77,11 @@ class Concat(_Merge):
 
 @register
 class Add(_Merge):
+    """Add the outputs named in `inputs` (residual connections).
+
+    Shape: equal shapes in, the same out. Receptive field: the union, as concat.
+    """
+
     type_name = "add"
 
     def setup(self, a, in_shapes):
@@ -93,9 +105,14 @@ class Add(_Merge):
 
 @register
 class ChannelPad(Layer):
-    """Appends zero channels up to `channels` (He et al.'s option-A shortcut)."""
+    """Append zero channels up to `channels` (ResNet option-A shortcut).
+
+    Shape: [C, H, W] -> [channels, H, W]. Receptive field: unchanged.
+    """
 
     type_name = "channel_pad"
+    transparent_to_init = True
+    attributes = (A.integer("channels", doc="channels after padding"),)
 
     def setup(self, a, in_shapes):
         c = in_shapes[0][0]

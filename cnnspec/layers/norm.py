@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import attrs as A
 from .base import Layer, ParamDef, register
 
 
@@ -16,12 +17,24 @@ def _kernels():
 
 @register
 class BatchNorm2d(Layer):
+    """Batch normalisation (PyTorch conventions for momentum and running variance).
+
+    Shape: unchanged. Receptive field: unchanged (per unit; the statistics see the batch).
+    """
+
     type_name = "batchnorm2d"
     aliases = ("batchnorm", "bn")
     fusable = True  # a following ReLU runs in the normalisation pass
+    transparent_to_init = True
+    attributes = (
+        A.number(
+            "momentum", 0.1, "weight of the batch in the running statistics", minimum=0, maximum=1
+        ),
+        A.number("eps", 1e-5, "added to the variance", exclusiveMinimum=0),
+    )
 
     def setup(self, a, in_shapes):
-        self.attrs = {"momentum": a.get("momentum", 0.1), "eps": a.get("eps", 1e-5)}
+        self.attrs = {"momentum": a["momentum"], "eps": a["eps"]}
         return in_shapes[0]
 
     def param_defs(self):
@@ -85,15 +98,22 @@ class BatchNorm2d(Layer):
 
 @register
 class LRN(Layer):
+    """Local response normalisation across channels: x / (k + alpha/size * sum x^2)^beta.
+
+    Shape: unchanged. Receptive field: unchanged (it mixes channels, not positions).
+    """
+
     type_name = "lrn"
+    transparent_to_init = True
+    attributes = (
+        A.integer("size", 5, "channels summed over"),
+        A.number("alpha", 1e-4, "scale of the sum (divided by size)"),
+        A.number("beta", 0.75, "exponent"),
+        A.number("k", 2.0, "added before the exponent"),
+    )
 
     def setup(self, a, in_shapes):
-        self.attrs = {
-            "size": a.get("size", 5),
-            "alpha": a.get("alpha", 1e-4),
-            "beta": a.get("beta", 0.75),
-            "k": a.get("k", 2.0),
-        }
+        self.attrs = {name: a[name] for name in ("size", "alpha", "beta", "k")}
         return in_shapes[0]
 
     def allocate(self, batch, dtype=np.float32):

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import attrs as A
 from .base import Layer, ParamDef, flat_size, register
+
+LOSS_WEIGHT = A.number("loss_weight", 1.0, "weight of this head's loss in the total")
 
 
 def _kernels():
@@ -18,9 +21,10 @@ def _kernels():
 class _Output(Layer):
     role = "output"
     loss_name = "cross_entropy"
+    attributes = (LOSS_WEIGHT,)
 
     def setup(self, a, in_shapes):
-        self.attrs = {"loss_weight": a.get("loss_weight", 1.0)}
+        self.attrs = {"loss_weight": a["loss_weight"]}
         return (flat_size(in_shapes[0]),)
 
     def scores(self, xs, out):
@@ -41,6 +45,11 @@ class _Output(Layer):
 
 @register
 class Softmax(_Output):
+    """Output: softmax over its input logits, trained with cross-entropy.
+
+    Shape: any -> [flattened size]. Receptive field: unchanged.
+    """
+
     type_name = "softmax"
 
     def scores(self, xs, out):
@@ -61,6 +70,11 @@ class Softmax(_Output):
 
 @register
 class Linear(_Output):
+    """Output: identity, trained with mean squared error (regression).
+
+    Shape: any -> [flattened size]. Receptive field: unchanged.
+    """
+
     type_name = "linear"
     loss_name = "mse"
 
@@ -73,16 +87,20 @@ class Linear(_Output):
 
 @register
 class RBF(_Output):
-    """y_k = sum_j (x_j - w_kj)^2; the class is the nearest centre."""
+    """Output: LeNet-5's Euclidean RBF units (distance to a centre per class; nearest wins).
+
+    y_k = sum_j (x_j - w_kj)^2. Shape: any -> [units]. Receptive field: unchanged.
+    """
 
     type_name = "rbf"
+    attributes = (
+        A.integer("units", doc="classes (one centre each)"),
+        A.boolean("trainable", False, "learn the centres (false: fixed +-1 codes)"),
+        LOSS_WEIGHT,
+    )
 
     def setup(self, a, in_shapes):
-        self.attrs = {
-            "units": a["units"],
-            "trainable": a.get("trainable", False),
-            "loss_weight": a.get("loss_weight", 1.0),
-        }
+        self.attrs = {name: a[name] for name in ("units", "trainable", "loss_weight")}
         return (a["units"],)
 
     def param_defs(self):

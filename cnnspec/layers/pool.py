@@ -6,7 +6,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import LayerError
+from . import attrs as A
 from .base import Layer, ParamDef, output_size, pair, register, resolve_padding, spatial
+
+KERNEL = A.pair("kernel", 2, "window size", aliases=("kernel_size",))
+STRIDE = A.pair("stride", None, "step between windows (smaller overlaps)", shown_default="= kernel")
 
 
 def _kernels():
@@ -16,11 +20,19 @@ def _kernels():
 
 
 class _Pool2d(Layer):
+    transparent_to_init = True
+    attributes = (
+        KERNEL,
+        STRIDE,
+        A.padding(doc="around the input, at most half the kernel"),
+        A.boolean("ceil_mode", False, "round the output size up (PyTorch's ceil_mode)"),
+    )
+
     def setup(self, a, in_shapes):
         c, h, w = spatial(in_shapes[0], self.type_name)
-        kernel = pair(a.get("kernel", 2), "kernel")
-        stride = pair(a.get("stride", kernel), "stride")
-        padding = resolve_padding(a.get("padding", 0), kernel, stride, [1, 1], (h, w))
+        kernel = pair(a["kernel"], "kernel")
+        stride = pair(kernel if a["stride"] is None else a["stride"], "stride")
+        padding = resolve_padding(a["padding"], kernel, stride, [1, 1], (h, w))
         for axis, k, p0, p1 in (
             ("height", kernel[0], *padding[:2]),
             ("width", kernel[1], *padding[2:]),
@@ -31,7 +43,7 @@ class _Pool2d(Layer):
                     "padding",
                     "a window made only of padding has no value to pool",
                 )
-        ceil_mode = a.get("ceil_mode", False)
+        ceil_mode = a["ceil_mode"]
         oh = output_size(h, kernel[0], stride[0], padding[0], padding[1], 1, ceil_mode, "height")
         ow = output_size(w, kernel[1], stride[1], padding[2], padding[3], 1, ceil_mode, "width")
         self.attrs = {
@@ -53,6 +65,13 @@ class _Pool2d(Layer):
 
 @register
 class MaxPool2d(_Pool2d):
+    """Max pooling; stride defaults to the kernel (smaller = overlapping).
+
+    Shape: [C, H, W] -> [C, O_h, O_w], O = floor((n + p0 + p1 - f)/s) + 1 (ceil with
+    ceil_mode, less one if the last window would start in the right padding).
+    Receptive field: size + (f-1)*jump, jump * s, start - p0*jump.
+    """
+
     type_name = "maxpool2d"
     aliases = ("maxpool",)
 
@@ -71,12 +90,22 @@ class MaxPool2d(_Pool2d):
 
 @register
 class AvgPool2d(_Pool2d):
+    """Average pooling; count_include_pad as in PyTorch.
+
+    Shape: as maxpool2d; the divisor is the window's size (count_include_pad) or the
+    number of input units it covers. Receptive field: as maxpool2d.
+    """
+
     type_name = "avgpool2d"
     aliases = ("avgpool",)
+    attributes = (
+        *_Pool2d.attributes,
+        A.boolean("count_include_pad", True, "padding counts in the divisor"),
+    )
 
     def setup(self, a, in_shapes):
         shape = super().setup(a, in_shapes)
-        self.attrs["count_include_pad"] = a.get("count_include_pad", True)
+        self.attrs["count_include_pad"] = a["count_include_pad"]
         return shape
 
     def _args(self):
@@ -92,14 +121,20 @@ class AvgPool2d(_Pool2d):
 
 @register
 class Subsample2d(Layer):
-    """LeNet-5's S2/S4: window average x learned coefficient + learned bias, per map."""
+    """LeNet-5's trainable subsampling: window average x coefficient + bias, per map.
+
+    Shape: [C, H, W] -> [C, O_h, O_w], O = floor((n - f)/s) + 1 (no padding).
+    Receptive field: size + (f-1)*jump, jump * s, start.
+    """
 
     type_name = "subsample2d"
+    transparent_to_init = True
+    attributes = (KERNEL, STRIDE)
 
     def setup(self, a, in_shapes):
         c, h, w = spatial(in_shapes[0], self.type_name)
-        kernel = pair(a.get("kernel", 2), "kernel")
-        stride = pair(a.get("stride", kernel), "stride")
+        kernel = pair(a["kernel"], "kernel")
+        stride = pair(kernel if a["stride"] is None else a["stride"], "stride")
         oh = output_size(h, kernel[0], stride[0], 0, 0, 1, axis="height")
         ow = output_size(w, kernel[1], stride[1], 0, 0, 1, axis="width")
         self.attrs = {"kernel": kernel, "stride": stride, "padding": [0, 0, 0, 0]}
@@ -142,8 +177,15 @@ class Subsample2d(Layer):
 
 @register
 class GlobalAvgPool2d(Layer):
+    """Average over the whole spatial extent.
+
+    Shape: [C, H, W] -> [C, 1, 1].
+    Receptive field: size + (H-1)*jump (resp. W), jump, start: the whole input.
+    """
+
     type_name = "global_avgpool2d"
     aliases = ("global_avgpool",)
+    transparent_to_init = True
 
     def setup(self, a, in_shapes):
         c, h, w = spatial(in_shapes[0], self.type_name)

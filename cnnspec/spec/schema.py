@@ -191,10 +191,22 @@ def _explain(doc: Document, err, base) -> list[Problem]:
                 message = _range_message(where, r)
             else:
                 message = f"{where} must be {_describe_type(e.schema)}, got {_show(e.instance)}"
+                if isinstance(e.instance, str):  # `padding: sam`
+                    hint = did_you_mean(e.instance, _enum_values(e.schema))
         else:
             message = f"{where}: {e.message}"
         out.append(Problem(message, line, col, hint, file=doc.file, path=path))
     return out
+
+
+def _enum_values(schema_part) -> list:
+    """The words an anyOf allows among its alternatives (`same`, `valid`, ...)."""
+    if not isinstance(schema_part, dict):
+        return []
+    words = list(schema_part.get("enum", []))
+    for branch in schema_part.get("anyOf", []):
+        words += _enum_values(branch)
+    return words
 
 
 def _where(path) -> str:

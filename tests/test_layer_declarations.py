@@ -1,0 +1,114 @@
+"""One declaration per layer: the generated schema and README table are current, and
+the defaults, aliases, docs and `cnnspec layers` come from the layer classes."""
+
+import subprocess
+import sys
+
+import pytest
+
+import cnnspec
+from cnnspec import gen
+from cnnspec.layers import REGISTRY
+from cnnspec.layers.docs import layer_classes
+
+
+def test_generated_files_are_current():
+    """`python -m cnnspec.gen` regenerates them; run it after changing a layer."""
+    assert gen.SCHEMA.read_text() == gen.schema_text(), "schema.json is stale"
+    assert gen.README.read_text() == gen.readme_text(), "README's layer table is stale"
+
+
+def test_schema_allows_exactly_the_declared_attributes():
+    defs = gen.schema(__import__("json").loads(gen.SCHEMA.read_text()))["$defs"]
+    for cls in layer_classes():
+        declared = {n for a in cls.attributes for n in (a.name, *a.aliases)}
+        assert set(defs[cls.type_name]["properties"]) == declared
+
+
+@pytest.mark.parametrize("cls", layer_classes(), ids=lambda c: c.type_name)
+def test_every_layer_documents_itself(cls):
+    doc = cls.__doc__ or ""
+    assert cls.description(), f"{cls.type_name} needs a one-line docstring"
+    assert "Shape" in doc and "Receptive field" in doc, f"{cls.type_name}: say both rules"
+    for attr in cls.attributes:
+        assert attr.doc, f"{cls.type_name}.{attr.name} needs a one-line doc"
+
+
+def net(layer: str, input_shape="[2, 8, 8]"):
+    return cnnspec.loads(f"input: {input_shape}\nlayers:\n  - {layer}\n")
+
+
+def test_setup_sees_the_declared_defaults():
+    a = net("{type: conv2d, filters: 3, kernel: 3}").infos[0].layer.attrs
+    assert a["stride"] == [1, 1] and a["dilation"] == [1, 1] and a["groups"] == 1
+    assert a["padding"] == [0, 0, 0, 0] and a["bias"] is True
+    pool = net("{type: maxpool2d, kernel: 3}").infos[0].layer.attrs
+    assert pool["stride"] == [3, 3]  # the computed default: the kernel
+    assert net("{type: dropout}").infos[0].layer.attrs == {"rate": 0.5}
+
+
+def test_aliases_name_the_same_attribute():
+    a = net("{type: conv2d, out_channels: 4, kernel_size: [3, 1]}").infos[0].layer
+    assert a.attrs["filters"] == 4 and a.attrs["kernel"] == [3, 1]
+    with pytest.raises(cnnspec.SpecError) as e:
+        net("{type: maxpool2d, kernel: 2, kernel_size: 2}")
+    (p,) = e.value.problems
+    assert p.message == "'kernel_size' is another name for 'kernel': give one of them"
+    assert (p.line, p.col) == (3, 47)
+    with pytest.raises(cnnspec.SpecError) as e:  # a layer error points at the alias used
+        net("{type: conv2d, filters: 2, kernel_size: 9}")
+    assert (e.value.problems[0].line, e.value.problems[0].col) == (3, 45)
+
+
+def test_did_you_mean_reaches_aliases_and_enum_values():
+    with pytest.raises(cnnspec.SpecError) as e:
+        net("{type: dense, out_feature: 3}")
+    assert "did you mean 'out_features'?" in {p.hint for p in e.value.problems}
+    with pytest.raises(cnnspec.SpecError) as e:
+        net("{type: conv2d, filters: 2, kernel: 3, padding: sam}")
+    assert e.value.problems[0].hint == "did you mean 'same'?"
+
+
+def test_transparent_layers_are_looked_past_by_the_initialiser():
+    """conv -> maxpool -> tanh: Glorot (bounded), not He (unbounded normal)."""
+    spec = "input: [1, 8, 8]\nlayers:\n  - {type: conv2d, filters: 4, kernel: 3}\n"
+    model = cnnspec.loads(spec + "  - {type: maxpool2d}\n  - {type: tanh}\n").compile(batch_size=1)
+    w = model.params["conv2d_1.weight"]
+    limit = (6.0 / (9 + 36)) ** 0.5
+    assert abs(w).max() <= limit
+    assert REGISTRY["maxpool2d"].transparent_to_init and not REGISTRY["conv2d"].transparent_to_init
+
+
+def test_cli_layers_lists_and_describes(cli):
+    out = cli("layers")
+    assert out.exit_code == 0
+    lines = out.stdout.splitlines()
+    assert len(lines) == len(layer_classes())
+    assert any(line.startswith("conv2d (conv)") for line in lines)
+    one = cli("layers", "conv2d")
+    assert one.exit_code == 0
+    assert "Receptive field" in one.stdout
+    assert "kernel_size" in one.stdout and "= 1" in one.stdout  # alias; stride's default
+    bad = cli("layers", "convv2d")
+    assert bad.exit_code == 2
+    assert "unknown layer type 'convv2d'; did you mean 'conv2d'?" in bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_check_imports_no_numba(tmp_path):
+    """Validation is numpy and jsonschema only: no Numba import, nothing compiled."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from cnnspec.cli import app\n"
+        "r = CliRunner().invoke(app, ['check', 'specs/lenet5.yaml'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "import cnnspec\n"
+        "cnnspec.load('specs/resnet20-cifar.yaml').compile\n"
+        "print('numba' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=gen.README.parent, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
