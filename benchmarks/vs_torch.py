@@ -195,7 +195,9 @@ class _CnnspecRunner:
 
         import cnnspec
         from cnnspec import bench as cb
-        from cnnspec.kernels import cpu  # noqa: F401
+        from cnnspec.backend import get_backend
+
+        get_backend("cpu").load_all()
 
         numba.set_num_threads(threads)
         self.import_s = time.perf_counter() - t0

@@ -466,7 +466,9 @@ def bench(
     """
     import numba
 
-    from .kernels import cpu  # noqa: F401  (kernels imported: their compile state is visible)
+    from .backend import get_backend
+
+    get_backend("cpu").load_all()  # every kernel imported: their compile state is visible
 
     if batch < 1 or repeat < 1 or warmup < 0:
         raise ValueError("batch and repeat must be at least 1, warmup at least 0")

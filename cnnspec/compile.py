@@ -16,8 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .backend import Backend, get_backend
 from .graph import INPUT
-from .kernels.cpu.merge import add_forward
 
 
 @lru_cache(maxsize=1)
@@ -41,29 +41,37 @@ class _BufferPool:
     """Hands out zeroed arrays; one whose life ([first, last] backward steps) has
     ended before another's begins is handed out again, so gradients share memory."""
 
-    def __init__(self, dtype):
+    def __init__(self, backend, dtype):
+        self.zeros = backend.zeros
         self.dtype = dtype
         self.slots: dict[int, list] = {}  # size -> [[flat array, last step], ...]
 
     def get(self, shape, first, last):
         size = math.prod(shape)
         if first is None:  # never written: a private zero buffer
-            return np.zeros(shape, self.dtype)
+            return self.zeros(shape, self.dtype)
         for slot in self.slots.setdefault(size, []):
             if slot[1] < first:
                 slot[1] = last
                 return slot[0].reshape(shape)
-        flat = np.zeros(size, self.dtype)
+        flat = self.zeros(size, self.dtype)
         self.slots[size].append([flat, last])
         return flat.reshape(shape)
 
 
 class Model:
     def __init__(
-        self, net, batch_size: int = 32, seed: int = 0, dtype=np.float32, training: bool = True
+        self,
+        net,
+        batch_size: int = 32,
+        seed: int = 0,
+        dtype=np.float32,
+        training: bool = True,
+        device: str | Backend = "cpu",
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        self.backend = get_backend(device) if isinstance(device, str) else device
         self.training = training  # False: forward only, activations share memory
         net = net.reshape(net.input_shape)  # fresh layer objects: they hold workspaces
         self.net = net
@@ -82,21 +90,23 @@ class Model:
 
     # ---- construction ------------------------------------------------------
     def _allocate(self, batch):
-        dt = self.dtype
-        self.buf = {INPUT: np.zeros((batch, *self.input_shape), dt)}
+        dt, zeros = self.dtype, self.backend.zeros
+        for info in self.infos:
+            info.layer.bind(self.backend)
+        self.buf = {INPUT: zeros((batch, *self.input_shape), dt)}
         self.fused = self._fuse_relus()
         self._allocate_activations(batch)
         for info in self.infos:
             info.layer.allocate(batch, dt)
-        scratch = np.zeros(max([i.layer.workspace_size(batch) for i in self.infos] + [1]), dt)
+        scratch = zeros(max([i.layer.workspace_size(batch) for i in self.infos] + [1]), dt)
         for info in self.infos:
             info.layer.workspace = scratch
         defs = [(info, d) for info in self.infos for d in info.layer.param_defs()]
         n_train = sum(int(np.prod(d.shape)) for _, d in defs if d.trainable)
         n_fixed = sum(int(np.prod(d.shape)) for _, d in defs if not d.trainable)
-        self.flat_params = np.zeros(n_train, dt)
-        self.flat_grads = np.zeros(n_train, dt)
-        self.flat_fixed = np.zeros(n_fixed, dt)
+        self.flat_params = zeros(n_train, dt)
+        self.flat_grads = zeros(n_train, dt)
+        self.flat_fixed = zeros(n_fixed, dt)
         self.params, self.grads, self.defs = {}, {}, {}
         self.layer_params = {i.name: {} for i in self.infos}
         self.layer_grads = {i.name: {} for i in self.infos}
@@ -131,14 +141,14 @@ class Model:
         for info in [*self.outputs, self.head]:  # scores read the heads and their inputs
             for name in (info.name, *info.node.inputs):
                 last[self.fused.get(name, name)] = end
-        pool = _BufferPool(self.dtype)
+        pool = _BufferPool(self.backend, self.dtype)
         for info in self.infos:
             name = info.name
             if name in self.fused:
                 continue
             shape = (batch, *info.layer.out_shape)
             if self.training:
-                self.buf[name] = np.zeros(shape, self.dtype)
+                self.buf[name] = self.backend.zeros(shape, self.dtype)
             else:
                 self.buf[name] = pool.get(shape, order[name], last.get(name, end))
         for relu, producer in self.fused.items():
@@ -176,7 +186,7 @@ class Model:
         self.needs_grad = needs_grad
         step = {info.name: k for k, info in enumerate(reversed(self.infos))}  # backward order
         shapes = {info.name: (batch, *info.layer.out_shape) for info in self.infos}
-        pool = _BufferPool(self.dtype)
+        pool = _BufferPool(self.backend, self.dtype)
         # (first write, last read, name): a fused ReLU's gradient is its producer's
         lives = []
         for info in self.infos:
@@ -232,9 +242,9 @@ class Model:
             elif d.init.startswith("const:"):
                 p.fill(float(d.init.split(":", 1)[1]))
             elif d.init == "sign":
-                p[...] = np.where(rng.random(d.shape) < 0.5, -1.0, 1.0)
+                self.backend.to_device(np.where(rng.random(d.shape) < 0.5, -1.0, 1.0), p)
             else:
-                p[...] = self._auto_init(info, d, rng)
+                self.backend.to_device(self._auto_init(info, d, rng), p)
             if key in self.masks:
                 p *= self.masks[key]
 
@@ -271,7 +281,7 @@ class Model:
                 f"input batch has shape {x.shape}, the model expects "
                 f"{self.buf[INPUT].shape} (batch size is fixed at compile time)"
             )
-        np.copyto(self.buf[INPUT], x, casting="same_kind")
+        self.backend.to_device(x, self.buf[INPUT])
 
     def _forward(self, train: bool):
         buf, rng = self.buf, self.rng
@@ -325,13 +335,14 @@ class Model:
 
     def _backward(self):
         buf, dbuf = self.buf, self.dbuf
+        add = self.backend.kernels("merge").add_forward
         for info in reversed(self.infos):
             name = info.name
             if not self.needs_grad[name]:
                 continue
             parts = self.fan_in_sums.get(name)
             if parts:  # several users: their gradients add up (a fused ReLU's too)
-                add_forward(parts, dbuf[name])  # one parallel pass; numpy's is serial
+                add(parts, dbuf[name])  # one parallel pass; numpy's is serial
             if name in self.fused:
                 continue  # its producer applies the ReLU's gradient
             info.layer.backward(
@@ -378,6 +389,6 @@ def compile_network(
     dtype=np.float32,
     training: bool = True,
 ) -> Model:
-    if device != "cpu":
-        raise ValueError(f"device '{device}' is not available; this build compiles for 'cpu'")
-    return Model(net, batch_size=batch_size, seed=seed, dtype=dtype, training=training)
+    return Model(
+        net, batch_size=batch_size, seed=seed, dtype=dtype, training=training, device=device
+    )

@@ -283,9 +283,9 @@ def test_batch_reductions_do_not_depend_on_thread_count():
         res = []
         y, mean, inv = np.empty_like(x), np.empty(4, np.float32), np.empty(4, np.float32)
         ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
-        norm.batchnorm_forward_train(x, ones, zeros, 1e-5, 0.1, None, None, y, mean, inv)
+        norm.batchnorm2d_forward_train(x, ones, zeros, 1e-5, 0.1, None, None, y, mean, inv)
         dx, dg, dbeta = np.empty_like(x), np.empty(4, np.float32), np.empty(4, np.float32)
-        norm.batchnorm_backward(dout, x, mean, ones, inv, dx, dg, dbeta)
+        norm.batchnorm2d_backward(dout, x, mean, ones, inv, dx, dg, dbeta)
         dpw = np.empty(4, np.float32)
         activation.prelu_backward(x, np.full(4, 0.25, np.float32), dout, dx.copy(), dpw)
         pooled, sub = np.empty((8, 4, 3, 3), np.float32), np.empty((8, 4, 3, 3), np.float32)

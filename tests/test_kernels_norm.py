@@ -33,12 +33,12 @@ def test_batchnorm_train_finite_differences(name):
     rm, rv = np.zeros(c), np.ones(c)
 
     def loss():
-        norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, rm, rv, out, mean, inv_std)
+        norm.batchnorm2d_forward_train(x, gamma, beta, EPS, MOMENTUM, rm, rv, out, mean, inv_std)
         return float(np.sum(out * r))
 
     loss()
     dx, dg, db = np.full_like(x, np.nan), np.full(c, np.nan), np.full(c, np.nan)
-    norm.batchnorm_backward(r, x, mean, gamma, inv_std, dx, dg, db)
+    norm.batchnorm2d_backward(r, x, mean, gamma, inv_std, dx, dg, db)
     assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
     assert rel_error(dg, numerical_grad(loss, gamma)) < FD_TOL
     assert rel_error(db, numerical_grad(loss, beta)) < FD_TOL
@@ -55,7 +55,7 @@ def test_batchnorm_matches_torch(name):
     rv = rng.uniform(0.5, 2.0, c).astype(np.float32)
     rm_t, rv_t = torch.tensor(rm), torch.tensor(rv)
     out, mean, inv_std = np.empty_like(x), np.empty(c, np.float32), np.empty(c, np.float32)
-    norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, rm, rv, out, mean, inv_std)
+    norm.batchnorm2d_forward_train(x, gamma, beta, EPS, MOMENTUM, rm, rv, out, mean, inv_std)
     xt = torch.tensor(x, requires_grad=True)
     gt = torch.tensor(gamma, requires_grad=True)
     bt = torch.tensor(beta, requires_grad=True)
@@ -66,13 +66,13 @@ def test_batchnorm_matches_torch(name):
     dout = rng.standard_normal(shape).astype(np.float32)
     ref.backward(torch.tensor(dout))
     dx, dg, db = np.empty_like(x), np.empty_like(gamma), np.empty_like(beta)
-    norm.batchnorm_backward(dout, x, mean, gamma, inv_std, dx, dg, db)
+    norm.batchnorm2d_backward(dout, x, mean, gamma, inv_std, dx, dg, db)
     assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
     assert rel_error(dg, gt.grad.numpy()) < TORCH_TOL
     assert rel_error(db, bt.grad.numpy()) < TORCH_TOL
     # eval mode with the updated running statistics
     out_eval = np.empty_like(x)
-    norm.batchnorm_forward_eval(x, gamma, beta, EPS, rm, rv, out_eval)
+    norm.batchnorm2d_forward_eval(x, gamma, beta, EPS, rm, rv, out_eval)
     ref_eval = F.batch_norm(torch.tensor(x), rm_t, rv_t, gt, bt, training=False, eps=EPS)
     assert rel_error(out_eval, ref_eval.detach().numpy()) < TORCH_TOL
 
@@ -82,11 +82,11 @@ def test_batchnorm_eval_float64_and_no_affine():
     rm = rng.standard_normal(3)
     rv = rng.uniform(0.5, 2.0, 3)
     out = np.empty_like(x)
-    norm.batchnorm_forward_eval(x, gamma, beta, EPS, rm, rv, out)
+    norm.batchnorm2d_forward_eval(x, gamma, beta, EPS, rm, rv, out)
     b = (1, 3, 1, 1)
     ref = (x - rm.reshape(b)) / np.sqrt(rv.reshape(b) + EPS) * gamma.reshape(b) + beta.reshape(b)
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
-    norm.batchnorm_forward_eval(x, None, None, EPS, rm, rv, out)
+    norm.batchnorm2d_forward_eval(x, None, None, EPS, rm, rv, out)
     ref = (x - rm.reshape(b)) / np.sqrt(rv.reshape(b) + EPS)
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
 
@@ -143,7 +143,7 @@ def test_batchnorm_returns_the_batch_statistics_backward_uses():
     x = (rng.standard_normal((4, 3, 5, 5)) * 3 + 7).astype(np.float32)
     c = x.shape[1]
     out, inv_std, mean = np.empty_like(x), np.empty(c, np.float32), np.empty(c, np.float32)
-    norm.batchnorm_forward_train(x, None, None, 1e-5, 0.1, None, None, out, mean, inv_std)
+    norm.batchnorm2d_forward_train(x, None, None, 1e-5, 0.1, None, None, out, mean, inv_std)
     np.testing.assert_allclose(mean, x.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(inv_std, 1 / np.sqrt(x.var(axis=(0, 2, 3)) + 1e-5), rtol=1e-5)
 
@@ -156,8 +156,8 @@ def test_batchnorm_fused_relu_is_relu_of_batchnorm(dtype):
     c = x.shape[1]
     mean, inv_std, affine = np.empty(c, dtype), np.empty(c, dtype), np.empty((2, c), dtype)
     plain, fused = np.empty_like(x), np.empty_like(x)
-    norm.batchnorm_forward_train(x, gamma, beta, EPS, MOMENTUM, None, None, plain, mean, inv_std)
-    norm.batchnorm_forward_train(
+    norm.batchnorm2d_forward_train(x, gamma, beta, EPS, MOMENTUM, None, None, plain, mean, inv_std)
+    norm.batchnorm2d_forward_train(
         x, gamma, beta, EPS, MOMENTUM, None, None, fused, mean, inv_std, 1, affine
     )
     np.testing.assert_array_equal(fused, np.maximum(plain, 0))
@@ -166,10 +166,10 @@ def test_batchnorm_fused_relu_is_relu_of_batchnorm(dtype):
     )
     dout = rng.standard_normal(x.shape).astype(dtype)
     grads = [np.empty_like(x), np.empty(c, dtype), np.empty(c, dtype)]
-    norm.batchnorm_backward(dout, x, mean, gamma, inv_std, *grads, affine, 1)
+    norm.batchnorm2d_backward(dout, x, mean, gamma, inv_std, *grads, affine, 1)
     expect = [np.empty_like(x), np.empty(c, dtype), np.empty(c, dtype)]
     masked = np.where(fused > 0, dout, 0).astype(dtype)
-    norm.batchnorm_backward(masked, x, mean, gamma, inv_std, *expect)
+    norm.batchnorm2d_backward(masked, x, mean, gamma, inv_std, *expect)
     tol = 1e-5 if dtype == np.float32 else 1e-12  # the sums' vector order may differ
     for a, b in zip(grads, expect, strict=True):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
@@ -181,6 +181,6 @@ def test_batchnorm_statistics_survive_a_large_mean():
     x = (1000 + 0.01 * rng.standard_normal((8, 2, 6, 6))).astype(np.float32)
     c = x.shape[1]
     out, inv_std, mean = np.empty_like(x), np.empty(c, np.float32), np.empty(c, np.float32)
-    norm.batchnorm_forward_train(x, None, None, 0.0, 0.1, None, None, out, mean, inv_std)
+    norm.batchnorm2d_forward_train(x, None, None, 0.0, 0.1, None, None, out, mean, inv_std)
     var = x.astype(np.float64).var(axis=(0, 2, 3))
     np.testing.assert_allclose(1 / inv_std.astype(np.float64) ** 2, var, rtol=1e-3)

@@ -112,3 +112,19 @@ def test_check_imports_no_numba(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_unknown_device_is_one_line():
+    net_ = net("{type: relu}")
+    with pytest.raises(ValueError, match=r"^device 'tpu' is not available; .* 'cpu'$"):
+        net_.compile(device="tpu", batch_size=1)
+
+
+def test_layers_run_on_the_bound_backend():
+    from cnnspec.backend import get_backend
+
+    model = net("{type: conv2d, filters: 2, kernel: 3}").compile(batch_size=1)
+    layer = model.infos[0].layer
+    assert model.backend is get_backend("cpu") and layer.backend is model.backend
+    assert layer.k.__name__ == "cnnspec.kernels.cpu.conv"
+    assert hasattr(layer.k, "conv2d_forward")

@@ -15,12 +15,6 @@ SAME_SHAPE = """
     """
 
 
-def _kernels():
-    from ..kernels.cpu import activation
-
-    return activation
-
-
 class _Elementwise(Layer):
     family = "linear"
 
@@ -29,11 +23,11 @@ class _Elementwise(Layer):
         return in_shapes[0]
 
     def forward(self, xs, out, p, train, rng):
-        fwd = getattr(_kernels(), self.type_name + "_forward")
+        fwd = getattr(self.k, self.type_name + "_forward")
         fwd(xs[0].reshape(-1), *self.attrs.values(), out.reshape(-1))
 
     def backward(self, xs, out, dout, dxs, p, g):
-        getattr(_kernels(), self.type_name + "_backward")(
+        getattr(self.k, self.type_name + "_backward")(
             *self._saved(xs[0].reshape(-1), out.reshape(-1)),
             *self.attrs.values(),
             dout.reshape(-1),
@@ -117,7 +111,7 @@ class RReLU(Layer):
         return in_shapes[0]
 
     def allocate(self, batch, dtype=np.float32):
-        self.slopes = np.zeros(batch * int(np.prod(self.out_shape)), dtype)
+        self.slopes = self.backend.zeros(batch * int(np.prod(self.out_shape)), dtype)
 
     def forward(self, xs, out, p, train, rng):
         lo, hi = self.attrs["lower"], self.attrs["upper"]
@@ -127,12 +121,10 @@ class RReLU(Layer):
             self.slopes += lo
         else:
             self.slopes.fill((lo + hi) / 2)
-        _kernels().rrelu_forward(xs[0].reshape(-1), self.slopes, out.reshape(-1))
+        self.k.rrelu_forward(xs[0].reshape(-1), self.slopes, out.reshape(-1))
 
     def backward(self, xs, out, dout, dxs, p, g):
-        _kernels().rrelu_backward(
-            xs[0].reshape(-1), self.slopes, dout.reshape(-1), dxs[0].reshape(-1)
-        )
+        self.k.rrelu_backward(xs[0].reshape(-1), self.slopes, dout.reshape(-1), dxs[0].reshape(-1))
 
 
 @register
@@ -154,10 +146,10 @@ class PReLU(Layer):
         return [ParamDef("weight", (n,), True, f"const:{self.attrs['init']}")]
 
     def forward(self, xs, out, p, train, rng):
-        _kernels().prelu_forward(xs[0], p["weight"], out)
+        self.k.prelu_forward(xs[0], p["weight"], out)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        _kernels().prelu_backward(xs[0], p["weight"], dout, dxs[0], g["weight"])
+        self.k.prelu_backward(xs[0], p["weight"], dout, dxs[0], g["weight"])
 
 
 @register
@@ -184,10 +176,10 @@ class Maxout(Layer):
         return (c // k, *in_shapes[0][1:])
 
     def allocate(self, batch, dtype=np.float32):
-        self.argmax = np.zeros((batch, *self.out_shape), np.int32)
+        self.argmax = self.backend.zeros((batch, *self.out_shape), np.int32)
 
     def forward(self, xs, out, p, train, rng):
-        _kernels().maxout_forward(xs[0], self.attrs["pieces"], out, self.argmax)
+        self.k.maxout_forward(xs[0], self.attrs["pieces"], out, self.argmax)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        _kernels().maxout_backward(dout, self.argmax, dxs[0])
+        self.k.maxout_backward(dout, self.argmax, dxs[0])

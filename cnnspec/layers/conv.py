@@ -16,18 +16,6 @@ DILATION = A.pair("dilation", 1, "spacing between kernel taps")
 BIAS = A.boolean("bias", True, "add a learned bias per output map")
 
 
-def _kernels():
-    from ..kernels.cpu import conv
-
-    return conv
-
-
-def _dense():
-    from ..kernels.cpu import dense
-
-    return dense
-
-
 @register
 class Conv2d(Layer):
     """2-D convolution (cross-correlation), PyTorch weight layout [out, in/groups, kh, kw].
@@ -158,6 +146,10 @@ class Conv2d(Layer):
             and a["groups"] == 1
         )
 
+    def bind(self, backend):
+        super().bind(backend)
+        self.dense = backend.kernels("dense")  # for a kernel that covers its input (is_dense)
+
     itemsize = 4  # of the model's dtype (set by allocate): the tiles' sizes depend on it
 
     def allocate(self, batch, dtype=np.float32):
@@ -169,7 +161,7 @@ class Conv2d(Layer):
         (w,) = [d.shape for d in self.param_defs() if d.name == "weight"]
         a = self.attrs
         x_shape, out_shape = (batch, *self.in_shapes[0]), (batch, *self.out_shape)
-        return _kernels().conv2d_workspace(
+        return self.k.conv2d_workspace(
             x_shape, w, out_shape, a["stride"], a["padding"], a["dilation"], self.itemsize
         )
 
@@ -177,7 +169,7 @@ class Conv2d(Layer):
         a = self.attrs
         if self.is_dense:
             n, o = out.shape[:2]
-            _dense().dense_forward(
+            self.dense.dense_forward(
                 xs[0].reshape(n, -1),
                 p["weight"].reshape(o, -1),
                 p.get("bias"),
@@ -185,7 +177,7 @@ class Conv2d(Layer):
                 self.fused_act,
             )
             return
-        _kernels().conv2d_forward(
+        self.k.conv2d_forward(
             xs[0],
             p["weight"],
             p.get("bias"),
@@ -203,7 +195,7 @@ class Conv2d(Layer):
         if self.is_dense:
             n, o = out.shape[:2]
             dx = None if dxs[0] is None else dxs[0].reshape(n, -1)
-            _dense().dense_backward(
+            self.dense.dense_backward(
                 xs[0].reshape(n, -1),
                 p["weight"].reshape(o, -1),
                 dout.reshape(n, o),
@@ -216,7 +208,7 @@ class Conv2d(Layer):
             if self.connection_mask is not None:
                 g["weight"] *= self.connection_mask
             return
-        _kernels().conv2d_backward(
+        self.k.conv2d_backward(
             xs[0],
             p["weight"],
             dout,
@@ -339,11 +331,11 @@ class ConvTranspose2d(Layer):
     def allocate(self, batch, dtype=np.float32):
         _, h, w = self.in_shapes[0]
         kh, kw = self.attrs["kernel"]
-        self.cols = np.zeros((batch, self.attrs["filters"] * kh * kw, h * w), dtype)
+        self.cols = self.backend.zeros((batch, self.attrs["filters"] * kh * kw, h * w), dtype)
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
-        _kernels().conv_transpose2d_forward(
+        self.k.conv_transpose2d_forward(
             xs[0],
             p["weight"],
             p.get("bias"),
@@ -356,7 +348,7 @@ class ConvTranspose2d(Layer):
 
     def backward(self, xs, out, dout, dxs, p, g):
         a = self.attrs
-        _kernels().conv_transpose2d_backward(
+        self.k.conv_transpose2d_backward(
             xs[0],
             p["weight"],
             dout,

@@ -8,12 +8,6 @@ from .base import Layer, ParamDef, flat_size, register
 from .pool import covers_input
 
 
-def _kernels():
-    from ..kernels.cpu import dense
-
-    return dense
-
-
 @register
 class Flatten(Layer):
     """Flatten a [C, H, W] input into one vector.
@@ -74,11 +68,11 @@ class Dense(Layer):
 
     def forward(self, xs, out, p, train, rng):
         x = xs[0].reshape(xs[0].shape[0], -1)
-        _kernels().dense_forward(x, p["weight"], p.get("bias"), out, self.fused_act)
+        self.k.dense_forward(x, p["weight"], p.get("bias"), out, self.fused_act)
 
     def backward(self, xs, out, dout, dxs, p, g):
         x = xs[0].reshape(xs[0].shape[0], -1)
         dx = None if dxs[0] is None else dxs[0].reshape(x.shape)
-        _kernels().dense_backward(
+        self.k.dense_backward(
             x, p["weight"], dout, dx, g["weight"], g.get("bias"), out, self.fused_act
         )

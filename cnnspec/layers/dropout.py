@@ -28,7 +28,7 @@ class Dropout(Layer):
         return in_shapes[0]
 
     def allocate(self, batch, dtype=np.float32):
-        self.mask = np.ones((batch, *self.out_shape), dtype)
+        self.mask = self.backend.zeros((batch, *self.out_shape), dtype)
 
     def forward(self, xs, out, p, train, rng):
         rate = self.attrs["rate"]

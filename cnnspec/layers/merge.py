@@ -8,12 +8,6 @@ from . import attrs as A
 from .base import Field, Layer, register
 
 
-def _kernels():
-    from ..kernels.cpu import merge
-
-    return merge
-
-
 def union(fields):
     """Receptive field of a merge: the union of the branches' fields, per axis."""
     out = []
@@ -97,10 +91,10 @@ class Add(_Merge):
     fusable = True  # a following ReLU runs in the same pass (ResNet's block output)
 
     def forward(self, xs, out, p, train, rng):
-        _kernels().add_forward(xs, out, self.fused_act)
+        self.k.add_forward(xs, out, self.fused_act)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        _kernels().add_backward(dout, out, self.fused_act, dxs)
+        self.k.add_backward(dout, out, self.fused_act, dxs)
 
 
 @register

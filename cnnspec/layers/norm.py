@@ -9,12 +9,6 @@ from . import attrs as A
 from .base import Layer, ParamDef, register
 
 
-def _kernels():
-    from ..kernels.cpu import norm
-
-    return norm
-
-
 @register
 class BatchNorm2d(Layer):
     """Batch normalisation (PyTorch conventions for momentum and running variance).
@@ -48,14 +42,14 @@ class BatchNorm2d(Layer):
 
     def allocate(self, batch, dtype=np.float32):
         c = self.in_shapes[0][0]
-        self.inv_std = np.zeros(c, dtype)
-        self.batch_mean = np.zeros(c, dtype)
-        self.affine = np.zeros((2, c), dtype)  # the forward's scale and shift
+        self.inv_std = self.backend.zeros(c, dtype)
+        self.batch_mean = self.backend.zeros(c, dtype)
+        self.affine = self.backend.zeros((2, c), dtype)  # the forward's scale and shift
 
     def forward(self, xs, out, p, train, rng):
-        k, a = _kernels(), self.attrs
+        k, a = self.k, self.attrs
         if train:
-            k.batchnorm_forward_train(
+            k.batchnorm2d_forward_train(
                 xs[0],
                 p["weight"],
                 p["bias"],
@@ -70,7 +64,7 @@ class BatchNorm2d(Layer):
                 self.affine,
             )
         else:
-            k.batchnorm_forward_eval(
+            k.batchnorm2d_forward_eval(
                 xs[0],
                 p["weight"],
                 p["bias"],
@@ -82,7 +76,7 @@ class BatchNorm2d(Layer):
             )
 
     def backward(self, xs, out, dout, dxs, p, g):
-        _kernels().batchnorm_backward(
+        self.k.batchnorm2d_backward(
             dout,
             xs[0],
             self.batch_mean,
@@ -117,14 +111,12 @@ class LRN(Layer):
         return in_shapes[0]
 
     def allocate(self, batch, dtype=np.float32):
-        self.scale = np.zeros((batch, *self.out_shape), dtype)
+        self.scale = self.backend.zeros((batch, *self.out_shape), dtype)
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
-        _kernels().lrn_forward(xs[0], a["size"], a["alpha"], a["beta"], a["k"], out, self.scale)
+        self.k.lrn_forward(xs[0], a["size"], a["alpha"], a["beta"], a["k"], out, self.scale)
 
     def backward(self, xs, out, dout, dxs, p, g):
         a = self.attrs
-        _kernels().lrn_backward(
-            xs[0], out, self.scale, dout, a["size"], a["alpha"], a["beta"], dxs[0]
-        )
+        self.k.lrn_backward(xs[0], out, self.scale, dout, a["size"], a["alpha"], a["beta"], dxs[0])

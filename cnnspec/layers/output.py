@@ -12,15 +12,10 @@ from .base import Layer, ParamDef, flat_size, register
 LOSS_WEIGHT = A.number("loss_weight", 1.0, "weight of this head's loss in the total")
 
 
-def _kernels():
-    from ..kernels.cpu import loss
-
-    return loss
-
-
 class _Output(Layer):
     role = "output"
     loss_name = "cross_entropy"
+    kernel_module = "loss"
     attributes = (LOSS_WEIGHT,)
 
     def setup(self, a, in_shapes):
@@ -32,7 +27,7 @@ class _Output(Layer):
         return out
 
     def allocate(self, batch, dtype=np.float32):
-        self.dlogits = np.zeros((batch, self.out_shape[0]), dtype)
+        self.dlogits = self.backend.zeros((batch, self.out_shape[0]), dtype)
 
     def loss(self, xs, out, target) -> float:
         """Loss of this head; leaves d(loss)/d(input) in self.dlogits (weighted)."""
@@ -63,7 +58,7 @@ class Softmax(_Output):
 
     def loss(self, xs, out, target):
         logits = xs[0].reshape(out.shape)
-        return _kernels().softmax_cross_entropy(
+        return self.k.softmax_cross_entropy(
             logits, target, out, self.dlogits, self.attrs["loss_weight"]
         )
 
@@ -82,7 +77,7 @@ class Linear(_Output):
         out[...] = xs[0].reshape(out.shape)
 
     def loss(self, xs, out, target):
-        return _kernels().mse(out, target, self.dlogits, self.attrs["loss_weight"])
+        return self.k.mse(out, target, self.dlogits, self.attrs["loss_weight"])
 
 
 @register
@@ -113,14 +108,14 @@ class RBF(_Output):
 
     def allocate(self, batch, dtype=np.float32):
         super().allocate(batch, dtype)
-        self.probs = np.zeros((batch, self.out_shape[0]), dtype)
-        self.dscores = np.zeros_like(self.probs)
+        self.probs = self.backend.zeros((batch, self.out_shape[0]), dtype)
+        self.dscores = self.backend.zeros((batch, self.out_shape[0]), dtype)
 
     def forward(self, xs, out, p, train, rng):
-        _kernels().rbf_forward(xs[0].reshape(xs[0].shape[0], -1), p["weight"], out)
+        self.k.rbf_forward(xs[0].reshape(xs[0].shape[0], -1), p["weight"], out)
 
     def loss(self, xs, out, target):
-        value = _kernels().softmax_cross_entropy(
+        value = self.k.softmax_cross_entropy(
             -out, target, self.probs, self.dscores, self.attrs["loss_weight"]
         )
         self.dscores *= -1  # d loss / d distance
@@ -129,4 +124,4 @@ class RBF(_Output):
     def backward(self, xs, out, dout, dxs, p, g):
         x = xs[0].reshape(xs[0].shape[0], -1)
         dx = None if dxs[0] is None else dxs[0].reshape(x.shape)
-        _kernels().rbf_backward(x, p["weight"], self.dscores, dx, g.get("weight"))
+        self.k.rbf_backward(x, p["weight"], self.dscores, dx, g.get("weight"))

@@ -13,12 +13,6 @@ KERNEL = A.pair("kernel", 2, "window size", aliases=("kernel_size",))
 STRIDE = A.pair("stride", None, "step between windows (smaller overlaps)", shown_default="= kernel")
 
 
-def _kernels():
-    from ..kernels.cpu import pool
-
-    return pool
-
-
 class _Pool2d(Layer):
     transparent_to_init = True
     attributes = (
@@ -76,16 +70,16 @@ class MaxPool2d(_Pool2d):
     aliases = ("maxpool",)
 
     def allocate(self, batch, dtype=np.float32):
-        self.argmax = np.zeros((batch, *self.out_shape), np.int32)
+        self.argmax = self.backend.zeros((batch, *self.out_shape), np.int32)
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
-        _kernels().maxpool2d_forward(
+        self.k.maxpool2d_forward(
             xs[0], *a["kernel"], *a["stride"], a["padding"][0], a["padding"][2], out, self.argmax
         )
 
     def backward(self, xs, out, dout, dxs, p, g):
-        _kernels().maxpool2d_backward(dout, self.argmax, dxs[0])
+        self.k.maxpool2d_backward(dout, self.argmax, dxs[0])
 
 
 @register
@@ -113,10 +107,10 @@ class AvgPool2d(_Pool2d):
         return (*a["kernel"], *a["stride"], *a["padding"], a["count_include_pad"])
 
     def forward(self, xs, out, p, train, rng):
-        _kernels().avgpool2d_forward(xs[0], *self._args(), out)
+        self.k.avgpool2d_forward(xs[0], *self._args(), out)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        _kernels().avgpool2d_backward(dout, *self._args(), dxs[0])
+        self.k.avgpool2d_backward(dout, *self._args(), dxs[0])
 
 
 @register
@@ -153,17 +147,17 @@ class Subsample2d(Layer):
         )
 
     def allocate(self, batch, dtype=np.float32):
-        self.pooled = np.zeros((batch, *self.out_shape), dtype)
+        self.pooled = self.backend.zeros((batch, *self.out_shape), dtype)
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
-        _kernels().subsample2d_forward(
+        self.k.subsample2d_forward(
             xs[0], p["weight"], p["bias"], *a["kernel"], *a["stride"], out, self.pooled
         )
 
     def backward(self, xs, out, dout, dxs, p, g):
         a = self.attrs
-        _kernels().subsample2d_backward(
+        self.k.subsample2d_backward(
             dout,
             self.pooled,
             p["weight"],
@@ -197,10 +191,10 @@ class GlobalAvgPool2d(Layer):
         return fields[0][0].through(h, 1, 0), fields[0][1].through(w, 1, 0)
 
     def forward(self, xs, out, p, train, rng):
-        _kernels().global_avgpool_forward(xs[0], out.reshape(out.shape[0], -1))
+        self.k.global_avgpool2d_forward(xs[0], out.reshape(out.shape[0], -1))
 
     def backward(self, xs, out, dout, dxs, p, g):
-        _kernels().global_avgpool_backward(dout.reshape(dout.shape[0], -1), dxs[0])
+        self.k.global_avgpool2d_backward(dout.reshape(dout.shape[0], -1), dxs[0])
 
 
 def covers_input(fields, in_shape):

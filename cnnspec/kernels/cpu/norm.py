@@ -14,9 +14,9 @@ from numba import njit, prange
 from ._common import as_3d, check_c, check_shape
 
 __all__ = [
-    "batchnorm_forward_train",
-    "batchnorm_forward_eval",
-    "batchnorm_backward",
+    "batchnorm2d_forward_train",
+    "batchnorm2d_forward_eval",
+    "batchnorm2d_backward",
     "lrn_forward",
     "lrn_backward",
 ]
@@ -113,7 +113,7 @@ def _param_or(value, c, dtype, fill):
     return value
 
 
-def batchnorm_forward_train(
+def batchnorm2d_forward_train(
     x,
     gamma,
     beta,
@@ -166,7 +166,7 @@ def batchnorm_forward_train(
         running_var += mom * unbiased
 
 
-def batchnorm_forward_eval(x, gamma, beta, eps, running_mean, running_var, out, act=0):
+def batchnorm2d_forward_eval(x, gamma, beta, eps, running_mean, running_var, out, act=0):
     """Inference batch norm: out = (x - running_mean) / sqrt(running_var + eps) * gamma + beta."""
     check_c(x=x, out=out)
     check_shape("out", out, x.shape)
@@ -182,11 +182,13 @@ def batchnorm_forward_eval(x, gamma, beta, eps, running_mean, running_var, out, 
     _affine(as_3d(x), scale, shift, as_3d(out), int(act))
 
 
-def batchnorm_backward(dout, x, batch_mean, gamma, inv_std, dx, dgamma, dbeta, affine=None, act=0):
+def batchnorm2d_backward(
+    dout, x, batch_mean, gamma, inv_std, dx, dgamma, dbeta, affine=None, act=0
+):
     """Gradients of training-mode batch norm from its input and batch statistics.
     gamma may be None (treated as 1); dx, dgamma, dbeta may each be None (skipped).
     With a fused ReLU (act=1), dout is the gradient after the ReLU and `affine` the
-    (scale, shift) that :func:`batchnorm_forward_train` reported."""
+    (scale, shift) that :func:`batchnorm2d_forward_train` reported."""
     if act and affine is None:
         raise ValueError("a fused activation needs the forward's affine (scale, shift)")
     check_c(dout=dout, x=x, dx=dx)

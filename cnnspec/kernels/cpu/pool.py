@@ -15,8 +15,8 @@ __all__ = [
     "maxpool2d_backward",
     "avgpool2d_forward",
     "avgpool2d_backward",
-    "global_avgpool_forward",
-    "global_avgpool_backward",
+    "global_avgpool2d_forward",
+    "global_avgpool2d_backward",
     "subsample2d_forward",
     "subsample2d_backward",
 ]
@@ -378,7 +378,7 @@ def _gap_bwd(dout, dx):
             dx[nc, i] = g
 
 
-def global_avgpool_forward(x, out):
+def global_avgpool2d_forward(x, out):
     """out (N, C) = mean of x (N, C, H, W) over H, W."""
     check_c(x=x, out=out)
     n, c = x.shape[:2]
@@ -386,7 +386,7 @@ def global_avgpool_forward(x, out):
     _gap_fwd(x.reshape(n * c, -1), out.reshape(n * c))
 
 
-def global_avgpool_backward(dout, dx):
+def global_avgpool2d_backward(dout, dx):
     check_c(dout=dout, dx=dx)
     n, c = dx.shape[:2]
     check_shape("dout", dout, (n, c))
