@@ -92,52 +92,6 @@ def test_batchnorm_eval_float64_and_no_affine():
 
 
 # (shape, size, alpha, beta, k)
-LRN_CASES = {
-    "alexnet_size5": ((2, 7, 3, 2), 5, 1e-4, 0.75, 2.0),
-    "size3": ((2, 5, 2, 3), 3, 1e-4, 0.75, 1.0),
-    "size5_strong": ((1, 6, 2, 2), 5, 2.0, 0.75, 1.0),
-    "size4_even_strong": ((2, 6, 2, 2), 4, 1.5, 0.6, 1.0),
-    "size3_2d": ((3, 5), 3, 1.0, 0.75, 2.0),
-}
-
-
-@pytest.mark.parametrize("name", list(LRN_CASES))
-def test_lrn_finite_differences(name):
-    shape, size, alpha, beta, k = LRN_CASES[name]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape) * 3
-    r = rng.standard_normal(shape)
-    out, scale = np.empty_like(x), np.empty_like(x)
-
-    def loss():
-        norm.lrn_forward(x, size, alpha, beta, k, out, scale)
-        return float(np.sum(out * r))
-
-    loss()
-    dx = np.full_like(x, np.nan)
-    norm.lrn_backward(x, out, scale, r, size, alpha, beta, dx)
-    assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
-
-
-@pytest.mark.parametrize("name", list(LRN_CASES))
-def test_lrn_matches_torch(name):
-    torch = pytest.importorskip("torch")
-    shape, size, alpha, beta, k = LRN_CASES[name]
-    rng = np.random.default_rng(1)
-    x = (rng.standard_normal(shape) * 3).astype(np.float32)
-    out, scale = np.empty_like(x), np.empty_like(x)
-    norm.lrn_forward(x, size, alpha, beta, k, out, scale)
-    xt = torch.tensor(x, requires_grad=True)
-    xin = xt if xt.dim() >= 3 else xt.unsqueeze(-1)  # torch needs >= 3 dims
-    ref = torch.nn.functional.local_response_norm(xin, size, alpha, beta, k).reshape(shape)
-    assert rel_error(out, ref.detach().numpy()) < TORCH_TOL
-    dout = rng.standard_normal(shape).astype(np.float32)
-    ref.backward(torch.tensor(dout))
-    dx = np.empty_like(x)
-    norm.lrn_backward(x, out, scale, dout, size, alpha, beta, dx)
-    assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
-
-
 def test_batchnorm_returns_the_batch_statistics_backward_uses():
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((4, 3, 5, 5)) * 3 + 7).astype(np.float32)

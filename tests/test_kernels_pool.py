@@ -166,39 +166,6 @@ def test_avgpool_matches_torch(name, include_pad):
     assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
 
 
-def test_global_avgpool():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 3, 4, 5))
-    out = np.empty((2, 3))
-    pool.global_avgpool2d_forward(x, out)
-    np.testing.assert_allclose(out, x.mean(axis=(2, 3)), rtol=1e-12)
-    r = rng.standard_normal(out.shape)
-
-    def loss():
-        pool.global_avgpool2d_forward(x, out)
-        return float(np.sum(out * r))
-
-    dx = np.full_like(x, np.nan)
-    pool.global_avgpool2d_backward(r, dx)
-    assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
-
-
-def test_global_avgpool_matches_torch():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
-    out = np.empty((2, 3), np.float32)
-    pool.global_avgpool2d_forward(x, out)
-    xt = torch.tensor(x, requires_grad=True)
-    ref = torch.nn.functional.adaptive_avg_pool2d(xt, 1).flatten(1)
-    assert rel_error(out, ref.detach().numpy()) < TORCH_TOL
-    dout = rng.standard_normal(out.shape).astype(np.float32)
-    ref.backward(torch.tensor(dout))
-    dx = np.empty_like(x)
-    pool.global_avgpool2d_backward(dout, dx)
-    assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
-
-
 def _subsample_ref(x, coef, bias, k, s):
     n, c, h, w = x.shape
     oh, ow = (h - k) // s + 1, (w - k) // s + 1

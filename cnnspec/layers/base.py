@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import ClassVar
 
 import numpy as np
@@ -46,19 +47,48 @@ class ParamDef:
         return self.count if self.count is not None else math.prod(self.shape)
 
 
+def exact(value):
+    """An int where a Fraction is whole; receptive-field numbers stay exact."""
+    if isinstance(value, Fraction) and value.denominator == 1:
+        return int(value)
+    return value
+
+
 @dataclass(frozen=True)
 class Field:
-    """Receptive field along one axis: size, effective stride (jump), start offset."""
+    """Receptive field along one axis: size, effective stride (jump), start offset.
 
-    size: int = 1
-    jump: int = 1
-    start: float = 0.0  # effective padding = -start
+    Output unit o sees the input positions start + o*jump .. start + o*jump + size - 1
+    (effective padding = -start). Layers that upsample (conv_transpose2d, upsample2d)
+    make jump a fraction, and units differ in what they read; the rule, used by every
+    layer and by the union at merges: the three numbers are exact (int or Fraction,
+    never rounded) and give the smallest interval, linear in o, that holds every unit's
+    field. They are printed rounded to 4 decimals.
+    """
+
+    size: int | Fraction = 1
+    jump: int | Fraction = 1
+    start: int | Fraction = 0  # effective padding = -start
+
+    def __post_init__(self):
+        for name in ("size", "jump", "start"):
+            object.__setattr__(self, name, exact(getattr(self, name)))
 
     def through(self, kernel: int, stride: int, pad: int, dilation: int = 1) -> Field:
         return Field(
             self.size + dilation * (kernel - 1) * self.jump,
             self.jump * stride,
             self.start - pad * self.jump,
+        )
+
+    def upsampled(self, reach_before, reach_after, scale: int) -> Field:
+        """Through a layer whose output unit o reads the input units in
+        [(o - reach_before)/scale, (o + reach_after)/scale] (each end exact)."""
+        jump = Fraction(self.jump) / scale
+        return Field(
+            self.size + (reach_before + reach_after) * jump,
+            jump,
+            self.start - reach_before * jump,
         )
 
 

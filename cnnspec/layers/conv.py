@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import LayerError
 from . import attrs as A
-from .base import Field, Layer, ParamDef, output_size, pair, register, resolve_padding, spatial
+from .base import Layer, ParamDef, output_size, pair, register, resolve_padding, spatial
 
 KERNEL = A.pair("kernel", doc="window size", aliases=("kernel_size",))
 STRIDE = A.pair("stride", 1, "step between windows")
@@ -233,9 +233,9 @@ class ConvTranspose2d(Layer):
 
     Shape: [C, H, W] -> [filters, O_h, O_w] with O = (n-1)*s - p0 - p1 + d*(f-1) + 1 + e,
     the gradient of a conv2d with these attributes (weight [in, out, kh, kw]).
-    Receptive field: an output unit reads the inputs i with i*s in [o + p0 - d*(f-1), o + p0],
-    (d*(f-1) + 1)/s of them on average: size + ((d*(f-1) + 1)/s - 1)*jump, jump / s,
-    start + (p0 - d*(f-1))*jump/s (fractions, see `Field`).
+    Receptive field: output unit o reads the inputs i with i*s in [o + p0 - d*(f-1), o + p0],
+    so size + d*(f-1)*jump/s, jump/s, start + (p0 - d*(f-1))*jump/s (exact fractions: see
+    `Field`).
     """
 
     type_name = "conv_transpose2d"
@@ -317,16 +317,14 @@ class ConvTranspose2d(Layer):
         return c * h * w * self.attrs["filters"] * kh * kw
 
     def receptive_field(self, fields):
-        # An input unit spreads over k outputs s apart: the field shrinks in jump.
+        # output o reads the inputs i with i*s in [o + p0 - d*(f-1), o + p0]
         a = self.attrs
-        out = []
-        for f, k, s, p, d in zip(
-            fields[0], a["kernel"], a["stride"], a["padding"][0::2], a["dilation"], strict=True
-        ):
-            jump = f.jump / s
-            size = f.size + (d * (k - 1) // s) * jump
-            out.append(Field(max(1, round(size)), jump, f.start - (d * (k - 1) - p) * jump))
-        return tuple(out)
+        return tuple(
+            f.upsampled(d * (k - 1) - p, p, s)
+            for f, k, s, p, d in zip(
+                fields[0], a["kernel"], a["stride"], a["padding"][0::2], a["dilation"], strict=True
+            )
+        )
 
     def allocate(self, batch, dtype=np.float32):
         _, h, w = self.in_shapes[0]

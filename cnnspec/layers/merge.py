@@ -15,7 +15,7 @@ def union(fields):
         fs = [f[axis] for f in fields]
         start = min(f.start for f in fs)
         end = max(f.start + f.size for f in fs)
-        out.append(Field(int(end - start), max(f.jump for f in fs), start))
+        out.append(Field(end - start, max(f.jump for f in fs), start))
     return tuple(out)
 
 
