@@ -286,3 +286,22 @@ entry(
     [Case({"units": 3}, ((5,),)), Case({"units": 4, "trainable": True}, ((2, 2, 1),))],
     _rbf,
 )
+
+
+def _upsample2d(xs, p, a):
+    if a["mode"] == "nearest":
+        return F().interpolate(xs[0], scale_factor=a["scale"], mode="nearest")
+    return F().interpolate(xs[0], scale_factor=a["scale"], mode="bilinear", align_corners=False)
+
+
+entry(
+    "upsample2d",
+    [
+        Case({}, ((2, 3, 4),)),
+        Case({"scale": [3, 1]}, ((2, 3, 2),)),
+        Case({"mode": "bilinear"}, ((2, 3, 4),)),
+        Case({"scale": [3, 2], "mode": "bilinear"}, ((2, 4, 3),)),
+        Case({"scale": 4, "mode": "bilinear"}, ((1, 1, 2),)),  # a 1-pixel axis
+    ],
+    _upsample2d,
+)

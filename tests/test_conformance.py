@@ -138,7 +138,7 @@ def test_receptive_field_matches_brute_force(type_name, index, case):
             elif 0 <= first and last <= n - 1:
                 slack.append((got[0] - first, last - got[1]))
         if slack:  # upsampling: units differ; the field is the smallest that holds them all
-            assert min(s[0] for s in slack) < 1 and min(s[1] for s in slack) < 1, slack
+            assert min(s[0] for s in slack) == 0 and min(s[1] for s in slack) == 0, slack
 
 
 @pytest.mark.parametrize(("type_name", "index", "case"), CASES)
