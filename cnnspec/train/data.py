@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..layers.upsample import bilinear_taps  # the one half-pixel resampling rule
+
 # The built-in set: UCI optical recognition of handwritten digits (E. Alpaydin, C. Kaynak,
 # 1998), CC BY 4.0, the copy scikit-learn ships. See cnnspec/data/README.md for provenance.
 DIGITS_PATH = Path(__file__).resolve().parent.parent / "data" / "digits.npz"
@@ -408,21 +410,11 @@ def load_data(source: str, split: str = "train") -> Dataset:
 # ---------------------------------------------------------------- adapting to a spec
 
 
-def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and weights of half-pixel-centred bilinear resampling (the convention of
-    torch.nn.functional.interpolate(mode="bilinear", align_corners=False), no antialiasing)."""
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    src = np.maximum(src, 0.0)
-    i0 = np.minimum(src.astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, (src - i0).astype(np.float32)
-
-
 def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize float32 (N, C, h, w) images to (N, C, height, width), vectorised over images."""
     n, c, h, w = x.shape
-    r0, r1, wr = _bilinear_taps(h, height)
-    c0, c1, wc = _bilinear_taps(w, width)
+    r0, r1, wr = bilinear_taps(h, height)
+    c0, c1, wc = bilinear_taps(w, width)
     out = np.empty((n, c, height, width), np.float32)
     # Chunks bound the temporaries to about 16 MB whatever the set's size.
     chunk = max(1, (1 << 22) // (c * height * max(w, width)))
