@@ -98,6 +98,10 @@ entry(
         ),
         Case({"filters": 2, "kernel": 3, "dilation": 2, "padding": 1, "bias": False}),
         Case({"filters": 2, "kernel": 2, "stride": 3}, inputs=((2, 3, 3),)),  # stride > kernel
+        Case({"filters": 2, "kernel": [3, 4], "stride": 2, "padding": "same"}, ((2, 3, 3),)),
+        Case({"filters": 2, "kernel": 1, "stride": [3, 1], "padding": "same"}, ((2, 3, 3),)),
+        Case({"filters": 2, "kernel": 3, "dilation": [1, 2], "padding": "full"}),
+        Case({"filters": 2, "kernel": 3, "stride": 2, "padding": "valid"}, ((2, 3, 3),)),
     ],
     _conv_transpose2d,
 )

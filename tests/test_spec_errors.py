@@ -213,9 +213,9 @@ CORPUS: dict[str, list[P]] = {
         ),
         P(
             6,
-            "same",
-            "conv_transpose2d takes numeric padding, not a mode",
-            "use an integer, [h, w] or [top, bottom, left, right]",
+            "1}",
+            "output_padding cannot be combined with padding: same",
+            "'same' makes the output the input times the stride",
         ),
     ],
     "unknown_top_level_key": [

@@ -227,12 +227,26 @@ class Conv2d(Layer):
             g["weight"] *= self.connection_mask
 
 
+def transposed_same(kernel, stride, dilation) -> tuple[list[int], list[int]]:
+    """Padding [t, b, l, r] and output_padding [h, w] that make a transposed
+    convolution's output n*s: the transpose of conv2d's `same`."""
+    pads, extra = [], []
+    for k, s, d in zip(kernel, stride, dilation, strict=True):
+        total = d * (k - 1) + 1 - s
+        pads += [max(total, 0) // 2, max(total, 0) - max(total, 0) // 2]
+        extra.append(max(-total, 0))
+    return pads, extra
+
+
 @register
 class ConvTranspose2d(Layer):
     """Transposed convolution: O = (n-1)*s - 2p + d*(f-1) + 1 + output_padding.
 
     Shape: [C, H, W] -> [filters, O_h, O_w] with O = (n-1)*s - p0 - p1 + d*(f-1) + 1 + e,
-    the gradient of a conv2d with these attributes (weight [in, out, kh, kw]).
+    the gradient of a conv2d with these attributes (weight [in, out, kh, kw]). A padding
+    mode crops what the conv2d it inverts pads: `valid` nothing, `full` d*(f-1) on each
+    side, `same` makes O = n*s (cropping d*(f-1) + 1 - s, the extra row last, or, when
+    that is negative, adding its opposite as output_padding).
     Receptive field: output unit o reads the inputs i with i*s in [o + p0 - d*(f-1), o + p0],
     so size + d*(f-1)*jump/s, jump/s, start + (p0 - d*(f-1))*jump/s (exact fractions: see
     `Field`).
@@ -257,14 +271,16 @@ class ConvTranspose2d(Layer):
         stride = pair(a["stride"], "stride")
         dilation = pair(a["dilation"], "dilation")
         extra = pair(a["output_padding"], "output_padding")
-        padding = a["padding"]
-        if isinstance(padding, str):
-            raise LayerError(
-                "conv_transpose2d takes numeric padding, not a mode",
-                "padding",
-                "use an integer, [h, w] or [top, bottom, left, right]",
-            )
-        padding = resolve_padding(padding, kernel, stride, dilation, (h, w))
+        if a["padding"] == "same":
+            if any(extra):
+                raise LayerError(
+                    "output_padding cannot be combined with padding: same",
+                    "output_padding",
+                    "'same' makes the output the input times the stride",
+                )
+            padding, extra = transposed_same(kernel, stride, dilation)
+        else:
+            padding = resolve_padding(a["padding"], kernel, stride, dilation, (h, w))
         sizes = []
         for axis, n, k, s, d, p0, p1, e in zip(
             ("height", "width"),
