@@ -17,6 +17,7 @@ from functools import lru_cache
 import numpy as np
 
 from .backend import Backend, get_backend
+from .errors import did_you_mean
 from .graph import INPUT
 
 
@@ -68,6 +69,7 @@ class Model:
         dtype=np.float32,
         training: bool = True,
         device: str | Backend = "cpu",
+        keep=(),
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -75,6 +77,14 @@ class Model:
         self.training = training  # False: forward only, activations share memory
         net = net.reshape(net.input_shape)  # fresh layer objects: they hold workspaces
         self.net = net
+        self._by_name = {info.name: info for info in net.infos}
+        for name in keep:
+            self._info(name)
+        # layers whose outputs forward(outputs=...) reads: their memory is their own,
+        # and a ReLU after them does not run in place in it
+        self.keep = set(keep)
+        self._input_grad = False  # planned on input_gradient's first call
+        self._sgd = None
         self.batch_size = batch_size
         self.dtype = np.dtype(dtype)
         self.input_shape = tuple(net.input_shape)
@@ -141,6 +151,8 @@ class Model:
         for info in [*self.outputs, self.head]:  # scores read the heads and their inputs
             for name in (info.name, *info.node.inputs):
                 last[self.fused.get(name, name)] = end
+        for name in self.keep:
+            last[self.fused.get(name, name)] = end
         pool = _BufferPool(self.backend, self.dtype)
         for info in self.infos:
             name = info.name
@@ -165,7 +177,12 @@ class Model:
         fused = {}
         for info in self.infos:
             src = by_name.get(info.node.inputs[0]) if info.node.type == "relu" else None
-            if src is not None and src.layer.fusable and users[src.name] == 1:
+            if (
+                src is not None
+                and src.layer.fusable
+                and users[src.name] == 1
+                and src.name not in self.keep
+            ):
                 src.layer.fused_act = 1
                 fused[info.name] = src.name
         return fused
@@ -179,12 +196,13 @@ class Model:
         for info in self.infos:
             for i in info.node.inputs:
                 users.setdefault(i, []).append(info.name)
-        needs_grad = {INPUT: False}
+        needs_grad = {INPUT: self._input_grad}
         for info in self.infos:
             has_params = bool(self.layer_grads[info.name])
             needs_grad[info.name] = has_params or any(needs_grad[i] for i in info.node.inputs)
         self.needs_grad = needs_grad
         step = {info.name: k for k, info in enumerate(reversed(self.infos))}  # backward order
+        step[INPUT] = len(self.infos)
         shapes = {info.name: (batch, *info.layer.out_shape) for info in self.infos}
         pool = _BufferPool(self.backend, self.dtype)
         # (first write, last read, name): a fused ReLU's gradient is its producer's
@@ -200,7 +218,7 @@ class Model:
                 continue
             first = step[writers[0]] if len(writers) == 1 else step[relu or name]
             lives.append((min(first, step[writers[0]]), step[name], name))
-        self.dbuf = {}
+        self.dbuf = {INPUT: self.backend.zeros((batch, *self.input_shape), self.dtype)}
         for first, last, name in sorted(lives, key=lambda t: (t[0] is not None, t[0] or 0)):
             self.dbuf[name] = pool.get(shapes[name], first, last)
         for relu, producer in self.fused.items():
@@ -296,20 +314,46 @@ class Model:
                 rng,
             )
 
-    def forward(self, x, train: bool = False) -> np.ndarray:
+    def forward(self, x, train: bool = False, outputs=None):
         """Scores of the main output, higher = more likely: the logits of a softmax
         (its probabilities are `model.probabilities`), regression values, or negated
-        RBF distances. Often the model's own buffer, overwritten by the next call."""
+        RBF distances; a host copy. With `outputs` (layer names), a dict of host copies
+        by name: output layers give their scores (`model.head_names` names them all),
+        other layers their output, if the model was compiled with `keep=[...]` them."""
+        infos = [self._readable(name) for name in outputs] if outputs is not None else None
         self._load_input(x)
         with computing():
             self._forward(train)
-        return self._scores()
+        to_host = self.backend.to_host
+        if infos is None:
+            return to_host(self._scores())
+        return {info.name: to_host(self._scores(info)) for info in infos}
 
-    def _scores(self):
-        head = self.head
-        if head.layer.role != "output":
-            return self.buf[head.name]
-        return head.layer.scores([self.buf[i] for i in head.node.inputs], self.buf[head.name])
+    @property
+    def head_names(self) -> list[str]:
+        return [info.name for info in self.outputs]
+
+    def _info(self, name):
+        info = self._by_name.get(name)
+        if info is None:
+            hint = did_you_mean(name, self._by_name) or "the summary lists the layers"
+            raise ValueError(f"the model has no layer '{name}'; {hint}")
+        return info
+
+    def _readable(self, name):
+        info = self._info(name)
+        if info.layer.role != "output" and name not in self.keep:
+            raise ValueError(
+                f"'{name}' is not an output layer: compile with keep=['{name}'] to read it "
+                "(its memory is otherwise reused, or a ReLU runs in place in it)"
+            )
+        return info
+
+    def _scores(self, info=None):
+        info = info or self.head
+        if info.layer.role != "output":
+            return self.buf[info.name]
+        return info.layer.scores([self.buf[i] for i in info.node.inputs], self.buf[info.name])
 
     def probabilities(self, x) -> np.ndarray:
         """Class probabilities of the main output (softmax of the scores)."""
@@ -317,21 +361,59 @@ class Model:
         z = np.exp(z - z.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
 
-    def loss_and_grads(self, x, y):
+    def loss_and_grads(self, x, y, copy: bool = False):
         """Forward in training mode, every output's loss (weighted), backward.
-        Returns the loss and the gradient dict (the model's own buffers)."""
+
+        y: the target of every head, or a dict of targets by head name (needed when the
+        heads' losses differ, e.g. a softmax and a linear head). Returns the loss and
+        the gradients by parameter name: VIEWS of the model's own gradient buffers,
+        overwritten by the next call (what an optimizer updating in place wants);
+        copy=True returns host copies instead."""
         if not self.training:
             raise RuntimeError("this model was compiled for inference (training=False)")
+        targets = self._targets(y)
         self._load_input(x)
         with computing():
             self._forward(True)
             loss = 0.0
             for info in self.outputs:
                 xs = [self.buf[i] for i in info.node.inputs]
-                loss += info.layer.loss(xs, self.buf[info.name], y)
+                loss += info.layer.loss(xs, self.buf[info.name], targets[info.name])
             self.last_scores = self._scores()
             self._backward()
+        if copy:
+            return loss, {k: self.backend.to_host(v) for k, v in self.grads.items()}
         return loss, self.grads
+
+    def _targets(self, y) -> dict:
+        names = self.head_names
+        if isinstance(y, dict):
+            unknown = [k for k in y if k not in names]
+            missing = [k for k in names if k not in y]
+            if unknown or missing:
+                raise ValueError(
+                    f"targets are by head name: the heads are {names}"
+                    + (f"; unknown: {unknown}" if unknown else "")
+                    + (f"; missing: {missing}" if missing else "")
+                )
+            return y
+        losses = {info.layer.loss_name for info in self.outputs}
+        if len(losses) > 1:
+            raise ValueError(
+                f"the heads {names} have different losses ({', '.join(sorted(losses))}): "
+                "give a target per head, {head name: target}"
+            )
+        return dict.fromkeys(names, y)
+
+    def input_gradient(self, x, y) -> np.ndarray:
+        """d(loss)/d(input) of a batch (saliency, adversarial examples), a host copy.
+        The first call plans one more gradient buffer; afterwards every backward pass
+        computes it (parameter gradients are computed as usual)."""
+        if not self._input_grad and self.training:
+            self._input_grad = True
+            self._plan_backward(self.batch_size)
+        self.loss_and_grads(x, y)
+        return self.backend.to_host(self.dbuf[INPUT])
 
     def _backward(self):
         buf, dbuf = self.buf, self.dbuf
@@ -353,6 +435,9 @@ class Model:
                 self.layer_params[name],
                 self.layer_grads[name],
             )
+        parts = self.fan_in_sums.get(INPUT)
+        if parts:  # the input feeds several layers (input_gradient)
+            add(parts, dbuf[INPUT])
 
     def step(
         self,
@@ -363,16 +448,17 @@ class Model:
         weight_decay: float = 0.0,
         nesterov: bool = False,
     ) -> float:
-        """One SGD step on a batch (momentum state kept across calls); returns its loss."""
+        """One SGD step on a batch; returns its loss. The momentum state is kept across
+        calls, also when momentum, weight_decay or nesterov change between them."""
         from .train.optim import SGD
 
-        settings = (momentum, weight_decay, nesterov)
-        if getattr(self, "_sgd_settings", None) != settings:
+        if self._sgd is None:
             trainable = {k: self.params[k] for k in self.trainable}
             self._sgd = SGD(
                 trainable, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
             )
-            self._sgd_settings = settings
+        else:
+            self._sgd.configure(momentum, nesterov, weight_decay)
         loss, grads = self.loss_and_grads(x, y)
         self._sgd.step(grads, lr=lr)
         return loss
@@ -388,7 +474,14 @@ def compile_network(
     seed: int = 0,
     dtype=np.float32,
     training: bool = True,
+    keep=(),
 ) -> Model:
     return Model(
-        net, batch_size=batch_size, seed=seed, dtype=dtype, training=training, device=device
+        net,
+        batch_size=batch_size,
+        seed=seed,
+        dtype=dtype,
+        training=training,
+        device=device,
+        keep=keep,
     )

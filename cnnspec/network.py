@@ -81,12 +81,14 @@ class Network:
         seed: int = 0,
         dtype="float32",
         training: bool = True,
+        keep=(),
     ):
-        """A Model with static buffers for this batch size (float64 for gradient checks;
-        training=False: forward only, in less memory)."""
+        """A Model with static buffers for this batch size on `device` (its backend;
+        float64 for gradient checks; training=False: forward only, in less memory;
+        keep: layers whose outputs `forward(outputs=...)` may read)."""
         from .compile import compile_network
 
-        return compile_network(self, device, batch_size, seed, dtype, training)
+        return compile_network(self, device, batch_size, seed, dtype, training, keep)
 
 
 def load(path: str, input_shape=None) -> Network:

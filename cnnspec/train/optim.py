@@ -24,19 +24,17 @@ class SGD:
         nesterov: bool = False,
         weight_decay: float = 0.0,
     ) -> None:
-        if lr < 0 or momentum < 0 or weight_decay < 0:
+        if lr < 0:
             raise ValueError("lr, momentum and weight_decay must be non-negative")
-        if nesterov and momentum == 0:
-            raise ValueError("nesterov momentum needs momentum > 0")
         for name, p in params.items():
             if not (isinstance(p, np.ndarray) and np.issubdtype(p.dtype, np.floating)):
                 raise ValueError(f"parameter {name!r} must be a floating-point numpy array")
         self.params = params
-        self.lr, self.momentum, self.nesterov = float(lr), float(momentum), bool(nesterov)
-        self.weight_decay = float(weight_decay)
+        self.lr = float(lr)
         self.steps = 0
-        self._buffers = {k: np.zeros_like(p) for k, p in params.items()} if momentum else {}
+        self._buffers: dict[str, np.ndarray] = {}
         self._has_buffer = dict.fromkeys(params, False)
+        self.configure(momentum, nesterov, weight_decay)
         # Two scratch arrays per dtype, as large as the largest parameter, shared by all
         # parameters through per-parameter views: the update never allocates.
         sizes: dict[np.dtype, int] = {}
@@ -47,6 +45,18 @@ class SGD:
             k: tuple(buf[: p.size].reshape(p.shape) for buf in flat[p.dtype])
             for k, p in params.items()
         }
+
+    def configure(self, momentum: float, nesterov: bool, weight_decay: float) -> None:
+        """Change the hyperparameters between steps; momentum buffers already started are
+        kept (as torch.optim.SGD keeps its state when a param group changes)."""
+        if momentum < 0 or weight_decay < 0:
+            raise ValueError("lr, momentum and weight_decay must be non-negative")
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov momentum needs momentum > 0")
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        self.weight_decay = float(weight_decay)
+        if momentum and not self._buffers:
+            self._buffers = {k: np.zeros_like(p) for k, p in self.params.items()}
 
     def step(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
         """Apply one update to every parameter that has a gradient in ``grads``."""
