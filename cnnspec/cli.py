@@ -297,6 +297,7 @@ def train(
     from .train import DataError, TrainingDiverged, TrainingInterrupted, fit, split_dataset
     from .train.checkpoint import CheckpointError
     from .train.dist import DistError, default_threads, launch_note, scale_learning_rate, world
+    from .train.loop import DEFAULTS, RUN_DEFAULTS
 
     try:
         processes = world()
@@ -332,10 +333,10 @@ def train(
         "hflip": hflip,
     }
     cfg.update({k: v for k, v in flags.items() if v is not None})
-    source = cfg.pop("data", "digits")
-    val_fraction = cfg.pop("val_split", 0.1)
-    cfg.setdefault("batch_size", 32)
-    cfg.setdefault("seed", 0)
+    source = cfg.pop("data", RUN_DEFAULTS["data"])
+    val_fraction = cfg.pop("val_split", RUN_DEFAULTS["val_split"])
+    cfg.setdefault("batch_size", RUN_DEFAULTS["batch_size"])
+    cfg.setdefault("seed", DEFAULTS["seed"])
     if scale_lr:
         out.print(scale_learning_rate(cfg, processes.size), markup=False, soft_wrap=True)
     out_path = Path(out_dir or Path("runs") / net.name)
@@ -355,7 +356,7 @@ def train(
             f"training [bold]{net.name}[/] on {ds.name} ({len(train_ds)} train, "
             f"{len(val_ds) if val_ds else 0} validation images), "
             f"{processes.describe(cfg['batch_size'])}, "
-            f"{cfg.get('epochs', 10)} epochs -> {out_path}/"
+            f"{cfg.get('epochs', DEFAULTS['epochs'])} epochs -> {out_path}/"
         )
         if processes.root:
             out_path.mkdir(parents=True, exist_ok=True)
@@ -411,10 +412,11 @@ def evaluate_cmd(
 ):
     """Loss, top-1/top-5 accuracy and confusion matrix of trained weights."""
     from .train import DataError, evaluate
+    from .train.loop import RUN_DEFAULTS
 
     _set_threads(threads)
     net, model = _restored_model(spec, weights, batch_size)
-    source = data or net.train_config.get("data", "digits")
+    source = data or net.train_config.get("data", RUN_DEFAULTS["data"])
     try:
         ds = _dataset(source, split, net)
         result = evaluate(model, ds)

@@ -58,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
     "hflip": False,
     "spec_hash": None,
 }
+# What `cnnspec train` takes where neither the spec's `train:` nor a flag says; with
+# DEFAULTS, the one place the CLI and the loop read training defaults from.
+RUN_DEFAULTS: dict[str, Any] = {"data": "digits", "val_split": 0.1, "batch_size": 32}
 STATE_KIND = "cnnspec-train-state"
 
 
