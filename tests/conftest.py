@@ -1,5 +1,7 @@
 """Shared fixtures: the repository root and a CLI runner that runs from it."""
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,3 +23,13 @@ def cli(monkeypatch):
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def vs_torch():
+    """benchmarks/vs_torch.py, whose torch twins of the networks the tests share."""
+    spec = importlib.util.spec_from_file_location("vs_torch", REPO / "benchmarks" / "vs_torch.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

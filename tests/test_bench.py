@@ -3,10 +3,8 @@
 Nothing here is timed: the tests check the shape of the results, not the speed.
 """
 
-import importlib.util
 import io
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -196,15 +194,6 @@ def test_cli_bench_invalid_spec_exits_1(cli):
 
 
 # ---- benchmarks/vs_torch.py --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def vs_torch():
-    spec = importlib.util.spec_from_file_location("vs_torch", REPO / "benchmarks" / "vs_torch.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 TORCH_TYPES = {
     "Conv2d": "conv2d",
     "Linear": "dense",

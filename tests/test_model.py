@@ -150,23 +150,9 @@ def test_wrong_batch_shape_is_a_clear_error():
         model.forward(np.zeros((3, 1, 32, 32), np.float32))
 
 
-def _torch_lenet(model):
+def _torch_lenet(model, vs_torch):
     torch = pytest.importorskip("torch")
-    nn = torch.nn
-    t = nn.Sequential(
-        nn.Conv2d(1, 6, 5),
-        nn.ReLU(),
-        nn.AvgPool2d(2),
-        nn.Conv2d(6, 16, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 120, 5),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(120, 84),
-        nn.ReLU(),
-        nn.Linear(84, 10),
-    )
+    t = vs_torch.torch_model("lenet5")  # the benchmark's twin
     names = ["c1", None, None, "c3", None, None, "c5", None, None, "f6", None, "logits"]
     with torch.no_grad():
         for mod, name in zip(t, names, strict=True):
@@ -176,9 +162,9 @@ def _torch_lenet(model):
     return torch, t, names
 
 
-def test_lenet5_matches_pytorch_forward_and_backward():
+def test_lenet5_matches_pytorch_forward_and_backward(vs_torch):
     model = cnnspec.load("specs/lenet5.yaml").compile(batch_size=5, seed=3)
-    torch, t, names = _torch_lenet(model)
+    torch, t, names = _torch_lenet(model, vs_torch)
     rng = np.random.default_rng(1)
     x = rng.random((5, 1, 32, 32), dtype=np.float32)
     y = rng.integers(0, 10, 5)
