@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnspec.kernels.cpu import _common, conv
+from cnnspec.kernels.cpu import conv_transpose as convt
 from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
 
 FD_TOL = 1e-6
@@ -131,12 +132,12 @@ def test_im2col_matches_unfold_and_col2im_is_adjoint():
     oh = _conv_out(h, kh, sh, p, p, dh)
     ow = _conv_out(w, kw, sw, p, p, dw)
     cols = np.empty((n, c * kh * kw, oh * ow))
-    conv.im2col(x, kh, kw, sh, sw, p, p, dh, dw, oh, ow, cols)
+    convt.im2col(x, kh, kw, sh, sw, p, p, dh, dw, oh, ow, cols)
     ref = F.unfold(torch.tensor(x), (kh, kw), dilation=(dh, dw), padding=p, stride=(sh, sw))
     np.testing.assert_allclose(cols, ref.numpy(), rtol=0, atol=0)
     c2 = rng.standard_normal(cols.shape)
     back = np.full_like(x, np.nan)
-    conv.col2im(c2, kh, kw, sh, sw, p, p, dh, dw, oh, ow, back)
+    convt.col2im(c2, kh, kw, sh, sw, p, p, dh, dw, oh, ow, back)
     ref_fold = F.fold(torch.tensor(c2), (h, w), (kh, kw), (dh, dw), p, (sh, sw))
     np.testing.assert_allclose(back, ref_fold.numpy(), rtol=1e-12, atol=1e-12)
     assert np.isclose(np.sum(cols * c2), np.sum(x * back))
@@ -163,19 +164,19 @@ def test_conv_transpose2d_finite_differences(name):
     r = rng.standard_normal(out.shape)
 
     def loss():
-        conv.conv_transpose2d_forward(x, w, b, stride, pad, dil, out, cols)
+        convt.conv_transpose2d_forward(x, w, b, stride, pad, dil, out, cols)
         return float(np.sum(out * r))
 
     loss()
     dx, dw = np.full_like(x, np.nan), np.full_like(w, np.nan)
     db = None if b is None else np.full_like(b, np.nan)
-    conv.conv_transpose2d_backward(x, w, r, stride, pad, dil, cols, dx, dw, db)
+    convt.conv_transpose2d_backward(x, w, r, stride, pad, dil, cols, dx, dw, db)
     assert rel_error(dx, numerical_grad(loss, x)) < FD_TOL
     assert rel_error(dw, numerical_grad(loss, w)) < FD_TOL
     if b is not None:
         assert rel_error(db, numerical_grad(loss, b)) < FD_TOL
     dw2 = np.empty_like(w)
-    conv.conv_transpose2d_backward(x, w, r, stride, pad, dil, cols, None, dw2, None)
+    convt.conv_transpose2d_backward(x, w, r, stride, pad, dil, cols, None, dw2, None)
     np.testing.assert_array_equal(dw2, dw)
 
 
@@ -186,7 +187,7 @@ def test_conv_transpose2d_matches_torch(name):
     case = CONVT_CASES[name]
     stride, pad, dil = case[7], case[8], case[9]
     x, w, b, out, cols, rng = _make_convt(case, np.float32, seed=2)
-    conv.conv_transpose2d_forward(x, w, b, stride, pad, dil, out, cols)
+    convt.conv_transpose2d_forward(x, w, b, stride, pad, dil, out, cols)
     xt = torch.tensor(x, requires_grad=True)
     wt = torch.tensor(w, requires_grad=True)
     bt = None if b is None else torch.tensor(b, requires_grad=True)
@@ -208,7 +209,7 @@ def test_conv_transpose2d_matches_torch(name):
     ref.backward(torch.tensor(dout))
     dx, dw = np.empty_like(x), np.empty_like(w)
     db = None if b is None else np.empty_like(b)
-    conv.conv_transpose2d_backward(x, w, dout, stride, pad, dil, cols, dx, dw, db)
+    convt.conv_transpose2d_backward(x, w, dout, stride, pad, dil, cols, dx, dw, db)
     assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
     assert rel_error(dw, wt.grad.numpy()) < TORCH_TOL
     if b is not None:
@@ -260,11 +261,11 @@ def test_im2col_col2im_random_geometry(h, w, kh, kw, sh, sw, pt, pl, dh, dw, ext
     rng = np.random.default_rng(h * 1000 + w)
     x = rng.standard_normal((1, 2, h, w))
     cols = np.full((1, 2 * kh * kw, oh * ow), np.nan)
-    conv.im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
+    convt.im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
     np.testing.assert_array_equal(cols, _naive_im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow))
     c2 = rng.standard_normal(cols.shape)
     back = np.full_like(x, np.nan)
-    conv.col2im(c2, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, back)
+    convt.col2im(c2, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, back)
     assert np.isclose(np.sum(cols * c2), np.sum(x * back), rtol=1e-12, atol=1e-12)
 
 

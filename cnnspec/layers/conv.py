@@ -254,6 +254,7 @@ class ConvTranspose2d(Layer):
 
     type_name = "conv_transpose2d"
     aliases = ("deconv2d",)
+    kernel_module = "conv_transpose"
     attributes = (
         A.integer("filters", doc="output maps", aliases=("out_channels",)),
         KERNEL,

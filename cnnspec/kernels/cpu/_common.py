@@ -29,6 +29,14 @@ def check_shape(name: str, a: np.ndarray, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
 
 
+def unpack_geometry(stride, pad, dilation):
+    """(sh, sw, pt, pb, pl, pr, dh, dw) as Python ints from [h, w], [t, b, l, r], [h, w]."""
+    sh, sw = (int(s) for s in stride)
+    pt, pb, pl, pr = (int(p) for p in pad)
+    dh, dw = (int(d) for d in dilation)
+    return sh, sw, pt, pb, pl, pr, dh, dw
+
+
 def as_3d(a: np.ndarray) -> np.ndarray:
     """View an (N, C, ...) array as (N, C, S); S = 1 for 2-D input."""
     if a.ndim < 2:

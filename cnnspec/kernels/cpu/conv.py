@@ -1,13 +1,11 @@
-"""2-D convolution kernels: conv2d as tiled indirect GEMMs on register-blocked
-micro-kernels (written in LLVM IR through Numba intrinsics), conv_transpose2d
-through im2col/col2im and numpy's GEMM.
+"""conv2d kernels: tiled indirect GEMMs on register-blocked micro-kernels (written in
+LLVM IR through Numba intrinsics). Transposed convolution and im2col/col2im live in
+conv_transpose.py.
 
-Layouts follow PyTorch: activations NCHW, conv weights (O, C/groups, kh, kw),
-transposed-conv weights (Cin, Cout, kh, kw). ``cols`` workspaces are
-(N, C*kh*kw, OH*OW) with row index c*kh*kw + i*kw + j (``torch.nn.functional.unfold``
-order). All kernels overwrite their outputs and return None. The micro-kernels
-live here, beside their only callers: Numba's on-disk cache does not notice when
-a function in another module changes.
+Layouts follow PyTorch: activations NCHW, conv weights (O, C/groups, kh, kw). All
+kernels overwrite their outputs and return None. The micro-kernels live here, beside
+their only callers: Numba's on-disk cache does not notice when a function in another
+module changes.
 """
 
 from __future__ import annotations
@@ -24,98 +22,9 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ._common import check_c, check_shape
+from ._common import unpack_geometry as _unpack
 
-__all__ = [
-    "ACT_NONE",
-    "ACT_RELU",
-    "conv2d_workspace",
-    "im2col",
-    "col2im",
-    "conv2d_forward",
-    "conv2d_backward",
-    "conv_transpose2d_forward",
-    "conv_transpose2d_backward",
-]
-
-
-@njit(cache=True)
-def _valid_range(off, stride, size, n_out):
-    """Indices o in [lo, hi) with 0 <= o*stride + off < size, clipped to [0, n_out)."""
-    if off < 0:
-        lo = (-off + stride - 1) // stride
-    else:
-        lo = 0
-    last = size - 1 - off
-    if last < 0:
-        hi = 0
-    else:
-        hi = last // stride + 1
-    if hi > n_out:
-        hi = n_out
-    if lo > hi:
-        lo = hi
-    return lo, hi
-
-
-@njit(parallel=True, cache=True)
-def _im2col_t(x, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
-    _, c_, h_, w_ = x.shape
-    kk = kh * kw
-    L = oh * ow
-    for nc in prange(nb * c_):
-        n = nc // c_
-        c = nc - n * c_
-        xp = x[n0 + n, c]
-        for i in range(kh):
-            for j in range(kw):
-                crow = cols[c * kk + i * kw + j, n * L : n * L + L]
-                offx = j * dw - pl
-                lo, hi = _valid_range(offx, sw, w_, ow)
-                for oy in range(oh):
-                    iy = oy * sh - pt + i * dh
-                    seg = crow[oy * ow : oy * ow + ow]
-                    if iy < 0 or iy >= h_:
-                        seg[:] = 0
-                        continue
-                    xr = xp[iy]
-                    seg[:lo] = 0
-                    if sw == 1:
-                        seg[lo:hi] = xr[lo + offx : hi + offx]
-                    else:
-                        for ox in range(lo, hi):
-                            seg[ox] = xr[ox * sw + offx]
-                    seg[hi:] = 0
-
-
-@njit(parallel=True, cache=True)
-def _col2im_t(cols, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
-    _, c_, h_, w_ = dx.shape
-    kk = kh * kw
-    L = oh * ow
-    for nc in prange(nb * c_):
-        n = nc // c_
-        c = nc - n * c_
-        dp = dx[n0 + n, c]
-        dp[:, :] = 0
-        for i in range(kh):
-            for j in range(kw):
-                crow = cols[c * kk + i * kw + j, n * L : n * L + L]
-                offx = j * dw - pl
-                lo, hi = _valid_range(offx, sw, w_, ow)
-                for oy in range(oh):
-                    iy = oy * sh - pt + i * dh
-                    if iy < 0 or iy >= h_:
-                        continue
-                    base = oy * ow
-                    if sw == 1:
-                        dr = dp[iy, lo + offx : hi + offx]
-                        sr = crow[base + lo : base + hi]
-                        for t in range(hi - lo):
-                            dr[t] += sr[t]
-                    else:
-                        dr = dp[iy]
-                        for ox in range(lo, hi):
-                            dr[ox * sw + offx] += crow[base + ox]
+__all__ = ["ACT_NONE", "ACT_RELU", "conv2d_workspace", "conv2d_forward", "conv2d_backward"]
 
 
 # ---------------------------------------------------------------- micro-kernels
@@ -818,104 +727,3 @@ def conv2d_backward(
                 db[...] = part_db
             else:
                 db += part_db
-
-
-def _check_cols(x, cols, kh, kw, oh, ow, name="cols"):
-    check_shape(name, cols, (x.shape[0], x.shape[1] * kh * kw, oh * ow))
-    if cols.dtype != x.dtype:
-        raise ValueError(f"{name} dtype {cols.dtype} != {x.dtype}")
-
-
-def im2col(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
-    """Unfold x (N,C,H,W) into cols (N, C*kh*kw, oh*ow); padded positions are 0."""
-    check_c(x=x, cols=cols)
-    args = (kh, kw, sh, sw, pt, pl, dh, dw, oh, ow)
-    kh, kw, sh, sw, pt, pl, dh, dw, oh, ow = (int(v) for v in args)
-    _check_cols(x, cols, kh, kw, oh, ow)
-    _im2col_each(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
-
-
-def col2im(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
-    """Adjoint of :func:`im2col`: fold cols back into dx (N,C,H,W), overwriting dx."""
-    check_c(cols=cols, dx=dx)
-    args = (kh, kw, sh, sw, pt, pl, dh, dw, oh, ow)
-    kh, kw, sh, sw, pt, pl, dh, dw, oh, ow = (int(v) for v in args)
-    _check_cols(dx, cols, kh, kw, oh, ow)
-    _col2im_each(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx)
-
-
-def _im2col_each(x, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
-    """Per-sample layout (N, K, L): sample i's matrix is a one-sample chunk."""
-    for i in range(x.shape[0]):
-        _im2col_t(x, i, 1, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols[i])
-
-
-def _col2im_each(cols, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
-    for i in range(dx.shape[0]):
-        _col2im_t(cols[i], i, 1, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx)
-
-
-def _unpack(stride, pad, dilation):
-    sh, sw = (int(s) for s in stride)
-    pt, pb, pl, pr = (int(p) for p in pad)
-    dh, dw = (int(d) for d in dilation)
-    return sh, sw, pt, pb, pl, pr, dh, dw
-
-
-def _accumulate_batch_gemm(a, b_t, dst, tmp=None):
-    """dst = sum_n a[n] @ b_t[n] in fixed sample order (deterministic).
-
-    a: (N, ..., M, L), b_t: (N, ..., L, K) (may be a transposed view), dst (..., M, K).
-    """
-    n = a.shape[0]
-    np.matmul(a[0], b_t[0], out=dst)
-    if n > 1:
-        if tmp is None:
-            tmp = np.empty_like(dst)
-        for i in range(1, n):
-            np.matmul(a[i], b_t[i], out=tmp)
-            dst += tmp
-
-
-def conv_transpose2d_forward(x, w, b, stride, pad, dilation, out, cols):
-    """PyTorch ConvTranspose2d (groups=1): cols <- W^T x, out <- col2im(cols) + b."""
-    sh, sw, pt, _pb, pl, _pr, dh, dw = _unpack(stride, pad, dilation)
-    n, cin, h, wd = x.shape
-    cin_w, cout, kh, kw = w.shape
-    if cin_w != cin:
-        raise ValueError(f"weight {w.shape} does not match input channels {cin}")
-    check_shape("out", out, (n, cout, out.shape[2], out.shape[3]))
-    check_c(x=x, w=w, out=out, cols=cols)
-    _check_cols(out, cols, kh, kw, h, wd)
-    w2t = w.reshape(cin, cout * kh * kw).T
-    x3 = x.reshape(n, cin, h * wd)
-    for i in range(n):
-        np.matmul(w2t, x3[i], out=cols[i])
-    _col2im_each(cols, kh, kw, sh, sw, pt, pl, dh, dw, h, wd, out)
-    if b is not None:
-        out += b.reshape(1, cout, 1, 1)
-
-
-def conv_transpose2d_backward(x, w, dout, stride, pad, dilation, cols, dx, dw, db):
-    """Gradients of :func:`conv_transpose2d_forward`; ``cols`` is used as workspace
-    (overwritten with im2col(dout)). dx / db may be None."""
-    sh, sw, pt, _pb, pl, _pr, dh, dwl = _unpack(stride, pad, dilation)
-    n, cin, h, wd = x.shape
-    _, cout, kh, kw = w.shape
-    check_shape("dout", dout, (n, cout, dout.shape[2], dout.shape[3]))
-    check_shape("dw", dw, w.shape)
-    check_c(x=x, w=w, dout=dout, cols=cols, dx=dx, dw=dw)
-    _check_cols(dout, cols, kh, kw, h, wd)
-    if db is not None:
-        check_shape("db", db, (cout,))
-        np.sum(dout, axis=(0, 2, 3), out=db)
-    _im2col_each(dout, kh, kw, sh, sw, pt, pl, dh, dwl, h, wd, cols)
-    k = cout * kh * kw
-    x3 = x.reshape(n, cin, h * wd)
-    _accumulate_batch_gemm(x3, cols.transpose(0, 2, 1), dw.reshape(cin, k))
-    if dx is not None:
-        check_shape("dx", dx, x.shape)
-        w2 = w.reshape(cin, k)
-        dx3 = dx.reshape(n, cin, h * wd)
-        for i in range(n):
-            np.matmul(w2, cols[i], out=dx3[i])
