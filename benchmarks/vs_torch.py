@@ -301,12 +301,6 @@ def worker(args) -> None:
 
 
 # ---- parent: machine state ----------------------------------------------------------------------
-def _busy_s() -> float:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def _pid_cpu_s(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -317,21 +311,23 @@ def _pid_cpu_s(pid: int) -> float:
 
 
 class Load:
-    """Cores used by processes other than this one and the given pids, over an interval."""
+    """Cores used by processes other than this one and the given pids, over an interval
+    (cnnspec.bench's LoadMeter, counting the workers as our own)."""
 
     def __init__(self, pids=()):
-        self.pids = list(pids)
-        self.t, self.busy, self.own = time.perf_counter(), _busy_s(), self._own()
+        from cnnspec.bench.probes import LoadMeter
 
-    def _own(self):
-        t = os.times()  # children_*: start-up subprocesses, once reaped
-        own = t.user + t.system + t.children_user + t.children_system
-        return own + sum(_pid_cpu_s(p) for p in self.pids)
+        pids = list(pids)
+
+        def own():
+            t = os.times()  # children_*: start-up subprocesses, once reaped
+            own = t.user + t.system + t.children_user + t.children_system
+            return own + sum(_pid_cpu_s(p) for p in pids)
+
+        self.meter = LoadMeter(own)
 
     def cores(self) -> float:
-        wall = time.perf_counter() - self.t
-        used = _busy_s() - self.busy - (self._own() - self.own)
-        return max(0.0, used / wall) if wall > 0 else 0.0
+        return self.meter.external_cores() or 0.0
 
 
 def wait_for_quiet(

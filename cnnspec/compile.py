@@ -22,7 +22,7 @@ from .graph import INPUT
 
 
 @lru_cache(maxsize=1)
-def _blas_controller():
+def blas_controller():
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
@@ -34,7 +34,7 @@ def computing():
     spinning beside them on the same cores slow a step down 5-20x (measured on 2
     cores), so GEMMs run on the calling thread meanwhile. Overflow to inf/NaN is
     not an exception here: the trainer detects a non-finite loss and says so."""
-    with _blas_controller().limit(limits=1, user_api="blas"), np.errstate(all="ignore"):
+    with blas_controller().limit(limits=1, user_api="blas"), np.errstate(all="ignore"):
         yield
 
 

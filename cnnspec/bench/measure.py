@@ -1,44 +1,15 @@
-"""Benchmark a compiled network: throughput, per-layer times, achieved GFLOP/s, cold start.
-
-``bench(net)`` compiles ``net`` for one batch size and measures, on random data:
-
-* the median images/s of an eval forward (``model.forward(x, train=False)`` on a model
-  compiled with ``training=False``, as inference runs), of a train
-  forward + loss + backward (``model.loss_and_grads``) and of a full SGD step with momentum
-  (``model.step``);
-* a per-layer table in the manner of ``caffe time``: the median forward (train mode; an
-  output layer's loss is counted in its forward) and backward milliseconds of every layer,
-  each layer's share of their sum, and its eval-mode forward. The layers are timed while
-  the model runs its own ``loss_and_grads`` / ``forward`` (their methods are wrapped for the
-  measurement), so the table follows the model's execution plan: a layer the model fuses
-  into another (a ReLU run in a convolution's epilogue) shows as not run;
-* achieved GFLOP/s: 2 * MACs * batch per forward, three times that for a train pass or step,
-  and its share of the machine's fp32 GEMM peak, measured in the same run as the better of
-  cnnspec's micro-kernel on every thread and a numpy float32 ``n x n`` matmul on the same
-  thread count (best of a few each);
-* cold start: the time to compile the model and run its first step, and whether Numba's
-  on-disk cache was warm (kernels loaded), cold (kernels compiled) or not involved at all
-  (kernels already in this process: then the number is not a cold start).
-
-Every number is wall-clock time on a machine that may be shared: ``result["machine"]``
-records the load average before the run and the CPU that *other* processes used during it
-(``external_load_cores``); a busy machine makes every number here unreliable.
-
-The result is a JSON-serialisable dict (keys listed in ``RESULT_KEYS``, ``PHASE_KEYS``,
-``LAYER_KEYS``); ``render_bench(result, console)`` prints it with rich.
-"""
+"""Measuring a compiled network: its phases, its layers, the machine's GEMM peak and the
+kernels' cold start (see the package docstring)."""
 
 from __future__ import annotations
 
-import ctypes
-import os
-import platform
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 
 import numpy as np
+
+from .probes import LoadMeter, blas_threads, machine_info, threads_set, versions
 
 RESULT_KEYS = (
     "name",
@@ -80,144 +51,6 @@ PHASES = (
     ("train_fwd_bwd", "train fwd+bwd", 3),
     ("step", "SGD step", 3),
 )
-
-
-# ---- BLAS threads (no threadpoolctl: the OpenBLAS numpy loaded, through ctypes) ------------
-_BLAS: list | None = None
-
-
-def _openblas():
-    """(get, set) functions of the OpenBLAS this process loaded, or None."""
-    global _BLAS
-    if _BLAS is None:
-        _BLAS = [None]
-        try:
-            with open("/proc/self/maps") as f:
-                paths = sorted(
-                    {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
-                )
-        except OSError:
-            paths = []
-        for path in paths:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for prefix in ("scipy_", ""):
-                for suffix in ("64_", ""):
-                    get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
-                    put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
-                    if get is not None and put is not None:
-                        get.restype = ctypes.c_int
-                        put.argtypes = [ctypes.c_int]
-                        _BLAS = [(get, put)]
-                        return _BLAS[0]
-    return _BLAS[0]
-
-
-def blas_threads() -> int | None:
-    """Threads numpy's OpenBLAS uses, or None when that cannot be told."""
-    fns = _openblas()
-    return int(fns[0]()) if fns else None
-
-
-def set_blas_threads(n: int) -> bool:
-    """Set numpy's OpenBLAS thread count; False when it cannot be set from here."""
-    fns = _openblas()
-    if not fns:
-        return False
-    fns[1](int(n))
-    return True
-
-
-@contextmanager
-def threads_set(threads: int | None):
-    """Numba and BLAS threads set to ``threads`` (None: leave them), restored afterwards."""
-    import numba
-
-    before = (numba.get_num_threads(), blas_threads())
-    if threads is not None:
-        numba.set_num_threads(threads)
-        set_blas_threads(threads)
-    try:
-        yield
-    finally:
-        if threads is not None:
-            numba.set_num_threads(before[0])
-            if before[1] is not None:
-                set_blas_threads(before[1])
-
-
-# ---- machine ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _busy_seconds() -> float | None:
-    """CPU seconds every process on the machine has spent so far (from /proc/stat)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-class LoadMeter:
-    """The CPU other processes use while we measure: machine busy time minus ours."""
-
-    def __init__(self, own=_own_seconds):
-        self.own = own
-        self.start()
-
-    def start(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_seconds(), self.own()
-
-    def external_cores(self) -> float | None:
-        busy = _busy_seconds()
-        wall = time.perf_counter() - self.t0
-        if busy is None or self.busy0 is None or wall <= 0:
-            return None
-        return max(0.0, (busy - self.busy0 - (self.own() - self.own0)) / wall)
-
-
-def machine_info() -> dict:
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = None
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "loadavg_before": load,
-        "platform": platform.platform(),
-    }
-
-
-def versions() -> dict:
-    import numba
-
-    out = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__}
-    try:
-        from . import __version__
-
-        out["cnnspec"] = __version__
-    except ImportError:  # pragma: no cover
-        pass
-    return out
 
 
 # ---- Numba kernels and their on-disk cache ----------------------------------------------------
@@ -300,7 +133,7 @@ def gemm_peak(n: int = 2048, repeat: int = 5) -> dict:
     """The machine's practical fp32 GEMM ceiling: the better of a numpy float32 n x n
     matmul on the current BLAS thread count and cnnspec's own micro-kernel on every
     Numba thread (OpenBLAS may run narrower vectors than the CPU has)."""
-    from .kernels.cpu import conv
+    from ..kernels.cpu import conv
 
     kernel = conv.peak_gflops(repeat)  # first: OpenBLAS's threads spin a while after
     rng = np.random.default_rng(0)
@@ -466,7 +299,7 @@ def bench(
     """
     import numba
 
-    from .backend import get_backend
+    from ..backend import get_backend
 
     get_backend("cpu").load_all()  # every kernel imported: their compile state is visible
 
@@ -532,138 +365,3 @@ def bench(
     result["machine"] = machine
     result["versions"] = versions()
     return result
-
-
-# ---- rendering --------------------------------------------------------------------------------
-def busy_warning(machine: dict) -> str | None:
-    """A warning when other processes used a noticeable share of the CPU, else None."""
-    cores = machine.get("cores") or 1
-    ext = machine.get("external_load_cores")
-    load = (machine.get("loadavg_before") or [0.0])[0]
-    if (ext is not None and ext > 0.2) or load > 0.5 * cores:
-        ext_text = f"{ext:.2f} cores" if ext is not None else "unknown"
-        return (
-            f"the machine was busy (load average {load:.2f} before the run, other processes "
-            f"used {ext_text} of {cores} during it): these numbers are unreliable"
-        )
-    return None
-
-
-def _fmt_ms(v: float) -> str:
-    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.0f}"
-
-
-def render_bench(result: dict, console, top: int = 5) -> None:
-    from rich.table import Table
-
-    from .report import human
-
-    th = result["threads"]
-    blas = th["blas"] if th["blas"] is not None else "?"
-    console.print(
-        f"[bold]{result['name']}[/]  batch {result['batch']}, threads: numba "
-        f"{th['numba']}, BLAS {blas}; median of {result['repeat']} runs after "
-        f"{result['warmup']} warm-up; {human(result['macs_per_image'])} MACs/image, "
-        f"{result['params']:,} params"
-    )
-    table = Table(title_justify="left", pad_edge=False)
-    for col in ("phase", "ms/batch", "min ms", "images/s", "GFLOP/s", "of peak"):
-        table.add_column(col, justify="left" if col == "phase" else "right", no_wrap=True)
-    for key, label, _ in PHASES:
-        p = result[key]
-        share = f"{p['peak_share']:.1%}" if p["peak_share"] is not None else "-"
-        table.add_row(
-            label,
-            _fmt_ms(p["median_ms"]),
-            _fmt_ms(p["min_ms"]),
-            f"{p['images_per_s']:,.0f}",
-            f"{p['gflops']:.1f}",
-            share,
-        )
-    console.print(table)
-    rows = result["layers"]
-    if rows:
-        lt = Table(
-            title="per layer (medians; fwd and bwd in train mode, the loss in its "
-            "output layer's fwd)",
-            title_justify="left",
-            pad_edge=False,
-        )
-        for col in (
-            "layer",
-            "type",
-            "fwd ms",
-            "bwd ms",
-            "total ms",
-            "share",
-            "eval ms",
-            "fwd GFLOP/s",
-        ):
-            lt.add_column(
-                col, justify="left" if col in ("layer", "type") else "right", no_wrap=True
-            )
-        for r in rows:
-            if not r["ran"]:
-                what = f"fused into {r['fused_into']}" if r["fused_into"] else "not run"
-                lt.add_row(r["name"], r["type"], f"[dim]{what}[/]", "", "", "", "", "")
-                continue
-            bar = "#" * round(r["share"] * 20)
-            lt.add_row(
-                r["name"],
-                r["type"],
-                _fmt_ms(r["forward_ms"]),
-                _fmt_ms(r["backward_ms"]),
-                _fmt_ms(r["total_ms"]),
-                f"{r['share']:6.1%} [cyan]{bar:<20}[/]",
-                _fmt_ms(r["eval_ms"]),
-                f"{r['forward_gflops']:.1f}" if r["macs"] else "-",
-            )
-        lt.add_row(
-            "[bold]total[/]",
-            "",
-            _fmt_ms(sum(r["forward_ms"] for r in rows)),
-            _fmt_ms(sum(r["backward_ms"] for r in rows)),
-            _fmt_ms(result["layers_total_ms"]),
-            "",
-            _fmt_ms(sum(r["eval_ms"] for r in rows)),
-            "",
-        )
-        console.print(lt)
-        ranked = sorted(rows, key=lambda r: -r["total_ms"])[:top]
-        console.print(
-            "top layers: "
-            + ", ".join(f"{r['name']} {r['share']:.0%}" for r in ranked)
-            + f"  [dim](layers account for {result['layers_coverage']:.0%} of a "
-            "train pass; the rest is the model's own bookkeeping)[/]"
-        )
-        console.print(
-            "by type: "
-            + ", ".join(
-                f"{k} {v['share']:.0%} (fwd {v['forward_ms']:.1f} + bwd {v['backward_ms']:.1f} ms)"
-                for k, v in result["by_type"].items()
-                if v["share"] >= 0.005
-            )
-        )
-    peak = result["peak"]
-    if peak:
-        console.print(
-            f"GEMM peak: {peak['gflops']:.1f} GFLOP/s, the better of cnnspec's "
-            f"micro-kernel ({peak['kernel_gflops']:.1f}) and a numpy float32 {peak['n']}x"
-            f"{peak['n']} matmul ({peak['blas_gflops']:.1f}, {peak['blas_threads'] or '?'} "
-            "BLAS threads); best of a few each"
-        )
-    c = result["cold_start"]
-    cache = {
-        "warm": f"Numba cache warm: {c['kernels_loaded']} kernels loaded from disk",
-        "cold": f"Numba cache cold: {c['kernels_compiled']} kernels compiled",
-        "partial": f"Numba cache partly warm: {c['kernels_loaded']} kernels loaded, "
-        f"{c['kernels_compiled']} compiled",
-        "in-process": "kernels were already compiled in this process: not a cold start",
-    }.get(c["numba_cache"], "Numba cache state unknown")
-    console.print(
-        f"cold start: compile {c['compile_s'] * 1e3:.0f} ms + first step "
-        f"{c['first_step_s']:.2f} s = {c['total_s']:.2f} s ({cache})"
-    )
-    warning = busy_warning(result["machine"])
-    if warning:
-        console.print(f"[yellow]warning:[/] {warning}")

@@ -1,0 +1,122 @@
+"""Machine and load probes shared by `cnnspec bench` and benchmarks/vs_torch.py: BLAS and
+Numba thread counts, the CPU model, the CPU other processes use, versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+
+# ---- BLAS threads (threadpoolctl, as the model limits them) ----------------------------------
+def _blas():
+    from ..compile import blas_controller
+
+    return [lib for lib in blas_controller().lib_controllers if lib.user_api == "blas"]
+
+
+def blas_threads() -> int | None:
+    """Threads numpy's BLAS uses, or None when that cannot be told."""
+    libs = _blas()
+    return int(libs[0].num_threads) if libs else None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set numpy's BLAS thread count; False when it cannot be set from here."""
+    libs = _blas()
+    for lib in libs:
+        lib.set_num_threads(int(n))
+    return bool(libs)
+
+
+@contextmanager
+def threads_set(threads: int | None):
+    """Numba and BLAS threads set to ``threads`` (None: leave them), restored afterwards."""
+    import numba
+
+    before = (numba.get_num_threads(), blas_threads())
+    if threads is not None:
+        numba.set_num_threads(threads)
+        set_blas_threads(threads)
+    try:
+        yield
+    finally:
+        if threads is not None:
+            numba.set_num_threads(before[0])
+            if before[1] is not None:
+                set_blas_threads(before[1])
+
+
+# ---- machine ------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def busy_seconds() -> float | None:
+    """CPU seconds every process on the machine has spent so far (from /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class LoadMeter:
+    """The CPU other processes use while we measure: machine busy time minus ours."""
+
+    def __init__(self, own=_own_seconds):
+        self.own = own
+        self.start()
+
+    def start(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), busy_seconds(), self.own()
+
+    def external_cores(self) -> float | None:
+        busy = busy_seconds()
+        wall = time.perf_counter() - self.t0
+        if busy is None or self.busy0 is None or wall <= 0:
+            return None
+        return max(0.0, (busy - self.busy0 - (self.own() - self.own0)) / wall)
+
+
+def machine_info() -> dict:
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "loadavg_before": load,
+        "platform": platform.platform(),
+    }
+
+
+def versions() -> dict:
+    import numba
+
+    out = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__}
+    try:
+        from .. import __version__
+
+        out["cnnspec"] = __version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
