@@ -128,3 +128,19 @@ def test_layers_run_on_the_bound_backend():
     assert model.backend is get_backend("cpu") and layer.backend is model.backend
     assert layer.k.__name__ == "cnnspec.kernels.cpu.conv"
     assert hasattr(layer.k, "conv2d_forward")
+
+
+def test_help_loads_neither_numpy_nor_numba():
+    """`cnnspec --help` starts fast: no spec, so no numpy, jsonschema or Numba."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from cnnspec.cli import app\n"
+        "assert CliRunner().invoke(app, ['--help']).exit_code == 0\n"
+        "print(sorted(m for m in ('numpy', 'numba', 'jsonschema') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=gen.README.parent, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
