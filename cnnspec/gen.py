@@ -25,24 +25,13 @@ EXPR = {"$ref": "#/$defs/expr"}
 BEGIN, END = "<!-- layers:begin (python -m cnnspec.gen) -->", "<!-- layers:end -->"
 
 
-def _property(attr: Attr, doc: str) -> dict:
-    return {"anyOf": [attr.schema, EXPR], "description": doc}
+def _property(attr: Attr) -> dict:
+    return {"anyOf": [attr.schema, EXPR], "description": attr.doc}
 
 
 def layer_def(cls: type[Layer]) -> dict:
-    properties, required, either = {}, [], []
-    for attr in cls.attributes:
-        properties[attr.name] = _property(attr, attr.doc)
-        for alias in attr.aliases:
-            properties[alias] = _property(attr, f"another name for '{attr.name}'")
-        if attr.required and attr.aliases:
-            # `kernel` is required unless its alias `kernel_size` is there; the
-            # property beside `required` gives the error's hint its type
-            absent = [{"required": [alias]} for alias in attr.aliases]
-            then = {"required": [attr.name], "properties": {attr.name: properties[attr.name]}}
-            either.append({"if": {"not": {"anyOf": absent}}, "then": then})
-        elif attr.required:
-            required.append(attr.name)
+    properties = {a.name: _property(a) for a in cls.attributes}
+    required = [a.name for a in cls.attributes if a.required]
     if cls.min_inputs > 1:
         required.append("inputs")
     out = {
@@ -53,8 +42,6 @@ def layer_def(cls: type[Layer]) -> dict:
     }
     if required:
         out["required"] = required
-    if either:
-        out["allOf"] = either
     return out
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from .errors import LayerError, Problem, SpecError
 from .graph import INPUT, Node, topological
 from .layers import REGISTRY, Field, Layer
-from .layers.attrs import alias_of
 from .layers.merge import unaligned
 from .report import human, param_size
 from .spec.expand import expand
@@ -333,8 +332,7 @@ def _too_large(doc, node, layer, field_) -> Problem | None:
 
 
 def _problem(doc, node, attr, exc: LayerError) -> Problem:
-    names = alias_of(REGISTRY[node.type].attributes, attr) if attr else []
-    path = next((node.attr_paths[n] for n in names if n in node.attr_paths), None)
+    path = node.attr_paths.get(attr) if attr else None
     if path is None and attr == "inputs":
         path = node.path + ("inputs",)
     line, col = doc.pos(path or node.path)

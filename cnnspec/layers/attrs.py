@@ -1,7 +1,7 @@
 """Layer attributes, declared once per layer class.
 
 Each `Attr` says what a spec may write for one attribute (its JSON Schema), its
-default, a one-line doc and its aliases. From these declarations come the layer
+default and a one-line doc. From these declarations come the layer
 part of `cnnspec/schema.json` (`python -m cnnspec.gen`), the README's layer table,
 the defaults a layer's `setup` sees, did-you-mean for names and enum values (the
 schema's `properties` and `enum`s) and `cnnspec layers`.
@@ -10,8 +10,6 @@ schema's `properties` and `enum`s) and `cnnspec layers`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from ..errors import LayerError
 
 SIZE = 65536  # largest spatial size, kernel, stride, padding or dilation
 COUNT = 1048576  # largest channel, unit or group count
@@ -32,7 +30,6 @@ class Attr:
     schema: dict  # JSON Schema of a literal value (a block may also write `$arg`)
     default: object = REQUIRED
     doc: str = ""
-    aliases: tuple[str, ...] = ()
     shown_default: str = ""  # how a computed default reads ("= kernel")
 
     @property
@@ -108,26 +105,10 @@ def int_lists(name, default=None, doc="", **kw) -> Attr:
 
 
 def resolve(declared: tuple[Attr, ...], given: dict) -> dict:
-    """The attributes a layer's setup sees: canonical names, defaults filled in.
-    A required attribute left out stays out (setup's KeyError reports it)."""
+    """The attributes a layer's setup sees: defaults filled in. A required attribute
+    left out stays out (the schema reports it; setup's KeyError otherwise)."""
     values = dict(given)
     for attr in declared:
-        for alias in attr.aliases:
-            if alias in values:
-                if attr.name in values:
-                    raise LayerError(
-                        f"'{alias}' is another name for '{attr.name}': give one of them",
-                        alias,
-                    )
-                values[attr.name] = values.pop(alias)
         if attr.name not in values and not attr.required:
             values[attr.name] = attr.default
     return values
-
-
-def alias_of(declared: tuple[Attr, ...], name: str) -> list[str]:
-    """The names a spec may have used for attribute `name`."""
-    for attr in declared:
-        if attr.name == name:
-            return [attr.name, *attr.aliases]
-    return [name]

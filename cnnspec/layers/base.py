@@ -11,6 +11,7 @@ The receptive-field rule for fractional fields is written once, at `Field`.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -71,8 +72,9 @@ class Field:
     start: int | Fraction = 0  # effective padding = -start
 
     def __post_init__(self):
-        for name in ("size", "jump", "start"):
-            object.__setattr__(self, name, exact(getattr(self, name)))
+        if Fraction in (type(self.size), type(self.jump), type(self.start)):  # rare: upsampling
+            for name in ("size", "jump", "start"):
+                object.__setattr__(self, name, exact(getattr(self, name)))
 
     def through(self, kernel: int, stride: int, pad: int, dilation: int = 1) -> Field:
         return Field(
@@ -119,7 +121,7 @@ class Layer:
     @classmethod
     def description(cls) -> str:
         """The first line of the docstring."""
-        return (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        return " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split())
 
     # ---- shape inference --------------------------------------------------
     def setup(self, attrs: dict, in_shapes: list[tuple]) -> tuple:

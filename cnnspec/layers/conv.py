@@ -10,7 +10,7 @@ from ..errors import LayerError
 from . import attrs as A
 from .base import Layer, ParamDef, output_size, pair, register, resolve_padding, spatial
 
-KERNEL = A.pair("kernel", doc="window size", aliases=("kernel_size",))
+KERNEL = A.pair("kernel", doc="window size")
 STRIDE = A.pair("stride", 1, "step between windows")
 DILATION = A.pair("dilation", 1, "spacing between kernel taps")
 BIAS = A.boolean("bias", True, "add a learned bias per output map")
@@ -28,7 +28,7 @@ class Conv2d(Layer):
     type_name = "conv2d"
     aliases = ("conv",)
     attributes = (
-        A.integer("filters", doc="output maps", aliases=("out_channels",)),
+        A.integer("filters", doc="output maps"),
         KERNEL,
         STRIDE,
         A.padding(doc="zeros around the input"),
@@ -256,7 +256,7 @@ class ConvTranspose2d(Layer):
     aliases = ("deconv2d",)
     kernel_module = "conv_transpose"
     attributes = (
-        A.integer("filters", doc="output maps", aliases=("out_channels",)),
+        A.integer("filters", doc="output maps"),
         KERNEL,
         STRIDE,
         A.padding(doc="removed from the output's borders"),

@@ -43,7 +43,7 @@ class Dense(Layer):
     type_name = "dense"
     aliases = ("fc",)
     attributes = (
-        A.integer("units", doc="outputs", aliases=("out_features",)),
+        A.integer("units", doc="outputs"),
         A.boolean("bias", True, "add a learned bias per unit"),
     )
 

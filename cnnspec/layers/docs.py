@@ -42,8 +42,7 @@ def describe(cls: type[Layer]) -> str:
     lines.append("attributes:")
     rows = []
     for a in cls.attributes:
-        also = f" (also: {', '.join(a.aliases)})" if a.aliases else ""
-        rows.append((a.name, a.kind, f"= {a.default_text()}", a.doc + also))
+        rows.append((a.name, a.kind, f"= {a.default_text()}", a.doc))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         lines.append("  " + "  ".join(f"{r[i]:<{widths[i]}}" for i in range(3)) + "  " + r[3])

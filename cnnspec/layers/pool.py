@@ -9,7 +9,7 @@ from ..errors import LayerError
 from . import attrs as A
 from .base import Layer, ParamDef, output_size, pair, register, resolve_padding, spatial
 
-KERNEL = A.pair("kernel", 2, "window size", aliases=("kernel_size",))
+KERNEL = A.pair("kernel", 2, "window size")
 STRIDE = A.pair("stride", None, "step between windows (smaller overlaps)", shown_default="= kernel")
 
 

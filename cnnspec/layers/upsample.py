@@ -25,7 +25,7 @@ class Upsample2d(Layer):
     aliases = ("upsample",)
     transparent_to_init = True
     attributes = (
-        A.pair("scale", 2, "factor per axis", aliases=("scale_factor",)),
+        A.pair("scale", 2, "factor per axis"),
         A.choice("mode", ("nearest", "bilinear"), "nearest", "how the new values are made"),
     )
 
