@@ -90,8 +90,8 @@ def test_check_imports_no_numba(tmp_path):
         "from cnnspec.cli import app\n"
         "r = CliRunner().invoke(app, ['check', 'specs/lenet5.yaml'])\n"
         "assert r.exit_code == 0, r.output\n"
-        "import cnnspec\n"
-        "cnnspec.load('specs/resnet20-cifar.yaml').compile\n"
+        "import cnnspec.backend, cnnspec.compile\n"
+        "cnnspec.load('specs/resnet20-cifar.yaml').summary()\n"
         "print('numba' in sys.modules)\n"
     )
     out = subprocess.run(
@@ -113,8 +113,8 @@ def test_layers_run_on_the_bound_backend():
     model = net("{type: conv2d, filters: 2, kernel: 3}").compile(batch_size=1)
     layer = model.infos[0].layer
     assert model.backend is get_backend("cpu") and layer.backend is model.backend
-    assert layer.k.__name__ == "cnnspec.kernels.cpu.conv"
-    assert hasattr(layer.k, "conv2d_forward")
+    assert layer.kernels.__name__ == "cnnspec.kernels.cpu.conv"
+    assert hasattr(layer.kernels, "conv2d_forward")
 
 
 def test_help_loads_neither_numpy_nor_numba():

@@ -23,11 +23,11 @@ class _Elementwise(Layer):
         return in_shapes[0]
 
     def forward(self, xs, out, p, train, rng):
-        fwd = getattr(self.k, self.type_name + "_forward")
+        fwd = getattr(self.kernels, self.type_name + "_forward")
         fwd(xs[0].reshape(-1), *self.attrs.values(), out.reshape(-1))
 
     def backward(self, xs, out, dout, dxs, p, g):
-        getattr(self.k, self.type_name + "_backward")(
+        getattr(self.kernels, self.type_name + "_backward")(
             *self._saved(xs[0].reshape(-1), out.reshape(-1)),
             *self.attrs.values(),
             dout.reshape(-1),
@@ -121,10 +121,12 @@ class RReLU(Layer):
             self.slopes += lo
         else:
             self.slopes.fill((lo + hi) / 2)
-        self.k.rrelu_forward(xs[0].reshape(-1), self.slopes, out.reshape(-1))
+        self.kernels.rrelu_forward(xs[0].reshape(-1), self.slopes, out.reshape(-1))
 
     def backward(self, xs, out, dout, dxs, p, g):
-        self.k.rrelu_backward(xs[0].reshape(-1), self.slopes, dout.reshape(-1), dxs[0].reshape(-1))
+        self.kernels.rrelu_backward(
+            xs[0].reshape(-1), self.slopes, dout.reshape(-1), dxs[0].reshape(-1)
+        )
 
 
 @register
@@ -146,10 +148,10 @@ class PReLU(Layer):
         return [ParamDef("weight", (n,), True, f"const:{self.attrs['init']}")]
 
     def forward(self, xs, out, p, train, rng):
-        self.k.prelu_forward(xs[0], p["weight"], out)
+        self.kernels.prelu_forward(xs[0], p["weight"], out)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        self.k.prelu_backward(xs[0], p["weight"], dout, dxs[0], g["weight"])
+        self.kernels.prelu_backward(xs[0], p["weight"], dout, dxs[0], g["weight"])
 
 
 @register
@@ -179,7 +181,7 @@ class Maxout(Layer):
         self.argmax = self.backend.zeros((batch, *self.out_shape), np.int32)
 
     def forward(self, xs, out, p, train, rng):
-        self.k.maxout_forward(xs[0], self.attrs["pieces"], out, self.argmax)
+        self.kernels.maxout_forward(xs[0], self.attrs["pieces"], out, self.argmax)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        self.k.maxout_backward(dout, self.argmax, dxs[0])
+        self.kernels.maxout_backward(dout, self.argmax, dxs[0])

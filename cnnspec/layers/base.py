@@ -145,12 +145,13 @@ class Layer:
     # the kernels' module in the backend's folder; default: this layer module's name
     kernel_module: ClassVar[str | None] = None
     backend = None  # bound by the model at compile time
-    k = None  # the bound backend's kernel module for this layer
+    kernels = None  # the bound backend's kernel module for this layer
 
     def bind(self, backend) -> None:
         """Take the compiled model's backend: its kernels run this layer."""
         self.backend = backend
-        self.k = backend.kernels(self.kernel_module or type(self).__module__.rsplit(".", 1)[1])
+        family = self.kernel_module or type(self).__module__.rsplit(".", 1)[1]
+        self.kernels = backend.kernels(family)
 
     def allocate(self, batch: int, dtype=np.float32) -> None:
         """Allocate per-(spec, batch) buffers once; nothing is allocated per step."""

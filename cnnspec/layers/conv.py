@@ -161,7 +161,7 @@ class Conv2d(Layer):
         (w,) = [d.shape for d in self.param_defs() if d.name == "weight"]
         a = self.attrs
         x_shape, out_shape = (batch, *self.in_shapes[0]), (batch, *self.out_shape)
-        return self.k.conv2d_workspace(
+        return self.kernels.conv2d_workspace(
             x_shape, w, out_shape, a["stride"], a["padding"], a["dilation"], self.itemsize
         )
 
@@ -177,7 +177,7 @@ class Conv2d(Layer):
                 self.fused_act,
             )
             return
-        self.k.conv2d_forward(
+        self.kernels.conv2d_forward(
             xs[0],
             p["weight"],
             p.get("bias"),
@@ -208,7 +208,7 @@ class Conv2d(Layer):
             if self.connection_mask is not None:
                 g["weight"] *= self.connection_mask
             return
-        self.k.conv2d_backward(
+        self.kernels.conv2d_backward(
             xs[0],
             p["weight"],
             dout,
@@ -350,7 +350,7 @@ class ConvTranspose2d(Layer):
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
-        self.k.conv_transpose2d_forward(
+        self.kernels.conv_transpose2d_forward(
             xs[0],
             p["weight"],
             p.get("bias"),
@@ -363,7 +363,7 @@ class ConvTranspose2d(Layer):
 
     def backward(self, xs, out, dout, dxs, p, g):
         a = self.attrs
-        self.k.conv_transpose2d_backward(
+        self.kernels.conv_transpose2d_backward(
             xs[0],
             p["weight"],
             dout,

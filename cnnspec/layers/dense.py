@@ -68,11 +68,11 @@ class Dense(Layer):
 
     def forward(self, xs, out, p, train, rng):
         x = xs[0].reshape(xs[0].shape[0], -1)
-        self.k.dense_forward(x, p["weight"], p.get("bias"), out, self.fused_act)
+        self.kernels.dense_forward(x, p["weight"], p.get("bias"), out, self.fused_act)
 
     def backward(self, xs, out, dout, dxs, p, g):
         x = xs[0].reshape(xs[0].shape[0], -1)
         dx = None if dxs[0] is None else dxs[0].reshape(x.shape)
-        self.k.dense_backward(
+        self.kernels.dense_backward(
             x, p["weight"], dout, dx, g["weight"], g.get("bias"), out, self.fused_act
         )

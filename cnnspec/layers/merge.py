@@ -91,10 +91,10 @@ class Add(_Merge):
     fusable = True  # a following ReLU runs in the same pass (ResNet's block output)
 
     def forward(self, xs, out, p, train, rng):
-        self.k.add_forward(xs, out, self.fused_act)
+        self.kernels.add_forward(xs, out, self.fused_act)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        self.k.add_backward(dout, out, self.fused_act, dxs)
+        self.kernels.add_backward(dout, out, self.fused_act, dxs)
 
 
 @register

@@ -47,7 +47,7 @@ class BatchNorm2d(Layer):
         self.affine = self.backend.zeros((2, c), dtype)  # the forward's scale and shift
 
     def forward(self, xs, out, p, train, rng):
-        k, a = self.k, self.attrs
+        k, a = self.kernels, self.attrs
         if train:
             k.batchnorm2d_forward_train(
                 xs[0],
@@ -76,7 +76,7 @@ class BatchNorm2d(Layer):
             )
 
     def backward(self, xs, out, dout, dxs, p, g):
-        self.k.batchnorm2d_backward(
+        self.kernels.batchnorm2d_backward(
             dout,
             xs[0],
             self.batch_mean,
@@ -115,8 +115,10 @@ class LRN(Layer):
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
-        self.k.lrn_forward(xs[0], a["size"], a["alpha"], a["beta"], a["k"], out, self.scale)
+        self.kernels.lrn_forward(xs[0], a["size"], a["alpha"], a["beta"], a["k"], out, self.scale)
 
     def backward(self, xs, out, dout, dxs, p, g):
         a = self.attrs
-        self.k.lrn_backward(xs[0], out, self.scale, dout, a["size"], a["alpha"], a["beta"], dxs[0])
+        self.kernels.lrn_backward(
+            xs[0], out, self.scale, dout, a["size"], a["alpha"], a["beta"], dxs[0]
+        )

@@ -58,7 +58,7 @@ class Softmax(_Output):
 
     def loss(self, xs, out, target):
         logits = xs[0].reshape(out.shape)
-        return self.k.softmax_cross_entropy(
+        return self.kernels.softmax_cross_entropy(
             logits, target, out, self.dlogits, self.attrs["loss_weight"]
         )
 
@@ -77,7 +77,7 @@ class Linear(_Output):
         out[...] = xs[0].reshape(out.shape)
 
     def loss(self, xs, out, target):
-        return self.k.mse(out, target, self.dlogits, self.attrs["loss_weight"])
+        return self.kernels.mse(out, target, self.dlogits, self.attrs["loss_weight"])
 
 
 @register
@@ -112,10 +112,10 @@ class RBF(_Output):
         self.dscores = self.backend.zeros((batch, self.out_shape[0]), dtype)
 
     def forward(self, xs, out, p, train, rng):
-        self.k.rbf_forward(xs[0].reshape(xs[0].shape[0], -1), p["weight"], out)
+        self.kernels.rbf_forward(xs[0].reshape(xs[0].shape[0], -1), p["weight"], out)
 
     def loss(self, xs, out, target):
-        value = self.k.softmax_cross_entropy(
+        value = self.kernels.softmax_cross_entropy(
             -out, target, self.probs, self.dscores, self.attrs["loss_weight"]
         )
         self.dscores *= -1  # d loss / d distance
@@ -124,4 +124,4 @@ class RBF(_Output):
     def backward(self, xs, out, dout, dxs, p, g):
         x = xs[0].reshape(xs[0].shape[0], -1)
         dx = None if dxs[0] is None else dxs[0].reshape(x.shape)
-        self.k.rbf_backward(x, p["weight"], self.dscores, dx, g.get("weight"))
+        self.kernels.rbf_backward(x, p["weight"], self.dscores, dx, g.get("weight"))

@@ -74,12 +74,12 @@ class MaxPool2d(_Pool2d):
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
-        self.k.maxpool2d_forward(
+        self.kernels.maxpool2d_forward(
             xs[0], *a["kernel"], *a["stride"], a["padding"][0], a["padding"][2], out, self.argmax
         )
 
     def backward(self, xs, out, dout, dxs, p, g):
-        self.k.maxpool2d_backward(dout, self.argmax, dxs[0])
+        self.kernels.maxpool2d_backward(dout, self.argmax, dxs[0])
 
 
 @register
@@ -107,10 +107,10 @@ class AvgPool2d(_Pool2d):
         return (*a["kernel"], *a["stride"], *a["padding"], a["count_include_pad"])
 
     def forward(self, xs, out, p, train, rng):
-        self.k.avgpool2d_forward(xs[0], *self._args(), out)
+        self.kernels.avgpool2d_forward(xs[0], *self._args(), out)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        self.k.avgpool2d_backward(dout, *self._args(), dxs[0])
+        self.kernels.avgpool2d_backward(dout, *self._args(), dxs[0])
 
 
 @register
@@ -151,13 +151,13 @@ class Subsample2d(Layer):
 
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
-        self.k.subsample2d_forward(
+        self.kernels.subsample2d_forward(
             xs[0], p["weight"], p["bias"], *a["kernel"], *a["stride"], out, self.pooled
         )
 
     def backward(self, xs, out, dout, dxs, p, g):
         a = self.attrs
-        self.k.subsample2d_backward(
+        self.kernels.subsample2d_backward(
             dout,
             self.pooled,
             p["weight"],
@@ -191,10 +191,10 @@ class GlobalAvgPool2d(Layer):
         return fields[0][0].through(h, 1, 0), fields[0][1].through(w, 1, 0)
 
     def forward(self, xs, out, p, train, rng):
-        self.k.global_avgpool2d_forward(xs[0], out.reshape(out.shape[0], -1))
+        self.kernels.global_avgpool2d_forward(xs[0], out.reshape(out.shape[0], -1))
 
     def backward(self, xs, out, dout, dxs, p, g):
-        self.k.global_avgpool2d_backward(dout.reshape(dout.shape[0], -1), dxs[0])
+        self.kernels.global_avgpool2d_backward(dout.reshape(dout.shape[0], -1), dxs[0])
 
 
 def covers_input(fields, in_shape):

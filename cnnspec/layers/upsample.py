@@ -54,10 +54,10 @@ class Upsample2d(Layer):
                 self.backend.to_device(host, self.taps[-1])
 
     def forward(self, xs, out, p, train, rng):
-        self.k.upsample2d_forward(xs[0], *self.taps, out)
+        self.kernels.upsample2d_forward(xs[0], *self.taps, out)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        self.k.upsample2d_backward(dout, *self.taps, dxs[0])
+        self.kernels.upsample2d_backward(dout, *self.taps, dxs[0])
 
 
 def nearest_taps(n_in: int, n_out: int, dtype=np.float32):
