@@ -95,7 +95,7 @@ class Field:
 
 
 class Layer:
-    """The first line of a layer's docstring is its description in the schema and in
+    """The first paragraph of a layer's docstring is its description in the schema and in
     `cnnspec layers`; the rest says its shape rule and receptive-field rule."""
 
     type_name: ClassVar[str] = ""
@@ -120,7 +120,7 @@ class Layer:
 
     @classmethod
     def description(cls) -> str:
-        """The first line of the docstring."""
+        """The docstring's first paragraph, on one line."""
         return " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split())
 
     # ---- shape inference --------------------------------------------------
