@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cnnspec.kernels.cpu import loss as L
+from cnnspec.kernels.cpu import output as L
 from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
 
 FD_TOL = 1e-6
@@ -16,11 +16,11 @@ def test_softmax_cross_entropy_finite_differences(weight):
     logits = rng.standard_normal((5, 4)) * 2
     labels = rng.integers(0, 4, 5)
     probs, dlogits = np.empty_like(logits), np.full_like(logits, np.nan)
-    value = L.softmax_cross_entropy(logits, labels, probs, dlogits, weight)
+    value = L.softmax_loss(logits, labels, probs, dlogits, weight)
     assert isinstance(value, float)
 
     def f():
-        return L.softmax_cross_entropy(logits, labels, probs, None, weight)
+        return L.softmax_loss(logits, labels, probs, None, weight)
 
     assert rel_error(dlogits, numerical_grad(f, logits)) < FD_TOL
     assert f() == value  # the loss-only path agrees bit for bit (and refreshes probs)
@@ -39,7 +39,7 @@ def test_softmax_cross_entropy_matches_torch(scale):
     labels = rng.integers(0, 10, 6)
     probs, dlogits = np.empty_like(logits), np.empty_like(logits)
     weight = 0.7
-    value = L.softmax_cross_entropy(logits, labels, probs, dlogits, weight)
+    value = L.softmax_loss(logits, labels, probs, dlogits, weight)
     lt = torch.tensor(logits, requires_grad=True)
     ref = weight * torch.nn.functional.cross_entropy(lt, torch.tensor(labels))
     ref.backward()
@@ -52,7 +52,7 @@ def test_softmax_cross_entropy_matches_torch(scale):
 def test_softmax_cross_entropy_rejects_bad_labels():
     logits = np.zeros((2, 3), np.float32)
     with pytest.raises(ValueError):
-        L.softmax_cross_entropy(logits, np.array([0, 3]), np.empty_like(logits), None)
+        L.softmax_loss(logits, np.array([0, 3]), np.empty_like(logits), None)
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 3, 2, 2)])
@@ -61,11 +61,11 @@ def test_mse_finite_differences(shape):
     pred = rng.standard_normal(shape)
     target = rng.standard_normal(shape)
     dpred = np.full_like(pred, np.nan)
-    value = L.mse(pred, target, dpred, 0.5)
+    value = L.linear_loss(pred, target, dpred, 0.5)
     assert np.isclose(value, 0.5 * np.mean((pred - target) ** 2), rtol=1e-12)
 
     def f():
-        return L.mse(pred, target, None, 0.5)
+        return L.linear_loss(pred, target, None, 0.5)
 
     assert rel_error(dpred, numerical_grad(f, pred)) < FD_TOL
 
@@ -77,13 +77,13 @@ def test_mse_matches_torch_and_is_chunked_deterministically():
     pred = rng.standard_normal(shape).astype(np.float32)
     target = rng.standard_normal(shape).astype(np.float32)
     dpred = np.empty_like(pred)
-    value = L.mse(pred, target, dpred, 2.0)
+    value = L.linear_loss(pred, target, dpred, 2.0)
     pt = torch.tensor(pred, requires_grad=True)
     ref = 2.0 * torch.nn.functional.mse_loss(pt, torch.tensor(target))
     ref.backward()
     assert abs(value - ref.item()) <= TORCH_TOL * abs(ref.item())
     assert rel_error(dpred, pt.grad.numpy()) < TORCH_TOL
-    assert L.mse(pred, target, None, 2.0) == value
+    assert L.linear_loss(pred, target, None, 2.0) == value
 
 
 def _rbf_ref(x, c):

@@ -15,7 +15,6 @@ LOSS_WEIGHT = A.number("loss_weight", 1.0, "weight of this head's loss in the to
 class _Output(Layer):
     role = "output"
     loss_name = "cross_entropy"
-    kernel_module = "loss"
     attributes = (LOSS_WEIGHT,)
 
     def setup(self, a, in_shapes):
@@ -58,7 +57,7 @@ class Softmax(_Output):
 
     def loss(self, xs, out, target):
         logits = xs[0].reshape(out.shape)
-        return self.kernels.softmax_cross_entropy(
+        return self.kernels.softmax_loss(
             logits, target, out, self.dlogits, self.attrs["loss_weight"]
         )
 
@@ -77,7 +76,7 @@ class Linear(_Output):
         out[...] = xs[0].reshape(out.shape)
 
     def loss(self, xs, out, target):
-        return self.kernels.mse(out, target, self.dlogits, self.attrs["loss_weight"])
+        return self.kernels.linear_loss(out, target, self.dlogits, self.attrs["loss_weight"])
 
 
 @register
@@ -115,7 +114,7 @@ class RBF(_Output):
         self.kernels.rbf_forward(xs[0].reshape(xs[0].shape[0], -1), p["weight"], out)
 
     def loss(self, xs, out, target):
-        value = self.kernels.softmax_cross_entropy(
+        value = self.kernels.softmax_loss(
             -out, target, self.probs, self.dscores, self.attrs["loss_weight"]
         )
         self.dscores *= -1  # d loss / d distance

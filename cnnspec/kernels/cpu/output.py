@@ -1,4 +1,6 @@
-"""Loss kernels and LeNet-5's Euclidean RBF output layer.
+"""Output layers' kernels: softmax_loss (cross-entropy), linear_loss (mean squared error)
+and LeNet-5's Euclidean RBF units (rbf_forward, rbf_backward; its loss is softmax_loss of
+the negated distances).
 
 Losses return the (weighted) scalar loss as a Python float and write the gradient of that
 scalar with respect to the prediction. Batch reductions use fixed-order partial sums.
@@ -13,7 +15,7 @@ from numba import njit, prange
 
 from ._common import check_c, check_shape
 
-__all__ = ["softmax_cross_entropy", "mse", "rbf_forward", "rbf_backward"]
+__all__ = ["softmax_loss", "linear_loss", "rbf_forward", "rbf_backward"]
 
 _MSE_CHUNK = 16384
 
@@ -43,7 +45,7 @@ def _softmax_ce(logits, labels, probs, dlogits, grad_scale, want_grad, losses):
             dlogits[n, lab] -= grad_scale
 
 
-def softmax_cross_entropy(logits, labels, probs, dlogits, weight=1.0):
+def softmax_loss(logits, labels, probs, dlogits, weight=1.0):
     """Mean softmax cross-entropy times ``weight``.
 
     logits (N, K); labels int (N,); probs <- softmax(logits);
@@ -84,7 +86,7 @@ def _mse(pred, target, dpred, grad_scale, want_grad, chunk, partial):
         partial[ci] = acc
 
 
-def mse(pred, target, dpred, weight=1.0):
+def linear_loss(pred, target, dpred, weight=1.0):
     """weight * mean((pred - target)^2) over all elements; dpred <- its gradient
     (skipped when dpred is None)."""
     check_c(pred=pred, target=target, dpred=dpred)
