@@ -56,4 +56,13 @@ def markdown_table() -> str:
         attrs = ", ".join(f"`{name}`{default}" for name, default in _attr_defaults(cls))
         what = cls.description().replace("|", "\\|")
         rows.append(f"| {_names(cls, '`')} | {what} | {attrs or '—'} |")
-    return "\n".join(rows)
+    kinds: dict[str, list[str]] = {}  # the attributes' types, beyond plain numbers
+    for cls in layer_classes():
+        for a in cls.attributes:
+            if a.kind not in ("int", "bool") and not a.kind.startswith("float"):
+                names = kinds.setdefault(a.kind, [])
+                names += [] if a.name in names else [a.name]
+    legend = "; ".join(
+        ", ".join(f"`{n}`" for n in names) + f": {kind}" for kind, names in kinds.items()
+    )
+    return "\n".join(rows) + f"\n\nTypes: {legend}." if legend else "\n".join(rows)
