@@ -62,8 +62,9 @@ class Harness:
         self.dout = rng.standard_normal(self.out.shape).astype(dtype)
 
     def forward(self, train=True):
-        """The layer's output, and the scalar whose gradients the checks compare:
-        an output layer's loss, or sum(out * dout)."""
+        """Run the layer into self.out; return the scalar whose gradients the checks
+        compare: an output layer's loss, or sum(out * dout). The same seed every call:
+        dropout and RReLU draw the same mask for every finite difference."""
         self.layer.forward(self.xs, self.out, self.p, train, np.random.default_rng(7))
         if self.is_output:
             return float(self.layer.loss(self.xs, self.out, self.target))
