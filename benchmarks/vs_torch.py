@@ -3,6 +3,12 @@
 
     python benchmarks/vs_torch.py            # full run (~10 minutes): results/latest.{json,md}
     python benchmarks/vs_torch.py --quick    # a couple of minutes: results/quick.{json,md}
+    python benchmarks/vs_torch.py --device cuda   # on a GPU: results/cuda.{json,md}
+
+On a GPU (``--device cuda``) the rows are LeNet-5 b64, ResNet-20 b128 and VGG-small b64
+training steps, and PyTorch runs twice: in strict fp32 (TF32 off for matmuls and cuDNN
+convolutions, the arithmetic cnnspec does: the ratio) and with its defaults (cuDNN may use
+TF32: a second column). Each timed iteration ends when the GPU is done with it.
 
 Every measurement runs in worker subprocesses, one per framework, so each has its own peak
 RSS (``resource.getrusage(...).ru_maxrss``) and neither pays for the other's imports. The
@@ -70,6 +76,7 @@ class Row:
     mode: str  # train | eval
 
 
+GPU_ROWS = ["lenet5-b64", "resnet20-b128", "vgg-small-b64"]  # --device cuda's default rows
 ROWS = [
     Row("lenet5-b64", "LeNet-5", "lenet5", 64, "train"),
     Row("lenet5-b256", "LeNet-5", "lenet5", 256, "train"),
@@ -189,7 +196,7 @@ def _thread_env(threads: int, env=None) -> dict:
 
 # ---- workers ---------------------------------------------------------------------------------
 class _CnnspecRunner:
-    def __init__(self, spec_file, batch, mode, threads):
+    def __init__(self, spec_file, batch, mode, threads, device="cpu"):
         t0 = time.perf_counter()
         import numba
 
@@ -197,7 +204,9 @@ class _CnnspecRunner:
         from cnnspec import bench as cb
         from cnnspec.backend import get_backend
 
-        get_backend("cpu").load_all()
+        backend = get_backend(device)
+        backend.load_all()
+        self.sync = backend.synchronize
 
         numba.set_num_threads(threads)
         self.import_s = time.perf_counter() - t0
@@ -206,7 +215,7 @@ class _CnnspecRunner:
         before = cb.kernel_state()
         t0 = time.perf_counter()
         net = cnnspec.load(ROOT / spec_file)
-        self.model = net.compile(batch_size=batch, seed=0, training=mode == "train")
+        self.model = net.compile(device=device, batch_size=batch, seed=0, training=mode == "train")
         self.build_s = time.perf_counter() - t0
         self.x, self.y = cb.random_batch(self.model, 0)
         self.mode = mode
@@ -220,25 +229,30 @@ class _CnnspecRunner:
             self.model.step(self.x, self.y, lr=LR, momentum=MOMENTUM)
         else:
             self.model.forward(self.x, train=False)
+        self.sync()
 
 
 class _TorchRunner:
-    def __init__(self, spec_name, batch, mode, threads):
+    def __init__(self, spec_name, batch, mode, threads, device="cpu", strict_fp32=True):
         t0 = time.perf_counter()
         import torch
         import torch.nn.functional as F
 
         torch.set_num_threads(threads)
+        if device == "cuda" and strict_fp32:  # fp32 arithmetic, as cnnspec's kernels
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.import_s = time.perf_counter() - t0
         self.rss_import_mb = _rss_now_mb()
         self.threads = {"torch": torch.get_num_threads()}
         self.cache = None
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        self.model = torch_model(spec_name)
+        self.model = torch_model(spec_name).to(device)
         shape = {"lenet5": (1, 32, 32)}.get(spec_name, (3, 32, 32))
-        self.x = torch.randn(batch, *shape)
-        self.y = torch.randint(0, 10, (batch,))
+        self.x = torch.randn(batch, *shape).to(device)
+        self.y = torch.randint(0, 10, (batch,)).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
         self.build_s = time.perf_counter() - t0
         self.torch, self.F, self.mode = torch, F, mode
@@ -257,14 +271,18 @@ class _TorchRunner:
         else:
             with self.torch.inference_mode():
                 self.F.softmax(self.model(self.x), dim=1)
+        self.sync()
 
 
 def worker(args) -> None:
     """Set up one framework's model, then answer 'run K' / 'quit' lines on stdin."""
     if args.worker == "cnnspec":
-        runner = _CnnspecRunner(SPECS[args.spec], args.batch, args.mode, args.threads)
+        runner = _CnnspecRunner(SPECS[args.spec], args.batch, args.mode, args.threads, args.device)
     else:
-        runner = _TorchRunner(args.spec, args.batch, args.mode, args.threads)
+        strict = args.worker == "torch"  # torch-default: PyTorch's own TF32 defaults
+        runner = _TorchRunner(
+            args.spec, args.batch, args.mode, args.threads, args.device, strict_fp32=strict
+        )
     ready = {
         "import_s": runner.import_s,
         "build_s": runner.build_s,
@@ -359,7 +377,20 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "loadavg": list(os.getloadavg()),
         "platform": platform.platform(),
+        "gpu": _gpu_name(),
     }
+
+
+def _gpu_name() -> str | None:
+    try:
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def versions() -> dict:
@@ -407,6 +438,8 @@ class Worker:
             str(args.threads),
             "--warmup",
             str(args.warmup),
+            "--device",
+            args.device,
         ]
         if startup:
             cmd.append("--startup")
@@ -459,6 +492,11 @@ def _summary(times: list[float], rounds: list[float], batch: int) -> dict:
     }
 
 
+def frameworks(args) -> tuple[str, ...]:
+    """The workers of a row: on a GPU PyTorch runs in strict fp32 and with its defaults."""
+    return ("cnnspec", "torch", "torch-default") if args.device == "cuda" else ("cnnspec", "torch")
+
+
 def run_row(row: Row, args) -> dict:
     """Alternating rounds, each started when the machine is quiet; a round during which
     other processes used more than --max-load cores is discarded and run again, as long as
@@ -466,7 +504,7 @@ def run_row(row: Row, args) -> dict:
     print(f"{row.key}: {row.label}, batch {row.batch}, {row.mode} ...", flush=True)
     workers, ready = {}, {}
     try:
-        for fw in ("cnnspec", "torch"):
+        for fw in frameworks(args):
             workers[fw] = Worker(fw, row, args)
             ready[fw] = workers[fw].read()
         return _measure_row(row, args, workers, ready)
@@ -492,9 +530,9 @@ def _measure_row(row: Row, args, workers: dict, ready: dict) -> dict:
         wait_for_quiet(min(args.wait_quiet_row, deadline - t), args.max_load, 0.5, quiet=True)
         waited += time.monotonic() - t
         load = Load(pids)
-        order = (
-            ("cnnspec", "torch") if (len(kept) + len(discarded)) % 2 == 0 else ("torch", "cnnspec")
-        )
+        turn = len(kept) + len(discarded)  # who goes first rotates, round by round
+        names = list(workers)
+        order = names[turn % len(names) :] + names[: turn % len(names)]
         got = {fw: workers[fw].ask(f"run {iters[fw]}")["times"] for fw in order}
         ext = load.cores()
         (kept if ext <= args.max_load else discarded).append((got, ext))
@@ -525,6 +563,8 @@ def _measure_row(row: Row, args, workers: dict, ready: dict) -> dict:
             "cache": ready[fw]["cache"],
         }
     out["ratio"] = out["cnnspec"]["images_per_s"] / out["torch"]["images_per_s"]
+    if "torch-default" in out:
+        out["ratio_default"] = out["cnnspec"]["images_per_s"] / out["torch-default"]["images_per_s"]
     c, t = out["cnnspec"], out["torch"]
     print(
         f"  cnnspec {c['images_per_s']:,.0f} img/s ({c['median_ms']:.1f} ms), torch "
@@ -604,12 +644,33 @@ def _load_text(cores) -> str:
     return "?" if cores is None else f"{cores:.2f}"
 
 
+def _gpu_lines(rows: list[dict], result: dict) -> list[str]:
+    """The GPU table: PyTorch in strict fp32 (the ratio) and with its defaults."""
+    lines = [
+        "",
+        f"GPU: {result['machine'].get('gpu') or '?'}. cnnspec computes in fp32; "
+        "`torch fp32`: TF32 off for matmuls and cuDNN; `torch default`: PyTorch's own settings.",
+        "",
+        "| benchmark | batch | cnnspec img/s | torch fp32 img/s | cnnspec / torch fp32 "
+        "| torch default img/s | cnnspec / torch default | cnnspec ms | torch fp32 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        row, c, t, d = r["row"], r["cnnspec"], r["torch"], r["torch-default"]
+        lines.append(
+            f"| {row['label']} | {row['batch']} | {c['images_per_s']:,.0f} | "
+            f"{t['images_per_s']:,.0f} | **{r['ratio']:.2f}** | {d['images_per_s']:,.0f} | "
+            f"{r['ratio_default']:.2f} | {c['median_ms']:.2f} | {t['median_ms']:.2f} |"
+        )
+    return lines
+
+
 def markdown(result: dict) -> str:
     m, v, s = result["machine"], result["versions"], result["settings"]
     rows = result["rows"]
     loaded = [r for r in rows if r.get("note") or r["external_load_cores"] > s["max_load"]]
     lines = [
-        f"# cnnspec vs PyTorch (CPU) — {result['date']}",
+        f"# cnnspec vs PyTorch ({s.get('device', 'cpu').upper()}) — {result['date']}",
         "",
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['platform']}",
         f"- versions: torch {v['torch']}, numba {v['numba']}, numpy {v['numpy']}, "
@@ -637,6 +698,9 @@ def markdown(result: dict) -> str:
         "| cnnspec ms | torch ms | cnnspec peak RSS | torch peak RSS | other load | rounds |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if s.get("device") == "cuda":  # its own table instead of the CPU one
+        lines = lines[:-3] + _gpu_lines(rows, result)
+        rows = []
     for r in rows:
         row, c, t = r["row"], r["cnnspec"], r["torch"]
         work = "train step" if row["mode"] == "train" else "inference"
@@ -694,6 +758,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds, shorter rounds")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where both frameworks run (cuda: the GPU rows, PyTorch in fp32 and by default)",
+    )
     p.add_argument("--rounds", type=int, help="alternating rounds (default 7; quick 3)")
     p.add_argument(
         "--round-s", type=float, help="seconds per framework per round (default 1.0; quick 0.3)"
@@ -737,7 +807,9 @@ def main(argv=None) -> int:
         "--out", type=Path, help="output stem (default results/latest, quick: results/quick)"
     )
     # worker mode (internal)
-    p.add_argument("--worker", choices=["cnnspec", "torch"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--worker", choices=["cnnspec", "torch", "torch-default"], help=argparse.SUPPRESS
+    )
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -761,7 +833,7 @@ def main(argv=None) -> int:
         worker(args)
         return 0
 
-    rows = ROWS
+    rows = ROWS if args.device == "cpu" else [r for r in ROWS if r.key in GPU_ROWS]
     if args.rows:
         wanted = args.rows.split(",")
         unknown = set(wanted) - {r.key for r in ROWS}
@@ -792,6 +864,7 @@ def main(argv=None) -> int:
             "max_row_s": args.max_row_s,
             "lr": LR,
             "momentum": MOMENTUM,
+            "device": args.device,
         },
         "param_counts": counts,
         "rows": [],
@@ -817,7 +890,7 @@ def main(argv=None) -> int:
             continue
         if again["external_load_cores"] < r["external_load_cores"]:
             result["rows"][i] = again | {"retried": True}
-    if not args.no_startup:
+    if not args.no_startup and args.device == "cpu":
         specs = ["lenet5"] if quick else ["lenet5", "resnet20-cifar"]
         for spec in specs:
             try:
@@ -827,7 +900,8 @@ def main(argv=None) -> int:
                 result["failed"].append({"startup": spec, "error": str(exc)[-2000:]})
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["elapsed_s"] = time.perf_counter() - started
-    stem = args.out or RESULTS / ("quick" if quick else "latest")
+    default = "cuda" if args.device == "cuda" else "quick" if quick else "latest"
+    stem = args.out or RESULTS / default
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)

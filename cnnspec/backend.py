@@ -53,6 +53,26 @@ class Backend:
         """Copy a host array into a device array of the same shape."""
         raise NotImplementedError
 
+    def synchronize(self) -> None:
+        """Wait until the device has finished the work queued so far (timing)."""
+
+    def unusable(self) -> str | None:
+        """Why this device cannot run here (one line: what is missing, how to get it),
+        or None when it can."""
+        return None
+
+    def optimizer(self, model, **settings):
+        """The SGD optimizer (train.optim.SGD's interface) over a compiled model's
+        trainable parameters, updating them where they live."""
+        from .train.optim import SGD
+
+        return SGD({k: model.params[k] for k in sorted(model.trainable)}, **settings)
+
+
+class DeviceUnavailable(RuntimeError):
+    """The device has a backend in this build but cannot run here; the message says
+    what is missing and how to install it."""
+
 
 def devices() -> list[str]:
     """The devices this build has a backend for."""
@@ -66,11 +86,27 @@ def devices() -> list[str]:
 
 
 def get_backend(device: str) -> Backend:
-    """The backend of `device`; ValueError (one line) when this build has none."""
+    """The backend of `device` ("auto": CUDA when usable, else CPU); ValueError (one
+    line) when this build has none, DeviceUnavailable when it cannot run here."""
+    if device == "auto":
+        return get_backend(resolve_device("auto"))
     available = devices()
     if device not in available:
         raise ValueError(
             f"device '{device}' is not available; this build compiles for "
             + ", ".join(f"'{d}'" for d in available)
         )
-    return importlib.import_module(f"cnnspec.kernels.{device}.backend").BACKEND
+    backend = importlib.import_module(f"cnnspec.kernels.{device}.backend").BACKEND
+    reason = backend.unusable()
+    if reason:
+        raise DeviceUnavailable(reason)
+    return backend
+
+
+def resolve_device(device: str) -> str:
+    """The device a `--device` choice means here: "auto" is "cuda" when a GPU is usable,
+    else "cpu"; any other name is itself."""
+    if device != "auto":
+        return device
+    cuda = importlib.import_module("cnnspec.kernels.cuda.backend").BACKEND
+    return "cpu" if cuda.unusable() else "cuda"

@@ -247,6 +247,34 @@ def _dataset(source: str, split: str, net):
 
 
 Threads = typer.Option(None, "--threads", help="CPU threads for the kernels.")
+Device = typer.Option(
+    "cpu", "--device", help="cpu, cuda, or auto (CUDA when a GPU is usable, else CPU)."
+)
+
+
+def _device(choice: str) -> str:
+    """The device to compile for; one line and exit 2 when it cannot run here."""
+    from .backend import DeviceUnavailable, devices, get_backend, resolve_device
+
+    if choice not in (*devices(), "auto"):
+        _fail(f"unknown device '{choice}'; use " + ", ".join([*devices(), "auto"]), 2)
+    device = resolve_device(choice)
+    try:
+        get_backend(device)
+    except DeviceUnavailable as exc:
+        from rich.markup import escape
+
+        _fail(escape(str(exc)), 2)  # "[cuda]" is not markup
+    if choice == "auto":
+        why = "" if device == "cuda" else f" ({_cuda_reason()})"
+        err.print(f"device: {device}{why}", highlight=False, soft_wrap=True, markup=False)
+    return device
+
+
+def _cuda_reason() -> str:
+    from .kernels.cuda.backend import BACKEND
+
+    return BACKEND.unusable() or ""
 
 
 @app.command()
@@ -291,6 +319,7 @@ def train(
         metavar="S",
         help="Abort the job when no step, validation or save finishes for S seconds.",
     ),
+    device: str = Device,
 ):
     """Train a spec with SGD; checkpoints and metrics go to OUT/. Data-parallel on MPI when
     started by mpiexec/srun (see the README)."""
@@ -314,6 +343,7 @@ def train(
     _set_threads(threads)
     processes.step_timeout = step_timeout
     net = _load_or_exit(spec)
+    device = _device(device)
     if not net.outputs:
         _fail(f"{spec}: the network has no output layer (softmax, linear or rbf) to train")
     cfg = net.train_config
@@ -350,7 +380,7 @@ def train(
                 f"the training set has {len(train_ds)} images, fewer than one batch of "
                 f"{processes.describe(cfg['batch_size'])}; lower --batch-size"
             )
-        model = net.compile(batch_size=cfg["batch_size"], seed=cfg["seed"])
+        model = net.compile(device=device, batch_size=cfg["batch_size"], seed=cfg["seed"])
         cfg["spec_hash"] = _spec_hash(net)
         out.print(
             f"training [bold]{net.name}[/] on {ds.name} ({len(train_ds)} train, "
@@ -387,12 +417,12 @@ def train(
         )
 
 
-def _restored_model(spec: str, weights: str, batch_size: int):
+def _restored_model(spec: str, weights: str, batch_size: int, device: str = "cpu"):
     from .train import restore_model
     from .train.checkpoint import CheckpointError
 
     net = _load_or_exit(spec)
-    model = net.compile(batch_size=batch_size, training=False)
+    model = net.compile(device=_device(device), batch_size=batch_size, training=False)
     try:
         restore_model(model, weights, _spec_hash(net))
     except CheckpointError as exc:
@@ -409,13 +439,14 @@ def evaluate_cmd(
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     as_json: bool = typer.Option(False, "--json"),
     threads: int = Threads,
+    device: str = Device,
 ):
     """Loss, top-1/top-5 accuracy and confusion matrix of trained weights."""
     from .train import DataError, evaluate
     from .train.loop import RUN_DEFAULTS
 
     _set_threads(threads)
-    net, model = _restored_model(spec, weights, batch_size)
+    net, model = _restored_model(spec, weights, batch_size, device)
     source = data or net.train_config.get("data", RUN_DEFAULTS["data"])
     try:
         ds = _dataset(source, split, net)
@@ -488,6 +519,7 @@ def predict(
     top: int = typer.Option(1, "--top", min=1, help="How many classes to show per image."),
     as_json: bool = typer.Option(False, "--json"),
     threads: int = Threads,
+    device: str = Device,
 ):
     """Classify images from a file with trained weights."""
     import numpy as np
@@ -495,7 +527,7 @@ def predict(
     from .train.data import Batches, DataError
 
     _set_threads(threads)
-    net, model = _restored_model(spec, weights, 64)
+    net, model = _restored_model(spec, weights, 64, device)
     try:
         ds = _read_inputs(inputs, net)
     except DataError as exc:
@@ -522,14 +554,18 @@ def bench_cmd(
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed runs before each."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable result."),
     input_size: list[str] = InputSize,
+    device: str = Device,
 ):
     """Time eval forward, train forward+backward and SGD steps; per-layer times; GFLOP/s."""
     from .bench import bench, render_bench
 
     _set_threads(threads)
     net = _load_or_exit(spec, input_size)
+    device = _device(device)
     try:
-        result = bench(net, batch=batch, threads=threads, warmup=warmup, repeat=repeat)
+        result = bench(
+            net, batch=batch, threads=threads, warmup=warmup, repeat=repeat, device=device
+        )
     except ValueError as exc:
         _fail(str(exc))
     if as_json:

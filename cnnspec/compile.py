@@ -252,19 +252,19 @@ class Model:
             for src in i.node.inputs:
                 self._users.setdefault(src, []).append(i)
         for key, (info, d) in self.defs.items():
-            p = self.params[key]
             if d.init == "zeros":
-                p.fill(0)
+                value = np.zeros(d.shape)
             elif d.init == "ones":
-                p.fill(1)
+                value = np.ones(d.shape)
             elif d.init.startswith("const:"):
-                p.fill(float(d.init.split(":", 1)[1]))
+                value = np.full(d.shape, float(d.init.split(":", 1)[1]))
             elif d.init == "sign":
-                self.backend.to_device(np.where(rng.random(d.shape) < 0.5, -1.0, 1.0), p)
+                value = np.where(rng.random(d.shape) < 0.5, -1.0, 1.0)
             else:
-                self.backend.to_device(self._auto_init(info, d, rng), p)
+                value = self._auto_init(info, d, rng)
             if key in self.masks:
-                p *= self.masks[key]
+                value = value * self.masks[key]
+            self.backend.to_device(value, self.params[key])
 
     def _auto_init(self, info, d, rng):
         """He for the ReLU family, Glorot for tanh/sigmoid, LeCun for scaled tanh and
@@ -379,7 +379,7 @@ class Model:
             for info in self.outputs:
                 xs = [self.buf[i] for i in info.node.inputs]
                 loss += info.layer.loss(xs, self.buf[info.name], targets[info.name])
-            self.last_scores = self._scores()
+            self.last_scores = self.backend.to_host(self._scores())  # for the metrics
             self._backward()
         if copy:
             return loss, {k: self.backend.to_host(v) for k, v in self.grads.items()}
@@ -450,12 +450,9 @@ class Model:
     ) -> float:
         """One SGD step on a batch; returns its loss. The momentum state is kept across
         calls, also when momentum, weight_decay or nesterov change between them."""
-        from .train.optim import SGD
-
         if self._sgd is None:
-            trainable = {k: self.params[k] for k in self.trainable}
-            self._sgd = SGD(
-                trainable, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+            self._sgd = self.backend.optimizer(
+                self, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
             )
         else:
             self._sgd.configure(momentum, nesterov, weight_decay)

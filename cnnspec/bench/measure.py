@@ -118,6 +118,14 @@ def random_batch(model, seed: int = 0):
 
 
 # ---- measurement ------------------------------------------------------------------------------
+def _then(fn, after):
+    def both():
+        fn()
+        after()
+
+    return both
+
+
 def _timed(fn, warmup: int, repeat: int) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -292,16 +300,22 @@ def bench(
     peak_n: int = 2048,
     peak_repeat: int = 5,
     layers: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Measure `net` compiled for `batch` (see the module docstring); returns a JSON-ready dict.
 
     threads: Numba and BLAS threads for the run (None: as they are); restored afterwards.
+    device: on a GPU each timed run ends when the device is done; the per-layer times
+    and the CPU's GEMM peak are CPU measurements and are left out.
     """
     import numba
 
     from ..backend import get_backend
 
-    get_backend("cpu").load_all()  # every kernel imported: their compile state is visible
+    backend = get_backend(device)
+    backend.load_all()  # every kernel imported: their compile state is visible
+    if device != "cpu":
+        layers, peak_n = False, 0
 
     if batch < 1 or repeat < 1 or warmup < 0:
         raise ValueError("batch and repeat must be at least 1, warmup at least 0")
@@ -310,6 +324,7 @@ def bench(
         meter = LoadMeter()
         result = {
             "name": net.name,
+            "device": device,
             "batch": batch,
             "threads": {
                 "requested": threads,
@@ -327,11 +342,12 @@ def bench(
         # cold start first: compile, then the first step (kernels load or compile here)
         before = kernel_state()
         t0 = time.perf_counter()
-        model = net.compile(batch_size=batch, seed=seed)
+        model = net.compile(device=device, batch_size=batch, seed=seed)
         t1 = time.perf_counter()
         x, y = random_batch(model, seed)
         t2 = time.perf_counter()
         model.step(x, y, lr=lr, momentum=momentum)
+        backend.synchronize()
         t3 = time.perf_counter()
         cold = {"compile_s": t1 - t0, "first_step_s": t3 - t2, "total_s": (t1 - t0) + (t3 - t2)}
         cold.update(cache_verdict(before, kernel_state()))
@@ -339,13 +355,16 @@ def bench(
 
         fwd_flops = 2.0 * macs * batch
         # inference as users run it: a forward-only model (activations share memory)
-        infer = net.compile(batch_size=batch, seed=seed, training=False)
+        infer = net.compile(device=device, batch_size=batch, seed=seed, training=False)
         runs = {
             "eval_forward": lambda: infer.forward(x, train=False),
             "train_fwd_bwd": lambda: model.loss_and_grads(x, y),
             "step": lambda: model.step(x, y, lr=lr, momentum=momentum),
         }
-        times = {key: _timed(runs[key], warmup, repeat) for key, _, _ in PHASES}
+        times = {
+            key: _timed(_then(runs[key], backend.synchronize), warmup, repeat)
+            for key, _, _ in PHASES
+        }
         # the peak after the runs: OpenBLAS's threads keep spinning a while after a matmul
         peak = gemm_peak(peak_n, peak_repeat) if peak_n else None
         result["peak"] = peak

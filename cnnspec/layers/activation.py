@@ -112,15 +112,17 @@ class RReLU(Layer):
 
     def allocate(self, batch, dtype=np.float32):
         self.slopes = self.backend.zeros(batch * int(np.prod(self.out_shape)), dtype)
+        self.draw = np.zeros(self.slopes.shape, dtype)  # drawn on the host, as dropout's
 
     def forward(self, xs, out, p, train, rng):
         lo, hi = self.attrs["lower"], self.attrs["upper"]
         if train:
-            rng.random(out=self.slopes, dtype=self.slopes.dtype)
-            self.slopes *= hi - lo
-            self.slopes += lo
+            rng.random(out=self.draw, dtype=self.draw.dtype)
+            self.draw *= hi - lo
+            self.draw += lo
         else:
-            self.slopes.fill((lo + hi) / 2)
+            self.draw.fill((lo + hi) / 2)
+        self.backend.to_device(self.draw, self.slopes)
         self.kernels.rrelu_forward(xs[0].reshape(-1), self.slopes, out.reshape(-1))
 
     def backward(self, xs, out, dout, dxs, p, g):

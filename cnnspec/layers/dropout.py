@@ -29,17 +29,20 @@ class Dropout(Layer):
 
     def allocate(self, batch, dtype=np.float32):
         self.mask = self.backend.zeros((batch, *self.out_shape), dtype)
+        self.draw = np.zeros((batch, *self.out_shape), dtype)  # the host's draw
 
     def forward(self, xs, out, p, train, rng):
         rate = self.attrs["rate"]
         if train and rate > 0:
-            rng.random(out=self.mask, dtype=self.mask.dtype)
+            # drawn on the host, so every device drops the same units for a seed
+            rng.random(out=self.draw, dtype=self.draw.dtype)
             # mask holds 0 or 1/(1-rate): one multiply forward, one backward
-            np.greater_equal(self.mask, rate, out=self.mask)
-            self.mask *= 1.0 / (1.0 - rate)
+            np.greater_equal(self.draw, rate, out=self.draw)
+            self.draw *= 1.0 / (1.0 - rate)
         else:
-            self.mask.fill(1.0)
-        np.multiply(xs[0], self.mask, out=out)
+            self.draw.fill(1.0)
+        self.backend.to_device(self.draw, self.mask)
+        self.kernels.dropout_apply(xs[0], self.mask, out)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        np.multiply(dout, self.mask, out=dxs[0])
+        self.kernels.dropout_apply(dout, self.mask, dxs[0])

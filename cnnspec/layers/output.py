@@ -50,10 +50,7 @@ class Softmax(_Output):
         return xs[0].reshape(out.shape)  # the logits: softmax(logits) = out
 
     def forward(self, xs, out, p, train, rng):
-        z = xs[0].reshape(out.shape)
-        np.subtract(z, z.max(axis=1, keepdims=True), out=out)
-        np.exp(out, out=out)
-        out /= out.sum(axis=1, keepdims=True)
+        self.kernels.softmax_forward(xs[0].reshape(out.shape), out)
 
     def loss(self, xs, out, target):
         logits = xs[0].reshape(out.shape)
@@ -103,21 +100,23 @@ class RBF(_Output):
         return [ParamDef("weight", (self.attrs["units"], n_in), self.attrs["trainable"], "sign")]
 
     def scores(self, xs, out):
-        return -out
+        self.kernels.negate(out, self.neg)
+        return self.neg
 
     def allocate(self, batch, dtype=np.float32):
         super().allocate(batch, dtype)
         self.probs = self.backend.zeros((batch, self.out_shape[0]), dtype)
         self.dscores = self.backend.zeros((batch, self.out_shape[0]), dtype)
+        self.neg = self.backend.zeros((batch, self.out_shape[0]), dtype)  # the logits
 
     def forward(self, xs, out, p, train, rng):
         self.kernels.rbf_forward(xs[0].reshape(xs[0].shape[0], -1), p["weight"], out)
 
     def loss(self, xs, out, target):
         value = self.kernels.softmax_loss(
-            -out, target, self.probs, self.dscores, self.attrs["loss_weight"]
+            self.scores(xs, out), target, self.probs, self.dscores, self.attrs["loss_weight"]
         )
-        self.dscores *= -1  # d loss / d distance
+        self.kernels.negate(self.dscores, self.dscores)  # d loss / d distance
         return value
 
     def backward(self, xs, out, dout, dxs, p, g):

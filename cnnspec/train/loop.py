@@ -226,7 +226,7 @@ class _RunState:
 def _save_state(
     path: Path, model: Any, opt: SGD, state: _RunState, cfg: dict, n_train: int
 ) -> None:
-    arrays = {f"param/{k}": v for k, v in model.params.items()}
+    arrays = {f"param/{k}": _host(model, v) for k, v in model.params.items()}
     arrays.update({f"optim/{k}": v for k, v in opt.state_dict().items()})
     meta = {
         "kind": STATE_KIND,
@@ -237,6 +237,21 @@ def _save_state(
         **state.to_meta(),
     }
     save_checkpoint(path, arrays, meta)
+
+
+def _host(model: Any, array) -> np.ndarray:
+    """A host copy of one of the model's arrays (a compiled model's may be on a GPU)."""
+    backend = getattr(model, "backend", None)
+    return backend.to_host(array) if backend is not None else np.array(array)
+
+
+def _load_params(model: Any, params: dict[str, np.ndarray]) -> None:
+    backend = getattr(model, "backend", None)
+    for k, v in params.items():
+        if backend is not None:
+            backend.to_device(v, model.params[k])
+        else:
+            np.copyto(model.params[k], v)
 
 
 def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -269,8 +284,7 @@ def restore_model(model: Any, path: str | Path, spec_hash: str | None = None) ->
     check_spec_hash(meta, spec_hash, path)
     params = _prefixed(arrays, "param/")
     _check_params(model, params, path)
-    for k, v in params.items():
-        np.copyto(model.params[k], v)
+    _load_params(model, params)
     return meta
 
 
@@ -298,8 +312,7 @@ def _resume(path: Path, model: Any, opt: SGD, cfg: dict, n_train: int) -> _RunSt
         raise CheckpointError(
             f"{path}: the optimizer state does not fit this network ({e})"
         ) from None
-    for k, v in params.items():
-        np.copyto(model.params[k], v)
+    _load_params(model, params)
     model.rng.bit_generator.state = _from_jsonable(meta["model_rng"])
     return state
 
@@ -351,7 +364,7 @@ def _weights_finite(model: Any) -> bool:
     # A sum is NaN/inf whenever any element is: one cheap pass instead of a boolean array.
     # All floating arrays, running statistics included: they are saved and used for eval too.
     return all(
-        math.isfinite(float(a.sum(dtype=np.float64)))
+        math.isfinite(float(_host(model, a).sum(dtype=np.float64)))
         for a in model.params.values()
         if np.issubdtype(a.dtype, np.floating)
     )
@@ -452,13 +465,12 @@ class _Trainer:
                 f"{train_ds.name}: {len(train_ds)} training images are fewer than one batch of "
                 f"{world.describe(cfg['batch_size'])}; use more data or a smaller batch size"
             )
-        self.opt = SGD(
-            {k: model.params[k] for k in sorted(model.trainable)},
-            lr=cfg["lr"],
-            momentum=cfg["momentum"],
-            nesterov=cfg["nesterov"],
-            weight_decay=cfg["weight_decay"],
-        )
+        settings = {k: cfg[k] for k in ("lr", "momentum", "nesterov", "weight_decay")}
+        backend = getattr(model, "backend", None)  # a compiled model updates where it lives
+        if backend is not None:
+            self.opt = backend.optimizer(model, **settings)
+        else:
+            self.opt = SGD({k: model.params[k] for k in sorted(model.trainable)}, **settings)
         self.best_key = "val_acc" if val_ds is not None else "train_acc"
         self.state = _RunState()
 

@@ -15,12 +15,27 @@ from numba import njit, prange
 
 from ._common import check_c, check_shape
 
-__all__ = ["softmax_loss", "linear_loss", "rbf_forward", "rbf_backward"]
+__all__ = [
+    "softmax_forward",
+    "softmax_loss",
+    "linear_loss",
+    "rbf_forward",
+    "rbf_backward",
+    "negate",
+]
 
 _MSE_CHUNK = 16384
 
 
 # ------------------------------------------------------------- softmax cross-entropy
+def softmax_forward(z, out):
+    """out = softmax(z) over axis 1, z and out (N, K)."""
+    check_shape("out", out, z.shape)
+    np.subtract(z, z.max(axis=1, keepdims=True), out=out)
+    np.exp(out, out=out)
+    out /= out.sum(axis=1, keepdims=True)
+
+
 @njit(parallel=True, cache=True)
 def _softmax_ce(logits, labels, probs, dlogits, grad_scale, want_grad, losses):
     n_, k_ = logits.shape
@@ -172,3 +187,8 @@ def rbf_backward(x, centres, dout, dx, dcentres):
     if dcentres is not None:
         check_shape("dcentres", dcentres, centres.shape)
         _rbf_bwd_dc(x, centres, dout, dcentres)
+
+
+def negate(x, out):
+    """out = -x (RBF distances as logits and back; out may be x)."""
+    np.negative(x, out=out)

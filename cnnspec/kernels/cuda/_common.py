@@ -1,0 +1,66 @@
+"""Launch geometry, argument checks and small device scratch shared by the CUDA kernels.
+
+Jitted helpers live next to their callers, as in `kernels/cpu/`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from numba import cuda
+
+ACT_NONE, ACT_RELU = 0, 1
+# Threads per block of the elementwise and per-channel kernels. Numba's CUDA simulator
+# runs every CUDA thread as a Python thread: there, smaller blocks keep the tests fast
+# (the kernels work with any power of two).
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+THREADS = 32 if SIMULATED else 256
+
+_scratch: dict = {}
+
+
+def tile_threads(tile) -> int:
+    """Threads of a register-blocked GEMM tile (BM, BN, BK, TM, TN): one per TM x TN block."""
+    bm, bn, _, tm, tn = tile
+    return (bm // tm) * (bn // tn)
+
+
+def blocks(n: int, threads: int = THREADS) -> int:
+    return max(1, (int(n) + threads - 1) // threads)
+
+
+def check_shape(name: str, a, shape) -> None:
+    if tuple(a.shape) != tuple(int(s) for s in shape):
+        raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+
+
+def check_float32(**arrays) -> None:
+    for name, a in arrays.items():
+        if a is not None and np.dtype(a.dtype) != np.float32:
+            raise ValueError(f"{name} must be float32 on the CUDA backend, got {a.dtype}")
+
+
+def scratch(key: str, shape, dtype=np.float32):
+    """A device array kept for the life of the process, one per (key, shape, dtype):
+    per-channel constants and labels are staged here instead of allocated per call."""
+    k = (key, tuple(shape), np.dtype(dtype).str)
+    if k not in _scratch:
+        _scratch[k] = cuda.device_array(shape, dtype)
+    return _scratch[k]
+
+
+def filled(shape, value: float):
+    """A device array of `value` (a missing gamma is ones, a missing beta zeros)."""
+    a = scratch(f"fill{value!r}", shape)
+    a.copy_to_device(np.full(shape, value, np.float32))
+    return a
+
+
+def flat(a):
+    return a.reshape(-1)
+
+
+def empty_like_none():
+    """A one-element stand-in for an optional array the kernel will not touch."""
+    return scratch("none", (1,))
