@@ -6,6 +6,7 @@ Jitted helpers live next to their callers, as in `kernels/cpu/`.
 from __future__ import annotations
 
 import os
+from functools import cache
 
 import numpy as np
 from numba import cuda
@@ -24,6 +25,28 @@ def tile_threads(tile) -> int:
     """Threads of a register-blocked GEMM tile (BM, BN, BK, TM, TN): one per TM x TN block."""
     bm, bn, _, tm, tn = tile
     return (bm // tm) * (bn // tn)
+
+
+@cache
+def tile_product(bm, bn, bk, tm, tn):
+    """The inner step of every register-blocked GEMM kernel: acc (TM x TN, registers) +=
+    this thread's share of A_s (BK x BM) times B_s (BK x BN), both in shared memory. A
+    thread owns rows ty + i*(BM/TM) and columns tx + j*(BN/TN): a warp reads a tile row
+    without bank conflicts and stores whole rows of the output."""
+    tx_, ty_ = bn // tn, bm // tm
+
+    @cuda.jit(device=True, inline="always")
+    def product(a_s, b_s, ty, tx, acc, ar, br):
+        for kk in range(bk):
+            for i in range(tm):
+                ar[i] = a_s[kk, ty + i * ty_]
+            for j in range(tn):
+                br[j] = b_s[kk, tx + j * tx_]
+            for i in range(tm):
+                for j in range(tn):
+                    acc[i, j] += ar[i] * br[j]
+
+    return product
 
 
 def blocks(n: int, threads: int = THREADS) -> int:

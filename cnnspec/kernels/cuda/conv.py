@@ -30,6 +30,7 @@ from ._common import (
     check_shape,
     empty_like_none,
     flat,
+    tile_product,
     tile_threads,
 )
 
@@ -54,6 +55,7 @@ def tile_for(rows: int) -> tuple:
 def forward_kernel(bm, bn, bk, tm, tn):
     tx_, ty_ = bn // tn, bm // tm
     nt = tx_ * ty_
+    product = tile_product(bm, bn, bk, tm, tn)
     kstep = nt // bn  # B-tile rows loaded per pass; each thread keeps its column
     assert nt % bn == 0 and nt % bk == 0
 
@@ -112,14 +114,7 @@ def forward_kernel(bm, bn, bk, tm, tn):
                         v = x[xbase + (c * h_ + iy) * w_ + ix]
                 b_s[kk, jl] = v
             cuda.syncthreads()
-            for kk in range(bk):
-                for i in range(tm):
-                    ar[i] = a_s[kk, ty + i * ty_]
-                for j in range(tn):
-                    br[j] = b_s[kk, tx + j * tx_]
-                for i in range(tm):
-                    for j in range(tn):
-                        acc[i, j] += ar[i] * br[j]
+            product(a_s, b_s, ty, tx, acc, ar, br)
             cuda.syncthreads()
         for i in range(tm):
             r = row0 + ty + i * ty_
@@ -142,6 +137,7 @@ def forward_kernel(bm, bn, bk, tm, tn):
 def dx_kernel(bm, bn, bk, tm, tn):
     tx_, ty_ = bn // tn, bm // tm
     nt = tx_ * ty_
+    product = tile_product(bm, bn, bk, tm, tn)
     kstep = nt // bn  # B-tile rows loaded per pass; each thread keeps its column
     assert nt % bn == 0 and nt % bk == 0
 
@@ -205,14 +201,7 @@ def dx_kernel(bm, bn, bk, tm, tn):
                                 v = float32(0.0)
                 b_s[kk, jl] = v
             cuda.syncthreads()
-            for kk in range(bk):
-                for i in range(tm):
-                    ar[i] = a_s[kk, ty + i * ty_]
-                for j in range(tn):
-                    br[j] = b_s[kk, tx + j * tx_]
-                for i in range(tm):
-                    for j in range(tn):
-                        acc[i, j] += ar[i] * br[j]
+            product(a_s, b_s, ty, tx, acc, ar, br)
             cuda.syncthreads()
         for i in range(tm):
             r = row0 + ty + i * ty_
@@ -230,6 +219,7 @@ def dx_kernel(bm, bn, bk, tm, tn):
 def dw_kernel(bm, bn, bk, tm, tn):
     tx_, ty_ = bn // tn, bm // tm
     nt = tx_ * ty_
+    product = tile_product(bm, bn, bk, tm, tn)
     kstep = nt // bn  # B-tile rows loaded per pass; each thread keeps its column
     assert nt % bn == 0 and nt % bk == 0
 
@@ -292,14 +282,7 @@ def dw_kernel(bm, bn, bk, tm, tn):
                         v = x[(n * c_ + cbase) * h_ * w_ + iy * w_ + ix]
                 b_s[kk, jl] = v
             cuda.syncthreads()
-            for kk in range(bk):
-                for i in range(tm):
-                    ar[i] = a_s[kk, ty + i * ty_]
-                for j in range(tn):
-                    br[j] = b_s[kk, tx + j * tx_]
-                for i in range(tm):
-                    for j in range(tn):
-                        acc[i, j] += ar[i] * br[j]
+            product(a_s, b_s, ty, tx, acc, ar, br)
             cuda.syncthreads()
         for i in range(tm):
             r = row0 + ty + i * ty_

@@ -17,6 +17,7 @@ from ._common import (
     check_shape,
     empty_like_none,
     flat,
+    tile_product,
     tile_threads,
 )
 from .activation import relu_backward
@@ -33,6 +34,7 @@ if SIMULATED:  # the same kernel with small tiles (its threads are Python thread
 def gemm_kernel(bm, bn, bk, tm, tn):
     tx_, ty_ = bn // tn, bm // tm
     nt = tx_ * ty_
+    product = tile_product(bm, bn, bk, tm, tn)
 
     @cuda.jit
     def gemm(a, ars, acs, b, brs, bcs, m_, n_, k_, bias, has_bias, act, c):
@@ -61,14 +63,7 @@ def gemm_kernel(bm, bn, bk, tm, tn):
                 col, k = col0 + j, k0 + kk
                 b_s[kk, j] = b[k * brs + col * bcs] if col < n_ and k < k_ else float32(0.0)
             cuda.syncthreads()
-            for kk in range(bk):
-                for i in range(tm):
-                    ar[i] = a_s[kk, ty + i * ty_]
-                for j in range(tn):
-                    br[j] = b_s[kk, tx + j * tx_]
-                for i in range(tm):
-                    for j in range(tn):
-                        acc[i, j] += ar[i] * br[j]
+            product(a_s, b_s, ty, tx, acc, ar, br)
             cuda.syncthreads()
         for i in range(tm):
             r = row0 + ty + i * ty_

@@ -238,7 +238,7 @@ def batchnorm2d_backward(
 
 
 # ------------------------------------------------------------- local response norm
-@cuda.jit(device=True)
+@cuda.jit(device=True, inline="always")
 def _pow_neg(s, beta):
     return math.pow(s, -beta)
 

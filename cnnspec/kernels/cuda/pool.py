@@ -61,7 +61,7 @@ def _maxpool_fwd(x, d, out, argmax):
     argmax[i] = idx
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, inline="always")
 def _window_range(i, p, k, s, o):
     """Outputs o whose window [o*s - p, o*s - p + k) covers input i: [lo, hi)."""
     lo = max(0, (i + p - k) // s + 1)
@@ -110,7 +110,7 @@ def maxpool2d_backward(dout, argmax, dx):
     _maxpool_bwd[blocks(n * c), THREADS](flat(dout), flat(argmax), n * c, h * w, ohw, flat(dx))
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, inline="always")
 def _avg_window(o, s, k, p_before, size, p_after):
     start = o * s - p_before
     end = min(start + k, size + p_after)
@@ -118,7 +118,7 @@ def _avg_window(o, s, k, p_before, size, p_after):
     return max(start, 0), min(end, size), extent
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, inline="always")
 def _divisor(oy, ox, d):
     h_, w_, kh, kw, sh, sw, pt, pb, pl, pr, cip = d[1:]
     hs, he, ph = _avg_window(oy, sh, kh, pt, h_, pb)

@@ -11,7 +11,7 @@ from ._common import THREADS, blocks, flat
 __all__ = ["upsample2d_forward", "upsample2d_backward"]
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, inline="always")
 def _lerp(a, b, w):
     return a if w == 0 else a + (b - a) * w  # weight 0: an inf input stays inf
 
