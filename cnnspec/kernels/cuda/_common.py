@@ -49,6 +49,19 @@ def tile_product(bm, bn, bk, tm, tn):
     return product
 
 
+@cuda.jit(device=True, inline="always")
+def tree_sum(part, tid):
+    """part[0] <- the sum of a block's THREADS partial sums, as a tree in a fixed order
+    (no atomics, no warp shuffles: the same bits every run, and the simulator runs it)."""
+    cuda.syncthreads()
+    half = THREADS // 2
+    while half > 0:
+        if tid < half:
+            part[tid] += part[tid + half]
+        cuda.syncthreads()
+        half //= 2
+
+
 def blocks(n: int, threads: int = THREADS) -> int:
     return max(1, (int(n) + threads - 1) // threads)
 

@@ -32,6 +32,7 @@ from ._common import (
     flat,
     tile_product,
     tile_threads,
+    tree_sum,
 )
 
 __all__ = ["conv2d_workspace", "conv2d_forward", "conv2d_backward"]
@@ -319,13 +320,7 @@ def _bias_grad(dout, y, act, n_, o_, s_, db):
         if act == 0 or y[at] > 0:
             v += dout[at]
     part[tid] = v
-    cuda.syncthreads()
-    half = THREADS // 2
-    while half > 0:
-        if tid < half:
-            part[tid] += part[tid + half]
-        cuda.syncthreads()
-        half //= 2
+    tree_sum(part, tid)
     if tid == 0:
         db[o] = part[0]
 

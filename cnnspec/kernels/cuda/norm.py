@@ -11,7 +11,16 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-from ._common import THREADS, blocks, check_float32, check_shape, filled, flat, scratch
+from ._common import (
+    THREADS,
+    blocks,
+    check_float32,
+    check_shape,
+    filled,
+    flat,
+    scratch,
+    tree_sum,
+)
 
 __all__ = [
     "batchnorm2d_forward_train",
@@ -40,14 +49,8 @@ def _bn_stats(x, n_, c_, s_, gamma, beta, eps, mom, track, rmean, rvar, bmean, i
         b += v * v
     p1[tid] = a
     p2[tid] = b
-    cuda.syncthreads()
-    half = THREADS // 2
-    while half > 0:
-        if tid < half:
-            p1[tid] += p1[tid + half]
-            p2[tid] += p2[tid + half]
-        cuda.syncthreads()
-        half //= 2
+    tree_sum(p1, tid)
+    tree_sum(p2, tid)
     if tid == 0:
         m = n_ * s_
         mu = p1[0] / m
@@ -105,14 +108,8 @@ def _bn_bwd_sums(dout, x, affine, act, bmean, gamma, inv_std, n_, c_, s_, dgamma
             b += g * (xv - mu)
     p1[tid] = a
     p2[tid] = b
-    cuda.syncthreads()
-    half = THREADS // 2
-    while half > 0:
-        if tid < half:
-            p1[tid] += p1[tid + half]
-            p2[tid] += p2[tid + half]
-        cuda.syncthreads()
-        half //= 2
+    tree_sum(p1, tid)
+    tree_sum(p2, tid)
     if tid == 0:
         m = n_ * s_
         inv = float64(inv_std[c])
