@@ -64,6 +64,31 @@ if SIMULATED:
 
     sim_kernel.FakeCUDAKernel.__call__ = _recording_call
 
+    # The simulator's device arrays are numpy arrays underneath and would accept numpy
+    # calls (`a.fill(0)`, `a *= m`, `-a`) that a real device array refuses: allow only
+    # what numba-cuda's DeviceNDArray offers, so host code that only works in the
+    # simulator fails here too.
+    # (the simulator replaces numba.cuda's modules: DeviceNDArray's API is listed here)
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    DEVICE_API = {"T", "as_cuda_arg", "bind", "copy_to_device", "copy_to_host", "flags"}
+    DEVICE_API |= {"getitem", "is_c_contiguous", "is_f_contiguous", "nbytes", "ravel"}
+    DEVICE_API |= {"reshape", "setitem", "split", "squeeze", "transpose", "view"}
+    DEVICE_API |= {"size", "ndim", "dtype", "shape", "strides", "itemsize", "stream"}
+    _forward = FakeCUDAArray.__getattr__
+
+    def _device_attribute(self, name):
+        if name.startswith("_") or name in DEVICE_API:
+            return _forward(self, name)
+        raise AttributeError(f"a device array has no '{name}' (a numpy-only call)")
+
+    def _no_host_arithmetic(self, *args):
+        raise TypeError("arithmetic on a device array runs on the host only in the simulator")
+
+    FakeCUDAArray.__getattr__ = _device_attribute
+    for op in ("add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "lt", "le", "gt", "ge"):
+        setattr(FakeCUDAArray, f"__{op}__", _no_host_arithmetic)
+
 
 # ---- one layer on both backends ---------------------------------------------------
 def _layer(type_name, case, backend):

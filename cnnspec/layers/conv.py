@@ -154,6 +154,10 @@ class Conv2d(Layer):
 
     def allocate(self, batch, dtype=np.float32):
         self.itemsize = np.dtype(dtype).itemsize
+        if self.connection_mask is not None:  # on the device, for the weight gradient
+            (shape,) = [d.shape for d in self.param_defs() if d.name == "weight"]
+            self.weight_mask = self.backend.zeros(shape, dtype)
+            self.backend.to_device(np.broadcast_to(self.connection_mask, shape), self.weight_mask)
 
     def workspace_size(self, batch):
         if self.is_dense:
@@ -206,7 +210,7 @@ class Conv2d(Layer):
                 self.fused_act,
             )
             if self.connection_mask is not None:
-                g["weight"] *= self.connection_mask
+                self.kernels.conv2d_mask_gradient(g["weight"], self.weight_mask)
             return
         self.kernels.conv2d_backward(
             xs[0],
@@ -224,7 +228,7 @@ class Conv2d(Layer):
             self.fused_act,
         )
         if self.connection_mask is not None:
-            g["weight"] *= self.connection_mask
+            self.kernels.conv2d_mask_gradient(g["weight"], self.weight_mask)
 
 
 def transposed_same(kernel, stride, dilation) -> tuple[list[int], list[int]]:

@@ -24,7 +24,14 @@ from numba.extending import intrinsic
 from ._common import check_c, check_shape
 from ._common import unpack_geometry as _unpack
 
-__all__ = ["ACT_NONE", "ACT_RELU", "conv2d_workspace", "conv2d_forward", "conv2d_backward"]
+__all__ = [
+    "ACT_NONE",
+    "ACT_RELU",
+    "conv2d_workspace",
+    "conv2d_forward",
+    "conv2d_backward",
+    "conv2d_mask_gradient",
+]
 
 
 # ---------------------------------------------------------------- micro-kernels
@@ -727,3 +734,8 @@ def conv2d_backward(
                 db[...] = part_db
             else:
                 db += part_db
+
+
+def conv2d_mask_gradient(dw, mask):
+    """dw *= mask: entries a connection table leaves out get no gradient (stay zero)."""
+    np.multiply(dw, mask, out=dw)

@@ -35,7 +35,7 @@ from ._common import (
     tree_sum,
 )
 
-__all__ = ["conv2d_workspace", "conv2d_forward", "conv2d_backward"]
+__all__ = ["conv2d_workspace", "conv2d_forward", "conv2d_backward", "conv2d_mask_gradient"]
 
 # (BM, BN, BK, TM, TN): 256 threads each. Tall output maps use the square tile; few
 # output channels (LeNet-5's 6 maps, a group of a grouped conv) the wide one. The
@@ -435,3 +435,16 @@ def conv2d_backward(
     _weight_grad(x, dout, y, act, d, ws, dw)
     if db is not None:
         _bias_sums(dout, y, act, db)
+
+
+@cuda.jit
+def _mask(dw, mask):
+    i = cuda.grid(1)
+    if i < dw.size:
+        dw[i] *= mask[i]
+
+
+def conv2d_mask_gradient(dw, mask):
+    """dw *= mask: entries a connection table leaves out get no gradient (stay zero)."""
+    check_shape("mask", mask, dw.shape)
+    _mask[blocks(dw.size), THREADS](flat(dw), flat(mask))
