@@ -344,6 +344,8 @@ def train(
     processes.step_timeout = step_timeout
     net = _load_or_exit(spec)
     device = _device(device)
+    if device != "cpu" and getattr(processes, "size", 1) > 1:
+        _fail("data-parallel training (MPI) runs on the CPU backend only; use --device cpu", 2)
     if not net.outputs:
         _fail(f"{spec}: the network has no output layer (softmax, linear or rbf) to train")
     cfg = net.train_config
