@@ -263,8 +263,14 @@ layers:
 """
 
 
+# (momentum, nesterov) of successive steps: plain SGD, then momentum starting its
+# buffer, then Nesterov (the optimizer keeps its state across the changes)
+SCHEDULE = [(0.0, False), (0.9, False), (0.9, True)]
+
+
 def train(spec, batch, steps) -> dict:
-    """A few SGD steps (momentum, Nesterov, weight decay) of one network on both backends."""
+    """A few SGD steps (weight decay; momentum and Nesterov as SCHEDULE, then its last)
+    of one network on both backends."""
     import cnnspec
 
     net = cnnspec.load(spec) if Path(spec).suffix in (".yaml", ".yml") else cnnspec.loads(spec)
@@ -275,10 +281,12 @@ def train(spec, batch, steps) -> dict:
     out = {}
     for device in ("cpu", "cuda"):
         model = net.compile(device=device, batch_size=batch, seed=0)
-        losses = [
-            model.step(x[i], y[i], lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-            for i in range(steps)
-        ]
+        losses = []
+        for i in range(steps):
+            momentum, nesterov = SCHEDULE[min(i, len(SCHEDULE) - 1)]
+            losses.append(
+                model.step(x[i], y[i], 0.05, momentum, weight_decay=5e-4, nesterov=nesterov)
+            )
         params = {name: model.backend.to_host(v) for name, v in model.params.items()}
         out[device] = {"losses": losses, "scores": model.forward(x[0]), "params": params}
     a, b = out["cpu"], out["cuda"]
@@ -336,7 +344,7 @@ def main(argv):
         if not only:
             report["networks"] = {}
             for name, text in (("lenet-like", LENET_LIKE), ("resnet-like", RESNET_LIKE)):
-                _attempt(report["networks"], name, lambda t=text: train(t, 2, 2))
+                _attempt(report["networks"], name, lambda t=text: train(t, 2, 3))
             _attempt(report, "cli", lambda: cli_train(out_dir))
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     with open(out_dir / "launches.pkl", "wb") as f:

@@ -72,8 +72,9 @@ def test_case_matches_cpu(sim, name):
 
 @pytest.mark.parametrize("name", ["lenet-like", "resnet-like"])
 def test_network_steps_match_cpu(sim, name):
-    """Two SGD steps (momentum, Nesterov, weight decay; dropout, batch norm, residual
-    adds, fused ReLUs): the same losses, scores and parameters as on the CPU."""
+    """Three SGD steps (plain, then momentum, then Nesterov, with weight decay; dropout,
+    batch norm, residual adds, fused ReLUs): the same losses, scores and parameters as
+    on the CPU."""
     found = sim["networks"][name]
     assert "error" not in found, found.get("trace")
     np.testing.assert_allclose(found["losses_cuda"], found["losses_cpu"], rtol=1e-4)

@@ -58,7 +58,8 @@ class DeviceSGD:
         self.steps = 0
         self.started = False  # the momentum buffer holds a value (after the first step)
         p = model.flat_params
-        self.buffer = model.backend.zeros(p.size, p.dtype) if momentum else p[:0]
+        # without momentum a one-element stand-in the kernel never touches
+        self.buffer = model.backend.zeros(p.size if momentum else 1, p.dtype)
         # where each trainable parameter lies in the flat arrays, in the model's order
         self.slices, at = {}, 0
         for key, (_info, d) in model.defs.items():
@@ -74,8 +75,8 @@ class DeviceSGD:
             raise ValueError("lr, momentum and weight_decay must be non-negative")
         if nesterov and momentum == 0:
             raise ValueError("nesterov momentum needs momentum > 0")
-        if momentum and not self.momentum and self.buffer.size == 0:
-            p = self.model.flat_params
+        p = self.model.flat_params
+        if momentum and self.buffer.size != p.size:
             self.buffer = self.model.backend.zeros(p.size, p.dtype)
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self.weight_decay = float(weight_decay)
