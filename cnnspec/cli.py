@@ -547,6 +547,35 @@ def predict(
         out.print(f"{i}: " + ", ".join(f"{c['class']} ({c['probability']:.1%})" for c in r))
 
 
+@app.command("export")
+def export_cmd(
+    spec: str = typer.Argument(..., help="Spec file."),
+    output: str = typer.Option(..., "-o", "--output", help="The ONNX file to write."),
+    weights: str = typer.Option(
+        None, "--weights", help="A checkpoint (.npz) of this spec (default: initial weights)."
+    ),
+    aux: bool = typer.Option(True, "--aux/--no-aux", help="Auxiliary heads as extra outputs."),
+):
+    """Write the network and its weights as ONNX (opset 17, dynamic batch); open it in Netron."""
+    if weights:
+        net, model = _restored_model(spec, weights, 1)
+    else:
+        net = _load_or_exit(spec)
+        model = net.compile(batch_size=1, training=False)
+        err.print("note: no --weights given; exporting the initial (untrained) weights")
+    try:
+        model.export_onnx(output, aux=aux)
+    except ImportError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{output}: cannot write ({exc.strerror or exc})")
+    heads = model.outputs if aux else [model.head]
+    out.print(
+        f"wrote {output}: {net.name}, input [N, {', '.join(map(str, net.input_shape))}], "
+        f"outputs {', '.join(h.name for h in heads) or model.head.name}"
+    )
+
+
 @app.command("bench")
 def bench_cmd(
     spec: str = typer.Argument(..., help="Spec file."),

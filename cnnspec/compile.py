@@ -463,6 +463,13 @@ class Model:
     def predict_classes(self, x) -> np.ndarray:
         return np.argmax(self.forward(x, train=False), axis=1)
 
+    def export_onnx(self, path, aux: bool = True) -> None:
+        """This model with its current weights as an ONNX file (needs `cnnspec[onnx]`);
+        aux=False leaves auxiliary heads out."""
+        from .interop.onnx import export_onnx
+
+        export_onnx(self, path, aux)
+
 
 def compile_network(
     net,

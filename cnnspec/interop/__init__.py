@@ -1,0 +1,1 @@
+"""Exchange with other tools: ONNX export, PyTorch/safetensors weights, image files."""
