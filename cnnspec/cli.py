@@ -572,8 +572,76 @@ def export_cmd(
     heads = model.outputs if aux else [model.head]
     out.print(
         f"wrote {output}: {net.name}, input [N, {', '.join(map(str, net.input_shape))}], "
-        f"outputs {', '.join(h.name for h in heads) or model.head.name}"
+        f"outputs {', '.join(h.name for h in heads) or model.head.name}",
+        soft_wrap=True,
     )
+
+
+weights_app = typer.Typer(
+    no_args_is_help=True,
+    help="Weights in and out: PyTorch state_dicts (.pt/.pth) and .safetensors files.",
+)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("import")
+def weights_import(
+    spec: str = typer.Argument(..., help="Spec file."),
+    file: str = typer.Argument(..., help="A PyTorch state_dict (.pt/.pth) or .safetensors file."),
+    output: str = typer.Option(..., "-o", "--output", help="The checkpoint (.npz) to write."),
+    rename_map: str = typer.Option(
+        None, "--map", help="YAML of renames: FILE-NAME-REGEX: SPEC-NAME (\\1 for groups)."
+    ),
+    by: str = typer.Option(
+        "auto", "--by", help="auto (names, else the file's order), names or order."
+    ),
+):
+    """Make a cnnspec checkpoint from another framework's weights; every shape checked."""
+    from .interop.weights import WeightsError, match_weights, read_map, read_tensors
+    from .train.checkpoint import save_checkpoint
+
+    if by not in ("auto", "names", "order"):
+        raise typer.BadParameter(f"{by!r}: use auto, names or order", param_hint="'--by'")
+    net = _load_or_exit(spec)
+    try:
+        rules = read_map(rename_map) if rename_map else []
+        found = match_weights(net, read_tensors(file), rules, by)
+    except WeightsError as exc:
+        err.print(f"[red]error:[/] {file}: {exc}", highlight=False, soft_wrap=True)
+        for line in exc.details:
+            err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    meta = {"kind": "weights", "spec_hash": _spec_hash(net), "source": os.path.basename(file)}
+    try:
+        save_checkpoint(output, {f"param/{k}": v for k, v in found.arrays.items()}, meta)
+    except OSError as exc:
+        _fail(f"{output}: cannot write ({exc.strerror or exc})")
+    values = sum(int(v.size) for v in found.arrays.values())
+    skipped = f"; skipped {len(found.skipped)} num_batches_tracked" if found.skipped else ""
+    out.print(
+        f"wrote {output}: {len(found.arrays)} tensors ({values:,} values) of {net.name}, "
+        f"matched by {found.by}{skipped}",
+        soft_wrap=True,
+    )
+
+
+@weights_app.command("export")
+def weights_export(
+    spec: str = typer.Argument(..., help="Spec file."),
+    weights: str = typer.Argument(..., help="A checkpoint (.npz) of this spec."),
+    output: str = typer.Option(..., "-o", "--output", help="A .safetensors or .pt file."),
+):
+    """Write a checkpoint's weights as LAYER.PARAM tensors (PyTorch layouts)."""
+    from .interop.weights import WeightsError, write_tensors
+
+    net, model = _restored_model(spec, weights, 1)
+    try:
+        write_tensors(output, model.params, {"cnnspec_spec": net.name})
+    except WeightsError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{output}: cannot write ({exc.strerror or exc})")
+    out.print(f"wrote {output}: {len(model.params)} tensors of {net.name}", soft_wrap=True)
 
 
 @app.command("bench")
