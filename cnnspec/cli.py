@@ -605,7 +605,11 @@ def weights_import(
     net = _load_or_exit(spec)
     try:
         rules = read_map(rename_map) if rename_map else []
-        found = match_weights(net, read_tensors(file), rules, by)
+        tensors = read_tensors(file)
+    except WeightsError as exc:
+        _fail(str(exc))
+    try:
+        found = match_weights(net, tensors, rules, by)
     except WeightsError as exc:
         err.print(f"[red]error:[/] {file}: {exc}", highlight=False, soft_wrap=True)
         for line in exc.details:
