@@ -277,6 +277,26 @@ def _cuda_reason() -> str:
     return BACKEND.unusable() or ""
 
 
+Strict = typer.Option(
+    False, "--strict", help="Inputs outside the training range are an error, not a warning."
+)
+
+
+def _check_range(ds, model, strict: bool) -> None:
+    """Warn (or, strict, fail) when inputs were scaled unlike the training data."""
+    from .train.data import input_range, range_mismatch
+
+    problem = range_mismatch(input_range(ds), model.trained_inputs)
+    if problem and strict:
+        _fail(f"{ds.name}: {problem}")
+    if problem:
+        err.print(
+            f"[yellow]warning:[/] {ds.name}: {problem} (--strict makes this an error)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 @app.command()
 def train(
     spec: str = typer.Argument(..., help="Spec file."),
@@ -440,6 +460,7 @@ def evaluate_cmd(
     split: str = typer.Option("test", "--split", help="train or test"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     as_json: bool = typer.Option(False, "--json"),
+    strict: bool = Strict,
     threads: int = Threads,
     device: str = Device,
 ):
@@ -452,6 +473,7 @@ def evaluate_cmd(
     source = data or net.train_config.get("data", RUN_DEFAULTS["data"])
     try:
         ds = _dataset(source, split, net)
+        _check_range(ds, model, strict)
         result = evaluate(model, ds)
     except DataError as exc:
         _fail(str(exc))
@@ -485,66 +507,62 @@ def evaluate_cmd(
         out.print(table)
 
 
-def _read_inputs(path: str, net):
-    import numpy as np
-
-    from .train.data import DataError, Dataset, fit_to_input, load_npz
-
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{path}: no such file")
-    if p.suffix == ".npy":
-        try:
-            x = np.load(p, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise DataError(f"{path}: not a readable .npy array ({exc})") from None
-        if x.ndim == 2:
-            x = x[None]
-        if x.ndim == 3 and x.shape[0] not in (1, 3):
-            x = x[:, None]
-        elif x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4:
-            raise DataError(f"{path}: expected images as (N, C, H, W), got shape {x.shape}")
-        x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
-        ds = Dataset(x, np.zeros(len(x), np.int64), 1, p.name)
-    else:
-        ds = load_npz(p)
-    return fit_to_input(ds, net.input_shape)
-
-
 @app.command()
 def predict(
     spec: str = typer.Argument(..., help="Spec file."),
-    inputs: str = typer.Argument(..., help="Images: .npy (N,C,H,W or N,H,W) or .npz with x."),
+    inputs: list[str] = typer.Argument(
+        ...,
+        help="Image files (PNG, JPEG, ...), folders of them, .npy (N,C,H,W or N,H,W) "
+        "or .npz (x) arrays.",
+    ),
     weights: str = typer.Option(..., "--weights", help="A checkpoint (.npz) of this spec."),
     top: int = typer.Option(1, "--top", min=1, help="How many classes to show per image."),
+    labels: str = typer.Option(None, "--labels", help="Class names, one a line."),
     as_json: bool = typer.Option(False, "--json"),
+    strict: bool = Strict,
     threads: int = Threads,
     device: str = Device,
 ):
-    """Classify images from a file with trained weights."""
+    """Classify images with trained weights, scaled and resized as in training."""
     import numpy as np
 
+    from .interop.inputs import read_inputs, read_labels
     from .train.data import Batches, DataError
 
     _set_threads(threads)
     net, model = _restored_model(spec, weights, 64, device)
     try:
-        ds = _read_inputs(inputs, net)
+        names = read_labels(labels, model.num_outputs) if labels else None
+        ds, sources = read_inputs(inputs, net.input_shape)
     except DataError as exc:
         _fail(str(exc))
+    _check_range(ds, model, strict)
     results = []
     for x, _, n in Batches(ds, model.batch_size):
         scores = model.probabilities(x)[:n]
         for row in scores:
             best = np.argsort(-row)[:top]
-            results.append([{"class": int(k), "probability": float(row[k])} for k in best])
+            results.append(
+                [
+                    {"class": int(k), "probability": float(row[k])}
+                    | ({"label": names[k]} if names else {})
+                    for k in best
+                ]
+            )
     if as_json:
-        print(json.dumps([{"index": i, "top": r} for i, r in enumerate(results)], indent=2))
+        print(
+            json.dumps(
+                [
+                    {"index": i, "input": src, "top": r}
+                    for i, (src, r) in enumerate(zip(sources, results, strict=True))
+                ],
+                indent=2,
+            )
+        )
         return
-    for i, r in enumerate(results):
-        out.print(f"{i}: " + ", ".join(f"{c['class']} ({c['probability']:.1%})" for c in r))
+    for src, r in zip(sources, results, strict=True):
+        shown = ", ".join(f"{c.get('label', c['class'])} ({c['probability']:.1%})" for c in r)
+        out.print(f"{src}: {shown}", markup=False, soft_wrap=True)
 
 
 @app.command("export")

@@ -61,6 +61,8 @@ class _BufferPool:
 
 
 class Model:
+    trained_inputs = None  # the training data's range and scaling, once restored (predict, eval)
+
     def __init__(
         self,
         net,

@@ -48,6 +48,7 @@ class Dataset:
     y: np.ndarray
     num_classes: int
     name: str
+    pixels: str = ""  # how stored values became x, e.g. "uint8 0..255 divided by 255"
 
     def __post_init__(self) -> None:
         # Programmer errors, not user errors: loaders always produce this layout.
@@ -74,12 +75,18 @@ class Dataset:
             np.ascontiguousarray(self.y[index]),
             self.num_classes,
             name or self.name,
+            self.pixels,
         )
 
 
-def _labels_to_dataset(x: np.ndarray, y: np.ndarray, name: str) -> Dataset:
+def _labels_to_dataset(x: np.ndarray, y: np.ndarray, name: str, pixels: str) -> Dataset:
     y = y.astype(np.int64)
-    return Dataset(np.ascontiguousarray(x), y, int(y.max()) + 1 if len(y) else 0, name)
+    return Dataset(np.ascontiguousarray(x), y, int(y.max()) + 1 if len(y) else 0, name, pixels)
+
+
+def _stored(a: np.ndarray, divisor) -> str:
+    """How stored values became inputs, for the range check of predict and eval."""
+    return f"{a.dtype} {a.min()}..{a.max()} divided by {divisor}"
 
 
 def _u8_to_unit(a: np.ndarray) -> np.ndarray:
@@ -106,7 +113,13 @@ def load_builtin_digits(split: str = "all") -> Dataset:
     with np.load(DIGITS_PATH, allow_pickle=False) as f:
         x, y = f["x"], f["y"]
     images = np.divide(x, np.float32(16), dtype=np.float32)[:, None, :, :]
-    ds = Dataset(np.ascontiguousarray(images), y.astype(np.int64), 10, "digits")
+    ds = Dataset(
+        np.ascontiguousarray(images),
+        y.astype(np.int64),
+        10,
+        "digits",
+        "digits: 0..16 divided by 16",
+    )
     if split == "all":
         return ds
     train, test = split_dataset(ds, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
@@ -188,7 +201,9 @@ def load_idx(images_path: str | Path, labels_path: str | Path) -> Dataset:
             f"{labels_path}: holds {len(labels)} labels but {images_path} holds {len(images)} "
             "images; the two files must come from the same set (train with train, t10k with t10k)"
         )
-    return _labels_to_dataset(_u8_to_unit(images)[:, None, :, :], labels, images_path.name)
+    return _labels_to_dataset(
+        _u8_to_unit(images)[:, None, :, :], labels, images_path.name, _stored(images, 255)
+    )
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -245,7 +260,7 @@ def load_cifar10(path: str | Path, split: str = "train") -> Dataset:
         np.divide(records[:, 1:].reshape(k, 3, 32, 32), np.float32(255), out=x[at : at + k])
         y[at : at + k] = records[:, 0]
         at += k
-    return Dataset(x, y, 10, f"cifar10:{path.name}")
+    return Dataset(x, y, 10, f"cifar10:{path.name}", "uint8 0..255 divided by 255")
 
 
 # ---------------------------------------------------------------- npz
@@ -332,7 +347,8 @@ def load_npz(path: str | Path) -> Dataset:
             f"{path}: not a valid .npz file ({e}); re-create it with numpy.savez"
         ) from None
     images = _npz_images(x, path)
-    return _labels_to_dataset(images, _npz_labels(y, len(images), path), path.name)
+    pixels = _stored(x, 255) if x.dtype.kind in "uib" else f"{x.dtype} as stored"
+    return _labels_to_dataset(images, _npz_labels(y, len(images), path), path.name, pixels)
 
 
 # ---------------------------------------------------------------- dispatch
@@ -445,7 +461,31 @@ def fit_to_input(ds: Dataset, input_shape: tuple[int, int, int] | list[int]) -> 
         x = np.ascontiguousarray(np.broadcast_to(x, (len(x), 3, height, width)))
     if x is ds.x:
         return ds
-    return Dataset(x, ds.y, ds.num_classes, ds.name)
+    return Dataset(x, ds.y, ds.num_classes, ds.name, ds.pixels)
+
+
+def input_range(ds: Dataset) -> dict:
+    """The values a network sees from ``ds`` and how they were made: training records it in
+    the checkpoint, predict and eval compare their inputs with it."""
+    lo, hi = (float(v) for v in (ds.x.min(), ds.x.max())) if len(ds) else (0.0, 0.0)
+    return {"range": [lo, hi], "pixels": ds.pixels or "float32 as given"}
+
+
+def range_mismatch(found: dict, trained: dict | None) -> str | None:
+    """A sentence when inputs lie far from the training range (a quarter of its span or
+    less, or half a span beyond it): another scaling, e.g. 0..16 divided by 255 where
+    training divided by 16, or 0..255 floats where training saw 0..1."""
+    if not trained or "range" not in trained:
+        return None  # weights from elsewhere: nothing to compare with
+    (lo, hi), (tlo, thi) = found["range"], trained["range"]
+    span = thi - tlo
+    if span <= 0 or not (hi - lo <= span / 4 or hi > thi + span / 2 or lo < tlo - span / 2):
+        return None
+    return (
+        f"the inputs are {lo:.4g}..{hi:.4g} ({found['pixels']}), but the model was trained on "
+        f"{tlo:.4g}..{thi:.4g} ({trained.get('pixels', 'unknown scaling')}); scale them the "
+        "same way"
+    )
 
 
 def check_labels(ds: Dataset, num_outputs: int) -> None:

@@ -39,7 +39,7 @@ from rich.progress import (
 )
 
 from .checkpoint import CheckpointError, check_spec_hash, load_checkpoint, save_checkpoint
-from .data import Batches, DataError, Dataset, check_labels
+from .data import Batches, DataError, Dataset, check_labels, input_range
 from .dist import LOCAL, Local, adapt_resumed
 from .optim import SGD
 from .schedules import DEFAULTS as SCHEDULE_DEFAULTS
@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "crop_padding": 0,
     "hflip": False,
     "spec_hash": None,
+    "inputs": None,  # the training inputs' range and scaling (data.input_range), recorded
 }
 # What `cnnspec train` takes where neither the spec's `train:` nor a flag says; with
 # DEFAULTS, the one place the CLI and the loop read training defaults from.
@@ -285,6 +286,7 @@ def restore_model(model: Any, path: str | Path, spec_hash: str | None = None) ->
     params = _prefixed(arrays, "param/")
     _check_params(model, params, path)
     _load_params(model, params)
+    model.trained_inputs = (meta.get("config") or {}).get("inputs")
     return meta
 
 
@@ -435,6 +437,7 @@ class _Trainer:
     ) -> None:
         self.cfg = cfg = resolve_config(cfg, model)
         self.world = world
+        cfg["inputs"] = input_range(train_ds)
         _check_data(model, train_ds, "training")
         if val_ds is not None:
             _check_data(model, val_ds, "validation")
