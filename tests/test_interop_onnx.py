@@ -102,15 +102,19 @@ CASES = {
         "{type: conv_transpose2d, filters: 3, kernel: 3, stride: 2, padding: 1, output_padding: 1}",
         "{type: conv_transpose2d, filters: 2, kernel: [2, 3], dilation: 2, bias: false,"
         " padding: [0, 1, 1, 0]}",
+        "{type: conv_transpose2d, filters: 6, kernel: 3, stride: 2, groups: 2}",
     ],
     "maxpool2d": [
         "{type: maxpool2d, kernel: 3, stride: 2, padding: 1}",
         "{type: maxpool2d, kernel: 2, ceil_mode: true}",
+        "{type: maxpool2d, kernel: 4, stride: 3, padding: [3, 2, 1, 3], ceil_mode: true}",
     ],
     "avgpool2d": [
         "{type: avgpool2d, kernel: 3, stride: 2, padding: 1}",
         "{type: avgpool2d, kernel: 3, stride: 2, padding: 1, count_include_pad: false}",
         "{type: avgpool2d, kernel: 2, ceil_mode: true, padding: 1}",
+        "{type: avgpool2d, kernel: 4, stride: 3, padding: 3, ceil_mode: true}",
+        "{type: avgpool2d, kernel: 3, padding: 2, count_include_pad: false, ceil_mode: true}",
     ],
     "subsample2d": ["{type: subsample2d, kernel: 2}"],
     "global_avgpool2d": ["{type: global_avgpool2d}"],

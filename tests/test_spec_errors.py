@@ -208,7 +208,7 @@ CORPUS: dict[str, list[P]] = {
         P(
             5,
             "padding: ^2",
-            "height padding (2) must be at most half the kernel (2)",
+            "height padding (2) must be smaller than the kernel (2)",
             "a window made only of padding",
         ),
         P(

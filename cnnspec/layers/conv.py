@@ -16,6 +16,22 @@ DILATION = A.pair("dilation", 1, "spacing between kernel taps")
 BIAS = A.boolean("bias", True, "add a learned bias per output map")
 
 
+GROUPS = A.integer("groups", 1, "input and output maps split into this many groups")
+
+
+def _groups(a: dict, channels: int, filters: int) -> int:
+    """Groups that divide both the input channels and the filters."""
+    groups = a["groups"]
+    for what, n in (("the input channels", channels), ("filters", filters)):
+        if n % groups:
+            raise LayerError(
+                f"groups ({groups}) must divide {what} ({n})",
+                "groups",
+                f"{n} / {groups} = {n / groups:g}",
+            )
+    return groups
+
+
 @register
 class Conv2d(Layer):
     """2-D convolution (cross-correlation), PyTorch weight layout [out, in/groups, kh, kw].
@@ -33,7 +49,7 @@ class Conv2d(Layer):
         STRIDE,
         A.padding(doc="zeros around the input"),
         DILATION,
-        A.integer("groups", 1, "input and output maps split into this many groups"),
+        GROUPS,
         BIAS,
         A.int_lists(
             "connections",
@@ -47,20 +63,8 @@ class Conv2d(Layer):
         kernel = pair(a["kernel"], "kernel")
         stride = pair(a["stride"], "stride")
         dilation = pair(a["dilation"], "dilation")
-        groups = a["groups"]
+        groups = _groups(a, c, filters)
         padding = resolve_padding(a["padding"], kernel, stride, dilation, (h, w))
-        if c % groups:
-            raise LayerError(
-                f"groups ({groups}) must divide the input channels ({c})",
-                "groups",
-                f"{c} / {groups} = {c / groups:g}",
-            )
-        if filters % groups:
-            raise LayerError(
-                f"groups ({groups}) must divide filters ({filters})",
-                "groups",
-                f"{filters} / {groups} = {filters / groups:g}",
-            )
         connections = a["connections"]
         self.connection_mask = None
         if connections is not None:
@@ -247,7 +251,7 @@ class ConvTranspose2d(Layer):
     """Transposed convolution: O = (n-1)*s - 2p + d*(f-1) + 1 + output_padding.
 
     Shape: [C, H, W] -> [filters, O_h, O_w] with O = (n-1)*s - p0 - p1 + d*(f-1) + 1 + e,
-    the gradient of a conv2d with these attributes (weight [in, out, kh, kw]). A padding
+    the gradient of a conv2d with these attributes (weight [in, out/groups, kh, kw]). A padding
     mode crops what the conv2d it inverts pads: `valid` nothing, `full` d*(f-1) on each
     side, `same` makes O = n*s (cropping d*(f-1) + 1 - s, the extra row last, or, when
     that is negative, adding its opposite as output_padding).
@@ -266,6 +270,7 @@ class ConvTranspose2d(Layer):
         A.padding(doc="removed from the output's borders"),
         A.pair("output_padding", 0, "extra rows/columns at the bottom/right", minimum=0),
         DILATION,
+        GROUPS,
         BIAS,
     )
 
@@ -276,6 +281,7 @@ class ConvTranspose2d(Layer):
         stride = pair(a["stride"], "stride")
         dilation = pair(a["dilation"], "dilation")
         extra = pair(a["output_padding"], "output_padding")
+        groups = _groups(a, c, filters)
         if a["padding"] == "same":
             if any(extra):
                 raise LayerError(
@@ -318,7 +324,7 @@ class ConvTranspose2d(Layer):
             "padding": padding,
             "output_padding": extra,
             "dilation": dilation,
-            "groups": 1,
+            "groups": groups,
             "bias": a["bias"],
         }
         return (filters, *sizes)
@@ -326,8 +332,10 @@ class ConvTranspose2d(Layer):
     def param_defs(self):
         c = self.in_shapes[0][0]
         kh, kw = self.attrs["kernel"]
-        f = self.attrs["filters"]
-        defs = [ParamDef("weight", (c, f, kh, kw), True, "auto", f * kh * kw, c * kh * kw)]
+        f, g = self.attrs["filters"], self.attrs["groups"]
+        # PyTorch's layout [in, out/groups, kh, kw], and its fans of that tensor
+        fan_in, fan_out = f // g * kh * kw, c * kh * kw
+        defs = [ParamDef("weight", (c, f // g, kh, kw), True, "auto", fan_in, fan_out)]
         if self.attrs["bias"]:
             defs.append(ParamDef("bias", (f,)))
         return defs
@@ -335,7 +343,7 @@ class ConvTranspose2d(Layer):
     def macs(self):
         c, h, w = self.in_shapes[0]
         kh, kw = self.attrs["kernel"]
-        return c * h * w * self.attrs["filters"] * kh * kw
+        return c * h * w * self.attrs["filters"] // self.attrs["groups"] * kh * kw
 
     def receptive_field(self, fields):
         # output o reads the inputs i with i*s in [o + p0 - d*(f-1), o + p0]
@@ -363,6 +371,7 @@ class ConvTranspose2d(Layer):
             a["dilation"],
             out,
             self.cols,
+            a["groups"],
         )
 
     def backward(self, xs, out, dout, dxs, p, g):
@@ -378,4 +387,5 @@ class ConvTranspose2d(Layer):
             dxs[0],
             g["weight"],
             g.get("bias"),
+            a["groups"],
         )

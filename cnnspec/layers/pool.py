@@ -18,7 +18,7 @@ class _Pool2d(Layer):
     attributes = (
         KERNEL,
         STRIDE,
-        A.padding(doc="around the input, at most half the kernel"),
+        A.padding(doc="around the input, less than the kernel (Caffe, ONNX)"),
         A.boolean("ceil_mode", False, "round the output size up (PyTorch's ceil_mode)"),
     )
 
@@ -31,9 +31,11 @@ class _Pool2d(Layer):
             ("height", kernel[0], *padding[:2]),
             ("width", kernel[1], *padding[2:]),
         ):
-            if max(p0, p1) * 2 > k:
+            # Caffe's and ONNX's rule (PyTorch stops at half the kernel): every window
+            # then holds at least one real pixel
+            if max(p0, p1) >= k:
                 raise LayerError(
-                    f"{axis} padding ({max(p0, p1)}) must be at most half the kernel ({k})",
+                    f"{axis} padding ({max(p0, p1)}) must be smaller than the kernel ({k})",
                     "padding",
                     "a window made only of padding has no value to pool",
                 )
@@ -84,17 +86,20 @@ class MaxPool2d(_Pool2d):
 
 @register
 class AvgPool2d(_Pool2d):
-    """Average pooling; count_include_pad as in PyTorch.
+    """Average pooling; count_include_pad as in PyTorch and ONNX.
 
-    Shape: as maxpool2d; the divisor is the window's size (count_include_pad) or the
-    number of input units it covers. Receptive field: as maxpool2d.
+    Shape: as maxpool2d; the divisor is the window's size within the padded input
+    (count_include_pad: a ceil-mode window's overhang does not count) or the number of
+    input units it covers. Receptive field: as maxpool2d.
     """
 
     type_name = "avgpool2d"
     aliases = ("avgpool",)
     attributes = (
         *_Pool2d.attributes,
-        A.boolean("count_include_pad", True, "padding counts in the divisor"),
+        A.boolean(
+            "count_include_pad", True, "padding (not a ceil-mode overhang) counts in the divisor"
+        ),
     )
 
     def setup(self, a, in_shapes):

@@ -147,31 +147,44 @@ def _accumulate_batch_gemm(a, b_t, dst, tmp=None):
             dst += tmp
 
 
-def conv_transpose2d_forward(x, w, b, stride, pad, dilation, out, cols):
-    """PyTorch ConvTranspose2d (groups=1): cols <- W^T x, out <- col2im(cols) + b."""
+def _groups_of(w, cin, groups):
+    """Per group: its input channels and its rows of cols (output channels x taps)."""
+    cin_w, cout_g, kh, kw = w.shape
+    if groups < 1 or cin % groups or cin_w != cin:
+        raise ValueError(f"weight {w.shape} does not match {cin} input channels in {groups} groups")
+    cig, k = cin // groups, cout_g * kh * kw
+    return [(slice(g * cig, (g + 1) * cig), slice(g * k, (g + 1) * k)) for g in range(groups)]
+
+
+def conv_transpose2d_forward(x, w, b, stride, pad, dilation, out, cols, groups=1):
+    """PyTorch ConvTranspose2d: per group, cols <- W_g^T x_g; out <- col2im(cols) + b.
+    w is (C_in, C_out/groups, kh, kw), as PyTorch lays it out."""
     sh, sw, pt, _pb, pl, _pr, dh, dw = _unpack(stride, pad, dilation)
     n, cin, h, wd = x.shape
-    cin_w, cout, kh, kw = w.shape
-    if cin_w != cin:
-        raise ValueError(f"weight {w.shape} does not match input channels {cin}")
+    _, cout_g, kh, kw = w.shape
+    cout = cout_g * groups
+    parts = _groups_of(w, cin, groups)
     check_shape("out", out, (n, cout, out.shape[2], out.shape[3]))
     check_c(x=x, w=w, out=out, cols=cols)
     _check_cols(out, cols, kh, kw, h, wd)
-    w2t = w.reshape(cin, cout * kh * kw).T
     x3 = x.reshape(n, cin, h * wd)
-    for i in range(n):
-        np.matmul(w2t, x3[i], out=cols[i])
+    for chans, rows in parts:
+        w2t = w[chans].reshape(-1, cout_g * kh * kw).T
+        for i in range(n):
+            np.matmul(w2t, x3[i, chans], out=cols[i, rows])
     _col2im_each(cols, kh, kw, sh, sw, pt, pl, dh, dw, h, wd, out)
     if b is not None:
         out += b.reshape(1, cout, 1, 1)
 
 
-def conv_transpose2d_backward(x, w, dout, stride, pad, dilation, cols, dx, dw, db):
+def conv_transpose2d_backward(x, w, dout, stride, pad, dilation, cols, dx, dw, db, groups=1):
     """Gradients of :func:`conv_transpose2d_forward`; ``cols`` is used as workspace
     (overwritten with im2col(dout)). dx / db may be None."""
     sh, sw, pt, _pb, pl, _pr, dh, dwl = _unpack(stride, pad, dilation)
     n, cin, h, wd = x.shape
-    _, cout, kh, kw = w.shape
+    _, cout_g, kh, kw = w.shape
+    cout = cout_g * groups
+    parts = _groups_of(w, cin, groups)
     check_shape("dout", dout, (n, cout, dout.shape[2], dout.shape[3]))
     check_shape("dw", dw, w.shape)
     check_c(x=x, w=w, dout=dout, cols=cols, dx=dx, dw=dw)
@@ -180,12 +193,16 @@ def conv_transpose2d_backward(x, w, dout, stride, pad, dilation, cols, dx, dw, d
         check_shape("db", db, (cout,))
         np.sum(dout, axis=(0, 2, 3), out=db)
     _im2col_each(dout, kh, kw, sh, sw, pt, pl, dh, dwl, h, wd, cols)
-    k = cout * kh * kw
+    k = cout_g * kh * kw
     x3 = x.reshape(n, cin, h * wd)
-    _accumulate_batch_gemm(x3, cols.transpose(0, 2, 1), dw.reshape(cin, k))
     if dx is not None:
         check_shape("dx", dx, x.shape)
-        w2 = w.reshape(cin, k)
         dx3 = dx.reshape(n, cin, h * wd)
-        for i in range(n):
-            np.matmul(w2, cols[i], out=dx3[i])
+    for chans, rows in parts:
+        _accumulate_batch_gemm(
+            x3[:, chans], cols[:, rows].transpose(0, 2, 1), dw[chans].reshape(-1, k)
+        )
+        if dx is not None:
+            w2 = w[chans].reshape(-1, k)
+            for i in range(n):
+                np.matmul(w2, cols[i, rows], out=dx3[i, chans])
