@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..train.data import DataError, Dataset, fit_to_input, load_npz
+from ..train.data import DataError, Dataset, array_images, fit_to_input, load_npz
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -67,26 +67,18 @@ def read_image(path: Path, channels: int) -> tuple[np.ndarray, str]:
 
 
 def _read_npy(path: Path, channels: int) -> Dataset:
-    """(H, W), (C, H, W) with the spec's channels, (N, H, W) or (N, C, H, W)."""
+    """(H, W), (C, H, W) with the spec's channels, (N, H, W) or (N, C, H, W), with the
+    dtypes and value checks of an .npz file's images."""
     try:
         x = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise DataError(f"{path}: not a readable .npy array ({exc})") from None
     if x.ndim == 2:
+        x = x[None, None]
+    elif x.ndim == 3 and x.shape[0] == channels:
         x = x[None]
-    if x.ndim == 3:
-        x = x[None] if x.shape[0] == channels else x[:, None]
-    if x.ndim != 4:
-        raise DataError(f"{path}: expected images as (N, C, H, W), got shape {x.shape}")
-    if x.dtype.kind not in "uif":
-        raise DataError(f"{path}: holds {x.dtype} values; save uint8 (0..255) or float32 images")
-    if x.dtype == np.uint8:
-        pixels = f"uint8 {x.min()}..{x.max()} divided by 255" if x.size else "uint8"
-        x = np.divide(x, np.float32(255), dtype=np.float32)
-    else:
-        pixels = f"{x.dtype} as stored"
-        x = x.astype(np.float32)
-    return Dataset(np.ascontiguousarray(x), np.zeros(len(x), np.int64), 1, path.name, pixels)
+    images, pixels = array_images(x, path)
+    return Dataset(images, np.zeros(len(images), np.int64), 1, path.name, pixels)
 
 
 def read_inputs(paths: list[str], input_shape) -> tuple[Dataset, list[str]]:

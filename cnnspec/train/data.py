@@ -266,6 +266,12 @@ def load_cifar10(path: str | Path, split: str = "train") -> Dataset:
 # ---------------------------------------------------------------- npz
 
 
+def array_images(x: np.ndarray, path: Path) -> tuple[np.ndarray, str]:
+    """Images of an array file as float32 (N, C, H, W), and how their values were made."""
+    pixels = _stored(x, 255) if x.dtype.kind in "uib" and x.size else f"{x.dtype} as stored"
+    return _npz_images(x, path), pixels
+
+
 def _npz_images(x: np.ndarray, path: Path) -> np.ndarray:
     """Any accepted image layout and dtype -> float32 (N, C, H, W)."""
     if x.ndim == 3:
@@ -346,8 +352,7 @@ def load_npz(path: str | Path) -> Dataset:
         raise DataError(
             f"{path}: not a valid .npz file ({e}); re-create it with numpy.savez"
         ) from None
-    images = _npz_images(x, path)
-    pixels = _stored(x, 255) if x.dtype.kind in "uib" else f"{x.dtype} as stored"
+    images, pixels = array_images(x, path)
     return _labels_to_dataset(images, _npz_labels(y, len(images), path), path.name, pixels)
 
 
