@@ -303,8 +303,7 @@ def to_onnx(model, aux: bool = True):
 def export_onnx(model, path, aux: bool = True) -> None:
     """Write the model as an ONNX file (opset 17, dynamic batch, onnx.checker clean)."""
     onnx = _onnx()
+    from .weights import replace_atomically
+
     proto = to_onnx(model, aux)
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    onnx.save(proto, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: onnx.save(proto, os.fspath(tmp)))

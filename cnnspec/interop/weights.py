@@ -264,7 +264,6 @@ def write_tensors(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: 
     """A .safetensors file (or, with torch installed, a .pt state_dict) of named arrays."""
     path = Path(path)
     arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".safetensors":
         try:
             from safetensors.numpy import save_file
@@ -272,13 +271,28 @@ def write_tensors(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: 
             raise WeightsError(
                 "writing .safetensors needs the safetensors package: pip install 'cnnspec[weights]'"
             ) from None
-        save_file(arrays, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+
+        def write(tmp):
+            save_file(arrays, str(tmp), metadata={k: str(v) for k, v in meta.items()})
     elif path.suffix in (".pt", ".pth"):
         try:
             import torch
         except ImportError:
             raise WeightsError(f"{path}: writing a PyTorch file needs torch") from None
-        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp)
+
+        def write(tmp):
+            torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp)
     else:
         raise WeightsError(f"{path}: give a .safetensors or .pt/.pth file name")
-    os.replace(tmp, path)
+    replace_atomically(path, write)
+
+
+def replace_atomically(path: str | os.PathLike, write) -> None:
+    """write(tmp) beside `path`, then rename it over `path`: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
