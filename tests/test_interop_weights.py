@@ -156,6 +156,27 @@ def test_round_trip_torchvision_to_onnxruntime(cli, tv, tmp_path):
     assert predicted == np.argsort(-probs, axis=1)[:, :5].tolist()
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_safetensors_with_the_shipped_resnet_map(tv, name, tmp_path):
+    """.safetensors keeps no order: torchvision's names meet the spec's through
+    examples/torchvision-resnet.map.yaml, and give what matching by order gives."""
+    from safetensors.numpy import save_file
+
+    from cnnspec.interop.weights import read_map
+
+    state = {k: v.numpy() for k, v in _reference(getattr(tv, name)).state_dict().items()}
+    path = tmp_path / f"{name}.safetensors"
+    save_file(state, str(path))
+    net = network.load(SPECS / f"{name}.yaml")
+    rules = read_map(SPECS.parent / "examples" / "torchvision-resnet.map.yaml")
+    by_names = match_weights(net, read_tensors(path), rules)
+    assert by_names.by == "names"
+    by_order = match_weights(net, state, by="order")
+    assert by_names.source == by_order.source
+    with pytest.raises(WeightsError, match="neither by name nor in order"):
+        match_weights(net, read_tensors(path))  # without the map
+
+
 def _lenet():
     return network.load(SPECS / "lenet5.yaml")
 

@@ -118,6 +118,16 @@ def test_png_and_jpeg_files_and_folders(cli, run, tmp_path):
     assert rows[2]["input"].endswith("c.jpg")
 
 
+def test_npz_arrays_need_no_labels(cli, run, tmp_path):
+    spec, weights = run
+    x, _ = _digits(3)
+    path = tmp_path / "x.npz"
+    np.savez(path, x=x.astype(np.float32) / 16)
+    r = cli("predict", spec, path, "--weights", weights, "--json", "--strict")
+    assert r.exit_code == 0, r.output
+    assert [row["input"] for row in json.loads(r.stdout)] == [f"{path}[{i}]" for i in range(3)]
+
+
 def test_labels_name_the_classes(cli, run, tmp_path):
     spec, weights = run
     x, _ = _digits(2)

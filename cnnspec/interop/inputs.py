@@ -89,7 +89,7 @@ def read_inputs(paths: list[str], input_shape) -> tuple[Dataset, list[str]]:
     for f in files:
         suffix = f.suffix.lower()
         if suffix in ARRAY_SUFFIXES:
-            ds = _read_npy(f, channels) if suffix == ".npy" else load_npz(f)
+            ds = _read_npy(f, channels) if suffix == ".npy" else load_npz(f, labels=False)
             ds = fit_to_input(ds, input_shape)
             parts.append(ds.x)
             names += [f"{f}[{i}]" for i in range(len(ds))] if len(ds) > 1 else [str(f)]

@@ -319,8 +319,9 @@ def _npz_labels(y: np.ndarray, n: int, path: Path) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def load_npz(path: str | Path) -> Dataset:
-    """An .npz with arrays ``x`` (images) and ``y`` (integer labels); never unpickles."""
+def load_npz(path: str | Path, labels: bool = True) -> Dataset:
+    """An .npz with arrays ``x`` (images) and ``y`` (integer labels; with ``labels=False``
+    optional, as for predict); never unpickles."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -331,14 +332,15 @@ def load_npz(path: str | Path) -> Dataset:
         )
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("x", "y") if k not in f.files]
+            missing = [k for k in ("x", "y")[: 1 + labels] if k not in f.files]
             if missing:
                 raise DataError(
                     f"{path}: no array named {' or '.join(map(repr, missing))} (found: "
                     f"{', '.join(f.files) or 'nothing'}); save with "
                     "np.savez(path, x=images, y=labels)"
                 )
-            x, y = f["x"], f["y"]
+            x = f["x"]
+            y = f["y"] if "y" in f.files else None
     except DataError:
         raise
     except ValueError as e:
@@ -353,7 +355,8 @@ def load_npz(path: str | Path) -> Dataset:
             f"{path}: not a valid .npz file ({e}); re-create it with numpy.savez"
         ) from None
     images, pixels = array_images(x, path)
-    return _labels_to_dataset(images, _npz_labels(y, len(images), path), path.name, pixels)
+    y = np.zeros(len(images), np.int64) if y is None else _npz_labels(y, len(images), path)
+    return _labels_to_dataset(images, y, path.name, pixels)
 
 
 # ---------------------------------------------------------------- dispatch
