@@ -11,7 +11,7 @@ from cnnspec.layers import REGISTRY
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package (cnnspec[onnx])")
 ort = pytest.importorskip("onnxruntime", reason="the export is checked with onnxruntime")
 
-from cnnspec.interop.onnx import OPSET, to_onnx  # noqa: E402
+from cnnspec.interop.onnx import OPSET, layer_to_onnx, to_onnx  # noqa: E402
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 RTOL = 1e-4  # of the largest magnitude in the compared tensor
@@ -241,3 +241,16 @@ def test_cli_export_bad_paths_are_one_line(cli, tmp_path):
     assert r.exit_code == 1 and "no such checkpoint" in r.output
     r = cli("export", "specs/lenet5.yaml", "-o", tmp_path / "missing" / "x.onnx")
     assert r.exit_code == 1 and "cannot write" in r.output and "Traceback" not in r.output
+
+
+def test_one_layer_alone_with_several_inputs():
+    """layer_to_onnx: a layer between graph inputs x0, x1, ... and its output."""
+    layer = REGISTRY["concat"]("cat", {}, [(3, 4, 4), (2, 4, 4)])
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((2, *s)).astype(np.float32) for s in layer.in_shapes]
+    out = np.zeros((2, *layer.out_shape), np.float32)
+    layer.forward(xs, out, {}, False, rng)
+    proto = layer_to_onnx(layer, {}, "cat")
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x0": xs[0], "x1": xs[1]})
+    _close(got, out, "cat")

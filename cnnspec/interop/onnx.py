@@ -78,9 +78,9 @@ def _shape_const(b: _Builder, layer: str, dims) -> str:
     return b.const(f"{layer}/shape", np.asarray(dims, np.int64))
 
 
-def _emit(b: _Builder, info, xs: list[str], params: dict) -> str:
+def _emit(b: _Builder, name: str, layer, xs: list[str], params: dict) -> str:
     """The ONNX nodes of one layer; returns the name of its output tensor (the layer's name)."""
-    layer, name, a = info.layer, info.name, info.layer.attrs
+    a = layer.attrs
     t = type(layer).type_name  # aliases resolve to the class's own name
     x = xs[0]
 
@@ -267,33 +267,51 @@ def _kept(model, aux: bool) -> tuple[list, list]:
 
 def to_onnx(model, aux: bool = True):
     """The model (its weights as they are now) as an onnx.ModelProto, checked."""
-    onnx = _onnx()
     from ..graph import INPUT
 
-    b = _Builder(onnx)
+    b = _Builder(_onnx())
     b.names.add(INPUT_NAME)
     tensors = {INPUT: INPUT_NAME}
     infos, outputs = _kept(model, aux)
-    for info in infos:
-        b.names.add(info.name)
+    b.names.update(info.name for info in infos)
     for info in infos:
         params = {k: np.asarray(v) for k, v in model.layer_params[info.name].items()}
-        tensors[info.name] = _emit(b, info, [tensors[i] for i in info.node.inputs], params)
+        xs = [tensors[i] for i in info.node.inputs]
+        tensors[info.name] = _emit(b, info.name, info.layer, xs, params)
+    inputs = [(INPUT_NAME, model.input_shape)]
+    heads = [(o.name, o.layer.out_shape) for o in outputs]
+    doc = f"exported by cnnspec from {os.path.basename(model.net.file)}"
+    return _checked_model(b, model.net.name, inputs, heads, doc)
+
+
+def layer_to_onnx(layer, params: dict, name: str = "layer"):
+    """One layer alone (inputs x0, x1, ...; output `name`) as a checked onnx.ModelProto:
+    how the tests hold every conformance case against onnxruntime."""
+    b = _Builder(_onnx())
+    inputs = [(f"x{k}", shape) for k, shape in enumerate(layer.in_shapes)]
+    b.names.update([name, *(n for n, _ in inputs)])
+    params = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    _emit(b, name, layer, [n for n, _ in inputs], params)
+    return _checked_model(b, name, inputs, [(name, layer.out_shape)], type(layer).type_name)
+
+
+def _checked_model(b: _Builder, name: str, inputs, outputs, doc: str):
+    """Graph and model around the builder's nodes: float32 tensors with a symbolic batch."""
+    onnx = b.onnx
     h = onnx.helper
-    elem = onnx.TensorProto.FLOAT
+
+    def value(n, shape):
+        return h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", *shape])
+
     graph = h.make_graph(
-        b.nodes,
-        model.net.name,
-        [h.make_tensor_value_info(INPUT_NAME, elem, ["N", *model.input_shape])],
-        [h.make_tensor_value_info(o.name, elem, ["N", *o.layer.out_shape]) for o in outputs],
-        b.inits,
+        b.nodes, name, [value(*i) for i in inputs], [value(*o) for o in outputs], b.inits
     )
-    graph.doc_string = f"exported by cnnspec from {os.path.basename(model.net.file)}"
+    graph.doc_string = doc
     proto = h.make_model(
         graph,
         producer_name="cnnspec",
         opset_imports=[h.make_opsetid("", OPSET)],
-        doc_string=f"{model.net.name}: input {INPUT_NAME} [N, C, H, W] float32",
+        doc_string=f"{name}: float32 [N, C, H, W] in, named outputs",
     )
     proto.ir_version = min(proto.ir_version, 9)  # readable by older onnxruntime releases
     onnx.checker.check_model(proto, full_check=True)
