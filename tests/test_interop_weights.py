@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch", reason="the reference networks are PyTorch'
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 RTOL = 1e-4  # of the largest logit
+SAFETENSORS = ".safetensors files need the safetensors package (cnnspec[weights])"
 
 
 def _torchvision_models():
@@ -160,7 +161,7 @@ def test_round_trip_torchvision_to_onnxruntime(cli, tv, tmp_path):
 def test_safetensors_with_the_shipped_resnet_map(tv, name, tmp_path):
     """.safetensors keeps no order: torchvision's names meet the spec's through
     examples/torchvision-resnet.map.yaml, and give what matching by order gives."""
-    from safetensors.numpy import save_file
+    save_file = pytest.importorskip("safetensors.numpy", reason=SAFETENSORS).save_file
 
     from cnnspec.interop.weights import read_map
 
@@ -205,7 +206,7 @@ def test_names_match_first_and_maps_rename(tmp_path):
 
 
 def test_missing_unused_and_wrong_shapes_are_listed(cli, tmp_path):
-    from safetensors.numpy import save_file
+    save_file = pytest.importorskip("safetensors.numpy", reason=SAFETENSORS).save_file
 
     net = _lenet()
     state = _state(net)
@@ -229,6 +230,7 @@ def test_missing_unused_and_wrong_shapes_are_listed(cli, tmp_path):
 
 def test_export_and_import_round_trip(cli, tmp_path):
     """cnnspec checkpoint -> .safetensors / .pt -> cnnspec checkpoint: the same arrays."""
+    pytest.importorskip("safetensors", reason=SAFETENSORS)
     from cnnspec.train import load_checkpoint, save_checkpoint
     from cnnspec.train.checkpoint import spec_hash
 
