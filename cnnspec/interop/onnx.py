@@ -114,6 +114,15 @@ def _emit(b: _Builder, name: str, layer, xs: list[str], params: dict) -> str:
             "Mul", [pooled, w("weight", params["weight"].reshape(c, 1, 1))], name, "scale"
         )
         return b.node("Add", [scaled, w("bias", params["bias"].reshape(c, 1, 1))], name, name)
+    if t == "upsample2d":  # nearest: input floor(o/s); bilinear: PyTorch's half-pixel taps
+        scales = b.const(f"{name}/scales", np.asarray([1, 1, *a["scale"]], np.float32))
+        if a["mode"] == "nearest":
+            how = dict(
+                mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"
+            )
+        else:
+            how = dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel")
+        return b.node("Resize", [x, "", scales], name, name, **how)
     if t == "global_avgpool2d":
         return b.node("GlobalAveragePool", [x], name, name)
     if t == "flatten":
