@@ -77,7 +77,8 @@ entry(
 def _conv_transpose2d(xs, p, a):
     t, b, l, r = a["padding"]
     eh, ew = a["output_padding"]
-    y = F().conv_transpose2d(xs[0], p["weight"], None, a["stride"], 0, 0, 1, a["dilation"])
+    g = a["groups"]
+    y = F().conv_transpose2d(xs[0], p["weight"], None, a["stride"], 0, 0, g, a["dilation"])
     y = F().pad(y, (-l, -r + ew, -t, -b + eh))  # negative padding crops
     return y if "bias" not in p else y + p["bias"][None, :, None, None]
 
@@ -102,6 +103,7 @@ entry(
         Case({"filters": 2, "kernel": 1, "stride": [3, 1], "padding": "same"}, ((2, 3, 3),)),
         Case({"filters": 2, "kernel": 3, "dilation": [1, 2], "padding": "full"}),
         Case({"filters": 2, "kernel": 3, "stride": 2, "padding": "valid"}, ((2, 3, 3),)),
+        Case({"filters": 6, "kernel": 3, "stride": 2, "padding": 1, "groups": 2}, ((4, 3, 3),)),
     ],
     _conv_transpose2d,
 )
@@ -129,6 +131,9 @@ entry(
         Case({"kernel": 3, "stride": 2, "padding": 1, "ceil_mode": True}, inputs=((2, 6, 5),)),
         Case({"kernel": [3, 2], "stride": [1, 2], "padding": [1, 0, 0, 1]}),
         Case({"kernel": 1, "stride": 3}),  # stride > kernel
+        # padding up to the kernel less one (Caffe, ONNX); PyTorch stops at half the kernel
+        Case({"kernel": 3, "padding": 2}, torch=False),
+        Case({"kernel": 4, "stride": 3, "padding": [3, 2, 1, 3], "ceil_mode": True}, torch=False),
     ],
     _maxpool2d,
 )
@@ -155,6 +160,11 @@ entry(
         Case({"kernel": 2, "padding": 1}),
         Case({"kernel": [2, 3], "stride": [3, 1]}),
         Case({"kernel": [3, 2], "padding": [1, 0, 1, 1]}, torch=False),  # asymmetric
+        Case({"kernel": 3, "padding": 2}, torch=False),  # padding beyond half the kernel
+        Case(
+            {"kernel": 4, "stride": 3, "padding": 3, "ceil_mode": True, "count_include_pad": False},
+            torch=False,
+        ),
     ],
     _avgpool2d,
 )

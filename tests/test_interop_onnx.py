@@ -11,6 +11,9 @@ from cnnspec.layers import REGISTRY
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package (cnnspec[onnx])")
 ort = pytest.importorskip("onnxruntime", reason="the export is checked with onnxruntime")
 
+from layer_cases import ENTRIES  # noqa: E402
+from test_conformance import Harness  # noqa: E402
+
 from cnnspec.interop.onnx import OPSET, layer_to_onnx, to_onnx  # noqa: E402
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
@@ -132,6 +135,7 @@ CASES = {
     "prelu": ["{type: prelu, init: 0.1}", "{type: prelu, shared: true}"],
     "rrelu": ["{type: rrelu, lower: 0.1, upper: 0.3}"],
     "maxout": ["{type: maxout, pieces: 2}"],
+    "upsample2d": ["{type: upsample2d, scale: [2, 3]}", "{type: upsample2d, mode: bilinear}"],
     "channel_pad": ["{type: channel_pad, channels: 7}"],
     # merges and outputs are spelled out below: they need branches or end the network
     "concat": [],
@@ -254,3 +258,19 @@ def test_one_layer_alone_with_several_inputs():
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"x0": xs[0], "x1": xs[1]})
     _close(got, out, "cat")
+
+
+CONFORMANCE = [
+    pytest.param(t, i, c, id=f"{t}-{i}") for t, e in ENTRIES.items() for i, c in enumerate(e.cases)
+]
+
+
+@pytest.mark.parametrize(("type_name", "index", "case"), CONFORMANCE)
+def test_conformance_case_matches_onnxruntime(type_name, index, case):
+    """Every case of the conformance suite (tests/layer_cases.py), exported alone."""
+    h = Harness(type_name, case, dtype=np.float32)
+    h.forward(train=False)
+    proto = layer_to_onnx(h.layer, h.p, "layer")
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {f"x{k}": x for k, x in enumerate(h.xs)})
+    _close(got, h.out.reshape(got.shape), f"{type_name} case {index}")

@@ -300,7 +300,10 @@ def layer_to_onnx(layer, params: dict, name: str = "layer"):
     inputs = [(f"x{k}", shape) for k, shape in enumerate(layer.in_shapes)]
     b.names.update([name, *(n for n, _ in inputs)])
     params = {k: np.asarray(v, np.float32) for k, v in params.items()}
-    _emit(b, name, layer, [n for n, _ in inputs], params)
+    fused = getattr(layer, "fused_act", 0)  # a ReLU the layer applies itself
+    inner = _emit(b, f"{name}/linear" if fused else name, layer, [n for n, _ in inputs], params)
+    if fused:
+        b.node("Relu", [inner], name, f"{name}/relu")
     return _checked_model(b, name, inputs, [(name, layer.out_shape)], type(layer).type_name)
 
 
