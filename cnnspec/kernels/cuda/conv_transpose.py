@@ -1,6 +1,7 @@
-"""conv_transpose2d(x) with weight [in, out, kh, kw] is the input gradient of a conv2d
-from its output's shape to x's with that weight: conv.py's three implicit-GEMM kernels,
-their roles swapped (forward = dx kernel, dx = forward kernel, dw = dw kernel)."""
+"""conv_transpose2d(x) with weight [in, out/groups, kh, kw] is the input gradient of a
+conv2d from its output's shape to x's with that weight (its groups follow from the
+shapes): conv.py's three implicit-GEMM kernels, their roles swapped (forward = dx kernel,
+dx = forward kernel, dw = dw kernel)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,19 @@ def _add_bias(out, b, c_, s_):
         out[i] += b[(i // s_) % c_]
 
 
-def conv_transpose2d_forward(x, w, b, stride, pad, dilation, out, cols=None):
-    """out = conv_transpose2d(x, w) + b (weight [in, out, kh, kw], pad [t, b, l, r]);
+def _check_groups(out_shape, w_shape, groups):
+    """The conv2d it inverts (out -> x) has the groups its weight's shape says."""
+    if int(w_shape[1]) * int(groups) != int(out_shape[1]):
+        raise ValueError(
+            f"weight {tuple(w_shape)} does not give {out_shape[1]} maps in {groups} groups"
+        )
+
+
+def conv_transpose2d_forward(x, w, b, stride, pad, dilation, out, cols=None, groups=1):
+    """out = conv_transpose2d(x, w) + b (weight [in, out/groups, kh, kw], pad [t, b, l, r]);
     `cols` (the CPU kernel's im2col buffer) serves as workspace for the backward."""
     check_float32(x=x, w=w, out=out)
+    _check_groups(out.shape, w.shape, groups)
     d = _dims(out.shape, w.shape, x.shape, stride, pad, dilation)
     _input_grad(x, x, ACT_NONE, w, d, out)
     if b is not None:
@@ -30,9 +40,10 @@ def conv_transpose2d_forward(x, w, b, stride, pad, dilation, out, cols=None):
         _add_bias[blocks(out.size), THREADS](flat(out), b, f, out.size // (n * f))
 
 
-def conv_transpose2d_backward(x, w, dout, stride, pad, dilation, cols, dx, dw, db):
+def conv_transpose2d_backward(x, w, dout, stride, pad, dilation, cols, dx, dw, db, groups=1):
     """dx, dw, db overwritten (dx, db may be None)."""
     check_shape("dw", dw, w.shape)
+    _check_groups(dout.shape, w.shape, groups)
     d = _dims(dout.shape, w.shape, x.shape, stride, pad, dilation)
     if dx is not None:
         check_shape("dx", dx, x.shape)
