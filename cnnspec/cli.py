@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import SpecError
 
@@ -158,6 +159,9 @@ def summary(
     depth: int = typer.Option(1, "--depth", min=1, help="Collapse blocks below this depth."),
     show_all: bool = typer.Option(False, "--all", help="Show every primitive layer."),
     input_size: list[str] = InputSize,
+    batch_size: int = typer.Option(
+        None, "--batch-size", min=1, help="Also show the memory training takes at this batch."
+    ),
 ):
     """Per-layer shapes, parameters, multiply-adds and receptive fields."""
     if ctx.args:  # `--input 160 128` leaves 128 here: say how to write it instead
@@ -172,12 +176,25 @@ def summary(
     except SpecError as e:
         _print_problems(e)
         raise typer.Exit(1) from None
+    memory = None
+    if batch_size:
+        from .memory import estimate
+
+        memory = estimate(net, batch_size)
     if as_json:
-        print(json.dumps(net.summary(), indent=2))
+        result = net.summary()
+        if memory:
+            result["training_memory"] = {"batch_size": batch_size, "bytes": memory.total}
+            result["training_memory"].update(
+                {k.replace(" ", "_"): v for k, v in memory.parts.items()}
+            )
+        print(json.dumps(result, indent=2))
         return
     from .report import render_summary
 
     render_summary(net, out, None if show_all else depth)
+    if memory:
+        out.print(f"training at batch {batch_size} takes about {memory.describe()}", soft_wrap=True)
 
 
 @app.command()
@@ -207,7 +224,7 @@ def layers(
 
 
 def _fail(message: str, code: int = 1):
-    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -262,9 +279,7 @@ def _device(choice: str) -> str:
     try:
         get_backend(device)
     except DeviceUnavailable as exc:
-        from rich.markup import escape
-
-        _fail(escape(str(exc)), 2)  # "[cuda]" is not markup
+        _fail(str(exc), 2)  # _fail escapes: "[cuda]" is not markup
     if choice == "auto":
         why = "" if device == "cuda" else f" ({_cuda_reason()})"
         err.print(f"device: {device}{why}", highlight=False, soft_wrap=True, markup=False)
@@ -322,6 +337,9 @@ def train(
     seed: int = typer.Option(None, "--seed", min=0),
     out_dir: str = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.npz."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start afresh in an OUT that holds a run (deletes it)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     threads: int = typer.Option(
         None,
@@ -343,10 +361,20 @@ def train(
 ):
     """Train a spec with SGD; checkpoints and metrics go to OUT/. Data-parallel on MPI when
     started by mpiexec/srun (see the README)."""
+    from .memory import check_fits
     from .train import DataError, TrainingDiverged, TrainingInterrupted, fit, split_dataset
     from .train.checkpoint import CheckpointError
-    from .train.dist import DistError, default_threads, launch_note, scale_learning_rate, world
-    from .train.loop import DEFAULTS, RUN_DEFAULTS
+    from .train.dist import (
+        DistError,
+        default_threads,
+        launch_note,
+        ranks_on_node,
+        scale_learning_rate,
+        world,
+    )
+    from .train.loop import DEFAULTS, RUN_DEFAULTS, check_resume_settings
+    from .train.rundir import RunDirError, check_run_dir
+    from .train.schedules import validate_schedule
 
     try:
         processes = world()
@@ -385,13 +413,23 @@ def train(
         "hflip": hflip,
     }
     cfg.update({k: v for k, v in flags.items() if v is not None})
-    source = cfg.pop("data", RUN_DEFAULTS["data"])
-    val_fraction = cfg.pop("val_split", RUN_DEFAULTS["val_split"])
+    source = cfg.setdefault("data", RUN_DEFAULTS["data"])
+    val_fraction = cfg.setdefault("val_split", RUN_DEFAULTS["val_split"])
     cfg.setdefault("batch_size", RUN_DEFAULTS["batch_size"])
     cfg.setdefault("seed", DEFAULTS["seed"])
     if scale_lr:
         out.print(scale_learning_rate(cfg, processes.size), markup=False, soft_wrap=True)
     out_path = Path(out_dir or Path("runs") / net.name)
+    try:  # every setting, the output directory and the memory, before any work
+        validate_schedule({**DEFAULTS, **cfg})
+        check_run_dir(out_path, resume, overwrite)
+        if resume:
+            check_resume_settings(out_path, cfg)
+        # again at compile time, with the data loaded; the node's memory is its processes'
+        if device == "cpu":
+            check_fits(net, cfg["batch_size"], sharing=ranks_on_node(processes))
+    except (ValueError, RunDirError, CheckpointError) as exc:
+        _fail(str(exc))
     try:
         ds = _dataset(source, "train", net)
         train_ds, val_ds = (
@@ -410,8 +448,6 @@ def train(
             f"{processes.describe(cfg['batch_size'])}, "
             f"{cfg.get('epochs', DEFAULTS['epochs'])} epochs -> {out_path}/"
         )
-        if processes.root:
-            out_path.mkdir(parents=True, exist_ok=True)
         history = fit(
             model,
             train_ds,
@@ -422,12 +458,13 @@ def train(
             progress=progress,
             console=out,
             world=processes,
+            overwrite=overwrite,
         )
-    except (DataError, CheckpointError, ValueError) as exc:
+    except (DataError, CheckpointError, RunDirError, ValueError) as exc:
         _fail(str(exc))
     except TrainingInterrupted as exc:
-        err.print(f"[yellow]interrupted:[/] {exc}")
-        raise typer.Exit(130) from None
+        err.print(f"[yellow]interrupted:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(128 + exc.signum) from None
     except TrainingDiverged as exc:
         _fail(str(exc))
     if history:
@@ -444,10 +481,11 @@ def _restored_model(spec: str, weights: str, batch_size: int, device: str = "cpu
     from .train.checkpoint import CheckpointError
 
     net = _load_or_exit(spec)
-    model = net.compile(device=_device(device), batch_size=batch_size, training=False)
+    compile_for = _device(device)
     try:
+        model = net.compile(device=compile_for, batch_size=batch_size, training=False)
         restore_model(model, weights, _spec_hash(net))
-    except CheckpointError as exc:
+    except (CheckpointError, ValueError) as exc:
         _fail(str(exc))
     return net, model
 

@@ -38,6 +38,23 @@ def computing():
         yield
 
 
+def fused_relus(infos, keep=frozenset()) -> dict:
+    """ReLUs that run in the epilogue of the (fusable) layer before them (when that layer
+    feeds nothing else and its output is not kept), sharing its buffers: relu name ->
+    producer name."""
+    users: dict[str, int] = {}
+    for info in infos:
+        for i in info.node.inputs:
+            users[i] = users.get(i, 0) + 1
+    by_name = {i.name: i for i in infos}
+    fused = {}
+    for info in infos:
+        src = by_name.get(info.node.inputs[0]) if info.node.type == "relu" else None
+        if src is not None and src.layer.fusable and users[src.name] == 1 and src.name not in keep:
+            fused[info.name] = src.name
+    return fused
+
+
 class _BufferPool:
     """Hands out zeroed arrays; one whose life ([first, last] backward steps) has
     ended before another's begins is handed out again, so gradients share memory."""
@@ -169,24 +186,10 @@ class Model:
             self.buf[relu] = self.buf[producer]  # computes in place in its producer's buffer
 
     def _fuse_relus(self) -> dict:
-        """ReLUs that run in the epilogue of the (fusable) layer before them (when that
-        layer feeds nothing else): relu name -> producer name."""
-        users: dict[str, int] = {}
-        for info in self.infos:
-            for i in info.node.inputs:
-                users[i] = users.get(i, 0) + 1
+        fused = fused_relus(self.infos, self.keep)
         by_name = {i.name: i for i in self.infos}
-        fused = {}
-        for info in self.infos:
-            src = by_name.get(info.node.inputs[0]) if info.node.type == "relu" else None
-            if (
-                src is not None
-                and src.layer.fusable
-                and users[src.name] == 1
-                and src.name not in self.keep
-            ):
-                src.layer.fused_act = 1
-                fused[info.name] = src.name
+        for producer in fused.values():
+            by_name[producer].layer.fused_act = 1
         return fused
 
     def _plan_backward(self, batch):
@@ -482,6 +485,12 @@ def compile_network(
     training: bool = True,
     keep=(),
 ) -> Model:
+    from .memory import check_fits
+
+    # Before any allocation: a model that cannot fit is refused with what would fit (in the
+    # host's memory; a device's is not measured here).
+    if (device if isinstance(device, str) else device.name) == "cpu":
+        check_fits(net, batch_size, training=training, dtype=dtype, device=device)
     return Model(
         net,
         batch_size=batch_size,

@@ -23,6 +23,8 @@ def topological(nodes: list[Node]) -> tuple[list[Node], list[Node]]:
     """Stable topological order (spec order where it already is one) and the nodes
     left on a cycle, if any."""
     index = {n.name: i for i, n in enumerate(nodes)}
+    if all(index.get(i, -1) < k for k, n in enumerate(nodes) for i in n.inputs):
+        return list(nodes), []  # already in order (the usual case): a linear check suffices
     waiting = {n.name: sum(1 for i in n.inputs if i in index) for n in nodes}
     consumers: dict[str, list[str]] = {}
     for n in nodes:

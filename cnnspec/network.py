@@ -3,10 +3,11 @@ knows its output shape, parameters, cost and receptive field."""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import LayerError, Problem, SpecError
 from .graph import INPUT, Node, topological
@@ -15,7 +16,7 @@ from .layers.merge import unaligned
 from .report import human, param_size
 from .spec.expand import expand
 from .spec.load import Document, load_file, load_text
-from .spec.schema import schema, validate
+from .spec.schema import attribute_valid, schema, validate
 
 
 @dataclass
@@ -57,11 +58,18 @@ class Network:
 
     def totals(self) -> dict:
         params = trainable = macs = 0
+        counted: dict[int, tuple[int, int, int]] = {}  # clones of one layer count alike
         for info in self.infos:
-            for p in info.layer.param_defs():
-                params += param_size(p)
-                trainable += param_size(p) if p.trainable else 0
-            macs += info.layer.macs()
+            template = info.layer.template or info.layer
+            counts = counted.get(id(template))
+            if counts is None:
+                defs = template.param_defs()
+                counts = counted[id(template)] = (
+                    sum(param_size(p) for p in defs),
+                    sum(param_size(p) for p in defs if p.trainable),
+                    template.macs(),
+                )
+            params, trainable, macs = params + counts[0], trainable + counts[1], macs + counts[2]
         return {"params": params, "trainable_params": trainable, "macs": macs}
 
     def summary(self) -> dict:
@@ -112,7 +120,9 @@ def build(doc: Document, input_shape=None) -> Network:
                 )
             ]
         )
-    problems = validate(doc)
+    problems = _overlong_inputs(doc)
+    problems += validate(doc)
+    problems += _train_problems(doc)
     expanded = expand(doc)
     nodes = expanded.nodes
     problems += expanded.problems
@@ -158,6 +168,47 @@ def build(doc: Document, input_shape=None) -> Network:
     return Network(name, shape, infos, doc, warnings)
 
 
+def _train_problems(doc: Document) -> list[Problem]:
+    """What the schema cannot say about `train:`: settings the chosen schedule needs."""
+    from .train.schedules import schedule_lacks
+
+    train = doc.data.get("train")
+    lacking = schedule_lacks(train) if isinstance(train, dict) else None
+    if not lacking:
+        return []
+    path = ("train", "schedule")
+    return [Problem(lacking, *doc.pos(path), "add it under train:", file=doc.file, path=path)]
+
+
+def _overlong_inputs(doc: Document) -> list[Problem]:
+    """`inputs` longer than any layer takes, reported once and cut to that length, so that a
+    spec naming 100,000 inputs is not validated, expanded and resolved name by name."""
+    most = max(cls.max_inputs for cls in REGISTRY.values())
+    data = doc.data
+    places = [(("layers",), data.get("layers"))]
+    blocks = data.get("blocks")
+    if isinstance(blocks, dict):
+        places += [(("blocks", k, "layers"), b.get("layers")) for k, b in blocks.items()
+                   if isinstance(b, dict)]  # fmt: skip
+    problems = []
+    for where, layers in places:
+        for i, layer in enumerate(layers if isinstance(layers, list) else ()):
+            inputs = layer.get("inputs") if isinstance(layer, dict) else None
+            if isinstance(inputs, list) and len(inputs) > most:
+                path = (*where, i, "inputs")
+                problems.append(
+                    Problem(
+                        f"'inputs' names {len(inputs)} layers; a layer takes at most {most}",
+                        *doc.pos(path),
+                        "merge the branches in stages (concat or add of concats)",
+                        file=doc.file,
+                        path=path,
+                    )
+                )
+                del inputs[most:]
+    return problems
+
+
 def _input_limit() -> int:
     return schema()["properties"]["input"]["items"]["maximum"]
 
@@ -192,22 +243,65 @@ def _requested_input(doc: Document, input_shape):
 def _validate_expanded(doc: Document, nodes: list[Node], broken=frozenset()):
     """Check block-made layers against their schema once arguments are substituted."""
     problems, bad = [], set()
+    checker = _CopyChecker(doc)
     for node in nodes:
         if not node.block or node.name in broken:
             continue  # top-level layers were validated as written; broken ones are reported
-        shim = Document(None, doc.file, "", {(): doc.pos(node.path)})
-        for key, p in node.attr_paths.items():
-            shim.positions[(key,)] = doc.pos(p)
-        data = {"type": node.type, "inputs": [str(i) for i in node.inputs], **node.attrs}
-        found = validate(shim, data, (), subschema=node.type)
+        found = checker.problems(node)
         if found:
             bad.add(node.name)
             problems += found
     return problems, bad
 
 
+class _CopyChecker:
+    """Each distinct block-made layer checked once, not every copy (a block of 10 convolutions
+    repeated 9,999 times is 10 checks): copies written without `$` share one attrs dict and
+    are known by it; copies whose `$`-values differ from a first, valid copy of the same layer
+    have just those values checked, against their attributes' schemas."""
+
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+        self.known: dict[tuple, list[Problem]] = {}  # (id(attrs), inputs) -> problems
+        self.first: dict[tuple, tuple[dict, list[Problem]]] = {}  # first copy of each layer
+        self.values: dict[tuple, bool] = {}  # (type, attribute, repr(value)) -> valid
+
+    def problems(self, node: Node) -> list[Problem]:
+        shared = (id(node.attrs), len(node.inputs))
+        found = self.known.get(shared)
+        if found is None:
+            found = self.known[shared] = self._check(node)
+        return found
+
+    def _check(self, node: Node) -> list[Problem]:
+        place = (node.type, node.path, len(node.inputs))
+        first = self.first.get(place)
+        if first is not None and not first[1] and first[0].keys() == node.attrs.keys():
+            if all(
+                self._valid(node.type, k, v)
+                for k, v in node.attrs.items()
+                if repr(v) != repr(first[0][k])
+            ):
+                return []
+        shim = Document(None, self.doc.file, "", {(): self.doc.pos(node.path)})
+        for attr, p in node.attr_paths.items():
+            shim.positions[(attr,)] = self.doc.pos(p)
+        data = {"type": node.type, "inputs": ["in"] * len(node.inputs), **node.attrs}
+        found = validate(shim, data, (), subschema=node.type)
+        self.first.setdefault(place, (node.attrs, found))
+        return found
+
+    def _valid(self, layer_type: str, attribute: str, value) -> bool:
+        key = (layer_type, attribute, repr(value))
+        if key not in self.values:
+            self.values[key] = attribute_valid(layer_type, attribute, value)
+        return self.values[key]
+
+
 def _infer(doc, order, input_shape, broken=frozenset()):
     problems, warnings = [], []
+    made: dict[tuple, Layer] = {}
+    failed: dict[tuple, list[int]] = {}  # (path, message) -> [index in problems, copies]
     shapes = {INPUT: input_shape}
     fields = {INPUT: (Field(), Field())}
     consumers: dict[str, list[Node]] = {}
@@ -223,9 +317,12 @@ def _infer(doc, order, input_shape, broken=frozenset()):
             continue  # it, or an input, has a problem already reported
         cls = REGISTRY[node.type]
         if not cls.min_inputs <= len(node.inputs) <= cls.max_inputs:
-            want = (
-                f"at least {cls.min_inputs}" if cls.max_inputs > 1 else f"exactly {cls.min_inputs}"
-            )
+            if cls.min_inputs == cls.max_inputs:
+                want = f"exactly {cls.min_inputs}"
+            elif len(node.inputs) < cls.min_inputs:
+                want = f"at least {cls.min_inputs}"
+            else:
+                want = f"at most {cls.max_inputs}"
             problems.append(
                 _problem(
                     doc,
@@ -241,9 +338,13 @@ def _infer(doc, order, input_shape, broken=frozenset()):
             continue
         in_shapes = [shapes[i] for i in node.inputs]
         try:
-            layer = cls(node.name, node.attrs, in_shapes)
+            layer = _make_layer(cls, node, in_shapes, made)
         except LayerError as exc:
-            problems.append(_problem(doc, node, exc.attr, exc))
+            # Copies of a layer (`repeat`, block instances) that fail alike: reported once.
+            first = failed.setdefault((node.path, exc.message), [len(problems), 0])
+            if first[1] == 0:
+                problems.append(_problem(doc, node, exc.attr, exc))
+            first[1] += 1
             continue
         except (TypeError, ValueError, KeyError, OverflowError) as exc:
             # values the schema let through but the arithmetic cannot use
@@ -273,6 +374,10 @@ def _infer(doc, order, input_shape, broken=frozenset()):
         shapes[node.name] = layer.out_shape
         fields[node.name] = field_
         infos.append(Info(node, layer, fields[node.name]))
+    for at, copies in failed.values():
+        if copies > 1:
+            p = problems[at]
+            problems[at] = replace(p, message=f"{p.message} (and in {copies - 1} more copies)")
     for info in infos:
         used_by = consumers.get(info.name, [])
         if info.layer.role == "output" and used_by:
@@ -307,26 +412,54 @@ def _infer(doc, order, input_shape, broken=frozenset()):
     return infos, problems, warnings
 
 
+def _make_layer(cls, node, in_shapes, made: dict) -> Layer:
+    """A layer for ``node``; copies of a layer (same type, values and input shapes: what
+    `repeat` makes) are set up once and cloned, so 100,000 of them infer quickly."""
+    shapes = tuple(in_shapes)
+    shared = (id(node.attrs), shapes)  # copies of a layer written without `$` share attrs
+    template = made.get(shared)
+    if template is None:
+        key = (node.type, repr(node.attrs), shapes)
+        template = made.get(key)
+        if template is None:
+            made[key] = made[shared] = cls(node.name, node.attrs, in_shapes)
+            return made[key]
+        made[shared] = template
+    return template.clone(node.name)
+
+
 MAX_VALUES = 2**63  # what a 64-bit index addresses: no tensor, index or stride is larger
+FIELD_LIMIT = float(MAX_VALUES)  # exact; floats (field starts) compare fast with a float
+
+
+@functools.lru_cache(maxsize=4096)
+def _values(shape: tuple) -> int:
+    return math.prod(int(v) for v in shape)
+
+
+def _field_fits(field_) -> bool:
+    if field_ is None:
+        return False
+    h, w = field_
+    largest = max(abs(h.size), abs(h.jump), abs(h.start), abs(w.size), abs(w.jump), abs(w.start))
+    return largest < FIELD_LIMIT
 
 
 def _too_large(doc, node, layer, field_) -> Problem | None:
     """A layer no machine could run: its output, or its receptive field's stride, is
     beyond any 64-bit index (it also keeps every reported number short)."""
-    values = math.prod(int(v) for v in layer.out_shape)
+    values = _values(layer.out_shape)
+    if values < MAX_VALUES and _field_fits(field_):
+        return None
     if values >= MAX_VALUES:
         message = (
             f"the output of '{node.name}' ({'x'.join(map(str, layer.out_shape))}) "
             f"has {human(values)} values per image, beyond any 64-bit index"
         )
         hint = "check the sizes, strides and paddings that lead here"
-    elif field_ is None or any(
-        max(abs(f.size), abs(f.jump), abs(f.start)) >= MAX_VALUES for f in field_
-    ):
+    else:
         message = f"the receptive field of '{node.name}' grows beyond any 64-bit index"
         hint = "its effective stride multiplies the strides before it; check them"
-    else:
-        return None
     line, col = doc.pos(node.path)
     return Problem(message, line, col, hint, file=doc.file)
 

@@ -146,6 +146,13 @@ def test_idx_unsupported_element_type(tmp_path):
         load_idx(f, f)
 
 
+def test_idx_empty_images(tmp_path):
+    (tmp_path / "i").write_bytes(idx_bytes(np.zeros((3, 0, 0))))
+    (tmp_path / "l").write_bytes(idx_bytes(np.zeros(3)))
+    with pytest.raises(DataError, match="images of 0x0 pixels: empty"):
+        load_idx(tmp_path / "i", tmp_path / "l")
+
+
 def test_idx_count_mismatch(tmp_path):
     write_mnist(tmp_path, gz=False)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(6, np.uint8)))
@@ -257,6 +264,11 @@ def test_npz_object_array_refused(tmp_path):
         ({"x": np.full((2, 3, 3), np.nan), "y": np.zeros(2, int)}, "NaN"),
         ({"x": np.full((2, 3, 3), 300), "y": np.zeros(2, int)}, "0..255"),
         ({"x": np.zeros((2, 3, 3)), "y": -np.ones(2, int)}, "negative"),
+        ({"x": np.zeros((2, 0, 0)), "y": np.zeros(2, int)}, "empty images \\(1x0x0"),
+        ({"x": np.zeros((2, 0, 8)), "y": np.zeros(2, int)}, "empty images \\(1x0x8"),
+        ({"x": np.zeros((0, 8, 8)), "y": np.zeros(0, int)}, "holds no images"),
+        ({"x": np.zeros((2, 3, 3), complex), "y": np.zeros(2, int)}, "dtype complex128"),
+        ({"x": np.array([["a"]] * 2), "y": np.zeros(2, int)}, "dtype <U1"),
     ],
 )
 def test_npz_bad_content(tmp_path, arrays, message):

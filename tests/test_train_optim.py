@@ -185,7 +185,9 @@ def test_fractional_epochs_are_smooth():
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        ({"lr": 0.1, "schedule": "exponential"}, "unknown learning-rate schedule"),
+        ({"lr": 0.1, "schedule": "exponential"}, "'schedule' must be one of 'constant'"),
+        ({"lr": 0.1, "schedule": "cosin"}, "got 'cosin'; did you mean 'cosine'"),
+        ({"lr": 0.1, "schedule": "step"}, "the step schedule needs step_size"),
         ({"lr": 0.1, "schedule": "multistep"}, "milestones"),
         ({"lr": 0.1, "schedule": "cosine"}, "epochs"),
         ({"lr": 0.1, "schedule": "cosine", "epochs": 3, "warmup_epochs": 3}, "epochs greater"),

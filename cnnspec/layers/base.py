@@ -110,6 +110,7 @@ class Layer:
     # does not change which initialisation suits the weights before it (pooling,
     # normalisation): the initialiser looks past it for the next activation
     transparent_to_init: ClassVar[bool] = False
+    template: Layer | None = None  # the layer this one is a clone of
 
     def __init__(self, name: str, attrs: dict, in_shapes: list[tuple]):
         self.name = name
@@ -122,6 +123,14 @@ class Layer:
     def description(cls) -> str:
         """The docstring's first paragraph, on one line."""
         return " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split())
+
+    def clone(self, name: str) -> Layer:
+        """The same layer under another name, without running setup again (buffers are
+        allocated per layer later; resolved attributes are copied, not shared)."""
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin.name, twin.attrs, twin.template = name, dict(self.attrs), self.template or self
+        return twin
 
     # ---- shape inference --------------------------------------------------
     def setup(self, attrs: dict, in_shapes: list[tuple]) -> tuple:

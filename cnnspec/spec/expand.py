@@ -21,6 +21,7 @@ from .load import Document
 from .schema import layer_types
 
 BROKEN = "<broken>"  # stands for a layer that could not be made: its users are skipped
+FAILED = object()  # a reference whose problem is reported already
 COMMON = ("type", "name", "inputs", "repeat", "when", "comment")
 MAX_BLOCK_DEPTH = 16
 MAX_NODES = 100_000
@@ -41,6 +42,7 @@ class Ref:
     name: str
     path: tuple  # where the reference is written
     what: str = "input"  # "input", or "output" for a block's `output:`
+    resolved: object = None  # what resolve() found (a global name, or FAILED): asked once
 
 
 class Expander:
@@ -58,6 +60,9 @@ class Expander:
         self.failed = False  # a value() call since the last reset could not be computed
         self.full = False  # the layer limit was reached: expansion stopped
         self._least: dict[str, int] = {}
+        self._recursion_reported: set[tuple] = set()
+        self._constant: dict[int, tuple[dict, dict]] = {}  # id(item) -> its attrs, their paths
+        self._last_values: tuple | None = None  # (item, env, (attrs, attr_paths)) just made
 
     def problem(self, path, message, hint="", key=False):
         line, col = self.doc.pos(path, key=key)
@@ -121,6 +126,9 @@ class Expander:
                         f"'repeat' must be <= {MAX_REPEAT} ({REPEAT_WHY}), got {repeat}",
                     )
                 prev = scope.names[name] = BROKEN
+                continue
+            if kind in self.blocks and self.recursive(kind, path, stack):
+                prev = scope.names[name] = refs[0] if refs else prev  # passes its input on
                 continue
             if kind in self.blocks or kind in self.types:
                 each = self.least(kind) if kind in self.blocks else 1
@@ -191,14 +199,27 @@ class Expander:
             self.limit(path)
             return BROKEN
         gname = scope.prefix + name
-        attrs, attr_paths = {}, {}
         self.failed = False
-        for key, raw in item.items():
-            if key in COMMON:
-                continue
-            attrs[key] = self.value(raw, env, path + (key,))
-            arg = raw[1:] if isinstance(raw, str) and raw[1:] in env_paths else None
-            attr_paths[key] = env_paths[arg] if arg else path + (key,)
+        constant = self._constant.get(id(item))
+        last = self._last_values
+        if constant is None and last and last[0] is item and last[1] is env:
+            constant = last[2]  # the next copy of `repeat`: the same arguments, the same values
+        if constant is None:
+            attrs, attr_paths = {}, {}
+            for key, raw in item.items():
+                if key in COMMON:
+                    continue
+                attrs[key] = self.value(raw, env, path + (key,))
+                arg = raw[1:] if isinstance(raw, str) and raw[1:] in env_paths else None
+                attr_paths[key] = env_paths[arg] if arg else path + (key,)
+            if not any(_uses_arguments(v) for k, v in item.items() if k not in COMMON):
+                # Written without `$`: every copy has these values; one shared dict lets later
+                # stages check and infer such copies once (Network copies before changing).
+                self._constant[id(item)] = (attrs, attr_paths)
+            elif not self.failed:
+                self._last_values = (item, env, (attrs, attr_paths))
+        else:
+            attrs, attr_paths = constant
         node = Node(
             gname,
             self.types[item["type"]],
@@ -214,14 +235,26 @@ class Expander:
         scope.names[name] = gname
         return gname
 
-    def instance(self, item, path, kind, name, inputs, scope, env, stack, index):
-        if kind in (s.split(" ")[0] for s in stack) or len(stack) >= MAX_BLOCK_DEPTH:
+    def recursive(self, kind, path, stack) -> bool:
+        """Whether using block `kind` here recurses; reported once per place, however many
+        copies `repeat` makes of it and of the blocks around it."""
+        itself = kind in (s.split(" ")[0] for s in stack)
+        if not itself and len(stack) < MAX_BLOCK_DEPTH:
+            return False
+        if path not in self._recursion_reported:
+            self._recursion_reported.add(path)
             self.problem(
                 path + ("type",),
-                f"block '{kind}' uses itself",
-                "blocks may use other blocks, but not recursively",
+                f"block '{kind}' uses itself"
+                if itself
+                else f"blocks nest deeper than {MAX_BLOCK_DEPTH} levels here",
+                "blocks may use other blocks, but not recursively"
+                if itself
+                else "flatten some of the blocks",
             )
-            return inputs[0]
+        return True
+
+    def instance(self, item, path, kind, name, inputs, scope, env, stack, index):
         block = self.blocks[kind]
         if not isinstance(block, dict) or not isinstance(block.get("layers"), list):
             return inputs[0]
@@ -298,13 +331,26 @@ class Expander:
 
     # ---- reference resolution ---------------------------------------------
     def resolve(self, ref: Ref):
+        """The global name ``ref`` stands for, or None (reported once). Every reference on
+        the chain remembers the answer, so chains through 10,000 pass-through blocks cost
+        linear time, not quadratic."""
+        chain = []
+        target = self._follow(ref, chain)
+        for r in chain:
+            r.resolved = FAILED if target is None else target
+        return target
+
+    def _follow(self, ref: Ref, chain: list):
         seen = set()
         target = ref
         while isinstance(target, Ref):
+            if target.resolved is not None:
+                return None if target.resolved is FAILED else target.resolved
             if id(target) in seen:
                 self.problem(ref.path, f"'{ref.name}' refers to itself through `when: false`")
                 return None
             seen.add(id(target))
+            chain.append(target)
             found = target.scope.names.get(target.name)
             if found is None and target.what == "output":
                 hint = did_you_mean(target.name, target.scope.names) or (
@@ -330,6 +376,16 @@ class Expander:
                 return None
             target = found
         return target
+
+
+def _uses_arguments(value) -> bool:
+    """Whether `$`-values appear anywhere in ``value`` (substitute() looks into lists and
+    mappings too)."""
+    if isinstance(value, list):
+        return any(_uses_arguments(v) for v in value)
+    if isinstance(value, dict):
+        return any(_uses_arguments(v) for v in value.values())
+    return is_expr(value)
 
 
 def expand(doc: Document) -> Expander:

@@ -13,6 +13,7 @@ number, true/false, a string or a list of those. Every failure is an ExprError.
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import operator
 import re
@@ -42,7 +43,44 @@ _CMPOPS = {
     ast.Gt: operator.gt,
     ast.GtE: operator.ge,
 }
-_FUNCS = {"min": min, "max": max, "int": int}
+
+
+def _extreme(name: str, args: list):
+    """min/max of two or more numbers, or of one non-empty list of numbers."""
+    items = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+    if len(args) == 1 and not isinstance(args[0], list):
+        raise ExprError(
+            f"{name}() needs two or more numbers, or one list of numbers; got only {_kind(args[0])}"
+        )
+    if not items:
+        raise ExprError(f"{name}() of nothing: give it two or more numbers, or a non-empty list")
+    odd = next((v for v in items if not _number(v)), None)
+    if odd is not None:
+        raise ExprError(
+            f"{name}() compares numbers, but got {_kind(odd)}"
+            + (" (a list goes alone: max(list), not max(list, 1))" if isinstance(odd, list) else "")
+        )
+    return min(items) if name == "min" else max(items)
+
+
+def _int(name: str, args: list):
+    """int of a number (truncating), of true/false, or of a string that spells a whole number."""
+    if len(args) != 1:
+        raise ExprError(f"int() takes one value, got {len(args)}")
+    (v,) = args
+    if isinstance(v, str):
+        text = v.strip()
+        if len(text) > 100:
+            raise ExprError("number too large in the expression")
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise ExprError(f"int() of the string {v!r}, which is not a whole number")
+        return int(text)
+    if not _number(v):
+        raise ExprError(f"int() of {_kind(v)}; give it a number or a string of digits")
+    return int(v)
+
+
+_FUNCS = {"min": _extreme, "max": _extreme, "int": _int}
 
 
 class ExprError(Exception):
@@ -106,13 +144,18 @@ def evaluate(text: str, env: dict):
     if len(text) > MAX_TEXT:
         raise ExprError(f"expression too long (over {MAX_TEXT} characters)")
     try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        raise ExprError(f"cannot parse the expression '{text}'") from None
-    try:
-        return _result(_eval(tree.body, env))
+        return _result(_eval(_parse(text), env))
     except RecursionError:
         raise ExprError("the expression nests too deeply") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str):
+    """The expression's tree, parsed once however many copies evaluate it."""
+    try:
+        return ast.parse(text.strip(), mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise ExprError(f"cannot parse the expression '{text}'") from None
 
 
 def _kind(value) -> str:
@@ -245,12 +288,5 @@ def _eval(node, env):
         and not node.keywords
     ):
         name = node.func.id
-        args = [_eval(a, env) for a in node.args]
-        if name == "int" and args and isinstance(args[0], str) and len(args[0]) > 100:
-            raise ExprError("number too large in the expression")
-        try:
-            value = _FUNCS[name](*args)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise ExprError(f"cannot evaluate '{ast.unparse(node)}': {exc}") from None
-        return _result(value)
+        return _result(_FUNCS[name](name, [_eval(a, env) for a in node.args]))
     raise ExprError(f"'{ast.unparse(node)}' is not allowed in an expression")

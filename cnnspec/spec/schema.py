@@ -4,7 +4,7 @@ jsonschema's errors into `where: what` + `help: how to fix it`."""
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 
 import jsonschema
@@ -33,6 +33,22 @@ def validator():
     checker = base.TYPE_CHECKER.redefine("integer", _is_integer)
     cls = jsonschema.validators.extend(base, type_checker=checker)
     return cls(schema())
+
+
+@cache
+def _attribute_validator(layer_type: str, attribute: str):
+    props = schema()["$defs"].get(layer_type, {}).get("properties", {})
+    if attribute not in props:
+        return None
+    ref = f"#/$defs/{layer_type}/properties/{attribute}"
+    return validator().evolve(schema={"$ref": ref, "$defs": schema()["$defs"]})
+
+
+def attribute_valid(layer_type: str, attribute: str, value) -> bool:
+    """Whether one attribute's value passes its schema: a quick test with no messages (false
+    for an attribute the type does not have)."""
+    v = _attribute_validator(layer_type, attribute)
+    return v is not None and v.is_valid(value)
 
 
 def layer_types() -> dict[str, str]:

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import tempfile
 import zipfile
 import zlib
@@ -26,6 +27,24 @@ META_KEY = "__meta__"
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message is meant for the user."""
+
+
+FAULT_ENV = "CNNSPEC_FAULT"
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Die here, as kill -9 would, when $CNNSPEC_FAULT names this point (``NAME`` or
+    ``NAME#K``: the K-th time it is reached). The fault-injection tests stop the trainer at
+    each write boundary (``before:best.npz``, ``during:last.npz``: written, not yet renamed,
+    ``after:metrics.jsonl``, ...) and after a chosen step (``step:N``), then check that a
+    resume ends exactly where an uninterrupted run ends."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted or not wanted.startswith(name):
+        return
+    _fault_hits[name] = hits = _fault_hits.get(name, 0) + 1
+    if wanted in (name, f"{name}#{hits}"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -68,6 +87,7 @@ def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[
                         np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"during:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -76,8 +96,11 @@ def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[
     _fsync_directory(path.parent)
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read a checkpoint written by :func:`save_checkpoint`: ``(arrays, meta)``."""
+def load_checkpoint(
+    path: str | Path, meta_only: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(arrays, meta)``; with
+    ``meta_only`` the arrays are not read (``{}``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -98,7 +121,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
                     f"{path}: checkpoint format version {version} is not supported (this cnnspec "
                     f"reads version {FORMAT_VERSION}); use the cnnspec version that wrote it"
                 )
-            arrays = {k: f[k] for k in f.files if k != META_KEY}
+            arrays = {} if meta_only else {k: f[k] for k in f.files if k != META_KEY}
     except CheckpointError:
         raise
     except ValueError as e:

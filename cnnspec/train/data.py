@@ -188,6 +188,8 @@ def _parse_idx(raw: bytes, path: Path, kind: str) -> np.ndarray:
         )
     if dims[0] == 0:
         raise DataError(f"{path}: the file holds no {kind}")
+    if 0 in dims[1:]:
+        raise DataError(f"{path}: the file holds images of {dims[1]}x{dims[2]} pixels: empty")
     return np.frombuffer(raw, np.uint8, count=expected - header, offset=header).reshape(dims)
 
 
@@ -269,11 +271,22 @@ def load_cifar10(path: str | Path, split: str = "train") -> Dataset:
 def array_images(x: np.ndarray, path: Path) -> tuple[np.ndarray, str]:
     """Images of an array file as float32 (N, C, H, W), and how their values were made."""
     pixels = _stored(x, 255) if x.dtype.kind in "uib" and x.size else f"{x.dtype} as stored"
-    return _npz_images(x, path), pixels
+    return images_from_array(x, f"{path}: 'x'"), pixels
 
 
-def _npz_images(x: np.ndarray, path: Path) -> np.ndarray:
-    """Any accepted image layout and dtype -> float32 (N, C, H, W)."""
+def images_from_array(x: np.ndarray, where: str) -> np.ndarray:
+    """Any accepted image array -> float32 (N, C, H, W) in training's scale, or one DataError.
+
+    Layouts: (N, H, W) grey, (N, C, H, W), or (N, H, W, C) with C 1 or 3 (a 3-D array is
+    always N grey images, never one colour image). uint8 and other integers in 0..255 are
+    divided by 255, as every loader does; floats are taken as they are and must be finite.
+    ``where`` names the array in messages, e.g. "images.npz: 'x'".
+    """
+    if x.dtype.kind not in "biuf":  # strings, objects, structured records, complex, dates
+        raise DataError(
+            f"{where} has dtype {x.dtype}; save the images as uint8 (0..255) or float32 "
+            "(as training scaled them)"
+        )
     if x.ndim == 3:
         x = x[:, None, :, :]
     elif x.ndim == 4:
@@ -282,26 +295,28 @@ def _npz_images(x: np.ndarray, path: Path) -> np.ndarray:
             x = x.transpose(0, 3, 1, 2)
     else:
         raise DataError(
-            f"{path}: 'x' has shape {x.shape}; expected (N, H, W), (N, C, H, W) or (N, H, W, C) "
+            f"{where} has shape {x.shape}; expected (N, H, W), (N, C, H, W) or (N, H, W, C) "
             "with C 1 or 3"
         )
     if x.shape[0] == 0:
-        raise DataError(f"{path}: 'x' holds no images")
+        raise DataError(f"{where} holds no images (shape {x.shape})")
+    if 0 in x.shape[1:]:
+        c, h, w = x.shape[1:]
+        raise DataError(f"{where} has shape {x.shape}: empty images ({c}x{h}x{w}, CxHxW)")
     if x.dtype == np.uint8:
         return _u8_to_unit(x)
-    if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
+    if x.dtype.kind in "biu":
         if x.min() < 0 or x.max() > 255:
             raise DataError(
-                f"{path}: 'x' is {x.dtype} with values {x.min()}..{x.max()}; integer images must "
+                f"{where} is {x.dtype} with values {x.min()}..{x.max()}; integer images must "
                 "be 0..255 (or save float32 in [0, 1])"
             )
         return _u8_to_unit(x.astype(np.uint8))
-    if np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
-        if not np.isfinite(x).all():
-            raise DataError(f"{path}: 'x' contains NaN or infinite values")
-        return x
-    raise DataError(f"{path}: 'x' has dtype {x.dtype}; save uint8 (0..255) or float32 images")
+    x = x.astype(np.float32)
+    bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise DataError(f"{where} contains {bad} NaN or infinite value(s)")
+    return x
 
 
 def _npz_labels(y: np.ndarray, n: int, path: Path) -> np.ndarray:

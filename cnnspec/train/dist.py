@@ -372,6 +372,17 @@ def launch_note(w: Local) -> str | None:
     return None
 
 
+def ranks_on_node(w: Local) -> int:
+    """How many of the job's processes share this machine, its cores and its memory (a
+    collective call: every rank makes it)."""
+    if w.size == 1:
+        return 1
+    local = w.comm.Split_type(w.MPI.COMM_TYPE_SHARED, key=w.rank)
+    per_node = local.Get_size()
+    local.Free()
+    return per_node
+
+
 def default_threads(w: Local) -> tuple[int | None, str | None]:
     """Numba threads for each rank: the node's cores over the ranks on the node (None: keep
     Numba's default), and a note when the launcher pinned the rank to fewer cores."""
@@ -379,9 +390,7 @@ def default_threads(w: Local) -> tuple[int | None, str | None]:
         return None, None
     import numba
 
-    local = w.comm.Split_type(w.MPI.COMM_TYPE_SHARED, key=w.rank)
-    per_node = local.Get_size()
-    local.Free()
+    per_node = ranks_on_node(w)
     cores = os.cpu_count() or 1
     threads = max(1, cores // per_node)
     note = None

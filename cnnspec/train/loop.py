@@ -20,11 +20,13 @@ on Ctrl-C at a step boundary) and ``best.npz`` (best validation accuracy).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +40,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .checkpoint import CheckpointError, check_spec_hash, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    check_spec_hash,
+    fault_point,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .data import Batches, DataError, Dataset, check_labels, input_range
 from .dist import LOCAL, Local, adapt_resumed
 from .optim import SGD
+from .rundir import RunDirError, locked_run_dir, os_error_text
 from .schedules import DEFAULTS as SCHEDULE_DEFAULTS
 from .schedules import learning_rate, validate_schedule
 
@@ -58,19 +67,26 @@ DEFAULTS: dict[str, Any] = {
     "hflip": False,
     "spec_hash": None,
     "inputs": None,  # the training inputs' range and scaling (data.input_range), recorded
+    # Recorded, not used by the loop: a resume must keep the split and the data it was made of.
+    "data": None,
+    "val_split": None,
 }
 # What `cnnspec train` takes where neither the spec's `train:` nor a flag says; with
 # DEFAULTS, the one place the CLI and the loop read training defaults from.
 RUN_DEFAULTS: dict[str, Any] = {"data": "digits", "val_split": 0.1, "batch_size": 32}
+SPLIT_SETTINGS = ("seed", "val_split", "data")
 STATE_KIND = "cnnspec-train-state"
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C during training; ``saved`` tells whether ``checkpoint`` now holds this point."""
+    """Ctrl-C or SIGTERM during training; ``saved`` tells whether ``checkpoint`` now holds this
+    point; ``signum`` is the signal that asked (the CLI exits with 128 + it)."""
 
-    def __init__(self, message: str, checkpoint: Path, saved: bool) -> None:
+    def __init__(
+        self, message: str, checkpoint: Path, saved: bool, signum: int = signal.SIGINT
+    ) -> None:
         super().__init__(message)
-        self.checkpoint, self.saved = checkpoint, saved
+        self.checkpoint, self.saved, self.signum = checkpoint, saved, int(signum)
 
 
 class TrainingDiverged(Exception):
@@ -275,6 +291,17 @@ def _check_params(model: Any, params: dict[str, np.ndarray], path: str | Path) -
                 f"{path}: array {k!r} has shape {v.shape} but the network's is "
                 f"{model.params[k].shape}; was it trained from another spec?"
             )
+        if not np.issubdtype(v.dtype, np.floating):
+            raise CheckpointError(
+                f"{path}: array {k!r} is {v.dtype}, not floating-point weights like the "
+                f"network's {model.params[k].dtype}; convert the file or retrain"
+            )
+        if not np.isfinite(v).all():
+            bad = int(v.size - np.isfinite(v).sum())
+            raise CheckpointError(
+                f"{path}: array {k!r} holds {bad} NaN or infinite value(s); these weights come "
+                "from a diverged or damaged run: use an earlier checkpoint"
+            )
 
 
 def restore_model(model: Any, path: str | Path, spec_hash: str | None = None) -> dict[str, Any]:
@@ -290,6 +317,27 @@ def restore_model(model: Any, path: str | Path, spec_hash: str | None = None) ->
     return meta
 
 
+def _check_same_split(saved: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
+    """A resumed run must see the same training/validation split and shuffle as before."""
+    for key in SPLIT_SETTINGS:
+        before, now = saved.get(key), cfg.get(key)
+        if before is not None and now is not None and before != now:
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(
+                f"{path}: the run was started with {key} {before}, not {now}; changing it "
+                f"mid-run would re-split or re-shuffle the data: resume with {flag} {before}, "
+                "or start a new run (another --out, or --overwrite)"
+            )
+
+
+def check_resume_settings(out_dir: str | Path, cfg: dict[str, Any]) -> None:
+    """Refuse, before any work, resuming ``out_dir`` with another split (reads the metadata of
+    last.npz only; everything else is checked when the run resumes)."""
+    path = Path(out_dir) / "last.npz"
+    if path.is_file():
+        _check_same_split(load_checkpoint(path, meta_only=True)[1].get("config", {}), cfg, path)
+
+
 def _resume(path: Path, model: Any, opt: SGD, cfg: dict, n_train: int) -> _RunState:
     """Load ``path`` into model and optimizer; every check happens before anything changes."""
     if not path.is_file():
@@ -302,6 +350,7 @@ def _resume(path: Path, model: Any, opt: SGD, cfg: dict, n_train: int) -> _RunSt
         raise CheckpointError(f"{path}: not a training-state checkpoint; cannot resume from it")
     params = _prefixed(arrays, "param/")
     _check_params(model, params, path)
+    _check_same_split(meta.get("config", {}), cfg, path)
     state = _RunState.from_meta(meta)
     if state.step and meta["n_train"] != n_train:
         raise CheckpointError(
@@ -319,33 +368,46 @@ def _resume(path: Path, model: Any, opt: SGD, cfg: dict, n_train: int) -> _RunSt
     return state
 
 
-# ---------------------------------------------------------------- Ctrl-C
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # SIGTERM: what SLURM and Kubernetes send first
 
 
 class _StopFlag:
-    """First Ctrl-C: ask the loop to stop at the next step boundary (weights are never left
-    half-updated). Second Ctrl-C: the usual KeyboardInterrupt, immediately."""
+    """First Ctrl-C or SIGTERM: ask the loop to stop at the next step boundary (weights are
+    never left half-updated). A second one: the usual KeyboardInterrupt, immediately."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-        self._installed = False
+        self.signum: int | None = None  # the signal that asked to stop
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_signal(self) -> int:
+        """The signal to report; under MPI another rank's may have stopped this one."""
+        return self.signum or signal.SIGINT
+
+    @property
+    def what(self) -> str:
+        return "terminated (SIGTERM)" if self.signum == signal.SIGTERM else "interrupted"
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():  # signals need the main thread
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            previous = self._previous if self._previous is not None else signal.SIG_DFL
-            signal.signal(signal.SIGINT, previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
 
 # ---------------------------------------------------------------- the loop
@@ -401,25 +463,37 @@ def fit(
     progress: bool = True,
     console: Console | None = None,
     world: Local = LOCAL,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place and return the per-epoch metrics (all epochs, resumed ones too).
 
     ``resume=True`` continues from ``out_dir/last.npz`` exactly as if never stopped;
-    otherwise training starts afresh and ``metrics.jsonl`` is rewritten. The progress bar
+    ``overwrite=True`` starts afresh in a directory that holds a run; without either such a
+    directory is refused. The directory is locked for the run. The progress bar
     shows only when ``progress`` and the console is a terminal; a one-line summary per epoch
     is always printed. Raises TrainingInterrupted (Ctrl-C), TrainingDiverged (NaN/inf),
-    DataError, CheckpointError, and ValueError for a bad ``cfg``.
+    DataError, CheckpointError, RunDirError (the directory cannot be used or written), and
+    ValueError for a bad ``cfg``.
 
     ``world`` (see :mod:`.dist`) trains data-parallel on MPI processes: ``batch_size`` is then
-    each process's, and only rank 0 prints and writes.
+    each process's, and only rank 0 prints, writes and locks the directory.
     """
     if not world.root:
         console = Console(quiet=True)
-    trainer = _Trainer(
-        model, train_ds, val_ds, cfg, Path(out_dir), console or Console(highlight=False), world
-    )
-    trainer.start(resume)
-    return trainer.run(progress)
+    console = console or Console(highlight=False)
+    trainer = _Trainer(model, train_ds, val_ds, cfg, Path(out_dir), console, world)
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, soft_wrap=True)
+
+    with contextlib.ExitStack() as run_dir:
+
+        def lock() -> None:  # on rank 0; a refusal there reaches every rank
+            run_dir.enter_context(locked_run_dir(Path(out_dir), resume, overwrite, say))
+
+        world.from_root(lock, errors=(RunDirError,))
+        trainer.start(resume)
+        return trainer.run(progress)
 
 
 class _Trainer:
@@ -443,8 +517,6 @@ class _Trainer:
             _check_data(model, val_ds, "validation")
         self.model, self.train_ds, self.val_ds, self.console = model, train_ds, val_ds, console
         self.val_part = world.shard_of(val_ds) if val_ds is not None else None
-        if world.root:
-            out.mkdir(parents=True, exist_ok=True)
         self.last, self.best, self.metrics = (
             out / "last.npz",
             out / "best.npz",
@@ -495,13 +567,36 @@ class _Trainer:
             self.state.world_size, self.state.global_batch = w.size, self.global_batch
         w.replicate(self.model, self.opt, self.cfg["seed"], self.state.global_step)
         # On resume this drops any line written after the checkpoint; otherwise starts afresh.
-        if w.root:
-            _write_metrics(self.metrics, self.state.history)
+        self.write(self.metrics, lambda: _write_metrics(self.metrics, self.state.history))
+
+    def write(self, path: Path, fn: Callable[[], None]) -> None:
+        """``fn()`` writes ``path``, on rank 0 only. A failed write (full disk, read-only
+        directory) ends the run with one line, on every rank (none waits for ever)."""
+
+        def on_root() -> None:
+            fault_point(f"before:{path.name}")
+            try:
+                fn()
+            except OSError as e:
+                raise RunDirError(
+                    f"{path}: cannot write ({os_error_text(e)}); {self.last_kept()}"
+                ) from None
+            fault_point(f"after:{path.name}")
+
+        self.world.from_root(on_root, errors=(RunDirError,))
+
+    def last_kept(self) -> str:
+        kept = "holds the last completed save" if self.last.is_file() else "was never written"
+        return f"{self.last} {kept}"
 
     def save(self, path: Path) -> None:
-        with self.world.root_writes() as writer:
-            if writer:
-                _save_state(path, self.model, self.opt, self.state, self.cfg, len(self.train_ds))
+        with self.world.root_writes():
+            self.write(
+                path,
+                lambda: _save_state(
+                    path, self.model, self.opt, self.state, self.cfg, len(self.train_ds)
+                ),
+            )
 
     def run(self, progress: bool) -> list[dict[str, Any]]:
         state, epochs = self.state, self.cfg["epochs"]
@@ -521,36 +616,39 @@ class _Trainer:
         )
         show = progress and self.console.is_terminal
         bar = Progress(*columns, console=self.console, disable=not show, transient=True)
+        stop = _StopFlag()
         try:
-            with _StopFlag() as stop, bar, self.world.watch():
+            with stop, bar, self.world.watch():
                 task = bar.add_task("train", total=self.steps, epoch="", loss=0.0, acc=0.0, ips=0.0)
                 while state.epoch < epochs:
                     record = self.train_epoch(stop, bar, task)
-                    if record is None:  # Ctrl-C inside the epoch, state saved at a step boundary
+                    if record is None:  # stopped inside the epoch, saved at a step boundary
                         raise TrainingInterrupted(
-                            f"training interrupted at epoch {state.epoch + 1}, step "
+                            f"training {stop.what} at epoch {state.epoch + 1}, step "
                             f"{state.step}/{self.steps}; the state is saved in {self.last}; "
                             "continue with --resume",
                             self.last,
                             saved=True,
+                            signum=stop.exit_signal,
                         )
                     self.finish_epoch(record)
                     if self.world.agree(stop.requested):
                         raise TrainingInterrupted(
-                            f"training interrupted after epoch {state.epoch}; the state is saved "
+                            f"training {stop.what} after epoch {state.epoch}; the state is saved "
                             f"in {self.last}; continue with --resume",
                             self.last,
                             saved=True,
+                            signum=stop.exit_signal,
                         )
         except KeyboardInterrupt:
             # A second Ctrl-C, or one where no handler could be installed (not the main
             # thread): the weights may be mid-update, so nothing is saved.
-            kept = "holds the last completed save" if self.last.is_file() else "was never written"
             raise TrainingInterrupted(
                 f"training aborted during epoch {state.epoch + 1}; nothing was saved, "
-                f"{self.last} {kept}",
+                f"{self.last_kept()}",
                 self.last,
                 saved=False,
+                signum=stop.exit_signal,
             ) from None
         return state.history
 
@@ -592,6 +690,7 @@ class _Trainer:
                 )
             self.opt.step(grads, lr=lr)
             state.step, state.global_step = s + 1, state.global_step + 1
+            fault_point(f"step:{state.global_step}")
             state.loss_sum += loss
             state.correct += correct
             state.seen += n
@@ -642,10 +741,11 @@ class _Trainer:
         improved = state.best is None or record[self.best_key] > state.best
         if improved:
             state.best = record[self.best_key]
-        # last.npz first: it is what --resume needs; best.npz and the metrics line follow.
-        self.save(self.last)
+        # best.npz before last.npz: until last.npz records this epoch, a resume redoes it (bit
+        # for bit) and rewrites best.npz, so a kill at any instant leaves the two consistent.
         if improved:
             self.save(self.best)
-        if self.world.root:
-            _append_metrics(self.metrics, record)
+        self.save(self.last)
+        # after last.npz: a resume rewrites the metrics from there
+        self.write(self.metrics, lambda: _append_metrics(self.metrics, record))
         self.console.print(_summary(record, self.cfg["epochs"]), markup=False, soft_wrap=True)

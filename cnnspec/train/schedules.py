@@ -23,10 +23,12 @@ import bisect
 import math
 from typing import Any
 
+from ..errors import did_you_mean
+
 SCHEDULES = ("constant", "step", "multistep", "cosine")
 DEFAULTS: dict[str, Any] = {
     "schedule": "constant",
-    "step_size": 10,
+    "step_size": None,  # required by `step`: no silent default
     "gamma": 0.1,
     "milestones": [],
     "min_lr": 0.0,
@@ -35,20 +37,34 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def schedule_lacks(cfg: dict[str, Any]) -> str | None:
+    """What the chosen schedule needs and ``cfg`` does not give (a message), or None; `check`
+    reports it in a spec, `train` refuses it."""
+    kind = cfg.get("schedule", "constant")
+    if kind == "step" and cfg.get("step_size") is None:
+        return "the step schedule needs step_size (lr *= gamma every step_size epochs)"
+    if kind == "multistep" and not cfg.get("milestones"):
+        return "the multistep schedule needs milestones (epochs at which lr *= gamma)"
+    return None
+
+
 def validate_schedule(cfg: dict[str, Any]) -> None:
     """Raise ValueError, with the option's name, for a schedule that cannot work."""
     c = {**DEFAULTS, **cfg}
     kind = c["schedule"]
     if kind not in SCHEDULES:
+        choices = ", ".join(repr(k) for k in SCHEDULES)
+        hint = did_you_mean(kind, SCHEDULES)
         raise ValueError(
-            f"unknown learning-rate schedule {kind!r}; choose one of {', '.join(SCHEDULES)}"
+            f"'schedule' must be one of {choices}, got {kind!r}" + (f"; {hint}" if hint else "")
         )
     if not c.get("lr", 0) > 0:
         raise ValueError(f"lr must be positive, got {c.get('lr')}")
+    lacking = schedule_lacks(c)
+    if lacking:
+        raise ValueError(lacking + "; set it in the spec's train: section")
     if kind == "step" and not c["step_size"] > 0:
         raise ValueError(f"step_size must be positive, got {c['step_size']}")
-    if kind == "multistep" and not c["milestones"]:
-        raise ValueError("the multistep schedule needs milestones (epochs at which lr *= gamma)")
     if not c["warmup_epochs"] >= 0 or not 0 < c["warmup_start_factor"] <= 1:
         raise ValueError("warmup_epochs must be >= 0 and warmup_start_factor in (0, 1]")
     if kind == "cosine":
