@@ -20,7 +20,9 @@ app = typer.Typer(
     help="Validate, analyse, compile and train convolutional networks written in YAML.",
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
+# Piped output is 160 wide unless COLUMNS says otherwise (rich reads it when width is None).
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+out = Console(highlight=False, emoji=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False, emoji=False)
 
 
@@ -162,6 +164,14 @@ def summary(
     batch_size: int = typer.Option(
         None, "--batch-size", min=1, help="Also show the memory training takes at this batch."
     ),
+    columns: str = typer.Option(
+        None,
+        "--columns",
+        metavar="A,B,..|+A,..",
+        help="Table columns, in order, from layer, type, kernel, output, params, trainable, "
+        "MACs, RF, stride, pad; +NAME adds to the defaults. Columns that do not fit the "
+        "terminal are left out, the ones named here last.",
+    ),
 ):
     """Per-layer shapes, parameters, multiply-adds and receptive fields."""
     if ctx.args:  # `--input 160 128` leaves 128 here: say how to write it instead
@@ -171,6 +181,12 @@ def summary(
         )
     if input_size:
         _input_values(input_size)
+    from .report import parse_columns, render_summary
+
+    try:
+        chosen, named = parse_columns(columns)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--columns'") from None
     try:
         net = _load(spec, input_size)
     except SpecError as e:
@@ -190,9 +206,7 @@ def summary(
             )
         print(json.dumps(result, indent=2))
         return
-    from .report import render_summary
-
-    render_summary(net, out, None if show_all else depth)
+    render_summary(net, out, None if show_all else depth, chosen, named)
     if memory:
         out.print(f"training at batch {batch_size} takes about {memory.describe()}", soft_wrap=True)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+from .graph import INPUT
 
 BYTES_PER_VALUE = 4  # float32
 
@@ -50,6 +53,9 @@ def summary_dict(net) -> dict:
     totals = net.totals()
     totals["activation_bytes"] = sum(x["activation_bytes"] for x in layers)
     totals["param_bytes"] = totals["params"] * BYTES_PER_VALUE
+    memory = activation_memory(net)
+    totals["activation_bytes_inference"] = memory["inference"]
+    totals["activation_bytes_training"] = memory["training"]
     return {
         "name": net.name,
         "input": list(net.input_shape),
@@ -140,7 +146,7 @@ def block_types(net) -> dict[str, str]:
     return out
 
 
-def _block_label(row, kinds) -> str:
+def _block_label(row, kinds, with_count: bool = True) -> str:
     """'inception (14 layers)', or 'basic x3 (21 layers)' for a repeated block."""
     name = row["name"]
     kind, copies = kinds.get(name), 1
@@ -150,58 +156,233 @@ def _block_label(row, kinds) -> str:
         kind = kinds.get(inner[0], "block") if inner else "block"
         copies = len(inner) or 1
     times = f" x{copies}" if copies > 1 else ""
-    return f"[cyan]{kind}[/]{times} ({row['count']} layers)"
+    layers = f" ({row['count']} layers)" if with_count else ""
+    return f"[cyan]{kind}[/]{times}{layers}"
 
 
 def _pair(v) -> str:
     return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
 
 
-def render_summary(net, console, depth: int | None = 1) -> None:
+# ---------------------------------------------------------------- activation memory
+
+
+def activation_memory(net) -> dict:
+    """Activation bytes per image: `inference` is the peak of the outputs alive at once
+    when each is freed after its last reader; `training` keeps every output for the
+    backward pass and adds the peak of the output gradients alive at once."""
+    infos = net.infos
+    size = {INPUT: values(net.input_shape) * BYTES_PER_VALUE}
+    size.update({i.name: values(i.layer.out_shape) * BYTES_PER_VALUE for i in infos})
+    order = {i.name: k for k, i in enumerate(infos)}
+    order[INPUT] = -1
+    last_read = {name: order[name] for name in size}
+    for info in infos:
+        for i in info.node.inputs:
+            last_read[i] = max(last_read[i], order[info.name])
+    for info in net.outputs or infos[-1:]:
+        last_read[info.name] = len(infos)  # the scores are read after the forward pass
+    inference = _peak(size, order, last_read)
+    # backward runs in reverse: an output's gradient is written by its first reader to
+    # run backward (its last reader forward) and read last by its own backward step
+    rev = {name: len(infos) - 1 - k for name, k in order.items() if name != INPUT}
+    first_write = {name: len(infos) - 1 - last_read[name] for name in rev}
+    grads = _peak({n: size[n] for n in rev}, {n: max(first_write[n], 0) for n in rev}, rev)
+    return {"inference": inference, "training": sum(size.values()) + grads}
+
+
+def _peak(size: dict, born: dict, dies: dict) -> int:
+    """The largest total size alive at one step; a value lives from `born` to `dies`."""
+    events: dict[int, int] = {}
+    for name, n in size.items():
+        events[born[name]] = events.get(born[name], 0) + n
+        events[dies[name] + 1] = events.get(dies[name] + 1, 0) - n
+    alive = peak = 0
+    for step in sorted(events):
+        alive += events[step]
+        peak = max(peak, alive)
+    return peak
+
+
+# ---------------------------------------------------------------- the summary table
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    header: str
+    justify: str
+    doc: str
+
+
+COLUMNS = {
+    c.key: c
+    for c in (
+        Column("layer", "layer", "left", "layer name, indented by block depth"),
+        Column("type", "type", "left", "layer type, or block type and size"),
+        Column("kernel", "kernel", "right", "kernel size of convolutions and pooling"),
+        Column("output", "output", "right", "output shape, CxHxW"),
+        Column("params", "params", "right", "parameters (all, frozen ones included)"),
+        Column("trainable", "trainable", "left", "whether the parameters are trained"),
+        Column("macs", "MACs", "right", "multiply-adds per image"),
+        Column("rf", "RF", "right", "receptive field size"),
+        Column("stride", "stride", "right", "receptive field stride (jump)"),
+        Column("pad", "pad", "right", "receptive field effective padding"),
+    )
+}
+DEFAULT_COLUMNS = ("layer", "type", "output", "params", "macs", "rf", "stride", "pad")
+# Dropped first to last when the table is wider than the terminal; layer, type and
+# output always stay.
+DROP_ORDER = ("pad", "trainable", "kernel", "stride", "macs", "rf", "params")
+
+
+def parse_columns(text: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """'layer,type,kernel' -> (the columns to show, the ones named); ValueError names
+    unknown ones. A leading '+' adds to the default columns ('+kernel,trainable')."""
+    if not text:
+        return DEFAULT_COLUMNS, ()
+    extra = text.startswith("+")
+    names = [c.strip().lower() for c in text.lstrip("+").split(",") if c.strip()]
+    unknown = [c for c in names if c not in COLUMNS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown column(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(COLUMNS)} (or +NAME to add to the defaults)"
+        )
+    named = tuple(dict.fromkeys(names))
+    if extra:
+        return tuple(c for c in COLUMNS if c in DEFAULT_COLUMNS or c in named), named
+    return named, named
+
+
+def _kernel_text(row) -> str:
+    k = row["attrs"].get("kernel") if row["type"] else None
+    if k is None:
+        return "-"
+    return _pair(k) if isinstance(k, (list, tuple)) else str(k)
+
+
+def _trainable_text(row) -> str:
+    if not row["params"]:
+        return "-"
+    if row["trainable_params"] == row["params"]:
+        return "yes"
+    return "no" if not row["trainable_params"] else "partly"
+
+
+def _cells(row, kinds, short_labels: bool, short_counts: bool) -> dict:
+    """One table row's text per column; for a narrow terminal, block labels without
+    their layer count and parameter counts as 1.23M: abbreviated, never cut."""
+    rf = row["receptive_field"]
+    params = row["params"]
+    return {
+        "layer": "  " * row["depth"] + row["name"],
+        "type": row["type"] or _block_label(row, kinds, with_count=not short_labels),
+        "kernel": _kernel_text(row),
+        "output": shape_text(row["output_shape"]),
+        "params": (human(params) if short_counts else count(params)) if params else "-",
+        "trainable": _trainable_text(row),
+        "macs": human(row["macs"]) if row["macs"] else "-",
+        "rf": _pair(rf["size"]),
+        "stride": _pair(rf["stride"]),
+        "pad": _pair(rf["padding"]),
+    }
+
+
+def _table(title, columns, rows, compact: bool):
+    from rich import box
     from rich.table import Table
 
-    summary = net.summary()
-    kinds = block_types(net)
     table = Table(
-        title=f"{summary['name']}  input {shape_text(summary['input'])}",
+        title=title,
         title_justify="left",
         show_lines=False,
         pad_edge=False,
+        box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
+        show_edge=not compact,
     )
-    for col, justify in (
-        ("layer", "left"),
-        ("type", "left"),
-        ("output", "right"),
-        ("params", "right"),
-        ("MACs", "right"),
-        ("RF", "right"),
-        ("stride", "right"),
-        ("pad", "right"),
-    ):
-        table.add_column(col, justify=justify, no_wrap=True)
-    for row in group_rows(summary, depth):
-        kind = row["type"] or _block_label(row, kinds)
-        rf = row["receptive_field"]
-        table.add_row(
-            "  " * row["depth"] + row["name"],
-            kind,
-            shape_text(row["output_shape"]),
-            count(row["params"]) if row["params"] else "-",
-            human(row["macs"]) if row["macs"] else "-",
-            _pair(rf["size"]),
-            _pair(rf["stride"]),
-            _pair(rf["padding"]),
-        )
-    console.print(table)
+    for key in columns:
+        c = COLUMNS[key]
+        # only names may shorten, never a number: the table is fitted before it is drawn
+        overflow = "ellipsis" if key == "layer" else "fold"
+        table.add_column(c.header, justify=c.justify, no_wrap=True, overflow=overflow)
+    for cells in rows:
+        table.add_row(*(cells[k] for k in columns))
+    return table
+
+
+def fit_table(console, title, columns, rows, kinds, named=()):
+    """The widest form of the table that fits the console: block labels and counts
+    abbreviated first, then a lighter frame, then columns dropped by DROP_ORDER (the
+    `named` ones, which the user asked for, last). Returns the table and the columns
+    it had to leave out."""
+    from rich.measure import Measurement
+
+    width = console.width
+    unbounded = console.options.update_width(10**6)  # the natural width, not a clamped one
+    columns = list(columns)
+    drop_order = sorted(DROP_ORDER, key=lambda c: c in named)  # stable: DROP_ORDER within
+    dropped: list[str] = []
+    # (short block labels, short counts, light frame), from the fullest form down
+    steps = [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+    while True:
+        for short_labels, short_counts, compact in steps:
+            cells = [_cells(r, kinds, short_labels, short_counts) for r in rows]
+            table = _table(title, columns, cells, compact)
+            if Measurement.get(console, unbounded, table).maximum <= width:
+                return table, dropped
+        victim = next((c for c in drop_order if c in columns), None)
+        if victim is None:
+            return table, dropped  # only names left to shorten: they take an ellipsis
+        columns.remove(victim)
+        dropped.append(victim)
+
+
+def totals_phrases(summary: dict) -> list[str]:
     t = summary["totals"]
     frozen = t["params"] - t["trainable_params"]
-    console.print(
+    return [
         f"params: [bold]{count(t['params'])}[/] ({human(t['params'])})"
-        + (f", of which {count(frozen)} not trainable" if frozen else "")
-        + f"   MACs: [bold]{human(t['macs'])}[/] per image"
-        + f"   weights: {human_bytes(t['param_bytes'])}"
-        + f"   activations: {human_bytes(t['activation_bytes'])} per image"
-    )
+        + (f", of which {count(frozen)} not trainable" if frozen else ""),
+        f"MACs: [bold]{human(t['macs'])}[/] per image",
+        f"weights: {human_bytes(t['param_bytes'])}",
+        f"activations per image: {human_bytes(t['activation_bytes_inference'])} inference, "
+        f"{human_bytes(t['activation_bytes_training'])} training",
+    ]
+
+
+def pack_phrases(phrases: list[str], width: int, sep: str = "   ") -> list[str]:
+    """Phrases (rich markup) joined into lines no wider than `width`, breaking only
+    between phrases."""
+    from rich.text import Text
+
+    lines: list[str] = []
+    for phrase in phrases:
+        if lines:
+            joined = lines[-1] + sep + phrase
+            if Text.from_markup(joined).cell_len <= width:
+                lines[-1] = joined
+                continue
+        lines.append(phrase)
+    return lines
+
+
+def render_summary(net, console, depth: int | None = 1, columns=DEFAULT_COLUMNS, named=()) -> None:
+    """The summary table fitted to the console's width (see fit_table), then the totals
+    in lines that break only between phrases."""
+    summary = net.summary()
+    kinds = block_types(net)
+    title = f"{summary['name']}  input {shape_text(summary['input'])}"
+    rows = group_rows(summary, depth)
+    table, dropped = fit_table(console, title, columns, rows, kinds, named)
+    console.print(table)
+    for line in pack_phrases(totals_phrases(summary), console.width):
+        console.print(line, overflow="fold")
+    if dropped:
+        console.print(
+            f"[dim]{', '.join(dropped)} left out to fit {console.width} columns; "
+            "--columns chooses[/]"
+        )
     if depth is not None and any(len(x["name"].split(".")) > depth for x in summary["layers"]):
         console.print(
             f"[dim]blocks collapsed at depth {depth}; --depth N or --all to expand them[/]"
