@@ -212,6 +212,49 @@ def summary(
 
 
 @app.command()
+def draw(
+    spec: str = typer.Argument(..., help="Spec file."),
+    output: str = typer.Option(
+        ..., "-o", "--output", help="net.svg, .png, .pdf (need Graphviz), .dot or .mmd (Mermaid)."
+    ),
+    depth: int = typer.Option(
+        None, "--depth", min=1, help="Collapse blocks below this depth (default: every layer)."
+    ),
+    show: str = typer.Option(
+        "", "--show", metavar="rf,params,macs", help="Add receptive field, params, MACs."
+    ),
+    fold: bool = typer.Option(
+        True,
+        "--fold/--no-fold",
+        help="Draw activation, norm and dropout layers inside the layer they follow.",
+    ),
+    dpi: int = typer.Option(96, "--dpi", min=10, max=600, help="Resolution of a .png."),
+    input_size: list[str] = InputSize,
+):
+    """Draw the network: layers with type, attributes and output shape; blocks as clusters."""
+    from .draw import SHOW, DrawError, build_diagram, output_format, write_diagram
+
+    wanted = tuple(x.strip().lower() for x in show.split(",") if x.strip())
+    unknown = [x for x in wanted if x not in SHOW]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown {', '.join(unknown)}; choose from {', '.join(SHOW)}", param_hint="'--show'"
+        )
+    try:
+        output_format(output)
+    except DrawError as exc:
+        _fail(str(exc), 2)
+    net = _load_or_exit(spec, input_size)
+    try:
+        fmt = write_diagram(build_diagram(net, depth, wanted, fold), output, dpi)
+    except DrawError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{output}: cannot write it ({exc.strerror or exc})")
+    out.print(f"wrote {output} ({fmt})", markup=False, highlight=False)
+
+
+@app.command()
 def schema():
     """Print the JSON Schema (draft 2020-12) of a spec, for editors and tools."""
     from .spec.schema import schema as get_schema

@@ -146,15 +146,20 @@ def block_types(net) -> dict[str, str]:
     return out
 
 
+def block_kind(name: str, kinds: dict[str, str]) -> tuple[str, int]:
+    """A block's type and how many copies it holds: ('inception', 1) for an instance,
+    ('basic', 3) for the group a `repeat` makes, ('block', 1) when unknown."""
+    kind = kinds.get(name)
+    if kind is not None:
+        return kind, 1
+    depth = name.count(".") + 1
+    inner = [n for n in kinds if n.startswith(name + ".") and n.count(".") == depth]
+    return (kinds.get(inner[0], "block") if inner else "block"), len(inner) or 1
+
+
 def _block_label(row, kinds, with_count: bool = True) -> str:
     """'inception (14 layers)', or 'basic x3 (21 layers)' for a repeated block."""
-    name = row["name"]
-    kind, copies = kinds.get(name), 1
-    if kind is None:
-        depth = name.count(".") + 1
-        inner = [n for n in kinds if n.startswith(name + ".") and n.count(".") == depth]
-        kind = kinds.get(inner[0], "block") if inner else "block"
-        copies = len(inner) or 1
+    kind, copies = block_kind(row["name"], kinds)
     times = f" x{copies}" if copies > 1 else ""
     layers = f" ({row['count']} layers)" if with_count else ""
     return f"[cyan]{kind}[/]{times}{layers}"
