@@ -415,6 +415,23 @@ def train(
         help="Abort the job when no step, validation or save finishes for S seconds.",
     ),
     device: str = Device,
+    patience: int = typer.Option(
+        None, "--patience", min=1, help="Stop when --monitor has not improved for N epochs."
+    ),
+    monitor: str = typer.Option(
+        "val_loss",
+        "--monitor",
+        help="What --patience watches: val_loss, val_acc, train_loss, train_acc.",
+    ),
+    min_delta: float = typer.Option(
+        0.0, "--min-delta", min=0.0, help="The least change --patience counts as better."
+    ),
+    tensorboard: bool = typer.Option(
+        False, "--tensorboard", help="Write TensorBoard scalars to OUT/tensorboard."
+    ),
+    histograms: bool = typer.Option(
+        False, "--histograms", help="With --tensorboard: weight and gradient histograms too."
+    ),
 ):
     """Train a spec with SGD; checkpoints and metrics go to OUT/. Data-parallel on MPI when
     started by mpiexec/srun (see the README)."""
@@ -497,6 +514,16 @@ def train(
                 f"the training set has {len(train_ds)} images, fewer than one batch of "
                 f"{processes.describe(cfg['batch_size'])}; lower --batch-size"
             )
+        callbacks = _train_callbacks(
+            patience,
+            monitor,
+            min_delta,
+            val_ds is not None,
+            tensorboard,
+            histograms,
+            out_path,
+            processes.root,
+        )
         model = net.compile(device=device, batch_size=cfg["batch_size"], seed=cfg["seed"])
         cfg["spec_hash"] = _spec_hash(net)
         out.print(
@@ -516,6 +543,7 @@ def train(
             console=out,
             world=processes,
             overwrite=overwrite,
+            callbacks=callbacks,
         )
     except (DataError, CheckpointError, RunDirError, ValueError) as exc:
         _fail(str(exc))
@@ -529,8 +557,30 @@ def train(
         best = max((h.get("val_acc") or h.get("train_acc") or 0.0) for h in history)
         out.print(
             f"done: epoch {last['epoch']}, best accuracy {best:.2%}; weights in "
-            f"{out_path / 'best.npz'}, metrics in {out_path / 'metrics.jsonl'}"
+            f"{out_path / 'best.npz'}, metrics in {out_path / 'metrics.jsonl'} (and .csv)"
         )
+
+
+def _train_callbacks(
+    patience, monitor, min_delta, has_val, tensorboard, histograms, out_path, root=True
+):
+    """Early stopping and TensorBoard, as the train flags ask (ValueError: a bad flag);
+    under MPI only rank 0 (`root`) writes TensorBoard events."""
+    from .train.callbacks import EarlyStopping, TensorBoardLog
+
+    callbacks = []
+    if patience is not None:
+        if monitor.startswith("val_") and not has_val:
+            raise ValueError(
+                f"--monitor {monitor} needs validation data: give --val-split above 0, "
+                f"or --monitor {monitor.replace('val_', 'train_')}"
+            )
+        callbacks.append(EarlyStopping(patience, monitor, min_delta))
+    if histograms and not tensorboard:
+        raise ValueError("--histograms goes with --tensorboard")
+    if tensorboard and root:
+        callbacks.append(TensorBoardLog(out_path / "tensorboard", histograms))
+    return callbacks
 
 
 def _restored_model(spec: str, weights: str, batch_size: int, device: str = "cpu"):

@@ -14,7 +14,8 @@ The model protocol (implemented by the compiled model)::
                                            # loss_and_grads; without it the training accuracy
                                            # costs one extra eval-mode forward per step
 
-Output directory: ``metrics.jsonl`` (one JSON object per epoch), ``last.npz`` (every epoch, and
+Output directory: ``metrics.jsonl`` (one JSON object per epoch) and ``metrics.csv`` (the same,
+for spreadsheets), ``last.npz`` (every epoch, and
 on Ctrl-C at a step boundary) and ``best.npz`` (best validation accuracy).
 """
 
@@ -40,6 +41,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .callbacks import Callback, CsvLog
 from .checkpoint import (
     CheckpointError,
     check_spec_hash,
@@ -464,6 +466,7 @@ def fit(
     console: Console | None = None,
     world: Local = LOCAL,
     overwrite: bool = False,
+    callbacks: list[Callback] | tuple = (),
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place and return the per-epoch metrics (all epochs, resumed ones too).
 
@@ -474,6 +477,8 @@ def fit(
     is always printed. Raises TrainingInterrupted (Ctrl-C), TrainingDiverged (NaN/inf),
     DataError, CheckpointError, RunDirError (the directory cannot be used or written), and
     ValueError for a bad ``cfg``.
+    ``callbacks`` (cnnspec.train.callbacks) see each epoch's record and may stop training
+    early.
 
     ``world`` (see :mod:`.dist`) trains data-parallel on MPI processes: ``batch_size`` is then
     each process's, and only rank 0 prints, writes and locks the directory.
@@ -482,11 +487,14 @@ def fit(
         console = Console(quiet=True)
     console = console or Console(highlight=False)
     trainer = _Trainer(model, train_ds, val_ds, cfg, Path(out_dir), console, world)
+    trainer.callbacks = [CsvLog(Path(out_dir) / "metrics.csv"), *callbacks]
 
     def say(text: str) -> None:
         console.print(text, markup=False, soft_wrap=True)
 
     with contextlib.ExitStack() as run_dir:
+        for callback in trainer.callbacks:
+            run_dir.callback(callback.close)
 
         def lock() -> None:  # on rank 0; a refusal there reaches every rank
             run_dir.enter_context(locked_run_dir(Path(out_dir), resume, overwrite, say))
@@ -548,6 +556,7 @@ class _Trainer:
             self.opt = SGD({k: model.params[k] for k in sorted(model.trainable)}, **settings)
         self.best_key = "val_acc" if val_ds is not None else "train_acc"
         self.state = _RunState()
+        self.callbacks: list[Callback] = []
 
     def start(self, resume: bool) -> None:
         w = self.world
@@ -568,6 +577,9 @@ class _Trainer:
         w.replicate(self.model, self.opt, self.cfg["seed"], self.state.global_step)
         # On resume this drops any line written after the checkpoint; otherwise starts afresh.
         self.write(self.metrics, lambda: _write_metrics(self.metrics, self.state.history))
+        if self.world.root:
+            for callback in self.callbacks:  # they write files: rank 0 only
+                callback.on_start(self.state.history)
 
     def write(self, path: Path, fn: Callable[[], None]) -> None:
         """``fn()`` writes ``path``, on rank 0 only. A failed write (full disk, read-only
@@ -620,7 +632,7 @@ class _Trainer:
         try:
             with stop, bar, self.world.watch():
                 task = bar.add_task("train", total=self.steps, epoch="", loss=0.0, acc=0.0, ips=0.0)
-                while state.epoch < epochs:
+                while state.epoch < epochs and not self.stopped_early():
                     record = self.train_epoch(stop, bar, task)
                     if record is None:  # stopped inside the epoch, saved at a step boundary
                         raise TrainingInterrupted(
@@ -749,3 +761,16 @@ class _Trainer:
         # after last.npz: a resume rewrites the metrics from there
         self.write(self.metrics, lambda: _append_metrics(self.metrics, record))
         self.console.print(_summary(record, self.cfg["epochs"]), markup=False, soft_wrap=True)
+        if self.world.root:
+            for callback in self.callbacks:
+                callback.on_epoch_end(record, state.history, self.model)
+
+    def stopped_early(self) -> bool:
+        """A callback's reason to stop (early stopping), said once; False to go on. Every
+        rank holds the same (reduced) history; agreeing on the answer keeps them in step."""
+        reasons = [c.stop_reason(self.state.history) for c in self.callbacks]
+        reasons = [r for r in reasons if r]
+        if not self.world.agree(bool(reasons)):
+            return False
+        self.console.print(reasons[0] if reasons else "stopped early", markup=False, soft_wrap=True)
+        return True
