@@ -583,14 +583,20 @@ def _train_callbacks(
     return callbacks
 
 
-def _restored_model(spec: str, weights: str, batch_size: int, device: str = "cpu"):
+def _restored_model(
+    spec: str, weights: str | None, batch_size: int, device: str = "cpu", training: bool = False
+):
+    """The spec compiled with the checkpoint's weights (its initial ones when None);
+    training=True keeps every activation in a buffer of its own."""
     from .train import restore_model
     from .train.checkpoint import CheckpointError
 
     net = _load_or_exit(spec)
     compile_for = _device(device)
     try:
-        model = net.compile(device=compile_for, batch_size=batch_size, training=False)
+        model = net.compile(device=compile_for, batch_size=batch_size, training=training)
+        if weights is None:
+            return net, model
         restore_model(model, weights, _spec_hash(net))
     except (CheckpointError, ValueError) as exc:
         _fail(str(exc))
@@ -838,6 +844,114 @@ def bench_cmd(
         print(json.dumps(result, indent=2))
         return
     render_bench(result, out)
+
+
+@app.command()
+def plot(
+    runs: list[str] = typer.Argument(..., help="Run directories of `cnnspec train` (OUT/)."),
+    output: str = typer.Option(..., "-o", "--output", help="curves.png, .svg or .pdf"),
+):
+    """Training curves: loss and accuracy per epoch (several runs overlaid), learning rate."""
+    from .plots import PlotError, picture_format, plot_curves, read_run
+
+    try:
+        picture_format(output)
+        plot_curves([read_run(r) for r in runs], output)
+    except PlotError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{output}: cannot write it ({exc.strerror or exc})")
+    out.print(f"wrote {output}", markup=False, highlight=False)
+
+
+show_app = typer.Typer(
+    no_args_is_help=True, help="Pictures of a trained network: its filters and feature maps."
+)
+app.add_typer(show_app, name="show")
+Weights = typer.Option(
+    None, "--weights", help="A checkpoint (.npz) of this spec (default: the initial weights)."
+)
+Layer = typer.Option(..., "--layer", help="The layer's name, as `summary --all` lists it.")
+Picture = typer.Option(..., "-o", "--output", help="A .png, .svg or .pdf file.")
+
+
+def _layer_info(net, name: str, fits, wanted: str):
+    """The layer called `name`, if `fits(info)`; else a one-line error listing those that do."""
+    fitting = [i.name for i in net.infos if fits(i)]
+    info = next((i for i in net.infos if i.name == name), None)
+    if info is None or not fits(info):
+        what = "no layer" if info is None else f"{info.node.type} layer"
+        listed = ", ".join(fitting[:12]) + (", ..." if len(fitting) > 12 else "")
+        _fail(f"--layer {name}: {what} of {net.name} with {wanted}; choose one of: {listed}")
+    return info
+
+
+@show_app.command("filters")
+def show_filters(
+    spec: str = typer.Argument(..., help="Spec file."),
+    layer: str = Layer,
+    output: str = Picture,
+    weights: str = Weights,
+    max_filters: int = typer.Option(64, "--max", min=1, help="Show at most this many filters."),
+):
+    """A convolution's kernels as a grid (colour for a first layer that reads RGB)."""
+    from .plots import PlotError, picture_format, plot_filters
+
+    try:
+        picture_format(output)
+    except PlotError as exc:
+        _fail(str(exc), 2)
+    net, model = _restored_model(spec, weights, 1)
+    kernels = lambda i: getattr(model.params.get(f"{i.name}.weight"), "ndim", 0) == 4  # noqa: E731
+    _layer_info(net, layer, kernels, "convolution kernels")
+    weight = model.params[f"{layer}.weight"]
+    trained = Path(weights).name if weights else "initial weights"
+    title = f"{net.name} {layer}: {weight.shape[0]} filters {weight.shape[2]}x{weight.shape[3]}"
+    try:
+        plot_filters(weight, f"{title} ({trained})", output, max_filters)
+    except PlotError as exc:
+        _fail(str(exc))
+    out.print(f"wrote {output}", markup=False, highlight=False)
+
+
+@show_app.command("maps")
+def show_maps(
+    spec: str = typer.Argument(..., help="Spec file."),
+    layer: str = Layer,
+    image: str = typer.Option(..., "--image", help="One image: .png, .jpg or .npy."),
+    output: str = Picture,
+    weights: str = Weights,
+    max_maps: int = typer.Option(64, "--max", min=1, help="Show at most this many maps."),
+):
+    """The feature maps (activations) of one input image at a layer."""
+    import numpy as np
+
+    from .plots import PlotError, picture_format, plot_maps, read_image
+    from .report import shape_text
+    from .train.data import DataError, Dataset, fit_to_input
+
+    try:
+        picture_format(output)
+    except PlotError as exc:
+        _fail(str(exc), 2)
+    net, model = _restored_model(spec, weights, 1, training=True)
+    info = _layer_info(net, layer, lambda i: len(i.layer.out_shape) == 3, "CxHxW maps")
+    try:
+        x = read_image(image)
+        ds = fit_to_input(Dataset(x[None], np.zeros(1, np.int64), 1, image), net.input_shape)
+    except (PlotError, DataError) as exc:
+        _fail(str(exc))
+    model.forward(ds.x)
+    maps = np.array(model.buf[layer][0])
+    after = next((r for r, p in model.fused.items() if p == layer), None)
+    note = f", after {after}" if after else ""  # a fused ReLU works in its producer's buffer
+    trained = Path(weights).name if weights else "initial weights"
+    title = f"{net.name} {layer} ({info.node.type}{note}): {shape_text(maps.shape)} ({trained})"
+    try:
+        plot_maps(ds.x[0], maps, title, output, max_maps)
+    except PlotError as exc:
+        _fail(str(exc))
+    out.print(f"wrote {output}", markup=False, highlight=False)
 
 
 def main() -> None:
