@@ -856,6 +856,9 @@ def plot(
 
     try:
         picture_format(output)
+    except PlotError as exc:
+        _fail(str(exc), 2)
+    try:
         plot_curves([read_run(r) for r in runs], output)
     except PlotError as exc:
         _fail(str(exc))

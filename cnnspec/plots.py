@@ -107,27 +107,31 @@ def _normalised(a: np.ndarray) -> np.ndarray:
     return np.full_like(a, 0.5) if hi <= lo else (a - lo) / (hi - lo)
 
 
-def _grid_shape(n: int, columns: int | None = None) -> tuple[int, int]:
-    cols = columns or math.ceil(math.sqrt(n))
+def _grid_shape(n: int) -> tuple[int, int]:
+    """Rows and columns for n tiles: one row up to 8, else about square."""
+    cols = n if n <= 8 else math.ceil(math.sqrt(n))
     return math.ceil(n / cols), cols
 
 
 def plot_filters(weight: np.ndarray, title: str, path: str | Path, max_filters: int = 64):
-    """A convolution's kernels [out, in, kh, kw]: one tile per filter in colour when it
-    reads 3 channels (an RGB first layer), else one grey tile per (filter, input channel)
-    with filters as rows. Each tile has its own contrast; mid-grey is its mean."""
+    """A convolution's kernels [out, in, kh, kw]: one tile per filter, in colour when it
+    reads 3 channels (an RGB first layer); otherwise, with several input channels, one
+    grey tile per (input channel, filter): filters as columns. Each tile has its own
+    contrast."""
     out_c, in_c = weight.shape[:2]
     shown = min(out_c, max_filters)
     colour = in_c == 3
+    notes = [] if shown == out_c else [f"first {shown} of {out_c} filters"]
     if colour or in_c == 1:
         rows, cols = _grid_shape(shown)
         tiles = [(k, None) for k in range(shown)]
     else:
         in_shown = min(in_c, 16)
-        rows, cols = shown, in_shown
-        tiles = [(k, c) for k in range(shown) for c in range(in_shown)]
+        rows, cols = in_shown, shown
+        tiles = [(k, c) for c in range(in_shown) for k in range(shown)]
+        notes.append("columns: filters, rows: input channels" + ("" if in_c <= 16 else " 0-15"))
     size = max(0.35, min(1.0, 8.0 / max(rows, cols)))
-    fig = _figure(cols * size + 0.4, rows * size + 0.6)
+    fig = _figure(max(cols * size + 0.4, 4.5), rows * size + 0.8)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax in axes:
         ax.set_axis_off()
@@ -137,10 +141,7 @@ def plot_filters(weight: np.ndarray, title: str, path: str | Path, max_filters: 
             ax.imshow(_normalised(tile), cmap=None if colour else "gray", interpolation="nearest")
         else:
             ax.imshow(_normalised(weight[k, c]), cmap="gray", interpolation="nearest")
-    note = "" if shown == out_c else f" (first {shown} of {out_c})"
-    if not (colour or in_c == 1):
-        note += f"; rows: filters, columns: input channels{'' if in_c <= 16 else ' (first 16)'}"
-    fig.suptitle(title + note, fontsize="medium")
+    fig.suptitle("\n".join([title, *notes]), fontsize="medium")
     save(fig, path)
 
 
@@ -151,8 +152,8 @@ def plot_maps(
     with its own contrast: brighter = stronger response)."""
     shown = min(len(maps), max_maps)
     rows, cols = _grid_shape(shown + 1)
-    size = max(0.6, min(1.6, 10.0 / max(rows, cols)))
-    fig = _figure(cols * size + 0.4, rows * size + 0.7)
+    size = max(0.6, min(1.4, 10.0 / max(rows, cols)))
+    fig = _figure(max(cols * size + 0.4, 4.5), rows * size + 0.7)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax in axes:
         ax.set_axis_off()

@@ -49,7 +49,7 @@ def test_plot_bad_input_is_one_line(cli, tmp_path):
     result = cli("plot", broken, "-o", tmp_path / "c.png")
     assert result.exit_code == 1 and "metrics.jsonl:2: not a JSON line" in result.stderr
     wrong = cli("plot", write_run(tmp_path / "ok", 2), "-o", tmp_path / "c.gif")
-    assert wrong.exit_code == 1 and "end it in .png, .svg, .pdf" in wrong.stderr
+    assert wrong.exit_code == 2 and "end it in .png, .svg, .pdf" in wrong.stderr
     assert "Traceback" not in missing.output + result.output + wrong.output
 
 
