@@ -232,7 +232,7 @@ def draw(
     input_size: list[str] = InputSize,
 ):
     """Draw the network: layers with type, attributes and output shape; blocks as clusters."""
-    from .draw import SHOW, DrawError, build_diagram, output_format, write_diagram
+    from .draw import SHOW, build_diagram, output_format, write_diagram
 
     wanted = tuple(x.strip().lower() for x in show.split(",") if x.strip())
     unknown = [x for x in wanted if x not in SHOW]
@@ -240,18 +240,9 @@ def draw(
         raise typer.BadParameter(
             f"unknown {', '.join(unknown)}; choose from {', '.join(SHOW)}", param_hint="'--show'"
         )
-    try:
-        output_format(output)
-    except DrawError as exc:
-        _fail(str(exc), 2)
+    _picture_path(output, output_format)
     net = _load_or_exit(spec, input_size)
-    try:
-        fmt = write_diagram(build_diagram(net, depth, wanted, fold), output, dpi)
-    except DrawError as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(f"{output}: cannot write it ({exc.strerror or exc})")
-    out.print(f"wrote {output} ({fmt})", markup=False, highlight=False)
+    _write_picture(output, write_diagram, build_diagram(net, depth, wanted, fold), output, dpi)
 
 
 @app.command()
@@ -852,19 +843,14 @@ def plot(
     output: str = typer.Option(..., "-o", "--output", help="curves.png, .svg or .pdf"),
 ):
     """Training curves: loss and accuracy per epoch (several runs overlaid), learning rate."""
-    from .plots import PlotError, picture_format, plot_curves, read_run
+    from .plots import PictureError, file_format, plot_curves, read_run
 
+    _picture_path(output, file_format)
     try:
-        picture_format(output)
-    except PlotError as exc:
-        _fail(str(exc), 2)
-    try:
-        plot_curves([read_run(r) for r in runs], output)
-    except PlotError as exc:
+        read = [read_run(r) for r in runs]
+    except PictureError as exc:
         _fail(str(exc))
-    except OSError as exc:
-        _fail(f"{output}: cannot write it ({exc.strerror or exc})")
-    out.print(f"wrote {output}", markup=False, highlight=False)
+    _write_picture(output, plot_curves, read, output)
 
 
 show_app = typer.Typer(
@@ -876,6 +862,29 @@ Weights = typer.Option(
 )
 Layer = typer.Option(..., "--layer", help="The layer's name, as `summary --all` lists it.")
 Picture = typer.Option(..., "-o", "--output", help="A .png, .svg or .pdf file.")
+
+
+def _picture_path(output: str, output_format) -> None:
+    """A usage error (exit 2) for a file name whose suffix names no format we write."""
+    from .plots import PictureError
+
+    try:
+        output_format(output)
+    except PictureError as exc:
+        _fail(str(exc), 2)
+
+
+def _write_picture(output: str, write, *args) -> None:
+    """write(*args), which makes `output`; any failure as one line."""
+    from .plots import PictureError
+
+    try:
+        write(*args)
+    except PictureError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{output}: cannot write it ({exc.strerror or exc})")
+    out.print(f"wrote {output}", markup=False, highlight=False)
 
 
 def _layer_info(net, name: str, fits, wanted: str):
@@ -898,23 +907,16 @@ def show_filters(
     max_filters: int = typer.Option(64, "--max", min=1, help="Show at most this many filters."),
 ):
     """A convolution's kernels as a grid (colour for a first layer that reads RGB)."""
-    from .plots import PlotError, picture_format, plot_filters
+    from .plots import file_format, plot_filters
 
-    try:
-        picture_format(output)
-    except PlotError as exc:
-        _fail(str(exc), 2)
+    _picture_path(output, file_format)
     net, model = _restored_model(spec, weights, 1)
     kernels = lambda i: getattr(model.params.get(f"{i.name}.weight"), "ndim", 0) == 4  # noqa: E731
     _layer_info(net, layer, kernels, "convolution kernels")
     weight = model.params[f"{layer}.weight"]
     trained = Path(weights).name if weights else "initial weights"
     title = f"{net.name} {layer}: {weight.shape[0]} filters {weight.shape[2]}x{weight.shape[3]}"
-    try:
-        plot_filters(weight, f"{title} ({trained})", output, max_filters)
-    except PlotError as exc:
-        _fail(str(exc))
-    out.print(f"wrote {output}", markup=False, highlight=False)
+    _write_picture(output, plot_filters, weight, f"{title} ({trained})", output, max_filters)
 
 
 @show_app.command("maps")
@@ -929,20 +931,17 @@ def show_maps(
     """The feature maps (activations) of one input image at a layer."""
     import numpy as np
 
-    from .plots import PlotError, picture_format, plot_maps, read_image
+    from .plots import PictureError, file_format, plot_maps, read_image
     from .report import shape_text
     from .train.data import DataError, Dataset, fit_to_input
 
-    try:
-        picture_format(output)
-    except PlotError as exc:
-        _fail(str(exc), 2)
+    _picture_path(output, file_format)
     net, model = _restored_model(spec, weights, 1, training=True)
     info = _layer_info(net, layer, lambda i: len(i.layer.out_shape) == 3, "CxHxW maps")
     try:
         x = read_image(image)
         ds = fit_to_input(Dataset(x[None], np.zeros(1, np.int64), 1, image), net.input_shape)
-    except (PlotError, DataError) as exc:
+    except (PictureError, DataError) as exc:
         _fail(str(exc))
     model.forward(ds.x)
     maps = np.array(model.buf[layer][0])
@@ -950,11 +949,7 @@ def show_maps(
     note = f", after {after}" if after else ""  # a fused ReLU works in its producer's buffer
     trained = Path(weights).name if weights else "initial weights"
     title = f"{net.name} {layer} ({info.node.type}{note}): {shape_text(maps.shape)} ({trained})"
-    try:
-        plot_maps(ds.x[0], maps, title, output, max_maps)
-    except PlotError as exc:
-        _fail(str(exc))
-    out.print(f"wrote {output}", markup=False, highlight=False)
+    _write_picture(output, plot_maps, ds.x[0], maps, title, output, max_maps)
 
 
 def main() -> None:

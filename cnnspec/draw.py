@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .graph import INPUT
+from .plots import PictureError, file_format
 from .report import _pair, block_kind, block_types, count, human, param_size, shape_text
 
 SHOW = ("rf", "params", "macs")
@@ -37,10 +38,6 @@ GRAPHVIZ_HELP = (
     "install Graphviz (apt-get install graphviz, brew install graphviz or "
     "conda install graphviz), or write a .dot or .mmd file, which need no Graphviz"
 )
-
-
-class DrawError(Exception):
-    """A diagram that cannot be written; the message says what to do."""
 
 
 @dataclass
@@ -214,7 +211,7 @@ def _graphviz():
     try:
         import graphviz
     except ImportError:
-        raise DrawError(
+        raise PictureError(
             "diagrams in DOT, SVG or PNG need the graphviz Python package: "
             "pip install 'cnnspec[plot]' (a .mmd Mermaid file needs nothing)"
         ) from None
@@ -297,13 +294,8 @@ def to_mermaid(d: Diagram) -> str:
 
 
 def output_format(path: str | Path) -> str:
-    suffix = Path(path).suffix.lower().lstrip(".")
-    if suffix not in FORMATS:
-        raise DrawError(
-            f"{path}: cannot tell the format from the file name; end it in "
-            + ", ".join("." + f for f in FORMATS)
-        )
-    return "dot" if suffix == "gv" else suffix
+    fmt = file_format(path, FORMATS)
+    return "dot" if fmt == "gv" else fmt
 
 
 def write_diagram(d: Diagram, path: str | Path, dpi: int = 96) -> str:
@@ -318,12 +310,15 @@ def write_diagram(d: Diagram, path: str | Path, dpi: int = 96) -> str:
         path.write_text(g.source)
         return fmt
     if shutil.which("dot") is None:
-        raise DrawError(f"{path}: writing .{fmt} needs Graphviz's `dot` program; {GRAPHVIZ_HELP}")
+        raise PictureError(
+            f"{path}: writing .{fmt} needs Graphviz's `dot` program; {GRAPHVIZ_HELP}"
+        )
     if fmt == "png":
         g.attr("graph", dpi=str(dpi))
     try:
         data = g.pipe(format=fmt)
     except Exception as exc:  # graphviz.CalledProcessError and friends: say it in one line
-        raise DrawError(f"{path}: Graphviz failed: {str(exc).strip().splitlines()[-1]}") from None
+        last = str(exc).strip().splitlines()[-1]
+        raise PictureError(f"{path}: Graphviz failed: {last}") from None
     path.write_bytes(data)
     return fmt

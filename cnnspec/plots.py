@@ -16,8 +16,8 @@ import numpy as np
 PICTURE_FORMATS = ("png", "svg", "pdf")
 
 
-class PlotError(Exception):
-    """A picture that cannot be made; the message says what to do."""
+class PictureError(Exception):
+    """A picture (plot, diagram) that cannot be made; the message says what to do."""
 
 
 def _figure(width: float, height: float):
@@ -25,35 +25,38 @@ def _figure(width: float, height: float):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise PlotError("pictures need matplotlib: pip install 'cnnspec[plot]'") from None
+        raise PictureError("pictures need matplotlib: pip install 'cnnspec[plot]'") from None
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def picture_format(path: str | Path) -> str:
+def file_format(path: str | Path, formats=PICTURE_FORMATS) -> str:
+    """The format a file name's suffix names, one of `formats`; PictureError otherwise."""
     fmt = Path(path).suffix.lower().lstrip(".")
-    if fmt not in PICTURE_FORMATS:
-        raise PlotError(
+    if fmt not in formats:
+        raise PictureError(
             f"{path}: cannot tell the format from the file name; end it in "
-            + ", ".join("." + f for f in PICTURE_FORMATS)
+            + ", ".join("." + f for f in formats)
         )
     return fmt
 
 
 def save(fig, path: str | Path, dpi: int = 100) -> None:
-    fig.savefig(path, format=picture_format(path), dpi=dpi)
+    fig.savefig(path, format=file_format(path), dpi=dpi)
 
 
 # ---------------------------------------------------------------- training curves
 
 
 def read_run(path: str | Path) -> tuple[str, list[dict]]:
-    """(label, records) of a run directory (or its metrics.jsonl); PlotError if unreadable."""
+    """(label, records) of a run directory (or its metrics.jsonl); PictureError if unreadable."""
     p = Path(path)
     file = p / "metrics.jsonl" if p.is_dir() else p
     if not file.is_file():
-        raise PlotError(f"{path}: no metrics.jsonl there; give a run directory of `cnnspec train`")
+        raise PictureError(
+            f"{path}: no metrics.jsonl there; give a run directory of `cnnspec train`"
+        )
     records = []
     for n, line in enumerate(file.read_text().splitlines(), start=1):
         if not line.strip():
@@ -61,9 +64,9 @@ def read_run(path: str | Path) -> tuple[str, list[dict]]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            raise PlotError(f"{file}:{n}: not a JSON line of metrics") from None
+            raise PictureError(f"{file}:{n}: not a JSON line of metrics") from None
     if not records:
-        raise PlotError(f"{file}: no epochs recorded yet")
+        raise PictureError(f"{file}: no epochs recorded yet")
     label = p.name if p.is_dir() else p.parent.name
     return label or str(p), records
 
@@ -174,30 +177,30 @@ def read_image(path: str | Path) -> np.ndarray:
     matplotlib brings) or a .npy of (H, W), (C, H, W) or (1, C, H, W)."""
     p = Path(path)
     if not p.is_file():
-        raise PlotError(f"{path}: no such file")
+        raise PictureError(f"{path}: no such file")
     if p.suffix.lower() == ".npy":
         try:
             x = np.load(p, allow_pickle=False)
         except (ValueError, OSError) as exc:
-            raise PlotError(f"{path}: not a readable .npy array ({exc})") from None
+            raise PictureError(f"{path}: not a readable .npy array ({exc})") from None
         scale = 255.0 if x.dtype == np.uint8 else 1.0
         x = x.astype(np.float32) / scale
     else:
         try:
             from PIL import Image
         except ImportError:
-            raise PlotError("reading images needs Pillow: pip install 'cnnspec[plot]'") from None
+            raise PictureError("reading images needs Pillow: pip install 'cnnspec[plot]'") from None
         try:
             with Image.open(p) as im:
                 mode = "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
                 x = np.asarray(im.convert(mode), np.float32) / 255.0
         except OSError as exc:
-            raise PlotError(f"{path}: not a readable image ({exc})") from None
+            raise PictureError(f"{path}: not a readable image ({exc})") from None
         x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
     if x.ndim == 2:
         x = x[None]
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
     if x.ndim != 3 or x.shape[0] not in (1, 3):
-        raise PlotError(f"{path}: expected one image, (H, W) or (C, H, W), got shape {x.shape}")
+        raise PictureError(f"{path}: expected one image, (H, W) or (C, H, W), got shape {x.shape}")
     return np.ascontiguousarray(x, np.float32)

@@ -8,7 +8,7 @@ import pytest
 from picture_checks import assert_png, assert_svg
 
 import cnnspec
-from cnnspec.draw import DrawError, build_diagram, write_diagram
+from cnnspec.draw import PictureError, build_diagram, write_diagram
 
 REPO = Path(__file__).resolve().parent.parent
 needs_dot = pytest.mark.skipif(
@@ -85,7 +85,7 @@ def test_dot_source_without_the_dot_program(tmp_path, monkeypatch, googlenet):
     write_diagram(build_diagram(googlenet), path)
     text = path.read_text()
     assert text.startswith("digraph googlenet {") and "subgraph cluster_3a {" in text
-    with pytest.raises(DrawError, match=r"needs Graphviz's `dot`.*apt-get install graphviz"):
+    with pytest.raises(PictureError, match=r"needs Graphviz's `dot`.*apt-get install graphviz"):
         write_diagram(build_diagram(googlenet), tmp_path / "net.svg")
 
 
