@@ -231,9 +231,26 @@ def to_graphviz(d: Diagram):
     for box in d.boxes:
         tree.setdefault(tuple(box.clusters), []).append(box)
     _emit(g, d, tree, ())
+    trunk = _ancestors(d.edges, d.boxes[-1].id)
     for a, b in d.edges:
-        g.edge(a, b)
+        # heavy edges stay short and straight: the path to the final output is the
+        # spine, side branches such as auxiliary heads hang off it
+        g.edge(a, b, weight="8" if a in trunk and b in trunk else "1")
     return g
+
+
+def _ancestors(edges: list[tuple[str, str]], last: str) -> set[str]:
+    """`last` and every box it depends on."""
+    producers: dict[str, list[str]] = {}
+    for a, b in edges:
+        producers.setdefault(b, []).append(a)
+    seen, todo = {last}, [last]
+    while todo:
+        for a in producers.get(todo.pop(), []):
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
 
 
 def _emit(g, d: Diagram, tree: dict, path: tuple) -> None:
@@ -242,7 +259,8 @@ def _emit(g, d: Diagram, tree: dict, path: tuple) -> None:
         lines = "".join(f"<br/>{html.escape(line)}" for line in box.lines)
         label = f"<<b>{html.escape(d.title(box))}</b>{lines}>"
         shape = "oval" if box.family == "input" else "box3d" if box.family == "block" else "box"
-        g.node(box.id, label, fillcolor=COLOURS.get(box.family, "#ffffff"), shape=shape)
+        extra = {"margin": "0.15,0.09"} if shape == "box3d" else {}  # room for the 3-D edge
+        g.node(box.id, label, fillcolor=COLOURS.get(box.family, "#ffffff"), shape=shape, **extra)
     children = [p for p in tree if len(p) > len(path) and p[: len(path)] == path]
     for name in dict.fromkeys(p[len(path)] for p in children):
         with g.subgraph(name=f"cluster_{name}") as sub:
