@@ -122,3 +122,19 @@ def test_activation_memory_inference_and_training():
     assert totals["activation_bytes_inference"] == mem["inference"]
     assert totals["activation_bytes_training"] == mem["training"]
     assert totals["activation_bytes"] == (stored - 64) * 4  # unchanged meaning: all outputs
+
+
+def test_cli_columns(cli):
+    result = cli("summary", "specs/lenet5.yaml", "--columns", "layer,kernel,params")
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "layer" in line)
+    assert re.search(r"layer.*kernel.*params", header) and "output" not in header
+    bad = cli("summary", "specs/lenet5.yaml", "--columns", "layer,flops")
+    assert bad.exit_code == 2 and "unknown column(s) flops" in bad.stderr
+
+
+def test_readme_shows_the_real_80_column_summary(nets):
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("$ cnnspec summary specs/resnet20-cifar.yaml\n", 1)[1].split("```", 1)[0]
+    text = rendered(nets["resnet20-cifar"], 80)
+    assert block == "".join(line.rstrip() + "\n" for line in text.splitlines())
