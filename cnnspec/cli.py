@@ -939,7 +939,7 @@ def show_maps(
     net, model = _restored_model(spec, weights, 1, training=True)
     info = _layer_info(net, layer, lambda i: len(i.layer.out_shape) == 3, "CxHxW maps")
     try:
-        x = read_image(image)
+        x = read_image(image, net.input_shape[0])
         ds = fit_to_input(Dataset(x[None], np.zeros(1, np.int64), 1, image), net.input_shape)
     except (PictureError, DataError) as exc:
         _fail(str(exc))

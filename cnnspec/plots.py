@@ -172,9 +172,10 @@ def plot_maps(
     save(fig, path)
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, channels: int | None = None) -> np.ndarray:
     """One image as float32 (C, H, W) in [0, 1]: a .png/.jpg (through Pillow, which
-    matplotlib brings) or a .npy of (H, W), (C, H, W) or (1, C, H, W)."""
+    matplotlib brings; converted to grey for `channels` 1, else to RGB) or a .npy of
+    (H, W), (C, H, W) or (1, C, H, W)."""
     p = Path(path)
     if not p.is_file():
         raise PictureError(f"{path}: no such file")
@@ -192,7 +193,8 @@ def read_image(path: str | Path) -> np.ndarray:
             raise PictureError("reading images needs Pillow: pip install 'cnnspec[plot]'") from None
         try:
             with Image.open(p) as im:
-                mode = "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+                grey = channels == 1 or im.mode in ("1", "L", "I", "I;16", "F")
+                mode = "L" if grey else "RGB"
                 x = np.asarray(im.convert(mode), np.float32) / 255.0
         except OSError as exc:
             raise PictureError(f"{path}: not a readable image ({exc})") from None

@@ -133,6 +133,13 @@ def test_show_maps_are_the_layers_activations(cli, tmp_path, checkpoint, monkeyp
     for k, i, j in [(0, 0, 0), (3, 10, 17), (5, 27, 27)]:
         expected = max(0.0, float((x[i : i + 5, j : j + 5] * w[k, 0]).sum() + b[k]))
         assert maps[k, i, j] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    from PIL import Image
+
+    rgb = tmp_path / "rgb.png"  # a colour picture for a grey network: converted to grey
+    Image.fromarray((np.random.default_rng(3).random((40, 30, 3)) * 255).astype(np.uint8)).save(rgb)
+    coloured = cli("show", "maps", LENET, "--image", rgb, "--layer", "s2", "-o", out)
+    assert coloured.exit_code == 0, coloured.output
+    assert seen["maps"].shape == (6, 14, 14)
     flat = cli(*args, "--layer", "f6", "-o", out)
     assert flat.exit_code == 1 and "CxHxW maps" in flat.stderr
     no_image = cli(
