@@ -557,8 +557,10 @@ def _train_callbacks(
 ):
     """Early stopping and TensorBoard, as the train flags ask (ValueError: a bad flag);
     under MPI only rank 0 (`root`) writes TensorBoard events."""
-    from .train.callbacks import EarlyStopping, TensorBoardLog
+    from .train.callbacks import MONITORS, EarlyStopping, TensorBoardLog
 
+    if monitor not in MONITORS:
+        raise ValueError(f"--monitor must be one of {', '.join(MONITORS)}, not {monitor!r}")
     callbacks = []
     if patience is not None:
         if monitor.startswith("val_") and not has_val:

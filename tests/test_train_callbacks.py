@@ -142,3 +142,5 @@ def test_cli_patience_and_tensorboard(cli, tmp_path):
     bad = cli(*args, "--patience", "2", "--val-split", "0")
     assert bad.exit_code == 1 and "--monitor val_loss needs validation data" in bad.stderr
     assert cli(*args, "--histograms").exit_code == 1
+    typo = cli(*args, "--monitor", "val_accuracy")
+    assert typo.exit_code == 1 and "--monitor must be one of val_loss, val_acc" in typo.stderr
