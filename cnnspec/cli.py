@@ -229,6 +229,7 @@ def draw(
         help="Draw activation, norm and dropout layers inside the layer they follow.",
     ),
     dpi: int = typer.Option(96, "--dpi", min=10, max=600, help="Resolution of a .png."),
+    across: bool = typer.Option(False, "--across", help="Left to right instead of top down."),
     input_size: list[str] = InputSize,
 ):
     """Draw the network: layers with type, attributes and output shape; blocks as clusters."""
@@ -242,7 +243,9 @@ def draw(
         )
     _picture_path(output, output_format)
     net = _load_or_exit(spec, input_size)
-    _write_picture(output, write_diagram, build_diagram(net, depth, wanted, fold), output, dpi)
+    diagram = build_diagram(net, depth, wanted, fold)
+    diagram.direction = "LR" if across else "TB"
+    _write_picture(output, write_diagram, diagram, output, dpi)
 
 
 @app.command()

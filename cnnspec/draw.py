@@ -55,6 +55,7 @@ class Diagram:
     boxes: list[Box]
     edges: list[tuple[str, str]]
     cluster_labels: dict[str, str]
+    direction: str = "TB"  # TB: top to bottom; LR: left to right
 
     def title(self, box: Box) -> str:
         """A box's name without the block it is drawn in ('b1' inside cluster '3a')."""
@@ -82,7 +83,7 @@ def describe(info) -> str:
         ("units", ", {}"),
         ("channels", ", {}"),
         ("rate", " {}"),
-        ("size", " {}"),
+        ("size", " size {}"),
     ):
         if key in a:
             text += form.format(a[key])
@@ -221,7 +222,8 @@ def _graphviz():
 def to_graphviz(d: Diagram):
     """A graphviz.Digraph; its `.source` is the DOT text, which needs no `dot` program."""
     graphviz = _graphviz()
-    g = graphviz.Digraph(d.name, graph_attr={"rankdir": "TB", "label": d.name, "labelloc": "t"})
+    g = graphviz.Digraph(d.name)
+    g.attr("graph", rankdir=d.direction, label=d.name, labelloc="t")
     # ordering=in: branches left to right in the order their merge lists them
     g.attr("graph", fontname="Helvetica", fontsize="14", nodesep="0.25", ranksep="0.3")
     g.attr("graph", ordering="in")
@@ -279,7 +281,7 @@ def _emit(g, d: Diagram, tree: dict, path: tuple) -> None:
 
 def to_mermaid(d: Diagram) -> str:
     """A Mermaid flowchart (renders on GitHub, in GitLab and in mermaid.live)."""
-    out = ["flowchart TB"]
+    out = [f"flowchart {d.direction}"]
     tree: dict[tuple, list[Box]] = {}
     for box in d.boxes:
         tree.setdefault(tuple(box.clusters), []).append(box)

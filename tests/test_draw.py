@@ -108,6 +108,9 @@ def test_cli_draw(cli, tmp_path):
     result = cli("draw", "specs/lenet5.yaml", "-o", out, "--show", "rf,params")
     assert result.exit_code == 0, result.output
     assert "RF 5, stride 1; 156 params" in out.read_text()
+    assert out.read_text().startswith("flowchart TB\n")
+    assert cli("draw", "specs/lenet5.yaml", "-o", out, "--across").exit_code == 0
+    assert out.read_text().startswith("flowchart LR\n")
     bad = cli("draw", "specs/lenet5.yaml", "-o", tmp_path / "x.jpg")
     assert bad.exit_code == 2 and "end it in .svg, .png" in bad.stderr
     assert cli("draw", "specs/lenet5.yaml", "-o", out, "--show", "flops").exit_code == 2
