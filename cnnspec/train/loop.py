@@ -14,9 +14,9 @@ The model protocol (implemented by the compiled model)::
                                            # loss_and_grads; without it the training accuracy
                                            # costs one extra eval-mode forward per step
 
-Output directory: ``metrics.jsonl`` (one JSON object per epoch) and ``metrics.csv`` (the same,
-for spreadsheets), ``last.npz`` (every epoch, and
-on Ctrl-C at a step boundary) and ``best.npz`` (best validation accuracy).
+Output directory: ``metrics.jsonl`` (one JSON object per epoch), ``last.npz`` (every epoch, and
+on Ctrl-C at a step boundary) and ``best.npz`` (best validation accuracy); ``metrics.csv`` and
+the other callbacks' files (cnnspec.train.callbacks).
 """
 
 from __future__ import annotations
