@@ -176,15 +176,15 @@ def build_diagram(net, depth: int | None = None, show=(), fold: bool = True) -> 
         lines += _figures(members, show)
         clusters = [".".join(name.split(".")[:k]) for k in range(1, name.count(".") + 1)]
         boxes.append(Box(ids[name], name, lines, fam, clusters))
-    edges: list[tuple[str, str]] = []
+    edges: dict[tuple[str, str], None] = {}  # ordered, each once
     for info in infos:
         b = ids[owner[info.name]]
         for i in info.node.inputs:
             a = ids[owner.get(i, i)]
-            if a != b and (a, b) not in edges:
-                edges.append((a, b))
+            if a != b:
+                edges[a, b] = None
     labels = _dissolve_single_clusters(boxes, kinds)
-    return Diagram(net.name, boxes, edges, labels)
+    return Diagram(net.name, boxes, list(edges), labels)
 
 
 def _dissolve_single_clusters(boxes: list[Box], kinds) -> dict[str, str]:
