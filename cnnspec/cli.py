@@ -848,11 +848,11 @@ def plot(
     output: str = typer.Option(..., "-o", "--output", help="curves.png, .svg or .pdf"),
 ):
     """Training curves: loss and accuracy per epoch (several runs overlaid), learning rate."""
-    from .plots import PictureError, file_format, plot_curves, read_run
+    from .plots import PictureError, file_format, plot_curves, read_runs
 
     _picture_path(output, file_format)
     try:
-        read = [read_run(r) for r in runs]
+        read = read_runs(runs)
     except PictureError as exc:
         _fail(str(exc))
     _write_picture(output, plot_curves, read, output)

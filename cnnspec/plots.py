@@ -71,6 +71,15 @@ def read_run(path: str | Path) -> tuple[str, list[dict]]:
     return label or str(p), records
 
 
+def read_runs(paths) -> list[tuple[str, list[dict]]]:
+    """Each run labelled by its directory's name, or by the path as given when two
+    names are the same."""
+    runs = [read_run(p) for p in paths]
+    if len({label for label, _ in runs}) < len(runs):
+        runs = [(str(p), records) for p, (_, records) in zip(paths, runs, strict=True)]
+    return runs
+
+
 def plot_curves(runs: list[tuple[str, list[dict]]], path: str | Path) -> None:
     """Loss and accuracy per epoch (training solid, validation dashed), one colour per run,
     and the learning rate on a panel of its own."""

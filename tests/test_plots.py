@@ -40,6 +40,15 @@ def test_plot_overlays_runs(cli, tmp_path):
     assert "learning rate" in text or "learning rate" in svg.read_text()
 
 
+def test_runs_with_the_same_name_are_told_apart(tmp_path):
+    from cnnspec.plots import read_runs
+
+    a, b = write_run(tmp_path / "x" / "run", 2), write_run(tmp_path / "y" / "run", 2)
+    assert [label for label, _ in read_runs([a, b])] == [str(a), str(b)]
+    c = write_run(tmp_path / "z", 1)
+    assert [label for label, _ in read_runs([a, c])] == ["run", "z"]
+
+
 def test_plot_bad_input_is_one_line(cli, tmp_path):
     missing = cli("plot", tmp_path / "nothing", "-o", tmp_path / "c.png")
     assert missing.exit_code == 1 and "no metrics.jsonl there" in missing.stderr
