@@ -917,8 +917,10 @@ def show_filters(
     _picture_path(output, file_format)
     net, model = _restored_model(spec, weights, 1)
     kernels = lambda i: getattr(model.params.get(f"{i.name}.weight"), "ndim", 0) == 4  # noqa: E731
-    _layer_info(net, layer, kernels, "convolution kernels")
+    info = _layer_info(net, layer, kernels, "convolution kernels")
     weight = model.params[f"{layer}.weight"]
+    if weight.shape[0] != info.layer.attrs.get("filters", weight.shape[0]):
+        weight = weight.transpose(1, 0, 2, 3)  # conv_transpose2d keeps [in, out, kh, kw]
     trained = Path(weights).name if weights else "initial weights"
     title = f"{net.name} {layer}: {weight.shape[0]} filters {weight.shape[2]}x{weight.shape[3]}"
     _write_picture(output, plot_filters, weight, f"{title} ({trained})", output, max_filters)

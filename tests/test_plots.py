@@ -102,6 +102,14 @@ def test_show_filters(cli, tmp_path, checkpoint, monkeypatch):
     assert bad.exit_code == 1 and "choose one of: c1, c3, c5" in bad.stderr
     typo = cli("show", "filters", LENET, "--layer", "c2", "-o", out)
     assert typo.exit_code == 1 and "no layer of lenet5" in typo.stderr
+    spec = tmp_path / "up.yaml"  # a transposed convolution keeps [in, out, kh, kw]
+    spec.write_text(
+        "name: up\ninput: [3, 8, 8]\nlayers:\n"
+        "  - {name: up, type: conv_transpose2d, filters: 5, kernel: 3, stride: 2}\n"
+        "  - {name: fc, type: dense, units: 4}\n  - {name: prob, type: softmax}\n"
+    )
+    assert cli("show", "filters", spec, "--layer", "up", "-o", out).exit_code == 0
+    assert seen["w"].shape == (5, 3, 3, 3)
 
 
 def test_colour_filters_of_an_rgb_first_layer(tmp_path):
