@@ -8,6 +8,9 @@ own, so a resumed run logs and stops exactly as an uninterrupted one would::
     on_epoch_end(record, history, model)   # after the epoch's checkpoints are saved
     stop_reason(history) -> str | None     # a sentence when training should stop now
     close()
+
+Under MPI only rank 0 calls ``on_start`` and ``on_epoch_end`` (they write files); every rank
+asks ``stop_reason`` of the same reduced history, and the ranks agree on the answer.
 """
 
 from __future__ import annotations
