@@ -8,6 +8,8 @@ import struct
 import numpy as np
 import pytest
 from rich.console import Console
+from test_cli_train import TINY
+from test_dist import _mpi_train, needs_mpi
 from test_train_loop import CFG, FakeModel
 
 from cnnspec.train.callbacks import CSV_FIELDS, EarlyStopping, TensorBoardLog
@@ -119,19 +121,25 @@ def test_tensorboard_scalars_and_histograms(tmp_path, digits):
     assert {"weights/w", "weights/b", "loss/val", "accuracy/train"} <= tags
 
 
-def test_cli_patience_and_tensorboard(cli, tmp_path):
-    from test_cli_train import TINY
-
-    spec = tmp_path / "tiny.yaml"
-    spec.write_text(TINY)
-    out = tmp_path / "run"
-    args = ("train", spec, "--out", out, "--no-progress", "--epochs", "6", "--lr", "1e-20")
+def have_tensorboard() -> bool:
     try:
         import tensorboardX  # noqa: F401
-
-        tensorboard = True
     except ImportError:
-        tensorboard = False
+        return False
+    return True
+
+
+@pytest.fixture
+def spec(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def test_cli_patience_and_tensorboard(cli, spec, tmp_path):
+    out = tmp_path / "run"
+    args = ("train", spec, "--out", out, "--no-progress", "--epochs", "6", "--lr", "1e-20")
+    tensorboard = have_tensorboard()
     board = ("--tensorboard",) if tensorboard else ()
     result = cli(*args, "--patience", "1", "--monitor", "val_acc", *board)
     assert result.exit_code == 0, result.output
@@ -144,3 +152,18 @@ def test_cli_patience_and_tensorboard(cli, tmp_path):
     assert cli(*args, "--histograms").exit_code == 1
     typo = cli(*args, "--monitor", "val_accuracy")
     assert typo.exit_code == 1 and "--monitor must be one of val_loss, val_acc" in typo.stderr
+
+
+@needs_mpi
+def test_early_stopping_and_logs_under_mpi(spec, tmp_path):
+    """Two processes stop at the same epoch (no rank left waiting in a collective); rank 0
+    alone says why and writes metrics.csv and the TensorBoard events."""
+    out = tmp_path / "run"
+    board = ("--tensorboard",) if have_tensorboard() else ()
+    flags = ("--epochs", "6", "--lr", "1e-20", "--patience", "1", "--monitor", "val_acc")
+    result = _mpi_train(2, spec, "--out", out, *flags, *board)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("early stop after epoch 2: val_acc has not improved") == 1
+    assert [int(r["epoch"]) for r in csv.DictReader((out / "metrics.csv").open())] == [1, 2]
+    if board:
+        assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
