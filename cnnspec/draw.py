@@ -25,6 +25,7 @@ FOLDED_FAMILIES = {"activation", "norm", "dropout"}  # drawn inside the box they
 COLOURS = {  # by layer family (the module that defines the layer)
     "conv": "#cfe2f3",
     "pool": "#d9ead3",
+    "upsample": "#d0e0e3",
     "norm": "#fff2cc",
     "activation": "#eeeeee",
     "dropout": "#eeeeee",
@@ -83,10 +84,13 @@ def describe(info) -> str:
         ("units", ", {}"),
         ("channels", ", {}"),
         ("rate", " {}"),
+        ("mode", " {}"),
         ("size", " size {}"),
     ):
         if key in a:
             text += form.format(a[key])
+    if "scale" in a:
+        text += " x" + _pair(_two(a["scale"]))
     if a.get("groups", 1) != 1:
         text += f", groups {a['groups']}"
     if any(d != 1 for d in _two(a.get("dilation", 1))):

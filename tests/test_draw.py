@@ -60,6 +60,16 @@ def test_depth_collapses_blocks_as_summary_does():
     assert downsample.lines[2] == "RF 11, stride 4; 51.38M MACs"  # 64*256*56*56
 
 
+def test_upsampling_says_its_mode_and_scale():
+    net = cnnspec.loads(
+        "name: up\ninput: [3, 8, 8]\nlayers:\n"
+        "  - {name: u, type: upsample2d, scale: 2}\n  - {name: fc, type: dense, units: 4}\n"
+    )
+    u = next(b for b in build_diagram(net).boxes if b.name == "u")
+    assert u.lines[0].startswith("upsample2d ") and u.lines[0].endswith(" x2")
+    assert u.lines[1] == "3x16x16" and u.family == "upsample"
+
+
 def test_no_fold_draws_every_layer():
     net = load("lenet5")
     d = build_diagram(net, fold=False)
