@@ -20,8 +20,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s")
 CSV_FIELDS = (*METRICS, "seconds")
 
@@ -131,11 +129,13 @@ class TensorBoardLog(Callback):
             if record.get(key) is not None:
                 self.writer.add_scalar(tag, record[key], step)
         if self.histograms:
+            from .loop import _host  # the loop imports this module: import at use
+
             for name in sorted(model.trainable):
-                self.writer.add_histogram(f"weights/{name}", np.asarray(model.params[name]), step)
+                self.writer.add_histogram(f"weights/{name}", _host(model, model.params[name]), step)
             grads = getattr(model, "grads", None) or {}
             for name in sorted(grads):
-                self.writer.add_histogram(f"grads/{name}", np.asarray(grads[name]), step)
+                self.writer.add_histogram(f"grads/{name}", _host(model, grads[name]), step)
         self.writer.flush()
 
     def close(self):
