@@ -147,6 +147,7 @@ def test_cli_patience_and_tensorboard(cli, spec, tmp_path):
     assert (out / "metrics.csv").read_text().count("\n") == 3  # header and two epochs
     if tensorboard:
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    args = ("train", spec, "--out", tmp_path / "other", "--no-progress", "--lr", "1e-20")
     bad = cli(*args, "--patience", "2", "--val-split", "0")
     assert bad.exit_code == 1 and "--monitor val_loss needs validation data" in bad.stderr
     assert cli(*args, "--histograms").exit_code == 1
