@@ -160,6 +160,19 @@ def test_an_existing_run_is_refused_unless_resume_or_overwrite(tmp_path):
     assert (out / "last.npz").read_bytes() != before
 
 
+def test_overwrite_clears_every_file_of_the_earlier_run(tmp_path):
+    out = tmp_path / "run"
+    run(out, cfg=ONE_EPOCH)
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.old").write_bytes(b"old")
+    (out / "metrics.csv.tmp").write_text("half a save")
+    old_csv = (out / "metrics.csv").read_text()
+    run(out, cfg={**ONE_EPOCH, "lr": 0.1}, overwrite=True)
+    assert not (out / "tensorboard").exists()  # no old events mixed into the new curves
+    assert not (out / "metrics.csv.tmp").exists()
+    assert (out / "metrics.csv").read_text() != old_csv
+
+
 @pytest.mark.parametrize(
     "key, value, flag", [("seed", 3, "--seed 0"), ("val_split", 0.3, "--val-split 0.2")]
 )

@@ -7,14 +7,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 LOCK = ".lock"
-RUN_FILES = ("last.npz", "best.npz", "metrics.jsonl")
+RUN_FILES = ("last.npz", "best.npz", "metrics.jsonl", "metrics.csv")
+# Written by train --tensorboard; an --overwrite run must not mix its events with the old ones.
+RUN_DIRS = ("tensorboard",)
 # What save_checkpoint and the metrics rewrite leave behind when killed mid-write.
-TMP_PATTERNS = (".last.npz.*.tmp", ".best.npz.*.tmp", "metrics.jsonl.tmp")
+TMP_PATTERNS = (".last.npz.*.tmp", ".best.npz.*.tmp", "metrics.jsonl.tmp", "metrics.csv.tmp")
 
 
 class RunDirError(Exception):
@@ -85,14 +88,15 @@ def locked_run_dir(
         if removed:
             say(f"removed {removed} unfinished file(s) that an interrupted save left in {out}")
         if overwrite:
-            for name in RUN_FILES:
+            for name in (*RUN_FILES, *RUN_DIRS):
+                path = out / name
                 try:
-                    (out / name).unlink()
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
                 except FileNotFoundError:
                     pass
                 except OSError as e:
                     raise RunDirError(
-                        f"{out / name}: cannot remove the earlier run's file for --overwrite "
+                        f"{path}: cannot remove the earlier run's {name} for --overwrite "
                         f"({os_error_text(e)})"
                     ) from None
         yield
