@@ -938,18 +938,20 @@ def show_maps(
     """The feature maps (activations) of one input image at a layer."""
     import numpy as np
 
-    from .plots import PictureError, file_format, plot_maps, read_image
+    from .interop.inputs import read_inputs
+    from .plots import file_format, plot_maps
     from .report import shape_text
-    from .train.data import DataError, Dataset, fit_to_input
+    from .train.data import DataError
 
     _picture_path(output, file_format)
     net, model = _restored_model(spec, weights, 1, training=True)
     info = _layer_info(net, layer, lambda i: len(i.layer.out_shape) == 3, "CxHxW maps")
-    try:
-        x = read_image(image, net.input_shape[0])
-        ds = fit_to_input(Dataset(x[None], np.zeros(1, np.int64), 1, image), net.input_shape)
-    except (PictureError, DataError) as exc:
+    try:  # read as predict reads it: the same scaling, channels and resize as training
+        ds, _ = read_inputs([image], net.input_shape)
+    except DataError as exc:
         _fail(str(exc))
+    if len(ds) != 1:
+        _fail(f"{image}: holds {len(ds)} images; show maps draws one (save that one alone)")
     model.forward(ds.x)
     maps = np.array(model.buf[layer][0])
     after = next((r for r, p in model.fused.items() if p == layer), None)

@@ -179,39 +179,3 @@ def plot_maps(
     note = "" if shown == len(maps) else f" (first {shown} of {len(maps)} maps)"
     fig.suptitle(title + note, fontsize="medium")
     save(fig, path)
-
-
-def read_image(path: str | Path, channels: int | None = None) -> np.ndarray:
-    """One image as float32 (C, H, W) in [0, 1]: a .png/.jpg (through Pillow, which
-    matplotlib brings; converted to grey for `channels` 1, else to RGB) or a .npy of
-    (H, W), (C, H, W) or (1, C, H, W)."""
-    p = Path(path)
-    if not p.is_file():
-        raise PictureError(f"{path}: no such file")
-    if p.suffix.lower() == ".npy":
-        try:
-            x = np.load(p, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise PictureError(f"{path}: not a readable .npy array ({exc})") from None
-        scale = 255.0 if x.dtype == np.uint8 else 1.0
-        x = x.astype(np.float32) / scale
-    else:
-        try:
-            from PIL import Image
-        except ImportError:
-            raise PictureError("reading images needs Pillow: pip install 'cnnspec[plot]'") from None
-        try:
-            with Image.open(p) as im:
-                grey = channels == 1 or im.mode in ("1", "L", "I", "I;16", "F")
-                mode = "L" if grey else "RGB"
-                x = np.asarray(im.convert(mode), np.float32) / 255.0
-        except OSError as exc:
-            raise PictureError(f"{path}: not a readable image ({exc})") from None
-        x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim == 4 and x.shape[0] == 1:
-        x = x[0]
-    if x.ndim != 3 or x.shape[0] not in (1, 3):
-        raise PictureError(f"{path}: expected one image, (H, W) or (C, H, W), got shape {x.shape}")
-    return np.ascontiguousarray(x, np.float32)
