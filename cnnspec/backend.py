@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import pkgutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 import numpy as np
@@ -41,6 +43,12 @@ class Backend:
         package = importlib.import_module(self.package)
         for module in pkgutil.iter_modules(package.__path__):
             self.kernels(module.name)
+
+    @contextmanager
+    def compiling(self, say: Callable[[str], None]) -> Iterator[None]:
+        """While inside, ``say`` gets a line as kernels compile (a cold cache: first runs
+        only), so a first step that compiles does not look frozen."""
+        yield
 
     def zeros(self, shape, dtype) -> np.ndarray:
         raise NotImplementedError

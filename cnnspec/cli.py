@@ -274,6 +274,10 @@ def layers(
     print(describe(REGISTRY[layer_type]))
 
 
+def _say(line: str) -> None:
+    out.print(line, markup=False, soft_wrap=True)
+
+
 def _fail(message: str, code: int = 1):
     err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -526,19 +530,20 @@ def train(
             f"{processes.describe(cfg['batch_size'])}, "
             f"{cfg.get('epochs', DEFAULTS['epochs'])} epochs -> {out_path}/"
         )
-        history = fit(
-            model,
-            train_ds,
-            val_ds,
-            cfg,
-            out_path,
-            resume=resume,
-            progress=progress,
-            console=out,
-            world=processes,
-            overwrite=overwrite,
-            callbacks=callbacks,
-        )
+        with model.backend.compiling(_say if processes.root else lambda line: None):
+            history = fit(
+                model,
+                train_ds,
+                val_ds,
+                cfg,
+                out_path,
+                resume=resume,
+                progress=progress,
+                console=out,
+                world=processes,
+                overwrite=overwrite,
+                callbacks=callbacks,
+            )
     except (DataError, CheckpointError, RunDirError, ValueError) as exc:
         _fail(str(exc))
     except TrainingInterrupted as exc:

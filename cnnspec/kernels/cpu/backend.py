@@ -2,13 +2,58 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+
 import numpy as np
 
 from ...backend import Backend
 
 
+def kernel_name(dispatcher) -> str:
+    """`family.function` of a jitted kernel (its module's last name)."""
+    func = dispatcher.py_func
+    return f"{func.__module__.rsplit('.', 1)[-1]}.{func.__qualname__}"
+
+
 class CpuBackend(Backend):
     name = "cpu"
+
+    @contextmanager
+    def compiling(self, say):
+        # Numba announces a compile only on a cache miss; nested compiles (a kernel's
+        # jitted helpers) belong to the kernel being compiled.
+        from numba.core import event
+
+        class Notice(event.Listener):
+            def __init__(self):
+                self.depth = 0
+                self.count = 0
+                self.started = 0.0
+
+            def on_start(self, ev):
+                self.depth += 1
+                if self.depth > 1:
+                    return
+                if self.count == 0:
+                    say("compiling kernels (first run only; cached afterwards)")
+                self.count += 1
+                self.started = time.process_time()
+
+            def on_end(self, ev):
+                self.depth -= 1
+                if self.depth == 0:
+                    say(
+                        f"  {kernel_name(ev.data['dispatcher'])}: "
+                        f"{time.process_time() - self.started:.1f} s"
+                    )
+
+        notice = Notice()
+        event.register("numba:compile", notice)
+        try:
+            yield
+        finally:
+            event.unregister("numba:compile", notice)
 
     def zeros(self, shape, dtype) -> np.ndarray:
         return np.zeros(shape, dtype)

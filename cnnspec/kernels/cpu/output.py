@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._common import check_c, check_shape
+from ._common import SplitBySize, check_c, check_shape
 
 __all__ = [
     "softmax_forward",
@@ -36,7 +36,7 @@ def softmax_forward(z, out):
     out /= out.sum(axis=1, keepdims=True)
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _softmax_ce(logits, labels, probs, dlogits, grad_scale, want_grad, losses):
     n_, k_ = logits.shape
     for n in prange(n_):

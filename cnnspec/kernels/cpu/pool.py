@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._common import check_c, check_shape
+from ._common import SplitBySize, check_c, check_shape
 
 __all__ = [
     "maxpool2d_forward",
@@ -35,7 +35,7 @@ def _tiled(shape, out_shape, kh, kw, sh, sw, pads):
 
 
 # --------------------------------------------------------------------------- max pool
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _maxpool_fwd(x, kh, kw, sh, sw, pt, pl, out, argmax):
     n_, c_, h_, w_ = x.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -82,7 +82,7 @@ def _maxpool_fwd(x, kh, kw, sh, sw, pt, pl, out, argmax):
                 ap[oy, ox] = idx
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _maxpool_bwd(dout, argmax, dx):
     # 2-D views: dout/argmax (NC, OH*OW), dx (NC, H*W)
     nc_, hw = dx.shape
@@ -96,7 +96,7 @@ def _maxpool_bwd(dout, argmax, dx):
                 dx[nc, idx] += dout[nc, o]
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _maxpool_fwd_tiled(x, kh, kw, out, argmax):
     # non-overlapping windows inside the input: no bounds per window
     n_, c_, _h, w_ = x.shape
@@ -150,7 +150,7 @@ def _maxpool_fwd_tiled(x, kh, kw, out, argmax):
                 arow[ox] = idx
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _pick(x, sh, sw, out, argmax):
     # 1x1 windows (ResNet's option-A shortcut subsamples): every sh-th row, sw-th column
     n_, c_, _h, w_ = x.shape
@@ -206,7 +206,7 @@ def _avg_window(o, s, k, p_before, size, p_after):
     return start, end, extent
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _avgpool_fwd(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out):
     n_, c_, h_, w_ = x.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -231,7 +231,7 @@ def _avgpool_fwd(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out):
                 op[oy, ox] = acc / div if div > 0 else 0.0
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _avgpool_bwd(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, dx):
     n_, c_, h_, w_ = dx.shape
     oh, ow = dout.shape[2], dout.shape[3]
@@ -260,7 +260,7 @@ def _avgpool_bwd(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, dx):
 
 # Non-overlapping windows inside the input (stride = kernel, no padding: LeNet's,
 # VGG's and most pools) take loops without per-window bounds: 3-6x faster.
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _avgpool_fwd_tiled(x, kh, kw, out):
     n_, c_ = x.shape[0], x.shape[1]
     oh, ow = out.shape[2], out.shape[3]
@@ -290,7 +290,7 @@ def _avgpool_fwd_tiled(x, kh, kw, out):
                 orow[ox] *= scale
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _avgpool_bwd_tiled(dout, kh, kw, dx):
     n_, c_ = dx.shape[0], dx.shape[1]
     oh, ow = dout.shape[2], dout.shape[3]
@@ -358,7 +358,7 @@ def avgpool2d_backward(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, 
 
 
 # ---------------------------------------------------------------- global average pool
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _gap_fwd(x, out):
     # x (NC, HW), out (NC,)
     nc_, hw = x.shape
@@ -369,7 +369,7 @@ def _gap_fwd(x, out):
         out[nc] = acc / hw
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _gap_bwd(dout, dx):
     nc_, hw = dx.shape
     for nc in prange(nc_):
@@ -394,7 +394,7 @@ def global_avgpool2d_backward(dout, dx):
 
 
 # ------------------------------------------------------ LeNet-5 trainable subsampling
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _subsample_fwd(x, coef, bias, kh, kw, sh, sw, out, pooled):
     n_, c_, h_, w_ = x.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -419,7 +419,7 @@ def _subsample_fwd(x, coef, bias, kh, kw, sh, sw, out, pooled):
                 out[n, c, oy, ox] = a * pooled[n, c, oy, ox] + b
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _subsample_bwd_dx(dout, coef, kh, kw, sh, sw, dx):
     n_, c_, h_, w_ = dx.shape
     oh, ow = dout.shape[2], dout.shape[3]
@@ -445,7 +445,7 @@ def _subsample_bwd_dx(dout, coef, kh, kw, sh, sw, dx):
                         dx[n, c, iy, ix] += g
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _subsample_bwd_params(dout, pooled, dcoef, dbias):
     # dout/pooled (N, C, L); per-channel sums in fixed (n, l) order -> deterministic
     n_, c_, l_ = dout.shape
