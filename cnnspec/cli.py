@@ -296,6 +296,8 @@ def _set_threads(threads: int | None) -> None:
         return
     import numba
 
+    from .kernels import cpu  # noqa: F401  (its OpenMP spin setting precedes Numba's workers)
+
     limit = numba.config.NUMBA_NUM_THREADS
     if not 1 <= threads <= limit:
         _fail(f"--threads must be between 1 and {limit} on this machine", 2)

@@ -1,10 +1,19 @@
 """Numba/numpy CPU kernels for cnnspec layers (NCHW, outputs written in place), one
 module per layer family; `backend.py` hands them to the layers.
 
-OpenMP's default wait policy (workers spin a little after each parallel loop, then
-sleep) is the right one now that every conv runs inside Numba: with PASSIVE (set
-here while convs ran split BLAS GEMMs from Python threads) each of a step's ~40
-parallel loops woke sleeping workers: LeNet-5 b64 step 2.6 ms against 1.4, ResNet-20
-b128 146 ms against 139 (VGG-small, whose big dense layer still splits a BLAS GEMM
-across Python threads: 107 against 110).
+OpenMP workers spin a while after each parallel loop, then sleep. PASSIVE (sleep at
+once) made each of a step's parallel loops wake sleeping workers: LeNet-5 b64 step
+2.6 ms against 1.4 on an idle machine, when a step had ~40 parallel loops. libgomp's
+default spin, 300,000 rounds of ~140 cycles (~15 ms), is the other extreme: beside a
+busy process on 2 cores the spinning worker takes the core the lagging one needs, and
+a 2-thread LeNet-5 step ran 8x slower than on 1 thread. 1,000 rounds (~50 us) bridge
+the gaps between a step's loops and give a busy core back: on the shared 2-core
+machine, 2 threads gave 7,811 img/s alone and 3,587 beside a busy process (1 thread:
+9,155 and 4,050; the default spin: 1,400 and 1,338). Set before Numba starts its
+OpenMP workers; the user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 """
+
+import os
+
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
