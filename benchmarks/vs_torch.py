@@ -31,6 +31,10 @@ quiet before it starts, and records per row how many cores *other* processes use
 measured (from /proc/stat, less its own workers' CPU time). Numbers from a loaded machine are
 unreliable, especially multi-threaded ones.
 
+Graceful under load: a row with ``busy`` > 0 starts that many busy processes (``while True:
+pass``) beside the workers for each round (killed after it; their CPU is not counted as other
+load). A fair target is the 1-thread throughput beside one busy process: the cores left free.
+
 The module can be imported (tests do): ``ROWS``, ``SPECS``, ``torch_model(spec_name)`` and
 ``param_count(module)`` have no side effects and import torch only when called.
 """
@@ -38,6 +42,7 @@ The module can be imported (tests do): ``ROWS``, ``SPECS``, ``torch_model(spec_n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -74,6 +79,7 @@ class Row:
     spec: str  # a key of SPECS
     batch: int
     mode: str  # train | eval
+    busy: int = 0  # competing busy processes started beside the workers while they measure
 
 
 GPU_ROWS = ["lenet5-b64", "resnet20-b128", "vgg-small-b64"]  # --device cuda's default rows
@@ -84,6 +90,7 @@ ROWS = [
     Row("vgg-small-b64", "VGG-small (32x32)", "vgg-small", 64, "train"),
     Row("lenet5-b256-eval", "LeNet-5", "lenet5", 256, "eval"),
     Row("resnet20-b128-eval", "ResNet-20 (CIFAR)", "resnet20-cifar", 128, "eval"),
+    Row("lenet5-b64-busy1", "LeNet-5", "lenet5", 64, "train", busy=1),
 ]
 
 
@@ -497,11 +504,24 @@ def frameworks(args) -> tuple[str, ...]:
     return ("cnnspec", "torch", "torch-default") if args.device == "cuda" else ("cnnspec", "torch")
 
 
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """n processes spinning on a core each, killed on leaving; yields their pids."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def run_row(row: Row, args) -> dict:
     """Alternating rounds, each started when the machine is quiet; a round during which
     other processes used more than --max-load cores is discarded and run again, as long as
     the row's time budget (--max-row-s) lasts."""
-    print(f"{row.key}: {row.label}, batch {row.batch}, {row.mode} ...", flush=True)
+    beside = f", beside {row.busy} busy process(es)" if row.busy else ""
+    print(f"{row.key}: {row.label}, batch {row.batch}, {row.mode}{beside} ...", flush=True)
     workers, ready = {}, {}
     try:
         for fw in frameworks(args):
@@ -529,12 +549,13 @@ def _measure_row(row: Row, args, workers: dict, ready: dict) -> dict:
         t = time.monotonic()
         wait_for_quiet(min(args.wait_quiet_row, deadline - t), args.max_load, 0.5, quiet=True)
         waited += time.monotonic() - t
-        load = Load(pids)
         turn = len(kept) + len(discarded)  # who goes first rotates, round by round
         names = list(workers)
         order = names[turn % len(names) :] + names[: turn % len(names)]
-        got = {fw: workers[fw].ask(f"run {iters[fw]}")["times"] for fw in order}
-        ext = load.cores()
+        with busy_processes(row.busy) as busy:
+            load = Load(pids + busy)
+            got = {fw: workers[fw].ask(f"run {iters[fw]}")["times"] for fw in order}
+            ext = load.cores()
         (kept if ext <= args.max_load else discarded).append((got, ext))
     note = ""
     if not kept:  # never quiet: report the loaded rounds, flagged
@@ -704,6 +725,8 @@ def markdown(result: dict) -> str:
     for r in rows:
         row, c, t = r["row"], r["cnnspec"], r["torch"]
         work = "train step" if row["mode"] == "train" else "inference"
+        if row.get("busy"):
+            work += f", with {row['busy']} competing busy process" + "es" * (row["busy"] > 1)
         flag = " ⚠" if r in loaded else ""
         lines.append(
             f"| {row['label']} | {row['batch']} | {work} | {c['images_per_s']:,.0f} | "
