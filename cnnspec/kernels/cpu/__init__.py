@@ -8,9 +8,10 @@ default spin, 300,000 rounds of ~140 cycles (~15 ms), is the other extreme: besi
 busy process on 2 cores the spinning worker takes the core the lagging one needs, and
 a 2-thread LeNet-5 step ran 8x slower than on 1 thread. 1,000 rounds (~50 us) bridge
 the gaps between a step's loops and give a busy core back: on the shared 2-core
-machine, 2 threads gave 7,811 img/s alone and 3,587 beside a busy process (1 thread:
-9,155 and 4,050; the default spin: 1,400 and 1,338). Set before Numba starts its
-OpenMP workers; the user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+machine, 2 threads gave 8,633 img/s alone and 6,670 beside a busy process (1 thread:
+8,340 alone, 5,373 beside one; the default spin: 1,400 and 1,338; PASSIVE: 9,814 and
+5,505), measured with LeNet-5's convs, pools and loss as OpenMP loops. Set before
+Numba starts its OpenMP workers; the user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 """
 
 import os
