@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from ..kernels.cpu.activation import SCALED_TANH_A, SCALED_TANH_S
+from ..kernels import SCALED_TANH_A, SCALED_TANH_S
 
 OPSET = 17
 INPUT_NAME = "input"

@@ -13,6 +13,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .. import SCALED_TANH_A, SCALED_TANH_S
 from ._common import as_3d, check_c, check_shape
 
 __all__ = [
@@ -35,9 +36,6 @@ __all__ = [
     "maxout_forward",
     "maxout_backward",
 ]
-
-SCALED_TANH_A = 1.7159
-SCALED_TANH_S = 2.0 / 3.0
 
 
 def _check_flat(**arrays):

@@ -6,6 +6,7 @@ import math
 
 from numba import cuda, float32, float64
 
+from .. import SCALED_TANH_A, SCALED_TANH_S
 from ._common import THREADS, blocks, check_float32, check_shape, flat
 
 __all__ = [
@@ -28,9 +29,6 @@ __all__ = [
     "maxout_forward",
     "maxout_backward",
 ]
-
-SCALED_TANH_A = 1.7159
-SCALED_TANH_S = 2.0 / 3.0
 
 
 def _launch(kernel, *args):
