@@ -69,12 +69,70 @@ class Backend:
         or None when it can."""
         return None
 
+    def stager(self, shape, dtype) -> Stager:
+        """A double-buffered staging area for input batches of ``shape`` (Model.stage)."""
+        return Stager(self, shape, dtype)
+
     def optimizer(self, model, **settings):
         """The SGD optimizer (train.optim.SGD's interface) over a compiled model's
         trainable parameters, updating them where they live."""
         from .train.optim import SGD
 
         return SGD({k: model.params[k] for k in sorted(model.trainable)}, **settings)
+
+
+class StagedBatch:
+    """An input batch handed to a model ahead of its step (`Model.stage`): it names one
+    slot of the model's staging area and the hand-over that filled it."""
+
+    __slots__ = ("stager", "slot", "generation")
+
+    def __init__(self, stager: Stager, slot: int, generation: int):
+        self.stager, self.slot, self.generation = stager, slot, generation
+
+
+class Stager:
+    """Input batches staged in two slots: `put` copies a host batch into the next slot at
+    once (the caller may reuse its array) and starts the slot's transfer; `take` gives
+    the slot's array, ready for the step. While one slot feeds a step, the next batch
+    fills the other; a third `put` reuses the first slot, so a batch must be taken before
+    the second `put` after its own. Here (the CPU) the slot is the host copy itself; the
+    CUDA backend transfers it on a second stream while the current step computes."""
+
+    def __init__(self, backend: Backend, shape, dtype):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.slots = [backend.zeros(self.shape, self.dtype) for _ in range(2)]
+        self.generation = [0, 0]
+        self.handed = 0  # batches put so far
+
+    def put(self, host: np.ndarray) -> StagedBatch:
+        host = np.asarray(host)
+        if host.shape != self.shape:
+            raise ValueError(f"input batch has shape {host.shape}, the model expects {self.shape}")
+        if not np.can_cast(host.dtype, self.dtype, casting="same_kind"):
+            raise TypeError(f"cannot stage a {host.dtype} batch for {self.dtype} inputs")
+        slot = self.handed % 2
+        self.handed += 1
+        self.generation[slot] = self.handed
+        self._fill(slot, host)
+        return StagedBatch(self, slot, self.handed)
+
+    def take(self, staged: StagedBatch):
+        """The slot's array of a staged batch, once its transfer has arrived (for the work
+        issued from now on); RuntimeError if a later batch has reused the slot."""
+        if self.generation[staged.slot] != staged.generation:
+            raise RuntimeError(
+                "this staged batch was overwritten by a later one: stage at most one batch "
+                "ahead of the step that uses it"
+            )
+        self._arrived(staged.slot)
+        return self.slots[staged.slot]
+
+    def _fill(self, slot: int, host: np.ndarray) -> None:
+        np.copyto(self.slots[slot], host, casting="same_kind")
+
+    def _arrived(self, slot: int) -> None:
+        """Make the work issued from now on wait for the slot's transfer (none here)."""
 
 
 class DeviceUnavailable(RuntimeError):

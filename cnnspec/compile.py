@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .backend import Backend, get_backend
+from .backend import Backend, StagedBatch, get_backend
 from .errors import did_you_mean
 from .graph import INPUT
 
@@ -104,6 +104,7 @@ class Model:
         self.keep = set(keep)
         self._input_grad = False  # planned on input_gradient's first call
         self._sgd = None
+        self._stager = None  # made by the first stage()
         self.batch_size = batch_size
         self.dtype = np.dtype(dtype)
         self.input_shape = tuple(net.input_shape)
@@ -122,7 +123,8 @@ class Model:
         dt, zeros = self.dtype, self.backend.zeros
         for info in self.infos:
             info.layer.bind(self.backend)
-        self.buf = {INPUT: zeros((batch, *self.input_shape), dt)}
+        self._input = zeros((batch, *self.input_shape), dt)  # batches given as arrays
+        self.buf = {INPUT: self._input}  # or a staged batch's slot
         self.fused = self._fuse_relus()
         self._allocate_activations(batch)
         for info in self.infos:
@@ -297,14 +299,35 @@ class Model:
         return "linear"
 
     # ---- execution ---------------------------------------------------------
-    def _load_input(self, x):
+    def stage(self, x) -> StagedBatch:
+        """Hand over an input batch ahead of the step that uses it: pass the result to
+        `forward`, `loss_and_grads` or `step` in place of the array. The batch is copied
+        at once (`x` may be reused); on a GPU it then travels to the device on a second
+        stream while the current step computes. Two batches can be staged at a time: a
+        staged batch must be used before the second `stage` after it."""
         x = np.asarray(x)
-        if x.shape != self.buf[INPUT].shape:
+        self._check_input(x)
+        if self._stager is None:
+            self._stager = self.backend.stager(self._input.shape, self.dtype)
+        return self._stager.put(x)
+
+    def _check_input(self, x):
+        if x.shape != self._input.shape:
             raise ValueError(
                 f"input batch has shape {x.shape}, the model expects "
-                f"{self.buf[INPUT].shape} (batch size is fixed at compile time)"
+                f"{self._input.shape} (batch size is fixed at compile time)"
             )
-        self.backend.to_device(x, self.buf[INPUT])
+
+    def _load_input(self, x):
+        if isinstance(x, StagedBatch):
+            if x.stager is not self._stager:
+                raise ValueError("this batch was staged for another model")
+            self.buf[INPUT] = self._stager.take(x)
+            return
+        x = np.asarray(x)
+        self._check_input(x)
+        self.buf[INPUT] = self._input
+        self.backend.to_device(x, self._input)
 
     def _forward(self, train: bool):
         buf, rng = self.buf, self.rng

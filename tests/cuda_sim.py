@@ -268,10 +268,23 @@ layers:
 SCHEDULE = [(0.0, False), (0.9, False), (0.9, True)]
 
 
+def _reused_buffer(x, y):
+    """The batches of x, y as the trainer's Batches yields them: the same arrays every
+    time, overwritten (first with NaN, as by a careless caller) once the step is over."""
+    bx, by = np.empty_like(x[0]), np.empty_like(y[0])
+    for i in range(len(x)):
+        bx[...], by[...] = x[i], y[i]
+        yield bx, by, len(bx)
+        bx[...], by[...] = np.nan, -1
+
+
 def train(spec, batch, steps) -> dict:
     """A few SGD steps (weight decay; momentum and Nesterov as SCHEDULE, then its last)
-    of one network on both backends."""
+    of one network on both backends, and on CUDA once more with every batch staged one
+    step ahead the way the trainer hands them (train.loop.handed_early) from a host
+    buffer overwritten after each hand-over: on a GPU the copy runs on a second stream."""
     import cnnspec
+    from cnnspec.train.loop import handed_early
 
     net = cnnspec.load(spec) if Path(spec).suffix in (".yaml", ".yml") else cnnspec.loads(spec)
     rng = np.random.default_rng(0)
@@ -279,23 +292,44 @@ def train(spec, batch, steps) -> dict:
     x = rng.standard_normal((steps, batch, *net.input_shape)).astype(np.float32)
     y = rng.integers(0, k, (steps, batch))
     out = {}
-    for device in ("cpu", "cuda"):
-        model = net.compile(device=device, batch_size=batch, seed=0)
+    for run in ("cpu", "cuda", "staged"):
+        model = net.compile(device="cpu" if run == "cpu" else "cuda", batch_size=batch, seed=0)
+        if run == "staged":
+            batches = handed_early(model, _reused_buffer(x, y))
+        else:
+            model.stage = None  # handed_early hands each batch at its step
+            batches = ((x[i], y[i], batch) for i in range(steps))
         losses = []
-        for i in range(steps):
+        for i, (xi, yi, _) in enumerate(batches):
             momentum, nesterov = SCHEDULE[min(i, len(SCHEDULE) - 1)]
-            losses.append(
-                model.step(x[i], y[i], 0.05, momentum, weight_decay=5e-4, nesterov=nesterov)
-            )
+            losses.append(model.step(xi, yi, 0.05, momentum, weight_decay=5e-4, nesterov=nesterov))
         params = {name: model.backend.to_host(v) for name, v in model.params.items()}
-        out[device] = {"losses": losses, "scores": model.forward(x[0]), "params": params}
-    a, b = out["cpu"], out["cuda"]
+        out[run] = {"losses": losses, "scores": model.forward(x[0]), "params": params}
+    a, b, c = out["cpu"], out["cuda"], out["staged"]
     return {
         "losses_cpu": a["losses"],
         "losses_cuda": b["losses"],
         "scores": compare({"s": a["scores"]}, {"s": b["scores"]})["s"],
         "params": max(compare(a["params"], b["params"]).values()),
+        "losses_staged": c["losses"],
+        "staged_params_identical": all(
+            np.array_equal(b["params"][name], c["params"][name]) for name in b["params"]
+        ),
+        "stale_refused": _stale_refused(model, x[0]),
     }
+
+
+def _stale_refused(model, x) -> bool:
+    """Two slots: a batch staged three hand-overs ago has been overwritten, and the
+    model says so instead of computing with the later batch."""
+    first = model.stage(x)
+    model.stage(x)
+    model.stage(x)
+    try:
+        model.forward(first)
+    except RuntimeError as e:
+        return "overwritten" in str(e)
+    return False
 
 
 def cli_train(out_dir: Path) -> dict:
@@ -376,6 +410,10 @@ def verdict(report: dict) -> list[str]:
         a, b = np.array(found["losses_cpu"]), np.array(found["losses_cuda"])
         if not np.allclose(a, b, rtol=1e-3) or found["scores"] > 1e-3:
             bad.append(f"{name}: losses {list(b)} on CUDA, {list(a)} on the CPU")
+        if found["losses_staged"] != found["losses_cuda"] or not found["staged_params_identical"]:
+            bad.append(f"{name}: staged batches train differently: {found['losses_staged']}")
+        if not found["stale_refused"]:
+            bad.append(f"{name}: an overwritten staged batch was not refused")
     cli = report.get("cli")
     if cli and (cli.get("error") or cli["train_exit"] or cli["eval_exit"]):
         bad.append(f"cnnspec train/eval --device cuda failed: {cli}")

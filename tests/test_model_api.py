@@ -90,3 +90,26 @@ def test_step_keeps_momentum_when_settings_change():
         opt.step(ref.loss_and_grads(X, Y)[1])
     for k in params:
         np.testing.assert_allclose(m.params[k], ref.params[k], rtol=1e-12)
+
+
+def test_staged_batches_are_copied_at_hand_over_and_refused_once_overwritten():
+    """Model.stage takes a batch ahead of its step (the trainer hands each one a step
+    early): the host array may change at once; a third hand-over reuses the first slot."""
+    m, plain = model(), model()
+    x = X.copy()
+    first = m.stage(x)
+    x *= 3.0  # the caller reuses its array for the next batch
+    second = m.stage(x)
+    x[...] = np.nan
+    np.testing.assert_array_equal(m.forward(first), plain.forward(X))
+    loss, grads = m.loss_and_grads(second, Y, copy=True)
+    want_loss, want = plain.loss_and_grads(X * 3.0, Y, copy=True)
+    assert loss == want_loss and all(np.array_equal(grads[k], want[k]) for k in want)
+    np.testing.assert_array_equal(m.forward(X), plain.forward(X))  # arrays still work
+    m.stage(X)
+    with pytest.raises(RuntimeError, match="overwritten by a later one"):
+        m.forward(first)
+    with pytest.raises(ValueError, match="staged for another model"):
+        plain.forward(second)
+    with pytest.raises(ValueError, match="batch size is fixed"):
+        m.stage(X[:1])

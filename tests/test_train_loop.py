@@ -292,3 +292,35 @@ def test_progress_bar_renders_on_a_terminal(tmp_path, digits):
     fit(FakeModel(), digits[0], digits[1], {**CFG, "epochs": 2}, tmp_path / "r", console=console)
     text = buffer.getvalue()
     assert "epoch 2/2" in text and "val_acc" in text
+
+
+STAGED_SPEC = """
+input: [1, 8, 8]
+layers:
+  - {type: conv2d, filters: 4, kernel: 3}
+  - {type: relu}
+  - {type: maxpool2d, kernel: 2}
+  - {type: dropout, rate: 0.1}
+  - {type: dense, units: 10}
+  - {type: softmax}
+"""
+
+
+def test_batches_handed_a_step_early_train_the_same(tmp_path, digits):
+    """The loop hands each batch to the model one step ahead (Model.stage; on a GPU its
+    copy overlaps the step before) while Batches refills the same arrays: the run is the
+    same, bit for bit, as handing each batch at its step."""
+    import cnnspec
+
+    net = cnnspec.loads(STAGED_SPEC)
+    staged, plain = (net.compile(batch_size=32) for _ in range(2))
+    handed = []
+    stage = staged.stage
+    staged.stage = lambda x: handed.append(1) or stage(x)
+    plain.stage = None  # the loop then hands each batch at its step
+    cfg = {**CFG, "epochs": 1, "lr": 0.1, "crop_padding": 1, "hflip": True}
+    _, with_staging = train(tmp_path, digits, cfg, "staged", model=staged)
+    _, without = train(tmp_path, digits, cfg, "plain", model=plain)
+    assert len(handed) == 320 // 32 + 4  # every training and validation batch
+    assert strip_timing(with_staging) == strip_timing(without)
+    assert same_params(staged, plain)

@@ -13,6 +13,9 @@ The model protocol (implemented by the compiled model)::
     model.last_scores: np.ndarray          # OPTIONAL: the (B, K) scores of the last
                                            # loss_and_grads; without it the training accuracy
                                            # costs one extra eval-mode forward per step
+    model.stage(x) -> handle               # OPTIONAL: takes a batch ahead of its step
+                                           # (a GPU copies it in while the step before runs);
+                                           # forward and loss_and_grads take the handle as x
 
 Output directory: ``metrics.jsonl`` (one JSON object per epoch), ``last.npz`` (every epoch, and
 on Ctrl-C at a step boundary) and ``best.npz`` (best validation accuracy); ``metrics.csv`` and
@@ -138,6 +141,24 @@ def _log_softmax_loss(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
     return lse - s[np.arange(len(y)), y]
 
 
+def handed_early(model: Any, batches):
+    """``batches`` with each input handed to the model one step early (``model.stage``,
+    when it has one): batch k+1 is staged before step k runs. Batches yields the same
+    arrays every time, so the labels of the batch held back are copied."""
+    stage = getattr(model, "stage", None)
+    if stage is None:
+        yield from batches
+        return
+    held = None
+    for x, y, n in batches:
+        staged = (stage(x), y.copy(), n)
+        if held is not None:
+            yield held
+        held = staged
+    if held is not None:
+        yield held
+
+
 def evaluate(model: Any, ds: Dataset, batch_size: int | None = None) -> dict[str, Any]:
     """Loss (cross-entropy of softmax of the scores), top-1 accuracy, top-5 accuracy (when
     there are more than 5 outputs), confusion matrix (rows: true label, columns: prediction)
@@ -147,7 +168,7 @@ def evaluate(model: Any, ds: Dataset, batch_size: int | None = None) -> dict[str
     batches = Batches(ds, batch_size or model.batch_size)
     loss_sum, top5 = 0.0, 0
     confusion = np.zeros((k, k), np.int64)
-    for x, y, n in batches:
+    for x, y, n in handed_early(model, batches):
         scores = np.asarray(model.forward(x, train=False))[:n]
         labels = y[:n]
         loss_sum += float(_log_softmax_loss(scores, labels).sum())
@@ -682,7 +703,8 @@ class _Trainer:
         bar.reset(task, total=steps, completed=state.step, **fields)
         has_scores = hasattr(model, "last_scores")
         started = time.perf_counter()
-        for s, (x, y, n) in enumerate(self.batches.epoch(start=state.step), start=state.step):
+        batches = handed_early(model, self.batches.epoch(start=state.step))
+        for s, (x, y, n) in enumerate(batches, start=state.step):
             lr = learning_rate(cfg, state.epoch + s / steps)
             if not has_scores:  # before the step, so that it sees the weights the loss sees
                 correct = int((model.forward(x, train=False).argmax(axis=1) == y).sum())

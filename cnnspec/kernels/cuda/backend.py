@@ -68,6 +68,11 @@ class CudaBackend(Backend):
 
         cuda.synchronize()
 
+    def stager(self, shape, dtype):
+        from .staging import CudaStager
+
+        return CudaStager(self, shape, dtype)
+
     def optimizer(self, model, **settings):
         from .optim import DeviceSGD
 
