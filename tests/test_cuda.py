@@ -9,6 +9,7 @@ cases on the real device."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import json
@@ -80,6 +81,17 @@ def test_network_steps_match_cpu(sim, name):
     np.testing.assert_allclose(found["losses_cuda"], found["losses_cpu"], rtol=1e-4)
     assert found["losses_cpu"][0] != found["losses_cpu"][1]  # the step changed something
     assert found["scores"] < 1e-4 and found["params"] < 1e-4, found
+
+
+@pytest.mark.parametrize("name", ["lenet-like", "resnet-like"])
+def test_staged_batches_train_identically(sim, name):
+    """The same steps with each batch staged one step ahead (as the trainer hands them)
+    from a host buffer overwritten right after the hand-over: the same bits as batches
+    given at their step; a batch whose slot a later one reused is refused."""
+    found = sim["networks"][name]
+    assert "error" not in found, found.get("trace")
+    assert found["losses_staged"] == found["losses_cuda"]
+    assert found["staged_params_identical"] and found["stale_refused"]
 
 
 def test_train_on_cuda_then_evaluate_on_cpu(sim):
@@ -180,6 +192,44 @@ def test_kernels_compile_to_ptx(sim, cc, capsys):
     with capsys.disabled():
         shown = "".join(f"\n  {k}: {v}" for k, v in sorted(registers.items()))
         print(f"\nsm_{cc[0]}{cc[1]} conv registers per thread:{shown or ' not linked'}")
+
+
+def cache_keys() -> dict:
+    """What numba-cuda's on-disk cache keys a kernel by, beyond the GPU and the versions:
+    the hash of its bytecode and of its pickled closure (a tile factory's tile and inner
+    step), per kernel and tile."""
+    from numba.cuda.serialize import dumps
+
+    keys = {}
+    for key, made in _kernels().items():
+        for kernel, label in made:
+            func = kernel.py_func
+            cells = tuple(c.cell_contents for c in func.__closure__ or ())
+            code = hashlib.sha256(func.__code__.co_code).hexdigest()
+            keys[f"{key[0]}.{key[1]} {label}"] = [code, hashlib.sha256(dumps(cells)).hexdigest()]
+    return keys
+
+
+def test_every_kernel_is_cached_on_disk():
+    """Every kernel has numba-cuda's disk cache (a second run loads ~50 kernels instead
+    of compiling them), and its key is the same in another process: a run finds what the
+    previous one stored. Storing and loading need a GPU (benchmarks/gpu_check.sh times a
+    cold and a warm first step)."""
+    from numba.cuda.dispatcher import CUDACache
+
+    kernels = _kernels()
+    uncached = [
+        key for key, made in kernels.items() for k, _ in made if not isinstance(k._cache, CUDACache)
+    ]
+    assert not uncached, f"kernels without cache=True (use _common.jit_kernel): {uncached}"
+    here = cache_keys()
+    code = "import json, test_cuda; print(json.dumps(test_cuda.cache_keys()))"
+    other = subprocess.run(
+        [sys.executable, "-c", code], env=_env(), cwd=ROOT / "tests", capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert json.loads(other.stdout) == here
 
 
 # ---- choosing the device ------------------------------------------------------------

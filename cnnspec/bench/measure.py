@@ -64,6 +64,10 @@ def _dispatchers():
         for obj in list(vars(mod).values()):
             if isinstance(obj, Dispatcher):
                 seen[id(obj)] = obj
+    cuda = sys.modules.get("cnnspec.kernels.cuda._common")  # numba-cuda's are no Dispatcher
+    for kernel in getattr(cuda, "KERNELS", ()):
+        if hasattr(kernel, "stats"):  # not the simulator's stand-ins
+            seen[id(kernel)] = kernel
     return list(seen.values())
 
 

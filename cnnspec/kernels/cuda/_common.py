@@ -20,6 +20,21 @@ THREADS = 32 if SIMULATED else 256
 
 _scratch: dict = {}
 
+# The decorator of every kernel. A kernel compiles once per machine, not once per run:
+# numba-cuda keeps its PTX and cubin on disk (in __pycache__ beside the source, or under
+# NUMBA_CACHE_DIR), keyed by the kernel's bytecode and closure (a tile factory's tile and
+# inner step), the GPU's compute capability and the CUDA and numba-cuda versions. Like
+# Numba's CPU cache it does not notice an edit to a device function of another module
+# (tree_sum below): after changing one, delete the .nbi/.nbc files of its callers.
+_cached_jit = cuda.jit(cache=True)
+KERNELS: list = []  # every kernel made so far (a tile factory's on first use): bench's cache count
+
+
+def jit_kernel(fn):
+    kernel = _cached_jit(fn)
+    KERNELS.append(kernel)
+    return kernel
+
 
 def tile_threads(tile) -> int:
     """Threads of a register-blocked GEMM tile (BM, BN, BK, TM, TN): one per TM x TN block."""

@@ -7,7 +7,7 @@ import math
 from numba import cuda, float32, float64
 
 from .. import SCALED_TANH_A, SCALED_TANH_S
-from ._common import THREADS, blocks, check_float32, check_shape, flat
+from ._common import THREADS, blocks, check_float32, check_shape, flat, jit_kernel
 
 __all__ = [
     "relu_forward",
@@ -40,7 +40,7 @@ def _launch(kernel, *args):
     kernel[blocks(out.size), THREADS](*args)
 
 
-@cuda.jit
+@jit_kernel
 def _relu_fwd(x, out):
     i = cuda.grid(1)
     if i < x.size:
@@ -48,7 +48,7 @@ def _relu_fwd(x, out):
         out[i] = 0 if v <= 0 else v  # NaN propagates, like torch.relu
 
 
-@cuda.jit
+@jit_kernel
 def _relu_bwd(x, dout, dx):
     i = cuda.grid(1)
     if i < x.size:
@@ -64,7 +64,7 @@ def relu_backward(x, dout, dx):
     _launch(_relu_bwd, x, dout, dx)
 
 
-@cuda.jit
+@jit_kernel
 def _leaky_fwd(x, alpha, out):
     i = cuda.grid(1)
     if i < x.size:
@@ -72,7 +72,7 @@ def _leaky_fwd(x, alpha, out):
         out[i] = v if v > 0 else float32(alpha) * v
 
 
-@cuda.jit
+@jit_kernel
 def _leaky_bwd(x, alpha, dout, dx):
     i = cuda.grid(1)
     if i < x.size:
@@ -87,7 +87,7 @@ def leaky_relu_backward(x, alpha, dout, dx):
     _launch(_leaky_bwd, x, float(alpha), dout, dx)
 
 
-@cuda.jit
+@jit_kernel
 def _elu_fwd(x, alpha, out):
     i = cuda.grid(1)
     if i < x.size:
@@ -95,7 +95,7 @@ def _elu_fwd(x, alpha, out):
         out[i] = v if v > 0 else float32(alpha) * math.expm1(v)
 
 
-@cuda.jit
+@jit_kernel
 def _elu_bwd(x, y, alpha, dout, dx):
     i = cuda.grid(1)
     if i < x.size:
@@ -110,7 +110,7 @@ def elu_backward(x, out_y, alpha, dout, dx):
     _launch(_elu_bwd, x, out_y, float(alpha), dout, dx)
 
 
-@cuda.jit
+@jit_kernel
 def _sigmoid_fwd(x, out):
     i = cuda.grid(1)
     if i < x.size:
@@ -122,7 +122,7 @@ def _sigmoid_fwd(x, out):
             out[i] = e / (float32(1.0) + e)
 
 
-@cuda.jit
+@jit_kernel
 def _sigmoid_bwd(y, dout, dx):
     i = cuda.grid(1)
     if i < y.size:
@@ -137,14 +137,14 @@ def sigmoid_backward(y, dout, dx):
     _launch(_sigmoid_bwd, y, dout, dx)
 
 
-@cuda.jit
+@jit_kernel
 def _tanh_fwd(x, a, s, out):
     i = cuda.grid(1)
     if i < x.size:
         out[i] = float32(a) * math.tanh(float32(s) * x[i])
 
 
-@cuda.jit
+@jit_kernel
 def _tanh_bwd(y, a, s, dout, dx):
     # y = a tanh(s x): dy/dx = s (a - y^2 / a)
     i = cuda.grid(1)
@@ -169,7 +169,7 @@ def scaled_tanh_backward(y, dout, dx):
     _launch(_tanh_bwd, y, SCALED_TANH_A, SCALED_TANH_S, dout, dx)
 
 
-@cuda.jit
+@jit_kernel
 def _rrelu_fwd(x, slopes, out):
     i = cuda.grid(1)
     if i < x.size:
@@ -177,7 +177,7 @@ def _rrelu_fwd(x, slopes, out):
         out[i] = v if v > 0 else v * slopes[i]
 
 
-@cuda.jit
+@jit_kernel
 def _rrelu_bwd(x, slopes, dout, dx):
     i = cuda.grid(1)
     if i < x.size:
@@ -193,7 +193,7 @@ def rrelu_backward(x, slopes, dout, dx):
     _launch(_rrelu_bwd, x, slopes, dout, dx)
 
 
-@cuda.jit
+@jit_kernel
 def _prelu_fwd(x, w, c_, s_, out):
     i = cuda.grid(1)
     if i < x.size:
@@ -202,7 +202,7 @@ def _prelu_fwd(x, w, c_, s_, out):
         out[i] = v if v > 0 else a * v
 
 
-@cuda.jit
+@jit_kernel
 def _prelu_dx(x, w, dout, c_, s_, dx):
     i = cuda.grid(1)
     if i < x.size:
@@ -210,7 +210,7 @@ def _prelu_dx(x, w, dout, c_, s_, dx):
         dx[i] = dout[i] if x[i] > 0 else a * dout[i]
 
 
-@cuda.jit
+@jit_kernel
 def _prelu_dw(x, dout, n_, c_, s_, shared, dw):
     # one thread per slope, the batch in order: deterministic (slopes are few)
     t = cuda.grid(1)
@@ -250,7 +250,7 @@ def prelu_backward(x, w, dout, dx, dw):
     _prelu_dw[blocks(dw.size), THREADS](flat(x), flat(dout), n, c, s, w.shape[0] == 1, dw)
 
 
-@cuda.jit
+@jit_kernel
 def _maxout_fwd(x, pieces, k_, s_, out, argmax):
     i = cuda.grid(1)  # over out (N, K, S)
     if i < out.size:
@@ -271,7 +271,7 @@ def _maxout_fwd(x, pieces, k_, s_, out, argmax):
         argmax[i] = idx
 
 
-@cuda.jit
+@jit_kernel
 def _maxout_bwd(dout, argmax, pieces, k_, s_, dx):
     i = cuda.grid(1)  # over dout; each writes its own group of dx
     if i < dout.size:

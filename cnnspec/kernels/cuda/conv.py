@@ -30,6 +30,7 @@ from ._common import (
     check_shape,
     empty_like_none,
     flat,
+    jit_kernel,
     tile_product,
     tile_threads,
     tree_sum,
@@ -60,7 +61,7 @@ def forward_kernel(bm, bn, bk, tm, tn):
     kstep = nt // bn  # B-tile rows loaded per pass; each thread keeps its column
     assert nt % bn == 0 and nt % bk == 0
 
-    @cuda.jit
+    @jit_kernel
     def conv2d_fwd(x, w, bias, has_bias, act, d, out):
         n_, c_, h_, w_, o_, oh, ow, kh, kw, sh, sw, pt, pl, dh, dw, g_ = d
         g = cuda.blockIdx.z
@@ -142,7 +143,7 @@ def dx_kernel(bm, bn, bk, tm, tn):
     kstep = nt // bn  # B-tile rows loaded per pass; each thread keeps its column
     assert nt % bn == 0 and nt % bk == 0
 
-    @cuda.jit
+    @jit_kernel
     def conv2d_dx(dout, y, act, w, d, dx):
         n_, c_, h_, w_, o_, oh, ow, kh, kw, sh, sw, pt, pl, dh, dw, g_ = d
         g = cuda.blockIdx.z
@@ -224,7 +225,7 @@ def dw_kernel(bm, bn, bk, tm, tn):
     kstep = nt // bn  # B-tile rows loaded per pass; each thread keeps its column
     assert nt % bn == 0 and nt % bk == 0
 
-    @cuda.jit
+    @jit_kernel
     def conv2d_dw(x, dout, y, act, d, slices, chunk, dst):
         n_, c_, h_, w_, o_, oh, ow, kh, kw, sh, sw, pt, pl, dh, dw, g_ = d
         s = cuda.blockIdx.z % slices
@@ -296,7 +297,7 @@ def dw_kernel(bm, bn, bk, tm, tn):
     return conv2d_dw
 
 
-@cuda.jit
+@jit_kernel
 def _sum_slices(parts, slices, size, dw):
     i = cuda.grid(1)
     if i < size:
@@ -306,7 +307,7 @@ def _sum_slices(parts, slices, size, dw):
         dw[i] = v
 
 
-@cuda.jit
+@jit_kernel
 def _bias_grad(dout, y, act, n_, o_, s_, db):
     # one block per output map; each thread sums a fixed stride of its (n, s) values,
     # then a tree in shared memory: a fixed order, the same bits every run
@@ -437,7 +438,7 @@ def conv2d_backward(
         _bias_sums(dout, y, act, db)
 
 
-@cuda.jit
+@jit_kernel
 def _mask(dw, mask):
     i = cuda.grid(1)
     if i < dw.size:

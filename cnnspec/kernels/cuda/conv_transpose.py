@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from numba import cuda
 
-from ._common import ACT_NONE, THREADS, blocks, check_float32, check_shape, flat
+from ._common import ACT_NONE, THREADS, blocks, check_float32, check_shape, flat, jit_kernel
 from .conv import _bias_sums, _dims, _forward, _input_grad, _weight_grad
 
 __all__ = ["conv_transpose2d_forward", "conv_transpose2d_backward"]
 
 
-@cuda.jit
+@jit_kernel
 def _add_bias(out, b, c_, s_):
     i = cuda.grid(1)
     if i < out.size:

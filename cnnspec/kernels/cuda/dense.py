@@ -17,6 +17,7 @@ from ._common import (
     check_shape,
     empty_like_none,
     flat,
+    jit_kernel,
     tile_product,
     tile_threads,
 )
@@ -36,7 +37,7 @@ def gemm_kernel(bm, bn, bk, tm, tn):
     nt = tx_ * ty_
     product = tile_product(bm, bn, bk, tm, tn)
 
-    @cuda.jit
+    @jit_kernel
     def gemm(a, ars, acs, b, brs, bcs, m_, n_, k_, bias, has_bias, act, c):
         row0 = cuda.blockIdx.y * bm
         col0 = cuda.blockIdx.x * bn
@@ -92,7 +93,7 @@ def gemm(a, a_strides, b, b_strides, m, n, k, c, bias=None, act=0):
     )
 
 
-@cuda.jit
+@jit_kernel
 def _column_sums(x, rows, cols, out):
     # one thread per column, rows added in order: fixed, and coalesced across threads
     j = cuda.grid(1)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from numba import cuda
 
-from ._common import THREADS, blocks, check_shape, flat
+from ._common import THREADS, blocks, check_shape, flat, jit_kernel
 
 __all__ = ["dropout_apply"]
 
 
-@cuda.jit
+@jit_kernel
 def _apply(x, mask, out):
     i = cuda.grid(1)
     if i < out.size:

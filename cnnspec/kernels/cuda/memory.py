@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from numba import cuda
 
-from ._common import THREADS, blocks, flat
+from ._common import THREADS, blocks, flat, jit_kernel
 
 
-@cuda.jit
+@jit_kernel
 def _fill(a, value):
     i = cuda.grid(1)
     if i < a.size:

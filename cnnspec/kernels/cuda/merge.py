@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from numba import cuda
 
-from ._common import THREADS, blocks, check_shape, flat
+from ._common import THREADS, blocks, check_shape, flat, jit_kernel
 
 __all__ = ["add_forward", "add_backward"]
 
 
-@cuda.jit
+@jit_kernel
 def _add2(a, b, act, out):
     i = cuda.grid(1)
     if i < out.size:
@@ -17,7 +17,7 @@ def _add2(a, b, act, out):
         out[i] = v if (act == 0 or v > 0) else 0.0
 
 
-@cuda.jit
+@jit_kernel
 def _add_into(x, act, out):
     i = cuda.grid(1)
     if i < out.size:
@@ -25,14 +25,14 @@ def _add_into(x, act, out):
         out[i] = v if (act == 0 or v > 0) else 0.0
 
 
-@cuda.jit
+@jit_kernel
 def _mask(dout, y, act, dx):
     i = cuda.grid(1)
     if i < dx.size:
         dx[i] = dout[i] if (act == 0 or y[i] > 0) else 0.0
 
 
-@cuda.jit
+@jit_kernel
 def _mask2(dout, y, act, dx0, dx1):
     i = cuda.grid(1)
     if i < dx0.size:

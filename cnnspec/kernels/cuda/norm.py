@@ -18,6 +18,7 @@ from ._common import (
     check_shape,
     filled,
     flat,
+    jit_kernel,
     scratch,
     tree_sum,
 )
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 
-@cuda.jit
+@jit_kernel
 def _bn_stats(x, n_, c_, s_, gamma, beta, eps, mom, track, rmean, rvar, bmean, inv_std, affine):
     # biased variance of the values shifted by the channel's first one (no cancellation
     # when the mean is large against the spread), as the CPU kernel
@@ -68,7 +69,7 @@ def _bn_stats(x, n_, c_, s_, gamma, beta, eps, mom, track, rmean, rvar, bmean, i
             rvar[c] = (1.0 - mom) * rvar[c] + mom * unbiased
 
 
-@cuda.jit
+@jit_kernel
 def _affine(x, affine, c_, s_, act, out):
     i = cuda.grid(1)
     if i < x.size:
@@ -77,7 +78,7 @@ def _affine(x, affine, c_, s_, act, out):
         out[i] = v if (act == 0 or v > 0) else 0.0
 
 
-@cuda.jit
+@jit_kernel
 def _eval_affine(gamma, beta, rmean, rvar, eps, c_, affine):
     c = cuda.grid(1)
     if c < c_:
@@ -87,7 +88,7 @@ def _eval_affine(gamma, beta, rmean, rvar, eps, c_, affine):
         affine[c_ + c] = float32(beta[c] - rmean[c] * scale)
 
 
-@cuda.jit
+@jit_kernel
 def _bn_bwd_sums(dout, x, affine, act, bmean, gamma, inv_std, n_, c_, s_, dgamma, dbeta, k):
     # g = dout masked by the fused ReLU (recomputed from x and the forward's affine);
     # sums of g and g * (x - mean), then dx = ka*g + kb*x + kc per channel
@@ -124,7 +125,7 @@ def _bn_bwd_sums(dout, x, affine, act, bmean, gamma, inv_std, n_, c_, s_, dgamma
         k[2 * c_ + c] = -kk * sum_dy / m - slope * bmean[c]
 
 
-@cuda.jit
+@jit_kernel
 def _bn_bwd_dx(dout, x, affine, act, k, c_, s_, dx):
     i = cuda.grid(1)
     if i < x.size:
@@ -240,7 +241,7 @@ def _pow_neg(s, beta):
     return math.pow(s, -beta)
 
 
-@cuda.jit
+@jit_kernel
 def _lrn_fwd(x, size, alpha, beta, k, c_, s_, out, scale):
     i = cuda.grid(1)
     if i < x.size:
@@ -257,7 +258,7 @@ def _lrn_fwd(x, size, alpha, beta, k, c_, s_, out, scale):
         out[i] = x[i] * _pow_neg(sc, float32(beta))
 
 
-@cuda.jit
+@jit_kernel
 def _lrn_bwd(x, out, scale, dout, size, alpha, beta, c_, s_, dx):
     # dx_i = dy_i * s_i^-b - (2ab/size) x_i * sum_{j: i in W(j)} dy_j * y_j / s_j
     i = cuda.grid(1)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, float32
 
-from ._common import THREADS, blocks
+from ._common import THREADS, blocks, jit_kernel
 
 __all__ = ["sgd_update", "DeviceSGD"]
 
 
-@cuda.jit
+@jit_kernel
 def _sgd(p, grad, buf, lr, momentum, weight_decay, nesterov, first):
     i = cuda.grid(1)
     if i < p.size:

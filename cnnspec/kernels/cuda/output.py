@@ -9,7 +9,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-from ._common import THREADS, blocks, check_float32, check_shape, flat, scratch
+from ._common import THREADS, blocks, check_float32, check_shape, flat, jit_kernel, scratch
 
 __all__ = [
     "softmax_forward",
@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 
-@cuda.jit
+@jit_kernel
 def _softmax(logits, n_, k_, probs):
     n = cuda.grid(1)
     if n < n_:
@@ -38,7 +38,7 @@ def _softmax(logits, n_, k_, probs):
             probs[row + j] /= s
 
 
-@cuda.jit
+@jit_kernel
 def _softmax_ce(logits, labels, n_, k_, grad_scale, want_grad, probs, dlogits, losses):
     n = cuda.grid(1)
     if n < n_:
@@ -102,7 +102,7 @@ def softmax_loss(logits, labels, probs, dlogits, weight=1.0):
     return float(weight) * float(losses.copy_to_host().sum()) / n
 
 
-@cuda.jit
+@jit_kernel
 def _mse(pred, target, m, grad_scale, want_grad, dpred, partial):
     # one thread per fixed chunk of elements: partial sums in a fixed order
     t = cuda.grid(1)
@@ -134,7 +134,7 @@ def linear_loss(pred, target, dpred, weight=1.0):
 
 
 # ------------------------------------------------------------------------------- rbf
-@cuda.jit
+@jit_kernel
 def _rbf_fwd(x, centres, n_, k_, f_, out):
     i = cuda.grid(1)
     if i < n_ * k_:
@@ -147,7 +147,7 @@ def _rbf_fwd(x, centres, n_, k_, f_, out):
         out[i] = acc
 
 
-@cuda.jit
+@jit_kernel
 def _rbf_dx(x, centres, dout, n_, k_, f_, dx):
     i = cuda.grid(1)
     if i < n_ * f_:
@@ -159,7 +159,7 @@ def _rbf_dx(x, centres, dout, n_, k_, f_, dx):
         dx[i] = acc
 
 
-@cuda.jit
+@jit_kernel
 def _rbf_dc(x, centres, dout, n_, k_, f_, dc):
     i = cuda.grid(1)
     if i < k_ * f_:
@@ -194,7 +194,7 @@ def rbf_backward(x, centres, dout, dx, dcentres):
         _rbf_dc[blocks(k * f), THREADS](flat(x), flat(centres), flat(dout), n, k, f, flat(dcentres))
 
 
-@cuda.jit
+@jit_kernel
 def _negate(x, out):
     i = cuda.grid(1)
     if i < out.size:

@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from ._common import THREADS, blocks, check_float32, check_shape, flat
+from ._common import THREADS, blocks, check_float32, check_shape, flat, jit_kernel
 
 __all__ = [
     "maxpool2d_forward",
@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-@cuda.jit
+@jit_kernel
 def _maxpool_fwd(x, d, out, argmax):
     nc_, h_, w_, oh, ow, kh, kw, sh, sw, pt, pl = d
     i = cuda.grid(1)
@@ -69,7 +69,7 @@ def _window_range(i, p, k, s, o):
     return lo, hi
 
 
-@cuda.jit
+@jit_kernel
 def _maxpool_bwd(dout, argmax, nc_, hw, ohw, dx):
     # one thread per plane scatters its outputs in order: overlapping windows add up
     # without atomics, in a fixed order
@@ -126,7 +126,7 @@ def _divisor(oy, ox, d):
     return ph * pw if cip else (he - hs) * (we - ws)
 
 
-@cuda.jit
+@jit_kernel
 def _avgpool_fwd(x, d, oh, ow, out):
     nc_, h_, w_, kh, kw, sh, sw, pt, pb, pl, pr, cip = d
     i = cuda.grid(1)
@@ -147,7 +147,7 @@ def _avgpool_fwd(x, d, oh, ow, out):
     out[i] = acc / div if div > 0 else float32(0.0)
 
 
-@cuda.jit
+@jit_kernel
 def _avgpool_bwd(dout, d, oh, ow, dx):
     nc_, h_, w_, kh, kw, sh, sw, pt, pb, pl, pr, cip = d
     i = cuda.grid(1)
@@ -187,7 +187,7 @@ def avgpool2d_backward(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, 
     _avgpool_bwd[blocks(dx.size), THREADS](flat(dout), d, oh, ow, flat(dx))
 
 
-@cuda.jit
+@jit_kernel
 def _gap_fwd(x, nc_, hw, out):
     i = cuda.grid(1)
     if i < nc_:
@@ -197,7 +197,7 @@ def _gap_fwd(x, nc_, hw, out):
         out[i] = acc / hw
 
 
-@cuda.jit
+@jit_kernel
 def _gap_bwd(dout, nc_, hw, dx):
     i = cuda.grid(1)
     if i < nc_ * hw:
@@ -219,7 +219,7 @@ def global_avgpool2d_backward(dout, dx):
 
 
 # ------------------------------------------------------ LeNet-5 trainable subsampling
-@cuda.jit
+@jit_kernel
 def _subsample_fwd(x, coef, bias, d, out, pooled):
     nc_, c_, h_, w_, oh, ow, kh, kw, sh, sw = d
     i = cuda.grid(1)
@@ -241,7 +241,7 @@ def _subsample_fwd(x, coef, bias, d, out, pooled):
         out[i] = coef[c] * p + bias[c]
 
 
-@cuda.jit
+@jit_kernel
 def _subsample_dx(dout, coef, d, dx):
     nc_, c_, h_, w_, oh, ow, kh, kw, sh, sw = d
     i = cuda.grid(1)
@@ -261,7 +261,7 @@ def _subsample_dx(dout, coef, d, dx):
         dx[i] = coef[nc % c_] * v
 
 
-@cuda.jit
+@jit_kernel
 def _subsample_params(dout, pooled, n_, c_, l_, dcoef, dbias):
     c = cuda.grid(1)  # one thread per map, the batch in order: deterministic
     if c < c_:

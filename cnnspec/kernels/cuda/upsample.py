@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from numba import cuda
 
-from ._common import THREADS, blocks, flat
+from ._common import THREADS, blocks, flat, jit_kernel
 
 __all__ = ["upsample2d_forward", "upsample2d_backward"]
 
@@ -16,7 +16,7 @@ def _lerp(a, b, w):
     return a if w == 0 else a + (b - a) * w  # weight 0: an inf input stays inf
 
 
-@cuda.jit
+@jit_kernel
 def _fwd(x, r0, r1, wr, c0, c1, wc, planes, h_, w_, oh, ow, out):
     t = cuda.grid(1)
     if t < planes * oh * ow:
@@ -31,7 +31,7 @@ def _fwd(x, r0, r1, wr, c0, c1, wc, planes, h_, w_, oh, ow, out):
         out[t] = _lerp(top, bottom, wr[i])
 
 
-@cuda.jit
+@jit_kernel
 def _bwd(dout, r0, r1, wr, c0, c1, wc, planes, h_, w_, oh, ow, dx):
     p = cuda.grid(1)
     if p < planes:
