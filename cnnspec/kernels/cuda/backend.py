@@ -1,7 +1,8 @@
 """The CUDA backend: numba-cuda device arrays, allocated once per compiled model, and the
-kernels of this folder. Host transfers happen only here (and, for labels and the loss,
-in the loss kernels): a training step copies in one batch and copies out the loss and
-the scores its metrics need.
+kernels of this folder. Host transfers happen only here, in staging.py (a batch handed
+over early, on a second stream) and, for labels and the loss, in the loss kernels: a
+training step copies in one batch and copies out the loss and the scores its metrics
+need.
 
 Nothing imports numba-cuda until a model is compiled for this device, and `unusable()`
 says in one line what is missing when it cannot run.
