@@ -79,6 +79,9 @@ class _BufferPool:
 
 class Model:
     trained_inputs = None  # the training data's range and scaling, once restored (predict, eval)
+    # set by every loss_and_grads; declared here so the trainer knows from the first step that
+    # it need not run an extra forward pass for the training accuracy
+    last_scores: np.ndarray | None = None
 
     def __init__(
         self,

@@ -324,3 +324,16 @@ def test_batches_handed_a_step_early_train_the_same(tmp_path, digits):
     assert len(handed) == 320 // 32 + 4  # every training and validation batch
     assert strip_timing(with_staging) == strip_timing(without)
     assert same_params(staged, plain)
+
+
+def test_training_accuracy_needs_no_extra_forward_pass(tmp_path, digits):
+    """The training accuracy comes from the scores loss_and_grads computed, from the very
+    first step: no eval-mode forward per step (that doubled epoch 1's forward work)."""
+    import cnnspec
+
+    model = cnnspec.loads(STAGED_SPEC).compile(batch_size=32)
+    forwards = []
+    forward = model.forward
+    model.forward = lambda *a, **k: forwards.append(k.get("train")) or forward(*a, **k)
+    train(tmp_path, digits, {**CFG, "epochs": 1}, model=model)
+    assert len(forwards) == 4  # the validation batches only
