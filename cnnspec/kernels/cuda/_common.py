@@ -92,20 +92,21 @@ def check_float32(**arrays) -> None:
             raise ValueError(f"{name} must be float32 on the CUDA backend, got {a.dtype}")
 
 
-def scratch(key: str, shape, dtype=np.float32):
+def scratch(key: str, shape, dtype=np.float32, fill=None):
     """A device array kept for the life of the process, one per (key, shape, dtype):
-    per-channel constants and labels are staged here instead of allocated per call."""
+    per-channel constants and labels are staged here instead of allocated per call.
+    With `fill`, it holds that value from its creation (copied in once)."""
     k = (key, tuple(shape), np.dtype(dtype).str)
     if k not in _scratch:
-        _scratch[k] = cuda.device_array(shape, dtype)
+        host = None if fill is None else np.full(shape, fill, dtype)
+        _scratch[k] = cuda.device_array(shape, dtype) if host is None else cuda.to_device(host)
     return _scratch[k]
 
 
 def filled(shape, value: float):
-    """A device array of `value` (a missing gamma is ones, a missing beta zeros)."""
-    a = scratch(f"fill{value!r}", shape)
-    a.copy_to_device(np.full(shape, value, np.float32))
-    return a
+    """A device array of `value` (a missing gamma is ones, a missing beta zeros); nothing
+    writes it, so it is copied in once, not at every call."""
+    return scratch(f"fill{value!r}", shape, fill=value)
 
 
 def flat(a):
