@@ -439,3 +439,38 @@ print("ok")
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_each_vector_width_keeps_its_own_cache(tmp_path):
+    """512-bit then 256-bit kernels in one Numba cache: each process compiles (or loads)
+    its own width, never the other's blocks (it crashed when the cache ignored the
+    width). One tiny forward conv per process, against numpy."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np
+from cnnspec.kernels.cpu import conv
+rng = np.random.default_rng(0)
+x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+out = np.empty((2, 5, 4, 4), np.float32)
+ws = np.empty(conv.conv2d_workspace(x.shape, w.shape, out.shape, (1, 1), (0,) * 4, (1, 1), 4),
+              np.float32)
+conv.conv2d_forward(x, w, None, (1, 1), (0,) * 4, (1, 1), 1, out, ws)
+cols = np.stack([x[:, :, i : i + 4, j : j + 4] for i in range(3) for j in range(3)], axis=2)
+ref = np.einsum("ncqyx,ocq->noyx", cols, w.reshape(5, 3, 9))
+assert np.allclose(out, ref, rtol=1e-4, atol=1e-4)
+print(conv.VECTOR_BYTES * 8)
+"""
+    for bits in ("512", "256", "512"):
+        env = dict(os.environ, CNNSPEC_VECTOR_BITS=bits, NUMBA_CACHE_DIR=str(tmp_path))
+        env["NUMBA_NUM_THREADS"] = "1"
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, (bits, done.returncode, done.stderr[-3000:])
+        assert done.stdout.split() == [bits]
+    cached = {p.name.split("-")[-1].split(".")[0] for p in tmp_path.rglob("conv._forward*.nbi")}
+    assert cached == {"512bit", "256bit"}, cached

@@ -1,17 +1,67 @@
-"""Plain-Python helpers shared by the CPU kernels (argument checks, views).
+"""Plain-Python helpers shared by the CPU kernels (argument checks, views), the vector
+width the micro-kernels are built for, and a Numba cache per width.
 
 Jitted helpers live next to their callers: Numba's on-disk cache does not notice when a
-function in another module changes.
+function in another module changes. Every kernel module imports this one first.
 """
 
 from __future__ import annotations
 
+import os
 import types
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
+from numba.core import caching
+
+# The micro-kernels' vector width follows the CPU (512-bit with AVX-512, else 256-bit);
+# CNNSPEC_VECTOR_BITS=256 forces the narrow kernels (tests run them on AVX-512 CPUs).
+_BITS = os.environ.get("CNNSPEC_VECTOR_BITS")
+_WIDE = _BITS == "512" or (_BITS is None and llvm.get_host_cpu_features().get("avx512f", False))
+VECTOR_BITS = 512 if _WIDE else 256
+
+
+class _WidthCacheLocator(caching._CacheLocator):
+    """Numba's own cache location for the kernels in this folder, with the vector width
+    in the file names. Numba keys a cached kernel on its source, signature and CPU, not
+    on the module constants baked into it: a 256-bit process loading 512-bit blocks
+    from a shared cache crashed. Every kernel here is keyed, since any may inline the
+    micro-kernels."""
+
+    _folder = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def ensure_cache_path(self):
+        self._inner.ensure_cache_path()
+
+    def get_cache_path(self):
+        return self._inner.get_cache_path()
+
+    def get_source_stamp(self):
+        return self._inner.get_source_stamp()
+
+    def get_disambiguator(self):
+        return f"{self._inner.get_disambiguator()}-{VECTOR_BITS}bit"
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if not os.path.abspath(py_file).startswith(cls._folder):
+            return None
+        for other in caching.CacheImpl._locator_classes:
+            inner = None if other is cls else other.from_function(py_func, py_file)
+            if inner is not None:
+                return cls(inner)
+        return None
+
+
+# before any kernel module's @njit(cache=True) builds its cache
+if not any(c.__name__ == "_WidthCacheLocator" for c in caching.CacheImpl._locator_classes):
+    caching.CacheImpl._locator_classes.insert(0, _WidthCacheLocator)
 
 
 def check_c(**arrays: np.ndarray | None) -> None:

@@ -10,18 +10,16 @@ module changes.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import NamedTuple
 
-import llvmlite.binding as llvm
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ._common import check_c, check_shape
+from ._common import VECTOR_BITS, check_c, check_shape
 from ._common import unpack_geometry as _unpack
 
 __all__ = [
@@ -45,13 +43,11 @@ __all__ = [
 # - ``bcast``: C[MR x NR] (+)= A B, A packed [k][MR] (a column of A per step,
 #   broadcast against a row of B): the forward product and dx;
 # - ``dot``: C[MD x ND] += A B^T over long rows (horizontal sums at the end): dW.
-# The vector width follows the CPU (512-bit with AVX-512, else 256-bit), so the
-# blocks fit the register file (32 or 16 vector registers).
-# CNNSPEC_VECTOR_BITS=256 forces the narrow kernels (tests run them on AVX-512 CPUs;
-# give such a process its own NUMBA_CACHE_DIR: the cache does not key on it).
-_BITS = os.environ.get("CNNSPEC_VECTOR_BITS")
-_WIDE = _BITS == "512" or (_BITS is None and llvm.get_host_cpu_features().get("avx512f", False))
-VECTOR_BYTES = 64 if _WIDE else 32
+# The vector width (_common.VECTOR_BITS: the CPU's, or CNNSPEC_VECTOR_BITS) sizes the
+# blocks to fit the register file (32 or 16 vector registers); Numba's cache is kept
+# per width.
+_WIDE = VECTOR_BITS == 512
+VECTOR_BYTES = VECTOR_BITS // 8
 MR = 8 if _WIDE else 4  # bcast: rows of C per block
 NV = 3  # bcast: vectors of C per row
 MD = 4 if _WIDE else 2  # dot: rows of A per block
