@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ._common import VECTOR_BITS, check_c, check_shape
+from ._common import VECTOR_BITS, Builds, check_c, check_shape
 from ._common import unpack_geometry as _unpack
 
 __all__ = [
@@ -299,6 +299,17 @@ _MIN_COLUMNS = 512  # wide layers (VGG-16's 256 channels at 56x56: one row per t
 # 256 columns: 1.1x slower, 1024: the same as 512)
 
 
+# Convs below this many forward FLOPs run on one thread, in the kernels' serial builds:
+# their parallel=True builds cost ~3 s more CPU to compile (LeNet-5's cold first step
+# 8.9 -> 5.4 s), and a thread's share of a small conv is short beside the fork/join and,
+# under load, the wait for a descheduled worker. Measured on the shared 2-core machine
+# (others' load ~2), 2 threads, forward + backward: LeNet-5 b64's convs (6-31 MFLOP)
+# serial/parallel 0.81-0.90, 61 MFLOP 0.90, 123 MFLOP 0.98; its step 0.95. ResNet-20's
+# smallest conv at b128 has 604 MFLOP. On one thread both builds run alike (LeNet-5 b64
+# step 0.99, ResNet-20 b128 1.00, serial/parallel).
+_SERIAL_FLOPS = 64e6
+
+
 def _round_up(n, m):
     return -(-n // m) * m
 
@@ -460,7 +471,8 @@ def _patch_offset(k, dims, spt, hq, wq):
 def _pack(w3, transpose, rows_p, wpack):
     """wpack[g][r // MR][q][r % MR] = A[g, r, q], zero rows r up to rows_p: the bcast
     kernel's A. A is w3 (forward: rows are output channels) or, with `transpose`,
-    its transpose (dx: rows are im2col rows)."""
+    its transpose (dx: rows are im2col rows). Callers pass bool(...), a runtime bool:
+    a literal False / True would compile _pack once each (~0.2 s of a cold start)."""
     g_, og, kg = w3.shape
     rows, inner = (kg, og) if transpose else (og, kg)
     for g in range(g_):
@@ -547,7 +559,7 @@ def _gather(dout, y, act, n, oy0, nr, rs, ogd, g_, col0, tcp, dprod, db):
         db[o] += acc
 
 
-@njit(parallel=True, cache=True)
+@Builds
 def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
     hq, wq, rows, tiles, spt, tcp, ogb, _ogd, _kgb, kgd, pad_size, per, _ = geo
     n_ = x.shape[0]
@@ -556,7 +568,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
     nr_ = NV * (VECTOR_BYTES // x.itemsize)  # panel width
     mr = MR
     wpack = ws[T * per :]
-    _pack(w3, False, ogb, wpack)
+    _pack(w3, bool(0), ogb, wpack)
     total = -(-n_ // spt) if spt > 1 else n_ * tiles
     has_bias = bias.shape[0] > 0
     for t in prange(T):
@@ -591,7 +603,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
                             dst[v] = (yv if yv > 0 else 0.0) if act == 1 else yv
 
 
-@njit(parallel=True, cache=True)
+@Builds
 def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
     hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, _ = geo
     n_ = x.shape[0]
@@ -602,7 +614,7 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
     go = g_ * ogd  # rows of dout
     wpack = ws[T * per :]
     if want_dx:
-        _pack(w3, True, kgb, wpack)
+        _pack(w3, bool(1), kgb, wpack)
     for t in prange(T):
         x_at, dx_at, zero_at, sink_at, prod_at, dw_at = _regions(geo, g_, t * per)
         rows_b, rows_dx, rows_p = _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at)
@@ -653,7 +665,8 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
 
 def _plan(x, w, out, stride, pad, dilation, groups, ws):
     """Checks, then the tiles and the threads: all of Numba's threads if the
-    workspace has room for one tile row each, fewer otherwise."""
+    workspace has room for one tile row each, fewer otherwise; one below
+    _SERIAL_FLOPS. One thread runs the kernels' serial builds."""
     n, c = x.shape[:2]
     o, cg, kh, kw = w.shape
     g = int(groups)
@@ -666,6 +679,8 @@ def _plan(x, w, out, stride, pad, dilation, groups, ws):
     shapes = (x.shape, w.shape, out.shape, stride, pad, dilation, x.itemsize)
     one = _geometry(*shapes, 1, rows=1)
     threads = min(numba.get_num_threads(), (flat.size - one.wpack) // one.per_thread)
+    if 2 * out.size * cg * kh * kw < _SERIAL_FLOPS:
+        threads = min(threads, 1)
     if threads < 1:
         need = one.per_thread + one.wpack
         raise ValueError(f"conv2d workspace has {flat.size} elements, need {need}")
@@ -690,7 +705,7 @@ def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, ws, act=ACT_NONE
     geo, threads, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
     bias = _bias_or_empty(b, x.dtype)
     dims = _dims(w, stride, pad, dilation)
-    _forward_tiles(x, w3, bias, int(act), dims, tuple(geo), threads, out, flat)
+    _forward_tiles.pick(threads == 1)(x, w3, bias, int(act), dims, tuple(geo), threads, out, flat)
 
 
 def conv2d_backward(
@@ -711,7 +726,9 @@ def conv2d_backward(
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
     dims = _dims(w, stride, pad, dilation)
-    _backward_samples(x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat)
+    _backward_samples.pick(threads == 1)(
+        x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat
+    )
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape
     at = _regions(tuple(geo), g, 0)[5]
