@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ._common import VECTOR_BITS, Builds, check_c, check_shape
+from ._common import HELPER, VECTOR_BITS, Builds, check_c, check_shape
 from ._common import unpack_geometry as _unpack
 
 __all__ = [
@@ -398,7 +398,7 @@ def conv2d_workspace(
 # the loop (measured: a 10x slower copy).
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad):
     """xpad = x[n0 : n0 + ns] padded by (pt, pl) and split into stride phases:
     padded pixel (y, x) of channel c, sample s at [c][y % sh][x % sw][y // sh][s][x // sw]."""
@@ -428,7 +428,7 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad):
                         dst[v] = src[v]
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx):
     """dx[n0 : n0 + ns] = the interior of the phase-split dxpad (the adjoint of padding)."""
     sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
@@ -456,7 +456,7 @@ def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx):
                         dst[v] = src[v]
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _patch_offset(k, dims, spt, hq, wq):
     """Where im2col row k = (c, i, j) starts in the phase-split padded samples."""
     sh, sw, dh, dw, kh, kw = dims[0], dims[1], dims[4], dims[5], dims[6], dims[7]
@@ -467,7 +467,7 @@ def _patch_offset(k, dims, spt, hq, wq):
     return (plane * hq + (i * dh) // sh) * spt * wq + (j * dw) // sw
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _pack(w3, transpose, rows_p, wpack):
     """wpack[g][r // MR][q][r % MR] = A[g, r, q], zero rows r up to rows_p: the bcast
     kernel's A. A is w3 (forward: rows are output channels) or, with `transpose`,
@@ -502,7 +502,7 @@ def _regions(geo, g_, base):
     return base, dx_at, zero_at, sink_at, prod_at, dw_at
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at):
     """The micro-kernels' row offsets into the workspace: im2col rows (B of the
     forward and dW products; padding rows read a zero row), dx rows (C of the dx
@@ -525,7 +525,7 @@ def _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at):
     return rows_b, rows_dx, rows_p
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _tile_at(tile, spt, tiles, rows, n_, oh):
     """(first sample, samples, first output row, rows) of forward tile number `tile`."""
     if spt > 1:
@@ -536,7 +536,7 @@ def _tile_at(tile, spt, tiles, rows, n_, oh):
     return n0, 1, oy0, min(rows, oh - oy0)
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc"})
+@njit(**HELPER, nogil=True, fastmath={"reassoc"})
 def _gather(dout, y, act, n, oy0, nr, rs, ogd, g_, col0, tcp, dprod, db):
     """dprod[g*ogd + o, col0 + r*rs + v] = dout[n, g*og + o, oy0 + r, v], masked
     where a fused ReLU's output y is 0. db[o] += its sum ('reassoc' vectorises the
