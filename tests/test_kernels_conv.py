@@ -31,16 +31,6 @@ CONVT_CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _parallel_conv_builds():
-    """These shapes are tiny: run them in the conv kernels' parallel builds, on every
-    thread, as large layers run (small ones take the serial builds, which the layer
-    conformance suite and the one-thread cases here check)."""
-    saved, conv._SERIAL_FLOPS = conv._SERIAL_FLOPS, 0
-    yield
-    conv._SERIAL_FLOPS = saved
-
-
 def _conv_out(h, k, s, p0, p1, d):
     return (h + p0 + p1 - d * (k - 1) - 1) // s + 1
 

@@ -299,15 +299,13 @@ _MIN_COLUMNS = 512  # wide layers (VGG-16's 256 channels at 56x56: one row per t
 # 256 columns: 1.1x slower, 1024: the same as 512)
 
 
-# Convs below this many forward FLOPs run on one thread, in the kernels' serial builds:
-# their parallel=True builds cost ~3 s more CPU to compile (LeNet-5's cold first step
-# 8.9 -> 5.4 s), and a thread's share of a small conv is short beside the fork/join and,
-# under load, the wait for a descheduled worker. Measured on the shared 2-core machine
-# (others' load ~2), 2 threads, forward + backward: LeNet-5 b64's convs (6-31 MFLOP)
-# serial/parallel 0.81-0.90, 61 MFLOP 0.90, 123 MFLOP 0.98; its step 0.95. ResNet-20's
-# smallest conv at b128 has 604 MFLOP. On one thread both builds run alike (LeNet-5 b64
-# step 0.99, ResNet-20 b128 1.00, serial/parallel).
-_SERIAL_FLOPS = 64e6
+# A conv on one thread (one Numba thread, or a workspace with room for one) runs the
+# kernels' serial builds, which compile in a third of the CPU time: LeNet-5's cold first
+# step on one thread 8.9 -> 5.4 s. Running small convs serially on more threads as well
+# was measured and left out: on the shared 2-core machine under others' load it was
+# faster (LeNet-5 b64 step 0.95x the time), but LeNet-5 b64 gains 1.23x from a second
+# thread on a quiet one (benchmarks/results/2026-12-02-cpu-t*-512), nearly all of it in
+# its convs; their parallel builds cost ~3.5 s of CPU more, once.
 
 
 def _round_up(n, m):
@@ -665,8 +663,8 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
 
 def _plan(x, w, out, stride, pad, dilation, groups, ws):
     """Checks, then the tiles and the threads: all of Numba's threads if the
-    workspace has room for one tile row each, fewer otherwise; one below
-    _SERIAL_FLOPS. One thread runs the kernels' serial builds."""
+    workspace has room for one tile row each, fewer otherwise. One thread runs the
+    kernels' serial builds."""
     n, c = x.shape[:2]
     o, cg, kh, kw = w.shape
     g = int(groups)
@@ -679,8 +677,6 @@ def _plan(x, w, out, stride, pad, dilation, groups, ws):
     shapes = (x.shape, w.shape, out.shape, stride, pad, dilation, x.itemsize)
     one = _geometry(*shapes, 1, rows=1)
     threads = min(numba.get_num_threads(), (flat.size - one.wpack) // one.per_thread)
-    if 2 * out.size * cg * kh * kw < _SERIAL_FLOPS:
-        threads = min(threads, 1)
     if threads < 1:
         need = one.per_thread + one.wpack
         raise ValueError(f"conv2d workspace has {flat.size} elements, need {need}")
