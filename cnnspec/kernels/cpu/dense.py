@@ -1,4 +1,14 @@
-"""Fully connected layer kernels (numpy/BLAS GEMMs writing into preallocated outputs)."""
+"""Fully connected layer kernels (numpy/BLAS GEMMs writing into preallocated outputs).
+
+BLAS, not the conv micro-kernels, measured 2026-12-02 on the shared 2-core Intel Xeon
+(AVX-512), forward + dx + dW: the micro-kernels through the conv path (a 1x1 conv on a
+1x1 map) ran 3.5-18x slower at 1 and 2 threads on LeNet-5's, VGG-small's, AlexNet's and
+VGG-16's dense shapes (batch 2-64; tiles and panels sized for images, not rows).
+A dense kernel of their own could at best double VGG-small's fc (8192 -> 256, b64: BLAS
+100-134 GFLOP/s on one thread against their 257-270 peak), ~3 ms of its step; the
+AlexNet / VGG-16 layers at small batch (5-50 GFLOP/s) stream their weights from memory,
+which no faster arithmetic shortens. Nothing to compile on a first run, either.
+"""
 
 from __future__ import annotations
 
