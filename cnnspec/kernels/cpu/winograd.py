@@ -1,0 +1,554 @@
+"""Winograd F(2x2, 3x3) for 3x3, stride-1, dilation-1, ungrouped conv2d.
+
+Each 2x2 block of outputs (a tile) comes from a 4x4 patch of the padded input d:
+Y = A^T [(G g G^T) . (B^T d B)] A, so the 36 multiplies of a direct 2x2 block become
+16, one per transform point p, and the channel sums become 16 GEMMs:
+M[p] (K x tiles) = U[p] (K x C) V[p] (C x tiles), run on conv.py's register-blocked
+``bcast`` kernel. Backward, with dM = A dY A^T (the output transform's adjoint):
+dU[p] = dM[p] V[p]^T on the ``dot`` kernel (then dW = G^T dU G), and dV[p] = U[p]^T dM[p]
+on ``bcast`` (then dx += B dV B^T, tiles overlapping by 2). dx and dW share dM and V,
+so the backward pass takes both the Winograd way or neither.
+
+Error: the transforms only add, subtract and halve, so F(2x2, 3x3) stays close to the
+direct sums: measured on ResNet-20 / VGG-small shapes (random normal data, see
+tests/test_kernels_winograd.py for the tolerance) the largest difference from the
+direct conv is a few float32 ulps of the output's scale (numbers in WINOGRAD_ERROR).
+F(4x4, 3x3) would save 2.25x more multiplies but its points (+-2, +-1/2) grow the
+error ~10x in float32; not taken here.
+
+Layout per thread (flat workspace, elements): V [16][C][tp] (transformed input, tp
+tile columns padded to whole bcast panels), M / dM [16][km][tp], dV [16][cb][tp],
+a zero row (tp), dU [16][kd][cd], db [K], padded dx of a group of samples. Tiles run
+in blocks: several whole samples (small maps) or a band of tile rows of one sample,
+like the direct conv's tiles. The forward pass splits blocks among threads; the
+backward pass gives each thread whole samples (their dx tiles overlap) and private
+dU / db sums, added up afterwards in thread order (the same bits every run).
+
+The micro-kernels are imported from conv.py: Numba's on-disk cache does not notice a
+change there, so clear the cache (or touch this file) after editing them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .conv import MD, MR, ND, NV, VECTOR_BYTES, bcast, dot, panel
+
+# CNNSPEC_WINOGRAD: "auto" (default) takes the measured rule below, "0" never uses
+# Winograd (the direct conv everywhere: A/B runs, tests), "1" uses it wherever it applies.
+MODE = os.environ.get("CNNSPEC_WINOGRAD", "auto")
+
+P = 16  # transform points
+_BLOCK_ELEMENTS = 1 << 17  # V + M (+ dV) of one block: 512 KiB in float32, within L2
+
+
+def _round_up(n, m):
+    return -(-n // m) * m
+
+
+def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
+    """Whether F(2x2, 3x3) computes this conv: 3x3, stride 1, dilation 1, ungrouped."""
+    return (
+        int(groups) == 1
+        and tuple(int(k) for k in w_shape[2:]) == (3, 3)
+        and tuple(int(s) for s in stride) == (1, 1)
+        and tuple(int(d) for d in dilation) == (1, 1)
+        and all(0 <= int(p) <= 2 for p in pad)
+        and len(x_shape) == 4
+    )
+
+
+def chooses(kind, x_shape, w_shape, stride, pad, dilation, groups) -> bool:
+    """Whether the dispatch runs `kind` ("forward" or "backward") the Winograd way."""
+    if MODE == "0" or not applies(x_shape, w_shape, stride, pad, dilation, groups):
+        return False
+    if MODE == "1":
+        return True
+    c, k = int(x_shape[1]), int(w_shape[0])
+    return min(c, k) >= 16
+
+
+class _Geometry(NamedTuple):
+    ty: int  # tile rows / columns of a sample
+    tx: int
+    spb: int  # samples per block (small maps), else 1
+    rows: int  # tile rows per block (of each sample)
+    bands: int  # blocks per sample (when spb == 1)
+    tp: int  # tile columns of a block, padded to whole panels
+    km: int  # rows of M / dM: K padded to whole bcast and dot blocks
+    kd: int  # K padded to whole dot blocks
+    cb: int  # C padded to whole bcast blocks (rows of dV)
+    cd: int  # C padded to whole dot blocks
+    hp: int  # rows of a sample's padded dx (2 * ty + 2)
+    per_thread: int
+    upack: int  # packed U (shared)
+
+
+def _geometry(x_shape, w_shape, out_shape, itemsize, threads):
+    n, c = int(x_shape[0]), int(x_shape[1])
+    k = int(w_shape[0])
+    oh, ow = int(out_shape[2]), int(out_shape[3])
+    ty, tx = -(-oh // 2), -(-ow // 2)
+    nr = panel(itemsize)
+    cb, cd = _round_up(c, MR), _round_up(c, ND)
+    kb, kd = _round_up(k, MR), _round_up(k, MD)
+    km = max(kb, kd)
+    cols = max(nr, _BLOCK_ELEMENTS // (P * (c + km + cb)))
+    if ty * tx <= cols:
+        spb = max(1, min(cols // (ty * tx), -(-n // (2 * threads))))
+        rows, bands = ty, 1
+    else:
+        # the band height with the least panel padding, the taller on a tie
+        spb = 1
+        fill = [(r * tx / _round_up(r * tx, nr), r) for r in range(1, max(1, cols // tx) + 1)]
+        rows = max(fill)[1]
+        bands = -(-ty // rows)
+        rows = -(-ty // bands)
+    tp = _round_up(spb * rows * tx, nr)
+    hp = 2 * ty + 2
+    size = (
+        P * c * tp  # V
+        + P * km * tp  # M / dM
+        + P * cb * tp  # dV
+        + tp  # zero row
+        + P * kd * cd  # dU
+        + k  # db
+        + spb * c * hp * 2 * (tx + 1)  # padded dx, columns split into even / odd
+    )
+    upack = P * max(kb * c, cb * k)
+    return _Geometry(ty, tx, spb, rows, bands, tp, km, kd, cb, cd, hp, size, upack)
+
+
+def workspace(x_shape, w_shape, out_shape, itemsize) -> int:
+    """Elements of workspace the Winograd kernels need for all of Numba's threads."""
+    threads = numba.get_num_threads()
+    geo = _geometry(x_shape, w_shape, out_shape, itemsize, threads)
+    return geo.per_thread * threads + geo.upack
+
+
+@njit(cache=True, nogil=True)
+def _regions(geo, c_, base):
+    """Where a thread's buffers start: V, M, dV, zero row, dU, db, padded dx."""
+    tp, km, kd, cb, cd = geo[5], geo[6], geo[7], geo[8], geo[9]
+    v_at = base
+    m_at = v_at + 16 * c_ * tp
+    dv_at = m_at + 16 * km * tp
+    zero_at = dv_at + 16 * cb * tp
+    du_at = zero_at + tp
+    db_at = du_at + 16 * kd * cd
+    return v_at, m_at, dv_at, zero_at, du_at, db_at
+
+
+@njit(cache=True, nogil=True)
+def _pack_u(w, transpose, rows_p, upack):
+    """U = G g G^T of every (k, c), packed as bcast's A for each point p:
+    upack[p][r // MR][q][r % MR] with rows r = k, inner q = c (forward), or, with
+    `transpose`, rows r = c, inner q = k (dx); rows up to rows_p are zero."""
+    k_, c_ = w.shape[0], w.shape[1]
+    rows, inner = (c_, k_) if transpose else (k_, c_)
+    upack[: 16 * rows_p * inner] = 0.0
+    t = np.empty((4, 3), w.dtype)
+    u = np.empty(4, w.dtype)
+    for k in range(k_):
+        for c in range(c_):
+            g = w[k, c]
+            for j in range(3):  # G g: rows
+                t[0, j] = g[0, j]
+                t[1, j] = 0.5 * (g[0, j] + g[1, j] + g[2, j])
+                t[2, j] = 0.5 * (g[0, j] - g[1, j] + g[2, j])
+                t[3, j] = g[2, j]
+            r, q = (c, k) if transpose else (k, c)
+            for i in range(4):  # (G g) G^T: columns
+                u[0] = t[i, 0]
+                u[1] = 0.5 * (t[i, 0] + t[i, 1] + t[i, 2])
+                u[2] = 0.5 * (t[i, 0] - t[i, 1] + t[i, 2])
+                u[3] = t[i, 2]
+                for j in range(4):
+                    p = i * 4 + j
+                    upack[((p * (rows_p // MR) + r // MR) * inner + q) * MR + r % MR] = u[j]
+
+
+@njit(cache=True, nogil=True)
+def _weight_adjoint(du, dw):
+    """dw[k, c] = G^T du[:, k, c] G (du as [16][kd][cd], summed over the threads)."""
+    k_, c_ = dw.shape[0], dw.shape[1]
+    t = np.empty((3, 4), du.dtype)
+    for k in range(k_):
+        for c in range(c_):
+            for j in range(4):  # G^T du: rows
+                u0, u1, u2, u3 = du[j, k, c], du[4 + j, k, c], du[8 + j, k, c], du[12 + j, k, c]
+                t[0, j] = u0 + 0.5 * (u1 + u2)
+                t[1, j] = 0.5 * (u1 - u2)
+                t[2, j] = 0.5 * (u1 + u2) + u3
+            for i in range(3):  # (G^T du) G: columns
+                dw[k, c, i, 0] = t[i, 0] + 0.5 * (t[i, 1] + t[i, 2])
+                dw[k, c, i, 1] = 0.5 * (t[i, 1] - t[i, 2])
+                dw[k, c, i, 2] = 0.5 * (t[i, 1] + t[i, 2]) + t[i, 3]
+
+
+@njit(cache=True, nogil=True)
+def _four(buf, first, step, n):
+    """Rows first, first + step, first + 2 step, first + 3 step of buf seen as rows of n."""
+    a, b, c, d = first, first + step, first + 2 * step, first + 3 * step
+    return buf[a * n : a * n + n], buf[b * n : b * n + n], buf[c * n : c * n + n], buf[d * n : d * n + n]
+
+
+# Inner loops index views with the loop variable alone (see conv.py: an index whose
+# sign Numba cannot see gets a check that stops LLVM vectorizing the loop).
+
+
+@njit(cache=True, nogil=True)
+def _input_row(x, n, c, ty, pt, pl, tx_, strip, tmp, ws, at, ps):
+    """V[p][at + t] = (B^T d B)[p] for the tiles t of tile row ty of x[n, c]: the 4
+    input rows (zero outside x), split into even / odd columns, then the row and the
+    column transforms. `ps` is the distance between points in ws."""
+    h_, w_ = x.shape[2], x.shape[3]
+    m_ = tx_ + 1
+    strip[:] = 0.0  # [row a][even / odd][m]: padded column 2m (+1)
+    for a in range(4):
+        y = 2 * ty - pt + a
+        if y < 0 or y >= h_:
+            continue
+        src = x[n, c, y]
+        for b in range(2):
+            # padded column 2m + b is input column 2m + b - pl
+            lo = max(0, (pl - b + 1) // 2)
+            hi = min(m_, (w_ - b + pl + 1) // 2)
+            if hi <= lo:
+                continue
+            dst = strip[(a * 2 + b) * m_ + lo : (a * 2 + b) * m_ + hi]
+            s = src[2 * lo + b - pl :]
+            for v in range(hi - lo):
+                dst[v] = s[2 * v]
+    for a in range(4):  # row transform: tmp[a][j][t]
+        e0, o0 = strip[(a * 2) * m_ : (a * 2) * m_ + tx_], strip[(a * 2 + 1) * m_ :]
+        e1 = strip[(a * 2) * m_ + 1 :]
+        h0, h1, h2, h3 = _four(tmp, a * 4, 1, tx_)
+        for t in range(tx_):
+            d0, d1, d2, d3 = e0[t], o0[t], e1[t], o0[t + 1]
+            h0[t] = d0 - d2
+            h1[t] = d1 + d2
+            h2[t] = d2 - d1
+            h3[t] = d1 - d3
+    for j in range(4):  # column transform into the point rows
+        r0, r1, r2, r3 = _four(tmp, j, 4, tx_)
+        v0 = ws[at + j * ps : at + j * ps + tx_]
+        v1 = ws[at + (4 + j) * ps : at + (4 + j) * ps + tx_]
+        v2 = ws[at + (8 + j) * ps : at + (8 + j) * ps + tx_]
+        v3 = ws[at + (12 + j) * ps : at + (12 + j) * ps + tx_]
+        for t in range(tx_):
+            v0[t] = r0[t] - r2[t]
+            v1[t] = r1[t] + r2[t]
+            v2[t] = r2[t] - r1[t]
+            v3[t] = r1[t] - r3[t]
+
+
+@njit(cache=True, nogil=True)
+def _output_row(ws, at, ps, b, act, tmp, out, n, k, ty):
+    """out[n, k, 2ty : 2ty + 2] = act(A^T M A + b) for the tiles of tile row ty, M[p]
+    at ws[at + p * ps:]; outputs past the map's edge are dropped."""
+    oh, ow = out.shape[2], out.shape[3]
+    tx_ = -(-ow // 2)
+    for j in range(4):  # column transform: tmp[a][j][t]
+        m0 = ws[at + j * ps : at + j * ps + tx_]
+        m1 = ws[at + (4 + j) * ps : at + (4 + j) * ps + tx_]
+        m2 = ws[at + (8 + j) * ps : at + (8 + j) * ps + tx_]
+        m3 = ws[at + (12 + j) * ps : at + (12 + j) * ps + tx_]
+        s0, s1 = tmp[j * tx_ : (j + 1) * tx_], tmp[(4 + j) * tx_ : (5 + j) * tx_]
+        for t in range(tx_):
+            s0[t] = m0[t] + m1[t] + m2[t]
+            s1[t] = m1[t] - m2[t] - m3[t]
+    for a in range(2):
+        y = 2 * ty + a
+        if y >= oh:
+            break
+        q0, q1, q2, q3 = _four(tmp, a * 4, 1, tx_)
+        dst = out[n, k, y]
+        for t in range(ow // 2):
+            y0 = q0[t] + q1[t] + q2[t] + b
+            y1 = q1[t] - q2[t] - q3[t] + b
+            dst[2 * t] = (y0 if y0 > 0 else 0.0) if act == 1 else y0
+            dst[2 * t + 1] = (y1 if y1 > 0 else 0.0) if act == 1 else y1
+        if ow % 2:
+            t = ow // 2
+            y0 = q0[t] + q1[t] + q2[t] + b
+            dst[ow - 1] = (y0 if y0 > 0 else 0.0) if act == 1 else y0
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _dout_row(dout, yout, act, n, k, ty, tmp, ws, at, ps, db):
+    """dM[p] at ws[at + p * ps:] = (A dY A^T)[p] for the tiles of tile row ty of
+    dout[n, k] (masked where a fused ReLU's output is 0; zero past the edge);
+    db[k] += the sum of dY."""
+    oh, ow = dout.shape[2], dout.shape[3]
+    tx_ = -(-ow // 2)
+    ye = tmp[: 4 * tx_]  # [row a][even / odd column][t]
+    ye[:] = 0.0
+    acc = 0.0
+    for a in range(2):
+        y = 2 * ty + a
+        if y >= oh:
+            break
+        src, yr = dout[n, k, y], yout[n, k, y]
+        for b in range(2):
+            dst = ye[(a * 2 + b) * tx_ : (a * 2 + b + 1) * tx_]
+            cnt = (ow - b + 1) // 2
+            s, m = src[b:], yr[b:]
+            for t in range(cnt):
+                mv = m[2 * t]  # loaded unconditionally: a conditional load blocks SIMD
+                d = s[2 * t] if (mv > 0 or act == 0) else 0.0
+                dst[t] = d
+                acc += d
+    db[k] += acc
+    q = tmp[4 * tx_ : 12 * tx_]  # row adjoint: q[a][j][t]
+    for a in range(2):
+        e, o = ye[2 * a * tx_ : (2 * a + 1) * tx_], ye[(2 * a + 1) * tx_ : (2 * a + 2) * tx_]
+        q0, q1, q2, q3 = _four(q, a * 4, 1, tx_)
+        for t in range(tx_):
+            q0[t] = e[t]
+            q1[t] = e[t] + o[t]
+            q2[t] = e[t] - o[t]
+            q3[t] = -o[t]
+    for j in range(4):  # column adjoint
+        r0, r1 = q[j * tx_ : (j + 1) * tx_], q[(4 + j) * tx_ : (5 + j) * tx_]
+        v0 = ws[at + j * ps : at + j * ps + tx_]
+        v1 = ws[at + (4 + j) * ps : at + (4 + j) * ps + tx_]
+        v2 = ws[at + (8 + j) * ps : at + (8 + j) * ps + tx_]
+        v3 = ws[at + (12 + j) * ps : at + (12 + j) * ps + tx_]
+        for t in range(tx_):
+            v0[t] = r0[t]
+            v1[t] = r0[t] + r1[t]
+            v2[t] = r0[t] - r1[t]
+            v3[t] = -r1[t]
+
+
+@njit(cache=True, nogil=True)
+def _input_adjoint_row(ws, at, ps, tx_, ty, tmp, dxpad, base):
+    """The padded dx rows 2ty .. 2ty + 3 at dxpad[base:] ([row][even / odd][m], m up
+    to tx + 1) += B dV B^T for the tiles of tile row ty, dV[p] at ws[at + p * ps:]."""
+    m_ = tx_ + 1
+    for j in range(4):  # column adjoint: tmp[a][j][t]
+        v0 = ws[at + j * ps : at + j * ps + tx_]
+        v1 = ws[at + (4 + j) * ps : at + (4 + j) * ps + tx_]
+        v2 = ws[at + (8 + j) * ps : at + (8 + j) * ps + tx_]
+        v3 = ws[at + (12 + j) * ps : at + (12 + j) * ps + tx_]
+        e0, e1, e2, e3 = _four(tmp, j, 4, tx_)
+        for t in range(tx_):
+            e0[t] = v0[t]
+            e1[t] = v1[t] - v2[t] + v3[t]
+            e2[t] = v1[t] + v2[t] - v0[t]
+            e3[t] = -v3[t]
+    for a in range(4):  # row adjoint; tile t covers padded columns 2t .. 2t + 3
+        f0, f1, f2, f3 = _four(tmp, a * 4, 1, tx_)
+        row = base + (2 * ty + a) * 2 * m_
+        even, odd = dxpad[row : row + tx_], dxpad[row + m_ : row + m_ + tx_]
+        even1, odd1 = dxpad[row + 1 : row + m_], dxpad[row + m_ + 1 : row + 2 * m_]
+        for t in range(tx_):
+            even[t] += f0[t]
+            odd[t] += f1[t] - f2[t] + f3[t]
+        for t in range(tx_):
+            even1[t] += f1[t] + f2[t] - f0[t]
+            odd1[t] -= f3[t]
+
+
+@njit(cache=True, nogil=True)
+def _unpad_row(dxpad, base, m_, pt, pl, dx, n, c):
+    """dx[n, c] = the interior of one sample-channel of the padded, even / odd split dx."""
+    h_, w_ = dx.shape[2], dx.shape[3]
+    for y in range(h_):
+        row = base + (y + pt) * 2 * m_
+        dst = dx[n, c, y]
+        for b in range(2):  # input column x sits at padded column x + pl
+            x0 = (b - pl) % 2
+            cnt = (w_ - x0 + 1) // 2
+            src = dxpad[row + ((x0 + pl) % 2) * m_ + (x0 + pl) // 2 :]
+            d = dst[x0:]
+            for v in range(cnt):
+                d[2 * v] = src[v]
+
+
+@njit(cache=True, nogil=True)
+def _block_at(block, geo, n_):
+    """(first sample, samples, first tile row, tile rows) of block number `block`."""
+    ty_, spb, rows, bands = geo[0], geo[2], geo[3], geo[4]
+    if spb > 1:
+        n0 = block * spb
+        return n0, min(spb, n_ - n0), 0, ty_
+    n0 = block // bands
+    r0 = (block - n0 * bands) * rows
+    return n0, 1, r0, min(rows, ty_ - r0)
+
+
+@njit(cache=True, nogil=True)
+def _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at):
+    """The micro-kernels' row offsets: V rows (per point, padded to cd with the zero
+    row), M / dM rows, dV rows."""
+    tp, km, cb, cd = geo[5], geo[6], geo[8], geo[9]
+    rows_v = np.empty(16 * cd, np.int64)
+    rows_m = np.empty(16 * km, np.int64)
+    rows_dv = np.empty(16 * cb, np.int64)
+    for p in range(16):
+        for c in range(cd):
+            rows_v[p * cd + c] = v_at + (p * c_ + c) * tp if c < c_ else zero_at
+        for k in range(km):
+            rows_m[p * km + k] = m_at + (p * km + k) * tp
+        for c in range(cb):
+            rows_dv[p * cb + c] = dv_at + (p * cb + c) * tp
+    return rows_v, rows_m, rows_dv
+
+
+@njit(parallel=True, cache=True)
+def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
+    ty_, tx_, spb, rows, bands, tp, km, _kd, _cb, cd, _hp, per, _ = geo
+    n_, c_ = x.shape[0], x.shape[1]
+    k_ = w.shape[0]
+    pt, pl = pads[0], pads[1]
+    nr_ = NV * (VECTOR_BYTES // x.itemsize)
+    mr = MR
+    kb = -(-k_ // mr) * mr
+    upack = ws[T * per :]
+    _pack_u(w, False, kb, upack)
+    total = -(-n_ // spb) if spb > 1 else n_ * bands
+    has_bias = bias.shape[0] > 0
+    for th in prange(T):
+        v_at, m_at, dv_at, zero_at, _du, _db = _regions(geo, c_, th * per)
+        rows_v, rows_m, _rows_dv = _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at)
+        ws[v_at : v_at + 16 * c_ * tp] = 0.0  # panel padding columns: finite junk
+        strip = np.empty(8 * (tx_ + 1), x.dtype)
+        tmp = np.empty(16 * tx_, x.dtype)
+        for block in range(th * total // T, (th + 1) * total // T):
+            n0, ns, r0, nrows = _block_at(block, geo, n_)
+            for c in range(c_):
+                for s in range(ns):
+                    for r in range(nrows):
+                        at = v_at + c * tp + (s * nrows + r) * tx_
+                        _input_row(x, n0 + s, c, r0 + r, pt, pl, tx_, strip, tmp, ws, at, c_ * tp)
+            for p in range(16):
+                for pn in range(tp // nr_):
+                    for ob in range(kb // mr):
+                        bcast(
+                            upack, ((p * (kb // mr) + ob) * c_) * mr,
+                            ws, rows_v, p * cd, pn * nr_,
+                            ws, rows_m, p * km + ob * mr, pn * nr_, c_, 0,
+                        )  # fmt: skip
+            for k in range(k_):
+                b = bias[k] if has_bias else 0.0
+                for s in range(ns):
+                    for r in range(nrows):
+                        at = m_at + k * tp + (s * nrows + r) * tx_
+                        _output_row(ws, at, km * tp, b, act, tmp, out, n0 + s, k, r0 + r)
+
+
+@njit(parallel=True, cache=True)
+def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
+    ty_, tx_, spb, rows, bands, tp, km, kd, cb, cd, hp, per, _ = geo
+    n_, c_ = x.shape[0], x.shape[1]
+    k_ = w.shape[0]
+    pt, pl = pads[0], pads[1]
+    nr_ = NV * (VECTOR_BYTES // x.itemsize)
+    mr, md, nd = MR, MD, ND
+    m_ = tx_ + 1
+    upack = ws[T * per :]
+    if want_dx:
+        _pack_u(w, True, cb, upack)
+    for th in prange(T):
+        v_at, m_at, dv_at, zero_at, du_at, db_at = _regions(geo, c_, th * per)
+        rows_v, rows_m, rows_dv = _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at)
+        dx_at = db_at + k_
+        ws[v_at : dx_at] = 0.0  # junk columns and padding rows: zero gradient
+        strip = np.empty(8 * m_, x.dtype)
+        tmp = np.empty(16 * tx_, x.dtype)
+        db = ws[db_at : db_at + k_]
+        n0, hi = th * n_ // T, (th + 1) * n_ // T
+        while n0 < hi:
+            ns = min(spb, hi - n0)
+            if want_dx:
+                ws[dx_at : dx_at + ns * c_ * hp * 2 * m_] = 0.0
+            for band in range(bands):
+                r0 = band * rows
+                nrows = min(rows, ty_ - r0)
+                ws[m_at : m_at + 16 * km * tp] = 0.0  # columns past this band's tiles
+                for c in range(c_):
+                    for s in range(ns):
+                        for r in range(nrows):
+                            at = v_at + c * tp + (s * nrows + r) * tx_
+                            _input_row(x, n0 + s, c, r0 + r, pt, pl, tx_, strip, tmp, ws, at, c_ * tp)
+                for k in range(k_):
+                    for s in range(ns):
+                        for r in range(nrows):
+                            at = m_at + k * tp + (s * nrows + r) * tx_
+                            _dout_row(dout, yout, act, n0 + s, k, r0 + r, tmp, ws, at, km * tp, db)
+                for p in range(16):  # dU += dM V^T
+                    for ob in range(0, kd, md):
+                        for cbk in range(0, cd, nd):
+                            dot(
+                                ws, m_at + (p * km + ob) * tp, tp,
+                                ws, rows_v, p * cd + cbk, 0,
+                                ws, du_at + (p * kd + ob) * cd + cbk, cd, tp,
+                            )  # fmt: skip
+                if not want_dx:
+                    continue
+                for p in range(16):  # dV = U^T dM
+                    for pn in range(tp // nr_):
+                        for ob in range(cb // mr):
+                            bcast(
+                                upack, ((p * (cb // mr) + ob) * k_) * mr,
+                                ws, rows_m, p * km, pn * nr_,
+                                ws, rows_dv, p * cb + ob * mr, pn * nr_, k_, 0,
+                            )  # fmt: skip
+                for c in range(c_):
+                    for s in range(ns):
+                        base = dx_at + (s * c_ + c) * hp * 2 * m_
+                        for r in range(nrows):
+                            at = dv_at + c * tp + (s * nrows + r) * tx_
+                            _input_adjoint_row(ws, at, cb * tp, tx_, r0 + r, tmp, ws, base)
+            if want_dx:
+                for s in range(ns):
+                    for c in range(c_):
+                        base = dx_at + (s * c_ + c) * hp * 2 * m_
+                        _unpad_row(ws, base, m_, pt, pl, dx, n0 + s, c)
+            n0 += ns
+
+
+def _plan(x, w, out, ws):
+    flat = ws.reshape(-1)
+    one = _geometry(x.shape, w.shape, out.shape, x.itemsize, 1)
+    threads = min(numba.get_num_threads(), (flat.size - one.upack) // one.per_thread)
+    if threads < 1:
+        need = one.per_thread + one.upack
+        raise ValueError(f"conv2d workspace has {flat.size} elements, need {need}")
+    return _geometry(x.shape, w.shape, out.shape, x.itemsize, threads), threads, flat
+
+
+def forward(x, w, bias, pad, out, ws, act):
+    """out = act(conv2d(x, w) + bias), 3x3, stride 1 (checked by conv.py's caller)."""
+    geo, threads, flat = _plan(x, w, out, ws)
+    pads = (int(pad[0]), int(pad[2]))
+    _forward_blocks(x, w, bias, int(act), pads, tuple(geo), threads, out, flat)
+
+
+def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
+    """dx (None: skipped), dw, db (None: skipped) of :func:`forward`."""
+    geo, threads, flat = _plan(x, w, dout, ws)
+    pads = (int(pad[0]), int(pad[2]))
+    want_dx = dx is not None
+    dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
+    _backward_samples(x, w, dout, y, int(act), want_dx, pads, tuple(geo), threads, dx_arg, flat)
+    # the threads' private sums, added in thread order: the same bits every run
+    k_ = w.shape[0]
+    du_at, db_at = _regions(tuple(geo), x.shape[1], 0)[4:6]
+    size = P * geo.kd * geo.cd
+    du = np.zeros(size, x.dtype)
+    dbs = np.zeros(k_, x.dtype)
+    for t in range(threads):
+        start = t * geo.per_thread
+        du += flat[start + du_at : start + du_at + size]
+        dbs += flat[start + db_at : start + db_at + k_]
+    _weight_adjoint(du.reshape(P, geo.kd, geo.cd), dw)
+    if db is not None:
+        db[...] = dbs
