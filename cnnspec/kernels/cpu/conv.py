@@ -19,6 +19,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from . import winograd
 from ._common import HELPER, VECTOR_BITS, Builds, check_c, check_shape
 from ._common import unpack_geometry as _unpack
 
@@ -388,7 +389,11 @@ def conv2d_workspace(
     threads = numba.get_num_threads()
     shapes = (x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, threads)
     geo = _geometry(*shapes, rows=tile_rows)
-    return geo.per_thread * threads + geo.wpack
+    size = geo.per_thread * threads + geo.wpack
+    groups = x_shape[1] // w_shape[1]
+    if winograd.chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups):
+        size = max(size, winograd.workspace(x_shape, w_shape, out_shape, itemsize))
+    return size
 
 
 # Inner loops index views with the loop variable alone: an index like s + q, whose
@@ -661,18 +666,24 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
             n0 += ns
 
 
-def _plan(x, w, out, stride, pad, dilation, groups, ws):
-    """Checks, then the tiles and the threads: all of Numba's threads if the
-    workspace has room for one tile row each, fewer otherwise. One thread runs the
-    kernels' serial builds."""
+def _check(x, w, out, groups, ws):
     n, c = x.shape[:2]
-    o, cg, kh, kw = w.shape
+    o, cg = w.shape[:2]
     g = int(groups)
     if c != cg * g or o % g:
         raise ValueError(f"bad grouped conv shapes: x {x.shape}, w {w.shape}, groups {g}")
     check_shape("out", out, (n, o, out.shape[2], out.shape[3]))
     if x.dtype != w.dtype or x.dtype != out.dtype or x.dtype != ws.dtype:
         raise ValueError("conv2d arrays must share one dtype")
+
+
+def _plan(x, w, out, stride, pad, dilation, groups, ws):
+    """Checks, then the tiles and the threads: all of Numba's threads if the
+    workspace has room for one tile row each, fewer otherwise. One thread runs the
+    kernels' serial builds."""
+    _check(x, w, out, groups, ws)
+    o, cg, kh, kw = w.shape
+    g = int(groups)
     flat = ws.reshape(-1)
     shapes = (x.shape, w.shape, out.shape, stride, pad, dilation, x.itemsize)
     one = _geometry(*shapes, 1, rows=1)
@@ -698,8 +709,12 @@ def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, ws, act=ACT_NONE
     """out = act(conv2d(x, w) + b), PyTorch cross-correlation; `ws` is a workspace
     (any shape, C-contiguous, x's dtype) of :func:`conv2d_workspace` elements."""
     check_c(x=x, w=w, out=out, ws=ws)
-    geo, threads, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
     bias = _bias_or_empty(b, x.dtype)
+    if winograd.chooses(x.shape, w.shape, out.shape, stride, pad, dilation, groups):
+        _check(x, w, out, groups, ws)
+        winograd.forward(x, w, bias, pad, out, ws, act)
+        return
+    geo, threads, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
     dims = _dims(w, stride, pad, dilation)
     _forward_tiles.pick(threads == 1)(x, w3, bias, int(act), dims, tuple(geo), threads, out, flat)
 
@@ -711,7 +726,7 @@ def conv2d_backward(
     fused. dx / db may be None; dw is overwritten."""
     check_c(x=x, w=w, dout=dout, ws=ws, dx=dx, dw=dw)
     check_shape("dw", dw, w.shape)
-    geo, threads, flat, w3 = _plan(x, w, dout, stride, pad, dilation, groups, ws)
+    _check(x, w, dout, groups, ws)
     if act and out is None:
         raise ValueError("a fused activation needs the forward output")
     if dx is not None:
@@ -719,6 +734,10 @@ def conv2d_backward(
     if db is not None:
         check_shape("db", db, (w.shape[0],))
     y = out if out is not None else dout
+    if winograd.chooses(x.shape, w.shape, dout.shape, stride, pad, dilation, groups):
+        winograd.backward(x, w, dout, pad, ws, dx, dw, db, y, act)
+        return
+    geo, threads, flat, w3 = _plan(x, w, dout, stride, pad, dilation, groups, ws)
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
     dims = _dims(w, stride, pad, dilation)

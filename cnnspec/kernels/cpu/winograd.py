@@ -37,14 +37,18 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .conv import MD, MR, ND, NV, VECTOR_BYTES, bcast, dot, panel
+# conv imports this module for its dispatch: its names are looked up when used
+from . import conv
 
 # CNNSPEC_WINOGRAD: "auto" (default) takes the measured rule below, "0" never uses
 # Winograd (the direct conv everywhere: A/B runs, tests), "1" uses it wherever it applies.
 MODE = os.environ.get("CNNSPEC_WINOGRAD", "auto")
 
 P = 16  # transform points
-_BLOCK_ELEMENTS = 1 << 17  # V + M (+ dV) of one block: 512 KiB in float32, within L2
+_BLOCK_ELEMENTS = 1 << 20  # V + M + dV of one block, 4 MiB in float32. Measured on
+# VGG-small's 64-128 channel convs (1 thread, fwd / bwd against the direct conv):
+# 512 KiB blocks 0.84-0.92x / 0.72x (dU's dot products get rows too short to pay
+# for their horizontal sums), 4 MiB 1.13-1.19x / 1.16-1.20x, 16 MiB 0.88-1.07x.
 
 
 def _round_up(n, m):
@@ -59,18 +63,29 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
         and tuple(int(s) for s in stride) == (1, 1)
         and tuple(int(d) for d in dilation) == (1, 1)
         and all(0 <= int(p) <= 2 for p in pad)
-        and len(x_shape) == 4
     )
 
 
-def chooses(kind, x_shape, w_shape, stride, pad, dilation, groups) -> bool:
-    """Whether the dispatch runs `kind` ("forward" or "backward") the Winograd way."""
+# The rule, measured on one core of an Intel Xeon (AVX-512, 512-bit kernels), float32,
+# fwd / bwd (dx + dW) time of the direct conv over this one:
+#   ResNet-20 b128: 16 ch 32x32 0.49 / 0.62, 32 ch 16x16 0.68 / 0.67, 64 ch 8x8 0.85 / 0.92
+#   VGG-small b64:  64 ch 32x32 1.13 / 1.16, 64->128 ch 16x16 1.15 / 1.20,
+#                   128 ch 16x16 1.19 / 1.16
+# The transforms cost per channel what the products save per channel pair, so thin
+# layers lose; on 8x8 maps the panel padding of a block's few tiles eats the gain.
+# Forward and backward agree on every shape, so one rule serves both.
+MIN_CHANNELS = 64
+MIN_MAP = 16
+
+
+def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
+    """Whether the dispatch runs this conv (forward and backward) the Winograd way."""
     if MODE == "0" or not applies(x_shape, w_shape, stride, pad, dilation, groups):
         return False
     if MODE == "1":
         return True
-    c, k = int(x_shape[1]), int(w_shape[0])
-    return min(c, k) >= 16
+    channels = min(int(x_shape[1]), int(w_shape[0]))
+    return channels >= MIN_CHANNELS and min(int(out_shape[2]), int(out_shape[3])) >= MIN_MAP
 
 
 class _Geometry(NamedTuple):
@@ -94,21 +109,26 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads):
     k = int(w_shape[0])
     oh, ow = int(out_shape[2]), int(out_shape[3])
     ty, tx = -(-oh // 2), -(-ow // 2)
-    nr = panel(itemsize)
-    cb, cd = _round_up(c, MR), _round_up(c, ND)
-    kb, kd = _round_up(k, MR), _round_up(k, MD)
+    nr = conv.panel(itemsize)
+    cb, cd = _round_up(c, conv.MR), _round_up(c, conv.ND)
+    kb, kd = _round_up(k, conv.MR), _round_up(k, conv.MD)
     km = max(kb, kd)
     cols = max(nr, _BLOCK_ELEMENTS // (P * (c + km + cb)))
+    # the block with the least panel padding (the larger on a tie): whole samples,
+    # else bands of tile rows (the last one shorter)
     if ty * tx <= cols:
-        spb = max(1, min(cols // (ty * tx), -(-n // (2 * threads))))
+        most = max(1, min(cols // (ty * tx), -(-n // (2 * threads))))
+        spb = max((s * ty * tx / _round_up(s * ty * tx, nr), s) for s in range(1, most + 1))[1]
         rows, bands = ty, 1
     else:
-        # the band height with the least panel padding, the taller on a tie
         spb = 1
-        fill = [(r * tx / _round_up(r * tx, nr), r) for r in range(1, max(1, cols // tx) + 1)]
-        rows = max(fill)[1]
+
+        def fill(r):
+            full, last = divmod(ty, r)
+            return ty * tx / (full * _round_up(r * tx, nr) + _round_up(last * tx, nr))
+
+        rows = max((fill(r), r) for r in range(1, max(1, cols // tx) + 1))[1]
         bands = -(-ty // rows)
-        rows = -(-ty // bands)
     tp = _round_up(spb * rows * tx, nr)
     hp = 2 * ty + 2
     size = (
@@ -147,9 +167,10 @@ def _regions(geo, c_, base):
 @njit(cache=True, nogil=True)
 def _pack_u(w, transpose, rows_p, upack):
     """U = G g G^T of every (k, c), packed as bcast's A for each point p:
-    upack[p][r // MR][q][r % MR] with rows r = k, inner q = c (forward), or, with
+    upack[p][r // conv.MR][q][r % conv.MR] with rows r = k, inner q = c (forward), or, with
     `transpose`, rows r = c, inner q = k (dx); rows up to rows_p are zero."""
     k_, c_ = w.shape[0], w.shape[1]
+    mr = conv.MR
     rows, inner = (c_, k_) if transpose else (k_, c_)
     upack[: 16 * rows_p * inner] = 0.0
     t = np.empty((4, 3), w.dtype)
@@ -170,7 +191,8 @@ def _pack_u(w, transpose, rows_p, upack):
                 u[3] = t[i, 2]
                 for j in range(4):
                     p = i * 4 + j
-                    upack[((p * (rows_p // MR) + r // MR) * inner + q) * MR + r % MR] = u[j]
+                    at = ((p * (rows_p // mr) + r // mr) * inner + q) * mr + r % mr
+                    upack[at] = u[j]
 
 
 @njit(cache=True, nogil=True)
@@ -191,27 +213,24 @@ def _weight_adjoint(du, dw):
                 dw[k, c, i, 2] = 0.5 * (t[i, 1] + t[i, 2]) + t[i, 3]
 
 
-@njit(cache=True, nogil=True)
-def _four(buf, first, step, n):
-    """Rows first, first + step, first + 2 step, first + 3 step of buf seen as rows of n."""
-    a, b, c, d = first, first + step, first + 2 * step, first + 3 * step
-    return buf[a * n : a * n + n], buf[b * n : b * n + n], buf[c * n : c * n + n], buf[d * n : d * n + n]
-
-
-# Inner loops index views with the loop variable alone (see conv.py: an index whose
-# sign Numba cannot see gets a check that stops LLVM vectorizing the loop).
+# The transforms work on a block's tile rows of one (sample, channel) at once, in
+# long flat loops (per call: a few views, then loops LLVM vectorizes; a call per tile
+# row with views per loop measured 4x slower on ResNet-20's 32x32 maps).
 
 
 @njit(cache=True, nogil=True)
-def _input_row(x, n, c, ty, pt, pl, tx_, strip, tmp, ws, at, ps):
-    """V[p][at + t] = (B^T d B)[p] for the tiles t of tile row ty of x[n, c]: the 4
-    input rows (zero outside x), split into even / odd columns, then the row and the
-    column transforms. `ps` is the distance between points in ws."""
+def _input_tiles(x, n, c, r0, nrows, pt, pl, tx_, xs, tmp, ws, at, ps):
+    """V[p][at + r * tx + t] = (B^T d B)[p] for the tiles t of tile rows r0 .. r0 + nrows
+    of x[n, c] (`ps`: the distance between points in ws). The padded input rows go to xs
+    split by row and column parity ([row parity][column parity][row // 2][column // 2],
+    zero outside x), then the row transform (tmp[row parity][j][row // 2][t]) and the
+    column transform."""
     h_, w_ = x.shape[2], x.shape[3]
     m_ = tx_ + 1
-    strip[:] = 0.0  # [row a][even / odd][m]: padded column 2m (+1)
-    for a in range(4):
-        y = 2 * ty - pt + a
+    rs = (nrows + 1) * m_  # one parity plane
+    xs[: 4 * rs] = 0.0
+    for yy in range(2 * nrows + 2):
+        y = 2 * r0 - pt + yy
         if y < 0 or y >= h_:
             continue
         src = x[n, c, y]
@@ -221,139 +240,153 @@ def _input_row(x, n, c, ty, pt, pl, tx_, strip, tmp, ws, at, ps):
             hi = min(m_, (w_ - b + pl + 1) // 2)
             if hi <= lo:
                 continue
-            dst = strip[(a * 2 + b) * m_ + lo : (a * 2 + b) * m_ + hi]
+            d = ((yy % 2) * 2 + b) * rs + (yy // 2) * m_
+            dst = xs[d + lo : d + hi]
             s = src[2 * lo + b - pl :]
             for v in range(hi - lo):
                 dst[v] = s[2 * v]
-    for a in range(4):  # row transform: tmp[a][j][t]
-        e0, o0 = strip[(a * 2) * m_ : (a * 2) * m_ + tx_], strip[(a * 2 + 1) * m_ :]
-        e1 = strip[(a * 2) * m_ + 1 :]
-        h0, h1, h2, h3 = _four(tmp, a * 4, 1, tx_)
-        for t in range(tx_):
-            d0, d1, d2, d3 = e0[t], o0[t], e1[t], o0[t + 1]
-            h0[t] = d0 - d2
-            h1[t] = d1 + d2
-            h2[t] = d2 - d1
-            h3[t] = d1 - d3
-    for j in range(4):  # column transform into the point rows
-        r0, r1, r2, r3 = _four(tmp, j, 4, tx_)
-        v0 = ws[at + j * ps : at + j * ps + tx_]
-        v1 = ws[at + (4 + j) * ps : at + (4 + j) * ps + tx_]
-        v2 = ws[at + (8 + j) * ps : at + (8 + j) * ps + tx_]
-        v3 = ws[at + (12 + j) * ps : at + (12 + j) * ps + tx_]
-        for t in range(tx_):
-            v0[t] = r0[t] - r2[t]
-            v1[t] = r1[t] + r2[t]
-            v2[t] = r2[t] - r1[t]
-            v3[t] = r1[t] - r3[t]
+    for q in range(2):  # row transform of every row at once (column tx of a row: junk)
+        e, o = xs[2 * q * rs : (2 * q + 1) * rs], xs[(2 * q + 1) * rs : (2 * q + 2) * rs]
+        e1, o1 = e[1:], o[1:]
+        h0, h1 = tmp[(q * 4) * rs : (q * 4 + 1) * rs], tmp[(q * 4 + 1) * rs : (q * 4 + 2) * rs]
+        h2, h3 = tmp[(q * 4 + 2) * rs : (q * 4 + 3) * rs], tmp[(q * 4 + 3) * rs : (q * 4 + 4) * rs]
+        for i in range(rs - 1):
+            d0, d1, d2, d3 = e[i], o[i], e1[i], o1[i]
+            h0[i] = d0 - d2
+            h1[i] = d1 + d2
+            h2[i] = d2 - d1
+            h3[i] = d1 - d3
+    for j in range(4):  # column transform: padded rows 2r, 2r + 1, 2r + 2, 2r + 3
+        ev, od = tmp[j * rs : (j + 1) * rs], tmp[(4 + j) * rs : (5 + j) * rs]
+        for r in range(nrows):
+            a0, a1 = ev[r * m_ : r * m_ + tx_], od[r * m_ : r * m_ + tx_]
+            a2, a3 = ev[r * m_ + m_ : r * m_ + m_ + tx_], od[r * m_ + m_ : r * m_ + m_ + tx_]
+            o0 = at + j * ps + r * tx_
+            v0, v1 = ws[o0 : o0 + tx_], ws[o0 + 4 * ps : o0 + 4 * ps + tx_]
+            v2, v3 = ws[o0 + 8 * ps : o0 + 8 * ps + tx_], ws[o0 + 12 * ps : o0 + 12 * ps + tx_]
+            for t in range(tx_):
+                v0[t] = a0[t] - a2[t]
+                v1[t] = a1[t] + a2[t]
+                v2[t] = a2[t] - a1[t]
+                v3[t] = a1[t] - a3[t]
 
 
 @njit(cache=True, nogil=True)
-def _output_row(ws, at, ps, b, act, tmp, out, n, k, ty):
-    """out[n, k, 2ty : 2ty + 2] = act(A^T M A + b) for the tiles of tile row ty, M[p]
-    at ws[at + p * ps:]; outputs past the map's edge are dropped."""
+def _output_tiles(ws, at, ps, b, act, tmp, out, n, k, r0, nrows):
+    """out[n, k] rows 2 r0 .. 2 (r0 + nrows) = act(A^T M A + b) for those tile rows,
+    M[p] at ws[at + p * ps:]; outputs past the map's edge are dropped."""
     oh, ow = out.shape[2], out.shape[3]
     tx_ = -(-ow // 2)
-    for j in range(4):  # column transform: tmp[a][j][t]
-        m0 = ws[at + j * ps : at + j * ps + tx_]
-        m1 = ws[at + (4 + j) * ps : at + (4 + j) * ps + tx_]
-        m2 = ws[at + (8 + j) * ps : at + (8 + j) * ps + tx_]
-        m3 = ws[at + (12 + j) * ps : at + (12 + j) * ps + tx_]
-        s0, s1 = tmp[j * tx_ : (j + 1) * tx_], tmp[(4 + j) * tx_ : (5 + j) * tx_]
-        for t in range(tx_):
-            s0[t] = m0[t] + m1[t] + m2[t]
-            s1[t] = m1[t] - m2[t] - m3[t]
-    for a in range(2):
-        y = 2 * ty + a
-        if y >= oh:
-            break
-        q0, q1, q2, q3 = _four(tmp, a * 4, 1, tx_)
-        dst = out[n, k, y]
-        for t in range(ow // 2):
-            y0 = q0[t] + q1[t] + q2[t] + b
-            y1 = q1[t] - q2[t] - q3[t] + b
-            dst[2 * t] = (y0 if y0 > 0 else 0.0) if act == 1 else y0
-            dst[2 * t + 1] = (y1 if y1 > 0 else 0.0) if act == 1 else y1
-        if ow % 2:
-            t = ow // 2
-            y0 = q0[t] + q1[t] + q2[t] + b
-            dst[ow - 1] = (y0 if y0 > 0 else 0.0) if act == 1 else y0
+    size = nrows * tx_
+    for j in range(4):  # column transform: tmp[a][j][r * tx + t]
+        m0, m1 = ws[at + j * ps : at + j * ps + size], ws[at + (4 + j) * ps :]
+        m2, m3 = ws[at + (8 + j) * ps :], ws[at + (12 + j) * ps :]
+        s0, s1 = tmp[j * size : (j + 1) * size], tmp[(4 + j) * size : (5 + j) * size]
+        for i in range(size):
+            s0[i] = m0[i] + m1[i] + m2[i]
+            s1[i] = m1[i] - m2[i] - m3[i]
+    for a in range(2):  # row transform: even / odd output columns at tmp[8 + 2a (+1)]
+        q0, q1 = tmp[a * 4 * size : (a * 4 + 1) * size], tmp[(a * 4 + 1) * size :]
+        q2, q3 = tmp[(a * 4 + 2) * size :], tmp[(a * 4 + 3) * size :]
+        ev, od = tmp[(8 + 2 * a) * size : (9 + 2 * a) * size], tmp[(9 + 2 * a) * size :]
+        for i in range(size):
+            y0 = q0[i] + q1[i] + q2[i] + b
+            y1 = q1[i] - q2[i] - q3[i] + b
+            if act == 1:
+                y0 = max(y0, 0.0)
+                y1 = max(y1, 0.0)
+            ev[i] = y0
+            od[i] = y1
+    outf = out.reshape(-1)
+    for r in range(nrows):  # interleaved into the output rows (short loops: no views)
+        for a in range(2):
+            y = 2 * (r0 + r) + a
+            if y >= oh:
+                break
+            ev = (8 + 2 * a) * size + r * tx_
+            dst = ((n * out.shape[1] + k) * oh + y) * ow
+            for t in range(ow // 2):
+                outf[dst + 2 * t] = tmp[ev + t]
+                outf[dst + 2 * t + 1] = tmp[ev + size + t]
+            if ow % 2:
+                outf[dst + ow - 1] = tmp[ev + ow // 2]
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _dout_row(dout, yout, act, n, k, ty, tmp, ws, at, ps, db):
-    """dM[p] at ws[at + p * ps:] = (A dY A^T)[p] for the tiles of tile row ty of
+def _dout_tiles(dout, yout, act, n, k, r0, nrows, tmp, ws, at, ps, db):
+    """dM[p] at ws[at + p * ps:] = (A dY A^T)[p] for tile rows r0 .. r0 + nrows of
     dout[n, k] (masked where a fused ReLU's output is 0; zero past the edge);
     db[k] += the sum of dY."""
     oh, ow = dout.shape[2], dout.shape[3]
     tx_ = -(-ow // 2)
-    ye = tmp[: 4 * tx_]  # [row a][even / odd column][t]
+    size = nrows * tx_
+    ye = tmp[: 4 * size]  # [row a][even / odd column][r * tx + t]
     ye[:] = 0.0
     acc = 0.0
-    for a in range(2):
-        y = 2 * ty + a
-        if y >= oh:
-            break
-        src, yr = dout[n, k, y], yout[n, k, y]
-        for b in range(2):
-            dst = ye[(a * 2 + b) * tx_ : (a * 2 + b + 1) * tx_]
-            cnt = (ow - b + 1) // 2
-            s, m = src[b:], yr[b:]
-            for t in range(cnt):
-                mv = m[2 * t]  # loaded unconditionally: a conditional load blocks SIMD
-                d = s[2 * t] if (mv > 0 or act == 0) else 0.0
-                dst[t] = d
-                acc += d
+    for r in range(nrows):
+        for a in range(2):
+            y = 2 * (r0 + r) + a
+            if y >= oh:
+                break
+            src, yr = dout[n, k, y], yout[n, k, y]
+            for b in range(2):
+                d0 = (a * 2 + b) * size + r * tx_
+                cnt = (ow - b + 1) // 2
+                dst, s, m = ye[d0 : d0 + cnt], src[b:], yr[b:]
+                for t in range(cnt):
+                    mv = m[2 * t]  # loaded unconditionally: a conditional load blocks SIMD
+                    d = s[2 * t] if (mv > 0 or act == 0) else 0.0
+                    dst[t] = d
+                    acc += d
     db[k] += acc
-    q = tmp[4 * tx_ : 12 * tx_]  # row adjoint: q[a][j][t]
-    for a in range(2):
-        e, o = ye[2 * a * tx_ : (2 * a + 1) * tx_], ye[(2 * a + 1) * tx_ : (2 * a + 2) * tx_]
-        q0, q1, q2, q3 = _four(q, a * 4, 1, tx_)
-        for t in range(tx_):
-            q0[t] = e[t]
-            q1[t] = e[t] + o[t]
-            q2[t] = e[t] - o[t]
-            q3[t] = -o[t]
+    for a in range(2):  # row adjoint: tmp[4 size + (a * 4 + j) size + i]
+        e, o = ye[2 * a * size : (2 * a + 1) * size], ye[(2 * a + 1) * size : (2 * a + 2) * size]
+        q = (4 + a * 4) * size
+        q0, q1 = tmp[q : q + size], tmp[q + size : q + 2 * size]
+        q2, q3 = tmp[q + 2 * size : q + 3 * size], tmp[q + 3 * size : q + 4 * size]
+        for i in range(size):
+            q0[i] = e[i]
+            q1[i] = e[i] + o[i]
+            q2[i] = e[i] - o[i]
+            q3[i] = -o[i]
     for j in range(4):  # column adjoint
-        r0, r1 = q[j * tx_ : (j + 1) * tx_], q[(4 + j) * tx_ : (5 + j) * tx_]
-        v0 = ws[at + j * ps : at + j * ps + tx_]
-        v1 = ws[at + (4 + j) * ps : at + (4 + j) * ps + tx_]
-        v2 = ws[at + (8 + j) * ps : at + (8 + j) * ps + tx_]
-        v3 = ws[at + (12 + j) * ps : at + (12 + j) * ps + tx_]
-        for t in range(tx_):
-            v0[t] = r0[t]
-            v1[t] = r0[t] + r1[t]
-            v2[t] = r0[t] - r1[t]
-            v3[t] = -r1[t]
+        a0, a1 = tmp[(4 + j) * size : (5 + j) * size], tmp[(8 + j) * size : (9 + j) * size]
+        v0, v1 = ws[at + j * ps : at + j * ps + size], ws[at + (4 + j) * ps :]
+        v2, v3 = ws[at + (8 + j) * ps :], ws[at + (12 + j) * ps :]
+        for i in range(size):
+            v0[i] = a0[i]
+            v1[i] = a0[i] + a1[i]
+            v2[i] = a0[i] - a1[i]
+            v3[i] = -a1[i]
 
 
 @njit(cache=True, nogil=True)
-def _input_adjoint_row(ws, at, ps, tx_, ty, tmp, dxpad, base):
-    """The padded dx rows 2ty .. 2ty + 3 at dxpad[base:] ([row][even / odd][m], m up
-    to tx + 1) += B dV B^T for the tiles of tile row ty, dV[p] at ws[at + p * ps:]."""
+def _input_adjoint_tiles(ws, at, ps, tx_, r0, nrows, tmp, dxpad, base):
+    """The padded dx of one (sample, channel) at dxpad[base:] ([row][even / odd][m], m
+    up to tx) += B dV B^T for tile rows r0 .. r0 + nrows, dV[p] at ws[at + p * ps:]."""
     m_ = tx_ + 1
-    for j in range(4):  # column adjoint: tmp[a][j][t]
-        v0 = ws[at + j * ps : at + j * ps + tx_]
-        v1 = ws[at + (4 + j) * ps : at + (4 + j) * ps + tx_]
-        v2 = ws[at + (8 + j) * ps : at + (8 + j) * ps + tx_]
-        v3 = ws[at + (12 + j) * ps : at + (12 + j) * ps + tx_]
-        e0, e1, e2, e3 = _four(tmp, j, 4, tx_)
-        for t in range(tx_):
-            e0[t] = v0[t]
-            e1[t] = v1[t] - v2[t] + v3[t]
-            e2[t] = v1[t] + v2[t] - v0[t]
-            e3[t] = -v3[t]
-    for a in range(4):  # row adjoint; tile t covers padded columns 2t .. 2t + 3
-        f0, f1, f2, f3 = _four(tmp, a * 4, 1, tx_)
-        row = base + (2 * ty + a) * 2 * m_
-        even, odd = dxpad[row : row + tx_], dxpad[row + m_ : row + m_ + tx_]
-        even1, odd1 = dxpad[row + 1 : row + m_], dxpad[row + m_ + 1 : row + 2 * m_]
-        for t in range(tx_):
-            even[t] += f0[t]
-            odd[t] += f1[t] - f2[t] + f3[t]
-        for t in range(tx_):
-            even1[t] += f1[t] + f2[t] - f0[t]
-            odd1[t] -= f3[t]
+    size = nrows * tx_
+    for j in range(4):  # column adjoint: tmp[a][j][r * tx + t]
+        v0, v1 = ws[at + j * ps : at + j * ps + size], ws[at + (4 + j) * ps :]
+        v2, v3 = ws[at + (8 + j) * ps :], ws[at + (12 + j) * ps :]
+        e0, e1 = tmp[j * size : (j + 1) * size], tmp[(4 + j) * size : (5 + j) * size]
+        e2, e3 = tmp[(8 + j) * size : (9 + j) * size], tmp[(12 + j) * size : (13 + j) * size]
+        for i in range(size):
+            e0[i] = v0[i]
+            e1[i] = v1[i] - v2[i] + v3[i]
+            e2[i] = v1[i] + v2[i] - v0[i]
+            e3[i] = -v3[i]
+    for r in range(nrows):  # short loops: no views
+        for a in range(4):  # row adjoint; tile t covers padded columns 2t .. 2t + 3
+            f = a * 4 * size + r * tx_
+            row = base + (2 * (r0 + r) + a) * 2 * m_
+            for t in range(tx_):
+                f0, f1 = tmp[f + t], tmp[f + size + t]
+                f2, f3 = tmp[f + 2 * size + t], tmp[f + 3 * size + t]
+                dxpad[row + t] += f0
+                dxpad[row + m_ + t] += f1 - f2 + f3
+                dxpad[row + 1 + t] += f1 + f2 - f0
+                dxpad[row + m_ + 1 + t] -= f3
 
 
 @njit(cache=True, nogil=True)
@@ -408,8 +441,8 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
     n_, c_ = x.shape[0], x.shape[1]
     k_ = w.shape[0]
     pt, pl = pads[0], pads[1]
-    nr_ = NV * (VECTOR_BYTES // x.itemsize)
-    mr = MR
+    nr_ = conv.NV * (conv.VECTOR_BYTES // x.itemsize)
+    mr = conv.MR
     kb = -(-k_ // mr) * mr
     upack = ws[T * per :]
     _pack_u(w, False, kb, upack)
@@ -419,19 +452,18 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
         v_at, m_at, dv_at, zero_at, _du, _db = _regions(geo, c_, th * per)
         rows_v, rows_m, _rows_dv = _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at)
         ws[v_at : v_at + 16 * c_ * tp] = 0.0  # panel padding columns: finite junk
-        strip = np.empty(8 * (tx_ + 1), x.dtype)
-        tmp = np.empty(16 * tx_, x.dtype)
+        xs = np.empty(4 * (rows + 1) * (tx_ + 1), x.dtype)
+        tmp = np.empty(16 * (rows + 1) * (tx_ + 1), x.dtype)
         for block in range(th * total // T, (th + 1) * total // T):
             n0, ns, r0, nrows = _block_at(block, geo, n_)
             for c in range(c_):
                 for s in range(ns):
-                    for r in range(nrows):
-                        at = v_at + c * tp + (s * nrows + r) * tx_
-                        _input_row(x, n0 + s, c, r0 + r, pt, pl, tx_, strip, tmp, ws, at, c_ * tp)
+                    at = v_at + c * tp + s * nrows * tx_
+                    _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, xs, tmp, ws, at, c_ * tp)
             for p in range(16):
                 for pn in range(tp // nr_):
                     for ob in range(kb // mr):
-                        bcast(
+                        conv.bcast(
                             upack, ((p * (kb // mr) + ob) * c_) * mr,
                             ws, rows_v, p * cd, pn * nr_,
                             ws, rows_m, p * km + ob * mr, pn * nr_, c_, 0,
@@ -439,9 +471,8 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
             for k in range(k_):
                 b = bias[k] if has_bias else 0.0
                 for s in range(ns):
-                    for r in range(nrows):
-                        at = m_at + k * tp + (s * nrows + r) * tx_
-                        _output_row(ws, at, km * tp, b, act, tmp, out, n0 + s, k, r0 + r)
+                    at = m_at + k * tp + s * nrows * tx_
+                    _output_tiles(ws, at, km * tp, b, act, tmp, out, n0 + s, k, r0, nrows)
 
 
 @njit(parallel=True, cache=True)
@@ -450,8 +481,8 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
     n_, c_ = x.shape[0], x.shape[1]
     k_ = w.shape[0]
     pt, pl = pads[0], pads[1]
-    nr_ = NV * (VECTOR_BYTES // x.itemsize)
-    mr, md, nd = MR, MD, ND
+    nr_ = conv.NV * (conv.VECTOR_BYTES // x.itemsize)
+    mr, md, nd = conv.MR, conv.MD, conv.ND
     m_ = tx_ + 1
     upack = ws[T * per :]
     if want_dx:
@@ -460,9 +491,9 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
         v_at, m_at, dv_at, zero_at, du_at, db_at = _regions(geo, c_, th * per)
         rows_v, rows_m, rows_dv = _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at)
         dx_at = db_at + k_
-        ws[v_at : dx_at] = 0.0  # junk columns and padding rows: zero gradient
-        strip = np.empty(8 * m_, x.dtype)
-        tmp = np.empty(16 * tx_, x.dtype)
+        ws[v_at:dx_at] = 0.0  # junk columns and padding rows: zero gradient
+        xs = np.empty(4 * (rows + 1) * m_, x.dtype)
+        tmp = np.empty(16 * (rows + 1) * m_, x.dtype)
         db = ws[db_at : db_at + k_]
         n0, hi = th * n_ // T, (th + 1) * n_ // T
         while n0 < hi:
@@ -475,18 +506,16 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                 ws[m_at : m_at + 16 * km * tp] = 0.0  # columns past this band's tiles
                 for c in range(c_):
                     for s in range(ns):
-                        for r in range(nrows):
-                            at = v_at + c * tp + (s * nrows + r) * tx_
-                            _input_row(x, n0 + s, c, r0 + r, pt, pl, tx_, strip, tmp, ws, at, c_ * tp)
+                        at = v_at + c * tp + s * nrows * tx_
+                        _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, xs, tmp, ws, at, c_ * tp)
                 for k in range(k_):
                     for s in range(ns):
-                        for r in range(nrows):
-                            at = m_at + k * tp + (s * nrows + r) * tx_
-                            _dout_row(dout, yout, act, n0 + s, k, r0 + r, tmp, ws, at, km * tp, db)
+                        at = m_at + k * tp + s * nrows * tx_
+                        _dout_tiles(dout, yout, act, n0 + s, k, r0, nrows, tmp, ws, at, km * tp, db)
                 for p in range(16):  # dU += dM V^T
                     for ob in range(0, kd, md):
                         for cbk in range(0, cd, nd):
-                            dot(
+                            conv.dot(
                                 ws, m_at + (p * km + ob) * tp, tp,
                                 ws, rows_v, p * cd + cbk, 0,
                                 ws, du_at + (p * kd + ob) * cd + cbk, cd, tp,
@@ -496,7 +525,7 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                 for p in range(16):  # dV = U^T dM
                     for pn in range(tp // nr_):
                         for ob in range(cb // mr):
-                            bcast(
+                            conv.bcast(
                                 upack, ((p * (cb // mr) + ob) * k_) * mr,
                                 ws, rows_m, p * km, pn * nr_,
                                 ws, rows_dv, p * cb + ob * mr, pn * nr_, k_, 0,
@@ -504,9 +533,8 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                 for c in range(c_):
                     for s in range(ns):
                         base = dx_at + (s * c_ + c) * hp * 2 * m_
-                        for r in range(nrows):
-                            at = dv_at + c * tp + (s * nrows + r) * tx_
-                            _input_adjoint_row(ws, at, cb * tp, tx_, r0 + r, tmp, ws, base)
+                        at = dv_at + c * tp + s * nrows * tx_
+                        _input_adjoint_tiles(ws, at, cb * tp, tx_, r0, nrows, tmp, ws, base)
             if want_dx:
                 for s in range(ns):
                     for c in range(c_):

@@ -1,0 +1,136 @@
+"""Winograd F(2x2, 3x3) convolutions: against the direct conv, finite differences, and
+the dispatch's choice.
+
+Tolerance (Winograd against the direct conv, the largest difference over the largest
+magnitude of the direct result): float64 1e-13, float32 2e-6. The transforms only add,
+subtract and halve; measured (winograd.py's docstring) the float32 difference stays
+within a few ulps of the output's scale. The direct conv itself is held to PyTorch by
+test_kernels_conv.py and the conformance suite.
+"""
+
+import numpy as np
+import pytest
+
+from cnnspec.kernels.cpu import conv, winograd
+from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
+
+TOL = {np.float64: 1e-13, np.float32: 2e-6}
+
+# (N, C, H, W, K, pad (t, b, l, r)): odd maps (tiles overhanging the edge), padding 0,
+# 1, 2 and lopsided, batch 1, channels off the vector width and the blocks
+CASES = {
+    "odd_pad1": (2, 5, 7, 9, 3, (1, 1, 1, 1)),
+    "pad0_batch1": (1, 3, 6, 5, 7, (0, 0, 0, 0)),
+    "lopsided": (2, 4, 5, 6, 4, (1, 0, 2, 1)),
+    "wide_channels": (3, 17, 9, 11, 20, (1, 1, 1, 1)),
+    "tiny_map": (2, 2, 3, 3, 2, (0, 0, 0, 0)),
+}
+
+
+@pytest.fixture
+def mode(monkeypatch):
+    """Force the dispatch: mode("1") Winograd wherever it applies, mode("0") direct."""
+    return lambda m: monkeypatch.setattr(winograd, "MODE", m)
+
+
+def _make(case, dtype, seed=0, bias=True):
+    n, c, h, w, k, pad = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((k, c, 3, 3)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype) if bias else None
+    out = np.empty((n, k, h + pad[0] + pad[1] - 2, w + pad[2] + pad[3] - 2), dtype)
+    shapes = (x.shape, wt.shape, out.shape, (1, 1), pad, (1, 1), np.dtype(dtype).itemsize)
+    ws = np.full(conv.conv2d_workspace(*shapes), np.nan, dtype)  # garbage: overwritten
+    return x, wt, b, out, ws, rng
+
+
+def _run(m, mode, x, w, b, pad, out, ws, dout, act):
+    """forward output, dx, dw, db with the dispatch forced to `m`."""
+    mode(m)
+    geo = ((1, 1), pad, (1, 1), 1)
+    conv.conv2d_forward(x, w, b, *geo, out, ws, act)
+    y = out.copy()
+    dx, dw = np.full_like(x, np.nan), np.full_like(w, np.nan)
+    db = None if b is None else np.full_like(b, np.nan)
+    conv.conv2d_backward(x, w, dout, *geo, ws, dx, dw, db, y, act)
+    return y, dx, dw, db
+
+
+def _scaled_error(a, ref):
+    return float(np.max(np.abs(a - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name", list(CASES))
+def test_winograd_matches_direct(name, dtype, mode):
+    case = CASES[name]
+    pad = case[5]
+    act = conv.ACT_RELU if name in ("odd_pad1", "wide_channels") else conv.ACT_NONE
+    bias = name != "lopsided"
+    mode("1")  # the workspace for both ways
+    x, w, b, out, ws, rng = _make(case, dtype, bias=bias)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    direct = _run("0", mode, x, w, b, pad, out, ws, dout, act)
+    wino = _run("1", mode, x, w, b, pad, out, ws, dout, act)
+    for got, ref in zip(wino, direct, strict=True):
+        if ref is not None:
+            assert _scaled_error(got, ref) < TOL[dtype]
+
+
+def test_winograd_finite_differences(mode):
+    mode("1")
+    case = CASES["odd_pad1"]
+    pad = case[5]
+    x, w, b, out, ws, rng = _make(case, np.float64, seed=3)
+    r = rng.standard_normal(out.shape)
+    geo = ((1, 1), pad, (1, 1), 1)
+
+    def loss():
+        conv.conv2d_forward(x, w, b, *geo, out, ws)
+        return float(np.sum(out * r))
+
+    loss()
+    dx, dw, db = np.empty_like(x), np.empty_like(w), np.empty_like(b)
+    conv.conv2d_backward(x, w, r, *geo, ws, dx, dw, db)
+    assert rel_error(dx, numerical_grad(loss, x)) < 1e-6
+    assert rel_error(dw, numerical_grad(loss, w)) < 1e-6
+    assert rel_error(db, numerical_grad(loss, b)) < 1e-6
+    dw2 = np.empty_like(w)  # dx and db skipped: the same dw
+    conv.conv2d_backward(x, w, r, *geo, ws, None, dw2, None)
+    np.testing.assert_array_equal(dw2, dw)
+
+
+def test_dispatch_rule(mode):
+    def picks(c, k, size, stride=(1, 1), pad=(1, 1, 1, 1), dil=(1, 1), kernel=3, groups=1):
+        x, w = (8, c, size, size), (k, c // groups, kernel, kernel)
+        out = (8, k, size, size)  # the rule reads the map size from the output
+        return winograd.chooses(x, w, out, stride, pad, dil, groups)
+
+    mode("auto")
+    assert picks(64, 64, 32) and picks(64, 128, 16) and picks(128, 128, 16)  # VGG-small
+    assert not picks(16, 16, 32) and not picks(32, 32, 16) and not picks(64, 64, 8)  # ResNet-20
+    assert not picks(3, 64, 32)  # VGG-small's first conv: too few input channels
+    assert not picks(128, 128, 16, stride=(2, 2))
+    assert not picks(128, 128, 16, dil=(2, 2))
+    assert not picks(128, 128, 16, kernel=1, pad=(0, 0, 0, 0))
+    assert not picks(128, 128, 16, groups=2)
+    mode("1")
+    assert picks(16, 16, 32) and not picks(128, 128, 16, stride=(2, 2))
+    mode("0")
+    assert not picks(128, 128, 16)
+
+
+def test_dispatch_runs_winograd_when_chosen(mode, monkeypatch):
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(winograd, name)
+        monkeypatch.setattr(winograd, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    case = CASES["pad0_batch1"]
+    mode("1")
+    x, w, b, out, ws, rng = _make(case, np.float32)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    _run("0", mode, x, w, b, case[5], out, ws, dout, conv.ACT_NONE)
+    assert calls == []
+    _run("1", mode, x, w, b, case[5], out, ws, dout, conv.ACT_NONE)
+    assert calls == ["forward", "backward"]
