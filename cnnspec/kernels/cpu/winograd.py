@@ -9,12 +9,20 @@ dU[p] = dM[p] V[p]^T on the ``dot`` kernel (then dW = G^T dU G), and dV[p] = U[p
 on ``bcast`` (then dx += B dV B^T, tiles overlapping by 2). dx and dW share dM and V,
 so the backward pass takes both the Winograd way or neither.
 
-Error: the transforms only add, subtract and halve, so F(2x2, 3x3) stays close to the
-direct sums: measured on ResNet-20 / VGG-small shapes (random normal data, see
-tests/test_kernels_winograd.py for the tolerance) the largest difference from the
-direct conv is a few float32 ulps of the output's scale (numbers in WINOGRAD_ERROR).
-F(4x4, 3x3) would save 2.25x more multiplies but its points (+-2, +-1/2) grow the
-error ~10x in float32; not taken here.
+Error: the transforms only add, subtract and halve. Measured (random normal data, He-
+scaled weights, padding 1) as the largest difference from a float64 direct conv over
+the largest magnitude of the result, float32:
+  shape (C -> K, map)      y: direct / Winograd   dx: direct / Winograd   dW: direct / Winograd
+  16 -> 16, 32x32          3.8e-7 / 2.2e-7        1.4e-7 / 2.0e-7         1.9e-7 / 2.7e-7
+  64 -> 64, 32x32          8.9e-7 / 4.6e-7        2.0e-7 / 3.2e-7         1.6e-7 / 2.8e-7
+  128 -> 128, 16x16        1.3e-6 / 4.7e-7        2.5e-7 / 4.2e-7         1.3e-7 / 2.2e-7
+(the forward sums run over C per point instead of 9C, so y comes out closer; dx and
+dW carry the transforms of dout and x: ~1.6x the direct error). Float64 Winograd
+against float64 direct: <= 3e-15. The test tolerance, Winograd against direct on tiny
+shapes: 2e-6 (float32), 1e-13 (float64) of the output's scale. F(4x4, 3x3) (4x fewer
+multiplies than direct against 2.25x) was not tried: its transforms carry 2s, 4s and
+quarters, which amplify rounding, and cost 6x6 per tile where the 4x4 ones already take
+a third of the time here.
 
 Layout per thread (flat workspace, elements): V [16][C][tp] (transformed input, tp
 tile columns padded to whole bcast panels), M / dM [16][km][tp], dV [16][cb][tp],
@@ -66,14 +74,21 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
     )
 
 
-# The rule, measured on one core of an Intel Xeon (AVX-512, 512-bit kernels), float32,
-# fwd / bwd (dx + dW) time of the direct conv over this one:
-#   ResNet-20 b128: 16 ch 32x32 0.49 / 0.62, 32 ch 16x16 0.68 / 0.67, 64 ch 8x8 0.85 / 0.92
-#   VGG-small b64:  64 ch 32x32 1.13 / 1.16, 64->128 ch 16x16 1.15 / 1.20,
-#                   128 ch 16x16 1.19 / 1.16
+# The rule, measured on one core of an Intel Xeon (AVX-512), float32, fwd / bwd (dx + dW)
+# time of the direct conv over this one, 1 thread, interleaved:
+#                                  512-bit kernels   256-bit kernels
+#   ResNet-20 b128, 16 ch 32x32      0.49 / 0.62       0.73 / 0.75
+#                   32 ch 16x16      0.68 / 0.67       0.92 / 0.87
+#                   64 ch 8x8        0.85 / 0.92       1.12 / 1.02
+#   VGG-small b64,  64 ch 32x32      1.13 / 1.16       0.97 / 0.93
+#                   64->128 16x16    1.15 / 1.20       0.95 / 0.92
+#                   128 ch 16x16     1.19 / 1.16       0.97 / 0.92
 # The transforms cost per channel what the products save per channel pair, so thin
-# layers lose; on 8x8 maps the panel padding of a block's few tiles eats the gain.
-# Forward and backward agree on every shape, so one rule serves both.
+# layers lose; on 8x8 maps the panel padding of a block's few tiles eats the gain; with
+# the 256-bit kernels (on this CPU as fast as the 512-bit ones for the direct conv)
+# Winograd's shorter products gain nothing. Forward and backward agree on every shape,
+# so one rule serves both. Not measured on a CPU without AVX-512: the rule keeps the
+# direct conv there.
 MIN_CHANNELS = 64
 MIN_MAP = 16
 
@@ -85,7 +100,8 @@ def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
     if MODE == "1":
         return True
     channels = min(int(x_shape[1]), int(w_shape[0]))
-    return channels >= MIN_CHANNELS and min(int(out_shape[2]), int(out_shape[3])) >= MIN_MAP
+    size = min(int(out_shape[2]), int(out_shape[3]))
+    return channels >= MIN_CHANNELS and size >= MIN_MAP
 
 
 class _Geometry(NamedTuple):
@@ -406,15 +422,19 @@ def _unpad_row(dxpad, base, m_, pt, pl, dx, n, c):
 
 
 @njit(cache=True, nogil=True)
-def _block_at(block, geo, n_):
-    """(first sample, samples, first tile row, tile rows) of block number `block`."""
-    ty_, spb, rows, bands = geo[0], geo[2], geo[3], geo[4]
-    if spb > 1:
-        n0 = block * spb
-        return n0, min(spb, n_ - n0), 0, ty_
-    n0 = block // bands
-    r0 = (block - n0 * bands) * rows
-    return n0, 1, r0, min(rows, ty_ - r0)
+def _products(upack, rows_out, inner, ws, rows_b, b_stride, rows_c, c_stride, tp):
+    """For every point p: C = A[p] B, the rows of C at rows_c[p * c_stride:] (rows_out of
+    them), of B at rows_b[p * b_stride:] (inner), A[p] packed by _pack_u."""
+    nr_ = conv.NV * (conv.VECTOR_BYTES // ws.itemsize)
+    mr = conv.MR
+    for p in range(16):
+        for pn in range(tp // nr_):
+            for ob in range(rows_out // mr):
+                conv.bcast(
+                    upack, ((p * (rows_out // mr) + ob) * inner) * mr,
+                    ws, rows_b, p * b_stride, pn * nr_,
+                    ws, rows_c, p * c_stride + ob * mr, pn * nr_, inner, 0,
+                )  # fmt: skip
 
 
 @njit(cache=True, nogil=True)
@@ -441,9 +461,7 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
     n_, c_ = x.shape[0], x.shape[1]
     k_ = w.shape[0]
     pt, pl = pads[0], pads[1]
-    nr_ = conv.NV * (conv.VECTOR_BYTES // x.itemsize)
-    mr = conv.MR
-    kb = -(-k_ // mr) * mr
+    kb = -(-k_ // conv.MR) * conv.MR
     upack = ws[T * per :]
     _pack_u(w, False, kb, upack)
     total = -(-n_ // spb) if spb > 1 else n_ * bands
@@ -455,19 +473,12 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
         xs = np.empty(4 * (rows + 1) * (tx_ + 1), x.dtype)
         tmp = np.empty(16 * (rows + 1) * (tx_ + 1), x.dtype)
         for block in range(th * total // T, (th + 1) * total // T):
-            n0, ns, r0, nrows = _block_at(block, geo, n_)
+            n0, ns, r0, nrows = conv._tile_at(block, spb, bands, rows, n_, ty_)
             for c in range(c_):
                 for s in range(ns):
                     at = v_at + c * tp + s * nrows * tx_
                     _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, xs, tmp, ws, at, c_ * tp)
-            for p in range(16):
-                for pn in range(tp // nr_):
-                    for ob in range(kb // mr):
-                        conv.bcast(
-                            upack, ((p * (kb // mr) + ob) * c_) * mr,
-                            ws, rows_v, p * cd, pn * nr_,
-                            ws, rows_m, p * km + ob * mr, pn * nr_, c_, 0,
-                        )  # fmt: skip
+            _products(upack, kb, c_, ws, rows_v, cd, rows_m, km, tp)  # M = U V
             for k in range(k_):
                 b = bias[k] if has_bias else 0.0
                 for s in range(ns):
@@ -481,8 +492,7 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
     n_, c_ = x.shape[0], x.shape[1]
     k_ = w.shape[0]
     pt, pl = pads[0], pads[1]
-    nr_ = conv.NV * (conv.VECTOR_BYTES // x.itemsize)
-    mr, md, nd = conv.MR, conv.MD, conv.ND
+    md, nd = conv.MD, conv.ND
     m_ = tx_ + 1
     upack = ws[T * per :]
     if want_dx:
@@ -522,14 +532,7 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                             )  # fmt: skip
                 if not want_dx:
                     continue
-                for p in range(16):  # dV = U^T dM
-                    for pn in range(tp // nr_):
-                        for ob in range(cb // mr):
-                            conv.bcast(
-                                upack, ((p * (cb // mr) + ob) * k_) * mr,
-                                ws, rows_m, p * km, pn * nr_,
-                                ws, rows_dv, p * cb + ob * mr, pn * nr_, k_, 0,
-                            )  # fmt: skip
+                _products(upack, cb, k_, ws, rows_m, km, rows_dv, cb, tp)  # dV = U^T dM
                 for c in range(c_):
                     for s in range(ns):
                         base = dx_at + (s * c_ + c) * hp * 2 * m_
