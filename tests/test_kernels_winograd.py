@@ -78,6 +78,23 @@ def test_winograd_matches_direct(name, dtype, mode):
             assert _scaled_error(got, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_winograd_bands_of_tile_rows(dtype, mode, monkeypatch):
+    """Blocks of one panel's columns: samples split into bands of tile rows (the last
+    one shorter), as large maps run."""
+    monkeypatch.setattr(winograd, "_BLOCK_ELEMENTS", 1)
+    case = (3, 3, 21, 18, 5, (1, 1, 1, 1))  # 11 x 9 tiles a sample, 4 or 5 rows a band
+    mode("1")
+    x, w, b, out, ws, rng = _make(case, dtype, seed=5)
+    geo = winograd._geometry(x.shape, w.shape, out.shape, x.itemsize, 1)
+    assert geo.spb == 1 and geo.bands > 1 and geo.ty % geo.rows
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    direct = _run("0", mode, x, w, b, case[5], out, ws, dout, conv.ACT_RELU)
+    wino = _run("1", mode, x, w, b, case[5], out, ws, dout, conv.ACT_RELU)
+    for got, ref in zip(wino, direct, strict=True):
+        assert _scaled_error(got, ref) < TOL[dtype]
+
+
 def test_winograd_finite_differences(mode):
     mode("1")
     case = CASES["odd_pad1"]
