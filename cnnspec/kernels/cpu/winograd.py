@@ -53,10 +53,14 @@ from . import conv
 MODE = os.environ.get("CNNSPEC_WINOGRAD", "auto")
 
 P = 16  # transform points
-_BLOCK_ELEMENTS = 1 << 20  # V + M + dV of one block, 4 MiB in float32. Measured on
-# VGG-small's 64-128 channel convs (1 thread, fwd / bwd against the direct conv):
-# 512 KiB blocks 0.84-0.92x / 0.72x (dU's dot products get rows too short to pay
-# for their horizontal sums), 4 MiB 1.13-1.19x / 1.16-1.20x, 16 MiB 0.88-1.07x.
+# Elements of a block's transformed tiles: V + M forward (2 MiB in float32, L2's
+# size here), V + dM + dV backward (4 MiB). Measured on VGG-small's 64-128 channel
+# convs (1 thread, against the direct conv): backward blocks of 512 KiB 0.72x (dU's dot
+# products get rows too short to pay for their horizontal sums), 4 MiB 1.16-1.20x,
+# 16 MiB 1.03-1.21x; forward blocks of 1 MiB 0.93-1.00x, 2 MiB 0.89-1.27x, 4 MiB
+# 0.74-1.26x (noisy, shared machine; on 8x8 maps the smaller blocks lose less).
+_FORWARD_BLOCK = 1 << 19
+_BACKWARD_BLOCK = 1 << 20
 
 
 def _round_up(n, m):
@@ -120,7 +124,7 @@ class _Geometry(NamedTuple):
     upack: int  # packed U (shared)
 
 
-def _geometry(x_shape, w_shape, out_shape, itemsize, threads):
+def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
     n, c = int(x_shape[0]), int(x_shape[1])
     k = int(w_shape[0])
     oh, ow = int(out_shape[2]), int(out_shape[3])
@@ -129,7 +133,10 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads):
     cb, cd = _round_up(c, conv.MR), _round_up(c, conv.ND)
     kb, kd = _round_up(k, conv.MR), _round_up(k, conv.MD)
     km = max(kb, kd)
-    cols = max(nr, _BLOCK_ELEMENTS // (P * (c + km + cb)))
+    if backward:
+        cols = max(nr, _BACKWARD_BLOCK // (P * (c + km + cb)))
+    else:
+        cols = max(nr, _FORWARD_BLOCK // (P * (c + km)))
     # the block with the least panel padding (the larger on a tie): whole samples,
     # else bands of tile rows (the last one shorter)
     if ty * tx <= cols:
@@ -163,8 +170,8 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads):
 def workspace(x_shape, w_shape, out_shape, itemsize) -> int:
     """Elements of workspace the Winograd kernels need for all of Numba's threads."""
     threads = numba.get_num_threads()
-    geo = _geometry(x_shape, w_shape, out_shape, itemsize, threads)
-    return geo.per_thread * threads + geo.upack
+    geos = [_geometry(x_shape, w_shape, out_shape, itemsize, threads, b) for b in (0, 1)]
+    return max(g.per_thread for g in geos) * threads + geos[0].upack
 
 
 @njit(cache=True, nogil=True)
@@ -237,54 +244,48 @@ def _weight_adjoint(du, dw):
 @njit(cache=True, nogil=True)
 def _input_tiles(x, n, c, r0, nrows, pt, pl, tx_, xs, tmp, ws, at, ps):
     """V[p][at + r * tx + t] = (B^T d B)[p] for the tiles t of tile rows r0 .. r0 + nrows
-    of x[n, c] (`ps`: the distance between points in ws). The padded input rows go to xs
-    split by row and column parity ([row parity][column parity][row // 2][column // 2],
-    zero outside x), then the row transform (tmp[row parity][j][row // 2][t]) and the
-    column transform."""
+    of x[n, c] (`ps`: the distance between points in ws). Tile t of padded row y reads
+    its columns 2t, 2t + 1, 2t + 2, 2t + 3; they go to xs as four planes, each
+    [row parity][e, o, e1, o1][y // 2][t] (zero outside x), so that the row transform
+    (into tmp[row parity][j][y // 2][t]) and the column transform are flat loops."""
     h_, w_ = x.shape[2], x.shape[3]
-    m_ = tx_ + 1
-    rs = (nrows + 1) * m_  # one parity plane
-    xs[: 4 * rs] = 0.0
+    rs = (nrows + 1) * tx_  # one plane
+    xs[: 8 * rs] = 0.0
+    xf = x.reshape(-1)
     for yy in range(2 * nrows + 2):
         y = 2 * r0 - pt + yy
         if y < 0 or y >= h_:
             continue
-        src = x[n, c, y]
-        for b in range(2):
-            # padded column 2m + b is input column 2m + b - pl
-            lo = max(0, (pl - b + 1) // 2)
-            hi = min(m_, (w_ - b + pl + 1) // 2)
-            if hi <= lo:
-                continue
-            d = ((yy % 2) * 2 + b) * rs + (yy // 2) * m_
-            dst = xs[d + lo : d + hi]
-            s = src[2 * lo + b - pl :]
-            for v in range(hi - lo):
-                dst[v] = s[2 * v]
-    for q in range(2):  # row transform of every row at once (column tx of a row: junk)
-        e, o = xs[2 * q * rs : (2 * q + 1) * rs], xs[(2 * q + 1) * rs : (2 * q + 2) * rs]
-        e1, o1 = e[1:], o[1:]
+        src = ((n * x.shape[1] + c) * h_ + y) * w_ - pl
+        for kind in range(4):  # padded column 2 (t + shift) + b, input column that - pl
+            b, shift = kind % 2, kind // 2
+            lo = max(0, (pl - b + 1) // 2 - shift)
+            hi = min(tx_, (w_ - b + pl + 1) // 2 - shift)
+            d = ((yy % 2) * 4 + kind) * rs + (yy // 2) * tx_
+            for t in range(lo, hi):  # short: no views
+                xs[d + t] = xf[src + 2 * (t + shift) + b]
+    for q in range(2):  # row transform
+        e, o = xs[q * 4 * rs : (q * 4 + 1) * rs], xs[(q * 4 + 1) * rs : (q * 4 + 2) * rs]
+        e1, o1 = xs[(q * 4 + 2) * rs : (q * 4 + 3) * rs], xs[(q * 4 + 3) * rs : (q * 4 + 4) * rs]
         h0, h1 = tmp[(q * 4) * rs : (q * 4 + 1) * rs], tmp[(q * 4 + 1) * rs : (q * 4 + 2) * rs]
         h2, h3 = tmp[(q * 4 + 2) * rs : (q * 4 + 3) * rs], tmp[(q * 4 + 3) * rs : (q * 4 + 4) * rs]
-        for i in range(rs - 1):
+        for i in range(rs):
             d0, d1, d2, d3 = e[i], o[i], e1[i], o1[i]
             h0[i] = d0 - d2
             h1[i] = d1 + d2
             h2[i] = d2 - d1
             h3[i] = d1 - d3
+    size = nrows * tx_
     for j in range(4):  # column transform: padded rows 2r, 2r + 1, 2r + 2, 2r + 3
-        ev, od = tmp[j * rs : (j + 1) * rs], tmp[(4 + j) * rs : (5 + j) * rs]
-        for r in range(nrows):
-            a0, a1 = ev[r * m_ : r * m_ + tx_], od[r * m_ : r * m_ + tx_]
-            a2, a3 = ev[r * m_ + m_ : r * m_ + m_ + tx_], od[r * m_ + m_ : r * m_ + m_ + tx_]
-            o0 = at + j * ps + r * tx_
-            v0, v1 = ws[o0 : o0 + tx_], ws[o0 + 4 * ps : o0 + 4 * ps + tx_]
-            v2, v3 = ws[o0 + 8 * ps : o0 + 8 * ps + tx_], ws[o0 + 12 * ps : o0 + 12 * ps + tx_]
-            for t in range(tx_):
-                v0[t] = a0[t] - a2[t]
-                v1[t] = a1[t] + a2[t]
-                v2[t] = a2[t] - a1[t]
-                v3[t] = a1[t] - a3[t]
+        a0, a1 = tmp[j * rs : j * rs + size], tmp[(4 + j) * rs : (4 + j) * rs + size]
+        a2, a3 = tmp[j * rs + tx_ : (j + 1) * rs], tmp[(4 + j) * rs + tx_ : (5 + j) * rs]
+        v0, v1 = ws[at + j * ps : at + j * ps + size], ws[at + (4 + j) * ps :]
+        v2, v3 = ws[at + (8 + j) * ps :], ws[at + (12 + j) * ps :]
+        for i in range(size):
+            v0[i] = a0[i] - a2[i]
+            v1[i] = a1[i] + a2[i]
+            v2[i] = a2[i] - a1[i]
+            v3[i] = a1[i] - a3[i]
 
 
 @njit(cache=True, nogil=True)
@@ -470,7 +471,7 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
         v_at, m_at, dv_at, zero_at, _du, _db = _regions(geo, c_, th * per)
         rows_v, rows_m, _rows_dv = _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at)
         ws[v_at : v_at + 16 * c_ * tp] = 0.0  # panel padding columns: finite junk
-        xs = np.empty(4 * (rows + 1) * (tx_ + 1), x.dtype)
+        xs = np.empty(8 * (rows + 1) * tx_, x.dtype)
         tmp = np.empty(16 * (rows + 1) * (tx_ + 1), x.dtype)
         for block in range(th * total // T, (th + 1) * total // T):
             n0, ns, r0, nrows = conv._tile_at(block, spb, bands, rows, n_, ty_)
@@ -502,7 +503,7 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
         rows_v, rows_m, rows_dv = _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at)
         dx_at = db_at + k_
         ws[v_at:dx_at] = 0.0  # junk columns and padding rows: zero gradient
-        xs = np.empty(4 * (rows + 1) * m_, x.dtype)
+        xs = np.empty(8 * (rows + 1) * tx_, x.dtype)
         tmp = np.empty(16 * (rows + 1) * m_, x.dtype)
         db = ws[db_at : db_at + k_]
         n0, hi = th * n_ // T, (th + 1) * n_ // T
@@ -546,26 +547,27 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
             n0 += ns
 
 
-def _plan(x, w, out, ws):
+def _plan(x, w, out, ws, backward):
     flat = ws.reshape(-1)
-    one = _geometry(x.shape, w.shape, out.shape, x.itemsize, 1)
+    shapes = (x.shape, w.shape, out.shape, x.itemsize)
+    one = _geometry(*shapes, 1, backward)
     threads = min(numba.get_num_threads(), (flat.size - one.upack) // one.per_thread)
     if threads < 1:
         need = one.per_thread + one.upack
         raise ValueError(f"conv2d workspace has {flat.size} elements, need {need}")
-    return _geometry(x.shape, w.shape, out.shape, x.itemsize, threads), threads, flat
+    return _geometry(*shapes, threads, backward), threads, flat
 
 
 def forward(x, w, bias, pad, out, ws, act):
     """out = act(conv2d(x, w) + bias), 3x3, stride 1 (checked by conv.py's caller)."""
-    geo, threads, flat = _plan(x, w, out, ws)
+    geo, threads, flat = _plan(x, w, out, ws, False)
     pads = (int(pad[0]), int(pad[2]))
     _forward_blocks(x, w, bias, int(act), pads, tuple(geo), threads, out, flat)
 
 
 def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
     """dx (None: skipped), dw, db (None: skipped) of :func:`forward`."""
-    geo, threads, flat = _plan(x, w, dout, ws)
+    geo, threads, flat = _plan(x, w, dout, ws, True)
     pads = (int(pad[0]), int(pad[2]))
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
