@@ -54,13 +54,13 @@ MODE = os.environ.get("CNNSPEC_WINOGRAD", "auto")
 
 P = 16  # transform points
 # Elements of a block's transformed tiles: V + M forward (2 MiB in float32, L2's
-# size here), V + dM + dV backward (4 MiB). Measured on VGG-small's 64-128 channel
-# convs (1 thread, against the direct conv): backward blocks of 512 KiB 0.72x (dU's dot
-# products get rows too short to pay for their horizontal sums), 4 MiB 1.16-1.20x,
-# 16 MiB 1.03-1.21x; forward blocks of 1 MiB 0.93-1.00x, 2 MiB 0.89-1.27x, 4 MiB
-# 0.74-1.26x (noisy, shared machine; on 8x8 maps the smaller blocks lose less).
+# size here), V + dM + dV backward (8 MiB: dU's dot products want long rows more than
+# the block wants L2). Measured on VGG-small's 64-128 channel convs (1 thread, direct
+# time over Winograd's, a noisy shared machine): backward blocks of 2 MiB 0.83-0.89x,
+# 4 MiB 1.00-1.15x, 8 MiB 1.06-1.23x, 16 MiB 1.03-1.21x; forward blocks of 1 MiB
+# 0.93-1.00x, 2 MiB 0.89-1.27x, 4 MiB 0.74-1.26x (on 8x8 maps smaller blocks lose less).
 _FORWARD_BLOCK = 1 << 19
-_BACKWARD_BLOCK = 1 << 20
+_BACKWARD_BLOCK = 1 << 21
 
 
 def _round_up(n, m):
@@ -190,7 +190,7 @@ def _regions(geo, c_, base):
 @njit(cache=True, nogil=True)
 def _pack_u(w, transpose, rows_p, upack):
     """U = G g G^T of every (k, c), packed as bcast's A for each point p:
-    upack[p][r // conv.MR][q][r % conv.MR] with rows r = k, inner q = c (forward), or, with
+    upack[p][r // MR][q][r % MR] with rows r = k, inner q = c (forward), or, with
     `transpose`, rows r = c, inner q = k (dx); rows up to rows_p are zero."""
     k_, c_ = w.shape[0], w.shape[1]
     mr = conv.MR
