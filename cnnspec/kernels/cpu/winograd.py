@@ -79,20 +79,22 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 
 
 # The rule, measured on one core of an Intel Xeon (AVX-512), float32, fwd / bwd (dx + dW)
-# time of the direct conv over this one, 1 thread, interleaved:
+# time of the direct conv over this one, 1 thread, interleaved in one process (a shared
+# machine: repeated runs moved these by up to +-0.1):
 #                                  512-bit kernels   256-bit kernels
-#   ResNet-20 b128, 16 ch 32x32      0.49 / 0.62       0.73 / 0.75
-#                   32 ch 16x16      0.68 / 0.67       0.92 / 0.87
-#                   64 ch 8x8        0.85 / 0.92       1.12 / 1.02
-#   VGG-small b64,  64 ch 32x32      1.13 / 1.16       0.97 / 0.93
-#                   64->128 16x16    1.15 / 1.20       0.95 / 0.92
-#                   128 ch 16x16     1.19 / 1.16       0.97 / 0.92
+#   ResNet-20 b128, 16 ch 32x32      0.62 / 0.59       0.80 / 0.65
+#                   32 ch 16x16      0.73 / 0.63       0.93 / 0.76
+#                   64 ch 8x8        0.89 / 0.72       1.09 / 0.92
+#   VGG-small b64,  64 ch 32x32      0.97 / 1.08       1.38 / 1.31
+#                   64->128 16x16    1.09 / 1.15       1.30 / 1.22
+#                   128 ch 16x16     1.24 / 1.24       1.56 / 1.58
+# VGG-small's whole train step: 1.12x (512-bit), 1.29x (256-bit); inference 1.06x, 1.29x.
 # The transforms cost per channel what the products save per channel pair, so thin
-# layers lose; on 8x8 maps the panel padding of a block's few tiles eats the gain; with
-# the 256-bit kernels (on this CPU as fast as the 512-bit ones for the direct conv)
-# Winograd's shorter products gain nothing. Forward and backward agree on every shape,
-# so one rule serves both. Not measured on a CPU without AVX-512: the rule keeps the
-# direct conv there.
+# layers lose; on 8x8 maps the panel padding of a block's few tiles eats the gain. The
+# 256-bit direct conv runs at ~90 GFLOP/s here against ~140 for the 512-bit one, while
+# Winograd's transforms (LLVM's own vectorisation) do not narrow: it gains more there.
+# Forward and backward agree closely enough that one rule serves both. Not measured on
+# a CPU without AVX-512.
 MIN_CHANNELS = 64
 MIN_MAP = 16
 
