@@ -32,8 +32,9 @@ like the direct conv's tiles. The forward pass splits blocks among threads; the
 backward pass gives each thread whole samples (their dx tiles overlap) and private
 dU / db sums, added up afterwards in thread order (the same bits every run).
 
-The micro-kernels are imported from conv.py: Numba's on-disk cache does not notice a
-change there, so clear the cache (or touch this file) after editing them.
+The micro-kernels are conv.py's: Numba's on-disk cache does not notice a change there,
+so clear the cache (or touch this file) after editing them. Kernels as in conv.py: a
+parallel and a serial build (one thread), helpers without entry points.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from numba import njit, prange
 
 # conv imports this module for its dispatch: its names are looked up when used
 from . import conv
+from ._common import HELPER, Builds
 
 # CNNSPEC_WINOGRAD: "auto" (default) takes the measured rule below, "0" never uses
 # Winograd (the direct conv everywhere: A/B runs, tests), "1" uses it wherever it applies.
@@ -176,7 +178,7 @@ def workspace(x_shape, w_shape, out_shape, itemsize) -> int:
     return max(g.per_thread for g in geos) * threads + geos[0].upack
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _regions(geo, c_, base):
     """Where a thread's buffers start: V, M, dV, zero row, dU, db, padded dx."""
     tp, km, kd, cb, cd = geo[5], geo[6], geo[7], geo[8], geo[9]
@@ -189,7 +191,7 @@ def _regions(geo, c_, base):
     return v_at, m_at, dv_at, zero_at, du_at, db_at
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _pack_u(w, transpose, rows_p, upack):
     """U = G g G^T of every (k, c), packed as bcast's A for each point p:
     upack[p][r // MR][q][r % MR] with rows r = k, inner q = c (forward), or, with
@@ -243,7 +245,7 @@ def _weight_adjoint(du, dw):
 # row with views per loop measured 4x slower on ResNet-20's 32x32 maps).
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _input_tiles(x, n, c, r0, nrows, pt, pl, tx_, xs, tmp, ws, at, ps):
     """V[p][at + r * tx + t] = (B^T d B)[p] for the tiles t of tile rows r0 .. r0 + nrows
     of x[n, c] (`ps`: the distance between points in ws). Tile t of padded row y reads
@@ -290,7 +292,7 @@ def _input_tiles(x, n, c, r0, nrows, pt, pl, tx_, xs, tmp, ws, at, ps):
             v3[i] = a1[i] - a3[i]
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _output_tiles(ws, at, ps, b, act, tmp, out, n, k, r0, nrows):
     """out[n, k] rows 2 r0 .. 2 (r0 + nrows) = act(A^T M A + b) for those tile rows,
     M[p] at ws[at + p * ps:]; outputs past the map's edge are dropped."""
@@ -331,7 +333,7 @@ def _output_tiles(ws, at, ps, b, act, tmp, out, n, k, r0, nrows):
                 outf[dst + ow - 1] = tmp[ev + ow // 2]
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc"})
+@njit(**HELPER, nogil=True, fastmath={"reassoc"})
 def _dout_tiles(dout, yout, act, n, k, r0, nrows, tmp, ws, at, ps, db):
     """dM[p] at ws[at + p * ps:] = (A dY A^T)[p] for tile rows r0 .. r0 + nrows of
     dout[n, k] (masked where a fused ReLU's output is 0; zero past the edge);
@@ -379,7 +381,7 @@ def _dout_tiles(dout, yout, act, n, k, r0, nrows, tmp, ws, at, ps, db):
             v3[i] = -a1[i]
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _input_adjoint_tiles(ws, at, ps, tx_, r0, nrows, tmp, dxpad, base):
     """The padded dx of one (sample, channel) at dxpad[base:] ([row][even / odd][m], m
     up to tx) += B dV B^T for tile rows r0 .. r0 + nrows, dV[p] at ws[at + p * ps:]."""
@@ -408,7 +410,7 @@ def _input_adjoint_tiles(ws, at, ps, tx_, r0, nrows, tmp, dxpad, base):
                 dxpad[row + m_ + 1 + t] -= f3
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _unpad_row(dxpad, base, m_, pt, pl, dx, n, c):
     """dx[n, c] = the interior of one sample-channel of the padded, even / odd split dx."""
     h_, w_ = dx.shape[2], dx.shape[3]
@@ -424,7 +426,7 @@ def _unpad_row(dxpad, base, m_, pt, pl, dx, n, c):
                 d[2 * v] = src[v]
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _products(upack, rows_out, inner, ws, rows_b, b_stride, rows_c, c_stride, tp):
     """For every point p: C = A[p] B, the rows of C at rows_c[p * c_stride:] (rows_out of
     them), of B at rows_b[p * b_stride:] (inner), A[p] packed by _pack_u."""
@@ -440,7 +442,7 @@ def _products(upack, rows_out, inner, ws, rows_b, b_stride, rows_c, c_stride, tp
                 )  # fmt: skip
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at):
     """The micro-kernels' row offsets: V rows (per point, padded to cd with the zero
     row), M / dM rows, dV rows."""
@@ -458,7 +460,7 @@ def _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at):
     return rows_v, rows_m, rows_dv
 
 
-@njit(parallel=True, cache=True)
+@Builds
 def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
     ty_, tx_, spb, rows, bands, tp, km, _kd, _cb, cd, _hp, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
@@ -489,7 +491,7 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
                     _output_tiles(ws, at, km * tp, b, act, tmp, out, n0 + s, k, r0, nrows)
 
 
-@njit(parallel=True, cache=True)
+@Builds
 def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
     ty_, tx_, spb, rows, bands, tp, km, kd, cb, cd, hp, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
@@ -564,7 +566,8 @@ def forward(x, w, bias, pad, out, ws, act):
     """out = act(conv2d(x, w) + bias), 3x3, stride 1 (checked by conv.py's caller)."""
     geo, threads, flat = _plan(x, w, out, ws, False)
     pads = (int(pad[0]), int(pad[2]))
-    _forward_blocks(x, w, bias, int(act), pads, tuple(geo), threads, out, flat)
+    kernel = _forward_blocks.pick(threads == 1)  # one thread: the serial build
+    kernel(x, w, bias, int(act), pads, tuple(geo), threads, out, flat)
 
 
 def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
@@ -573,10 +576,11 @@ def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
     pads = (int(pad[0]), int(pad[2]))
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
-    _backward_samples(x, w, dout, y, int(act), want_dx, pads, tuple(geo), threads, dx_arg, flat)
+    kernel = _backward_samples.pick(threads == 1)
+    kernel(x, w, dout, y, int(act), want_dx, pads, tuple(geo), threads, dx_arg, flat)
     # the threads' private sums, added in thread order: the same bits every run
     k_ = w.shape[0]
-    du_at, db_at = _regions(tuple(geo), x.shape[1], 0)[4:6]
+    du_at, db_at = _regions.py_func(geo, x.shape[1], 0)[4:6]  # (a helper: no Python entry)
     size = P * geo.kd * geo.cd
     du = np.zeros(size, x.dtype)
     dbs = np.zeros(k_, x.dtype)
