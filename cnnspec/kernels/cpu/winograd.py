@@ -84,13 +84,13 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 # time of the direct conv over this one, 1 thread, interleaved in one process (a shared
 # machine: repeated runs moved these by up to +-0.1):
 #                                  512-bit kernels   256-bit kernels
-#   ResNet-20 b128, 16 ch 32x32      0.62 / 0.59       0.80 / 0.65
-#                   32 ch 16x16      0.73 / 0.63       0.93 / 0.76
-#                   64 ch 8x8        0.89 / 0.72       1.09 / 0.92
-#   VGG-small b64,  64 ch 32x32      0.97 / 1.08       1.38 / 1.31
-#                   64->128 16x16    1.09 / 1.15       1.30 / 1.22
-#                   128 ch 16x16     1.24 / 1.24       1.56 / 1.58
-# VGG-small's whole train step: 1.12x (512-bit), 1.29x (256-bit); inference 1.06x, 1.29x.
+#   ResNet-20 b128, 16 ch 32x32      0.55 / 0.56       0.79 / 0.65
+#                   32 ch 16x16      0.67 / 0.56       0.90 / 0.75
+#                   64 ch 8x8        0.86 / 0.73       1.13 / 0.92
+#   VGG-small b64,  64 ch 32x32      0.99 / 1.05       1.31 / 1.21
+#                   64->128 16x16    1.05 / 1.13       1.41 / 1.47
+#                   128 ch 16x16     1.18 / 1.28       1.46 / 1.43
+# VGG-small's whole train step: 1.11x (512-bit), 1.32x (256-bit); inference 1.06x, 1.33x.
 # The transforms cost per channel what the products save per channel pair, so thin
 # layers lose; on 8x8 maps the panel padding of a block's few tiles eats the gain. The
 # 256-bit direct conv runs at ~90 GFLOP/s here against ~140 for the 512-bit one, while
