@@ -11,6 +11,7 @@ gradients in another), so an optimizer can update them in one vector operation;
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -53,6 +54,47 @@ def fused_relus(infos, keep=frozenset()) -> dict:
         if src is not None and src.layer.fusable and users[src.name] == 1 and src.name not in keep:
             fused[info.name] = src.name
     return fused
+
+
+def fusion_enabled() -> bool:
+    """CNNSPEC_FUSION=0 turns off the fusions of batch norm into its neighbouring convs
+    and the in-place gradient sums (A/B measurements, tests); ReLUs still fuse."""
+    return os.environ.get("CNNSPEC_FUSION", "1") != "0"
+
+
+def fused_norms(infos, relus: dict, keep=frozenset(), ends=frozenset()) -> tuple[dict, dict]:
+    """Batch norms fused into the convs beside them (the CPU kernels' hooks):
+    - stats: norm -> the conv before it, which takes the batch statistics in its epilogue
+      while its output tiles are in cache (the conv feeds nothing else);
+    - applied: norm -> the convs that apply its affine (and fused ReLU) as they pack their
+      input, when they are all that read it: the norm writes no output. Not when its
+      output is kept or ends the network (`ends`: what the scores read)."""
+    users: dict[str, list] = {}
+    for info in infos:
+        for i in info.node.inputs:
+            users.setdefault(i, []).append(info)
+    by_name = {i.name: i for i in infos}
+    relu_of = {p: r for r, p in relus.items()}
+
+    def conv(info):
+        return info is not None and info.node.type == "conv2d" and not info.layer.is_dense
+
+    stats, applied = {}, {}
+    for info in infos:
+        if info.node.type != "batchnorm2d":
+            continue
+        name, src = info.name, by_name.get(info.node.inputs[0])
+        if conv(src) and len(users[src.name]) == 1 and src.name not in keep:
+            stats[name] = src.name
+        out = relu_of.get(name, name)
+        readers = users.get(out, [])
+        if (
+            readers
+            and all(conv(r) for r in readers)
+            and not {name, out} & (set(keep) | set(ends))
+        ):
+            applied[name] = [r.name for r in readers]
+    return stats, applied
 
 
 class _BufferPool:
@@ -129,9 +171,11 @@ class Model:
         self._input = zeros((batch, *self.input_shape), dt)  # batches given as arrays
         self.buf = {INPUT: self._input}  # or a staged batch's slot
         self.fused = self._fuse_relus()
+        self.unwritten = self._fuse_norms()
         self._allocate_activations(batch)
         for info in self.infos:
             info.layer.allocate(batch, dt)
+        self._bind_norms()
         scratch = zeros(max([i.layer.workspace_size(batch) for i in self.infos] + [1]), dt)
         for info in self.infos:
             info.layer.workspace = scratch
@@ -162,6 +206,17 @@ class Model:
         if self.training:
             self._plan_backward(batch)
 
+    def _owner(self, name):
+        """The layer whose buffer holds `name`'s output: a fused ReLU's producer, an
+        unwritten norm's input (its readers apply it), or itself."""
+        while True:
+            if name in self.fused:
+                name = self.fused[name]
+            elif name in self.unwritten:
+                name = self._by_name[name].node.inputs[0]
+            else:
+                return name
+
     def _allocate_activations(self, batch):
         """Training keeps every activation for the backward pass; inference lets an
         activation's memory go to a later layer once its last user has run."""
@@ -170,25 +225,25 @@ class Model:
         last = {}
         for info in self.infos:
             for i in info.node.inputs:
-                owner = self.fused.get(i, i)  # a fused ReLU lives in its producer's buffer
+                owner = self._owner(i)
                 last[owner] = max(last.get(owner, 0), order[info.name])
         for info in [*self.outputs, self.head]:  # scores read the heads and their inputs
             for name in (info.name, *info.node.inputs):
-                last[self.fused.get(name, name)] = end
+                last[self._owner(name)] = end
         for name in self.keep:
-            last[self.fused.get(name, name)] = end
+            last[self._owner(name)] = end
         pool = _BufferPool(self.backend, self.dtype)
         for info in self.infos:
             name = info.name
-            if name in self.fused:
+            if self._owner(name) != name:
                 continue
             shape = (batch, *info.layer.out_shape)
             if self.training:
                 self.buf[name] = self.backend.zeros(shape, self.dtype)
             else:
                 self.buf[name] = pool.get(shape, order[name], last.get(name, end))
-        for relu, producer in self.fused.items():
-            self.buf[relu] = self.buf[producer]  # computes in place in its producer's buffer
+        for info in self.infos:  # fused ReLUs compute in place in their producer's buffer
+            self.buf[info.name] = self.buf[self._owner(info.name)]
 
     def _fuse_relus(self) -> dict:
         fused = fused_relus(self.infos, self.keep)
@@ -197,11 +252,36 @@ class Model:
             by_name[producer].layer.fused_act = 1
         return fused
 
+    def _fuse_norms(self) -> set:
+        """Plans the batch norms fused into their neighbouring convs (CPU only: the hooks
+        are the CPU kernels'); returns the norms that write no output."""
+        self.norm_stats, self.norm_applied = {}, {}
+        if self.backend.name != "cpu" or not fusion_enabled():
+            return set()
+        ends = {n for info in [*self.outputs, self.head] for n in (info.name, *info.node.inputs)}
+        self.norm_stats, self.norm_applied = fused_norms(self.infos, self.fused, self.keep, ends)
+        return set(self.norm_applied)
+
+    def _bind_norms(self):
+        """Hands the fused norms' buffers to their convs (after the layers allocate)."""
+        by_name = self._by_name
+        for norm, conv in self.norm_stats.items():
+            bn = by_name[norm].layer
+            bn.stats = np.zeros((2, bn.in_shapes[0][0]))
+            by_name[conv].layer.stats_out = bn.stats
+        for norm, convs in self.norm_applied.items():
+            bn = by_name[norm].layer
+            bn.writes_out = False
+            for conv in convs:
+                by_name[conv].layer.in_affine = (bn.affine[0], bn.affine[1], bn.fused_act)
+
     def _plan_backward(self, batch):
         """Gradient buffers. A layer writes d(input) straight into its producer's
-        gradient when it is the producer's only user, else into a buffer of its own
-        that the producer adds up. A gradient lives from its first write to its layer's
-        backward step; buffers whose lives do not overlap share memory."""
+        gradient when it is the producer's only user, or the first of several to run
+        backward; a later one adds into it in place if it can (a conv, CPU), else writes
+        a buffer of its own that the producer adds up. A gradient lives from its first
+        write to its layer's backward step; buffers whose lives do not overlap share
+        memory."""
         users: dict[str, list[str]] = {}
         for info in self.infos:
             for i in info.node.inputs:
@@ -215,6 +295,7 @@ class Model:
         step[INPUT] = len(self.infos)
         shapes = {info.name: (batch, *info.layer.out_shape) for info in self.infos}
         pool = _BufferPool(self.backend, self.dtype)
+        in_place = self.backend.name == "cpu" and fusion_enabled()
         # (first write, last read, name): a fused ReLU's gradient is its producer's
         lives = []
         for info in self.infos:
@@ -226,26 +307,35 @@ class Model:
             if not writers or not needs_grad[name]:
                 lives.append((None, None, name))  # never written: stays zero
                 continue
-            first = step[writers[0]] if len(writers) == 1 else step[relu or name]
-            lives.append((min(first, step[writers[0]]), step[name], name))
+            lives.append((min(step[w] for w in writers), step[name], name))
         self.dbuf = {INPUT: self.backend.zeros((batch, *self.input_shape), self.dtype)}
         for first, last, name in sorted(lives, key=lambda t: (t[0] is not None, t[0] or 0)):
             self.dbuf[name] = pool.get(shapes[name], first, last)
         for relu, producer in self.fused.items():
             self.dbuf[relu] = self.dbuf[producer]  # the producer applies the ReLU mask
         self.dx_targets = {}  # layer name -> list of arrays (or None) for its inputs
-        self.fan_in_sums = {}  # gradient -> the users' buffers that add up to it
+        self.fan_in_sums = {}  # gradient -> the buffers that add up to it (itself first)
+        planned, direct = set(), set()  # gradients with a writer / written in place
         for info in reversed(self.infos):  # by first write, as the pool wants
             targets = []
+            layer = info.layer
+            layer.accumulate_dx = False
             for i in info.node.inputs:
+                once = info.node.inputs.count(i) == 1
                 if not needs_grad[i]:
                     targets.append(None)
-                elif len(users[i]) == 1:
+                elif len(users[i]) == 1 or (in_place and once and i not in planned):
+                    direct.add(i)
+                    targets.append(self.dbuf[i])
+                elif i in direct and once and info.node.type == "conv2d" and not layer.is_dense:
+                    layer.accumulate_dx = True  # adds to what the readers after it wrote
                     targets.append(self.dbuf[i])
                 else:
                     scratch = pool.get(self.dbuf[i].shape, step[info.name], step[i])
-                    self.fan_in_sums.setdefault(i, []).append(scratch)
+                    parts = self.fan_in_sums.setdefault(i, [self.dbuf[i]] if i in direct else [])
+                    parts.append(scratch)
                     targets.append(scratch)
+                planned.add(i)
             self.dx_targets[info.name] = targets
 
     def _init_params(self, rng):

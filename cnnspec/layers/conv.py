@@ -154,6 +154,12 @@ class Conv2d(Layer):
         super().bind(backend)
         self.dense = backend.kernels("dense")  # for a kernel that covers its input (is_dense)
 
+    # fusion hooks, set by the model (CPU kernels): a batch norm's (scale, shift, relu)
+    # applied to the input as it is packed, the float64 (2, filters) array that receives
+    # the output's batch statistics, and whether dx adds to what another reader wrote
+    in_affine = None
+    stats_out = None
+    accumulate_dx = False
     itemsize = 4  # of the model's dtype (set by allocate): the tiles' sizes depend on it
 
     def allocate(self, batch, dtype=np.float32):
@@ -185,6 +191,11 @@ class Conv2d(Layer):
                 self.fused_act,
             )
             return
+        hooks = {}
+        if self.in_affine is not None:
+            hooks["in_affine"] = self.in_affine
+        if train and self.stats_out is not None:
+            hooks["stats"] = self.stats_out
         self.kernels.conv2d_forward(
             xs[0],
             p["weight"],
@@ -196,6 +207,7 @@ class Conv2d(Layer):
             out,
             self.workspace,
             self.fused_act,
+            **hooks,
         )
 
     def backward(self, xs, out, dout, dxs, p, g):
@@ -216,6 +228,11 @@ class Conv2d(Layer):
             if self.connection_mask is not None:
                 self.kernels.conv2d_mask_gradient(g["weight"], self.weight_mask)
             return
+        hooks = {}
+        if self.in_affine is not None:
+            hooks["in_affine"] = self.in_affine
+        if self.accumulate_dx:
+            hooks["accumulate"] = True
         self.kernels.conv2d_backward(
             xs[0],
             p["weight"],
@@ -230,6 +247,7 @@ class Conv2d(Layer):
             g.get("bias"),
             out,
             self.fused_act,
+            **hooks,
         )
         if self.connection_mask is not None:
             self.kernels.conv2d_mask_gradient(g["weight"], self.weight_mask)

@@ -40,6 +40,11 @@ class BatchNorm2d(Layer):
             ParamDef("running_var", (c,), False, "ones"),
         ]
 
+    # fused into the convs beside it (set by the model, CPU): the batch statistics the
+    # conv before it took, and whether it writes its output (else its readers apply it)
+    stats = None
+    writes_out = True
+
     def allocate(self, batch, dtype=np.float32):
         c = self.in_shapes[0][0]
         self.inv_std = self.backend.zeros(c, dtype)
@@ -48,7 +53,9 @@ class BatchNorm2d(Layer):
 
     def forward(self, xs, out, p, train, rng):
         k, a = self.kernels, self.attrs
+        out = out if self.writes_out else None  # its readers apply self.affine
         if train:
+            fused = {} if self.stats is None else {"stats": self.stats}
             k.batchnorm2d_forward_train(
                 xs[0],
                 p["weight"],
@@ -62,8 +69,10 @@ class BatchNorm2d(Layer):
                 self.inv_std,
                 self.fused_act,
                 self.affine,
+                **fused,
             )
         else:
+            fused = {} if self.writes_out else {"affine": self.affine}
             k.batchnorm2d_forward_eval(
                 xs[0],
                 p["weight"],
@@ -73,6 +82,7 @@ class BatchNorm2d(Layer):
                 p["running_var"],
                 out,
                 self.fused_act,
+                **fused,
             )
 
     def backward(self, xs, out, dout, dxs, p, g):

@@ -401,39 +401,72 @@ def conv2d_workspace(
 # the loop (measured: a 10x slower copy).
 
 
+# The input hook (`in_affine`): a batch norm, and the ReLU after it, that would
+# write its output only for this conv to read is applied here instead, per input
+# channel as the samples are copied in: mode 1 x*scale + shift, mode 2 with a ReLU
+# (0 copies). The padding stays zero: it pads the normalised input. The same float
+# operations as the norm's own pass, so the same values (and ReLU mask).
+IN_COPY, IN_AFFINE, IN_AFFINE_RELU = 0, 1, 2
+
+
 @njit(**HELPER, nogil=True)
-def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad):
+def _load_row(src, dst, a, b, mode):
+    if mode == IN_COPY:
+        for v in range(dst.shape[0]):
+            dst[v] = src[v]
+    elif mode == IN_AFFINE:
+        for v in range(dst.shape[0]):
+            dst[v] = src[v] * a + b
+    else:
+        for v in range(dst.shape[0]):
+            t = src[v] * a + b
+            dst[v] = t if t > 0 else 0.0
+
+
+@njit(**HELPER, nogil=True)
+def _store_row(src, dst, accumulate):
+    if accumulate:
+        for v in range(dst.shape[0]):
+            dst[v] += src[v]
+    else:
+        for v in range(dst.shape[0]):
+            dst[v] = src[v]
+
+
+@njit(**HELPER, nogil=True)
+def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
     """xpad = x[n0 : n0 + ns] padded by (pt, pl) and split into stride phases:
-    padded pixel (y, x) of channel c, sample s at [c][y % sh][x % sw][y // sh][s][x // sw]."""
+    padded pixel (y, x) of channel c, sample s at [c][y % sh][x % sw][y // sh][s][x // sw];
+    the interior through the input hook (aff: (2, C) scale and shift, `mode`)."""
     sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
     xpad[:] = 0
     for c in range(c_):
+        ca = c if mode != IN_COPY else 0
+        a, b = aff[0, ca], aff[1, ca]
         for s in range(ns):
             for yi in range(h_):
                 y = yi + pt
                 if sw == 1:  # whole rows: a contiguous copy (a strided view is 5x slower)
                     plane = (c * sh + y % sh) * sw
                     d = ((plane * hq + y // sh) * spt + s) * wq + pl
-                    dst, src = xpad[d : d + w_], x[n0 + s, c, yi]
-                    for v in range(w_):
-                        dst[v] = src[v]
+                    _load_row(x[n0 + s, c, yi], xpad[d : d + w_], a, b, mode)
                     continue
-                for b in range(sw):  # input columns landing in phase b
-                    x0 = (b - pl) % sw
+                for ph in range(sw):  # input columns landing in phase ph
+                    x0 = (ph - pl) % sw
                     m = (w_ - x0 + sw - 1) // sw
                     if m <= 0:
                         continue
-                    plane = (c * sh + y % sh) * sw + b
+                    plane = (c * sh + y % sh) * sw + ph
                     d = ((plane * hq + y // sh) * spt + s) * wq + (x0 + pl) // sw
-                    dst, src = xpad[d : d + m], x[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
-                    for v in range(m):
-                        dst[v] = src[v]
+                    src = x[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
+                    _load_row(src, xpad[d : d + m], a, b, mode)
 
 
 @njit(**HELPER, nogil=True)
-def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx):
-    """dx[n0 : n0 + ns] = the interior of the phase-split dxpad (the adjoint of padding)."""
+def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate):
+    """dx[n0 : n0 + ns] = (or +=, `accumulate`) the interior of the phase-split dxpad
+    (the adjoint of padding)."""
     sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
     c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
     for c in range(c_):
@@ -443,20 +476,17 @@ def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx):
                 if sw == 1:
                     plane = (c * sh + y % sh) * sw
                     d = ((plane * hq + y // sh) * spt + s) * wq + pl
-                    src, dst = dxpad[d : d + w_], dx[n0 + s, c, yi]
-                    for v in range(w_):
-                        dst[v] = src[v]
+                    _store_row(dxpad[d : d + w_], dx[n0 + s, c, yi], accumulate)
                     continue
-                for b in range(sw):
-                    x0 = (b - pl) % sw
+                for ph in range(sw):
+                    x0 = (ph - pl) % sw
                     m = (w_ - x0 + sw - 1) // sw
                     if m <= 0:
                         continue
-                    plane = (c * sh + y % sh) * sw + b
+                    plane = (c * sh + y % sh) * sw + ph
                     d = ((plane * hq + y // sh) * spt + s) * wq + (x0 + pl) // sw
-                    src, dst = dxpad[d : d + m], dx[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
-                    for v in range(m):
-                        dst[v] = src[v]
+                    dst = dx[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
+                    _store_row(dxpad[d : d + m], dst, accumulate)
 
 
 @njit(**HELPER, nogil=True)
@@ -562,8 +592,25 @@ def _gather(dout, y, act, n, oy0, nr, rs, ogd, g_, col0, tcp, dprod, db):
         db[o] += acc
 
 
+_SUMS = {"reassoc"}  # vectorised float64 sums, in an order fixed at compile time
+
+
+@njit(**HELPER, nogil=True, fastmath=_SUMS)
+def _moments(y, k):
+    """sum(y - k) and sum((y - k)^2) over the rows of y, in float64."""
+    a = 0.0
+    a2 = 0.0
+    for r in range(y.shape[0]):
+        row = y[r]
+        for v in range(row.shape[0]):
+            d = np.float64(row[v]) - k
+            a += d
+            a2 += d * d
+    return a, a2
+
+
 @Builds
-def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
+def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, want_moments):
     hq, wq, rows, tiles, spt, tcp, ogb, _ogd, _kgb, kgd, pad_size, per, _ = geo
     n_ = x.shape[0]
     o_, oh, ow = out.shape[1], out.shape[2], out.shape[3]
@@ -580,10 +627,11 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
         xpad = ws[x_at : x_at + pad_size]
         prod = ws[prod_at : prod_at + g_ * ogb * tcp]
         last = -1
-        for tile in range(t * total // T, (t + 1) * total // T):
+        first = t * total // T
+        for tile in range(first, (t + 1) * total // T):
             n0, ns, oy0, nr = _tile_at(tile, spt, tiles, rows, n_, oh)
             if n0 != last:
-                _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad)
+                _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode)
                 last = n0
             for g in range(g_):
                 for p in range(tcp // nr_):
@@ -604,10 +652,19 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws):
                         for v in range(ow):
                             yv = src[v] + b
                             dst[v] = (yv if yv > 0 else 0.0) if act == 1 else yv
+                    if want_moments:  # of the rows just written, still in L1
+                        m = moments[t]
+                        if tile == first and s == 0:
+                            m[o] = out[n0, o, oy0, 0]  # the shift: the thread's first value
+                        a, a2 = _moments(out[n0 + s, o, oy0 : oy0 + nr], m[o])
+                        m[o_ + o] += a
+                        m[2 * o_ + o] += a2
+            if want_moments:
+                moments[t, 3 * o_] += ns * nr * ow
 
 
 @Builds
-def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
+def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws, aff, mode, accumulate):
     hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, _ = geo
     n_ = x.shape[0]
     o_, oh = dout.shape[1], dout.shape[2]
@@ -632,7 +689,7 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
         n0, hi = t * n_ // T, (t + 1) * n_ // T
         while n0 < hi:
             ns = min(spt, hi - n0)
-            _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad)
+            _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode)
             if want_dx:
                 dxpad[:] = 0
             for b in range(tiles):
@@ -662,7 +719,7 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws):
                                 ws, rows_dx, g * kgb + kb * mr, oy0 * wq + p * nr_, og, 1,
                             )  # fmt: skip
             if want_dx:
-                _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx)
+                _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate)
             n0 += ns
 
 
@@ -705,9 +762,52 @@ def _dims(w, stride, pad, dilation):
     return (sh, sw, pt, pl, dh, dw, int(w.shape[2]), int(w.shape[3]))
 
 
-def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, ws, act=ACT_NONE):
-    """out = act(conv2d(x, w) + b), PyTorch cross-correlation; `ws` is a workspace
-    (any shape, C-contiguous, x's dtype) of :func:`conv2d_workspace` elements."""
+def _input_hook(in_affine, x):
+    """The kernels' (aff, mode) for `in_affine`: None, or (scale, shift, relu) with
+    scale and shift (C,) in x's dtype."""
+    if in_affine is None:
+        return np.zeros((2, 1), x.dtype), IN_COPY
+    scale, shift, relu = in_affine
+    c = x.shape[1]
+    check_shape("in_affine scale", scale, (c,))
+    check_shape("in_affine shift", shift, (c,))
+    aff = np.empty((2, c), x.dtype)
+    aff[0], aff[1] = scale, shift
+    return aff, IN_AFFINE_RELU if relu else IN_AFFINE
+
+
+def merge_moments(parts):
+    """(mean, biased variance) per channel from per-thread rows [shift (C), sum(y - shift)
+    (C), sum((y - shift)^2) (C), count]: Chan et al.'s pairwise update, in float64 and
+    thread order. A shift near the data keeps the squares from cancelling."""
+    c = (parts.shape[1] - 1) // 3
+    n = 0.0
+    mean = np.zeros(c)
+    m2 = np.zeros(c)
+    for shift, s1, s2, count in ((p[:c], p[c : 2 * c], p[2 * c : 3 * c], p[3 * c]) for p in parts):
+        if count == 0:
+            continue
+        mean_t = shift + s1 / count
+        m2_t = np.maximum(s2 - s1 * s1 / count, 0.0)
+        total = n + count
+        delta = mean_t - mean
+        mean = mean + delta * (count / total)
+        m2 = m2 + m2_t + delta * delta * (n * count / total)
+        n = total
+    return mean, m2 / n
+
+
+def conv2d_forward(
+    x, w, b, stride, pad, dilation, groups, out, ws, act=ACT_NONE, in_affine=None, stats=None
+):
+    """out = act(conv2d(h(x), w) + b), PyTorch cross-correlation; `ws` is a workspace
+    (any shape, C-contiguous, x's dtype) of :func:`conv2d_workspace` elements.
+
+    The fusion hooks, both optional (a batch norm around the conv uses them):
+    - in_affine = (scale, shift, relu): h(x) = x * scale + shift per input channel,
+      then max(., 0) if relu; h(x) = x without it. The padding is h(x)'s: zeros.
+    - stats: a float64 (2, O) array that receives the mean and the biased variance of
+      each output channel over the batch, taken while the output tiles are in cache."""
     check_c(x=x, w=w, out=out, ws=ws)
     bias = _bias_or_empty(b, x.dtype)
     if winograd.chooses(x.shape, w.shape, out.shape, stride, pad, dilation, groups):
@@ -716,14 +816,39 @@ def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, ws, act=ACT_NONE
         return
     geo, threads, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
     dims = _dims(w, stride, pad, dilation)
-    _forward_tiles.pick(threads == 1)(x, w3, bias, int(act), dims, tuple(geo), threads, out, flat)
+    aff, mode = _input_hook(in_affine, x)
+    o = w.shape[0]
+    moments = np.zeros((threads if stats is not None else 1, 3 * o + 1))
+    _forward_tiles.pick(threads == 1)(
+        x, w3, bias, int(act), dims, tuple(geo), threads, out, flat, aff, mode, moments,
+        stats is not None,
+    )  # fmt: skip
+    if stats is not None:
+        check_shape("stats", stats, (2, o))
+        stats[0], stats[1] = merge_moments(moments)
 
 
 def conv2d_backward(
-    x, w, dout, stride, pad, dilation, groups, ws, dx, dw, db, out=None, act=ACT_NONE
+    x,
+    w,
+    dout,
+    stride,
+    pad,
+    dilation,
+    groups,
+    ws,
+    dx,
+    dw,
+    db,
+    out=None,
+    act=ACT_NONE,
+    in_affine=None,
+    accumulate=False,
 ):
     """Gradients of :func:`conv2d_forward`; `out` is needed when an activation was
-    fused. dx / db may be None; dw is overwritten."""
+    fused, `in_affine` when the forward had it (dW is taken against h(x), dx is
+    d/d h(x)). dx / db may be None; dw is overwritten; dx too, or added to with
+    `accumulate` (a second reader of the conv's input adds its gradient in place)."""
     check_c(x=x, w=w, dout=dout, ws=ws, dx=dx, dw=dw)
     check_shape("dw", dw, w.shape)
     _check(x, w, dout, groups, ws)
@@ -741,9 +866,11 @@ def conv2d_backward(
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
     dims = _dims(w, stride, pad, dilation)
+    aff, mode = _input_hook(in_affine, x)
     _backward_samples.pick(threads == 1)(
-        x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat
-    )
+        x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat, aff, mode,
+        bool(accumulate),
+    )  # fmt: skip
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape
     at = _regions(tuple(geo), g, 0)[5]

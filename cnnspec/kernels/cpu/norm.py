@@ -126,15 +126,23 @@ def batchnorm2d_forward_train(
     inv_std,
     act=0,
     affine=None,
+    stats=None,
 ):
     """Training-mode batch norm. Normalises with the biased batch variance and updates
     running stats in place with the unbiased one: r = (1-momentum)*r + momentum*batch.
     gamma/beta may be None (affine=False); running_mean/var may be None (not tracked).
     `batch_mean` and `inv_std` (C,) receive the batch statistics backward needs;
     `affine` (2, C), if given, the (scale, shift) out = x * scale + shift was computed
-    with (a fused ReLU's backward recomputes its mask from them)."""
+    with (a fused ReLU's backward recomputes its mask from them).
+
+    Fused into its neighbours: `stats` (float64 (2, C): mean, biased variance), when
+    the conv before it took them already, saves the pass over x that finds them; out
+    None writes no output (every reader applies `affine` as it reads x)."""
     check_c(x=x, gamma=gamma, beta=beta, out=out, batch_mean=batch_mean, inv_std=inv_std)
-    check_shape("out", out, x.shape)
+    if out is not None:
+        check_shape("out", out, x.shape)
+    elif affine is None:
+        raise ValueError("batch norm without an output must report its affine")
     c = x.shape[1]
     check_shape("inv_std", inv_std, (c,))
     check_shape("batch_mean", batch_mean, (c,))
@@ -144,9 +152,13 @@ def batchnorm2d_forward_train(
     m = x3.shape[0] * x3.shape[2]
     if m == 0:
         raise ValueError("batch norm over an empty batch")
-    mean = np.empty(c, dtype=np.float64)
-    var = np.empty(c, dtype=np.float64)
-    _bn_stats(x3, mean, var)
+    if stats is None:
+        mean = np.empty(c, dtype=np.float64)
+        var = np.empty(c, dtype=np.float64)
+        _bn_stats(x3, mean, var)
+    else:
+        check_shape("stats", stats, (2, c))
+        mean, var = stats[0].astype(np.float64), stats[1].astype(np.float64)
     inv = 1.0 / np.sqrt(var + float(eps))
     inv_std[:] = inv
     batch_mean[:] = mean
@@ -155,7 +167,8 @@ def batchnorm2d_forward_train(
     if affine is not None:
         check_shape("affine", affine, (2, c))
         affine[0], affine[1] = scale, shift
-    _affine(x3, scale, shift, as_3d(out), act)
+    if out is not None:
+        _affine(x3, scale, shift, as_3d(out), act)
     mom = float(momentum)
     if running_mean is not None:
         running_mean *= 1.0 - mom
@@ -166,10 +179,16 @@ def batchnorm2d_forward_train(
         running_var += mom * unbiased
 
 
-def batchnorm2d_forward_eval(x, gamma, beta, eps, running_mean, running_var, out, act=0):
-    """Inference batch norm: out = (x - running_mean) / sqrt(running_var + eps) * gamma + beta."""
+def batchnorm2d_forward_eval(
+    x, gamma, beta, eps, running_mean, running_var, out, act=0, affine=None
+):
+    """Inference batch norm: out = (x - running_mean) / sqrt(running_var + eps) * gamma + beta;
+    `affine` (2, C), if given, receives that scale and shift; out None writes no output."""
     check_c(x=x, out=out)
-    check_shape("out", out, x.shape)
+    if out is not None:
+        check_shape("out", out, x.shape)
+    elif affine is None:
+        raise ValueError("batch norm without an output must report its affine")
     c = x.shape[1]
     inv = 1.0 / np.sqrt(running_var.astype(np.float64) + float(eps))
     scale = inv if gamma is None else gamma * inv
@@ -179,7 +198,11 @@ def batchnorm2d_forward_eval(x, gamma, beta, eps, running_mean, running_var, out
     scale = np.ascontiguousarray(scale, dtype=x.dtype)
     shift = np.ascontiguousarray(shift, dtype=x.dtype)
     check_shape("running_mean", scale, (c,))
-    _affine(as_3d(x), scale, shift, as_3d(out), int(act))
+    if affine is not None:
+        check_shape("affine", affine, (2, c))
+        affine[0], affine[1] = scale, shift
+    if out is not None:
+        _affine(as_3d(x), scale, shift, as_3d(out), int(act))
 
 
 def batchnorm2d_backward(
