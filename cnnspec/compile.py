@@ -88,11 +88,7 @@ def fused_norms(infos, relus: dict, keep=frozenset(), ends=frozenset()) -> tuple
             stats[name] = src.name
         out = relu_of.get(name, name)
         readers = users.get(out, [])
-        if (
-            readers
-            and all(conv(r) for r in readers)
-            and not {name, out} & (set(keep) | set(ends))
-        ):
+        if readers and all(conv(r) for r in readers) and not {name, out} & (set(keep) | set(ends)):
             applied[name] = [r.name for r in readers]
     return stats, applied
 
@@ -296,21 +292,31 @@ class Model:
         shapes = {info.name: (batch, *info.layer.out_shape) for info in self.infos}
         pool = _BufferPool(self.backend, self.dtype)
         in_place = self.backend.name == "cpu" and fusion_enabled()
+        # a norm after a conv hands the conv its output gradient and the coefficients
+        # that make it the norm's input gradient: the conv applies them as it reads it
+        by_conv = {conv: norm for norm, conv in self.norm_stats.items()}
+        for norm, conv in self.norm_stats.items():
+            bn, layer = self._by_name[norm].layer, self._by_name[conv].layer
+            bn.dx_in_producer = True
+            layer.dout_affine = (bn.dx_coeffs, bn.affine, bn.fused_act)
         # (first write, last read, name): a fused ReLU's gradient is its producer's
         lives = []
         for info in self.infos:
             name = info.name
-            if name in self.fused:
+            if name in self.fused or name in by_conv:
                 continue
             relu = next((r for r, p in self.fused.items() if p == name), None)
             writers = users.get(relu or name, [])
             if not writers or not needs_grad[name]:
                 lives.append((None, None, name))  # never written: stays zero
                 continue
-            lives.append((min(step[w] for w in writers), step[name], name))
+            last = step[self.norm_stats.get(name, name)]  # a norm's conv reads it
+            lives.append((min(step[w] for w in writers), last, name))
         self.dbuf = {INPUT: self.backend.zeros((batch, *self.input_shape), self.dtype)}
         for first, last, name in sorted(lives, key=lambda t: (t[0] is not None, t[0] or 0)):
             self.dbuf[name] = pool.get(shapes[name], first, last)
+        for conv, norm in by_conv.items():
+            self.dbuf[conv] = self.dbuf[norm]
         for relu, producer in self.fused.items():
             self.dbuf[relu] = self.dbuf[producer]  # the producer applies the ReLU mask
         self.dx_targets = {}  # layer name -> list of arrays (or None) for its inputs
@@ -322,7 +328,7 @@ class Model:
             layer.accumulate_dx = False
             for i in info.node.inputs:
                 once = info.node.inputs.count(i) == 1
-                if not needs_grad[i]:
+                if not needs_grad[i] or i in by_conv:  # by_conv: the conv applies it
                     targets.append(None)
                 elif len(users[i]) == 1 or (in_place and once and i not in planned):
                     direct.add(i)

@@ -160,6 +160,7 @@ class Conv2d(Layer):
     in_affine = None
     stats_out = None
     accumulate_dx = False
+    dout_affine = None  # a batch norm's (dx coefficients, affine, relu): see conv2d_backward
     itemsize = 4  # of the model's dtype (set by allocate): the tiles' sizes depend on it
 
     def allocate(self, batch, dtype=np.float32):
@@ -233,6 +234,8 @@ class Conv2d(Layer):
             hooks["in_affine"] = self.in_affine
         if self.accumulate_dx:
             hooks["accumulate"] = True
+        if self.dout_affine is not None:
+            hooks["dout_affine"] = self.dout_affine
         self.kernels.conv2d_backward(
             xs[0],
             p["weight"],

@@ -44,12 +44,14 @@ class BatchNorm2d(Layer):
     # conv before it took, and whether it writes its output (else its readers apply it)
     stats = None
     writes_out = True
+    dx_in_producer = False  # the conv before it forms dx from self.dx_coeffs
 
     def allocate(self, batch, dtype=np.float32):
         c = self.in_shapes[0][0]
         self.inv_std = self.backend.zeros(c, dtype)
         self.batch_mean = self.backend.zeros(c, dtype)
         self.affine = self.backend.zeros((2, c), dtype)  # the forward's scale and shift
+        self.dx_coeffs = self.backend.zeros((3, c), dtype)  # dx = ka*g + kb*x + kc
 
     def forward(self, xs, out, p, train, rng):
         k, a = self.kernels, self.attrs
@@ -97,6 +99,7 @@ class BatchNorm2d(Layer):
             g["bias"],
             self.affine,
             self.fused_act,
+            **({"dx_coeffs": self.dx_coeffs} if self.dx_in_producer else {}),
         )
 
 

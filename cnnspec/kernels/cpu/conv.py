@@ -569,11 +569,19 @@ def _tile_at(tile, spt, tiles, rows, n_, oh):
     return n0, 1, oy0, min(rows, oh - oy0)
 
 
+# The output-gradient hook (`dout_affine`): when the conv's output feeds only a batch
+# norm, the norm's input gradient ka*g + kb*y + kc (g: the norm's output gradient,
+# masked where its ReLU was 0, y: this conv's output) is formed here, as dout is
+# gathered, instead of in a pass of the norm's own: mode 1 without a ReLU, 2 with.
+OUT_PLAIN, OUT_NORM, OUT_NORM_RELU = 0, 1, 2
+
+
 @njit(**HELPER, nogil=True, fastmath={"reassoc"})
-def _gather(dout, y, act, n, oy0, nr, rs, ogd, g_, col0, tcp, dprod, db):
+def _gather(dout, y, act, n, oy0, nr, rs, ogd, g_, col0, tcp, dprod, db, gk, gmode):
     """dprod[g*ogd + o, col0 + r*rs + v] = dout[n, g*og + o, oy0 + r, v], masked
-    where a fused ReLU's output y is 0. db[o] += its sum ('reassoc' vectorises the
-    sum, in an order fixed at compile time)."""
+    where a fused ReLU's output y is 0 (or through the output-gradient hook: gk rows
+    ka, kb, kc, scale, shift). db[o] += its sum ('reassoc' vectorises the sum, in an
+    order fixed at compile time)."""
     o_, ow = dout.shape[1], dout.shape[3]
     og = o_ // g_
     for o in range(o_):
@@ -581,14 +589,24 @@ def _gather(dout, y, act, n, oy0, nr, rs, ogd, g_, col0, tcp, dprod, db):
         at = (g * ogd + o - g * og) * tcp + col0
         row = dprod[at : at + nr * rs]
         acc = 0.0
+        oc = o if gmode != OUT_PLAIN else 0
+        ka, kb, kc, sa, sb = gk[0, oc], gk[1, oc], gk[2, oc], gk[3, oc], gk[4, oc]
         for r in range(nr):
             dst = row[r * rs : r * rs + ow]
             src, yr = dout[n, o, oy0 + r], y[n, o, oy0 + r]
-            for v in range(ow):
-                yv = yr[v]  # loaded unconditionally: a conditional load blocks SIMD
-                d = src[v] if (yv > 0 or act == 0) else 0.0
-                dst[v] = d
-                acc += d
+            if gmode == OUT_PLAIN:
+                for v in range(ow):
+                    yv = yr[v]  # loaded unconditionally: a conditional load blocks SIMD
+                    d = src[v] if (yv > 0 or act == 0) else 0.0
+                    dst[v] = d
+                    acc += d
+            else:
+                for v in range(ow):
+                    yv = yr[v]
+                    gv = src[v] if (gmode == OUT_NORM or yv * sa + sb > 0) else 0.0
+                    d = ka * gv + kb * yv + kc
+                    dst[v] = d
+                    acc += d
         db[o] += acc
 
 
@@ -597,15 +615,14 @@ _SUMS = {"reassoc"}  # vectorised float64 sums, in an order fixed at compile tim
 
 @njit(**HELPER, nogil=True, fastmath=_SUMS)
 def _moments(y, k):
-    """sum(y - k) and sum((y - k)^2) over the rows of y, in float64."""
+    """sum(y - k) and sum((y - k)^2) in float64, y one contiguous block: one long
+    loop (a row each paid a horizontal sum of the vector partial sums: measured 2x)."""
     a = 0.0
     a2 = 0.0
-    for r in range(y.shape[0]):
-        row = y[r]
-        for v in range(row.shape[0]):
-            d = np.float64(row[v]) - k
-            a += d
-            a2 += d * d
+    for v in range(y.shape[0]):
+        d = np.float64(y[v]) - k
+        a += d
+        a2 += d * d
     return a, a2
 
 
@@ -656,7 +673,8 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
                         m = moments[t]
                         if tile == first and s == 0:
                             m[o] = out[n0, o, oy0, 0]  # the shift: the thread's first value
-                        a, a2 = _moments(out[n0 + s, o, oy0 : oy0 + nr], m[o])
+                        block = out[n0 + s, o, oy0 : oy0 + nr].reshape(-1)  # contiguous rows
+                        a, a2 = _moments(block, m[o])
                         m[o_ + o] += a
                         m[2 * o_ + o] += a2
             if want_moments:
@@ -664,7 +682,9 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
 
 
 @Builds
-def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws, aff, mode, accumulate):
+def _backward_samples(
+    x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws, aff, mode, accumulate, gk, gmode
+):
     hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, _ = geo
     n_ = x.shape[0]
     o_, oh = dout.shape[1], dout.shape[2]
@@ -698,8 +718,9 @@ def _backward_samples(x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws, aff, m
                 dprod[:] = 0  # junk and padding columns, padding rows: zero gradient
                 for s in range(ns):
                     _gather(
-                        dout, y, act, n0 + s, oy0, nr, spt * wq, ogd, g_, s * wq, tcp, dprod, db
-                    )
+                        dout, y, act, n0 + s, oy0, nr, spt * wq, ogd, g_, s * wq, tcp, dprod, db,
+                        gk, gmode,
+                    )  # fmt: skip
                 for g in range(g_):  # dW += dout im2col^T
                     for ob in range(0, ogd, md):
                         for kb in range(0, kgd, nd):
@@ -844,11 +865,17 @@ def conv2d_backward(
     act=ACT_NONE,
     in_affine=None,
     accumulate=False,
+    dout_affine=None,
 ):
     """Gradients of :func:`conv2d_forward`; `out` is needed when an activation was
     fused, `in_affine` when the forward had it (dW is taken against h(x), dx is
     d/d h(x)). dx / db may be None; dw is overwritten; dx too, or added to with
-    `accumulate` (a second reader of the conv's input adds its gradient in place)."""
+    `accumulate` (a second reader of the conv's input adds its gradient in place).
+
+    dout_affine = (k, affine, relu), when the output feeds only a batch norm: dout is
+    the norm's output gradient g, and the conv's own is k[0]*g' + k[1]*y + k[2] per
+    channel (y = out), g' = g masked where y*affine[0] + affine[1] <= 0 with relu:
+    the norm's backward (:func:`batchnorm2d_backward` with `dx_coeffs`) writes no dx."""
     check_c(x=x, w=w, dout=dout, ws=ws, dx=dx, dw=dw)
     check_shape("dw", dw, w.shape)
     _check(x, w, dout, groups, ws)
@@ -867,9 +894,17 @@ def conv2d_backward(
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
     dims = _dims(w, stride, pad, dilation)
     aff, mode = _input_hook(in_affine, x)
+    gk, gmode = np.zeros((5, 1), x.dtype), OUT_PLAIN
+    if dout_affine is not None:
+        if out is None or act:
+            raise ValueError("dout_affine needs the forward output and no fused activation")
+        k, affine, relu = dout_affine
+        gk = np.empty((5, w.shape[0]), x.dtype)
+        gk[:3], gk[3:] = k, affine
+        gmode = OUT_NORM_RELU if relu else OUT_NORM
     _backward_samples.pick(threads == 1)(
         x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat, aff, mode,
-        bool(accumulate),
+        bool(accumulate), gk, gmode,
     )  # fmt: skip
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape

@@ -206,12 +206,24 @@ def batchnorm2d_forward_eval(
 
 
 def batchnorm2d_backward(
-    dout, x, batch_mean, gamma, inv_std, dx, dgamma, dbeta, affine=None, act=0
+    dout,
+    x,
+    batch_mean,
+    gamma,
+    inv_std,
+    dx,
+    dgamma,
+    dbeta,
+    affine=None,
+    act=0,
+    dx_coeffs=None,
 ):
     """Gradients of training-mode batch norm from its input and batch statistics.
     gamma may be None (treated as 1); dx, dgamma, dbeta may each be None (skipped).
     With a fused ReLU (act=1), dout is the gradient after the ReLU and `affine` the
-    (scale, shift) that :func:`batchnorm2d_forward_train` reported."""
+    (scale, shift) that :func:`batchnorm2d_forward_train` reported. `dx_coeffs` (3, C),
+    if given, receives (ka, kb, kc): dx = ka*g + kb*x + kc per channel, g = dout masked
+    by the ReLU (what the conv before it applies as it reads dout, when dx is None)."""
     if act and affine is None:
         raise ValueError("a fused activation needs the forward's affine (scale, shift)")
     check_c(dout=dout, x=x, dx=dx)
@@ -233,14 +245,19 @@ def batchnorm2d_backward(
         dbeta[:] = sum_dy
     if dgamma is not None:
         dgamma[:] = sum_dy_xhat
+    if dx is None and dx_coeffs is None:
+        return
+    # dx = k * (g - mean(g) - xhat * mean(g * xhat)), k = gamma * inv_std,
+    # xhat = (x - mean) * inv_std: linear in g and x per channel
+    k = inv if gamma is None else inv * gamma
+    slope = -k * inv * sum_dy_xhat / m
+    t = dout.dtype
+    ka, kb, kc = k.astype(t), slope.astype(t), (-k * sum_dy / m - slope * mean).astype(t)
+    if dx_coeffs is not None:
+        check_shape("dx_coeffs", dx_coeffs, (3, c))
+        dx_coeffs[0], dx_coeffs[1], dx_coeffs[2] = ka, kb, kc
     if dx is not None:
         check_shape("dx", dx, dout.shape)
-        # dx = k * (g - mean(g) - xhat * mean(g * xhat)), k = gamma * inv_std,
-        # xhat = (x - mean) * inv_std: linear in g and x per channel
-        k = inv if gamma is None else inv * gamma
-        slope = -k * inv * sum_dy_xhat / m
-        t = dout.dtype
-        ka, kb, kc = k.astype(t), slope.astype(t), (-k * sum_dy / m - slope * mean).astype(t)
         _bn_bwd_dx(d3, x3, scale, shift, int(act), ka, kb, kc, as_3d(dx))
 
 
