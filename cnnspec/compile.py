@@ -299,22 +299,28 @@ class Model:
             bn, layer = self._by_name[norm].layer, self._by_name[conv].layer
             bn.dx_in_producer = True
             layer.dout_affine = (bn.dx_coeffs, bn.affine, bn.fused_act)
+        # the step at which a gradient is last read: its layer's, or its norm's conv's
+        read = {name: step[self.norm_stats.get(name, name)] for name in step}
+        shared = self._shared_add_gradients(users, needs_grad, step, read) if in_place else {}
+        for name, owner in shared.items():
+            read[owner] = max(read[owner], read[name])
         # (first write, last read, name): a fused ReLU's gradient is its producer's
         lives = []
         for info in self.infos:
             name = info.name
-            if name in self.fused or name in by_conv:
+            if name in self.fused or name in by_conv or name in shared:
                 continue
             relu = next((r for r, p in self.fused.items() if p == name), None)
             writers = users.get(relu or name, [])
             if not writers or not needs_grad[name]:
                 lives.append((None, None, name))  # never written: stays zero
                 continue
-            last = step[self.norm_stats.get(name, name)]  # a norm's conv reads it
-            lives.append((min(step[w] for w in writers), last, name))
+            lives.append((min(step[w] for w in writers), read[name], name))
         self.dbuf = {INPUT: self.backend.zeros((batch, *self.input_shape), self.dtype)}
         for first, last, name in sorted(lives, key=lambda t: (t[0] is not None, t[0] or 0)):
             self.dbuf[name] = pool.get(shapes[name], first, last)
+        for name, owner in shared.items():
+            self.dbuf[name] = self.dbuf[owner]
         for conv, norm in by_conv.items():
             self.dbuf[conv] = self.dbuf[norm]
         for relu, producer in self.fused.items():
@@ -343,6 +349,28 @@ class Model:
                     targets.append(scratch)
                 planned.add(i)
             self.dx_targets[info.name] = targets
+
+    def _shared_add_gradients(self, users, needs_grad, step, read) -> dict:
+        """An add gives each input the same gradient: an input that only the add reads
+        takes the buffer the add writes for another input (gradient -> owner), so the
+        add writes it once. Only where every read of it comes before anything adds to
+        the owner's buffer (a second reader of the owner, running backward later)."""
+        shared = {}
+        for info in self.infos:
+            ins = info.node.inputs
+            if info.node.type != "add" or len(set(ins)) < len(ins):
+                continue
+            ok = [i for i in ins if needs_grad[i] and i != INPUT]
+            sole = [i for i in ok if users[i] == [info.name] and i not in self.fused]
+            owners = [i for i in ok if users[i][-1] == info.name and i not in sole] or sole[:1]
+            if not owners:
+                continue
+            owner = owners[0]
+            later = min((step[u] for u in users[owner] if u != info.name), default=math.inf)
+            for i in sole:
+                if i != owner and read[i] < later:
+                    shared[i] = self.fused.get(owner, owner)  # a fused ReLU's is its producer's
+        return shared
 
     def _init_params(self, rng):
         # entries a connection table leaves out are not parameters: they stay zero

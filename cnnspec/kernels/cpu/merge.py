@@ -56,9 +56,13 @@ def _mask2(dout, y, act, dx0, dx1):
 
 
 def add_backward(dout, out, act, dxs):
-    """Each non-None dx = dout, masked where a fused ReLU's output `out` is 0."""
+    """Each non-None dx = dout, masked where a fused ReLU's output `out` is 0; a dx
+    given twice (inputs sharing one gradient buffer) is written once."""
     check_c(dout=dout, out=out)
-    targets = [dx for dx in dxs if dx is not None]
+    targets = []
+    for dx in dxs:
+        if dx is not None and not any(dx is t for t in targets):
+            targets.append(dx)
     for dx in targets:
         check_shape("dx", dx, dout.shape)
         check_c(dx=dx)
