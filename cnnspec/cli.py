@@ -587,17 +587,23 @@ def _train_callbacks(
 
 
 def _restored_model(
-    spec: str, weights: str | None, batch_size: int, device: str = "cpu", training: bool = False
+    spec: str,
+    weights: str | None,
+    batch_size: int,
+    device: str = "cpu",
+    training: bool = False,
+    keep=(),
 ):
     """The spec compiled with the checkpoint's weights (its initial ones when None);
-    training=True keeps every activation in a buffer of its own."""
+    training=True keeps every activation in a buffer of its own (but a batch norm that
+    its readers apply writes none: keep it)."""
     from .train import restore_model
     from .train.checkpoint import CheckpointError
 
     net = _load_or_exit(spec)
     compile_for = _device(device)
     try:
-        model = net.compile(device=compile_for, batch_size=batch_size, training=training)
+        model = net.compile(device=compile_for, batch_size=batch_size, training=training, keep=keep)
         if weights is None:
             return net, model
         restore_model(model, weights, _spec_hash(net))
@@ -952,6 +958,9 @@ def show_maps(
 
     _picture_path(output, file_format)
     net, model = _restored_model(spec, weights, 1, training=True)
+    if layer in model.unwritten:  # a batch norm its readers apply: have it write its output
+        shown = next((r for r, p in model.fused.items() if p == layer), layer)  # (after a ReLU)
+        net, model = _restored_model(spec, weights, 1, training=True, keep=(shown,))
     info = _layer_info(net, layer, lambda i: len(i.layer.out_shape) == 3, "CxHxW maps")
     try:  # read as predict reads it: the same scaling, channels and resize as training
         ds, _ = read_inputs([image], net.input_shape)

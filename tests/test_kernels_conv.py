@@ -98,6 +98,62 @@ def test_conv2d_fused_relu_is_relu_of_conv(name):
 
 
 @pytest.mark.parametrize("name", list(CONV_CASES))
+@pytest.mark.parametrize("relu", [0, 1])
+def test_conv2d_fusion_hooks_are_the_ops_they_replace(name, relu):
+    """in_affine is conv(h(x)) with h = a batch norm's affine (+ ReLU) and zero padding;
+    stats are the output's batch mean and variance; dout_affine is the backward of
+    the norm after the conv; accumulate adds dx to what is there."""
+    case = CONV_CASES[name]
+    stride, pad, dil, g = case[7], case[8], case[9], case[10]
+    x, w, b, out, ws, rng = _make_conv(case, np.float64, seed=7)
+    x += 3.0  # a mean far from zero: the statistics must not cancel
+    c, o = x.shape[1], w.shape[0]
+    scale, shift = rng.standard_normal(c), rng.standard_normal(c)
+    hx = x * scale[:, None, None] + shift[:, None, None]
+    hx = np.maximum(hx, 0) if relu else hx
+    stats = np.empty((2, o))
+    conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, ws, in_affine=(scale, shift, relu),
+                        stats=stats)  # fmt: skip
+    fused = out.copy()
+    conv.conv2d_forward(hx, w, b, stride, pad, dil, g, out, ws)
+    np.testing.assert_array_equal(fused, out)
+    np.testing.assert_allclose(stats[0], out.mean(axis=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats[1], out.var(axis=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+
+    dout = rng.standard_normal(out.shape)
+    k, affine = rng.standard_normal((3, o)), rng.standard_normal((2, o))
+    prior = rng.standard_normal(x.shape)
+    dx, dw = prior.copy(), np.empty_like(w)
+    db = None if b is None else np.empty_like(b)
+    conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, dx, dw, db, out, 0,
+                         in_affine=(scale, shift, relu), accumulate=True,
+                         dout_affine=(k, affine, relu))  # fmt: skip
+    ch = (slice(None), None, None)
+    masked = dout * (out * affine[0][ch] + affine[1][ch] > 0) if relu else dout
+    d_norm = k[0][ch] * masked + k[1][ch] * out + k[2][ch]
+    dx2, dw2, db2 = np.empty_like(x), np.empty_like(w), None if b is None else np.empty_like(b)
+    conv.conv2d_backward(hx, w, d_norm, stride, pad, dil, g, ws, dx2, dw2, db2)
+    np.testing.assert_allclose(dx, prior + dx2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw, dw2, rtol=1e-12, atol=1e-12)
+    if b is not None:
+        np.testing.assert_allclose(db, db2, rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_statistics_are_exact_far_from_zero():
+    """The epilogue's shifted sums: float32 outputs with a mean 1e4 times their spread
+    still give the variance (one-pass E[y^2] - E[y]^2 would lose it)."""
+    case = CONV_CASES["pointwise_nobias"]
+    x, w, b, out, ws, rng = _make_conv(case, np.float32, seed=8)
+    w[...] = 1.0
+    x[...] = 1e4 + rng.standard_normal(x.shape).astype(np.float32)
+    stats = np.empty((2, w.shape[0]))
+    conv.conv2d_forward(x, w, None, (1, 1), (0, 0, 0, 0), (1, 1), 1, out, ws, stats=stats)
+    y = out.astype(np.float64)
+    np.testing.assert_allclose(stats[0], y.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(stats[1], y.var(axis=(0, 2, 3)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(CONV_CASES))
 def test_conv2d_matches_torch(name):
     torch = pytest.importorskip("torch")
     F = torch.nn.functional

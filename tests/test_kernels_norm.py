@@ -138,3 +138,43 @@ def test_batchnorm_statistics_survive_a_large_mean():
     norm.batchnorm2d_forward_train(x, None, None, 0.0, 0.1, None, None, out, mean, inv_std)
     var = x.astype(np.float64).var(axis=(0, 2, 3))
     np.testing.assert_allclose(1 / inv_std.astype(np.float64) ** 2, var, rtol=1e-3)
+
+
+def test_batchnorm_fused_entry_points_are_the_unfused_results():
+    """What the fused model asks of batch norm: statistics given (taken by the conv
+    before it), no output (its readers apply `affine`), and dx as coefficients."""
+    rng, x, gamma, beta = _bn_setup((5, 3, 4, 4), np.float64, 15)
+    c = x.shape[1]
+    run = [np.zeros(c), np.ones(c)]
+    out, mean, inv_std, affine = np.empty_like(x), np.empty(c), np.empty(c), np.empty((2, c))
+    norm.batchnorm2d_forward_train(
+        x, gamma, beta, EPS, MOMENTUM, *run, out, mean, inv_std, 1, affine
+    )
+    run2 = [np.zeros(c), np.ones(c)]
+    mean2, inv2, affine2 = np.empty(c), np.empty(c), np.empty((2, c))
+    stats = np.stack([x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))])
+    norm.batchnorm2d_forward_train(
+        x, gamma, beta, EPS, MOMENTUM, *run2, None, mean2, inv2, 1, affine2, stats=stats
+    )
+    for a, b in zip([mean, inv_std, affine, *run], [mean2, inv2, affine2, *run2], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    np.testing.assert_array_equal(out, np.maximum(x * affine[0][:, None, None]
+                                                  + affine[1][:, None, None], 0))  # fmt: skip
+    eval_affine = np.empty((2, c))
+    norm.batchnorm2d_forward_eval(x, gamma, beta, EPS, *run, None, 1, eval_affine)
+    evaluated = np.empty_like(x)
+    norm.batchnorm2d_forward_eval(x, gamma, beta, EPS, *run, evaluated, 1)
+    expect = np.maximum(x * eval_affine[0][:, None, None] + eval_affine[1][:, None, None], 0)
+    np.testing.assert_array_equal(evaluated, expect)
+    dout = rng.standard_normal(x.shape)
+    dx, dg, db = np.empty_like(x), np.empty(c), np.empty(c)
+    norm.batchnorm2d_backward(dout, x, mean, gamma, inv_std, dx, dg, db, affine, 1)
+    k, dg2, db2 = np.empty((3, c)), np.empty(c), np.empty(c)
+    norm.batchnorm2d_backward(dout, x, mean, gamma, inv_std, None, dg2, db2, affine, 1, k)
+    g = np.where(out > 0, dout, 0)
+    ch = (slice(None), None, None)
+    np.testing.assert_allclose(k[0][ch] * g + k[1][ch] * x + k[2][ch], dx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(dg, dg2)
+    np.testing.assert_array_equal(db, db2)
+    with pytest.raises(ValueError, match="affine"):
+        norm.batchnorm2d_forward_eval(x, gamma, beta, EPS, *run, None)

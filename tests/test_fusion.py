@@ -1,0 +1,135 @@
+"""Batch norm fused into the convs beside it and gradients summed in place (the CPU
+backend's plan): the fused model must compute what the unfused one does
+(CNNSPEC_FUSION=0), in float32 and float64, train and eval, and match finite
+differences."""
+
+import numpy as np
+import pytest
+
+import cnnspec
+from tests.test_model import _fd_check
+
+# bn1 (+ ReLU) feeds two convs, one strided (applied, no output written), bn2 feeds an
+# add (written), bn3 feeds two convs (their gradients add in place), bn4 is kept
+NET = """
+input: [3, 7, 7]
+layers:
+  - {name: c1, type: conv2d, filters: 4, kernel: 3, padding: 1, bias: false}
+  - {name: bn1, type: batchnorm2d}
+  - {name: r1, type: relu}
+  - {name: c2, type: conv2d, filters: 4, kernel: 3, padding: 1, stride: 2}
+  - {name: bn2, type: batchnorm2d}
+  - {name: short, type: conv2d, filters: 4, kernel: 1, stride: 2, inputs: [r1]}
+  - {name: sum, type: add, inputs: [bn2, short]}
+  - {name: r2, type: relu}
+  - {name: c3, type: conv2d, filters: 5, kernel: 3, padding: 1}
+  - {name: bn3, type: batchnorm2d}
+  - {name: a, type: conv2d, filters: 3, kernel: 3, padding: 1, inputs: [bn3]}
+  - {name: b, type: conv2d, filters: 3, kernel: 1, inputs: [bn3]}
+  - {name: ab, type: concat, inputs: [a, b]}
+  - {name: c4, type: conv2d, filters: 3, kernel: 2}
+  - {name: bn4, type: batchnorm2d}
+  - {name: r4, type: relu}
+  - {name: c5, type: conv2d, filters: 4, kernel: 1}
+  - {name: fc, type: dense, units: 3}
+  - {name: prob, type: softmax}
+"""
+
+
+def _pair(monkeypatch, dtype, training=True, keep=(), text=NET, batch=3):
+    models = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("CNNSPEC_FUSION", flag)
+        net = cnnspec.loads(text)
+        models.append(
+            net.compile(batch_size=batch, seed=3, dtype=dtype, training=training, keep=keep)
+        )
+    return models
+
+
+def test_the_plan_fuses_what_it_can(monkeypatch):
+    fused, plain = _pair(monkeypatch, np.float32, keep=("bn4",))
+    assert fused.norm_stats == {"bn1": "c1", "bn2": "c2", "bn3": "c3", "bn4": "c4"}
+    assert fused.unwritten == {"bn1", "bn3"}  # bn2 feeds an add, bn4 is kept
+    assert fused.norm_applied == {"bn1": ["c2", "short"], "bn3": ["a", "b"]}
+    assert fused.buf["bn1"] is fused.buf["c1"]
+    by = {i.name: i.layer for i in fused.infos}
+    assert by["a"].accumulate_dx != by["b"].accumulate_dx  # one writes, one adds
+    assert by["c2"].accumulate_dx or by["short"].accumulate_dx  # r1's two readers
+    assert fused.dbuf["bn2"] is fused.dbuf["short"]  # the add writes its gradient once
+    assert not fused.fan_in_sums
+    assert not plain.unwritten and not plain.norm_stats and plain.fan_in_sums
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_training_computes_what_unfused_does(monkeypatch, dtype):
+    fused, plain = _pair(monkeypatch, dtype, keep=("bn4",))
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3, 3, 7, 7)) * 2 + 1).astype(dtype)
+    y = rng.integers(0, 3, 3)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    for _ in range(2):  # two SGD steps: the running statistics and weights move alike
+        la, lb = fused.step(x, y, lr=0.1, momentum=0.9), plain.step(x, y, lr=0.1, momentum=0.9)
+        assert np.isclose(la, lb, **tol)
+        for k in plain.grads:
+            np.testing.assert_allclose(fused.grads[k], plain.grads[k], **tol, err_msg=k)
+        for k in plain.params:  # running_mean / running_var too
+            np.testing.assert_allclose(fused.params[k], plain.params[k], **tol, err_msg=k)
+    np.testing.assert_allclose(fused.forward(x), plain.forward(x), **tol)  # eval mode
+    kept_a = fused.forward(x, train=True, outputs=["bn4"])["bn4"]
+    kept_b = plain.forward(x, train=True, outputs=["bn4"])["bn4"]
+    np.testing.assert_allclose(kept_a, kept_b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_inference_model_predicts_what_unfused_does(monkeypatch, dtype):
+    train, _ = _pair(monkeypatch, dtype)
+    fused, plain = _pair(monkeypatch, dtype, training=False)
+    assert fused.unwritten == {"bn1", "bn3", "bn4"}
+    rng = np.random.default_rng(1)
+    for k, v in train.params.items():  # trained-looking running statistics
+        if k.endswith("running_var"):
+            v[...] = rng.uniform(0.5, 2.0, v.shape)
+        elif k.endswith("running_mean"):
+            v[...] = rng.normal(size=v.shape)
+        fused.params[k][...] = plain.params[k][...] = v
+    x = rng.normal(size=(3, 3, 7, 7)).astype(dtype)
+    np.testing.assert_array_equal(fused.forward(x), plain.forward(x))
+
+
+def test_fused_network_gradients_match_finite_differences(monkeypatch):
+    monkeypatch.setenv("CNNSPEC_FUSION", "1")
+    model = cnnspec.loads(NET).compile(batch_size=3, seed=2, dtype=np.float64)
+    assert model.unwritten and model.norm_stats
+    rng = np.random.default_rng(4)
+    _fd_check(model, rng.normal(size=(3, 3, 7, 7)), rng.integers(0, 3, 3), n_checks=3)
+
+
+def test_input_gradient_through_fused_norms(monkeypatch):
+    fused, plain = _pair(monkeypatch, np.float64)
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(3, 3, 7, 7)), rng.integers(0, 3, 3)
+    np.testing.assert_allclose(
+        fused.input_gradient(x, y), plain.input_gradient(x, y), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_show_maps_of_a_norm_its_readers_apply(cli, tmp_path, monkeypatch):
+    """`show maps` of a batch norm that writes no output (its convs apply it) shows what
+    it would write: the model is compiled keeping it."""
+    import cnnspec.plots as plots
+
+    monkeypatch.setenv("CNNSPEC_FUSION", "1")
+    seen = {}
+    monkeypatch.setattr(plots, "plot_maps", lambda image, maps, *a, **k: seen.update(maps=maps))
+    spec = tmp_path / "net.yaml"
+    spec.write_text(NET)
+    x = np.random.default_rng(6).random((1, 3, 7, 7)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = cli("show", "maps", spec, "--image", tmp_path / "x.npy", "--layer", "bn1",
+                 "-o", tmp_path / "maps.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    model = cnnspec.loads(NET).compile(batch_size=1, keep=("r1",))
+    expected = model.forward(x, outputs=["r1"])["r1"][0]
+    np.testing.assert_allclose(seen["maps"], expected, rtol=1e-5, atol=1e-6)
+    assert (seen["maps"] >= 0).all()  # after its ReLU, as other layers' maps
