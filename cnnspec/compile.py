@@ -62,13 +62,13 @@ def fusion_enabled() -> bool:
     return os.environ.get("CNNSPEC_FUSION", "1") != "0"
 
 
-def fused_norms(infos, relus: dict, keep=frozenset(), ends=frozenset()) -> tuple[dict, dict]:
-    """Batch norms fused into the convs beside them (the CPU kernels' hooks):
+def fused_norms(infos, relus: dict, keep=frozenset()) -> tuple[dict, dict]:
+    """Batch norms fused into the layers beside them (the CPU kernels' hooks):
     - stats: norm -> the conv before it, which takes the batch statistics in its epilogue
       while its output tiles are in cache (the conv feeds nothing else);
-    - applied: norm -> the convs that apply its affine (and fused ReLU) as they pack their
-      input, when they are all that read it: the norm writes no output. Not when its
-      output is kept or ends the network (`ends`: what the scores read)."""
+    - applied: norm -> the convs and adds that apply its affine (and fused ReLU) as they
+      read their input, when they are all that read it: the norm writes no output. Not
+      when its output is kept or ends the network (what the scores read)."""
     users: dict[str, list] = {}
     for info in infos:
         for i in info.node.inputs:
@@ -79,6 +79,11 @@ def fused_norms(infos, relus: dict, keep=frozenset(), ends=frozenset()) -> tuple
     def conv(info):
         return info is not None and info.node.type == "conv2d" and not info.layer.is_dense
 
+    def applies(info):
+        return conv(info) or info.node.type == "add"
+
+    outputs = [i for i in infos if i.layer.role == "output"]
+    ends = {n for i in [*outputs, (outputs or infos)[-1]] for n in (i.name, *i.node.inputs)}
     stats, applied = {}, {}
     for info in infos:
         if info.node.type != "batchnorm2d":
@@ -88,7 +93,7 @@ def fused_norms(infos, relus: dict, keep=frozenset(), ends=frozenset()) -> tuple
             stats[name] = src.name
         out = relu_of.get(name, name)
         readers = users.get(out, [])
-        if readers and all(conv(r) for r in readers) and not {name, out} & (set(keep) | set(ends)):
+        if readers and all(map(applies, readers)) and not {name, out} & (set(keep) | set(ends)):
             applied[name] = [r.name for r in readers]
     return stats, applied
 
@@ -254,8 +259,7 @@ class Model:
         self.norm_stats, self.norm_applied = {}, {}
         if self.backend.name != "cpu" or not fusion_enabled():
             return set()
-        ends = {n for info in [*self.outputs, self.head] for n in (info.name, *info.node.inputs)}
-        self.norm_stats, self.norm_applied = fused_norms(self.infos, self.fused, self.keep, ends)
+        self.norm_stats, self.norm_applied = fused_norms(self.infos, self.fused, self.keep)
         return set(self.norm_applied)
 
     def _bind_norms(self):
@@ -265,11 +269,21 @@ class Model:
             bn = by_name[norm].layer
             bn.stats = np.zeros((2, bn.in_shapes[0][0]))
             by_name[conv].layer.stats_out = bn.stats
-        for norm, convs in self.norm_applied.items():
+        relu_of = {p: r for r, p in self.fused.items()}
+        for norm, readers in self.norm_applied.items():
             bn = by_name[norm].layer
             bn.writes_out = False
-            for conv in convs:
-                by_name[conv].layer.in_affine = (bn.affine[0], bn.affine[1], bn.fused_act)
+            hook = (bn.affine[0], bn.affine[1], bn.fused_act)
+            for reader in readers:
+                info = by_name[reader]
+                if info.node.type == "add":  # per input
+                    read = relu_of.get(norm, norm)
+                    hooks = info.layer.in_affine or [None] * len(info.node.inputs)
+                    for k, i in enumerate(info.node.inputs):
+                        hooks[k] = hook if i == read else hooks[k]
+                    info.layer.in_affine = hooks
+                else:
+                    info.layer.in_affine = hook
 
     def _plan_backward(self, batch):
         """Gradient buffers. A layer writes d(input) straight into its producer's

@@ -107,9 +107,11 @@ class _Network:
             if training
             else 0,
         }
-        from .compile import fused_relus  # imports the kernels: only when estimating
+        from .compile import fused_norms, fused_relus, fusion_enabled  # imports the kernels
 
         fused = fused_relus(net.infos)
+        if backend.name == "cpu" and fusion_enabled():  # norms their readers apply: no output
+            fused = {**fused, **fused_norms(net.infos, fused)[1]}
         images = [values(net.input_shape)]
         images += [values(i.layer.out_shape) for i in net.infos if i.name not in fused]
         if not training:

@@ -9,8 +9,8 @@ import pytest
 import cnnspec
 from tests.test_model import _fd_check
 
-# bn1 (+ ReLU) feeds two convs, one strided (applied, no output written), bn2 feeds an
-# add (written), bn3 feeds two convs (their gradients add in place), bn4 is kept
+# bn1 (+ ReLU) feeds two convs, one strided (applied, no output written), bn2 an add
+# (applied as it reads it), bn3 two convs (their gradients add in place), bn4 is kept
 NET = """
 input: [3, 7, 7]
 layers:
@@ -50,8 +50,8 @@ def _pair(monkeypatch, dtype, training=True, keep=(), text=NET, batch=3):
 def test_the_plan_fuses_what_it_can(monkeypatch):
     fused, plain = _pair(monkeypatch, np.float32, keep=("bn4",))
     assert fused.norm_stats == {"bn1": "c1", "bn2": "c2", "bn3": "c3", "bn4": "c4"}
-    assert fused.unwritten == {"bn1", "bn3"}  # bn2 feeds an add, bn4 is kept
-    assert fused.norm_applied == {"bn1": ["c2", "short"], "bn3": ["a", "b"]}
+    assert fused.unwritten == {"bn1", "bn2", "bn3"}  # bn4 is kept
+    assert fused.norm_applied == {"bn1": ["c2", "short"], "bn2": ["sum"], "bn3": ["a", "b"]}
     assert fused.buf["bn1"] is fused.buf["c1"]
     by = {i.name: i.layer for i in fused.infos}
     assert by["a"].accumulate_dx != by["b"].accumulate_dx  # one writes, one adds
@@ -85,7 +85,7 @@ def test_fused_training_computes_what_unfused_does(monkeypatch, dtype):
 def test_fused_inference_model_predicts_what_unfused_does(monkeypatch, dtype):
     train, _ = _pair(monkeypatch, dtype)
     fused, plain = _pair(monkeypatch, dtype, training=False)
-    assert fused.unwritten == {"bn1", "bn3", "bn4"}
+    assert fused.unwritten == {"bn1", "bn2", "bn3", "bn4"}
     rng = np.random.default_rng(1)
     for k, v in train.params.items():  # trained-looking running statistics
         if k.endswith("running_var"):
@@ -133,3 +133,25 @@ def test_show_maps_of_a_norm_its_readers_apply(cli, tmp_path, monkeypatch):
     expected = model.forward(x, outputs=["r1"])["r1"][0]
     np.testing.assert_allclose(seen["maps"], expected, rtol=1e-5, atol=1e-6)
     assert (seen["maps"] >= 0).all()  # after its ReLU, as other layers' maps
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("inputs", [2, 3])
+def test_add_applies_a_norm_to_its_inputs_as_it_reads_them(dtype, inputs):
+    from cnnspec.kernels.cpu import merge
+
+    rng = np.random.default_rng(7)
+    xs = [rng.normal(size=(2, 3, 4, 5)).astype(dtype) for _ in range(inputs)]
+    hooks = [None] * inputs
+    hooks[0] = (rng.normal(size=3).astype(dtype), rng.normal(size=3).astype(dtype), 1)
+    hooks[-1] = (rng.normal(size=3).astype(dtype), rng.normal(size=3).astype(dtype), 0)
+    applied = list(xs)
+    for k, h in enumerate(hooks):
+        if h is not None:
+            v = xs[k] * h[0][:, None, None] + h[1][:, None, None]
+            applied[k] = np.maximum(v, 0) if h[2] else v
+    for act in (0, 1):
+        out, expect = np.empty_like(xs[0]), np.empty_like(xs[0])
+        merge.add_forward(xs, out, act, in_affine=hooks)
+        merge.add_forward(applied, expect, act)
+        np.testing.assert_allclose(out, expect, rtol=1e-6, atol=1e-6)

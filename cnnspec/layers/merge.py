@@ -89,9 +89,13 @@ class Add(_Merge):
         return in_shapes[0]
 
     fusable = True  # a following ReLU runs in the same pass (ResNet's block output)
+    # per input, a batch norm's (scale, shift, relu) applied as it is read (set by the
+    # model, CPU kernels; see Conv2d.in_affine)
+    in_affine = None
 
     def forward(self, xs, out, p, train, rng):
-        self.kernels.add_forward(xs, out, self.fused_act)
+        hook = {} if self.in_affine is None else {"in_affine": self.in_affine}
+        self.kernels.add_forward(xs, out, self.fused_act, **hook)
 
     def backward(self, xs, out, dout, dxs, p, g):
         self.kernels.add_backward(dout, out, self.fused_act, dxs)

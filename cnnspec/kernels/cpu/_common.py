@@ -80,6 +80,27 @@ def check_shape(name: str, a: np.ndarray, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
 
 
+# A batch norm (and its ReLU) applied by the layer that reads its output, as it reads
+# it, per channel (the `in_affine` hook of conv2d and add): copy, x*scale + shift, and
+# max(x*scale + shift, 0).
+IN_COPY, IN_AFFINE, IN_AFFINE_RELU = 0, 1, 2
+
+
+def input_hook(in_affine, x):
+    """The kernels' (aff, mode) for `in_affine`: None, or (scale, shift, relu) with
+    scale and shift (C,) in x's dtype, C = x.shape[1]: aff (2, C) (a (2, 1) dummy
+    without a hook)."""
+    if in_affine is None:
+        return np.zeros((2, 1), x.dtype), IN_COPY
+    scale, shift, relu = in_affine
+    c = x.shape[1]
+    check_shape("in_affine scale", scale, (c,))
+    check_shape("in_affine shift", shift, (c,))
+    aff = np.empty((2, c), x.dtype)
+    aff[0], aff[1] = scale, shift
+    return aff, IN_AFFINE_RELU if relu else IN_AFFINE
+
+
 def unpack_geometry(stride, pad, dilation):
     """(sh, sw, pt, pb, pl, pr, dh, dw) as Python ints from [h, w], [t, b, l, r], [h, w]."""
     sh, sw = (int(s) for s in stride)

@@ -20,7 +20,16 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import winograd
-from ._common import HELPER, VECTOR_BITS, Builds, check_c, check_shape
+from ._common import (
+    HELPER,
+    IN_AFFINE,
+    IN_COPY,
+    VECTOR_BITS,
+    Builds,
+    check_c,
+    check_shape,
+    input_hook,
+)
 from ._common import unpack_geometry as _unpack
 
 __all__ = [
@@ -401,12 +410,11 @@ def conv2d_workspace(
 # the loop (measured: a 10x slower copy).
 
 
-# The input hook (`in_affine`): a batch norm, and the ReLU after it, that would
-# write its output only for this conv to read is applied here instead, per input
-# channel as the samples are copied in: mode 1 x*scale + shift, mode 2 with a ReLU
-# (0 copies). The padding stays zero: it pads the normalised input. The same float
-# operations as the norm's own pass, so the same values (and ReLU mask).
-IN_COPY, IN_AFFINE, IN_AFFINE_RELU = 0, 1, 2
+# The input hook (`in_affine`, see _common.input_hook): a batch norm, and the ReLU
+# after it, that would write its output only for this conv to read is applied here
+# instead, per input channel as the samples are copied in. The padding stays zero: it
+# pads the normalised input. The same float operations as the norm's own pass, so the
+# same values (and ReLU mask).
 
 
 @njit(**HELPER, nogil=True)
@@ -783,20 +791,6 @@ def _dims(w, stride, pad, dilation):
     return (sh, sw, pt, pl, dh, dw, int(w.shape[2]), int(w.shape[3]))
 
 
-def _input_hook(in_affine, x):
-    """The kernels' (aff, mode) for `in_affine`: None, or (scale, shift, relu) with
-    scale and shift (C,) in x's dtype."""
-    if in_affine is None:
-        return np.zeros((2, 1), x.dtype), IN_COPY
-    scale, shift, relu = in_affine
-    c = x.shape[1]
-    check_shape("in_affine scale", scale, (c,))
-    check_shape("in_affine shift", shift, (c,))
-    aff = np.empty((2, c), x.dtype)
-    aff[0], aff[1] = scale, shift
-    return aff, IN_AFFINE_RELU if relu else IN_AFFINE
-
-
 def merge_moments(parts):
     """(mean, biased variance) per channel from per-thread rows [shift (C), sum(y - shift)
     (C), sum((y - shift)^2) (C), count]: Chan et al.'s pairwise update, in float64 and
@@ -831,13 +825,14 @@ def conv2d_forward(
       each output channel over the batch, taken while the output tiles are in cache."""
     check_c(x=x, w=w, out=out, ws=ws)
     bias = _bias_or_empty(b, x.dtype)
-    if winograd.chooses(x.shape, w.shape, out.shape, stride, pad, dilation, groups):
+    hooked = in_affine is not None or stats is not None  # Winograd honours no hooks yet
+    if not hooked and winograd.chooses(x.shape, w.shape, out.shape, stride, pad, dilation, groups):
         _check(x, w, out, groups, ws)
         winograd.forward(x, w, bias, pad, out, ws, act)
         return
     geo, threads, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
     dims = _dims(w, stride, pad, dilation)
-    aff, mode = _input_hook(in_affine, x)
+    aff, mode = input_hook(in_affine, x)
     o = w.shape[0]
     moments = np.zeros((threads if stats is not None else 1, 3 * o + 1))
     _forward_tiles.pick(threads == 1)(
@@ -886,14 +881,15 @@ def conv2d_backward(
     if db is not None:
         check_shape("db", db, (w.shape[0],))
     y = out if out is not None else dout
-    if winograd.chooses(x.shape, w.shape, dout.shape, stride, pad, dilation, groups):
+    hooked = in_affine is not None or dout_affine is not None or accumulate
+    if not hooked and winograd.chooses(x.shape, w.shape, dout.shape, stride, pad, dilation, groups):
         winograd.backward(x, w, dout, pad, ws, dx, dw, db, y, act)
         return
     geo, threads, flat, w3 = _plan(x, w, dout, stride, pad, dilation, groups, ws)
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
     dims = _dims(w, stride, pad, dilation)
-    aff, mode = _input_hook(in_affine, x)
+    aff, mode = input_hook(in_affine, x)
     gk, gmode = np.zeros((5, 1), x.dtype), OUT_PLAIN
     if dout_affine is not None:
         if out is None or act:

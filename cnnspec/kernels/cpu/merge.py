@@ -1,11 +1,13 @@
 """Residual add, with a fused ReLU: one pass over memory each way instead of two
-(numpy's copy-then-add) or three (with a separate ReLU layer)."""
+(numpy's copy-then-add) or three (with a separate ReLU layer); a batch norm before it
+is applied as its input is read (`in_affine`), so the norm need not write its output."""
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit, prange
 
-from ._common import check_c, check_shape
+from ._common import IN_AFFINE, IN_COPY, as_3d, check_c, check_shape, input_hook
 
 __all__ = ["add_forward", "add_backward"]
 
@@ -31,11 +33,66 @@ def _mask(dout, y, act, dx):
         dx[i] = dout[i] if (yv > 0 or act == 0) else 0.0
 
 
-def add_forward(xs, out, act=0):
-    """out = act(sum of xs); act 1 is a ReLU (applied once, after the last add)."""
+@njit(cache=True)
+def _hooked(v, a, b, mode, zero):
+    if mode == IN_COPY:
+        return v
+    t = v * a + b  # as the norm's own pass computes it
+    return t if (mode == IN_AFFINE or t > 0) else zero
+
+
+@njit(parallel=True, cache=True)
+def _add_hooked(x, aff, mode, act, first, out):
+    """out (=, first; else +=) h(x) per channel (N, C, S), then act."""
+    n_, c_, s_ = out.shape
+    zero = np.zeros(1, out.dtype)[0]  # in the data's dtype: float32 sums stay float32
+    for nc in prange(n_ * c_):
+        n = nc // c_
+        c = nc - n * c_
+        ca = c if mode != IN_COPY else 0
+        a, b = aff[0, ca], aff[1, ca]
+        src, dst = x[n, c], out[n, c]
+        for i in range(s_):
+            v = _hooked(src[i], a, b, mode, zero)
+            v = v if first else dst[i] + v
+            dst[i] = v if (act == 0 or v > 0) else zero
+
+
+@njit(parallel=True, cache=True)
+def _add2_hooked(x, y, affx, modex, affy, modey, act, out):
+    """out = act(hx(x) + hy(y)) per channel (N, C, S): both inputs in one pass."""
+    n_, c_, s_ = out.shape
+    zero = np.zeros(1, out.dtype)[0]
+    for nc in prange(n_ * c_):
+        n = nc // c_
+        c = nc - n * c_
+        cx = c if modex != IN_COPY else 0
+        cy = c if modey != IN_COPY else 0
+        ax, bx, ay, by = affx[0, cx], affx[1, cx], affy[0, cy], affy[1, cy]
+        px, py, dst = x[n, c], y[n, c], out[n, c]
+        for i in range(s_):
+            v = _hooked(px[i], ax, bx, modex, zero) + _hooked(py[i], ay, by, modey, zero)
+            dst[i] = v if (act == 0 or v > 0) else zero
+
+
+def add_forward(xs, out, act=0, in_affine=None):
+    """out = act(sum of xs); act 1 is a ReLU (applied once, after the last add).
+    in_affine: None, or per input None or a batch norm's (scale, shift, relu) to apply
+    to it as it is read (see conv2d_forward)."""
     check_c(out=out, **{f"x{i}": x for i, x in enumerate(xs)})
     for x in xs:
         check_shape("input", x, out.shape)
+    if in_affine is not None and any(h is not None for h in in_affine):
+        if len(in_affine) != len(xs):
+            raise ValueError("in_affine needs one entry (or None) per input")
+        hooks = [input_hook(h, x) for h, x in zip(in_affine, xs, strict=True)]
+        x3, o3 = [as_3d(x) for x in xs], as_3d(out)
+        if len(xs) == 2:
+            _add2_hooked(x3[0], x3[1], *hooks[0], *hooks[1], int(act), o3)
+            return
+        for i, (x, (aff, mode)) in enumerate(zip(x3, hooks, strict=True)):
+            _add_hooked(x, aff, mode, int(act) if i == len(xs) - 1 else 0, i == 0, o3)
+        return
     flat = [x.reshape(-1) for x in xs]
     o = out.reshape(-1)
     if len(xs) == 1:
