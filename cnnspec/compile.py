@@ -84,6 +84,7 @@ def fused_norms(infos, relus: dict, keep=frozenset()) -> tuple[dict, dict]:
 
     outputs = [i for i in infos if i.layer.role == "output"]
     ends = {n for i in [*outputs, (outputs or infos)[-1]] for n in (i.name, *i.node.inputs)}
+    keep = set(keep)
     stats, applied = {}, {}
     for info in infos:
         if info.node.type != "batchnorm2d":
@@ -93,7 +94,8 @@ def fused_norms(infos, relus: dict, keep=frozenset()) -> tuple[dict, dict]:
             stats[name] = src.name
         out = relu_of.get(name, name)
         readers = users.get(out, [])
-        if readers and all(map(applies, readers)) and not {name, out} & (set(keep) | set(ends)):
+        ours = src is not None  # not the input: a staged batch replaces its buffer
+        if ours and readers and all(map(applies, readers)) and not {name, out} & (keep | ends):
             applied[name] = [r.name for r in readers]
     return stats, applied
 

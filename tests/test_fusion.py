@@ -61,6 +61,22 @@ def test_the_plan_fuses_what_it_can(monkeypatch):
     assert not plain.unwritten and not plain.norm_stats and plain.fan_in_sums
 
 
+def test_a_norm_of_the_input_writes_its_output(monkeypatch):
+    """The input's buffer is replaced by a staged batch's slot: a norm reading it is
+    not left for its readers to apply (they would read the old buffer)."""
+    text = NET.replace("input: [3, 7, 7]\nlayers:\n", "input: [3, 7, 7]\nlayers:\n"
+                       "  - {name: bn0, type: batchnorm2d}\n")  # fmt: skip
+    fused, plain = _pair(monkeypatch, np.float32, text=text)
+    assert "bn0" not in fused.unwritten and "bn1" in fused.unwritten
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=(2, 3, 3, 7, 7)).astype(np.float32), rng.integers(0, 3, 3)
+    for batch in x:
+        np.testing.assert_allclose(
+            fused.loss_and_grads(fused.stage(batch), y)[0], plain.loss_and_grads(batch, y)[0],
+            rtol=1e-5,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fused_training_computes_what_unfused_does(monkeypatch, dtype):
     fused, plain = _pair(monkeypatch, dtype, keep=("bn4",))
