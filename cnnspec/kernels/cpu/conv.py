@@ -794,7 +794,8 @@ def _dims(w, stride, pad, dilation):
 def merge_moments(parts):
     """(mean, biased variance) per channel from per-thread rows [shift (C), sum(y - shift)
     (C), sum((y - shift)^2) (C), count]: Chan et al.'s pairwise update, in float64 and
-    thread order. A shift near the data keeps the squares from cancelling."""
+    thread order. A shift near the data keeps the squares from cancelling. Like dW,
+    the same bits for a given thread count (the threads' tiles set the partial sums)."""
     c = (parts.shape[1] - 1) // 3
     n = 0.0
     mean = np.zeros(c)

@@ -72,23 +72,38 @@ def _affine(x, scale, shift, out, act):
 # output, one array fewer through memory in both passes.
 
 
+_SUM_BLOCK = 4  # samples per partial sum of the backward's reductions: a fixed number,
+# so the bits do not depend on the thread count
+
+
 @njit(parallel=True, cache=True, fastmath=_SUMS)
 def _bn_bwd_sums(dout, x, scale, shift, act, mean, sum_dy, sum_dy_xc):
-    # sum_dy = sum(g), sum_dy_xc = sum(g * (x - mean))
+    # sum_dy = sum(g), sum_dy_xc = sum(g * (x - mean)). In memory order (blocks of
+    # samples, every channel of each), partial sums per block added up in block order:
+    # a loop per channel strides over the samples, and small maps (8x8: 256-byte runs
+    # 16 KB apart) then read at a third of the bandwidth (measured, ResNet-20 b128).
     n_, c_, s_ = dout.shape
-    for c in prange(c_):
-        mu, sa, sb = mean[c], scale[c], shift[c]
-        a = 0.0
-        b = 0.0
-        for n in range(n_):
-            d, xr = dout[n, c], x[n, c]
-            for i in range(s_):
-                xv = xr[i]
-                g = d[i] if (xv * sa + sb > 0 or act == 0) else 0.0
-                a += g
-                b += g * (xv - mu)
-        sum_dy[c] = a
-        sum_dy_xc[c] = b
+    blocks = -(-n_ // _SUM_BLOCK)
+    part = np.zeros((blocks, 2, c_))
+    for blk in prange(blocks):
+        for n in range(blk * _SUM_BLOCK, min(n_, (blk + 1) * _SUM_BLOCK)):
+            for c in range(c_):
+                mu, sa, sb = mean[c], scale[c], shift[c]
+                a = 0.0
+                b = 0.0
+                d, xr = dout[n, c], x[n, c]
+                for i in range(s_):
+                    xv = xr[i]
+                    g = d[i] if (xv * sa + sb > 0 or act == 0) else 0.0
+                    a += g
+                    b += g * (xv - mu)
+                part[blk, 0, c] += a
+                part[blk, 1, c] += b
+    sum_dy[:] = 0.0
+    sum_dy_xc[:] = 0.0
+    for blk in range(blocks):
+        sum_dy += part[blk, 0]
+        sum_dy_xc += part[blk, 1]
 
 
 @njit(parallel=True, cache=True)
