@@ -137,6 +137,9 @@ def test_conv2d_fusion_hooks_are_the_ops_they_replace(name, relu):
     np.testing.assert_allclose(dw, dw2, rtol=1e-12, atol=1e-12)
     if b is not None:
         np.testing.assert_allclose(db, db2, rtol=1e-12, atol=1e-12)
+    dx3 = prior.copy()  # accumulate alone: the build without the hooks
+    conv.conv2d_backward(hx, w, d_norm, stride, pad, dil, g, ws, dx3, dw2, db2, accumulate=True)
+    np.testing.assert_allclose(dx3, prior + dx2, rtol=1e-12, atol=1e-12)
 
 
 def test_conv2d_statistics_are_exact_far_from_zero():

@@ -418,47 +418,35 @@ def conv2d_workspace(
 
 
 @njit(**HELPER, nogil=True)
-def _load_row(src, dst, a, b, mode):
-    if mode == IN_COPY:
-        for v in range(dst.shape[0]):
-            dst[v] = src[v]
-    elif mode == IN_AFFINE:
-        for v in range(dst.shape[0]):
-            dst[v] = src[v] * a + b
-    else:
-        for v in range(dst.shape[0]):
-            t = src[v] * a + b
-            dst[v] = t if t > 0 else 0.0
-
-
-@njit(**HELPER, nogil=True)
-def _store_row(src, dst, accumulate):
-    if accumulate:
-        for v in range(dst.shape[0]):
-            dst[v] += src[v]
-    else:
-        for v in range(dst.shape[0]):
-            dst[v] = src[v]
-
-
-@njit(**HELPER, nogil=True)
 def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
     """xpad = x[n0 : n0 + ns] padded by (pt, pl) and split into stride phases:
     padded pixel (y, x) of channel c, sample s at [c][y % sh][x % sw][y // sh][s][x // sw];
-    the interior through the input hook (aff: (2, C) scale and shift, `mode`)."""
+    the interior through the input hook (aff: (2, C) scale and shift, `mode`; aff None:
+    a build without the hook, whose branches Numba prunes before compiling)."""
     sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
     xpad[:] = 0
     for c in range(c_):
-        ca = c if mode != IN_COPY else 0
-        a, b = aff[0, ca], aff[1, ca]
+        if aff is not None:
+            ca = c if mode != IN_COPY else 0
+            a, b = aff[0, ca], aff[1, ca]
         for s in range(ns):
             for yi in range(h_):
                 y = yi + pt
                 if sw == 1:  # whole rows: a contiguous copy (a strided view is 5x slower)
                     plane = (c * sh + y % sh) * sw
                     d = ((plane * hq + y // sh) * spt + s) * wq + pl
-                    _load_row(x[n0 + s, c, yi], xpad[d : d + w_], a, b, mode)
+                    dst, src = xpad[d : d + w_], x[n0 + s, c, yi]
+                    if aff is None or mode == IN_COPY:  # written out: a helper for them
+                        for v in range(w_):  # cost two more compiled signatures
+                            dst[v] = src[v]
+                    elif mode == IN_AFFINE:
+                        for v in range(w_):
+                            dst[v] = src[v] * a + b
+                    else:
+                        for v in range(w_):
+                            t = src[v] * a + b
+                            dst[v] = t if t > 0 else 0.0
                     continue
                 for ph in range(sw):  # input columns landing in phase ph
                     x0 = (ph - pl) % sw
@@ -467,8 +455,17 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
                         continue
                     plane = (c * sh + y % sh) * sw + ph
                     d = ((plane * hq + y // sh) * spt + s) * wq + (x0 + pl) // sw
-                    src = x[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
-                    _load_row(src, xpad[d : d + m], a, b, mode)
+                    dst, src = xpad[d : d + m], x[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
+                    if aff is None or mode == IN_COPY:
+                        for v in range(m):
+                            dst[v] = src[v]
+                    elif mode == IN_AFFINE:
+                        for v in range(m):
+                            dst[v] = src[v] * a + b
+                    else:
+                        for v in range(m):
+                            t = src[v] * a + b
+                            dst[v] = t if t > 0 else 0.0
 
 
 @njit(**HELPER, nogil=True)
@@ -484,7 +481,13 @@ def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate):
                 if sw == 1:
                     plane = (c * sh + y % sh) * sw
                     d = ((plane * hq + y // sh) * spt + s) * wq + pl
-                    _store_row(dxpad[d : d + w_], dx[n0 + s, c, yi], accumulate)
+                    src, dst = dxpad[d : d + w_], dx[n0 + s, c, yi]
+                    if accumulate:
+                        for v in range(w_):
+                            dst[v] += src[v]
+                    else:
+                        for v in range(w_):
+                            dst[v] = src[v]
                     continue
                 for ph in range(sw):
                     x0 = (ph - pl) % sw
@@ -493,8 +496,13 @@ def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate):
                         continue
                     plane = (c * sh + y % sh) * sw + ph
                     d = ((plane * hq + y // sh) * spt + s) * wq + (x0 + pl) // sw
-                    dst = dx[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
-                    _store_row(dxpad[d : d + m], dst, accumulate)
+                    src, dst = dxpad[d : d + m], dx[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
+                    if accumulate:
+                        for v in range(m):
+                            dst[v] += src[v]
+                    else:
+                        for v in range(m):
+                            dst[v] = src[v]
 
 
 @njit(**HELPER, nogil=True)
@@ -588,8 +596,8 @@ OUT_PLAIN, OUT_NORM, OUT_NORM_RELU = 0, 1, 2
 def _gather(dout, y, act, n, oy0, nr, rs, ogd, g_, col0, tcp, dprod, db, gk, gmode):
     """dprod[g*ogd + o, col0 + r*rs + v] = dout[n, g*og + o, oy0 + r, v], masked
     where a fused ReLU's output y is 0 (or through the output-gradient hook: gk rows
-    ka, kb, kc, scale, shift). db[o] += its sum ('reassoc' vectorises the sum, in an
-    order fixed at compile time)."""
+    ka, kb, kc, scale, shift; None: a build without it). db[o] += its sum ('reassoc'
+    vectorises the sum, in an order fixed at compile time)."""
     o_, ow = dout.shape[1], dout.shape[3]
     og = o_ // g_
     for o in range(o_):
@@ -597,12 +605,13 @@ def _gather(dout, y, act, n, oy0, nr, rs, ogd, g_, col0, tcp, dprod, db, gk, gmo
         at = (g * ogd + o - g * og) * tcp + col0
         row = dprod[at : at + nr * rs]
         acc = 0.0
-        oc = o if gmode != OUT_PLAIN else 0
-        ka, kb, kc, sa, sb = gk[0, oc], gk[1, oc], gk[2, oc], gk[3, oc], gk[4, oc]
+        if gk is not None:
+            oc = o if gmode != OUT_PLAIN else 0
+            ka, kb, kc, sa, sb = gk[0, oc], gk[1, oc], gk[2, oc], gk[3, oc], gk[4, oc]
         for r in range(nr):
             dst = row[r * rs : r * rs + ow]
             src, yr = dout[n, o, oy0 + r], y[n, o, oy0 + r]
-            if gmode == OUT_PLAIN:
+            if gk is None or gmode == OUT_PLAIN:
                 for v in range(ow):
                     yv = yr[v]  # loaded unconditionally: a conditional load blocks SIMD
                     d = src[v] if (yv > 0 or act == 0) else 0.0
@@ -621,19 +630,8 @@ def _gather(dout, y, act, n, oy0, nr, rs, ogd, g_, col0, tcp, dprod, db, gk, gmo
 _SUMS = {"reassoc"}  # vectorised float64 sums, in an order fixed at compile time
 
 
-@njit(**HELPER, nogil=True, fastmath=_SUMS)
-def _moments(y, k):
-    """sum(y - k) and sum((y - k)^2) in float64, y one contiguous block: one long
-    loop (a row each paid a horizontal sum of the vector partial sums: measured 2x)."""
-    a = 0.0
-    a2 = 0.0
-    for v in range(y.shape[0]):
-        d = np.float64(y[v]) - k
-        a += d
-        a2 += d * d
-    return a, a2
-
-
+# 'reassoc': the batch statistics' float64 sums vectorise (in an order fixed at compile
+# time); written out here, not in a helper (one more compiled signature on a cold start)
 @Builds
 def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, want_moments):
     hq, wq, rows, tiles, spt, tcp, ogb, _ogd, _kgb, kgd, pad_size, per, _ = geo
@@ -677,15 +675,24 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
                         for v in range(ow):
                             yv = src[v] + b
                             dst[v] = (yv if yv > 0 else 0.0) if act == 1 else yv
-                    if want_moments:  # of the rows just written, still in L1
+                    if moments is not None and want_moments:  # of the rows just written,
+                        # still in L1 (moments None: a build without the hooks)
                         m = moments[t]
                         if tile == first and s == 0:
                             m[o] = out[n0, o, oy0, 0]  # the shift: the thread's first value
-                        block = out[n0 + s, o, oy0 : oy0 + nr].reshape(-1)  # contiguous rows
-                        a, a2 = _moments(block, m[o])
+                        # of the contiguous rows as one loop (one horizontal sum per
+                        # block, not per row: measured 2x)
+                        block = out[n0 + s, o, oy0 : oy0 + nr].reshape(-1)
+                        k = m[o]
+                        a = 0.0
+                        a2 = 0.0
+                        for v in range(block.shape[0]):
+                            e = np.float64(block[v]) - k
+                            a += e
+                            a2 += e * e
                         m[o_ + o] += a
                         m[2 * o_ + o] += a2
-            if want_moments:
+            if moments is not None and want_moments:
                 moments[t, 3 * o_] += ns * nr * ow
 
 
@@ -833,9 +840,12 @@ def conv2d_forward(
         return
     geo, threads, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
     dims = _dims(w, stride, pad, dilation)
-    aff, mode = input_hook(in_affine, x)
     o = w.shape[0]
-    moments = np.zeros((threads if stats is not None else 1, 3 * o + 1))
+    aff = moments = None  # no hooks: the build without them (LeNet-5 compiles only that)
+    mode = IN_COPY
+    if in_affine is not None or stats is not None:
+        aff, mode = input_hook(in_affine, x)
+        moments = np.zeros((threads if stats is not None else 1, 3 * o + 1))
     _forward_tiles.pick(threads == 1)(
         x, w3, bias, int(act), dims, tuple(geo), threads, out, flat, aff, mode, moments,
         stats is not None,
@@ -890,8 +900,11 @@ def conv2d_backward(
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
     dims = _dims(w, stride, pad, dilation)
-    aff, mode = input_hook(in_affine, x)
-    gk, gmode = np.zeros((5, 1), x.dtype), OUT_PLAIN
+    aff = gk = None  # no hooks: the build without them
+    mode, gmode = IN_COPY, OUT_PLAIN
+    if in_affine is not None or dout_affine is not None:
+        aff, mode = input_hook(in_affine, x)
+        gk = np.zeros((5, 1), x.dtype)
     if dout_affine is not None:
         if out is None or act:
             raise ValueError("dout_affine needs the forward output and no fused activation")
