@@ -22,7 +22,7 @@ from numba.extending import intrinsic
 from . import winograd
 from ._common import (
     HELPER,
-    IN_AFFINE,
+    IN_AFFINE_RELU,
     IN_COPY,
     VECTOR_BITS,
     Builds,
@@ -426,6 +426,8 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
     sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
     xpad[:] = 0
+    zero = xpad[0]  # 0 in the data's dtype: a literal 0.0 would make the ReLU's select
+    # (and its vectors) float64
     for c in range(c_):
         if aff is not None:
             ca = c if mode != IN_COPY else 0
@@ -437,16 +439,13 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
                     plane = (c * sh + y % sh) * sw
                     d = ((plane * hq + y // sh) * spt + s) * wq + pl
                     dst, src = xpad[d : d + w_], x[n0 + s, c, yi]
-                    if aff is None or mode == IN_COPY:  # written out: a helper for them
-                        for v in range(w_):  # cost two more compiled signatures
+                    if aff is None:  # (the loops written out: a helper cost two more
+                        for v in range(w_):  # compiled signatures on a cold start)
                             dst[v] = src[v]
-                    elif mode == IN_AFFINE:
-                        for v in range(w_):
-                            dst[v] = src[v] * a + b
-                    else:
+                    else:  # one loop for every mode (a loop per mode: 10% slower)
                         for v in range(w_):
                             t = src[v] * a + b
-                            dst[v] = t if t > 0 else 0.0
+                            dst[v] = t if (mode != IN_AFFINE_RELU or t > 0) else zero
                     continue
                 for ph in range(sw):  # input columns landing in phase ph
                     x0 = (ph - pl) % sw
@@ -456,16 +455,13 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
                     plane = (c * sh + y % sh) * sw + ph
                     d = ((plane * hq + y // sh) * spt + s) * wq + (x0 + pl) // sw
                     dst, src = xpad[d : d + m], x[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
-                    if aff is None or mode == IN_COPY:
+                    if aff is None:
                         for v in range(m):
                             dst[v] = src[v]
-                    elif mode == IN_AFFINE:
-                        for v in range(m):
-                            dst[v] = src[v] * a + b
                     else:
                         for v in range(m):
                             t = src[v] * a + b
-                            dst[v] = t if t > 0 else 0.0
+                            dst[v] = t if (mode != IN_AFFINE_RELU or t > 0) else zero
 
 
 @njit(**HELPER, nogil=True)
@@ -630,8 +626,19 @@ def _gather(dout, y, act, n, oy0, nr, rs, ogd, g_, col0, tcp, dprod, db, gk, gmo
 _SUMS = {"reassoc"}  # vectorised float64 sums, in an order fixed at compile time
 
 
-# 'reassoc': the batch statistics' float64 sums vectorise (in an order fixed at compile
-# time); written out here, not in a helper (one more compiled signature on a cold start)
+@njit(**HELPER, nogil=True, fastmath=_SUMS)
+def _moments(y, k):
+    """sum(y - k) and sum((y - k)^2) in float64 over a contiguous block: one long loop
+    (a row each paid a horizontal sum of the vector partial sums: measured 2x)."""
+    a = 0.0
+    a2 = 0.0
+    for v in range(y.shape[0]):
+        e = np.float64(y[v]) - k
+        a += e
+        a2 += e * e
+    return a, a2
+
+
 @Builds
 def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, want_moments):
     hq, wq, rows, tiles, spt, tcp, ogb, _ogd, _kgb, kgd, pad_size, per, _ = geo
@@ -680,16 +687,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
                         m = moments[t]
                         if tile == first and s == 0:
                             m[o] = out[n0, o, oy0, 0]  # the shift: the thread's first value
-                        # of the contiguous rows as one loop (one horizontal sum per
-                        # block, not per row: measured 2x)
-                        block = out[n0 + s, o, oy0 : oy0 + nr].reshape(-1)
-                        k = m[o]
-                        a = 0.0
-                        a2 = 0.0
-                        for v in range(block.shape[0]):
-                            e = np.float64(block[v]) - k
-                            a += e
-                            a2 += e * e
+                        a, a2 = _moments(out[n0 + s, o, oy0 : oy0 + nr].reshape(-1), m[o])
                         m[o_ + o] += a
                         m[2 * o_ + o] += a2
             if moments is not None and want_moments:
