@@ -171,3 +171,19 @@ def test_add_applies_a_norm_to_its_inputs_as_it_reads_them(dtype, inputs):
         merge.add_forward(xs, out, act, in_affine=hooks)
         merge.add_forward(applied, expect, act)
         np.testing.assert_allclose(out, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_a_conv_with_fusion_hooks_runs_direct_where_winograd_would(monkeypatch):
+    """Winograd honours none of the hooks yet: a hooked conv must take the direct path
+    even where the rule (here forced) picks Winograd for it."""
+    from cnnspec.kernels.cpu import winograd
+
+    monkeypatch.setattr(winograd, "MODE", "1")
+    fused, plain = _pair(monkeypatch, np.float64)
+    rng = np.random.default_rng(10)
+    x, y = rng.normal(size=(3, 3, 7, 7)), rng.integers(0, 3, 3)
+    la, ga = fused.loss_and_grads(x, y, copy=True)
+    lb, gb = plain.loss_and_grads(x, y, copy=True)
+    assert np.isclose(la, lb, rtol=1e-9)
+    for k in gb:
+        np.testing.assert_allclose(ga[k], gb[k], rtol=1e-7, atol=1e-9, err_msg=k)
