@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -23,6 +24,7 @@ assert SIMULATED or "--gpu" in sys.argv, "run with NUMBA_ENABLE_CUDASIM=1, or --
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
+from numba import cuda  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from layer_cases import ENTRIES, Case  # noqa: E402
@@ -63,6 +65,41 @@ if SIMULATED:
         return _launch(self, *args)
 
     sim_kernel.FakeCUDAKernel.__call__ = _recording_call
+
+    # The simulator hands every thread of a launch the same shared array per source line
+    # of `cuda.shared.array`, created by the first thread that asks: a look-up, then an
+    # np.empty, then a store, unlocked (numba-cuda 0.30). A GIL hand-over between them
+    # lets a second thread create an array of its own, which the rest of the block never
+    # sees: its tile share is lost and it reads np.empty garbage (the intermittent
+    # 1e11-sized 'out' of dense-square, conv2d-1, batchnorm2d-1 in loaded full runs). Made
+    # atomic here, and filled with NaN as a real GPU's shared memory holds no zeros: a
+    # kernel reading a slot no thread wrote fails its comparison every time.
+    import threading
+
+    from numba.core import types as nb_types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    _shared_static = kernelapi.FakeCUDAShared.array
+    _shared_lock = threading.Lock()
+
+    def _shared_array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory, or refused
+            return _shared_static(self, shape, dtype, alignment)
+        caller = sys._getframe(1)  # the simulator's key: the kernel's file and line
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with _shared_lock:
+            found = self._allocations.get(key)
+            if found is None:
+                if isinstance(dtype, nb_types.Type):
+                    dtype = numpy_support.as_dtype(dtype)
+                found = np.empty(shape, dtype)
+                if found.dtype.kind in "fc":
+                    found.fill(np.nan)
+                self._allocations[key] = found
+        return found
+
+    kernelapi.FakeCUDAShared.array = _shared_array
 
     # The simulator's device arrays are numpy arrays underneath and would accept numpy
     # calls (`a.fill(0)`, `a *= m`, `-a`) that a real device array refuses: allow only
@@ -199,6 +236,51 @@ def _one_sided_add():
         )  # fmt: skip
         found[backend.name] = {"dx1": backend.to_host(dx)}
     return compare(found["cpu"], found["cuda"])
+
+
+def shared_memory_check(launches=10) -> dict:
+    """Every thread of a block writes its slot of one shared array, then sums all the
+    slots, with a GIL hand-over forced between the simulator's look-up of the array and
+    its creation (where load makes one likely): with the allocation not atomic, some
+    threads get arrays of their own and sums come out wrong. Simulator only."""
+    from numba import float32  # `cuda` is global here: the simulator swaps globals
+
+    threads = 32
+
+    @cuda.jit
+    def gather(out):
+        slots = cuda.shared.array(threads, float32)
+        t = cuda.threadIdx.x
+        slots[t] = t
+        cuda.syncthreads()
+        total = float32(0.0)
+        for i in range(threads):
+            total += slots[i]
+        out[t] = total
+
+    class Yielding(dict):
+        def get(self, key, default=None):
+            found = dict.get(self, key, default)
+            if found is None:
+                time.sleep(0)  # releases the GIL: another thread may run here
+            return found
+
+    setup = kernelapi.FakeCUDAShared.__init__
+
+    def yielding_setup(self, *args):
+        setup(self, *args)
+        self._allocations = Yielding()
+
+    wrong = 0
+    kernelapi.FakeCUDAShared.__init__ = yielding_setup
+    try:
+        for _ in range(launches):
+            out = np.zeros(threads, np.float32)
+            gather[1, threads](out)
+            wrong += int(np.count_nonzero(out != threads * (threads - 1) / 2))
+    finally:
+        kernelapi.FakeCUDAShared.__init__ = setup
+    return {"launches": launches, "wrong_sums": wrong}
 
 
 def cases(only) -> dict:
@@ -379,6 +461,8 @@ def main(argv):
         _attempt(report, "train", lambda: train(spec, batch, steps))
     else:
         report["cases"] = cases(only)
+        if SIMULATED:
+            _attempt(report, "shared_memory", shared_memory_check)
         if not only:
             report["networks"] = {}
             for name, text in (("lenet-like", LENET_LIKE), ("resnet-like", RESNET_LIKE)):

@@ -71,6 +71,16 @@ def test_case_matches_cpu(sim, name):
     _check(sim["cases"][name])
 
 
+def test_simulated_shared_memory_is_one_array_per_block(sim):
+    """The simulator's shared arrays are made atomically (tests/cuda_sim.py): with a GIL
+    hand-over forced inside the allocation, every thread still sees every other's write.
+    Unpatched, threads got arrays of their own under load and read np.empty garbage
+    (the intermittent 1e11-sized differences of the cases above)."""
+    found = sim["shared_memory"]
+    assert "error" not in found, found.get("trace")
+    assert found["wrong_sums"] == 0, found
+
+
 @pytest.mark.parametrize("name", ["lenet-like", "resnet-like"])
 def test_network_steps_match_cpu(sim, name):
     """Three SGD steps (plain, then momentum, then Nesterov, with weight decay; dropout,
