@@ -117,6 +117,9 @@ class _Network:
         if not training:
             images = sorted(images)[-2:]  # what is alive at least: one layer's input and output
         self.activation = sum(images) * size  # per image
+        # the trainer and evaluate hand each batch over a step early: two staging slots
+        # (on a GPU also two pinned host buffers, counted here once)
+        self.staged = 2 * values(net.input_shape) * size  # per image
         probed: dict[int, int] = {}
         self.buffers = 0
         for info in net.infos:
@@ -130,6 +133,7 @@ class _Network:
         parts["activations"] = self.activation * batch
         parts["activation gradients"] = self.activation * batch if self.training else 0
         parts["layer buffers"] = self.buffers * batch
+        parts["staged inputs"] = self.staged * batch
         parts["workspace"] = max(
             [int(layer.workspace_size(batch)) * self.itemsize for layer in self.scratch] + [0]
         )
