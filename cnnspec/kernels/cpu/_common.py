@@ -17,6 +17,8 @@ import numba
 import numpy as np
 from numba.core import caching
 
+from ..checks import check_shape as check_shape  # the kernels import it from here
+
 # The micro-kernels' vector width follows the CPU (512-bit with AVX-512, else 256-bit);
 # CNNSPEC_VECTOR_BITS=256 forces the narrow kernels (tests run them on AVX-512 CPUs).
 _BITS = os.environ.get("CNNSPEC_VECTOR_BITS")
@@ -73,11 +75,6 @@ def check_c(**arrays: np.ndarray | None) -> None:
     for name, a in arrays.items():
         if a is not None and not a.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous")
-
-
-def check_shape(name: str, a: np.ndarray, shape: tuple[int, ...]) -> None:
-    if tuple(a.shape) != tuple(int(s) for s in shape):
-        raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
 
 
 # A batch norm (and its ReLU) applied by the layer that reads its output, as it reads

@@ -19,6 +19,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from ..checks import check_grouped_conv
 from . import winograd
 from ._common import (
     HELPER,
@@ -758,12 +759,7 @@ def _backward_samples(
 
 
 def _check(x, w, out, groups, ws):
-    n, c = x.shape[:2]
-    o, cg = w.shape[:2]
-    g = int(groups)
-    if c != cg * g or o % g:
-        raise ValueError(f"bad grouped conv shapes: x {x.shape}, w {w.shape}, groups {g}")
-    check_shape("out", out, (n, o, out.shape[2], out.shape[3]))
+    check_grouped_conv(x, w, out, groups)
     if x.dtype != w.dtype or x.dtype != out.dtype or x.dtype != ws.dtype:
         raise ValueError("conv2d arrays must share one dtype")
 

@@ -13,6 +13,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ..checks import check_class_labels
 from ._common import SplitBySize, check_c, check_shape
 
 __all__ = [
@@ -68,14 +69,8 @@ def softmax_loss(logits, labels, probs, dlogits, weight=1.0):
     """
     check_c(logits=logits, labels=labels, probs=probs, dlogits=dlogits)
     n, k = logits.shape
-    check_shape("labels", labels, (n,))
+    check_class_labels(labels, n, k)
     check_shape("probs", probs, (n, k))
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError("labels must be integers")
-    if n == 0:
-        raise ValueError("empty batch")
-    if labels.min() < 0 or labels.max() >= k:
-        raise ValueError(f"labels out of range [0, {k})")
     want_grad = dlogits is not None
     if want_grad:
         check_shape("dlogits", dlogits, (n, k))

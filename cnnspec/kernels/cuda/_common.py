@@ -11,6 +11,8 @@ from functools import cache
 import numpy as np
 from numba import cuda
 
+from ..checks import check_shape as check_shape  # the kernels import it from here
+
 ACT_NONE, ACT_RELU = 0, 1
 # Threads per block of the elementwise and per-channel kernels. Numba's CUDA simulator
 # runs every CUDA thread as a Python thread: there, smaller blocks keep the tests fast
@@ -79,11 +81,6 @@ def tree_sum(part, tid):
 
 def blocks(n: int, threads: int = THREADS) -> int:
     return max(1, (int(n) + threads - 1) // threads)
-
-
-def check_shape(name: str, a, shape) -> None:
-    if tuple(a.shape) != tuple(int(s) for s in shape):
-        raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
 
 
 def check_float32(**arrays) -> None:

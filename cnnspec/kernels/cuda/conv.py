@@ -21,6 +21,7 @@ from functools import cache
 import numpy as np
 from numba import cuda, float32
 
+from ..checks import check_grouped_conv
 from ._common import (
     ACT_NONE,
     SIMULATED,
@@ -358,12 +359,7 @@ def conv2d_workspace(x_shape, w_shape, out_shape, stride, pad, dilation, itemsiz
 
 
 def _check(x, w, out, groups):
-    n, c = x.shape[:2]
-    o, cg = w.shape[:2]
-    g = int(groups)
-    if c != cg * g or o % g:
-        raise ValueError(f"bad grouped conv shapes: x {x.shape}, w {w.shape}, groups {g}")
-    check_shape("out", out, (n, o, out.shape[2], out.shape[3]))
+    check_grouped_conv(x, w, out, groups)
     check_float32(x=x, w=w, out=out)
 
 

@@ -9,6 +9,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
+from ..checks import check_class_labels
 from ._common import THREADS, blocks, check_float32, check_shape, flat, jit_kernel, scratch
 
 __all__ = [
@@ -81,16 +82,10 @@ def softmax_loss(logits, labels, probs, dlogits, weight=1.0):
     """Mean softmax cross-entropy times ``weight``; labels are host integers (N,).
     probs <- softmax(logits); dlogits <- weight * (probs - onehot) / N (unless None)."""
     n, k = logits.shape
-    check_shape("labels", labels, (n,))
+    labels = np.asarray(labels)
+    check_class_labels(labels, n, k)
     check_shape("probs", probs, (n, k))
     check_float32(logits=logits, probs=probs, dlogits=dlogits)
-    labels = np.asarray(labels)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError("labels must be integers")
-    if n == 0:
-        raise ValueError("empty batch")
-    if labels.min() < 0 or labels.max() >= k:
-        raise ValueError(f"labels out of range [0, {k})")
     want_grad = dlogits is not None
     if want_grad:
         check_shape("dlogits", dlogits, (n, k))
