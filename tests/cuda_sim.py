@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from layer_cases import ENTRIES, Case  # noqa: E402
+from layer_cases import ENTRIES, Case, random_params, random_target  # noqa: E402
 
 from cnnspec.backend import get_backend  # noqa: E402
 from cnnspec.layers import REGISTRY  # noqa: E402
@@ -148,23 +148,11 @@ def _run(type_name, case, backend, seed=0):
     layer = _layer(type_name, case, backend)
     rng = np.random.default_rng(seed)
     xs = [rng.standard_normal((BATCH, *s)).astype(np.float32) for s in case.inputs]
-    p, trainable = {}, []
-    for d in layer.param_defs():
-        v = rng.standard_normal(d.shape) * 0.5
-        if d.name == "running_var":
-            v = rng.uniform(0.5, 1.5, d.shape)
-        if d.name == "weight" and getattr(layer, "connection_mask", None) is not None:
-            v = v * layer.connection_mask
-        p[d.name] = v.astype(np.float32)
-        if d.trainable:
-            trainable.append(d.name)
+    p = random_params(layer, rng, np.float32)
+    trainable = [d.name for d in layer.param_defs() if d.trainable]
     target = None
     if layer.role == "output":
-        k = layer.out_shape[0]
-        if type_name == "linear":
-            target = rng.standard_normal((BATCH, k)).astype(np.float32)
-        else:
-            target = rng.integers(0, k, BATCH).astype(np.int64)
+        target = random_target(type_name, layer, BATCH, rng, np.float32)
     dout = rng.standard_normal((BATCH, *layer.out_shape)).astype(np.float32)
 
     dxs_ = [_dev(backend, np.full_like(x, np.nan)) for x in xs]  # kernels must overwrite

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Case:
@@ -30,6 +32,29 @@ class Entry:
 
 
 ENTRIES: dict[str, Entry] = {}
+
+
+def random_params(layer, rng, dtype) -> dict:
+    """A case's parameters as every harness draws them (after its inputs, from the same
+    generator): N(0, 0.25), running variances in [0.5, 1.5], a connection table's
+    missing entries zero."""
+    params = {}
+    for d in layer.param_defs():
+        v = rng.standard_normal(d.shape) * 0.5
+        if d.name == "running_var":
+            v = rng.uniform(0.5, 1.5, d.shape)
+        if d.name == "weight" and getattr(layer, "connection_mask", None) is not None:
+            v = v * layer.connection_mask
+        params[d.name] = v.astype(dtype)
+    return params
+
+
+def random_target(type_name: str, layer, batch: int, rng, dtype):
+    """An output layer's target: values for a linear head, else class labels."""
+    k = layer.out_shape[0]
+    if type_name == "linear":
+        return rng.standard_normal((batch, k)).astype(dtype)
+    return rng.integers(0, k, batch).astype(np.int64)
 
 
 def entry(type_name: str, cases: list[Case], torch: Callable | None = None, **kw) -> None:

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from layer_cases import ENTRIES, Case
+from layer_cases import ENTRIES, Case, random_params, random_target
 
 from cnnspec.backend import get_backend
 from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
@@ -41,24 +41,12 @@ class Harness:
         self.dtype = dtype
         self.xs = [rng.standard_normal((BATCH, *s)).astype(dtype) for s in case.inputs]
         self.out = np.zeros((BATCH, *layer.out_shape), dtype)
-        self.p, self.g = {}, {}
-        for d in layer.param_defs():
-            v = rng.standard_normal(d.shape) * 0.5
-            if d.name == "running_var":
-                v = rng.uniform(0.5, 1.5, d.shape)
-            if d.name == "weight" and getattr(layer, "connection_mask", None) is not None:
-                v = v * layer.connection_mask
-            self.p[d.name] = v.astype(dtype)
-            if d.trainable:
-                self.g[d.name] = np.zeros(d.shape, dtype)
+        self.p = random_params(layer, rng, dtype)
+        self.g = {d.name: np.zeros(d.shape, dtype) for d in layer.param_defs() if d.trainable}
         self.is_output = layer.role == "output"
         self.target = None
         if self.is_output:
-            k = layer.out_shape[0]
-            if type_name == "linear":
-                self.target = rng.standard_normal((BATCH, k)).astype(dtype)
-            else:
-                self.target = rng.integers(0, k, BATCH).astype(np.int64)
+            self.target = random_target(type_name, layer, BATCH, rng, dtype)
         self.dout = rng.standard_normal(self.out.shape).astype(dtype)
 
     def forward(self, train=True):
