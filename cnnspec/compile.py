@@ -31,11 +31,18 @@ def blas_controller():
 
 @contextmanager
 def computing():
-    """How the model computes. Numba's kernels use every core; OpenBLAS threads
-    spinning beside them on the same cores slow a step down 5-20x (measured on 2
-    cores), so GEMMs run on the calling thread meanwhile. Overflow to inf/NaN is
-    not an exception here: the trainer detects a non-finite loss and says so."""
-    with blas_controller().limit(limits=1, user_api="blas"), np.errstate(all="ignore"):
+    """How the model computes. Numba's kernels use every core other processes leave
+    free (kernels/cpu/threads.py); OpenBLAS threads spinning beside them on the same
+    cores slow a step down 5-20x (measured on 2 cores), so GEMMs run on the calling
+    thread meanwhile. Overflow to inf/NaN is not an exception here: the trainer detects
+    a non-finite loss and says so."""
+    from .kernels.cpu.threads import governed
+
+    with (
+        blas_controller().limit(limits=1, user_api="blas"),
+        np.errstate(all="ignore"),
+        governed(),
+    ):
         yield
 
 

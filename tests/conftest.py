@@ -1,10 +1,15 @@
 """Shared fixtures: the repository root and a CLI runner that runs from it."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# The thread count stays fixed in tests (and their subprocesses): a count adapted to the
+# machine's load would change float sums' bits between runs the tests compare.
+os.environ["CNNSPEC_ADAPTIVE_THREADS"] = "0"
 
 REPO = Path(__file__).resolve().parent.parent
 

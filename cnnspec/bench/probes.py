@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from ..machine_load import busy_seconds, own_seconds
+
 
 # ---- BLAS threads (threadpoolctl, as the model limits them) ----------------------------------
 def _blas():
@@ -62,26 +64,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def busy_seconds() -> float | None:
-    """CPU seconds every process on the machine has spent so far (from /proc/stat)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 class LoadMeter:
     """The CPU other processes use while we measure: machine busy time minus ours."""
 
-    def __init__(self, own=_own_seconds):
+    def __init__(self, own=own_seconds):
         self.own = own
         self.start()
 

@@ -1,0 +1,98 @@
+"""How many threads the kernels use while other processes are busy on the same cores.
+
+Numba's OpenMP workers spin after each parallel loop, so that the next of a step's many
+loops starts at once: on a quiet 2-core AMD EPYC (Zen 5), libgomp's default spin gave a
+2-thread LeNet-5 b64 step 1.1-1.8x and ResNet-20 b128 1.35x the speed of a short one
+(GOMP_SPINCOUNT=1000). Beside a busy process, though, a spinning worker takes the core
+its lagging partner needs: 2 threads ran LeNet-5 at half the 1-thread speed beside it.
+So the model looks, every `WINDOW` seconds while it computes, at how much of its CPUs
+other processes used, and runs on as many threads as cores are left to it (never more
+than Numba's setting, never fewer than one). A lone thread has no partner to wait for.
+
+Float sums split over threads (conv weight gradients, batch-norm statistics) give the
+same bits for the same thread count, so a run whose thread count changed under load
+can differ from another in the last bits; CNNSPEC_ADAPTIVE_THREADS=0 keeps the count
+fixed (the tests set it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+from ...machine_load import busy_seconds, own_seconds
+
+WINDOW = 0.25  # seconds between looks: LeNet-5 runs ~100 steps in one, ResNet-20 ~1
+SLACK = 0.3  # cores others may use before a thread gives its core up (a daemon's blip)
+
+
+def _our_cpus() -> list[int] | None:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+class ThreadGovernor:
+    """Threads for the next computation: `threads(ceiling)`. `busy` and `own` (CPU
+    seconds of every process on our CPUs, and of this process) and `clock` are
+    injectable for tests."""
+
+    def __init__(self, cpus=None, busy=None, own=own_seconds, clock=time.perf_counter):
+        self.cpus = cpus if cpus is not None else _our_cpus()
+        self.busy = busy if busy is not None else (lambda: busy_seconds(self.cpus))
+        self.own, self.clock = own, clock
+        self.lock = threading.Lock()
+        self.allowed = None  # threads the last look allows; None: no limit (or not looked yet)
+        self.last = None  # (time, busy, own) of the last look
+
+    def _look(self) -> None:
+        now, busy, own = self.clock(), self.busy(), self.own()
+        if busy is None or self.cpus is None:
+            self.allowed = None
+            return
+        if self.last is not None:
+            then, busy0, own0 = self.last
+            wall = now - then
+            if wall > 0:
+                others = max(0.0, (busy - busy0) - (own - own0)) / wall
+                free = len(self.cpus) - others
+                self.allowed = None if others <= SLACK else max(1, math.floor(free + SLACK))
+        self.last = (now, busy, own)
+
+    def threads(self, ceiling: int) -> int:
+        with self.lock:
+            if self.last is None or self.clock() - self.last[0] >= WINDOW:
+                self._look()
+            return ceiling if self.allowed is None else max(1, min(ceiling, self.allowed))
+
+
+GOVERNOR = ThreadGovernor()
+
+
+def adaptive() -> bool:
+    return os.environ.get("CNNSPEC_ADAPTIVE_THREADS", "1") != "0"
+
+
+@contextmanager
+def governed():
+    """Run the enclosed kernels on the threads the governor allows (this thread's Numba
+    setting when it is off, or before it has looked twice), then restore the setting."""
+    if not adaptive():
+        yield
+        return
+    import numba
+
+    ceiling = numba.get_num_threads()
+    threads = GOVERNOR.threads(ceiling)
+    if threads == ceiling:  # the usual case: setting costs microseconds a call
+        yield
+        return
+    numba.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(ceiling)
