@@ -103,6 +103,18 @@ def test_layer_table_covers_every_layer(tiny_result):
     assert sum(t["share"] for t in types.values()) == pytest.approx(1.0)
     conv = next(row for row in r["layers"] if row["name"] == "a")
     assert conv["macs"] == 4 * 8 * 8 * 2 * 9 and conv["forward_gflops"] > 0
+    # the first conv's input needs no gradient: its backward is the weight gradient alone,
+    # as many FLOPs as its forward; the second conv's adds the input gradient
+    second = next(row for row in r["layers"] if row["name"] == "b")
+    batch = r["batch"]
+    assert conv["backward_gflops"] == pytest.approx(
+        2 * conv["macs"] * batch / (conv["backward_ms"] * 1e6)
+    )
+    assert second["backward_gflops"] == pytest.approx(
+        4 * second["macs"] * batch / (second["backward_ms"] * 1e6)
+    )
+    assert types["conv2d"]["forward_gflops"] > 0 and types["conv2d"]["backward_gflops"] > 0
+    assert types["maxpool2d"]["forward_gflops"] == 0
 
 
 def test_bench_restores_thread_count():

@@ -11,7 +11,10 @@
   each layer's share of their sum, and its eval-mode forward. The layers are timed while
   the model runs its own ``loss_and_grads`` / ``forward`` (their methods are wrapped for the
   measurement), so the table follows the model's execution plan: a layer the model fuses
-  into another (a ReLU run in a convolution's epilogue) shows as not run;
+  into another (a ReLU run in a convolution's epilogue) shows as not run. Layers with
+  products (conv, dense) show forward and backward GFLOP/s (the backward counts the weight
+  gradient's MACs, and the input gradient's where the layer computes one), summed by type
+  with their share of the peak;
 * achieved GFLOP/s: 2 * MACs * batch per forward, three times that for a train pass or step,
   and its share of the machine's fp32 GEMM peak, measured in the same run as the better of
   cnnspec's micro-kernel on every thread and a numpy float32 ``n x n`` matmul on the same

@@ -43,6 +43,7 @@ LAYER_KEYS = (
     "share",
     "eval_ms",
     "forward_gflops",
+    "backward_gflops",
     "ran",
     "fused_into",
 )
@@ -236,6 +237,10 @@ def layer_times(model, x, y, warmup: int = 1, repeat: int = 10, infer=None) -> d
         name = info.name
         f, b, e = med(train, name, "f"), med(train, name, "b"), med(evals, name, "f")
         macs = int(info.layer.macs())
+        # a product layer's backward repeats its MACs for the weight gradient, and again
+        # for the input gradient when its input needs one
+        computes_dx = any(t is not None for t in (getattr(model, "dx_targets", {}).get(name) or ()))
+        bwd_flops = 2.0 * macs * model.batch_size * (2 if computes_dx else 1)
         rows.append(
             {
                 "name": name,
@@ -247,6 +252,7 @@ def layer_times(model, x, y, warmup: int = 1, repeat: int = 10, infer=None) -> d
                 "share": 0.0,
                 "eval_ms": e,
                 "forward_gflops": 2.0 * macs * model.batch_size / (f * 1e6) if macs and f else 0.0,
+                "backward_gflops": bwd_flops / (b * 1e6) if macs and b else 0.0,
                 "ran": any(name in p for p in train),
                 "fused_into": fused.get(name),
             }
@@ -275,6 +281,15 @@ def by_type(rows: list[dict]) -> dict:
         t["count"] += 1
         for k in ("forward_ms", "backward_ms", "total_ms", "share"):
             t[k] += r[k]
+        # GFLOP/s x ms = MFLOP: the type's GFLOP/s over its layers' time
+        t["_fwd_mflop"] = t.get("_fwd_mflop", 0.0) + r.get("forward_gflops", 0.0) * r["forward_ms"]
+        t["_bwd_mflop"] = (
+            t.get("_bwd_mflop", 0.0) + r.get("backward_gflops", 0.0) * r["backward_ms"]
+        )
+    for t in out.values():
+        fwd, bwd = t.pop("_fwd_mflop"), t.pop("_bwd_mflop")
+        t["forward_gflops"] = fwd / t["forward_ms"] if t["forward_ms"] else 0.0
+        t["backward_gflops"] = bwd / t["backward_ms"] if t["backward_ms"] else 0.0
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["total_ms"]))
 
 

@@ -19,6 +19,17 @@ def busy_warning(machine: dict) -> str | None:
     return None
 
 
+def _type_gflops(t: dict, peak: dict | None) -> str:
+    """', fwd/bwd 112/98 GFLOP/s = 50%/43% of peak' for a type whose layers compute products."""
+    fwd, bwd = t.get("forward_gflops", 0.0), t.get("backward_gflops", 0.0)
+    if not fwd:
+        return ""
+    text = f", fwd/bwd {fwd:.0f}/{bwd:.0f} GFLOP/s"
+    if peak and peak.get("gflops"):
+        text += f" = {fwd / peak['gflops']:.0%}/{bwd / peak['gflops']:.0%} of peak"
+    return text
+
+
 def _fmt_ms(v: float) -> str:
     return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.0f}"
 
@@ -68,6 +79,7 @@ def render_bench(result: dict, console, top: int = 5) -> None:
             "share",
             "eval ms",
             "fwd GFLOP/s",
+            "bwd GFLOP/s",
         ):
             lt.add_column(
                 col, justify="left" if col in ("layer", "type") else "right", no_wrap=True
@@ -75,7 +87,7 @@ def render_bench(result: dict, console, top: int = 5) -> None:
         for r in rows:
             if not r["ran"]:
                 what = f"fused into {r['fused_into']}" if r["fused_into"] else "not run"
-                lt.add_row(r["name"], r["type"], f"[dim]{what}[/]", "", "", "", "", "")
+                lt.add_row(r["name"], r["type"], f"[dim]{what}[/]", "", "", "", "", "", "")
                 continue
             bar = "#" * round(r["share"] * 20)
             lt.add_row(
@@ -87,6 +99,7 @@ def render_bench(result: dict, console, top: int = 5) -> None:
                 f"{r['share']:6.1%} [cyan]{bar:<20}[/]",
                 _fmt_ms(r["eval_ms"]),
                 f"{r['forward_gflops']:.1f}" if r["macs"] else "-",
+                f"{r['backward_gflops']:.1f}" if r["macs"] and r["backward_ms"] else "-",
             )
         lt.add_row(
             "[bold]total[/]",
@@ -96,6 +109,7 @@ def render_bench(result: dict, console, top: int = 5) -> None:
             _fmt_ms(result["layers_total_ms"]),
             "",
             _fmt_ms(sum(r["eval_ms"] for r in rows)),
+            "",
             "",
         )
         console.print(lt)
@@ -109,7 +123,9 @@ def render_bench(result: dict, console, top: int = 5) -> None:
         console.print(
             "by type: "
             + ", ".join(
-                f"{k} {v['share']:.0%} (fwd {v['forward_ms']:.1f} + bwd {v['backward_ms']:.1f} ms)"
+                f"{k} {v['share']:.0%} (fwd {v['forward_ms']:.1f} + bwd {v['backward_ms']:.1f} ms"
+                + _type_gflops(v, result["peak"])
+                + ")"
                 for k, v in result["by_type"].items()
                 if v["share"] >= 0.005
             )
