@@ -29,21 +29,31 @@ def blas_controller():
     return ThreadpoolController()
 
 
+@lru_cache(maxsize=1)
+def blas_libraries() -> tuple:
+    """threadpoolctl's controllers of the BLAS libraries loaded (numpy's)."""
+    return tuple(lib for lib in blas_controller().lib_controllers if lib.user_api == "blas")
+
+
 @contextmanager
 def computing():
     """How the model computes. Numba's kernels use every core other processes leave
     free (kernels/cpu/threads.py); OpenBLAS threads spinning beside them on the same
     cores slow a step down 5-20x (measured on 2 cores), so GEMMs run on the calling
     thread meanwhile. Overflow to inf/NaN is not an exception here: the trainer detects
-    a non-finite loss and says so."""
+    a non-finite loss and says so. A library already on one thread is left alone
+    (threadpoolctl's `limit` re-reads every library each time: ~8 us of a LeNet-5 step)."""
     from .kernels.cpu.threads import governed
 
-    with (
-        blas_controller().limit(limits=1, user_api="blas"),
-        np.errstate(all="ignore"),
-        governed(),
-    ):
-        yield
+    limited = [(lib, n) for lib in blas_libraries() if (n := lib.num_threads) != 1]
+    for lib, _ in limited:
+        lib.set_num_threads(1)
+    try:
+        with np.errstate(all="ignore"), governed():
+            yield
+    finally:
+        for lib, n in limited:
+            lib.set_num_threads(n)
 
 
 def fused_relus(infos, keep=frozenset()) -> dict:
@@ -167,6 +177,12 @@ class Model:
         self.outputs = [i for i in self.infos if i.layer.role == "output"]
         # the prediction: the last output layer (auxiliary heads come before it)
         self.head = self.outputs[-1] if self.outputs else self.infos[-1]
+        # heads whose loss writes their output (a softmax's probabilities) and that no
+        # layer reads: a training pass (loss_and_grads) skips their forward
+        read = {i for info in self.infos for i in info.node.inputs}
+        self._loss_writes = {
+            i.name for i in self.outputs if i.layer.loss_writes_output and i.name not in read
+        }
         self.num_outputs = int(np.prod(self.head.layer.out_shape))
         seeds = np.random.SeedSequence(seed).spawn(2)
         self.rng = np.random.default_rng(seeds[1])  # dropout, RReLU
@@ -479,10 +495,10 @@ class Model:
         self.buf[INPUT] = self._input
         self.backend.to_device(x, self._input)
 
-    def _forward(self, train: bool):
+    def _forward(self, train: bool, skip=frozenset()):
         buf, rng = self.buf, self.rng
         for info in self.infos:
-            if info.name in self.fused:
+            if info.name in self.fused or info.name in skip:
                 continue
             info.layer.forward(
                 [buf[i] for i in info.node.inputs],
@@ -552,7 +568,7 @@ class Model:
         targets = self._targets(y)
         self._load_input(x)
         with computing():
-            self._forward(True)
+            self._forward(True, skip=self._loss_writes)
             loss = 0.0
             for info in self.outputs:
                 xs = [self.buf[i] for i in info.node.inputs]

@@ -166,6 +166,19 @@ def test_avgpool_matches_torch(name, include_pad):
     assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_avgpool_2x2_backward_matches_the_general_loop_bit_for_bit(dtype):
+    """2x2 windows that cover the input exactly (LeNet-5's S2) take their own backward
+    loop: the same values as the general one, every input cell written."""
+    rng = np.random.default_rng(4)
+    dout = rng.standard_normal((3, 4, 5, 7)).astype(dtype)
+    dx = np.full((3, 4, 10, 14), np.nan, dtype)
+    pool.avgpool2d_backward(dout, 2, 2, 2, 2, 0, 0, 0, 0, True, dx)
+    ref = np.full_like(dx, np.nan)
+    pool._avgpool_bwd.serial(dout, 2, 2, 2, 2, 0, 0, 0, 0, True, ref)
+    np.testing.assert_array_equal(dx, ref)
+
+
 def _subsample_ref(x, coef, bias, k, s):
     n, c, h, w = x.shape
     oh, ow = (h - k) // s + 1, (w - k) // s + 1

@@ -15,9 +15,9 @@ from ..machine_load import busy_seconds, own_seconds
 
 # ---- BLAS threads (threadpoolctl, as the model limits them) ----------------------------------
 def _blas():
-    from ..compile import blas_controller
+    from ..compile import blas_libraries
 
-    return [lib for lib in blas_controller().lib_controllers if lib.user_api == "blas"]
+    return blas_libraries()
 
 
 def blas_threads() -> int | None:

