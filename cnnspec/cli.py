@@ -961,6 +961,8 @@ def show_maps(
     if layer in model.unwritten:  # a batch norm its readers apply: have it write its output
         shown = next((r for r, p in model.fused.items() if p == layer), layer)  # (after a ReLU)
         net, model = _restored_model(spec, weights, 1, training=True, keep=(shown,))
+    elif layer in model.folded:  # a conv that writes its norm's output in eval mode
+        net, model = _restored_model(spec, weights, 1, training=True, keep=(layer,))
     info = _layer_info(net, layer, lambda i: len(i.layer.out_shape) == 3, "CxHxW maps")
     try:  # read as predict reads it: the same scaling, channels and resize as training
         ds, _ = read_inputs([image], net.input_shape)

@@ -229,16 +229,20 @@ class Model:
             self.params[key] = self.layer_params[info.name][d.name] = p
             self.defs[key] = (info, d)
         self.trainable = set(self.grads)
+        for conv, norm in self.folded.items():
+            norm_layer = self._by_name[norm].layer
+            self._by_name[conv].layer.fold_norm(norm_layer, self.layer_params[norm], dt)
         if self.training:
             self._plan_backward(batch)
 
     def _owner(self, name):
         """The layer whose buffer holds `name`'s output: a fused ReLU's producer, an
-        unwritten norm's input (its readers apply it), or itself."""
+        unwritten norm's input (its readers apply it), a folded norm's conv in a
+        forward-only model (the conv writes the norm's output), or itself."""
         while True:
             if name in self.fused:
                 name = self.fused[name]
-            elif name in self.unwritten:
+            elif name in self.unwritten or (not self.training and name in self.norm_stats):
                 name = self._by_name[name].node.inputs[0]
             else:
                 return name
@@ -281,10 +285,13 @@ class Model:
     def _fuse_norms(self) -> set:
         """Plans the batch norms fused into their neighbouring convs (CPU only: the hooks
         are the CPU kernels'); returns the norms that write no output."""
-        self.norm_stats, self.norm_applied = {}, {}
+        self.norm_stats, self.norm_applied, self.folded = {}, {}, {}
         if self.backend.name != "cpu" or not fusion_enabled():
             return set()
         self.norm_stats, self.norm_applied = fused_norms(self.infos, self.fused, self.keep)
+        # in eval mode a norm whose conv takes its statistics (the conv feeds only it) is
+        # folded into the conv's weights: conv name -> norm name (see Conv2d.fold_norm)
+        self.folded = {conv: norm for norm, conv in self.norm_stats.items()}
         return set(self.norm_applied)
 
     def _bind_norms(self):
@@ -299,16 +306,21 @@ class Model:
             bn = by_name[norm].layer
             bn.writes_out = False
             hook = (bn.affine[0], bn.affine[1], bn.fused_act)
+            in_eval = None if norm in self.norm_stats else hook  # folded: the conv applied it
             for reader in readers:
-                info = by_name[reader]
-                if info.node.type == "add":  # per input
+                layer = by_name[reader].layer
+                inputs = by_name[reader].node.inputs
+                if by_name[reader].node.type == "add":  # per input
                     read = relu_of.get(norm, norm)
-                    hooks = info.layer.in_affine or [None] * len(info.node.inputs)
-                    for k, i in enumerate(info.node.inputs):
+                    hooks = layer.in_affine or [None] * len(inputs)
+                    evals = layer.in_affine_eval or [None] * len(inputs)
+                    for k, i in enumerate(inputs):
                         hooks[k] = hook if i == read else hooks[k]
-                    info.layer.in_affine = hooks
+                        evals[k] = in_eval if i == read else evals[k]
+                    layer.in_affine = hooks
+                    layer.in_affine_eval = evals if any(h is not None for h in evals) else None
                 else:
-                    info.layer.in_affine = hook
+                    layer.in_affine, layer.in_affine_eval = hook, in_eval
 
     def _plan_backward(self, batch):
         """Gradient buffers. A layer writes d(input) straight into its producer's
@@ -497,12 +509,15 @@ class Model:
 
     def _forward(self, train: bool, skip=frozenset()):
         buf, rng = self.buf, self.rng
+        folded = {} if train else self.folded  # a folded norm's conv writes its output
+        # fused layers; a folded norm in eval; `skip`: layers the pass needs no output of
+        skipped = self.fused.keys() | (set() if train else self.norm_stats.keys()) | skip
         for info in self.infos:
-            if info.name in self.fused or info.name in skip:
+            if info.name in skipped:
                 continue
             info.layer.forward(
                 [buf[i] for i in info.node.inputs],
-                buf[info.name],
+                buf[folded.get(info.name, info.name)],
                 self.layer_params[info.name],
                 train,
                 rng,

@@ -97,20 +97,44 @@ def test_fused_training_computes_what_unfused_does(monkeypatch, dtype):
     np.testing.assert_allclose(kept_a, kept_b, **tol)
 
 
+# eval mode folds each norm into the conv before it: w * scale, b * scale + shift (the
+# same numbers up to rounding, in another order)
+FOLD_TOL = {np.float32: {"rtol": 1e-5, "atol": 1e-6}, np.float64: {"rtol": 1e-12, "atol": 1e-13}}
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fused_inference_model_predicts_what_unfused_does(monkeypatch, dtype):
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_inference_predicts_what_unfused_does(monkeypatch, dtype, training):
+    """Eval forward with the norms folded into the convs' weights, on an inference model
+    (a folded norm's output lives in its conv's buffer) and on a training one (where the
+    kept bn4 has a buffer of its own, which c4 writes); refolded when the weights and
+    running statistics change."""
     train, _ = _pair(monkeypatch, dtype)
-    fused, plain = _pair(monkeypatch, dtype, training=False)
-    assert fused.unwritten == {"bn1", "bn2", "bn3", "bn4"}
+    keep = ("bn4",) if training else ()
+    fused, plain = _pair(monkeypatch, dtype, training=training, keep=keep)
+    assert fused.unwritten == {"bn1", "bn2", "bn3", "bn4"} - set(keep)
+    assert fused.folded == {"c1": "bn1", "c2": "bn2", "c3": "bn3", "c4": "bn4"}
+    assert not plain.folded  # CNNSPEC_FUSION=0: the norms run
+    assert (fused.buf["bn4"] is fused.buf["c4"]) != training
     rng = np.random.default_rng(1)
-    for k, v in train.params.items():  # trained-looking running statistics
-        if k.endswith("running_var"):
-            v[...] = rng.uniform(0.5, 2.0, v.shape)
-        elif k.endswith("running_mean"):
-            v[...] = rng.normal(size=v.shape)
-        fused.params[k][...] = plain.params[k][...] = v
     x = rng.normal(size=(3, 3, 7, 7)).astype(dtype)
-    np.testing.assert_array_equal(fused.forward(x), plain.forward(x))
+    for _ in range(2):
+        for k, v in train.params.items():  # trained-looking running statistics
+            if k.endswith("running_var"):
+                v[...] = rng.uniform(0.5, 2.0, v.shape)
+            elif k.endswith("running_mean") or k.endswith(".bias"):
+                v[...] = rng.normal(size=v.shape)
+            else:
+                v[...] = v * rng.uniform(0.5, 1.5, v.shape)
+            fused.params[k][...] = plain.params[k][...] = v
+        want = plain.forward(x)
+        np.testing.assert_allclose(fused.forward(x), want, **FOLD_TOL[dtype])
+        if training:
+            got, want4 = (m.forward(x, outputs=["bn4"])["bn4"] for m in (fused, plain))
+            np.testing.assert_allclose(got, want4, **FOLD_TOL[dtype])
+        assert not np.allclose(want, plain.forward(x * 0.5))  # (not constant)
+    for k, v in plain.params.items():  # the folded weights are the convs' own
+        np.testing.assert_array_equal(fused.params[k], v, err_msg=k)
 
 
 def test_fused_network_gradients_match_finite_differences(monkeypatch):
@@ -130,9 +154,11 @@ def test_input_gradient_through_fused_norms(monkeypatch):
     )
 
 
-def test_show_maps_of_a_norm_its_readers_apply(cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("layer", "shown"), [("bn1", "r1"), ("c1", "c1")])
+def test_show_maps_of_a_norm_its_readers_apply(cli, tmp_path, monkeypatch, layer, shown):
     """`show maps` of a batch norm that writes no output (its convs apply it) shows what
-    it would write: the model is compiled keeping it."""
+    it would write, and of a conv with a norm folded into it in eval mode (which writes
+    the norm's output) its own: the model is compiled keeping it."""
     import cnnspec.plots as plots
 
     monkeypatch.setenv("CNNSPEC_FUSION", "1")
@@ -142,13 +168,13 @@ def test_show_maps_of_a_norm_its_readers_apply(cli, tmp_path, monkeypatch):
     spec.write_text(NET)
     x = np.random.default_rng(6).random((1, 3, 7, 7)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    result = cli("show", "maps", spec, "--image", tmp_path / "x.npy", "--layer", "bn1",
+    result = cli("show", "maps", spec, "--image", tmp_path / "x.npy", "--layer", layer,
                  "-o", tmp_path / "maps.png")  # fmt: skip
     assert result.exit_code == 0, result.output
-    model = cnnspec.loads(NET).compile(batch_size=1, keep=("r1",))
-    expected = model.forward(x, outputs=["r1"])["r1"][0]
+    model = cnnspec.loads(NET).compile(batch_size=1, keep=(shown,))
+    expected = model.forward(x, outputs=[shown])[shown][0]
     np.testing.assert_allclose(seen["maps"], expected, rtol=1e-5, atol=1e-6)
-    assert (seen["maps"] >= 0).all()  # after its ReLU, as other layers' maps
+    assert (seen["maps"] >= 0).all() == (layer == "bn1")  # after its ReLU, as others' maps
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -21,6 +21,8 @@ CONV_CASES = {
     "pointwise_nobias": (2, 5, 4, 3, 3, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, False),
     "stride3x2_k5x3_dilated": (2, 3, 11, 9, 4, 5, 3, (3, 2), (2, 1, 0, 2), (2, 1), 1, True),
     "stride4_k11": (1, 2, 23, 19, 3, 11, 11, (4, 4), (0, 0, 0, 0), (1, 1), 1, True),
+    # several samples to a tile, side by side, sharing padding columns (pr <= pl)
+    "batch_shared_pad_dilated": (5, 3, 4, 5, 4, 3, 3, (1, 1), (1, 0, 2, 1), (1, 2), 1, True),
 }
 
 # (N, Cin, H, W, Cout, kh, kw, stride, pad, dilation, output_padding, bias)

@@ -158,6 +158,9 @@ class Conv2d(Layer):
     # applied to the input as it is packed, the float64 (2, filters) array that receives
     # the output's batch statistics, and whether dx adds to what another reader wrote
     in_affine = None
+    in_affine_eval = None  # in eval mode: no hook for a norm folded into the conv before it
+    folded = None  # (norm, its parameters, weights, bias): the batch norm after it, folded
+    # into its weights in eval mode (see fold_norm)
     stats_out = None
     accumulate_dx = False
     dout_affine = None  # a batch norm's (dx coefficients, affine, relu): see conv2d_backward
@@ -180,6 +183,15 @@ class Conv2d(Layer):
             x_shape, w, out_shape, a["stride"], a["padding"], a["dilation"], self.itemsize
         )
 
+    def fold_norm(self, norm, params, dtype):
+        """In eval mode, the batch norm after it (its only reader) becomes part of this
+        layer: weights and bias refolded from the current ones on every eval forward, the
+        norm's ReLU in the epilogue, and `out` is the norm's output. Its own buffers: the
+        parameters (and checkpoints) stay the unfolded ones."""
+        (shape,) = [d.shape for d in self.param_defs() if d.name == "weight"]
+        zeros = self.backend.zeros
+        self.folded = (norm, params, zeros(shape, dtype), zeros(shape[0], dtype))
+
     def forward(self, xs, out, p, train, rng):
         a = self.attrs
         if self.is_dense:
@@ -193,21 +205,27 @@ class Conv2d(Layer):
             )
             return
         hooks = {}
-        if self.in_affine is not None:
-            hooks["in_affine"] = self.in_affine
+        hook = self.in_affine if train else self.in_affine_eval
+        if hook is not None:
+            hooks["in_affine"] = hook
         if train and self.stats_out is not None:
             hooks["stats"] = self.stats_out
+        w, b, act = p["weight"], p.get("bias"), self.fused_act
+        if not train and self.folded is not None:
+            norm, q, w, b = self.folded
+            norm.fold(p["weight"], p.get("bias"), q, w, b)
+            act = norm.fused_act
         self.kernels.conv2d_forward(
             xs[0],
-            p["weight"],
-            p.get("bias"),
+            w,
+            b,
             a["stride"],
             a["padding"],
             a["dilation"],
             a["groups"],
             out,
             self.workspace,
-            self.fused_act,
+            act,
             **hooks,
         )
 

@@ -92,9 +92,11 @@ class Add(_Merge):
     # per input, a batch norm's (scale, shift, relu) applied as it is read (set by the
     # model, CPU kernels; see Conv2d.in_affine)
     in_affine = None
+    in_affine_eval = None  # in eval mode (see Conv2d.in_affine_eval)
 
     def forward(self, xs, out, p, train, rng):
-        hook = {} if self.in_affine is None else {"in_affine": self.in_affine}
+        hooks = self.in_affine if train else self.in_affine_eval
+        hook = {} if hooks is None else {"in_affine": hooks}
         self.kernels.add_forward(xs, out, self.fused_act, **hook)
 
     def backward(self, xs, out, dout, dxs, p, g):

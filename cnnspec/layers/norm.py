@@ -53,6 +53,22 @@ class BatchNorm2d(Layer):
         self.affine = self.backend.zeros((2, c), dtype)  # the forward's scale and shift
         self.dx_coeffs = self.backend.zeros((3, c), dtype)  # dx = ka*g + kb*x + kc
 
+    def fold(self, w, b, p, w_out, b_out):
+        """w_out, b_out = the weights and bias (w, b; b may be None) of the layer before
+        it with its inference affine folded in (p: its parameters): that layer's output
+        is then this norm's, in eval mode."""
+        self.kernels.batchnorm2d_fold(
+            w,
+            b,
+            p["weight"],
+            p["bias"],
+            self.attrs["eps"],
+            p["running_mean"],
+            p["running_var"],
+            w_out,
+            b_out,
+        )
+
     def forward(self, xs, out, p, train, rng):
         k, a = self.kernels, self.attrs
         out = out if self.writes_out else None  # its readers apply self.affine

@@ -354,6 +354,12 @@ def _geometry(
     sh, sw = (int(s) for s in stride)
     pt, pb, pl, pr = (int(p) for p in pad)
     hq, wq = -(-(h + pt + pb) // sh), -(-(w + pl + pr) // sw)
+    if sw == 1 and pr <= pl and pr <= (kw - 1) * int(dilation[1]):
+        # neighbours share their padding columns: a sample's right padding is the left
+        # padding of the one beside it (or of the next row's), so fewer junk columns (3x3,
+        # pad 1: 8x8 maps 9 columns a row, not 10; ResNet-20's eval forward, 1 thread:
+        # 8x8 convs 1.15x, 16x16 1.06x, 32x32 1.05x faster)
+        wq = w + pl
     nr = panel(itemsize)
     ogb, ogd = _round_up(og, MR), _round_up(og, MD)
     kgb, kgd = _round_up(kg, MR), _round_up(kg, ND)
@@ -430,17 +436,27 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
     xpad[:] = 0
     zero = xpad[0]  # 0 in the data's dtype: a literal 0.0 would make the ReLU's select
     # (and its vectors) float64
+    line = spt * wq  # a row of a plane: the samples side by side
+    phase = hq * line  # a plane
+    # divisions hoisted out of the row loops (they cost more than a row's copy: 16 -> 32
+    # channels at stride 2, 32x32, b128: 3.5 -> 1.0 ms): per phase ph, its first input
+    # column, how many columns, and where they land
+    first = np.empty((3, sw), np.int64)
+    for ph in range(sw):
+        x0 = (ph - pl) % sw
+        first[0, ph], first[1, ph] = x0, max((w_ - x0 + sw - 1) // sw, 0)
+        first[2, ph] = ph * phase + (x0 + pl) // sw
     for c in range(c_):
         if aff is not None:
             ca = c if mode != IN_COPY else 0
             a, b = aff[0, ca], aff[1, ca]
         for s in range(ns):
+            py, qy = pt % sh, pt // sh  # row y = yi + pt: plane row y % sh, at y // sh
             for yi in range(h_):
-                y = yi + pt
+                src = x[n0 + s, c, yi]
+                at = (((c * sh + py) * sw) * hq + qy) * line + s * wq  # phase 0's row
                 if sw == 1:  # whole rows: a contiguous copy (a strided view is 5x slower)
-                    plane = (c * sh + y % sh) * sw
-                    d = ((plane * hq + y // sh) * spt + s) * wq + pl
-                    dst, src = xpad[d : d + w_], x[n0 + s, c, yi]
+                    dst = xpad[at + pl : at + pl + w_]
                     if aff is None:  # (the loops written out: a helper cost two more
                         for v in range(w_):  # compiled signatures on a cold start)
                             dst[v] = src[v]
@@ -448,22 +464,21 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
                         for v in range(w_):
                             t = src[v] * a + b
                             dst[v] = t if (mode != IN_AFFINE_RELU or t > 0) else zero
-                    continue
-                for ph in range(sw):  # input columns landing in phase ph
-                    x0 = (ph - pl) % sw
-                    m = (w_ - x0 + sw - 1) // sw
-                    if m <= 0:
-                        continue
-                    plane = (c * sh + y % sh) * sw + ph
-                    d = ((plane * hq + y // sh) * spt + s) * wq + (x0 + pl) // sw
-                    dst, src = xpad[d : d + m], x[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
-                    if aff is None:
-                        for v in range(m):
-                            dst[v] = src[v]
-                    else:
-                        for v in range(m):
-                            t = src[v] * a + b
-                            dst[v] = t if (mode != IN_AFFINE_RELU or t > 0) else zero
+                else:
+                    for ph in range(sw):  # every sw-th input column lands in phase ph
+                        m, d = first[1, ph], at + first[2, ph]
+                        dst, row = xpad[d : d + m], src[first[0, ph] :]
+                        for u in range(np.uint64(m)):  # (a name of its own: an
+                            # index both signed and unsigned would be typed float64)
+                            e = row[u * np.uint64(sw)]
+                            if aff is not None:
+                                e = e * a + b
+                                e = e if (mode != IN_AFFINE_RELU or e > 0) else zero
+                            dst[u] = e
+                py += 1
+                if py == sh:
+                    py = 0
+                    qy += 1
 
 
 @njit(**HELPER, nogil=True)
@@ -653,6 +668,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
     _pack(w3, bool(0), ogb, wpack)
     total = -(-n_ // spt) if spt > 1 else n_ * tiles
     has_bias = bias.shape[0] > 0
+    zero = out.dtype.type(0)  # a literal 0.0 made the float32 epilogue compute in float64
     for t in prange(T):
         x_at, dx_at, zero_at, sink_at, prod_at, _dw_at = _regions(geo, g_, t * per)
         rows_b, _rows_dx, rows_p = _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at)
@@ -675,7 +691,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
                         )  # fmt: skip
             for s in range(ns):
                 for o in range(o_):
-                    b = bias[o] if has_bias else 0.0
+                    b = bias[o] if has_bias else zero
                     g = o // og
                     at = (g * ogb + o - g * og) * tcp + s * wq
                     for r in range(nr):
@@ -683,7 +699,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
                         dst = out[n0 + s, o, oy0 + r]
                         for v in range(ow):
                             yv = src[v] + b
-                            dst[v] = (yv if yv > 0 else 0.0) if act == 1 else yv
+                            dst[v] = (yv if yv > 0 else zero) if act == 1 else yv
                     if moments is not None and want_moments:  # of the rows just written,
                         # still in L1 (moments None: a build without the hooks)
                         m = moments[t]

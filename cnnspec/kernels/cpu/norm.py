@@ -16,6 +16,7 @@ from ._common import as_3d, check_c, check_shape
 __all__ = [
     "batchnorm2d_forward_train",
     "batchnorm2d_forward_eval",
+    "batchnorm2d_fold",
     "batchnorm2d_backward",
     "lrn_forward",
     "lrn_backward",
@@ -205,6 +206,31 @@ def batchnorm2d_forward_train(
         running_var += mom * unbiased
 
 
+def _eval_affine(gamma, beta, eps, running_mean, running_var):
+    """(scale, shift) in float64 of inference batch norm: out = x * scale + shift."""
+    inv = 1.0 / np.sqrt(running_var.astype(np.float64) + float(eps))
+    scale = inv if gamma is None else gamma * inv
+    shift = -running_mean * scale
+    if beta is not None:
+        shift = shift + beta
+    return scale, shift
+
+
+def batchnorm2d_fold(w, b, gamma, beta, eps, running_mean, running_var, w_out, b_out):
+    """The weights and bias of a layer with the inference batch norm after it folded in:
+    w_out = w * scale per output channel (w's axis 0), b_out = b * scale + shift (b None:
+    0), in float64, rounded once. O(weights): cheap enough to run on every eval batch, so
+    nothing goes stale when training changes the weights or the running statistics."""
+    c = w.shape[0]
+    check_c(w=w, w_out=w_out)
+    check_shape("w_out", w_out, w.shape)
+    check_shape("b_out", b_out, (c,))
+    scale, shift = _eval_affine(gamma, beta, eps, running_mean, running_var)
+    check_shape("running_mean", scale, (c,))
+    np.multiply(w.reshape(c, -1), scale[:, None], out=w_out.reshape(c, -1), casting="unsafe")
+    b_out[:] = shift if b is None else b * scale + shift
+
+
 def batchnorm2d_forward_eval(
     x, gamma, beta, eps, running_mean, running_var, out, act=0, affine=None
 ):
@@ -216,11 +242,7 @@ def batchnorm2d_forward_eval(
     elif affine is None:
         raise ValueError("batch norm without an output must report its affine")
     c = x.shape[1]
-    inv = 1.0 / np.sqrt(running_var.astype(np.float64) + float(eps))
-    scale = inv if gamma is None else gamma * inv
-    shift = -running_mean * scale
-    if beta is not None:
-        shift = shift + beta
+    scale, shift = _eval_affine(gamma, beta, eps, running_mean, running_var)
     scale = np.ascontiguousarray(scale, dtype=x.dtype)
     shift = np.ascontiguousarray(shift, dtype=x.dtype)
     check_shape("running_mean", scale, (c,))
