@@ -533,7 +533,7 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                             conv.dot(
                                 ws, m_at + (p * km + ob) * tp, tp,
                                 ws, rows_v, p * cd + cbk, 0,
-                                ws, du_at + (p * kd + ob) * cd + cbk, cd, tp,
+                                ws, du_at + (p * kd + ob) * cd + cbk * md, tp,
                             )  # fmt: skip
                 if not want_dx:
                     continue
@@ -588,6 +588,6 @@ def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
         start = t * geo.per_thread
         du += flat[start + du_at : start + du_at + size]
         dbs += flat[start + db_at : start + db_at + k_]
-    _weight_adjoint(du.reshape(P, geo.kd, geo.cd), dw)
+    _weight_adjoint(conv.dot_unblock(du, P * geo.kd, geo.cd).reshape(P, geo.kd, geo.cd), dw)
     if db is not None:
         db[...] = dbs
