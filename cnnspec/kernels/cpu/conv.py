@@ -978,21 +978,14 @@ def conv2d_backward(
     g, og, kg = w3.shape
     at = _regions(tuple(geo), g, 0)[5]
     size = g * geo.ogd * geo.kgd
-    dw3 = dw.reshape(g, og, kg)
-    for t in range(threads):
-        start = t * geo.per_thread + at
-        part = dot_unblock(flat[start : start + size], g * geo.ogd, geo.kgd)
-        part = part.reshape(g, geo.ogd, geo.kgd)[:, :og, :kg]
-        part_db = flat[start + size : start + size + w.shape[0]]
-        if t == 0:
-            dw3[...] = part
-        else:
-            dw3 += part
-        if db is not None:
-            if t == 0:
-                db[...] = part_db
-            else:
-                db += part_db
+    parts = [flat[t * geo.per_thread + at :][: size + w.shape[0]] for t in range(threads)]
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    dw3 = dot_unblock(total[:size], g * geo.ogd, geo.kgd).reshape(g, geo.ogd, geo.kgd)
+    dw.reshape(g, og, kg)[...] = dw3[:, :og, :kg]
+    if db is not None:
+        db[...] = total[size:]
 
 
 def conv2d_mask_gradient(dw, mask):
