@@ -53,7 +53,8 @@ __all__ = [
 # Both kernels find rows through tables of offsets (indirect GEMM):
 # - ``bcast``: C[MR x NR] (+)= A B, A packed [k][MR] (a column of A per step,
 #   broadcast against a row of B): the forward product and dx;
-# - ``dot``: C[MD x ND] += A B^T over long rows (horizontal sums at the end): dW.
+# - ``dot``: C[MD x ND] += A B^T over long rows (its accumulators summed at the end,
+#   into a block of C): dW.
 # The vector width (_common.VECTOR_BITS: the CPU's, or CNNSPEC_VECTOR_BITS) sizes the
 # blocks to fit the register file (32 or 16 vector registers); Numba's cache is kept
 # per width.

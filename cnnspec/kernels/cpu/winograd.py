@@ -26,11 +26,12 @@ a third of the time here.
 
 Layout per thread (flat workspace, elements): V [16][C][tp] (transformed input, tp
 tile columns padded to whole bcast panels), M / dM [16][km][tp], dV [16][cb][tp],
-a zero row (tp), dU [16][kd][cd], db [K], padded dx of a group of samples. Tiles run
-in blocks: several whole samples (small maps) or a band of tile rows of one sample,
-like the direct conv's tiles. The forward pass splits blocks among threads; the
-backward pass gives each thread whole samples (their dx tiles overlap) and private
-dU / db sums, added up afterwards in thread order (the same bits every run).
+a zero row (tp), dU [16][kd][cd] (as the dot kernel's blocks), db [K], padded dx of a
+group of samples. Tiles run in blocks: several whole samples (small maps) or a band of
+tile rows of one sample, like the direct conv's tiles. The forward pass splits blocks
+among threads; the backward pass gives each thread whole samples (their dx tiles
+overlap) and private dU / db sums, added up afterwards in thread order (the same bits
+every run).
 
 The micro-kernels are conv.py's: Numba's on-disk cache does not notice a change there,
 so clear the cache (or touch this file) after editing them. Kernels as in conv.py: a
