@@ -454,6 +454,30 @@ def test_conv2d_several_samples_per_tile_match_one_row_tiles(stride):
         np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)
 
 
+def test_conv2d_shorter_last_band_matches_one_row_tiles():
+    """Bands of output rows with a shorter last one: the backward pass re-zeroes its
+    dout rows when a tile's shape changes, else the last band would keep the rows of
+    the one before it. Same numbers as one-row tiles."""
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((3, 2, 5, 30))
+    w = rng.standard_normal((4, 2, 3, 3))
+    stride, pad, dil = (1, 1), (1, 1, 1, 1), (1, 1)
+    out = np.empty((3, 4, 5, 30))
+    dout = rng.standard_normal(out.shape)
+    shapes = (x.shape, w.shape, out.shape, stride, pad, dil, 8)
+    results = []
+    for rows in (2, 1):
+        ws = np.empty(conv.conv2d_workspace(*shapes, tile_rows=rows))
+        geo = conv._plan(x, w, out, stride, pad, dil, 1, ws)[0]
+        assert geo.rows == rows and (rows == 1 or geo.tiles * rows > 5)  # a shorter last band
+        conv.conv2d_forward(x, w, None, stride, pad, dil, 1, out, ws, conv.ACT_RELU)
+        dw, db = np.empty_like(w), np.empty(4)
+        conv.conv2d_backward(x, w, dout, stride, pad, dil, 1, ws, None, dw, db, out, conv.ACT_RELU)
+        results.append((dw, db))
+    for a, b_ in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.slow
 def test_narrow_vector_kernels_match_numpy(tmp_path):
     """The 256-bit micro-kernels (CPUs without AVX-512), forced in a fresh process with

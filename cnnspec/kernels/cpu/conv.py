@@ -54,7 +54,8 @@ __all__ = [
 # Both kernels find rows through tables of offsets (indirect GEMM):
 # - ``bcast``: C[MR x NR] (+)= A B, A packed [k][MR] (a column of A per step,
 #   broadcast against a row of B): the forward product and dx;
-# - ``dot``: C[MD x ND] += A B^T over long rows (horizontal sums at the end): dW.
+# - ``dot``: C[MD x ND] += A B^T over long rows (its accumulators summed at the end,
+#   into a block of C): dW.
 # The vector width (_common.VECTOR_BITS: the CPU's, or CNNSPEC_VECTOR_BITS) sizes the
 # blocks to fit the register file (32 or 16 vector registers); Numba's cache is kept
 # per width.
@@ -193,31 +194,73 @@ def bcast(typingctx, a, ao, b, boffs, bi, bcol, c, coffs, ci, ccol, k, beta):
     return sig, codegen
 
 
-def _hsum(builder, vec, v):
-    # pairwise halving: a fixed order, the same bits every run
-    n = vec.count
-    while n > 1:
-        half = n // 2
-        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
-        hi = builder.shuffle_vector(
-            v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half, n)))
-        )
-        v = builder.fadd(lo, hi)
-        n = half
-    return builder.extract_element(v, ir.Constant(_I32, 0))
+def _reduction(count, width):
+    """How ``dot`` sums its `count` accumulators of `width` lanes: a tree of steps, each
+    ("pair", a, b) or ("halve", a) on the list of live vectors, ending in vectors of one
+    lane per accumulator. A pair of vectors, each of groups of l lanes (one group per
+    accumulator), becomes one: the low half of every group plus its high half; a vector
+    left without a partner is halved against itself. Returns the steps and the order
+    of the accumulators in the result (a block of C in memory). Every accumulator's
+    lanes are added pairwise, lane i + lane i + l/2, as a horizontal sum of its own
+    would add them: the same bits, for a quarter of the shuffles and adds (the sums
+    of 24 accumulators cost ~10% of a dot call over rows of ~1100 columns)."""
+    live = [([a], width) for a in range(count)]  # (accumulators, lanes)
+    steps = []
+    lanes_per = width
+    while lanes_per > 1:
+        nxt = []
+        for v in range(0, len(live) - 1, 2):
+            assert live[v][1] == live[v + 1][1], "a pair of vectors of unequal widths"
+            steps.append(("pair", v, v + 1))
+            nxt.append((live[v][0] + live[v + 1][0], live[v][1]))
+        if len(live) % 2:
+            steps.append(("halve", len(live) - 1))
+            nxt.append((live[-1][0], live[-1][1] // 2))
+        steps.append(("level",))
+        live = nxt
+        lanes_per //= 2
+    return steps, [a for accs, _ in live for a in accs]
+
+
+def dot_order(itemsize: int) -> list[int]:
+    """Where ``dot`` keeps C[i, j] in its block: the block's k-th element is C's
+    element i*ND + j = dot_order(itemsize)[k]."""
+    return _reduction(MD * ND, lanes(itemsize))[1]
+
+
+def dot_unblock(blocks: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The (rows, cols) matrix (a copy) that ``dot`` calls keep as blocks: block
+    (r // MD, c // ND) at (r // MD) * MD * cols + (c // ND) * MD * ND, its elements in
+    :func:`dot_order`."""
+    b = blocks.reshape(rows // MD, cols // ND, MD * ND)
+    inverse = np.argsort(dot_order(blocks.itemsize))
+    b = b[:, :, inverse].reshape(rows // MD, cols // ND, MD, ND)
+    return b.transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def _halves(builder, a, b, width, group, high):
+    """The low (or high) half of every `group`-lane group of a, then of b."""
+    half = group // 2
+    first = half if high else 0
+    take = [g * group + first + i for g in range(width // group) for i in range(half)]
+    if b is None:
+        return builder.shuffle_vector(a, a, ir.Constant(ir.VectorType(_I32, len(take)), take))
+    take += [width + t for t in take]
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(take)), take))
 
 
 @intrinsic
-def dot(typingctx, a, ao, lda, b, boffs, bi, bcol, c, co, ldc, n):
-    """C[MD x ND] at c[co:] (row stride ldc) += A B^T: A = MD rows of a from ao
-    (stride lda), B row j = b[boffs[bi + j] + bcol:], each n long (a multiple of
-    the vector width)."""
+def dot(typingctx, a, ao, lda, b, boffs, bi, bcol, c, co, n):
+    """C[MD x ND] += A B^T: A = MD rows of a from ao (stride lda), B row j =
+    b[boffs[bi + j] + bcol:], each n long (a multiple of the vector width). C is a
+    block of MD*ND elements at c[co:], in :func:`dot_order` (blocks of a larger
+    matrix: :func:`dot_unblock`)."""
     i64 = types.int64
-    sig = types.void(a, i64, i64, b, boffs, i64, i64, c, i64, i64, i64)
+    sig = types.void(a, i64, i64, b, boffs, i64, i64, c, i64, i64)
 
     def codegen(context, builder, signature, args):
         a_ary, ao, lda = args[0], args[1], args[2]
-        c_ary, co, ldc, n = args[7], args[8], args[9], args[10]
+        c_ary, co, n = args[7], args[8], args[9]
         vec = _vector(signature.args[0].dtype)
         pa = _base(context, builder, signature.args[0], a_ary, ao)
         pc = _base(context, builder, signature.args[7], c_ary, co)
@@ -234,11 +277,27 @@ def dot(typingctx, a, ao, lda, b, boffs, bi, bcol, c, co, ldc, n):
         zero = ir.Constant(vec, [0.0] * vec.count)
         steps = builder.sdiv(n, _const(vec.count))
         acc = _loop(builder, steps, MD * ND, zero, step)
-        for i in range(MD):
-            for j in range(ND):
-                ptr = builder.gep(pc, [builder.add(builder.mul(ldc, _const(i)), _const(j))])
-                total = _hsum(builder, vec, acc[i * ND + j])
-                builder.store(builder.fadd(builder.load(ptr), total), ptr)
+        live = [(v, vec.count) for v in acc]  # (vector, its width)
+        nxt = []
+        group = vec.count
+        for s in _reduction(MD * ND, vec.count)[0]:
+            if s[0] == "pair":
+                (x, w), (y, _) = live[s[1]], live[s[2]]
+                lo = _halves(builder, x, y, w, group, False)
+                hi = _halves(builder, x, y, w, group, True)
+                nxt.append((builder.fadd(lo, hi), w))
+            elif s[0] == "halve":
+                x, w = live[s[1]]
+                lo = _halves(builder, x, None, w, group, False)
+                hi = _halves(builder, x, None, w, group, True)
+                nxt.append((builder.fadd(lo, hi), w // 2))
+            else:
+                live, nxt, group = nxt, [], group // 2
+        at = 0
+        for v, w in live:
+            ptr = builder.bitcast(builder.gep(pc, [_const(at)]), v.type.as_pointer())
+            builder.store(builder.fadd(builder.load(ptr, align=4), v), ptr, align=4)
+            at += w
         return context.get_dummy_value()
 
     return sig, codegen
@@ -606,37 +665,42 @@ OUT_PLAIN, OUT_NORM, OUT_NORM_RELU = 0, 1, 2
 
 
 @njit(**HELPER, nogil=True, fastmath={"reassoc"})
-def _gather(dout, y, act, n, oy0, nr, rs, ogd, g_, col0, tcp, dprod, db, gk, gmode):
-    """dprod[g*ogd + o, col0 + r*rs + v] = dout[n, g*og + o, oy0 + r, v], masked
-    where a fused ReLU's output y is 0 (or through the output-gradient hook: gk rows
-    ka, kb, kc, scale, shift; None: a build without it). db[o] += its sum ('reassoc'
-    vectorises the sum, in an order fixed at compile time)."""
+def _gather(dout, y, act, n0, ns, oy0, nr, rs, wq, ogd, g_, tcp, dprod, db, gk, gmode):
+    """dprod[g*ogd + o, r*rs + s*wq + v] = dout[n0 + s, g*og + o, oy0 + r, v] for the
+    tile's samples s < ns (rs = samples per tile * wq), masked where a fused ReLU's
+    output y is 0 (or through the output-gradient hook: gk rows ka, kb, kc, scale,
+    shift; None: a build without it); other columns are left as they are (zero).
+    db[o] += the sum of its row ('reassoc' vectorises the sum, in an order fixed at
+    compile time)."""
     o_, ow = dout.shape[1], dout.shape[3]
     og = o_ // g_
+    zero = dprod.dtype.type(0)  # a literal 0.0 would make the selects (and vectors) float64:
+    # the hook's loop ran 2x slower
     for o in range(o_):
         g = o // og
-        at = (g * ogd + o - g * og) * tcp + col0
-        row = dprod[at : at + nr * rs]
-        acc = 0.0
+        at = (g * ogd + o - g * og) * tcp
+        row = dprod[at : at + tcp]
         if gk is not None:
             oc = o if gmode != OUT_PLAIN else 0
             ka, kb, kc, sa, sb = gk[0, oc], gk[1, oc], gk[2, oc], gk[3, oc], gk[4, oc]
-        for r in range(nr):
-            dst = row[r * rs : r * rs + ow]
-            src, yr = dout[n, o, oy0 + r], y[n, o, oy0 + r]
-            if gk is None or gmode == OUT_PLAIN:
-                for v in range(ow):
-                    yv = yr[v]  # loaded unconditionally: a conditional load blocks SIMD
-                    d = src[v] if (yv > 0 or act == 0) else 0.0
-                    dst[v] = d
-                    acc += d
-            else:
-                for v in range(ow):
-                    yv = yr[v]
-                    gv = src[v] if (gmode == OUT_NORM or yv * sa + sb > 0) else 0.0
-                    d = ka * gv + kb * yv + kc
-                    dst[v] = d
-                    acc += d
+        for s in range(ns):
+            for r in range(nr):
+                dst = row[s * wq + r * rs : s * wq + r * rs + ow]
+                src, yr = dout[n0 + s, o, oy0 + r], y[n0 + s, o, oy0 + r]
+                if gk is None or gmode == OUT_PLAIN:
+                    for v in range(ow):
+                        yv = yr[v]  # loaded unconditionally: a conditional load blocks SIMD
+                        dst[v] = src[v] if (yv > 0 or act == 0) else zero
+                else:
+                    for v in range(ow):
+                        yv = yr[v]
+                        gv = src[v] if (gmode == OUT_NORM or yv * sa + sb > 0) else zero
+                        dst[v] = ka * gv + kb * yv + kc
+        # one long sum per row, not one per image row inside the loops above: each of
+        # those ended in a horizontal sum over ~32 values
+        acc = 0.0
+        for v in range(tcp):
+            acc += row[v]
         db[o] += acc
 
 
@@ -738,6 +802,7 @@ def _backward_samples(
         db[:] = 0
         ws[zero_at : zero_at + tcp] = 0
         n0, hi = t * n_ // T, (t + 1) * n_ // T
+        shape = (-1, -1)  # (rows, samples) of the tile in dprod
         while n0 < hi:
             ns = min(spt, hi - n0)
             _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode)
@@ -746,19 +811,19 @@ def _backward_samples(
             for b in range(tiles):
                 oy0 = b * rows
                 nr = min(rows, oh - oy0)
-                dprod[:] = 0  # junk and padding columns, padding rows: zero gradient
-                for s in range(ns):
-                    _gather(
-                        dout, y, act, n0 + s, oy0, nr, spt * wq, ogd, g_, s * wq, tcp, dprod, db,
-                        gk, gmode,
-                    )  # fmt: skip
+                if (nr, ns) != shape:  # junk and padding columns, padding rows: zero
+                    dprod[:] = 0  # gradient. A tile of the same shape overwrites just what
+                    shape = (nr, ns)  # the last one wrote (a memset per tile wrote as much)
+                _gather(
+                    dout, y, act, n0, ns, oy0, nr, spt * wq, wq, ogd, g_, tcp, dprod, db, gk, gmode
+                )
                 for g in range(g_):  # dW += dout im2col^T
                     for ob in range(0, ogd, md):
                         for kb in range(0, kgd, nd):
                             dot(
                                 dprod, (g * ogd + ob) * tcp, tcp,
                                 ws, rows_b, g * kgd + kb, oy0 * wq,
-                                dwt, (g * ogd + ob) * kgd + kb, kgd, tcp,
+                                dwt, (g * ogd + ob) * kgd + kb * md, tcp,
                             )  # fmt: skip
                 if not want_dx:
                     continue
@@ -939,20 +1004,14 @@ def conv2d_backward(
     g, og, kg = w3.shape
     at = _regions(tuple(geo), g, 0)[5]
     size = g * geo.ogd * geo.kgd
-    dw3 = dw.reshape(g, og, kg)
-    for t in range(threads):
-        start = t * geo.per_thread + at
-        part = flat[start : start + size].reshape(g, geo.ogd, geo.kgd)[:, :og, :kg]
-        part_db = flat[start + size : start + size + w.shape[0]]
-        if t == 0:
-            dw3[...] = part
-        else:
-            dw3 += part
-        if db is not None:
-            if t == 0:
-                db[...] = part_db
-            else:
-                db += part_db
+    parts = [flat[t * geo.per_thread + at :][: size + w.shape[0]] for t in range(threads)]
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    dw3 = dot_unblock(total[:size], g * geo.ogd, geo.kgd).reshape(g, geo.ogd, geo.kgd)
+    dw.reshape(g, og, kg)[...] = dw3[:, :og, :kg]
+    if db is not None:
+        db[...] = total[size:]
 
 
 def conv2d_mask_gradient(dw, mask):

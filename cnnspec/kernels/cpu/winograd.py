@@ -26,11 +26,12 @@ a third of the time here.
 
 Layout per thread (flat workspace, elements): V [16][C][tp] (transformed input, tp
 tile columns padded to whole bcast panels), M / dM [16][km][tp], dV [16][cb][tp],
-a zero row (tp), dU [16][kd][cd], db [K], padded dx of a group of samples. Tiles run
-in blocks: several whole samples (small maps) or a band of tile rows of one sample,
-like the direct conv's tiles. The forward pass splits blocks among threads; the
-backward pass gives each thread whole samples (their dx tiles overlap) and private
-dU / db sums, added up afterwards in thread order (the same bits every run).
+a zero row (tp), dU [16][kd][cd] (as the dot kernel's blocks), db [K], padded dx of a
+group of samples. Tiles run in blocks: several whole samples (small maps) or a band of
+tile rows of one sample, like the direct conv's tiles. The forward pass splits blocks
+among threads; the backward pass gives each thread whole samples (their dx tiles
+overlap) and private dU / db sums, added up afterwards in thread order (the same bits
+every run).
 
 The micro-kernels are conv.py's: Numba's on-disk cache does not notice a change there,
 so clear the cache (or touch this file) after editing them. Kernels as in conv.py: a
@@ -533,7 +534,7 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                             conv.dot(
                                 ws, m_at + (p * km + ob) * tp, tp,
                                 ws, rows_v, p * cd + cbk, 0,
-                                ws, du_at + (p * kd + ob) * cd + cbk, cd, tp,
+                                ws, du_at + (p * kd + ob) * cd + cbk * md, tp,
                             )  # fmt: skip
                 if not want_dx:
                     continue
@@ -588,6 +589,6 @@ def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
         start = t * geo.per_thread
         du += flat[start + du_at : start + du_at + size]
         dbs += flat[start + db_at : start + db_at + k_]
-    _weight_adjoint(du.reshape(P, geo.kd, geo.cd), dw)
+    _weight_adjoint(conv.dot_unblock(du, P * geo.kd, geo.cd).reshape(P, geo.kd, geo.cd), dw)
     if db is not None:
         db[...] = dbs
