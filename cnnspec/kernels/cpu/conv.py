@@ -833,6 +833,29 @@ def _write_dx(prod, cg, cgb, tcp2, wq2, n0, ns, spt, y0, nr, dx, accumulate):
                         dst[v] = src[v]
 
 
+@njit(**HELPER, nogil=True)
+def _dx_convolve(wpack, ws, rows_b, rows_p, prod, g_, og, kg, dims, dxc, n0, ns, spt, dx, acc):
+    """dx[n0 : n0 + ns] = (or +=, `acc`) the dx convolution of the padded dout, band by
+    band: the forward's tiled product (B rows: rows_b, C rows: rows_p into `prod`)."""
+    kh, kw = dims[6], dims[7]
+    wq2, rows2, tiles2, tcp2, cgb = dxc[1], dxc[4], dxc[5], dxc[6], dxc[7]
+    k2 = og * kh * kw  # its reduction
+    nr_ = NV * (VECTOR_BYTES // dx.itemsize)
+    mr = MR
+    for b in range(tiles2):
+        y0 = b * rows2
+        nr = min(rows2, dx.shape[2] - y0)
+        for g in range(g_):
+            for p in range(-(-nr * spt * wq2 // nr_)):
+                for cb in range(cgb // mr):
+                    bcast(
+                        wpack, (g * (cgb // mr) + cb) * k2 * mr,
+                        ws, rows_b, g * k2, y0 * spt * wq2 + p * nr_,
+                        ws, rows_p, g * cgb + cb * mr, p * nr_, k2, 0,
+                    )  # fmt: skip
+        _write_dx(prod, kg // (kh * kw), cgb, tcp2, wq2, n0, ns, spt, y0, nr, dx, acc)
+
+
 @Builds
 def _backward_samples(
     x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws, aff, mode, accumulate, gk, gmode, dxc
@@ -845,12 +868,11 @@ def _backward_samples(
     mr, md, nd = MR, MD, ND
     go = g_ * ogd  # rows of dout
     wpack = ws[T * per :]
-    # dxc: the dx convolution's sizes (_DxConv); its tiles = 0: dx the transposed way
-    hq2, wq2, _qt, _ql, rows2, tiles2, tcp2, cgb, pad2, size2 = dxc
-    as_conv = want_dx and tiles2 > 0
-    k2 = og * dims[6] * dims[7]  # its reduction
-    if as_conv:
-        _pack_flipped(w3, dims[6], dims[7], cgb, wpack)
+    # dxc: the dx convolution's sizes (a _DxConv), or None: dx the transposed way. Each
+    # is a build of its own without the other's code (Numba prunes `dxc is None`
+    # branches before compiling): LeNet-5 compiles only the second one.
+    if dxc is not None:
+        _pack_flipped(w3, dims[6], dims[7], dxc[7], wpack)
     elif want_dx:
         _pack(w3, bool(1), kgb, wpack)
     for t in prange(T):
@@ -864,17 +886,19 @@ def _backward_samples(
         dwt[:] = 0
         db[:] = 0
         ws[zero_at : zero_at + tcp] = 0
-        dpad_at = t * per + per - size2  # the dx convolution's region ends the thread's
-        dpad = ws[dpad_at : dpad_at + pad2]
-        rows_b2, rows_p2 = _dx_tables(g_, og, dims, dxc, spt, dpad_at, dpad_at + pad2)
-        if as_conv:
+        if dxc is not None:  # its region ends the thread's: padded dout, then the product
+            dpad_at = (t + 1) * per - dxc[9]
+            dpad = ws[dpad_at : dpad_at + dxc[8]]
             dpad[:] = 0  # dout's padding; the interior is written for every sample
+            prod2 = ws[dpad_at + dxc[8] : (t + 1) * per]
+            rows_b2, rows_p2 = _dx_tables(g_, og, dims, dxc, spt, dpad_at, dpad_at + dxc[8])
         n0, hi = t * n_ // T, (t + 1) * n_ // T
         while n0 < hi:
             ns = min(spt, hi - n0)
             _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode)
-            if want_dx and not as_conv:
-                dxpad[:] = 0
+            if dxc is None:
+                if want_dx:
+                    dxpad[:] = 0
             for b in range(tiles):
                 oy0 = b * rows
                 nr = min(rows, oh - oy0)
@@ -892,34 +916,21 @@ def _backward_samples(
                                 ws, rows_b, g * kgd + kb, oy0 * wq,
                                 dwt, (g * ogd + ob) * kgd + kb, kgd, tcp,
                             )  # fmt: skip
-                if as_conv:
+                if dxc is not None:
                     _dout_to_padded(dprod, o_, og, ogd, tcp, wq, oy0, nr, ns, spt, dout.shape[3],
                                     dxc, dpad)  # fmt: skip
-                if not want_dx or as_conv:
-                    continue
-                for g in range(g_):  # dx += W^T dout, straight into the padded dx
-                    for p in range(tcp // nr_):
-                        for kb in range(kgb // mr):
-                            bcast(
-                                wpack, (g * (kgb // mr) + kb) * og * mr,
-                                ws, rows_p, g * ogd, p * nr_,
-                                ws, rows_dx, g * kgb + kb * mr, oy0 * wq + p * nr_, og, 1,
-                            )  # fmt: skip
-            if as_conv:
-                for b in range(tiles2):  # dx = the dx convolution, band by band
-                    y0 = b * rows2
-                    nr = min(rows2, dx.shape[2] - y0)
-                    for g in range(g_):
-                        for p in range(-(-nr * spt * wq2 // nr_)):
-                            for cb in range(cgb // mr):
+                elif want_dx:
+                    for g in range(g_):  # dx += W^T dout, straight into the padded dx
+                        for p in range(tcp // nr_):
+                            for kb in range(kgb // mr):
                                 bcast(
-                                    wpack, (g * (cgb // mr) + cb) * k2 * mr,
-                                    ws, rows_b2, g * k2, y0 * spt * wq2 + p * nr_,
-                                    ws, rows_p2, g * cgb + cb * mr, p * nr_, k2, 0,
+                                    wpack, (g * (kgb // mr) + kb) * og * mr,
+                                    ws, rows_p, g * ogd, p * nr_,
+                                    ws, rows_dx, g * kgb + kb * mr, oy0 * wq + p * nr_, og, 1,
                                 )  # fmt: skip
-                    prod2 = ws[dpad_at + pad2 : dpad_at + size2]
-                    _write_dx(prod2, kg // (dims[6] * dims[7]), cgb, tcp2, wq2, n0, ns, spt,
-                              y0, nr, dx, accumulate)  # fmt: skip
+            if dxc is not None:
+                _dx_convolve(wpack, ws, rows_b2, rows_p2, prod2, g_, og, kg, dims, dxc, n0, ns,
+                             spt, dx, accumulate)  # fmt: skip
             elif want_dx:
                 _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate)
             n0 += ns
@@ -1073,14 +1084,11 @@ def conv2d_backward(
         gk = np.empty((5, w.shape[0]), x.dtype)
         gk[:3], gk[3:] = k, affine
         gmode = OUT_NORM_RELU if relu else OUT_NORM
-    dxc = (0,) * len(_DxConv._fields)  # tiles 0: dx the transposed way
     shapes = (x.shape, w.shape, dout.shape, stride, pad, dilation)
-    found = _dx_conv(*shapes, geo.rows, geo.spt, panel(x.itemsize)) if want_dx else None
-    if found is not None:
-        dxc = tuple(found)
+    dxc = _dx_conv(*shapes, geo.rows, geo.spt, panel(x.itemsize)) if want_dx else None
     _backward_samples.pick(threads == 1)(
         x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat, aff, mode,
-        bool(accumulate), gk, gmode, dxc,
+        bool(accumulate), gk, gmode, None if dxc is None else tuple(dxc),
     )  # fmt: skip
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape
