@@ -389,7 +389,11 @@ def _geometry(
 # d*(k-1) - p, W with O and C/g swapped per group and flipped in both spatial axes),
 # a reduction over og*kh*kw (ResNet-20's first stage: 144) written once. The
 # transposed product (dx += W^T dout into the padded dx, a reduction over og alone)
-# paid a read-modify-write of 8 overlapping rows per og FMA steps.
+# pays a read-modify-write of 8 overlapping rows per og FMA steps. Measured (1 thread,
+# 512-bit, ResNet-20 b128 with its norms fused): dx 8.1 -> 4.5 ms (16 channels,
+# 32x32), 6.8 -> 4.1 (32, 16x16), 6.7 -> 4.8 (64, 8x8); the step's conv backward
+# 200 -> 170 ms. The padded dout is copied from the tiles dW reads (_gather's), so
+# the ReLU mask and the norm's gradient are formed once.
 class _DxConv(NamedTuple):
     hq: int  # height and width of a padded sample of dout
     wq: int
@@ -461,8 +465,9 @@ def conv2d_workspace(
     tile_rows=None,
 ) -> int:
     """Elements of workspace a conv2d needs for all of Numba's threads: each takes
-    padded samples and their gradient, one tile's product and private dW / db sums;
-    the packed weights are shared. A smaller workspace runs smaller tiles
+    padded samples and their gradient, one tile's product and private dW / db sums
+    (and, where dx is a convolution, padded samples of dout and a band of dx); the
+    packed weights are shared. A smaller workspace runs smaller tiles
     (`tile_rows` output rows each), or fewer threads."""
     threads = numba.get_num_threads()
     shapes = (x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, threads)
