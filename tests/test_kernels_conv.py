@@ -478,6 +478,82 @@ def test_conv2d_shorter_last_band_matches_one_row_tiles():
         np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)
 
 
+# (N, C, H, W, O, kh, kw, pad(t, b, l, r), dilation, groups): stride-1 convs whose dx can
+# be a convolution (dout padded by d*(k-1) - p): 'same', dilated, grouped, asymmetric,
+# 'valid' and 'full' padding, small images several to a tile (9 samples: a partial last)
+DX_CONV_CASES = {
+    "same": (2, 3, 6, 5, 4, 3, 3, (1, 1, 1, 1), (1, 1), 1),
+    "dilated2_asympad": (2, 4, 9, 8, 5, 3, 3, (2, 1, 0, 3), (2, 2), 1),
+    "groups": (2, 6, 7, 6, 9, 3, 3, (1, 1, 1, 1), (1, 1), 3),
+    "depthwise_k2x3": (2, 4, 6, 7, 4, 2, 3, (0, 1, 1, 1), (1, 1), 4),
+    "valid_k5": (2, 6, 9, 9, 16, 5, 5, (0, 0, 0, 0), (1, 1), 1),
+    "full": (2, 3, 5, 6, 4, 3, 2, (2, 2, 1, 1), (1, 1), 1),
+    "pointwise": (2, 5, 4, 3, 3, 1, 1, (0, 0, 0, 0), (1, 1), 1),
+    "small_samples": (9, 3, 5, 6, 5, 3, 3, (1, 1, 1, 1), (1, 1), 1),
+}
+
+
+@pytest.mark.parametrize("rows", [2, None])
+@pytest.mark.parametrize("name", list(DX_CONV_CASES))
+def test_dx_as_a_convolution_matches_the_transposed_product(name, rows, monkeypatch):
+    """Stride-1 dx taken as a convolution of dout with the flipped, transposed weights
+    (bands of `rows` rows, or the default tiles) gives the transposed product's dx:
+    plain, through a fused ReLU, and with the fusion hooks and accumulate; dW and db
+    do not change. float64, tight; the 256-bit kernels run it with
+    CNNSPEC_VECTOR_BITS=256."""
+    n, c, h, w, o, kh, kw, pad, dil, g = DX_CONV_CASES[name]
+    oh, ow = (
+        _conv_out(h, kh, 1, pad[0], pad[1], dil[0]),
+        _conv_out(w, kw, 1, pad[2], pad[3], dil[1]),
+    )
+    shapes = ((n, c, h, w), (o, c // g, kh, kw), (n, o, oh, ow), (1, 1), pad, dil)
+    monkeypatch.setattr(conv, "_dx_as_conv", lambda *a: True)  # (a workspace with room)
+    assert conv._dx_conv(*shapes, 1, 1, conv.panel(8)) is not None
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal(shapes[0]) + 1.0
+    wt = rng.standard_normal(shapes[1])
+    b = rng.standard_normal(o)
+    out = np.empty(shapes[2])
+    dout = rng.standard_normal(out.shape)
+    ws = np.empty(conv.conv2d_workspace(*shapes, 8, tile_rows=rows))
+    scale, shift = rng.standard_normal(c), rng.standard_normal(c)
+    k, affine = rng.standard_normal((3, o)), rng.standard_normal((2, o))
+    prior = rng.standard_normal(x.shape)
+    calls = [  # (forward act, backward keywords, dx's starting value)
+        (0, {}, None),
+        (conv.ACT_RELU, {}, None),
+        (0, {"in_affine": (scale, shift, 1), "accumulate": True,
+             "dout_affine": (k, affine, 1)}, prior),
+        (0, {"accumulate": True, "dout_affine": (k, affine, 0)}, prior),
+    ]  # fmt: skip
+    for act, hooks, start in calls:
+        fwd = {"in_affine": hooks["in_affine"]} if "in_affine" in hooks else {}
+        conv.conv2d_forward(x, wt, b, (1, 1), pad, dil, g, out, ws, act, **fwd)
+        results = []
+        for as_conv in (False, True):
+            monkeypatch.setattr(conv, "_dx_as_conv", lambda *a, as_conv=as_conv: as_conv)
+            dx = np.full_like(x, np.nan) if start is None else start.copy()
+            dw, db = np.empty_like(wt), np.empty_like(b)
+            conv.conv2d_backward(x, wt, dout, (1, 1), pad, dil, g, ws, dx, dw, db, out, act,
+                                 **hooks)  # fmt: skip
+            results.append((dx, dw, db))
+        for old, new in zip(*results, strict=True):
+            np.testing.assert_allclose(new, old, rtol=1e-12, atol=1e-12)
+
+
+def test_dx_as_a_convolution_only_where_it_can_and_pays():
+    """Strides, and padding beyond the kernel's reach, keep the transposed product; so do
+    convs whose dout padding would make the convolution's work too large (LeNet-5's c3)."""
+    same = ((128, 16, 32, 32), (16, 16, 3, 3), (128, 16, 32, 32), (1, 1), (1,) * 4, (1, 1))
+    assert conv._dx_conv(*same, 1, 1, 48) is not None
+    strided = ((2, 3, 8, 8), (4, 3, 3, 3), (2, 4, 4, 4), (2, 2), (1,) * 4, (1, 1))
+    assert conv._dx_conv(*strided, 1, 1, 48) is None
+    wide_pad = ((2, 3, 8, 8), (4, 3, 3, 3), (2, 4, 10, 10), (1, 1), (3, 1, 1, 3), (1, 1))
+    assert conv._dx_conv(*wide_pad, 1, 1, 48) is None
+    c3 = ((64, 6, 14, 14), (16, 6, 5, 5), (64, 16, 10, 10), (1, 1), (0,) * 4, (1, 1))
+    assert conv._dx_conv(*c3, 1, 1, 48) is None
+
+
 @pytest.mark.slow
 def test_narrow_vector_kernels_match_numpy(tmp_path):
     """The 256-bit micro-kernels (CPUs without AVX-512), forced in a fresh process with

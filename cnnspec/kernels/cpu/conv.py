@@ -428,6 +428,9 @@ def _geometry(
         pad_size = c * sh * sw * spt * hq * wq + nr + kw * int(dilation[1]) + wq
         # padded x and dx, zero and sink rows, the product, dW, db
         size = 2 * pad_size + 2 * tcp + g * max(ogb, ogd) * tcp + g * ogd * kgd + o
+        dxc = _dx_conv(x_shape, w_shape, out_shape, stride, pad, dilation, rows, spt, nr)
+        if dxc is not None:  # then the dx convolution's padded dout and product
+            size += dxc.size
         return tcp, pad_size, size
 
     spt = 1
@@ -444,8 +447,77 @@ def _geometry(
     tiles = -(-oh // rows)
     rows = -(-oh // tiles)  # bands of even height
     tcp, pad_size, size = layout(rows, spt)
-    wpack = g * max(ogb * kg, kgb * og)
+    wpack = g * max(ogb * kg, kgb * og, _round_up(cg, MR) * og * kh * kw)
     return _Geometry(hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, size, wpack)
+
+
+# The input gradient of a stride-1 conv is itself a conv: dx = conv(dout padded by
+# d*(k-1) - p, W with O and C/g swapped per group and flipped in both spatial axes),
+# a reduction over og*kh*kw (ResNet-20's first stage: 144) written once. The
+# transposed product (dx += W^T dout into the padded dx, a reduction over og alone)
+# pays a read-modify-write of 8 overlapping rows per og FMA steps. Measured (1 thread,
+# 512-bit, ResNet-20 b128 with its norms fused): dx 8.1 -> 4.5 ms (16 channels,
+# 32x32), 6.8 -> 4.1 (32, 16x16), 6.7 -> 4.8 (64, 8x8); the step's conv backward
+# 200 -> 170 ms. The padded dout is copied from the tiles dW reads (_gather's), so
+# the ReLU mask and the norm's gradient are formed once.
+class _DxConv(NamedTuple):
+    hq: int  # height and width of a padded sample of dout
+    wq: int
+    pt: int  # dout's padding: top and left
+    pl: int
+    rows: int  # dx rows per band
+    tiles: int  # bands per sample
+    tcp: int  # product columns per band, padded to whole panels
+    cgb: int  # input channels per group, padded to whole bcast blocks
+    pad_size: int  # padded dout samples, with slack for the padding columns' reads
+    size: int  # per thread: padded dout and the product
+
+
+def _dx_conv(x_shape, w_shape, out_shape, stride, pad, dilation, rows, spt, nr):
+    """The dx convolution's sizes, for backward tiles of `rows` output rows and `spt`
+    samples; None where dx cannot be one (a stride, or padding beyond the kernel's
+    reach) or does not pay (_dx_as_conv): the workspace has room for it only there."""
+    n, c, h, w = x_shape
+    o, cg, kh, kw = w_shape
+    oh, ow = out_shape[2], out_shape[3]
+    sh, sw, pt, pb, pl, pr, dh, dw = _unpack(stride, pad, dilation)
+    qt, qb, ql, qr = dh * (kh - 1) - pt, dh * (kh - 1) - pb, dw * (kw - 1) - pl, dw * (kw - 1) - pr
+    if sh != 1 or sw != 1 or min(qt, qb, ql, qr) < 0:
+        return None
+    if not _dx_as_conv(x_shape, w_shape, out_shape, dilation):
+        return None
+    hq, wq = oh + qt + qb, ow + ql + qr
+    rows = h if rows >= oh else min(rows, h)
+    tiles = -(-h // rows)
+    rows = -(-h // tiles)
+    tcp = _round_up(rows * spt * wq, nr)
+    cgb = _round_up(cg, MR)
+    pad_size = o * spt * hq * wq + nr + kw * dw + wq
+    size = pad_size + (c // cg) * cgb * tcp
+    return _DxConv(hq, wq, qt, ql, rows, tiles, tcp, cgb, pad_size, size)
+
+
+# The dx convolution's multiply-adds over the transposed product's (both with their
+# padding rows and columns) beyond which the transposed product stays. The convolution
+# runs at a higher FLOP rate (ResNet-20's 3x3 'same' convs, ratio 1.0: dx 1.4-2.2x
+# faster with the 512-bit kernels, 1.1-1.4x with the 256-bit ones) but multiplies all
+# of dout's padding, which a 'valid' conv on a small map makes large. Measured, 1
+# thread, 512-bit: ratio 1.33-1.67 1.2-1.6x faster, 1.8 1.0-1.25x, LeNet-5's c3 (2.4)
+# 0.8x; 256-bit: 1.33-1.4 0.85-1.0x, 1.8 0.7-0.9x.
+_DX_CONV_MAX_WORK = 1.75 if _WIDE else 1.25
+
+
+def _dx_as_conv(x_shape, w_shape, out_shape, dilation):
+    """Whether dx is taken as a convolution where it can be one (a stride-1 conv)."""
+    h, w = x_shape[2], x_shape[3]
+    o, cg, kh, kw = w_shape
+    oh, ow = out_shape[2], out_shape[3]
+    og = o * cg // x_shape[1]
+    dw = int(dilation[1])
+    wq_x = ow + dw * (kw - 1)  # a padded row of x, stride 1
+    transposed = oh * wq_x * _round_up(cg * kh * kw, MR) * og
+    as_conv = h * (w + dw * (kw - 1)) * _round_up(cg, MR) * og * kh * kw
+    return as_conv <= _DX_CONV_MAX_WORK * transposed
 
 
 def conv2d_workspace(
@@ -459,8 +531,9 @@ def conv2d_workspace(
     tile_rows=None,
 ) -> int:
     """Elements of workspace a conv2d needs for all of Numba's threads: each takes
-    padded samples and their gradient, one tile's product and private dW / db sums;
-    the packed weights are shared. A smaller workspace runs smaller tiles
+    padded samples and their gradient, one tile's product and private dW / db sums
+    (and, where dx is a convolution, padded samples of dout and a band of dx); the
+    packed weights are shared. A smaller workspace runs smaller tiles
     (`tile_rows` output rows each), or fewer threads."""
     threads = numba.get_num_threads()
     shapes = (x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, threads)
@@ -776,9 +849,102 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
                 moments[t, 3 * o_] += ns * nr * ow
 
 
+@njit(**HELPER, nogil=True)
+def _pack_flipped(w3, kh, kw, rows_p, wpack):
+    """_pack's layout for the dx convolution's A: A[g, c, (o, i, j)] = w[g*og + o, c,
+    kh-1-i, kw-1-j] (w3 = w as (g, og, cg*kh*kw)), zero rows c up to rows_p."""
+    g_, og, kg = w3.shape
+    cg, khw = kg // (kh * kw), kh * kw
+    inner = og * khw
+    for g in range(g_):
+        for rb in range(rows_p // MR):
+            for o in range(og):
+                for ij in range(khw):
+                    at = ((g * (rows_p // MR) + rb) * inner + o * khw + ij) * MR
+                    for i in range(MR):
+                        c = rb * MR + i
+                        wpack[at + i] = w3[g, o, c * khw + khw - 1 - ij] if c < cg else 0.0
+
+
+@njit(**HELPER, nogil=True)
+def _dout_to_padded(dprod, o_, og, ogd, tcp, wq, oy0, nr, ns, spt, ow, dxc, dpad):
+    """Copies a tile's gathered dout (dprod's rows, as dW reads them) into the padded
+    samples of dout the dx convolution reads: [o][y][s][x], y and x shifted by dout's
+    padding (its zeros written once per thread)."""
+    hq2, wq2, qt, ql = dxc[0], dxc[1], dxc[2], dxc[3]
+    for o in range(o_):
+        g = o // og
+        at = (g * ogd + o - g * og) * tcp
+        for r in range(nr):
+            for s in range(ns):
+                d = ((o * hq2 + qt + oy0 + r) * spt + s) * wq2 + ql
+                src = dprod[at + (r * spt + s) * wq : at + (r * spt + s) * wq + ow]
+                dst = dpad[d : d + ow]
+                for v in range(ow):
+                    dst[v] = src[v]
+
+
+@njit(**HELPER, nogil=True)
+def _dx_tables(g_, og, dims, dxc, spt, dpad_at, prod_at):
+    """The dx convolution's row offsets: im2col rows (o, i, j) of the padded dout (B),
+    product rows (C)."""
+    kh, kw = dims[6], dims[7]
+    hq2, wq2, tcp2, cgb = dxc[0], dxc[1], dxc[6], dxc[7]
+    flat = (1, 1, 0, 0, dims[4], dims[5], kh, kw)  # stride 1, dout's padding made already
+    rows_b = np.empty(g_ * og * kh * kw, np.int64)
+    for k in range(rows_b.shape[0]):
+        rows_b[k] = dpad_at + _patch_offset(k, flat, spt, hq2, wq2)
+    rows_p = np.empty(g_ * cgb, np.int64)
+    for r in range(rows_p.shape[0]):
+        rows_p[r] = prod_at + r * tcp2
+    return rows_b, rows_p
+
+
+@njit(**HELPER, nogil=True)
+def _write_dx(prod, cg, cgb, tcp2, wq2, n0, ns, spt, y0, nr, dx, accumulate):
+    """dx[n0 : n0 + ns, :, y0 : y0 + nr] = (or +=, `accumulate`) a band's product."""
+    c_, w_ = dx.shape[1], dx.shape[3]
+    for s in range(ns):
+        for c in range(c_):
+            g = c // cg
+            at = (g * cgb + c - g * cg) * tcp2 + s * wq2
+            for r in range(nr):
+                src = prod[at + r * spt * wq2 : at + r * spt * wq2 + w_]
+                dst = dx[n0 + s, c, y0 + r]
+                if accumulate:
+                    for v in range(w_):
+                        dst[v] += src[v]
+                else:
+                    for v in range(w_):
+                        dst[v] = src[v]
+
+
+@njit(**HELPER, nogil=True)
+def _dx_convolve(wpack, ws, rows_b, rows_p, prod, g_, og, kg, dims, dxc, n0, ns, spt, dx, acc):
+    """dx[n0 : n0 + ns] = (or +=, `acc`) the dx convolution of the padded dout, band by
+    band: the forward's tiled product (B rows: rows_b, C rows: rows_p into `prod`)."""
+    kh, kw = dims[6], dims[7]
+    wq2, rows2, tiles2, tcp2, cgb = dxc[1], dxc[4], dxc[5], dxc[6], dxc[7]
+    k2 = og * kh * kw  # its reduction
+    nr_ = NV * (VECTOR_BYTES // dx.itemsize)
+    mr = MR
+    for b in range(tiles2):
+        y0 = b * rows2
+        nr = min(rows2, dx.shape[2] - y0)
+        for g in range(g_):
+            for p in range(-(-nr * spt * wq2 // nr_)):
+                for cb in range(cgb // mr):
+                    bcast(
+                        wpack, (g * (cgb // mr) + cb) * k2 * mr,
+                        ws, rows_b, g * k2, y0 * spt * wq2 + p * nr_,
+                        ws, rows_p, g * cgb + cb * mr, p * nr_, k2, 0,
+                    )  # fmt: skip
+        _write_dx(prod, kg // (kh * kw), cgb, tcp2, wq2, n0, ns, spt, y0, nr, dx, acc)
+
+
 @Builds
 def _backward_samples(
-    x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws, aff, mode, accumulate, gk, gmode
+    x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws, aff, mode, accumulate, gk, gmode, dxc
 ):
     hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, _ = geo
     n_ = x.shape[0]
@@ -788,7 +954,12 @@ def _backward_samples(
     mr, md, nd = MR, MD, ND
     go = g_ * ogd  # rows of dout
     wpack = ws[T * per :]
-    if want_dx:
+    # dxc: the dx convolution's sizes (a _DxConv), or None: dx the transposed way. Each
+    # is a build of its own without the other's code (Numba prunes `dxc is None`
+    # branches before compiling): LeNet-5 compiles only the second one.
+    if dxc is not None:
+        _pack_flipped(w3, dims[6], dims[7], dxc[7], wpack)
+    elif want_dx:
         _pack(w3, bool(1), kgb, wpack)
     for t in prange(T):
         x_at, dx_at, zero_at, sink_at, prod_at, dw_at = _regions(geo, g_, t * per)
@@ -801,13 +972,20 @@ def _backward_samples(
         dwt[:] = 0
         db[:] = 0
         ws[zero_at : zero_at + tcp] = 0
+        if dxc is not None:  # its region ends the thread's: padded dout, then the product
+            dpad_at = (t + 1) * per - dxc[9]
+            dpad = ws[dpad_at : dpad_at + dxc[8]]
+            dpad[:] = 0  # dout's padding; the interior is written for every sample
+            prod2 = ws[dpad_at + dxc[8] : (t + 1) * per]
+            rows_b2, rows_p2 = _dx_tables(g_, og, dims, dxc, spt, dpad_at, dpad_at + dxc[8])
         n0, hi = t * n_ // T, (t + 1) * n_ // T
         shape = (-1, -1)  # (rows, samples) of the tile in dprod
         while n0 < hi:
             ns = min(spt, hi - n0)
             _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode)
-            if want_dx:
-                dxpad[:] = 0
+            if dxc is None:
+                if want_dx:
+                    dxpad[:] = 0
             for b in range(tiles):
                 oy0 = b * rows
                 nr = min(rows, oh - oy0)
@@ -825,17 +1003,22 @@ def _backward_samples(
                                 ws, rows_b, g * kgd + kb, oy0 * wq,
                                 dwt, (g * ogd + ob) * kgd + kb * md, tcp,
                             )  # fmt: skip
-                if not want_dx:
-                    continue
-                for g in range(g_):  # dx += W^T dout, straight into the padded dx
-                    for p in range(tcp // nr_):
-                        for kb in range(kgb // mr):
-                            bcast(
-                                wpack, (g * (kgb // mr) + kb) * og * mr,
-                                ws, rows_p, g * ogd, p * nr_,
-                                ws, rows_dx, g * kgb + kb * mr, oy0 * wq + p * nr_, og, 1,
-                            )  # fmt: skip
-            if want_dx:
+                if dxc is not None:
+                    _dout_to_padded(dprod, o_, og, ogd, tcp, wq, oy0, nr, ns, spt, dout.shape[3],
+                                    dxc, dpad)  # fmt: skip
+                elif want_dx:
+                    for g in range(g_):  # dx += W^T dout, straight into the padded dx
+                        for p in range(tcp // nr_):
+                            for kb in range(kgb // mr):
+                                bcast(
+                                    wpack, (g * (kgb // mr) + kb) * og * mr,
+                                    ws, rows_p, g * ogd, p * nr_,
+                                    ws, rows_dx, g * kgb + kb * mr, oy0 * wq + p * nr_, og, 1,
+                                )  # fmt: skip
+            if dxc is not None:
+                _dx_convolve(wpack, ws, rows_b2, rows_p2, prod2, g_, og, kg, dims, dxc, n0, ns,
+                             spt, dx, accumulate)  # fmt: skip
+            elif want_dx:
                 _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate)
             n0 += ns
 
@@ -996,9 +1179,11 @@ def conv2d_backward(
         gk = np.empty((5, w.shape[0]), x.dtype)
         gk[:3], gk[3:] = k, affine
         gmode = OUT_NORM_RELU if relu else OUT_NORM
+    shapes = (x.shape, w.shape, dout.shape, stride, pad, dilation)
+    dxc = _dx_conv(*shapes, geo.rows, geo.spt, panel(x.itemsize)) if want_dx else None
     _backward_samples.pick(threads == 1)(
         x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat, aff, mode,
-        bool(accumulate), gk, gmode,
+        bool(accumulate), gk, gmode, None if dxc is None else tuple(dxc),
     )  # fmt: skip
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape
