@@ -1,20 +1,12 @@
 """Numba/numpy CPU kernels for cnnspec layers (NCHW, outputs written in place), one
 module per layer family; `backend.py` hands them to the layers.
 
-OpenMP workers spin a while after each parallel loop, then sleep. PASSIVE (sleep at
-once) made each of a step's parallel loops wake sleeping workers: LeNet-5 b64 step
-2.6 ms against 1.4 on an idle machine, when a step had ~40 parallel loops. libgomp's
-default spin, 300,000 rounds of ~140 cycles (~15 ms), is the other extreme: beside a
-busy process on 2 cores the spinning worker takes the core the lagging one needs, and
-a 2-thread LeNet-5 step ran 8x slower than on 1 thread. 1,000 rounds (~50 us) bridge
-the gaps between a step's loops and give a busy core back: on the shared 2-core
-machine, 2 threads gave 8,633 img/s alone and 6,670 beside a busy process (1 thread:
-8,340 alone, 5,373 beside one; the default spin: 1,400 and 1,338; PASSIVE: 9,814 and
-5,505), measured with LeNet-5's convs, pools and loss as OpenMP loops. Set before
-Numba starts its OpenMP workers; the user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+OpenMP workers spin a while after each parallel loop (libgomp's default: ~300,000
+rounds), so the next of a step's many loops starts at once. Beside a busy process a
+spinning worker takes the core its lagging partner needs (2 threads ran LeNet-5 8x
+slower than one); threads.py's governor then runs the kernels on one thread, which has
+no partner to wait for. Capping the spin instead (GOMP_SPINCOUNT=1000, ~50 us, as
+cnnspec did before the governor) cost a quiet machine's 2-thread ResNet-20 b128 step
+~20% (AMD EPYC Zen 5: 458-686 against 621-716 img/s over three quick runs each). The
+user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is respected as always.
 """
-
-import os
-
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
