@@ -573,11 +573,12 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
     # divisions hoisted out of the row loops (they cost more than a row's copy: 16 -> 32
     # channels at stride 2, 32x32, b128: 3.5 -> 1.0 ms): per phase ph, its first input
     # column, how many columns, and where they land
-    first = np.empty((3, sw), np.int64)
+    # (flat: a 2-d np.empty compiled one more Numba function on a cold start)
+    first = np.empty(3 * sw, np.int64)
     for ph in range(sw):
         x0 = (ph - pl) % sw
-        first[0, ph], first[1, ph] = x0, max((w_ - x0 + sw - 1) // sw, 0)
-        first[2, ph] = ph * phase + (x0 + pl) // sw
+        first[ph], first[sw + ph] = x0, max((w_ - x0 + sw - 1) // sw, 0)
+        first[2 * sw + ph] = ph * phase + (x0 + pl) // sw
     for c in range(c_):
         if aff is not None:
             ca = c if mode != IN_COPY else 0
@@ -598,8 +599,8 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
                             dst[v] = t if (mode != IN_AFFINE_RELU or t > 0) else zero
                 else:
                     for ph in range(sw):  # every sw-th input column lands in phase ph
-                        m, d = first[1, ph], at + first[2, ph]
-                        dst, row = xpad[d : d + m], src[first[0, ph] :]
+                        m, d = first[sw + ph], at + first[2 * sw + ph]
+                        dst, row = xpad[d : d + m], src[first[ph] :]
                         for u in range(np.uint64(m)):  # (a name of its own: an
                             # index both signed and unsigned would be typed float64)
                             e = row[u * np.uint64(sw)]
