@@ -48,7 +48,8 @@ def worker(spec: str, global_batch: int, steps: int, warmup: int) -> None:
     import numba
     import numpy as np
 
-    from cnnspec.bench import LoadMeter, random_batch
+    from cnnspec.bench import random_batch
+    from cnnspec.machine_load import LoadMeter
     from cnnspec.network import build
     from cnnspec.spec.load import load_file
     from cnnspec.train import SGD

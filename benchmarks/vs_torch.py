@@ -337,10 +337,10 @@ def _pid_cpu_s(pid: int) -> float:
 
 class Load:
     """Cores used by processes other than this one and the given pids, over an interval
-    (cnnspec.bench's LoadMeter, counting the workers as our own)."""
+    (cnnspec's LoadMeter, counting the workers as our own)."""
 
     def __init__(self, pids=()):
-        from cnnspec.bench.probes import LoadMeter
+        from cnnspec.machine_load import LoadMeter
 
         pids = list(pids)
 

@@ -5,6 +5,7 @@ reads to give cores back to them. No Numba here."""
 from __future__ import annotations
 
 import os
+import time
 
 
 def busy_seconds(cpus=None) -> float | None:
@@ -32,3 +33,25 @@ def own_seconds() -> float:
     """CPU seconds this process (all its threads) has spent so far."""
     t = os.times()
     return t.user + t.system
+
+
+class LoadMeter:
+    """The CPU other processes use while we measure: busy time (`busy`: of the whole
+    machine by default) minus ours (`own`), over the wall time since `start`."""
+
+    def __init__(self, own=own_seconds, busy=busy_seconds, clock=time.perf_counter):
+        self.own, self.busy, self.clock = own, busy, clock
+        self.start()
+
+    def start(self):
+        self.t0, self.busy0, self.own0 = self.clock(), self.busy(), self.own()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    def external_cores(self) -> float | None:
+        busy = self.busy()
+        wall = self.elapsed()
+        if busy is None or self.busy0 is None or wall <= 0:
+            return None
+        return max(0.0, (busy - self.busy0 - (self.own() - self.own0)) / wall)

@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 
-from .probes import LoadMeter, blas_threads, machine_info, threads_set, versions
+from ..machine_load import LoadMeter
+from .probes import blas_threads, machine_info, threads_set, versions
 
 RESULT_KEYS = (
     "name",

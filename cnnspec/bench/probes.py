@@ -1,16 +1,13 @@
 """Machine and load probes shared by `cnnspec bench` and benchmarks/vs_torch.py: BLAS and
-Numba thread counts, the CPU model, the CPU other processes use, versions."""
+Numba thread counts, the CPU model, versions (the CPU other processes use: machine_load)."""
 
 from __future__ import annotations
 
 import os
 import platform
-import time
 from contextlib import contextmanager
 
 import numpy as np
-
-from ..machine_load import busy_seconds, own_seconds
 
 
 # ---- BLAS threads (threadpoolctl, as the model limits them) ----------------------------------
@@ -62,24 +59,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-class LoadMeter:
-    """The CPU other processes use while we measure: machine busy time minus ours."""
-
-    def __init__(self, own=own_seconds):
-        self.own = own
-        self.start()
-
-    def start(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), busy_seconds(), self.own()
-
-    def external_cores(self) -> float | None:
-        busy = busy_seconds()
-        wall = time.perf_counter() - self.t0
-        if busy is None or self.busy0 is None or wall <= 0:
-            return None
-        return max(0.0, (busy - self.busy0 - (self.own() - self.own0)) / wall)
 
 
 def machine_info() -> dict:

@@ -23,7 +23,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from ...machine_load import busy_seconds, own_seconds
+from ...machine_load import LoadMeter, busy_seconds, own_seconds
 
 WINDOW = 0.25  # seconds between looks: LeNet-5 runs ~100 steps in one, ResNet-20 ~1
 SLACK = 0.3  # cores others may use before a thread gives its core up (a daemon's blip)
@@ -43,29 +43,23 @@ class ThreadGovernor:
 
     def __init__(self, cpus=None, busy=None, own=own_seconds, clock=time.perf_counter):
         self.cpus = cpus if cpus is not None else _our_cpus()
-        self.busy = busy if busy is not None else (lambda: busy_seconds(self.cpus))
-        self.own, self.clock = own, clock
+        busy = busy if busy is not None else (lambda: busy_seconds(self.cpus))
+        self.meter = LoadMeter(own, busy, clock)  # others' load since the last look
         self.lock = threading.Lock()
         self.allowed = None  # threads the last look allows; None: no limit (or not looked yet)
-        self.last = None  # (time, busy, own) of the last look
 
     def _look(self) -> None:
-        now, busy, own = self.clock(), self.busy(), self.own()
-        if busy is None or self.cpus is None:
+        others = self.meter.external_cores()
+        self.meter.start()
+        if others is None or self.cpus is None:
             self.allowed = None
-            return
-        if self.last is not None:
-            then, busy0, own0 = self.last
-            wall = now - then
-            if wall > 0:
-                others = max(0.0, (busy - busy0) - (own - own0)) / wall
-                free = len(self.cpus) - others
-                self.allowed = None if others <= SLACK else max(1, math.floor(free + SLACK))
-        self.last = (now, busy, own)
+        else:
+            free = len(self.cpus) - others
+            self.allowed = None if others <= SLACK else max(1, math.floor(free + SLACK))
 
     def threads(self, ceiling: int) -> int:
         with self.lock:
-            if self.last is None or self.clock() - self.last[0] >= WINDOW:
+            if self.meter.elapsed() >= WINDOW:
                 self._look()
             return ceiling if self.allowed is None else max(1, min(ceiling, self.allowed))
 
