@@ -31,6 +31,13 @@ quiet before it starts, and records per row how many cores *other* processes use
 measured (from /proc/stat, less its own workers' CPU time). Numbers from a loaded machine are
 unreliable, especially multi-threaded ones.
 
+Instruction sets: ``CNNSPEC_VECTOR_BITS=256`` runs cnnspec's 256-bit micro-kernels, as on a
+CPU without AVX-512. On a CPU that has it, ``--torch-isa auto`` (the default) then holds
+PyTorch to AVX2 as well (``ATEN_CPU_CAPABILITY=avx2`` for its own kernels,
+``ONEDNN_MAX_CPU_ISA=AVX2`` for oneDNN's convolutions, ``MKL_ENABLE_INSTRUCTIONS=AVX2``), so
+the row compares what both would do on that CPU; ``--torch-isa native`` lets PyTorch use
+everything the CPU has. The report names both.
+
 Graceful under load: a row with ``busy`` > 0 starts that many busy processes (``while True:
 pass``) beside the workers for each round (killed after it; their CPU is not counted as other
 load). A fair target is the 1-thread throughput beside one busy process: the cores left free.
@@ -192,6 +199,26 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _avx512() -> bool:
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def torch_isa_env(choice: str) -> dict:
+    """The environment that holds PyTorch to AVX2 (see the module docstring), or {}."""
+    narrow = os.environ.get("CNNSPEC_VECTOR_BITS") == "256" and _avx512()
+    if choice == "avx2" or (choice == "auto" and narrow):
+        return {
+            "ATEN_CPU_CAPABILITY": "avx2",
+            "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "DNNL_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        }
+    return {}
+
+
 def _thread_env(threads: int, env=None) -> dict:
     env = dict(os.environ if env is None else env)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -219,6 +246,9 @@ class _CnnspecRunner:
         self.import_s = time.perf_counter() - t0
         self.rss_import_mb = _rss_now_mb()
         self.threads = {"numba": numba.get_num_threads(), "blas": cb.blas_threads()}
+        from cnnspec.kernels.cpu._common import VECTOR_BITS
+
+        self.isa = f"{VECTOR_BITS}-bit kernels"
         before = cb.kernel_state()
         t0 = time.perf_counter()
         net = cnnspec.load(ROOT / spec_file)
@@ -253,6 +283,7 @@ class _TorchRunner:
         self.import_s = time.perf_counter() - t0
         self.rss_import_mb = _rss_now_mb()
         self.threads = {"torch": torch.get_num_threads()}
+        self.isa = torch.backends.cpu.get_cpu_capability()
         self.cache = None
         torch.manual_seed(0)
         t0 = time.perf_counter()
@@ -296,6 +327,7 @@ def worker(args) -> None:
         "first_s": runner.first_s,
         "rss_import_mb": runner.rss_import_mb,
         "threads": runner.threads,
+        "isa": runner.isa,
         "cache": runner.cache,
     }
     if args.startup:
@@ -460,7 +492,8 @@ class Worker:
             stderr=self.err,
             text=True,
             cwd=ROOT,
-            env=_thread_env(args.threads, env),
+            env=_thread_env(args.threads, env)
+            | (torch_isa_env(args.torch_isa) if framework.startswith("torch") else {}),
         )
 
     def read(self) -> dict:
@@ -580,6 +613,7 @@ def _measure_row(row: Row, args, workers: dict, ready: dict) -> dict:
             "peak_rss_mb": closing["peak_rss_mb"],
             "rss_after_import_mb": ready[fw]["rss_import_mb"],
             "threads_seen": ready[fw]["threads"],
+            "isa": ready[fw].get("isa"),
             "first_s": ready[fw]["first_s"],
             "cache": ready[fw]["cache"],
         }
@@ -686,6 +720,16 @@ def _gpu_lines(rows: list[dict], result: dict) -> list[str]:
     return lines
 
 
+def _isa_text(rows: list[dict], settings: dict) -> str:
+    """What each framework ran on, as its workers reported it."""
+    seen = {fw: r[fw].get("isa") for r in rows for fw in ("cnnspec", "torch") if fw in r}
+    text = f"cnnspec {seen.get('cnnspec') or '?'}, torch {seen.get('torch') or '?'}"
+    if settings.get("torch_isa_env"):
+        held = ", ".join(f"{k}={v}" for k, v in settings["torch_isa_env"].items())
+        text += f" (held there, as on a CPU without AVX-512: {held})"
+    return text
+
+
 def markdown(result: dict) -> str:
     m, v, s = result["machine"], result["versions"], result["settings"]
     rows = result["rows"]
@@ -699,6 +743,7 @@ def markdown(result: dict) -> str:
         f"- settings: {s['mode']} run, {s['threads']} threads per framework; up to {s['rounds']} "
         f"alternating rounds of ~{s['round_s']} s per framework, {s['warmup']} warm-up "
         "iterations; throughput from the median over all kept iterations",
+        f"- instruction sets: {_isa_text(rows, s)}",
         f"- machine load: load average {m['loadavg'][0]:.2f} at the start, "
         f"{m.get('loadavg_end', [float('nan')])[0]:.2f} at the end. Each round waits for a quiet "
         f"moment; a round during which other processes used more than {s['max_load']} cores is "
@@ -795,6 +840,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--rows", help="comma-separated row keys (default: all): " + ", ".join(r.key for r in ROWS)
     )
+    p.add_argument(
+        "--torch-isa",
+        choices=["auto", "native", "avx2"],
+        default="auto",
+        help="PyTorch's instruction set: avx2 holds it to AVX2; auto does so when "
+        "CNNSPEC_VECTOR_BITS=256 on an AVX-512 CPU (both as on a CPU without AVX-512)",
+    )
     p.add_argument("--no-startup", action="store_true", help="skip the start-up measurements")
     p.add_argument("--startup-repeat", type=int, help="warm start-ups to take the best of")
     p.add_argument(
@@ -888,6 +940,8 @@ def main(argv=None) -> int:
             "lr": LR,
             "momentum": MOMENTUM,
             "device": args.device,
+            "torch_isa": args.torch_isa,
+            "torch_isa_env": torch_isa_env(args.torch_isa),
         },
         "param_counts": counts,
         "rows": [],

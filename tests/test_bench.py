@@ -324,3 +324,20 @@ def test_vs_torch_markdown_renders(vs_torch):
     assert "| LeNet-5 | 64 | train step |" in text and "**1.00**" in text
     assert "| ResNet-20 | 128 | inference |" in text and "0.90 ⚠ | 3 / 0 |" in text
     assert "unreliable" in text and "1 of 2 rows" in text and "CPU, 2 cores" in text
+    assert "instruction sets: cnnspec ?, torch ?" in text  # older results name none
+
+
+def test_vs_torch_holds_torch_to_avx2_beside_the_256_bit_kernels(vs_torch, monkeypatch):
+    monkeypatch.setattr(vs_torch, "_avx512", lambda: True)
+    monkeypatch.delenv("CNNSPEC_VECTOR_BITS", raising=False)
+    assert vs_torch.torch_isa_env("auto") == {}
+    assert vs_torch.torch_isa_env("avx2")["ATEN_CPU_CAPABILITY"] == "avx2"
+    monkeypatch.setenv("CNNSPEC_VECTOR_BITS", "256")
+    held = vs_torch.torch_isa_env("auto")
+    assert held["ONEDNN_MAX_CPU_ISA"] == "AVX2" and held["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
+    assert vs_torch.torch_isa_env("native") == {}
+    monkeypatch.setattr(vs_torch, "_avx512", lambda: False)  # an AVX2 CPU: nothing to hold
+    assert vs_torch.torch_isa_env("auto") == {}
+    rows = [{"cnnspec": {"isa": "256-bit kernels"}, "torch": {"isa": "AVX2"}}]
+    text = vs_torch._isa_text(rows, {"torch_isa_env": held})
+    assert text.startswith("cnnspec 256-bit kernels, torch AVX2 (held there")
