@@ -219,12 +219,21 @@ def torch_isa_env(choice: str) -> dict:
     return {}
 
 
+# glibc's malloc, left alone, hands large freed blocks back to the kernel in some processes
+# and not in others (its thresholds move with the order of allocations): PyTorch, which
+# allocates every step's activations anew, then takes ~1,600 page faults per LeNet-5 b64
+# step in one run and none in the next, and its throughput moved 2-3x between runs of this
+# script. Both workers keep freed memory (cnnspec allocates its buffers once: no effect).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
 def _thread_env(threads: int, env=None) -> dict:
     env = dict(os.environ if env is None else env)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
     env.pop("NUMBA_NUM_THREADS", None)
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(MALLOC_ENV)
     return env
 
 
@@ -744,6 +753,15 @@ def markdown(result: dict) -> str:
         f"alternating rounds of ~{s['round_s']} s per framework, {s['warmup']} warm-up "
         "iterations; throughput from the median over all kept iterations",
         f"- instruction sets: {_isa_text(rows, s)}",
+        *(
+            [
+                "- malloc: both workers keep freed memory ("
+                + ", ".join(f"{k}={v}" for k, v in s["malloc_env"].items())
+                + "): stock glibc made PyTorch's step times swing 2-3x between runs"
+            ]
+            if s.get("malloc_env")
+            else []
+        ),
         f"- machine load: load average {m['loadavg'][0]:.2f} at the start, "
         f"{m.get('loadavg_end', [float('nan')])[0]:.2f} at the end. Each round waits for a quiet "
         f"moment; a round during which other processes used more than {s['max_load']} cores is "
@@ -942,6 +960,7 @@ def main(argv=None) -> int:
             "device": args.device,
             "torch_isa": args.torch_isa,
             "torch_isa_env": torch_isa_env(args.torch_isa),
+            "malloc_env": MALLOC_ENV,
         },
         "param_counts": counts,
         "rows": [],
