@@ -848,16 +848,6 @@ def _moments(y, k):
     return a, a2
 
 
-@njit(**HELPER, nogil=True)
-def _share(part, parts, size, line):
-    """(first element, lines) of part `part` of `parts` of a span of `size` elements in
-    cache lines of `line` elements: one micro-kernel call's prefetches."""
-    lines = -(-size // line)
-    per = -(-lines // parts)
-    first = min(part * per, lines)
-    return first * line, min(per, lines - first)
-
-
 @Builds
 def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, want_moments):
     hq, wq, rows, tiles, spt, tcp, ogb, _ogd, _kgb, kgd, pad_size, per, _ = geo
@@ -885,21 +875,22 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
             if n0 != last:
                 _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode)
                 last = n0
-            ahead = 0  # the next tile's samples, where it starts new ones: prefetched
+            ahead = 0  # lines of the next tile's samples, where it starts new ones
             if tile + 1 < end:
                 n1, ns1, _, _ = _tile_at(tile + 1, spt, tiles, rows, n_, oh)
                 if n1 != n0:
-                    ahead = ns1 * sample
+                    ahead = -(-ns1 * sample // line)
+            per_call = -(-ahead // calls)  # prefetched by each call
             q = 0
             for g in range(g_):
                 for p in range(tcp // nr_):
                     for ob in range(ogb // mr):
-                        pf_at, lines = _share(q, calls, ahead, line)
+                        lines = max(0, min(per_call, ahead - q * per_call))
                         bcast_ahead(
                             wpack, (g * (ogb // mr) + ob) * kg * mr,
                             ws, rows_b, g * kgd, oy0 * wq + p * nr_,
                             ws, rows_p, g * ogb + ob * mr, p * nr_, kg, 0,
-                            xf, (n0 + ns) * sample + pf_at, lines,
+                            xf, (n0 + ns) * sample + q * per_call * line, lines,
                         )  # fmt: skip
                         q += 1
             for s in range(ns):
@@ -996,20 +987,15 @@ def _write_dx(prod, cg, cgb, tcp2, wq2, n0, ns, spt, y0, nr, dx, accumulate):
 
 
 @njit(**HELPER, nogil=True)
-def _ahead(part, parts, spans, line):
-    """_share over the spans (in elements) of several inputs laid end to end: (which
-    input, its first element, lines) of one micro-kernel call's prefetches (a call's
-    share stops at the end of an input)."""
-    total = 0
-    for size in spans:
-        total += -(-size // line)
-    per = -(-total // parts)
-    first = part * per
-    for which in range(len(spans)):
-        lines = -(-spans[which] // line)
-        if first < lines:
-            return which, first * line, min(per, lines - first)
-        first -= lines
+def _ahead(first, per, lines):
+    """One micro-kernel call's share of the prefetches, lines first to first + per of
+    the inputs' (`lines`: how many each) laid end to end: (which input, its first line,
+    lines), stopping at the end of an input. Calls are short (LeNet-5's transposed dx
+    products: 6 steps), so the divisions are the caller's, once a sample."""
+    for which in range(len(lines)):
+        if first < lines[which]:
+            return which, first, min(per, lines[which] - first)
+        first -= lines[which]
     return 0, 0, 0
 
 
@@ -1019,8 +1005,8 @@ def _dx_convolve(
 ):
     """dx[n0 : n0 + ns] = (or +=, `acc`) the dx convolution of the padded dout, band by
     band: the forward's tiled product (B rows: rows_b, C rows: rows_p into `prod`),
-    prefetching `ahead` = (inputs, starts, spans): see :func:`_ahead`."""
-    inputs, starts, spans = ahead
+    prefetching `ahead` = (inputs, starts, lines), :func:`_ahead`'s."""
+    inputs, starts, lines = ahead
     kh, kw = dims[6], dims[7]
     wq2, rows2, tiles2, tcp2, cgb = dxc[1], dxc[4], dxc[5], dxc[6], dxc[7]
     k2 = og * kh * kw  # its reduction
@@ -1028,6 +1014,7 @@ def _dx_convolve(
     mr = MR
     line = 64 // dx.itemsize
     calls = tiles2 * g_ * (-(-rows2 * spt * wq2 // nr_)) * (cgb // mr)
+    per_call = -(-(lines[0] + lines[1] + lines[2]) // calls)
     q = 0
     for b in range(tiles2):
         y0 = b * rows2
@@ -1035,12 +1022,12 @@ def _dx_convolve(
         for g in range(g_):
             for p in range(-(-nr * spt * wq2 // nr_)):
                 for cb in range(cgb // mr):
-                    which, pf_at, lines = _ahead(q, calls, spans, line)
+                    which, at, count = _ahead(q * per_call, per_call, lines)
                     bcast_ahead(
                         wpack, (g * (cgb // mr) + cb) * k2 * mr,
                         ws, rows_b, g * k2, y0 * spt * wq2 + p * nr_,
                         ws, rows_p, g * cgb + cb * mr, p * nr_, k2, 0,
-                        inputs[which], starts[which] + pf_at, lines,
+                        inputs[which], starts[which] + at * line, count,
                     )  # fmt: skip
                     q += 1
         _write_dx(prod, kg // (kh * kw), cgb, tcp2, wq2, n0, ns, spt, y0, nr, dx, acc)
@@ -1093,8 +1080,10 @@ def _backward_samples(
         while n0 < hi:
             ns = min(spt, hi - n0)
             ns1 = min(spt, hi - n0 - ns)  # the next samples
-            spans = (ns1 * sample, ns1 * osample, ns1 * osample if reads_y else 0)
             starts = ((n0 + ns) * sample, (n0 + ns) * osample, (n0 + ns) * osample)
+            xl, ol = -(-ns1 * sample // line), -(-ns1 * osample // line)
+            lines = (xl, ol, ol if reads_y else 0)
+            per_call = -(-(lines[0] + lines[1] + lines[2]) // calls)
             q = 0
             _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode)
             if dxc is None:
@@ -1124,17 +1113,17 @@ def _backward_samples(
                     for g in range(g_):  # dx += W^T dout, straight into the padded dx
                         for p in range(tcp // nr_):
                             for kb in range(kgb // mr):
-                                which, pf_at, lines = _ahead(q, calls, spans, line)
+                                which, at, count = _ahead(q * per_call, per_call, lines)
                                 bcast_ahead(
                                     wpack, (g * (kgb // mr) + kb) * og * mr,
                                     ws, rows_p, g * ogd, p * nr_,
                                     ws, rows_dx, g * kgb + kb * mr, oy0 * wq + p * nr_, og, 1,
-                                    inputs[which], starts[which] + pf_at, lines,
+                                    inputs[which], starts[which] + at * line, count,
                                 )  # fmt: skip
                                 q += 1
             if dxc is not None:
                 _dx_convolve(wpack, ws, rows_b2, rows_p2, prod2, g_, og, kg, dims, dxc, n0, ns,
-                             spt, dx, accumulate, (inputs, starts, spans))  # fmt: skip
+                             spt, dx, accumulate, (inputs, starts, lines))  # fmt: skip
             elif want_dx:
                 _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate)
             n0 += ns
