@@ -1019,7 +1019,10 @@ def _dx_convolve(
     mr = MR
     line = 64 // dx.itemsize
     calls = tiles2 * g_ * (-(-rows2 * spt * wq2 // nr_)) * (cgb // mr)
-    per_call = -(-(lines[0] + lines[1] + lines[2]) // calls)
+    total = 0
+    for n in lines:
+        total += n
+    per_call = -(-total // calls)
     q = 0
     for b in range(tiles2):
         y0 = b * rows2
@@ -1057,9 +1060,11 @@ def _backward_samples(
         _pack_flipped(w3, dims[6], dims[7], dxc[7], wpack)
     elif want_dx:
         _pack(w3, bool(1), kgb, wpack)
-    # the next samples' x, dout (and y) are prefetched by the dx products (by the dW
-    # products they were not: 16 channels, 32x32, no faster)
-    inputs = (x.reshape(-1), dout.reshape(-1), y.reshape(-1))
+    # prefetched by the dx products (by the dW products: 16 channels, 32x32, no faster):
+    # the samples' dx, which they write (where it is one run), the next samples' x,
+    # dout (and y)
+    inputs = (dx.reshape(-1), x.reshape(-1), dout.reshape(-1), y.reshape(-1))
+    dx_run = want_dx and (dxc is None or dxc[5] == 1)  # whole samples a band
     sample, osample, line = x.size // n_, dout.size // n_, 64 // x.itemsize
     reads_y = act != 0 or gk is not None  # else y is dout, or unread
     calls = tiles * g_ * (tcp // nr_) * (kgb // mr)  # the transposed dx products
@@ -1085,10 +1090,11 @@ def _backward_samples(
         while n0 < hi:
             ns = min(spt, hi - n0)
             ns1 = min(spt, hi - n0 - ns)  # the next samples
-            starts = ((n0 + ns) * sample, (n0 + ns) * osample, (n0 + ns) * osample)
+            nxt = n0 + ns
+            starts = (n0 * sample, nxt * sample, nxt * osample, nxt * osample)
             xl, ol = -(-ns1 * sample // line), -(-ns1 * osample // line)
-            lines = (xl, ol, ol if reads_y else 0)
-            per_call = -(-(lines[0] + lines[1] + lines[2]) // calls)
+            lines = (-(-ns * sample // line) if dx_run else 0, xl, ol, ol if reads_y else 0)
+            per_call = -(-(lines[0] + lines[1] + lines[2] + lines[3]) // calls)
             q = 0
             _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode)
             if dxc is None:
