@@ -179,10 +179,10 @@ def _prefetcher(context, builder, signature, args, index):
 # The tiles' inputs stream from memory (a ResNet-20 batch's activations are 8 MiB a
 # layer): copied in a burst when a tile starts, they stalled the core ~0.5 ms of a 16-
 # channel 32x32 conv's 3.7 ms forward (1 thread, AMD EPYC Zen 5; the same conv with
-# its samples resident in L2: 3.2 ms). The ``_ahead`` kernels prefetch the next tile's
-# input while they multiply, one cache line per step: that recovers most of it, and
-# the forward's output rows, prefetched as well, a further 1.03-1.05x. Prefetches
-# issued in a burst between the calls recovered less than half.
+# its samples resident in L2: 3.2 ms). ``bcast_ahead`` prefetches the next tile's
+# input while it multiplies, one cache line per step: that recovers most of it; the
+# rows the tile's epilogue (or dx) writes, prefetched as well, a further 1.0-1.05x.
+# Prefetches issued in a burst between the calls recovered less than half.
 
 
 def _bcast_codegen(ahead):
@@ -238,7 +238,7 @@ def bcast_ahead(
     typingctx, a, ao, b, boffs, bi, bcol, c, coffs, ci, ccol, k, beta, pf, pf_at, lines
 ):
     """``bcast``, prefetching `lines` cache lines of pf from pf_at on, one a step
-    (at most k of them): the next tile's input."""
+    (at most k of them): a hint that changes no result."""
     i64 = types.int64
     sig = types.void(a, i64, b, boffs, i64, i64, c, coffs, i64, i64, i64, i64, pf, i64, i64)
     return sig, _bcast_codegen(True)
