@@ -848,8 +848,8 @@ def _moments(y, k):
     return a, a2
 
 
-@njit(**HELPER, nogil=True)
-def _ahead(first, per, lines):
+@njit(inline="always", nogil=True)  # inlined in Numba's IR: no compile of its own (a
+def _ahead(first, per, lines):  # cold LeNet-5 step compiles each helper once: test_first_run)
     """One micro-kernel call's share of the prefetches, lines first to first + per of
     the inputs' (`lines`: how many each) laid end to end: (which input, its first line,
     lines), stopping at the end of an input. Calls are short (LeNet-5's transposed dx
