@@ -548,6 +548,9 @@ def conv2d_workspace(
 # Inner loops index views with the loop variable alone: an index like s + q, whose
 # sign Numba cannot see, gets a negative-index check that stops LLVM vectorizing
 # the loop (measured: a 10x slower copy).
+#
+# Jitted code here writes `a if a < b else b`, not min(a, b): each builtin call compiles a
+# Numba function of its own (per signature and build flags) on a cold start.
 
 
 # The input hook (`in_affine`, see _common.input_hook): a batch norm, and the ReLU
@@ -575,10 +578,12 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
     # column, how many columns, and where they land
     # (flat: a 2-d np.empty compiled one more Numba function on a cold start)
     first = np.empty(3 * sw, np.int64)
-    for ph in range(sw):
-        x0 = (ph - pl) % sw
-        first[ph], first[sw + ph] = x0, max((w_ - x0 + sw - 1) // sw, 0)
+    x0 = (sw - pl % sw) % sw  # (ph - pl) % sw, counted along: as divisions, this loop was
+    for ph in range(sw):  # vectorised when a caller re-optimised this function (4x its code)
+        m = (w_ - x0 + sw - 1) // sw
+        first[ph], first[sw + ph] = x0, m if m > 0 else 0
         first[2 * sw + ph] = ph * phase + (x0 + pl) // sw
+        x0 = x0 + 1 if x0 + 1 < sw else 0
     for c in range(c_):
         if aff is not None:
             ca = c if mode != IN_COPY else 0
@@ -684,7 +689,7 @@ def _pack(w3, transpose, rows_p, wpack):
                         wpack[at + i] = w3[g, r, q]
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _regions(geo, g_, base):
     """Where the buffers of a thread starting at `base` are: padded x, padded dx, zero
     row, sink row, product (or dout), then dW and db."""
@@ -693,7 +698,7 @@ def _regions(geo, g_, base):
     zero_at = dx_at + pad_size
     sink_at = zero_at + tcp
     prod_at = sink_at + tcp
-    dw_at = prod_at + g_ * max(ogb, ogd) * tcp
+    dw_at = prod_at + g_ * (ogb if ogb > ogd else ogd) * tcp
     return base, dx_at, zero_at, sink_at, prod_at, dw_at
 
 
@@ -707,7 +712,7 @@ def _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at):
     ogb, ogd, kgb, kgd = geo[6], geo[7], geo[8], geo[9]
     rows_b = np.empty(g_ * kgd, np.int64)
     rows_dx = np.empty(g_ * kgb, np.int64)
-    rows_p = np.empty(g_ * max(ogb, ogd), np.int64)
+    rows_p = np.empty(g_ * (ogb if ogb > ogd else ogd), np.int64)
     for g in range(g_):
         for kk in range(kgd):
             at = _patch_offset(g * kg + kk, dims, spt, hq, wq)
@@ -725,10 +730,10 @@ def _tile_at(tile, spt, tiles, rows, n_, oh):
     """(first sample, samples, first output row, rows) of forward tile number `tile`."""
     if spt > 1:
         n0 = tile * spt
-        return n0, min(spt, n_ - n0), 0, oh
+        return n0, spt if spt < n_ - n0 else n_ - n0, 0, oh
     n0 = tile // tiles
     oy0 = (tile - n0 * tiles) * rows
-    return n0, 1, oy0, min(rows, oh - oy0)
+    return n0, 1, oy0, rows if rows < oh - oy0 else oh - oy0
 
 
 # The output-gradient hook (`dout_affine`): when the conv's output feeds only a batch
@@ -982,14 +987,14 @@ def _backward_samples(
         n0, hi = t * n_ // T, (t + 1) * n_ // T
         shape = (-1, -1)  # (rows, samples) of the tile in dprod
         while n0 < hi:
-            ns = min(spt, hi - n0)
+            ns = spt if spt < hi - n0 else hi - n0
             _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode)
             if dxc is None:
                 if want_dx:
                     dxpad[:] = 0
             for b in range(tiles):
                 oy0 = b * rows
-                nr = min(rows, oh - oy0)
+                nr = rows if rows < oh - oy0 else oh - oy0
                 if (nr, ns) != shape:  # junk and padding columns, padding rows: zero
                     dprod[:] = 0  # gradient. A tile of the same shape overwrites just what
                     shape = (nr, ns)  # the last one wrote (a memset per tile wrote as much)
@@ -1188,7 +1193,7 @@ def conv2d_backward(
     )  # fmt: skip
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape
-    at = _regions(tuple(geo), g, 0)[5]
+    at = _regions.py_func(tuple(geo), g, 0)[5]  # (a helper: no Python entry)
     size = g * geo.ogd * geo.kgd
     parts = [flat[t * geo.per_thread + at :][: size + w.shape[0]] for t in range(threads)]
     total = parts[0].copy()
