@@ -602,6 +602,9 @@ def conv2d_workspace(
 # Inner loops index views with the loop variable alone: an index like s + q, whose
 # sign Numba cannot see, gets a negative-index check that stops LLVM vectorizing
 # the loop (measured: a 10x slower copy).
+#
+# Jitted code here writes `a if a < b else b`, not min(a, b): each builtin call compiles a
+# Numba function of its own (per signature and build flags) on a cold start.
 
 
 # The input hook (`in_affine`, see _common.input_hook): a batch norm, and the ReLU
@@ -629,10 +632,12 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
     # column, how many columns, and where they land
     # (flat: a 2-d np.empty compiled one more Numba function on a cold start)
     first = np.empty(3 * sw, np.int64)
-    for ph in range(sw):
-        x0 = (ph - pl) % sw
-        first[ph], first[sw + ph] = x0, max((w_ - x0 + sw - 1) // sw, 0)
+    x0 = (sw - pl % sw) % sw  # (ph - pl) % sw, counted along: as divisions, this loop was
+    for ph in range(sw):  # vectorised when a caller re-optimised this function (4x its code)
+        m = (w_ - x0 + sw - 1) // sw
+        first[ph], first[sw + ph] = x0, m if m > 0 else 0
         first[2 * sw + ph] = ph * phase + (x0 + pl) // sw
+        x0 = x0 + 1 if x0 + 1 < sw else 0
     for c in range(c_):
         if aff is not None:
             ca = c if mode != IN_COPY else 0
@@ -720,8 +725,10 @@ def _patch_offset(k, dims, spt, hq, wq):
 def _pack(w3, transpose, rows_p, wpack):
     """wpack[g][r // MR][q][r % MR] = A[g, r, q], zero rows r up to rows_p: the bcast
     kernel's A. A is w3 (forward: rows are output channels) or, with `transpose`,
-    its transpose (dx: rows are im2col rows). Callers pass bool(...), a runtime bool:
-    a literal False / True would compile _pack once each (~0.2 s of a cold start)."""
+    its transpose (dx: rows are im2col rows). Callers pass a literal False / True: a
+    build per direction, each without the other's loops. The conv kernels link it in and
+    compile it again, so one build taking either cost more than the second compilation
+    (LeNet-5's cold step: 1.7K of the kernels' 14.4K machine instructions, ~0.3 s of CPU)."""
     g_, og, kg = w3.shape
     rows, inner = (kg, og) if transpose else (og, kg)
     for g in range(g_):
@@ -738,7 +745,7 @@ def _pack(w3, transpose, rows_p, wpack):
                         wpack[at + i] = w3[g, r, q]
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER, nogil=True)
 def _regions(geo, g_, base):
     """Where the buffers of a thread starting at `base` are: padded x, padded dx, zero
     row, sink row, product (or dout), then dW and db."""
@@ -747,7 +754,7 @@ def _regions(geo, g_, base):
     zero_at = dx_at + pad_size
     sink_at = zero_at + tcp
     prod_at = sink_at + tcp
-    dw_at = prod_at + g_ * max(ogb, ogd) * tcp
+    dw_at = prod_at + g_ * (ogb if ogb > ogd else ogd) * tcp
     return base, dx_at, zero_at, sink_at, prod_at, dw_at
 
 
@@ -761,7 +768,7 @@ def _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at):
     ogb, ogd, kgb, kgd = geo[6], geo[7], geo[8], geo[9]
     rows_b = np.empty(g_ * kgd, np.int64)
     rows_dx = np.empty(g_ * kgb, np.int64)
-    rows_p = np.empty(g_ * max(ogb, ogd), np.int64)
+    rows_p = np.empty(g_ * (ogb if ogb > ogd else ogd), np.int64)
     for g in range(g_):
         for kk in range(kgd):
             at = _patch_offset(g * kg + kk, dims, spt, hq, wq)
@@ -779,10 +786,10 @@ def _tile_at(tile, spt, tiles, rows, n_, oh):
     """(first sample, samples, first output row, rows) of forward tile number `tile`."""
     if spt > 1:
         n0 = tile * spt
-        return n0, min(spt, n_ - n0), 0, oh
+        return n0, spt if spt < n_ - n0 else n_ - n0, 0, oh
     n0 = tile // tiles
     oy0 = (tile - n0 * tiles) * rows
-    return n0, 1, oy0, min(rows, oh - oy0)
+    return n0, 1, oy0, rows if rows < oh - oy0 else oh - oy0
 
 
 # The output-gradient hook (`dout_affine`): when the conv's output feeds only a batch
@@ -856,7 +863,8 @@ def _ahead(first, per, lines):  # cold LeNet-5 step compiles each helper once: t
     products: 6 steps), so the divisions are the caller's, once a sample."""
     for which in range(len(lines)):
         if first < lines[which]:
-            return which, first, min(per, lines[which] - first)
+            left = lines[which] - first
+            return which, first, per if per < left else left
         first -= lines[which]
     return 0, 0, 0
 
@@ -870,7 +878,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
     nr_ = NV * (VECTOR_BYTES // x.itemsize)  # panel width
     mr = MR
     wpack = ws[T * per :]
-    _pack(w3, bool(0), ogb, wpack)
+    _pack(w3, False, ogb, wpack)
     total = -(-n_ // spt) if spt > 1 else n_ * tiles
     has_bias = bias.shape[0] > 0
     zero = out.dtype.type(0)  # a literal 0.0 made the float32 epilogue compute in float64
@@ -1026,7 +1034,7 @@ def _dx_convolve(
     q = 0
     for b in range(tiles2):
         y0 = b * rows2
-        nr = min(rows2, dx.shape[2] - y0)
+        nr = rows2 if rows2 < dx.shape[2] - y0 else dx.shape[2] - y0
         for g in range(g_):
             for p in range(-(-nr * spt * wq2 // nr_)):
                 for cb in range(cgb // mr):
@@ -1059,7 +1067,7 @@ def _backward_samples(
     if dxc is not None:
         _pack_flipped(w3, dims[6], dims[7], dxc[7], wpack)
     elif want_dx:
-        _pack(w3, bool(1), kgb, wpack)
+        _pack(w3, True, kgb, wpack)
     # prefetched by the dx products (by the dW products: 16 channels, 32x32, no faster):
     # the samples' dx, which they write (where it is one run), the next samples' x,
     # dout (and y)
@@ -1088,8 +1096,8 @@ def _backward_samples(
         n0, hi = t * n_ // T, (t + 1) * n_ // T
         shape = (-1, -1)  # (rows, samples) of the tile in dprod
         while n0 < hi:
-            ns = min(spt, hi - n0)
-            ns1 = min(spt, hi - n0 - ns)  # the next samples
+            ns = spt if spt < hi - n0 else hi - n0
+            ns1 = spt if spt < hi - n0 - ns else hi - n0 - ns  # the next samples
             nxt = n0 + ns
             starts = (n0 * sample, nxt * sample, nxt * osample, nxt * osample)
             xl, ol = -(-ns1 * sample // line), -(-ns1 * osample // line)
@@ -1102,7 +1110,7 @@ def _backward_samples(
                     dxpad[:] = 0
             for b in range(tiles):
                 oy0 = b * rows
-                nr = min(rows, oh - oy0)
+                nr = rows if rows < oh - oy0 else oh - oy0
                 if (nr, ns) != shape:  # junk and padding columns, padding rows: zero
                     dprod[:] = 0  # gradient. A tile of the same shape overwrites just what
                     shape = (nr, ns)  # the last one wrote (a memset per tile wrote as much)
@@ -1304,7 +1312,7 @@ def conv2d_backward(
     )  # fmt: skip
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape
-    at = _regions(tuple(geo), g, 0)[5]
+    at = _regions.py_func(tuple(geo), g, 0)[5]  # (a helper: no Python entry)
     size = g * geo.ogd * geo.kgd
     parts = [flat[t * geo.per_thread + at :][: size + w.shape[0]] for t in range(threads)]
     total = parts[0].copy()

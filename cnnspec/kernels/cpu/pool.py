@@ -96,6 +96,54 @@ def _maxpool_bwd(dout, argmax, dx):
                 dx[nc, idx] += dout[nc, o]
 
 
+# 2x2 windows are kernels of their own, not a branch of the general ones: a model that
+# runs only 2x2 pools (LeNet-5) does not compile the general loops (~0.2 s of CPU each on a
+# cold start), and one with other windows does not compile the 2x2 code.
+@SplitBySize
+def _maxpool_fwd_2x2(x, out, argmax):
+    # 2x2 windows inside the input, branch-free: LLVM vectorises it
+    n_, c_, _h, w_ = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    for nc in prange(n_ * c_):
+        n = nc // c_
+        c = nc - n * c_
+        xp = x[n, c]
+        for oy in range(oh):
+            orow, arow = out[n, c, oy], argmax[n, c, oy]
+            r0, r1 = xp[2 * oy], xp[2 * oy + 1]
+            top = 2 * oy * w_
+            # a NaN or inf makes s - s NaN; an integer flag, not a float sum across the
+            # row, keeps the windows independent (a float add chain cannot be reordered:
+            # 0.13 -> 0.06 ms on 64x6x28x28, 1 thread, AMD EPYC Zen 5)
+            bad = 0
+            for ox in range(ow):
+                v0, v1, v2, v3 = r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]
+                s = v0 + v1 + v2 + v3
+                bad |= s - s != 0
+                best, idx = v0, top + 2 * ox
+                idx = top + 2 * ox + 1 if v1 > best else idx
+                best = v1 if v1 > best else best
+                idx = top + w_ + 2 * ox if v2 > best else idx
+                best = v2 if v2 > best else best
+                idx = top + w_ + 2 * ox + 1 if v3 > best else idx
+                best = v3 if v3 > best else best
+                orow[ox] = best
+                arow[ox] = idx
+            if bad == 0:
+                continue
+            for ox in range(ow):  # PyTorch's rule: (v > best) or isnan(v) wins
+                best = -np.inf
+                idx = top + 2 * ox
+                for iy in range(2 * oy, 2 * oy + 2):
+                    for ix in range(2 * ox, 2 * ox + 2):
+                        v = xp[iy, ix]
+                        if v > best or v != v:
+                            best = v
+                            idx = iy * w_ + ix
+                orow[ox] = best
+                arow[ox] = idx
+
+
 @SplitBySize
 def _maxpool_fwd_tiled(x, kh, kw, out, argmax):
     # non-overlapping windows inside the input: no bounds per window
@@ -107,28 +155,6 @@ def _maxpool_fwd_tiled(x, kh, kw, out, argmax):
         xp = x[n, c]
         for oy in range(oh):
             orow, arow = out[n, c, oy], argmax[n, c, oy]
-            if kh == 2 and kw == 2:  # the common window, branch-free: LLVM vectorises it
-                r0, r1 = xp[2 * oy], xp[2 * oy + 1]
-                top = 2 * oy * w_
-                # a NaN or inf makes s - s NaN; an integer flag, not a float sum across the
-                # row, keeps the windows independent (a float add chain cannot be reordered:
-                # 0.13 -> 0.06 ms on 64x6x28x28, 1 thread, AMD EPYC Zen 5)
-                bad = 0
-                for ox in range(ow):
-                    v0, v1, v2, v3 = r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]
-                    s = v0 + v1 + v2 + v3
-                    bad |= s - s != 0
-                    best, idx = v0, top + 2 * ox
-                    idx = top + 2 * ox + 1 if v1 > best else idx
-                    best = v1 if v1 > best else best
-                    idx = top + w_ + 2 * ox if v2 > best else idx
-                    best = v2 if v2 > best else best
-                    idx = top + w_ + 2 * ox + 1 if v3 > best else idx
-                    best = v3 if v3 > best else best
-                    orow[ox] = best
-                    arow[ox] = idx
-                if bad == 0:
-                    continue
             for ox in range(ow):
                 hs, ws = oy * kh, ox * kw
                 best = xp[hs, ws]
@@ -184,7 +210,10 @@ def maxpool2d_forward(x, kh, kw, sh, sw, pt, pl, out, argmax):
         _pick(x, int(sh), int(sw), out, argmax)
         return
     if _tiled(x.shape, out.shape, kh, kw, sh, sw, (pt, pl)):
-        _maxpool_fwd_tiled(x, int(kh), int(kw), out, argmax)
+        if (kh, kw) == (2, 2):
+            _maxpool_fwd_2x2(x, out, argmax)
+        else:
+            _maxpool_fwd_tiled(x, int(kh), int(kw), out, argmax)
         return
     _maxpool_fwd(x, int(kh), int(kw), int(sh), int(sw), int(pt), int(pl), out, argmax)
 
@@ -265,6 +294,23 @@ def _avgpool_bwd(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, dx):
 # Non-overlapping windows inside the input (stride = kernel, no padding: LeNet's,
 # VGG's and most pools) take loops without per-window bounds: 3-6x faster.
 @SplitBySize
+def _avgpool_fwd_2x2(x, out):
+    n_, c_ = x.shape[0], x.shape[1]
+    oh, ow = out.shape[2], out.shape[3]
+    scale = 0.25  # float64, as the general kernel's 1.0 / (kh * kw): the same values
+    for nc in prange(n_ * c_):
+        n = nc // c_
+        c = nc - n * c_
+        xp = x[n, c]
+        for oy in range(oh):
+            orow = out[n, c, oy]
+            r0, r1 = xp[2 * oy], xp[2 * oy + 1]
+            for ox in range(ow):  # LLVM vectorises the pairs
+                a = r0[2 * ox] + r0[2 * ox + 1]
+                orow[ox] = (a + r1[2 * ox] + r1[2 * ox + 1]) * scale
+
+
+@SplitBySize
 def _avgpool_fwd_tiled(x, kh, kw, out):
     n_, c_ = x.shape[0], x.shape[1]
     oh, ow = out.shape[2], out.shape[3]
@@ -275,12 +321,6 @@ def _avgpool_fwd_tiled(x, kh, kw, out):
         xp = x[n, c]
         for oy in range(oh):
             orow = out[n, c, oy]
-            if kh == 2 and kw == 2:  # the common window: LLVM vectorises the pairs
-                r0, r1 = xp[2 * oy], xp[2 * oy + 1]
-                for ox in range(ow):
-                    a = r0[2 * ox] + r0[2 * ox + 1]
-                    orow[ox] = (a + r1[2 * ox] + r1[2 * ox + 1]) * scale
-                continue
             for ox in range(ow):
                 orow[ox] = 0.0
             for i in range(kh):
@@ -340,7 +380,10 @@ def avgpool2d_forward(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out)
     n, c = x.shape[:2]
     check_shape("out", out, (n, c, out.shape[2], out.shape[3]))
     if _tiled(x.shape, out.shape, kh, kw, sh, sw, (pt, pb, pl, pr)):
-        _avgpool_fwd_tiled(x, int(kh), int(kw), out)
+        if (kh, kw) == (2, 2):
+            _avgpool_fwd_2x2(x, out)
+        else:
+            _avgpool_fwd_tiled(x, int(kh), int(kw), out)
         return
     _avgpool_fwd(
         x,
