@@ -59,6 +59,12 @@ def test_the_plan_fuses_what_it_can(monkeypatch):
     assert fused.dbuf["bn2"] is fused.dbuf["short"]  # the add writes its gradient once
     assert not fused.fan_in_sums
     assert not plain.unwritten and not plain.norm_stats and plain.fan_in_sums
+    # the conv that alone reads a norm's output takes the norm's backward sums
+    sums = {i.name for i in fused.infos if getattr(i.layer, "sums_in_reader", False)}
+    assert sums == set()  # bn1, bn3: two readers; bn2: an add; bn4: kept
+    whole, _ = _pair(monkeypatch, np.float32)
+    assert {i.name for i in whole.infos if getattr(i.layer, "sums_in_reader", False)} == {"bn4"}
+    assert whole._by_name["c5"].layer.dx_sums[1] is whole._by_name["bn4"].layer.dx_sums
 
 
 def test_a_norm_of_the_input_writes_its_output(monkeypatch):
@@ -77,9 +83,10 @@ def test_a_norm_of_the_input_writes_its_output(monkeypatch):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("keep", [("bn4",), ()])  # (): c5 takes bn4's backward sums
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fused_training_computes_what_unfused_does(monkeypatch, dtype):
-    fused, plain = _pair(monkeypatch, dtype, keep=("bn4",))
+def test_fused_training_computes_what_unfused_does(monkeypatch, dtype, keep):
+    fused, plain = _pair(monkeypatch, dtype, keep=keep)
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(3, 3, 7, 7)) * 2 + 1).astype(dtype)
     y = rng.integers(0, 3, 3)
@@ -92,6 +99,8 @@ def test_fused_training_computes_what_unfused_does(monkeypatch, dtype):
         for k in plain.params:  # running_mean / running_var too
             np.testing.assert_allclose(fused.params[k], plain.params[k], **tol, err_msg=k)
     np.testing.assert_allclose(fused.forward(x), plain.forward(x), **tol)  # eval mode
+    if not keep:
+        return
     kept_a = fused.forward(x, train=True, outputs=["bn4"])["bn4"]
     kept_b = plain.forward(x, train=True, outputs=["bn4"])["bn4"]
     np.testing.assert_allclose(kept_a, kept_b, **tol)
