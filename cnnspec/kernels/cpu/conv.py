@@ -976,11 +976,31 @@ def _dx_sums(dx, x, n0, ns, aff, mode, dsum):
             dsum[2, c] += s2
 
 
+# The ReLU hook (`relu_dx`): when the conv's input x is a ReLU's output (the ReLU fused
+# into the add before it) and the conv is the last to write that ReLU's gradient, it
+# applies the ReLU's mask to dx, once written or added to, instead of the add's own
+# pass: x is in L2 (copied into the padded samples for this chunk).
+
+
+@njit(**HELPER, nogil=True)
+def _relu_dx(dx, x, n0, ns):
+    """dx[n0 : n0 + ns] = 0 where x <= 0."""
+    d3 = dx.reshape(dx.shape[0], dx.shape[1], -1)
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    zero = dx.dtype.type(0)
+    for s in range(ns):
+        for c in range(dx.shape[1]):
+            g, xc = d3[n0 + s, c], x3[n0 + s, c]
+            for v in range(g.shape[0]):
+                xv = xc[v]  # loaded unconditionally: a conditional load blocks SIMD
+                g[v] = g[v] if xv > 0 else zero
+
+
 # fmt: off
 @Builds
 def _backward_samples(
     x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws, aff, mode, accumulate, gk, gmode, dxc,
-    dsums,
+    dsums, relu_dx,
 ):
     # fmt: on
     hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, _ = geo
@@ -1057,6 +1077,9 @@ def _backward_samples(
                              spt, dx, accumulate)  # fmt: skip
             elif want_dx:
                 _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate)
+            # (None: the build without hooks)
+            if aff is not None and relu_dx:
+                _relu_dx(dx, x, n0, ns)
             # dsums None: the build without hooks; no channels: no sums wanted
             if dsums is not None and dsums.shape[2] > 0:
                 _dx_sums(dx, x, n0, ns, aff, mode, dsums[t])
@@ -1180,6 +1203,7 @@ def conv2d_backward(
     accumulate=False,
     dout_affine=None,
     dx_sums=None,
+    relu_dx=False,
 ):
     """Gradients of :func:`conv2d_forward`; `out` is needed when an activation was
     fused, `in_affine` when the forward had it (dW is taken against h(x), dx is
@@ -1194,7 +1218,11 @@ def conv2d_backward(
     dx_sums = (mean, sums), with in_affine, when the input is a batch norm's output that
     only this conv reads: sums (float64 (2, C)) receives sum(g) and sum(g * (x - mean))
     per input channel, g = dx masked where the hook's ReLU was 0 (what the norm's
-    backward reads from its output gradient: :func:`batchnorm2d_backward` `sums`)."""
+    backward reads from its output gradient: :func:`batchnorm2d_backward` `sums`).
+
+    relu_dx: x is a ReLU's output and this conv the last to write (or add to) the
+    gradient of it: dx, once complete, becomes the gradient of the ReLU's input (0 where
+    x <= 0), in place of the pass of the layer the ReLU is fused into."""
     check_c(x=x, w=w, dout=dout, ws=ws, dx=dx, dw=dw)
     check_shape("dw", dw, w.shape)
     _check(x, w, dout, groups, ws)
@@ -1206,8 +1234,10 @@ def conv2d_backward(
         check_shape("db", db, (w.shape[0],))
     if dx_sums is not None and (dx is None or in_affine is None or accumulate):
         raise ValueError("dx_sums needs dx, written (not accumulated), and in_affine")
+    if relu_dx and (dx is None or in_affine is not None):
+        raise ValueError("relu_dx needs dx and a plain input (no in_affine)")
     y = out if out is not None else dout
-    hooked = in_affine is not None or dout_affine is not None or accumulate
+    hooked = in_affine is not None or dout_affine is not None or accumulate or relu_dx
     if not hooked and winograd.chooses(x.shape, w.shape, dout.shape, stride, pad, dilation, groups):
         winograd.backward(x, w, dout, pad, ws, dx, dw, db, y, act)
         return
@@ -1217,7 +1247,7 @@ def conv2d_backward(
     dims = _dims(w, stride, pad, dilation)
     aff = gk = dsums = None  # no hooks: the build without them
     mode, gmode = IN_COPY, OUT_PLAIN
-    if in_affine is not None or dout_affine is not None:
+    if in_affine is not None or dout_affine is not None or relu_dx:
         aff, mode = input_hook(in_affine, x)
         gk = np.zeros((5, 1), x.dtype)
         # per thread: the norm's mean, then its two sums (no channels: none wanted)
@@ -1238,7 +1268,7 @@ def conv2d_backward(
     dxc = _dx_conv(*shapes, geo.rows, geo.spt, panel(x.itemsize)) if want_dx else None
     _backward_samples.pick(threads == 1)(
         x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat, aff, mode,
-        bool(accumulate), gk, gmode, None if dxc is None else tuple(dxc), dsums,
+        bool(accumulate), gk, gmode, None if dxc is None else tuple(dxc), dsums, int(relu_dx),
     )  # fmt: skip
     if dx_sums is not None:  # the threads' sums, added in thread order
         sums[...] = 0.0
