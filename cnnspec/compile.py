@@ -419,9 +419,11 @@ class Model:
         """A norm whose output only one conv reads, and whose gradient that conv writes
         (neither adding to it nor summed with others), gets its backward sums from the
         conv, which takes them as it writes dx (see conv2d_backward's dx_sums): the norm's
-        backward then reads neither its output gradient nor its input. (An add could take
-        them as it writes the gradient, too: measured on ResNet-20's bn2, b128, 1 thread,
-        its fused pass cost as much as the norm's own one saved.)"""
+        backward then reads neither its output gradient nor its input. Not for a norm an
+        add applies (ResNet-20's bn2), measured at b128, 1 thread (AMD EPYC Zen 5): taken
+        in the add's backward pass, or in the epilogue of the conv that writes the
+        gradient the add passes through (next block's conv1), they cost as much as the
+        norm's own pass saved (~4 ms a step): the norm's input comes from memory there."""
         relu_of = {p: r for r, p in self.fused.items()}
         for norm, readers in self.norm_applied.items():
             bn, read = self._by_name[norm].layer, relu_of.get(norm, norm)
