@@ -353,6 +353,14 @@ class Model:
         # the step at which a gradient is last read: its layer's, or its norm's conv's
         read = {name: step[self.norm_stats.get(name, name)] for name in step}
         shared = self._shared_add_gradients(users, needs_grad, step, read) if in_place else {}
+        self._pass_through_adds(users, needs_grad, step, read, shared, in_place)
+
+        def root(name):  # a chain of shared buffers: the one that is allocated
+            while name in shared:
+                name = shared[name]
+            return name
+
+        shared = {name: root(name) for name in shared}
         for name, owner in shared.items():
             read[owner] = max(read[owner], read[name])
         # (first write, last read, name): a fused ReLU's gradient is its producer's
@@ -400,6 +408,94 @@ class Model:
                     targets.append(scratch)
                 planned.add(i)
             self.dx_targets[info.name] = targets
+        self._plan_norm_sums(users)
+        for info in self.infos:  # a conv applying a ReLU's mask writes its gradient last
+            if info.node.type == "conv2d" and info.layer.relu_dx:
+                (i,) = info.node.inputs
+                assert self.dx_targets[info.name][0] is self.dbuf[i], info.name
+                assert users[i][0] == info.name and i not in self.fan_in_sums, info.name
+
+    def _plan_norm_sums(self, users):
+        """A norm whose output only one conv reads, and whose gradient that conv writes
+        (neither adding to it nor summed with others), gets its backward sums from the
+        conv, which takes them as it writes dx (see conv2d_backward's dx_sums): the norm's
+        backward then reads neither its output gradient nor its input. Not for a norm an
+        add applies (ResNet-20's bn2), measured at b128, 1 thread (AMD EPYC Zen 5): taken
+        in the add's backward pass, or in the epilogue of the conv that writes the
+        gradient the add passes through (next block's conv1), they cost as much as the
+        norm's own pass saved (~4 ms a step): the norm's input comes from memory there."""
+        relu_of = {p: r for r, p in self.fused.items()}
+        for norm, readers in self.norm_applied.items():
+            bn, read = self._by_name[norm].layer, relu_of.get(norm, norm)
+            conv = self._by_name[readers[0]]
+            direct = (
+                conv.node.type == "conv2d"
+                and users.get(read) == [conv.name]
+                and not conv.layer.accumulate_dx
+                and self.dx_targets[conv.name][0] is self.dbuf[read]
+                and read not in self.fan_in_sums
+            )
+            bn.sums_in_reader = direct
+            bn.dx_sums = np.zeros((2, bn.in_shapes[0][0])) if direct else None
+            conv.layer.dx_sums = (bn.batch_mean, bn.dx_sums) if direct else None
+
+    def _pass_through_adds(self, users, needs_grad, step, read, shared, in_place):
+        """An add whose inputs' gradients can all be its own output gradient's buffer
+        (each written first by the add, and no input's later writers adding to it before
+        another input's gradient is read) passes that buffer through: its backward writes
+        nothing. Its fused ReLU's mask then goes to the conv that writes its output
+        gradient last, reading the ReLU's output (Conv2d.relu_dx); an add whose mask no
+        such conv can apply (ResNet's last, before the pool) keeps its pass. Adds to
+        `shared` (gradient -> the buffer it shares) and sets the layers' flags."""
+        for info in self.infos:
+            if info.node.type == "conv2d":
+                info.layer.relu_dx = False
+            elif info.node.type == "add":
+                info.layer.dout_masked = False
+        if not in_place:
+            return
+        relu_of = {p: r for r, p in self.fused.items()}
+
+        def root(name):
+            while name in shared:
+                name = shared[name]
+            return name
+
+        for info in self.infos:
+            name, ins = info.name, info.node.inputs
+            if info.node.type != "add" or not needs_grad[name] or len(set(ins)) < len(ins):
+                continue
+            relu = relu_of.get(name)
+            out = relu or name
+            conv = None
+            if relu is not None:  # the conv that writes the ReLU's gradient last
+                readers = users.get(out, [])
+                first = self._by_name[readers[0]] if readers else None
+                if (
+                    first is None
+                    or len(readers) > 2
+                    or first.node.type != "conv2d"
+                    or first.layer.is_dense
+                    or first.node.inputs != [out]
+                    or (len(readers) == 2 and self._by_name[readers[1]].node.inputs.count(out) != 1)
+                ):
+                    continue
+                conv = first.layer
+            grads = [i for i in ins if needs_grad[i] and i != INPUT]
+            if any(users[i][-1] != name for i in grads):  # the add writes each first
+                continue
+            later = {i: min((step[u] for u in users[i] if u != name), default=math.inf)
+                     for i in grads}  # fmt: skip
+            got = {j: read[self.fused.get(j, j)] for j in grads}  # last reads of the gradients
+            if any(got[j] >= later[i] for i in grads for j in grads if j != i):
+                continue
+            for i in grads:
+                buf = root(self.fused.get(i, i))
+                if buf != root(name):
+                    shared[buf] = root(name)
+            info.layer.dout_masked = True
+            if conv is not None:
+                conv.relu_dx = True
 
     def _shared_add_gradients(self, users, needs_grad, step, read) -> dict:
         """An add gives each input the same gradient: an input that only the add reads

@@ -59,6 +59,12 @@ def test_the_plan_fuses_what_it_can(monkeypatch):
     assert fused.dbuf["bn2"] is fused.dbuf["short"]  # the add writes its gradient once
     assert not fused.fan_in_sums
     assert not plain.unwritten and not plain.norm_stats and plain.fan_in_sums
+    # the conv that alone reads a norm's output takes the norm's backward sums
+    sums = {i.name for i in fused.infos if getattr(i.layer, "sums_in_reader", False)}
+    assert sums == set()  # bn1, bn3: two readers; bn2: an add; bn4: kept
+    whole, _ = _pair(monkeypatch, np.float32)
+    assert {i.name for i in whole.infos if getattr(i.layer, "sums_in_reader", False)} == {"bn4"}
+    assert whole._by_name["c5"].layer.dx_sums[1] is whole._by_name["bn4"].layer.dx_sums
 
 
 def test_a_norm_of_the_input_writes_its_output(monkeypatch):
@@ -77,9 +83,10 @@ def test_a_norm_of_the_input_writes_its_output(monkeypatch):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("keep", [("bn4",), ()])  # (): c5 takes bn4's backward sums
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fused_training_computes_what_unfused_does(monkeypatch, dtype):
-    fused, plain = _pair(monkeypatch, dtype, keep=("bn4",))
+def test_fused_training_computes_what_unfused_does(monkeypatch, dtype, keep):
+    fused, plain = _pair(monkeypatch, dtype, keep=keep)
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(3, 3, 7, 7)) * 2 + 1).astype(dtype)
     y = rng.integers(0, 3, 3)
@@ -92,6 +99,8 @@ def test_fused_training_computes_what_unfused_does(monkeypatch, dtype):
         for k in plain.params:  # running_mean / running_var too
             np.testing.assert_allclose(fused.params[k], plain.params[k], **tol, err_msg=k)
     np.testing.assert_allclose(fused.forward(x), plain.forward(x), **tol)  # eval mode
+    if not keep:
+        return
     kept_a = fused.forward(x, train=True, outputs=["bn4"])["bn4"]
     kept_b = plain.forward(x, train=True, outputs=["bn4"])["bn4"]
     np.testing.assert_allclose(kept_a, kept_b, **tol)
@@ -213,3 +222,72 @@ def test_a_conv_with_fusion_hooks_runs_direct_where_winograd_would(monkeypatch):
     assert np.isclose(la, lb, rtol=1e-9)
     for k in gb:
         np.testing.assert_allclose(ga[k], gb[k], rtol=1e-7, atol=1e-9, err_msg=k)
+
+
+# Residual blocks as ResNet-20's (option-A shortcut in the second): each block's bn1 feeds
+# only its conv2, which takes the norm's backward sums; a1 and a2 pass their gradient
+# through (their ReLUs' masks applied by c3 and c5, the convs that write those gradients
+# last), a3 keeps its pass (the pool after it writes its gradient)
+RESIDUAL = """
+input: [3, 8, 8]
+layers:
+  - {name: c0, type: conv2d, filters: 4, kernel: 3, padding: 1, bias: false}
+  - {name: bn0, type: batchnorm2d}
+  - {name: r0, type: relu}
+  - {name: c1, type: conv2d, filters: 4, kernel: 3, padding: 1, bias: false}
+  - {name: bn1, type: batchnorm2d}
+  - {name: r1, type: relu}
+  - {name: c2, type: conv2d, filters: 4, kernel: 3, padding: 1, bias: false}
+  - {name: bn2, type: batchnorm2d}
+  - {name: a1, type: add, inputs: [bn2, r0]}
+  - {name: q1, type: relu}
+  - {name: c3, type: conv2d, filters: 6, kernel: 3, padding: 1, stride: 2, bias: false}
+  - {name: bn3, type: batchnorm2d}
+  - {name: r3, type: relu}
+  - {name: c4, type: conv2d, filters: 6, kernel: 3, padding: 1, bias: false}
+  - {name: bn4, type: batchnorm2d}
+  - {name: sub, type: maxpool2d, kernel: 1, stride: 2, inputs: [q1]}
+  - {name: pad, type: channel_pad, channels: 6}
+  - {name: a2, type: add, inputs: [bn4, pad]}
+  - {name: q2, type: relu}
+  - {name: c5, type: conv2d, filters: 6, kernel: 3, padding: 1, bias: false}
+  - {name: bn5, type: batchnorm2d}
+  - {name: r5, type: relu}
+  - {name: c6, type: conv2d, filters: 6, kernel: 3, padding: 1, bias: false}
+  - {name: bn6, type: batchnorm2d}
+  - {name: a3, type: add, inputs: [bn6, q2]}
+  - {name: q3, type: relu}
+  - {name: gap, type: global_avgpool2d}
+  - {name: fc, type: dense, units: 3}
+  - {name: prob, type: softmax}
+"""
+
+
+def _flagged(model, flag):
+    return {i.name for i in model.infos if getattr(i.layer, flag, False)}
+
+
+def test_residual_blocks_pass_gradients_through_and_take_norm_sums(monkeypatch):
+    fused, plain = _pair(monkeypatch, np.float64, text=RESIDUAL)
+    assert _flagged(fused, "sums_in_reader") == {"bn1", "bn3", "bn5"}
+    assert _flagged(fused, "dout_masked") == {"a1", "a2"}
+    assert _flagged(fused, "relu_dx") == {"c3", "c5"}
+    # an add's gradient and its inputs': one buffer
+    assert fused.dbuf["bn4"] is fused.dbuf["pad"] is fused.dbuf["a2"]
+    assert fused.dbuf["bn2"] is fused.dbuf["r0"] is fused.dbuf["a1"]
+    assert not (_flagged(plain, "sums_in_reader") | _flagged(plain, "dout_masked"))
+    assert not _flagged(plain, "relu_dx")
+    rng = np.random.default_rng(12)
+    x = (rng.normal(size=(3, 3, 8, 8)) * 2 + 1).astype(np.float64)
+    y = rng.integers(0, 3, 3)
+    for _ in range(2):
+        la, lb = fused.step(x, y, lr=0.1, momentum=0.9), plain.step(x, y, lr=0.1, momentum=0.9)
+        assert np.isclose(la, lb, rtol=1e-10)
+        for k in plain.grads:
+            np.testing.assert_allclose(fused.grads[k], plain.grads[k], rtol=1e-9, atol=1e-12,
+                                       err_msg=k)  # fmt: skip
+    np.testing.assert_allclose(
+        fused.input_gradient(x, y), plain.input_gradient(x, y), rtol=1e-9, atol=1e-12
+    )
+    model = cnnspec.loads(RESIDUAL).compile(batch_size=3, seed=2, dtype=np.float64)
+    _fd_check(model, x, y, n_checks=2)

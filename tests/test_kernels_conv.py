@@ -144,6 +144,67 @@ def test_conv2d_fusion_hooks_are_the_ops_they_replace(name, relu):
     np.testing.assert_allclose(dx3, prior + dx2, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("as_conv", [False, True])
+@pytest.mark.parametrize("name", list(CONV_CASES))
+@pytest.mark.parametrize("relu", [0, 1])
+def test_conv2d_dx_sums_are_the_norm_backward_sums(name, relu, as_conv, monkeypatch):
+    """dx_sums: the sums the batch norm before the conv takes from its output gradient
+    (dx, masked by the norm's ReLU), taken as dx is written, on either dx path (a
+    convolution where the case allows one); dx itself does not change."""
+    monkeypatch.setattr(conv, "_dx_as_conv", lambda *a: as_conv)
+    case = CONV_CASES[name]
+    stride, pad, dil, g = case[7], case[8], case[9], case[10]
+    x, w, b, out, ws, rng = _make_conv(case, np.float64, seed=11)
+    x += 3.0
+    c = x.shape[1]
+    scale, shift, mean = rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(c)
+    hook = (scale, shift, relu)
+    conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, ws, in_affine=hook)
+    dout = rng.standard_normal(out.shape)
+    dx, dx2, dw = np.empty_like(x), np.empty_like(x), np.empty_like(w)
+    sums = np.full((2, c), np.nan)
+    conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, dx, dw, None, out,
+                         in_affine=hook, dx_sums=(mean, sums))  # fmt: skip
+    conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, dx2, dw, None, out, in_affine=hook)
+    np.testing.assert_array_equal(dx, dx2)
+    ch = (slice(None), None, None)
+    gm = dx * (x * scale[ch] + shift[ch] > 0) if relu else dx
+    np.testing.assert_allclose(sums[0], gm.sum(axis=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        sums[1], (gm * (x - mean[ch])).sum(axis=(0, 2, 3)), rtol=1e-12, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="dx_sums"):  # dx added to: not the whole gradient
+        conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, dx, dw, None, out,
+                             in_affine=hook, dx_sums=(mean, sums), accumulate=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("as_conv", [False, True])
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv2d_relu_dx_masks_the_whole_gradient(name, as_conv, monkeypatch):
+    """relu_dx: x is a ReLU's output, and dx (written, or added to what another reader
+    wrote) becomes the gradient of the ReLU's input: 0 where x is 0."""
+    monkeypatch.setattr(conv, "_dx_as_conv", lambda *a: as_conv)
+    case = CONV_CASES[name]
+    stride, pad, dil, g = case[7], case[8], case[9], case[10]
+    x, w, b, out, ws, rng = _make_conv(case, np.float64, seed=13)
+    x = np.maximum(x, 0.0)
+    conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, ws)
+    dout = rng.standard_normal(out.shape)
+    prior = rng.standard_normal(x.shape)
+    plain, dw = np.empty_like(x), np.empty_like(w)
+    conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, plain, dw, None, out)
+    for start, acc in ((None, False), (prior, True)):
+        dx = np.full_like(x, np.nan) if start is None else start.copy()
+        conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, dx, dw, None, out,
+                             accumulate=acc, relu_dx=True)  # fmt: skip
+        want = (plain if start is None else start + plain) * (x > 0)
+        np.testing.assert_allclose(dx, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="relu_dx"):
+        conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, dx, dw, None, out,
+                             in_affine=(np.ones(x.shape[1]), np.zeros(x.shape[1]), 1),
+                             relu_dx=True)  # fmt: skip
+
+
 def test_conv2d_statistics_are_exact_far_from_zero():
     """The epilogue's shifted sums: float32 outputs with a mean 1e4 times their spread
     still give the variance (one-pass E[y^2] - E[y]^2 would lose it)."""

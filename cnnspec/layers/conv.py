@@ -164,6 +164,8 @@ class Conv2d(Layer):
     stats_out = None
     accumulate_dx = False
     dout_affine = None  # a batch norm's (dx coefficients, affine, relu): see conv2d_backward
+    dx_sums = None  # the batch norm's (mean, sums) before it, taken with dx: conv2d_backward
+    relu_dx = False  # it applies the mask of the ReLU before it to dx: conv2d_backward
     itemsize = 4  # of the model's dtype (set by allocate): the tiles' sizes depend on it
 
     def allocate(self, batch, dtype=np.float32):
@@ -254,6 +256,10 @@ class Conv2d(Layer):
             hooks["accumulate"] = True
         if self.dout_affine is not None:
             hooks["dout_affine"] = self.dout_affine
+        if self.dx_sums is not None:
+            hooks["dx_sums"] = self.dx_sums
+        if self.relu_dx:
+            hooks["relu_dx"] = True
         self.kernels.conv2d_backward(
             xs[0],
             p["weight"],

@@ -93,6 +93,10 @@ class Add(_Merge):
     # model, CPU kernels; see Conv2d.in_affine)
     in_affine = None
     in_affine_eval = None  # in eval mode (see Conv2d.in_affine_eval)
+    # its fused ReLU's mask is applied to its output gradient by the conv that writes that
+    # last (Conv2d.relu_dx), and its inputs' gradients share that buffer: its backward
+    # then has nothing to do (set by the model, CPU)
+    dout_masked = False
 
     def forward(self, xs, out, p, train, rng):
         hooks = self.in_affine if train else self.in_affine_eval
@@ -100,7 +104,8 @@ class Add(_Merge):
         self.kernels.add_forward(xs, out, self.fused_act, **hook)
 
     def backward(self, xs, out, dout, dxs, p, g):
-        self.kernels.add_backward(dout, out, self.fused_act, dxs)
+        act = 0 if self.dout_masked else self.fused_act
+        self.kernels.add_backward(dout, out, act, dxs)
 
 
 @register

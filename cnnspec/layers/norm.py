@@ -45,6 +45,8 @@ class BatchNorm2d(Layer):
     stats = None
     writes_out = True
     dx_in_producer = False  # the conv before it forms dx from self.dx_coeffs
+    sums_in_reader = False  # the conv that reads it takes self.dx_sums as it writes dout
+    dx_sums = None  # float64 (2, C): sum(g), sum(g * (x - mean)) (set by the model)
 
     def allocate(self, batch, dtype=np.float32):
         c = self.in_shapes[0][0]
@@ -116,6 +118,7 @@ class BatchNorm2d(Layer):
             self.affine,
             self.fused_act,
             **({"dx_coeffs": self.dx_coeffs} if self.dx_in_producer else {}),
+            **({"sums": self.dx_sums} if self.sums_in_reader else {}),
         )
 
 

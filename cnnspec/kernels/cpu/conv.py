@@ -1049,10 +1049,66 @@ def _dx_convolve(
         _write_dx(prod, kg // (kh * kw), cgb, tcp2, wq2, n0, ns, spt, y0, nr, dx, acc)
 
 
+# The input-gradient hook (`dx_sums`): when the conv reads a batch norm's output through
+# `in_affine` and is its only reader, its dx is the norm's output gradient g, and the
+# norm's backward needs only sum(g) and sum(g * (x - mean)) per channel (g masked by
+# the norm's ReLU). Taken here, over each chunk of samples right after its dx is
+# written (in L2: one 32x32 sample of 16 channels is 64 KB), instead of in a pass of
+# the norm's own over g and x from memory; the same float operations as the norm's.
+
+
+@njit(**HELPER, nogil=True, fastmath=_SUMS)
+def _dx_sums(dx, x, n0, ns, aff, mode, dsum):
+    """dsum[1, c] += sum(g), dsum[2, c] += sum(g * (x - mean)) over samples n0 .. n0 + ns,
+    in float64, g = dx masked where the input hook's ReLU was 0 (aff: its scale and
+    shift; dsum[0]: the norm's mean). Planes as 1-d rows of 3-d views, the loop written
+    here: a helper per plane, on 2-d views reshaped, cost 2.5x as much on 8x8 maps."""
+    relu = mode == IN_AFFINE_RELU
+    d3 = dx.reshape(dx.shape[0], dx.shape[1], -1)
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    zero = dx.dtype.type(0)
+    for s in range(ns):
+        for c in range(dx.shape[1]):
+            mu, a, b = x.dtype.type(dsum[0, c]), aff[0, c], aff[1, c]
+            g, xc = d3[n0 + s, c], x3[n0 + s, c]
+            s1 = 0.0
+            s2 = 0.0
+            for v in range(g.shape[0]):
+                xv = xc[v]
+                gv = g[v] if (not relu or xv * a + b > 0) else zero
+                s1 += gv
+                s2 += gv * (xv - mu)
+            dsum[1, c] += s1
+            dsum[2, c] += s2
+
+
+# The ReLU hook (`relu_dx`): when the conv's input x is a ReLU's output (the ReLU fused
+# into the add before it) and the conv is the last to write that ReLU's gradient, it
+# applies the ReLU's mask to dx, once written or added to, instead of the add's own
+# pass: x is in L2 (copied into the padded samples for this chunk).
+
+
+@njit(**HELPER, nogil=True)
+def _relu_dx(dx, x, n0, ns):
+    """dx[n0 : n0 + ns] = 0 where x <= 0."""
+    d3 = dx.reshape(dx.shape[0], dx.shape[1], -1)
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    zero = dx.dtype.type(0)
+    for s in range(ns):
+        for c in range(dx.shape[1]):
+            g, xc = d3[n0 + s, c], x3[n0 + s, c]
+            for v in range(g.shape[0]):
+                xv = xc[v]  # loaded unconditionally: a conditional load blocks SIMD
+                g[v] = g[v] if xv > 0 else zero
+
+
+# fmt: off
 @Builds
 def _backward_samples(
-    x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws, aff, mode, accumulate, gk, gmode, dxc
+    x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws, aff, mode, accumulate, gk, gmode, dxc,
+    dsums, relu_dx,
 ):
+    # fmt: on
     hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, _ = geo
     n_ = x.shape[0]
     o_, oh = dout.shape[1], dout.shape[2]
@@ -1145,6 +1201,12 @@ def _backward_samples(
                              spt, dx, accumulate, (inputs, starts, lines))  # fmt: skip
             elif want_dx:
                 _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate)
+            # (None: the build without hooks)
+            if aff is not None and relu_dx:
+                _relu_dx(dx, x, n0, ns)
+            # dsums None: the build without hooks; no channels: no sums wanted
+            if dsums is not None and dsums.shape[2] > 0:
+                _dx_sums(dx, x, n0, ns, aff, mode, dsums[t])
             n0 += ns
 
 
@@ -1264,6 +1326,8 @@ def conv2d_backward(
     in_affine=None,
     accumulate=False,
     dout_affine=None,
+    dx_sums=None,
+    relu_dx=False,
 ):
     """Gradients of :func:`conv2d_forward`; `out` is needed when an activation was
     fused, `in_affine` when the forward had it (dW is taken against h(x), dx is
@@ -1273,7 +1337,16 @@ def conv2d_backward(
     dout_affine = (k, affine, relu), when the output feeds only a batch norm: dout is
     the norm's output gradient g, and the conv's own is k[0]*g' + k[1]*y + k[2] per
     channel (y = out), g' = g masked where y*affine[0] + affine[1] <= 0 with relu:
-    the norm's backward (:func:`batchnorm2d_backward` with `dx_coeffs`) writes no dx."""
+    the norm's backward (:func:`batchnorm2d_backward` with `dx_coeffs`) writes no dx.
+
+    dx_sums = (mean, sums), with in_affine, when the input is a batch norm's output that
+    only this conv reads: sums (float64 (2, C)) receives sum(g) and sum(g * (x - mean))
+    per input channel, g = dx masked where the hook's ReLU was 0 (what the norm's
+    backward reads from its output gradient: :func:`batchnorm2d_backward` `sums`).
+
+    relu_dx: x is a ReLU's output and this conv the last to write (or add to) the
+    gradient of it: dx, once complete, becomes the gradient of the ReLU's input (0 where
+    x <= 0), in place of the pass of the layer the ReLU is fused into."""
     check_c(x=x, w=w, dout=dout, ws=ws, dx=dx, dw=dw)
     check_shape("dw", dw, w.shape)
     _check(x, w, dout, groups, ws)
@@ -1283,8 +1356,12 @@ def conv2d_backward(
         check_shape("dx", dx, x.shape)
     if db is not None:
         check_shape("db", db, (w.shape[0],))
+    if dx_sums is not None and (dx is None or in_affine is None or accumulate):
+        raise ValueError("dx_sums needs dx, written (not accumulated), and in_affine")
+    if relu_dx and (dx is None or in_affine is not None):
+        raise ValueError("relu_dx needs dx and a plain input (no in_affine)")
     y = out if out is not None else dout
-    hooked = in_affine is not None or dout_affine is not None or accumulate
+    hooked = in_affine is not None or dout_affine is not None or accumulate or relu_dx
     if not hooked and winograd.chooses(x.shape, w.shape, dout.shape, stride, pad, dilation, groups):
         winograd.backward(x, w, dout, pad, ws, dx, dw, db, y, act)
         return
@@ -1292,11 +1369,18 @@ def conv2d_backward(
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
     dims = _dims(w, stride, pad, dilation)
-    aff = gk = None  # no hooks: the build without them
+    aff = gk = dsums = None  # no hooks: the build without them
     mode, gmode = IN_COPY, OUT_PLAIN
-    if in_affine is not None or dout_affine is not None:
+    if in_affine is not None or dout_affine is not None or relu_dx:
         aff, mode = input_hook(in_affine, x)
         gk = np.zeros((5, 1), x.dtype)
+        # per thread: the norm's mean, then its two sums (no channels: none wanted)
+        dsums = np.zeros((threads, 3, 0 if dx_sums is None else x.shape[1]))
+    if dx_sums is not None:
+        mean, sums = dx_sums
+        check_shape("dx_sums mean", mean, (x.shape[1],))
+        check_shape("dx_sums", sums, (2, x.shape[1]))
+        dsums[:, 0] = mean
     if dout_affine is not None:
         if out is None or act:
             raise ValueError("dout_affine needs the forward output and no fused activation")
@@ -1308,8 +1392,12 @@ def conv2d_backward(
     dxc = _dx_conv(*shapes, geo.rows, geo.spt, panel(x.itemsize)) if want_dx else None
     _backward_samples.pick(threads == 1)(
         x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat, aff, mode,
-        bool(accumulate), gk, gmode, None if dxc is None else tuple(dxc),
+        bool(accumulate), gk, gmode, None if dxc is None else tuple(dxc), dsums, int(relu_dx),
     )  # fmt: skip
+    if dx_sums is not None:  # the threads' sums, added in thread order
+        sums[...] = 0.0
+        for part in dsums:
+            sums += part[1:]
     # the threads' private sums, added in thread order: the same bits every run
     g, og, kg = w3.shape
     at = _regions.py_func(tuple(geo), g, 0)[5]  # (a helper: no Python entry)

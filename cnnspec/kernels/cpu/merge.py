@@ -114,10 +114,13 @@ def _mask2(dout, y, act, dx0, dx1):
 
 def add_backward(dout, out, act, dxs):
     """Each non-None dx = dout, masked where a fused ReLU's output `out` is 0; a dx
-    given twice (inputs sharing one gradient buffer) is written once."""
+    given twice (inputs sharing one gradient buffer) is written once, and one that is
+    dout itself, without a ReLU, not at all (the gradient passes through in place)."""
     check_c(dout=dout, out=out)
     targets = []
     for dx in dxs:
+        if dx is dout and not act:
+            continue
         if dx is not None and not any(dx is t for t in targets):
             targets.append(dx)
     for dx in targets:

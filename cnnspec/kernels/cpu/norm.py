@@ -265,13 +265,17 @@ def batchnorm2d_backward(
     affine=None,
     act=0,
     dx_coeffs=None,
+    sums=None,
 ):
     """Gradients of training-mode batch norm from its input and batch statistics.
     gamma may be None (treated as 1); dx, dgamma, dbeta may each be None (skipped).
     With a fused ReLU (act=1), dout is the gradient after the ReLU and `affine` the
     (scale, shift) that :func:`batchnorm2d_forward_train` reported. `dx_coeffs` (3, C),
     if given, receives (ka, kb, kc): dx = ka*g + kb*x + kc per channel, g = dout masked
-    by the ReLU (what the conv before it applies as it reads dout, when dx is None)."""
+    by the ReLU (what the conv before it applies as it reads dout, when dx is None).
+    `sums` (float64 (2, C)), if given, are sum(g) and sum(g * (x - mean)) already, taken
+    by the conv that wrote dout (conv2d_backward's `dx_sums`): no pass over dout for
+    them."""
     if act and affine is None:
         raise ValueError("a fused activation needs the forward's affine (scale, shift)")
     check_c(dout=dout, x=x, dx=dx)
@@ -285,9 +289,13 @@ def batchnorm2d_backward(
         affine = np.zeros((2, c), x.dtype)  # unused without a fused ReLU
     check_shape("affine", affine, (2, c))
     scale, shift = affine[0].astype(x.dtype), affine[1].astype(x.dtype)
-    sum_dy = np.empty(c, dtype=np.float64)
-    sum_dy_xc = np.empty(c, dtype=np.float64)
-    _bn_bwd_sums(d3, x3, scale, shift, int(act), mean.astype(x.dtype), sum_dy, sum_dy_xc)
+    if sums is None:
+        sum_dy = np.empty(c, dtype=np.float64)
+        sum_dy_xc = np.empty(c, dtype=np.float64)
+        _bn_bwd_sums(d3, x3, scale, shift, int(act), mean.astype(x.dtype), sum_dy, sum_dy_xc)
+    else:
+        check_shape("sums", sums, (2, c))
+        sum_dy, sum_dy_xc = sums[0], sums[1]
     sum_dy_xhat = sum_dy_xc * inv
     if dbeta is not None:
         dbeta[:] = sum_dy
