@@ -10,22 +10,27 @@ class FakeMachine:
 
     def __init__(self):
         self.t = self.busy = self.own = 0.0
+        self.g = None
 
     def run(self, seconds, ours, others):
-        """`seconds` pass with this process on `ours` cores and others on `others`."""
+        """`seconds` pass with this process on `ours` cores (computing, when ours > 0)
+        and others on `others`."""
         self.t += seconds
         self.own += ours * seconds
         self.busy += (ours + others) * seconds
+        if ours > 0 and self.g is not None:
+            self.g.add_computed(seconds)
 
     def governor(self, cpus=2):
         from cnnspec.kernels.cpu.threads import ThreadGovernor
 
-        return ThreadGovernor(
+        self.g = ThreadGovernor(
             cpus=list(range(cpus)),
             busy=lambda: self.busy,
             own=lambda: self.own,
             clock=lambda: self.t,
         )
+        return self.g
 
 
 def test_governor_gives_a_busy_core_back_and_takes_it_again_when_free():
@@ -39,6 +44,21 @@ def test_governor_gives_a_busy_core_back_and_takes_it_again_when_free():
     m.run(0.1, ours=1, others=1)
     assert g.threads(2) == 1  # no new look within the window
     m.run(1.0, ours=1, others=0)  # it stopped
+    assert g.threads(2) == 2
+
+
+def test_governor_ignores_what_others_do_while_the_model_waits():
+    m = FakeMachine()
+    g = m.governor(cpus=2)
+    g.threads(2)
+    m.run(0.2, ours=2, others=0)
+    m.run(1.0, ours=0, others=2)  # idle: another framework's turn in a benchmark
+    assert g.threads(2) == 2  # computed 0.2 s of 1.2: the window says nothing
+    m.run(1.0, ours=1.2, others=0.8)  # computing beside a busy process
+    assert g.threads(2) == 1
+    m.run(2.0, ours=0, others=0)  # idle and quiet: the verdict stands
+    assert g.threads(2) == 1
+    m.run(1.0, ours=1, others=0)
     assert g.threads(2) == 2
 
 

@@ -8,6 +8,9 @@ its lagging partner needs: 2 threads ran LeNet-5 at half the 1-thread speed besi
 So the model looks, every `WINDOW` seconds while it computes, at how much of its CPUs
 other processes used, and runs on as many threads as cores are left to it (never more
 than Numba's setting, never fewer than one). A lone thread has no partner to wait for.
+Only a window in which the model computed most of the time counts: while it waits
+(between steps, or while another framework takes its turn in a benchmark) others may use
+every core without competing, and their load then says nothing about the next step.
 
 Float sums split over threads (conv weight gradients, batch-norm statistics) give the
 same bits for the same thread count, so a run whose thread count changed under load
@@ -27,6 +30,7 @@ from ...machine_load import LoadMeter, busy_seconds, own_seconds
 
 WINDOW = 0.25  # seconds between looks: LeNet-5 runs ~100 steps in one, ResNet-20 ~1
 SLACK = 0.3  # cores others may use before a thread gives its core up (a daemon's blip)
+COMPUTING = 0.5  # share of a window the model must have computed for the window to count
 
 
 def _our_cpus() -> list[int] | None:
@@ -47,10 +51,16 @@ class ThreadGovernor:
         self.meter = LoadMeter(own, busy, clock)  # others' load since the last look
         self.lock = threading.Lock()
         self.allowed = None  # threads the last look allows; None: no limit (or not looked yet)
+        self.clock = clock
+        self.computed = 0.0  # seconds the model computed since the last look
 
     def _look(self) -> None:
         others = self.meter.external_cores()
+        computed, window = self.computed, self.meter.elapsed()
         self.meter.start()
+        self.computed = 0.0
+        if computed < COMPUTING * window:
+            return  # mostly idle: the last verdict stands
         if others is None or self.cpus is None:
             self.allowed = None
         else:
@@ -62,6 +72,10 @@ class ThreadGovernor:
             if self.meter.elapsed() >= WINDOW:
                 self._look()
             return ceiling if self.allowed is None else max(1, min(ceiling, self.allowed))
+
+    def add_computed(self, seconds: float) -> None:
+        with self.lock:
+            self.computed += seconds
 
 
 GOVERNOR = ThreadGovernor()
@@ -82,11 +96,15 @@ def governed():
 
     ceiling = numba.get_num_threads()
     threads = GOVERNOR.threads(ceiling)
-    if threads == ceiling:  # the usual case: setting costs microseconds a call
-        yield
-        return
-    numba.set_num_threads(threads)
+    start = GOVERNOR.clock()
     try:
-        yield
+        if threads == ceiling:  # the usual case: setting costs microseconds a call
+            yield
+        else:
+            numba.set_num_threads(threads)
+            try:
+                yield
+            finally:
+                numba.set_num_threads(ceiling)
     finally:
-        numba.set_num_threads(ceiling)
+        GOVERNOR.add_computed(GOVERNOR.clock() - start)
