@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -137,6 +137,13 @@ class _BufferPool:
         flat = self.zeros(size, self.dtype)
         self.slots[size].append([flat, last])
         return flat.reshape(shape)
+
+
+def _root(shared: dict, name: str) -> str:
+    """The end of a chain of shared gradient buffers: the one that is allocated."""
+    while name in shared:
+        name = shared[name]
+    return name
 
 
 class Model:
@@ -354,13 +361,7 @@ class Model:
         read = {name: step[self.norm_stats.get(name, name)] for name in step}
         shared = self._shared_add_gradients(users, needs_grad, step, read) if in_place else {}
         self._pass_through_adds(users, needs_grad, step, read, shared, in_place)
-
-        def root(name):  # a chain of shared buffers: the one that is allocated
-            while name in shared:
-                name = shared[name]
-            return name
-
-        shared = {name: root(name) for name in shared}
+        shared = {name: _root(shared, name) for name in shared}
         for name, owner in shared.items():
             read[owner] = max(read[owner], read[name])
         # (first write, last read, name): a fused ReLU's gradient is its producer's
@@ -455,12 +456,7 @@ class Model:
         if not in_place:
             return
         relu_of = {p: r for r, p in self.fused.items()}
-
-        def root(name):
-            while name in shared:
-                name = shared[name]
-            return name
-
+        root = partial(_root, shared)
         for info in self.infos:
             name, ins = info.name, info.node.inputs
             if info.node.type != "add" or not needs_grad[name] or len(set(ins)) < len(ins):
