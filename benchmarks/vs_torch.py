@@ -199,16 +199,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _avx512() -> bool:
-    try:
-        return " avx512f" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def torch_isa_env(choice: str) -> dict:
     """The environment that holds PyTorch to AVX2 (see the module docstring), or {}."""
-    narrow = os.environ.get("CNNSPEC_VECTOR_BITS") == "256" and _avx512()
+    from cnnspec.kernels.cpu import _common
+
+    narrow = os.environ.get("CNNSPEC_VECTOR_BITS") == "256" and _common.cpu_has_avx512()
     if choice == "avx2" or (choice == "auto" and narrow):
         return {
             "ATEN_CPU_CAPABILITY": "avx2",

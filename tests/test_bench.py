@@ -328,7 +328,9 @@ def test_vs_torch_markdown_renders(vs_torch):
 
 
 def test_vs_torch_holds_torch_to_avx2_beside_the_256_bit_kernels(vs_torch, monkeypatch):
-    monkeypatch.setattr(vs_torch, "_avx512", lambda: True)
+    from cnnspec.kernels.cpu import _common
+
+    monkeypatch.setattr(_common, "cpu_has_avx512", lambda: True)
     monkeypatch.delenv("CNNSPEC_VECTOR_BITS", raising=False)
     assert vs_torch.torch_isa_env("auto") == {}
     assert vs_torch.torch_isa_env("avx2")["ATEN_CPU_CAPABILITY"] == "avx2"
@@ -336,7 +338,7 @@ def test_vs_torch_holds_torch_to_avx2_beside_the_256_bit_kernels(vs_torch, monke
     held = vs_torch.torch_isa_env("auto")
     assert held["ONEDNN_MAX_CPU_ISA"] == "AVX2" and held["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
     assert vs_torch.torch_isa_env("native") == {}
-    monkeypatch.setattr(vs_torch, "_avx512", lambda: False)  # an AVX2 CPU: nothing to hold
+    monkeypatch.setattr(_common, "cpu_has_avx512", lambda: False)  # an AVX2 CPU: no hold
     assert vs_torch.torch_isa_env("auto") == {}
     rows = [{"cnnspec": {"isa": "256-bit kernels"}, "torch": {"isa": "AVX2"}}]
     text = vs_torch._isa_text(rows, {"torch_isa_env": held})

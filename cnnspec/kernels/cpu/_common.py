@@ -19,10 +19,16 @@ from numba.core import caching
 
 from ..checks import check_shape as check_shape  # the kernels import it from here
 
+
+def cpu_has_avx512() -> bool:
+    """Whether this CPU runs AVX-512 (LLVM's view of the host, as Numba compiles for)."""
+    return bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+
 # The micro-kernels' vector width follows the CPU (512-bit with AVX-512, else 256-bit);
 # CNNSPEC_VECTOR_BITS=256 forces the narrow kernels (tests run them on AVX-512 CPUs).
 _BITS = os.environ.get("CNNSPEC_VECTOR_BITS")
-_WIDE = _BITS == "512" or (_BITS is None and llvm.get_host_cpu_features().get("avx512f", False))
+_WIDE = _BITS == "512" or (_BITS is None and cpu_has_avx512())
 VECTOR_BITS = 512 if _WIDE else 256
 
 
