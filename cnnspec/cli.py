@@ -959,7 +959,7 @@ def show_maps(
     _picture_path(output, file_format)
     net, model = _restored_model(spec, weights, 1, training=True)
     if layer in model.unwritten:  # a batch norm its readers apply: have it write its output
-        shown = next((r for r, p in model.fused.items() if p == layer), layer)  # (after a ReLU)
+        shown = model.relu_of.get(layer, layer)  # (after a ReLU)
         net, model = _restored_model(spec, weights, 1, training=True, keep=(shown,))
     elif layer in model.folded:  # a conv that writes its norm's output in eval mode
         net, model = _restored_model(spec, weights, 1, training=True, keep=(layer,))
@@ -972,7 +972,7 @@ def show_maps(
         _fail(f"{image}: holds {len(ds)} images; show maps draws one (save that one alone)")
     model.forward(ds.x)
     maps = np.array(model.buf[layer][0])
-    after = next((r for r, p in model.fused.items() if p == layer), None)
+    after = model.relu_of.get(layer)
     note = f", after {after}" if after else ""  # a fused ReLU works in its producer's buffer
     trained = Path(weights).name if weights else "initial weights"
     title = f"{net.name} {layer} ({info.node.type}{note}): {shape_text(maps.shape)} ({trained})"

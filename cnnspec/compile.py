@@ -204,6 +204,7 @@ class Model:
         self._input = zeros((batch, *self.input_shape), dt)  # batches given as arrays
         self.buf = {INPUT: self._input}  # or a staged batch's slot
         self.fused = self._fuse_relus()
+        self.relu_of = {p: r for r, p in self.fused.items()}  # producer -> its fused ReLU
         self.unwritten = self._fuse_norms()
         self._allocate_activations(batch)
         for info in self.infos:
@@ -308,7 +309,6 @@ class Model:
             bn = by_name[norm].layer
             bn.stats = np.zeros((2, bn.in_shapes[0][0]))
             by_name[conv].layer.stats_out = bn.stats
-        relu_of = {p: r for r, p in self.fused.items()}
         for norm, readers in self.norm_applied.items():
             bn = by_name[norm].layer
             bn.writes_out = False
@@ -318,7 +318,7 @@ class Model:
                 layer = by_name[reader].layer
                 inputs = by_name[reader].node.inputs
                 if by_name[reader].node.type == "add":  # per input
-                    read = relu_of.get(norm, norm)
+                    read = self.relu_of.get(norm, norm)
                     hooks = layer.in_affine or [None] * len(inputs)
                     evals = layer.in_affine_eval or [None] * len(inputs)
                     for k, i in enumerate(inputs):
@@ -370,7 +370,7 @@ class Model:
             name = info.name
             if name in self.fused or name in by_conv or name in shared:
                 continue
-            relu = next((r for r, p in self.fused.items() if p == name), None)
+            relu = self.relu_of.get(name)
             writers = users.get(relu or name, [])
             if not writers or not needs_grad[name]:
                 lives.append((None, None, name))  # never written: stays zero
@@ -425,9 +425,8 @@ class Model:
         in the add's backward pass, or in the epilogue of the conv that writes the
         gradient the add passes through (next block's conv1), they cost as much as the
         norm's own pass saved (~4 ms a step): the norm's input comes from memory there."""
-        relu_of = {p: r for r, p in self.fused.items()}
         for norm, readers in self.norm_applied.items():
-            bn, read = self._by_name[norm].layer, relu_of.get(norm, norm)
+            bn, read = self._by_name[norm].layer, self.relu_of.get(norm, norm)
             conv = self._by_name[readers[0]]
             direct = (
                 conv.node.type == "conv2d"
@@ -455,13 +454,12 @@ class Model:
                 info.layer.dout_masked = False
         if not in_place:
             return
-        relu_of = {p: r for r, p in self.fused.items()}
         root = partial(_root, shared)
         for info in self.infos:
             name, ins = info.name, info.node.inputs
             if info.node.type != "add" or not needs_grad[name] or len(set(ins)) < len(ins):
                 continue
-            relu = relu_of.get(name)
+            relu = self.relu_of.get(name)
             out = relu or name
             conv = None
             if relu is not None:  # the conv that writes the ReLU's gradient last
