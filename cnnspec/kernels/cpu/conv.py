@@ -353,6 +353,116 @@ def dot(typingctx, a, ao, lda, b, boffs, bi, bcol, c, co, n):
     return sig, codegen
 
 
+# ---------------------------------------------------------------- stride-2 copies
+# A stride-2 conv keeps its padded samples split into column phases (even and odd
+# columns in rows of their own); copied element by element, with a stride, neither
+# the split nor its adjoint (dx written back, usually added) vectorises: 16 -> 32
+# channels, 32x32, b128 (1 thread, AMD EPYC Zen 5, 512-bit): 0.9 ms of the forward's
+# 3.0 and 1.7 ms of the backward's 6.9. These move whole vectors of pairs and sort
+# them with one shuffle (vpermt2ps), blocks of a register's lanes, then of half a
+# register (a 16-wide row is 8 pairs); the caller copies the few pairs left.
+
+
+def _pair_blocks(builder, n, vec_count, block):
+    """Emits block(u, width) over pairs [0, n): a loop of `vec_count`-pair blocks, then
+    one block of each smaller width down to 4 where the pairs left fill one; returns the
+    pairs done."""
+    full = builder.sdiv(n, _const(vec_count))
+    _loop(builder, full, 0, ir.Constant(ir.VectorType(_I32, 1), None),
+          lambda i, _: block(builder.mul(i, _const(vec_count)), vec_count) or [])  # fmt: skip
+    done = builder.mul(full, _const(vec_count))
+    width = vec_count // 2
+    while width >= 4:
+        fits = builder.icmp_signed(">=", builder.sub(n, done), _const(width))
+        at = done
+        with builder.if_then(fits):
+            block(at, width)
+        done = builder.select(fits, builder.add(done, _const(width)), done)
+        width //= 2
+    return done
+
+
+def _pair_rows(context, builder, signature, args, operands, rows, n, block):
+    """Emits, for each of `rows` rows, block(pointers, u, width) over its n pairs
+    (_pair_blocks); operands: (argument index of an array, of its offset, of its row
+    stride) each, the pointers those rows start at. Returns the pairs done a row."""
+    vec = _vector(signature.args[operands[0][0]].dtype)
+    bases = [_base(context, builder, signature.args[i], args[i], args[o]) for i, o, _ in operands]
+
+    def row(r, _):
+        at = [builder.gep(p, [builder.mul(r, args[op[2]])])
+              for p, op in zip(bases, operands, strict=True)]  # fmt: skip
+        _pair_blocks(builder, n, vec.count, lambda u, width: block(at, u, width))
+        return []
+
+    _loop(builder, rows, 0, ir.Constant(ir.VectorType(_I32, 1), None), row)
+    # the pairs a row's blocks cover, as _pair_blocks counts them
+    done = builder.mul(builder.sdiv(n, _const(vec.count)), _const(vec.count))
+    width = vec.count // 2
+    while width >= 4:
+        fits = builder.icmp_signed(">=", builder.sub(n, done), _const(width))
+        done = builder.select(fits, builder.add(done, _const(width)), done)
+        width //= 2
+    return done
+
+
+@intrinsic
+def deinterleave(typingctx, src, s0, ss, evens, e0, odds, o0, ds, n, rows):
+    """For each row r < rows: evens[e0 + r*ds + u] = src[s0 + r*ss + 2u], odds[o0 + r*ds
+    + u] = src[s0 + r*ss + 2u + 1] for the first u of n, in vector blocks; returns how
+    many it did a row (the rest, under 4, is the caller's)."""
+    i64 = types.int64
+    sig = i64(src, i64, i64, evens, i64, odds, i64, i64, i64, i64)
+
+    def codegen(context, builder, signature, args):
+        vec = _vector(signature.args[0].dtype)
+
+        def block(at, u, width):
+            ps, pe, po = at
+            pairs = ir.VectorType(vec.element, 2 * width)
+            half = ir.VectorType(vec.element, width)
+            v = builder.load(_vec_ptr(builder, ps, builder.mul(u, _const(2)), pairs), align=4)
+            for first, dst in ((0, pe), (1, po)):
+                take = [2 * i + first for i in range(width)]
+                part = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width), take))
+                builder.store(part, _vec_ptr(builder, dst, u, half), align=4)
+
+        operands = ((0, 1, 2), (3, 4, 7), (5, 6, 7))
+        return _pair_rows(context, builder, signature, args, operands, args[9], args[8], block)
+
+    return sig, codegen
+
+
+@intrinsic
+def interleave(typingctx, evens, e0, odds, o0, ss, dst, d0, ds, n, rows, add):
+    """For each row r < rows: dst[d0 + r*ds + 2u] = evens[e0 + r*ss + u], dst[d0 + r*ds
+    + 2u + 1] = odds[o0 + r*ss + u] (+= with add != 0) for the first u of n, in vector
+    blocks; returns how many it did a row (as deinterleave)."""
+    i64 = types.int64
+    sig = i64(evens, i64, odds, i64, i64, dst, i64, i64, i64, i64, i64)
+
+    def codegen(context, builder, signature, args):
+        vec = _vector(signature.args[0].dtype)
+        add = builder.icmp_signed("!=", args[10], _const(0))
+
+        def block(at, u, width):
+            pe, po, pd = at
+            pairs = ir.VectorType(vec.element, 2 * width)
+            half = ir.VectorType(vec.element, width)
+            e = builder.load(_vec_ptr(builder, pe, u, half), align=4)
+            o = builder.load(_vec_ptr(builder, po, u, half), align=4)
+            take = [i // 2 + (width if i % 2 else 0) for i in range(2 * width)]
+            v = builder.shuffle_vector(e, o, ir.Constant(ir.VectorType(_I32, 2 * width), take))
+            ptr = _vec_ptr(builder, pd, builder.mul(u, _const(2)), pairs)
+            old = builder.load(ptr, align=4)
+            builder.store(builder.select(add, builder.fadd(old, v), v), ptr, align=4)
+
+        operands = ((0, 1, 4), (2, 3, 4), (5, 6, 7))
+        return _pair_rows(context, builder, signature, args, operands, args[9], args[8], block)
+
+    return sig, codegen
+
+
 @njit(parallel=True, cache=True)
 def _probe(a, b, boffs, c, coffs, k, reps, threads):
     # each thread multiplies its own cache-resident block, over and over
@@ -615,16 +725,21 @@ def conv2d_workspace(
 
 
 @njit(**HELPER, nogil=True)
-def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
+def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear):
     """xpad = x[n0 : n0 + ns] padded by (pt, pl) and split into stride phases:
     padded pixel (y, x) of channel c, sample s at [c][y % sh][x % sw][y // sh][s][x // sw];
     the interior through the input hook (aff: (2, C) scale and shift, `mode`; aff None:
-    a build without the hook, whose branches Numba prunes before compiling)."""
+    a build without the hook, whose branches Numba prunes before compiling). The padding
+    is zeroed with `clear` (a thread's first samples of a call: the workspace may be
+    another layer's in between), else left as the last call wrote it: the same places
+    every call, and no call writes them. Slots past ns keep the last samples (their
+    columns are junk, which nothing reads or multiplies by a nonzero gradient)."""
     sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
-    xpad[:] = 0
-    zero = xpad[0]  # 0 in the data's dtype: a literal 0.0 would make the ReLU's select
-    # (and its vectors) float64
+    if clear:
+        xpad[:] = 0
+    zero = xpad.dtype.type(0)  # a literal 0.0 would make the ReLU's select (and its
+    # vectors) float64
     line = spt * wq  # a row of a plane: the samples side by side
     phase = hq * line  # a plane
     # divisions hoisted out of the row loops (they cost more than a row's copy: 16 -> 32
@@ -638,39 +753,68 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode):
         first[ph], first[sw + ph] = x0, m if m > 0 else 0
         first[2 * sw + ph] = ph * phase + (x0 + pl) // sw
         x0 = x0 + 1 if x0 + 1 < sw else 0
+    one, two = np.uint64(1), np.uint64(2)
+    pairs = w_ // 2
     for c in range(c_):
         if aff is not None:
             ca = c if mode != IN_COPY else 0
             a, b = aff[0, ca], aff[1, ca]
         for s in range(ns):
+            if sw == 2:  # even and odd columns, a vector of pairs at a time, the rows of
+                # a row phase in one call
+                for j in range(sh if sh < h_ else h_):  # input rows j, j + sh, ...
+                    rows = (h_ - j + sh - 1) // sh
+                    at = (((c * sh + (j + pt) % sh) * sw) * hq + (j + pt) // sh) * line + s * wq
+                    de, do = at + first[4 + pl % 2], at + first[4 + 1 - pl % 2]
+                    row = ((n0 + s) * c_ + c) * h_ * w_ + j * w_  # (x is C-contiguous)
+                    u = deinterleave(x, row, sh * w_, xpad, de, xpad, do, line, pairs, rows)
+                    for r in range(rows):
+                        yi, e0, o0 = j + r * sh, np.uint64(de + r * line), np.uint64(do + r * line)
+                        for v in range(np.uint64(u), np.uint64(pairs)):
+                            xpad[e0 + v] = x[n0 + s, c, yi, two * v]
+                            xpad[o0 + v] = x[n0 + s, c, yi, two * v + one]
+                        if w_ > 2 * pairs:
+                            xpad[e0 + np.uint64(pairs)] = x[n0 + s, c, yi, w_ - 1]
+                        if aff is not None and mode != IN_COPY:  # (IN_COPY: x * 1 + 0)
+                            for d, m in ((e0, w_ - pairs), (o0, pairs)):
+                                for v in range(np.uint64(m)):
+                                    e = xpad[d + v] * a + b
+                                    xpad[d + v] = e if (mode != IN_AFFINE_RELU or e > 0) else zero
+                continue
             py, qy = pt % sh, pt // sh  # row y = yi + pt: plane row y % sh, at y // sh
             for yi in range(h_):
-                src = x[n0 + s, c, yi]
                 at = (((c * sh + py) * sw) * hq + qy) * line + s * wq  # phase 0's row
                 if sw == 1:  # whole rows: a contiguous copy (a strided view is 5x slower)
-                    dst = xpad[at + pl : at + pl + w_]
+                    d = np.uint64(at + pl)
                     if aff is None:  # (the loops written out: a helper cost two more
-                        for v in range(w_):  # compiled signatures on a cold start)
-                            dst[v] = src[v]
+                        for v in range(np.uint64(w_)):  # compiled signatures on a cold start)
+                            xpad[d + v] = x[n0 + s, c, yi, v]
                     else:  # one loop for every mode (a loop per mode: 10% slower)
-                        for v in range(w_):
-                            t = src[v] * a + b
-                            dst[v] = t if (mode != IN_AFFINE_RELU or t > 0) else zero
+                        for v in range(np.uint64(w_)):
+                            t = x[n0 + s, c, yi, v] * a + b
+                            xpad[d + v] = t if (mode != IN_AFFINE_RELU or t > 0) else zero
                 else:
                     for ph in range(sw):  # every sw-th input column lands in phase ph
-                        m, d = first[sw + ph], at + first[2 * sw + ph]
-                        dst, row = xpad[d : d + m], src[first[ph] :]
-                        for u in range(np.uint64(m)):  # (a name of its own: an
-                            # index both signed and unsigned would be typed float64)
-                            e = row[u * np.uint64(sw)]
+                        m, d = first[sw + ph], np.uint64(at + first[2 * sw + ph])
+                        x0u, swu = np.uint64(first[ph]), np.uint64(sw)
+                        for u in range(np.uint64(m)):  # (unsigned throughout: an index
+                            # both signed and unsigned would be typed float64)
+                            e = x[n0 + s, c, yi, x0u + u * swu]
                             if aff is not None:
                                 e = e * a + b
                                 e = e if (mode != IN_AFFINE_RELU or e > 0) else zero
-                            dst[u] = e
+                            xpad[d + u] = e
                 py += 1
                 if py == sh:
                     py = 0
                     qy += 1
+
+
+# No views of rows in the copies' loops (x[n, c, y], xpad[a:b]): indices, unsigned
+# where their sign is not plain to Numba (else each gets a wrap-around check, which
+# stops LLVM vectorising the loop: a 10x slower copy). A view is reference counted,
+# two atomic operations a row, which Numba's pruning removed or not as the code
+# around it changed: once kept, 28% of a 16-channel 32x32 conv's forward.
 
 
 @njit(**HELPER, nogil=True)
@@ -679,35 +823,62 @@ def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate):
     (the adjoint of padding)."""
     sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
     c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
+    line = spt * wq
+    phase = hq * line
+    one, two = np.uint64(1), np.uint64(2)
+    pairs = w_ // 2
     for c in range(c_):
         for s in range(ns):
+            if sw == 2:  # even and odd columns, a vector of pairs at a time, the rows of
+                # a row phase in one call
+                for j in range(sh if sh < h_ else h_):  # dx rows j, j + sh, ...
+                    rows = (h_ - j + sh - 1) // sh
+                    at = (((c * sh + (j + pt) % sh) * sw) * hq + (j + pt) // sh) * line + s * wq
+                    de = at + (pl % 2) * phase + pl // 2
+                    do = at + (1 - pl % 2) * phase + (pl + 1) // 2
+                    row = ((n0 + s) * c_ + c) * h_ * w_ + j * w_  # (dx is C-contiguous)
+                    u = interleave(dxpad, de, dxpad, do, line, dx, row, sh * w_, pairs, rows,
+                                   accumulate)  # fmt: skip
+                    for r in range(rows):
+                        yi, e0, o0 = j + r * sh, np.uint64(de + r * line), np.uint64(do + r * line)
+                        for v in range(np.uint64(u), np.uint64(pairs)):
+                            e, o = dxpad[e0 + v], dxpad[o0 + v]
+                            if accumulate:
+                                e += dx[n0 + s, c, yi, two * v]
+                                o += dx[n0 + s, c, yi, two * v + one]
+                            dx[n0 + s, c, yi, two * v], dx[n0 + s, c, yi, two * v + one] = e, o
+                        if w_ > 2 * pairs:
+                            e = dxpad[e0 + np.uint64(pairs)]
+                            if accumulate:
+                                e += dx[n0 + s, c, yi, w_ - 1]
+                            dx[n0 + s, c, yi, w_ - 1] = e
+                continue
+            py, qy = pt % sh, pt // sh  # row y = yi + pt: plane row y % sh, at y // sh
             for yi in range(h_):
-                y = yi + pt
+                at = (((c * sh + py) * sw) * hq + qy) * line + s * wq  # phase 0's row
                 if sw == 1:
-                    plane = (c * sh + y % sh) * sw
-                    d = ((plane * hq + y // sh) * spt + s) * wq + pl
-                    src, dst = dxpad[d : d + w_], dx[n0 + s, c, yi]
+                    d = np.uint64(at + pl)
                     if accumulate:
-                        for v in range(w_):
-                            dst[v] += src[v]
+                        for v in range(np.uint64(w_)):
+                            dx[n0 + s, c, yi, v] += dxpad[d + v]
                     else:
-                        for v in range(w_):
-                            dst[v] = src[v]
-                    continue
-                for ph in range(sw):
-                    x0 = (ph - pl) % sw
-                    m = (w_ - x0 + sw - 1) // sw
-                    if m <= 0:
-                        continue
-                    plane = (c * sh + y % sh) * sw + ph
-                    d = ((plane * hq + y // sh) * spt + s) * wq + (x0 + pl) // sw
-                    src, dst = dxpad[d : d + m], dx[n0 + s, c, yi, x0 : x0 + (m - 1) * sw + 1 : sw]
-                    if accumulate:
-                        for v in range(m):
-                            dst[v] += src[v]
-                    else:
-                        for v in range(m):
-                            dst[v] = src[v]
+                        for v in range(np.uint64(w_)):
+                            dx[n0 + s, c, yi, v] = dxpad[d + v]
+                else:
+                    for ph in range(sw):
+                        x0 = (ph - pl) % sw
+                        m = (w_ - x0 + sw - 1) // sw
+                        d = np.uint64(at + ph * phase + (x0 + pl) // sw)
+                        x0u, swu = np.uint64(x0), np.uint64(sw)
+                        for u in range(np.uint64(m if m > 0 else 0)):
+                            e = dxpad[d + u]
+                            if accumulate:
+                                e += dx[n0 + s, c, yi, x0u + u * swu]
+                            dx[n0 + s, c, yi, x0u + u * swu] = e
+                py += 1
+                if py == sh:
+                    py = 0
+                    qy += 1
 
 
 @njit(**HELPER, nogil=True)
@@ -897,7 +1068,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
         for tile in range(first, end):
             n0, ns, oy0, nr = _tile_at(tile, spt, tiles, rows, n_, oh)
             if n0 != last:
-                _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode)
+                _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, last == -1)
                 last = n0
             ahead = 0  # lines of the next tile's samples, where it starts new ones
             if tile + 1 < end:
@@ -1160,7 +1331,7 @@ def _backward_samples(
             lines = (-(-ns * sample // line) if dx_run else 0, xl, ol, ol if reads_y else 0)
             per_call = -(-(lines[0] + lines[1] + lines[2] + lines[3]) // calls)
             q = 0
-            _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode)
+            _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, n0 == t * n_ // T)
             if dxc is None:
                 if want_dx:
                     dxpad[:] = 0
