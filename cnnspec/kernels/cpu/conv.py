@@ -598,6 +598,12 @@ def _geometry(
         rows = max(1, min(oh, max(_TILE_ELEMENTS // (k * wq), -(-_MIN_COLUMNS // wq))))
         if rows == oh:
             spt = max(1, min(_TILE_ELEMENTS // (k * oh * wq), -(-n // (2 * threads))))
+            if sh * sw > 1:  # a strided conv's padded samples hold sh*sw times its output's
+                # pixels: at most a quarter of the budget (with their gradient and the next
+                # samples prefetched they overflowed L2: 16 -> 32 channels, 32x32 -> 16x16,
+                # b128, 1 thread, AMD EPYC Zen 5: 6 samples a tile -> 3, backward 1.06x
+                # faster, forward 1.03x)
+                spt = max(1, min(spt, _TILE_ELEMENTS // (4 * c * sh * sw * hq * wq)))
         if space is not None:
             while spt > 1 and layout(rows, spt)[2] > space:
                 spt -= 1
