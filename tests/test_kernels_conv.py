@@ -23,6 +23,10 @@ CONV_CASES = {
     "stride4_k11": (1, 2, 23, 19, 3, 11, 11, (4, 4), (0, 0, 0, 0), (1, 1), 1, True),
     # several samples to a tile, side by side, sharing padding columns (pr <= pl)
     "batch_shared_pad_dilated": (5, 3, 4, 5, 4, 3, 3, (1, 1), (1, 0, 2, 1), (1, 2), 1, True),
+    # stride-2 columns split a vector of pairs at a time: rows long enough for the full
+    # and half-vector blocks, pairs left over and an odd last column; even left padding
+    "stride2_wide_rows": (3, 2, 5, 37, 3, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1, True),
+    "stride1x2_wide_even_pad": (2, 2, 4, 24, 3, 3, 3, (1, 2), (0, 1, 2, 0), (1, 1), 1, False),
 }
 
 # (N, Cin, H, W, Cout, kh, kw, stride, pad, dilation, output_padding, bias)

@@ -1020,13 +1020,15 @@ _SUMS = {"reassoc"}  # vectorised float64 sums, in an order fixed at compile tim
 
 
 @njit(**HELPER, nogil=True, fastmath=_SUMS)
-def _moments(y, k):
-    """sum(y - k) and sum((y - k)^2) in float64 over a contiguous block: one long loop
-    (a row each paid a horizontal sum of the vector partial sums: measured 2x)."""
+def _moments(y, at, count, k):
+    """sum(y - k) and sum((y - k)^2) in float64 over y[at : at + count] (y 1-d): one long
+    loop (a row each paid a horizontal sum of the vector partial sums: measured 2x). An
+    offset, not a view of the block (see _unpad_samples)."""
     a = 0.0
     a2 = 0.0
-    for v in range(y.shape[0]):
-        e = np.float64(y[v]) - k
+    first = np.uint64(at)
+    for v in range(np.uint64(count)):
+        e = np.float64(y[first + v]) - k
         a += e
         a2 += e * e
     return a, a2
@@ -1064,6 +1066,8 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
     inputs = (x.reshape(-1), out.reshape(-1))
     sample, osample, line = x.size // n_, out.size // n_, 64 // x.itemsize
     calls = g_ * (tcp // nr_) * (ogb // mr)  # micro-kernel calls a tile
+    if moments is not None:
+        flat_out = out.reshape(-1)  # (out is C-contiguous)
     for t in prange(T):
         x_at, dx_at, zero_at, sink_at, prod_at, _dw_at = _regions(geo, g_, t * per)
         rows_b, _rows_dx, rows_p = _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at)
@@ -1101,20 +1105,21 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
                     b = bias[o] if has_bias else zero
                     g = o // og
                     at = (g * ogb + o - g * og) * tcp + s * wq
-                    for r in range(nr):
-                        src = prod[at + r * spt * wq : at + r * spt * wq + ow]
-                        dst = out[n0 + s, o, oy0 + r]
-                        for v in range(ow):
-                            yv = src[v] + b
-                            dst[v] = (yv if yv > 0 else zero) if act == 1 else yv
+                    for r in range(nr):  # (no views of rows: see _unpad_samples)
+                        p = np.uint64(at + r * spt * wq)
+                        for v in range(np.uint64(ow)):
+                            yv = prod[p + v] + b
+                            out[n0 + s, o, oy0 + r, v] = (
+                                (yv if yv > 0 else zero) if act == 1 else yv
+                            )
                     if moments is not None and want_moments:  # of the rows just written,
                         # still in L1 (moments None: a build without the hooks)
-                        m = moments[t]
-                        if tile == first and s == 0:
-                            m[o] = out[n0, o, oy0, 0]  # the shift: the thread's first value
-                        a, a2 = _moments(out[n0 + s, o, oy0 : oy0 + nr].reshape(-1), m[o])
-                        m[o_ + o] += a
-                        m[2 * o_ + o] += a2
+                        if tile == first and s == 0:  # the shift: the thread's first value
+                            moments[t, o] = out[n0, o, oy0, 0]
+                        at = ((n0 + s) * o_ + o) * oh * ow + oy0 * ow  # the rows: one run
+                        a, a2 = _moments(flat_out, at, nr * ow, moments[t, o])
+                        moments[t, o_ + o] += a
+                        moments[t, 2 * o_ + o] += a2
             if moments is not None and want_moments:
                 moments[t, 3 * o_] += ns * nr * ow
 
