@@ -244,6 +244,24 @@ def bcast_ahead(
     return sig, _bcast_codegen(True)
 
 
+@intrinsic
+def prefetch(typingctx, a, at):
+    """A hint: the cache line holding a[at] (read, kept in all levels); no result."""
+    sig = types.void(a, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        name = "llvm.prefetch.p0i8"
+        fn = builder.module.globals.get(name) or ir.Function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), name
+        )
+        ptr = builder.bitcast(_base(context, builder, signature.args[0], args[0], args[1]), i8p)
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _reduction(count, width):
     """How ``dot`` sums its `count` accumulators of `width` lanes: a tree of steps, each
     ("pair", a, b) or ("halve", a) on the list of live vectors, ending in vectors of one
@@ -278,12 +296,22 @@ def dot_order(itemsize: int) -> list[int]:
     return _reduction(MD * ND, lanes(itemsize))[1]
 
 
+@lru_cache(maxsize=2)
+def _unblock_order(itemsize: int) -> np.ndarray:
+    """Where each element of a ``dot`` block comes from in row-major order (the inverse
+    of :func:`dot_order`). Cached: working it out took ~10 us of each conv backward
+    call (LeNet-5's c3 is ~0.7 ms)."""
+    inverse = np.argsort(dot_order(itemsize))
+    inverse.flags.writeable = False
+    return inverse
+
+
 def dot_unblock(blocks: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """The (rows, cols) matrix (a copy) that ``dot`` calls keep as blocks: block
     (r // MD, c // ND) at (r // MD) * MD * cols + (c // ND) * MD * ND, its elements in
     :func:`dot_order`."""
     b = blocks.reshape(rows // MD, cols // ND, MD * ND)
-    inverse = np.argsort(dot_order(blocks.itemsize))
+    inverse = _unblock_order(blocks.itemsize)
     b = b[:, :, inverse].reshape(rows // MD, cols // ND, MD, ND)
     return b.transpose(0, 2, 1, 3).reshape(rows, cols)
 
@@ -299,23 +327,21 @@ def _halves(builder, a, b, width, group, high):
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(take)), take))
 
 
-@intrinsic
-def dot(typingctx, a, ao, lda, b, boffs, bi, bcol, c, co, n):
-    """C[MD x ND] += A B^T: A = MD rows of a from ao (stride lda), B row j =
-    b[boffs[bi + j] + bcol:], each n long (a multiple of the vector width). C is a
-    block of MD*ND elements at c[co:], in :func:`dot_order` (blocks of a larger
-    matrix: :func:`dot_unblock`)."""
-    i64 = types.int64
-    sig = types.void(a, i64, i64, b, boffs, i64, i64, c, i64, i64)
+def _dot_codegen(a_table):
+    """``dot``'s code; `a_table`: A's rows found through a table, as B's (``dot_rows``)."""
 
     def codegen(context, builder, signature, args):
-        a_ary, ao, lda = args[0], args[1], args[2]
-        c_ary, co, n = args[7], args[8], args[9]
+        ib, ic = (4, 8) if a_table else (3, 7)  # where B's and C's arguments start
+        c_ary, co, n = args[ic], args[ic + 1], args[ic + 2]
         vec = _vector(signature.args[0].dtype)
-        pa = _base(context, builder, signature.args[0], a_ary, ao)
-        pc = _base(context, builder, signature.args[7], c_ary, co)
-        rows_a = [builder.gep(pa, [builder.mul(lda, _const(i))]) for i in range(MD)]
-        rows_b = [_row_pointer(context, builder, signature, args, 3, _const(j)) for j in range(ND)]
+        pc = _base(context, builder, signature.args[ic], c_ary, co)
+        if a_table:
+            rows_a = [_row_pointer(context, builder, signature, args, 0, _const(i))
+                      for i in range(MD)]  # fmt: skip
+        else:
+            pa = _base(context, builder, signature.args[0], args[0], args[1])
+            rows_a = [builder.gep(pa, [builder.mul(args[2], _const(i))]) for i in range(MD)]
+        rows_b = [_row_pointer(context, builder, signature, args, ib, _const(j)) for j in range(ND)]
 
         def step(t, acc):
             at = builder.mul(t, _const(vec.count))
@@ -350,7 +376,26 @@ def dot(typingctx, a, ao, lda, b, boffs, bi, bcol, c, co, n):
             at += w
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def dot(typingctx, a, ao, lda, b, boffs, bi, bcol, c, co, n):
+    """C[MD x ND] += A B^T: A = MD rows of a from ao (stride lda), B row j =
+    b[boffs[bi + j] + bcol:], each n long (a multiple of the vector width). C is a
+    block of MD*ND elements at c[co:], in :func:`dot_order` (blocks of a larger
+    matrix: :func:`dot_unblock`)."""
+    i64 = types.int64
+    sig = types.void(a, i64, i64, b, boffs, i64, i64, c, i64, i64)
+    return sig, _dot_codegen(False)
+
+
+@intrinsic
+def dot_rows(typingctx, a, aoffs, ai, acol, b, boffs, bi, bcol, c, co, n):
+    """``dot`` with A's rows through a table too: A row i = a[aoffs[ai + i] + acol:]."""
+    i64 = types.int64
+    sig = types.void(a, aoffs, i64, i64, b, boffs, i64, i64, c, i64, i64)
+    return sig, _dot_codegen(True)
 
 
 # ---------------------------------------------------------------- stride-2 copies
@@ -511,11 +556,12 @@ def peak_gflops(repeat: int = 5, k: int = 256, reps: int = 2000) -> float:
 # up afterwards in thread order. Product columns are padded to whole panels (NR),
 # and each group's rows to whole blocks of the micro-kernel that reads them
 # (zero weights): ogb, kgb round og, kg up to MR (bcast), ogd to MD and kgd to
-# ND (dot).
+# ND (dot; ND and MD where dW is taken as its transpose, _dw_swapped).
 #
 # Per thread: padded samples [c][sh][sw][hq][s][wq] and their gradient, a zero
 # row and a sink row (what padding rows of the blocks read and write), the
-# product or dout [g*ogb + o][tcp] (column r*spt*wq + s*wq + x), dW [g][ogd][kgd], db.
+# product or dout [g*ogb + o][tcp] (column r*spt*wq + s*wq + x), dW [g][ogd][kgd]
+# (or [g][kgd][ogd]), db.
 
 ACT_NONE, ACT_RELU = 0, 1
 _TILE_ELEMENTS = 1 << 18  # a tile's (virtual) im2col matrix, 1 MiB in float32.
@@ -551,12 +597,27 @@ class _Geometry(NamedTuple):
     spt: int  # samples per tile (several small ones, else 1)
     tcp: int  # product columns per tile, padded to whole panels
     ogb: int  # output channels per group, padded to whole bcast blocks
-    ogd: int  # ... to whole dot blocks
+    ogd: int  # ... to whole dot blocks (MD rows, or ND with swap)
     kgb: int  # im2col rows per group, padded to whole bcast blocks
-    kgd: int  # ... to whole dot blocks
+    kgd: int  # ... to whole dot blocks (ND rows, or MD with swap)
     pad_size: int  # padded samples, with slack for the padding columns' reads
     per_thread: int  # workspace elements per thread
     wpack: int  # packed weights, shared by the threads
+    swap: int  # 1: dW's dot products take it as its transpose (_dw_swapped)
+
+
+# dW's products (``dot``: MD rows of A against ND of B) run over dout's rows as A and
+# the im2col rows as B, or the other way round where that pads much less: dout's rows
+# are padded to whole blocks of the side they are on, and so are the im2col rows.
+# LeNet-5's c1 (6 output channels, 25 im2col rows) at 512 bits: 8 x 30 rows' worth, or
+# 6 x 28 the other way round; its dW 1.2x faster (1 thread, AMD EPYC Zen 5). The other
+# way round streams more of dout per multiply-add (ND of its rows a call, not MD): its
+# c3 at 256 bits (16 x 152, or 16 x 150) ran 1.1x slower.
+def _dw_swapped(og, kg):
+    """Whether dW's products take dout's rows as B (and the im2col rows as A): where
+    that pads at least a fifth less."""
+    swapped = _round_up(og, ND) * _round_up(kg, MD)
+    return 5 * swapped <= 4 * _round_up(og, MD) * _round_up(kg, ND)
 
 
 def _geometry(
@@ -580,8 +641,10 @@ def _geometry(
         # 8x8 convs 1.15x, 16x16 1.06x, 32x32 1.05x faster)
         wq = w + pl
     nr = panel(itemsize)
-    ogb, ogd = _round_up(og, MR), _round_up(og, MD)
-    kgb, kgd = _round_up(kg, MR), _round_up(kg, ND)
+    ogb, kgb = _round_up(og, MR), _round_up(kg, MR)
+    swap = _dw_swapped(og, kg)
+    md_o, nd_k = (ND, MD) if swap else (MD, ND)  # the dot blocks' sides dout and im2col are on
+    ogd, kgd = _round_up(og, md_o), _round_up(kg, nd_k)
 
     def layout(rows, spt):
         tcp = _round_up(rows * spt * wq, nr)
@@ -614,7 +677,9 @@ def _geometry(
     rows = -(-oh // tiles)  # bands of even height
     tcp, pad_size, size = layout(rows, spt)
     wpack = g * max(ogb * kg, kgb * og, _round_up(cg, MR) * og * kh * kw)
-    return _Geometry(hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, size, wpack)
+    return _Geometry(
+        hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, size, wpack, int(swap)
+    )
 
 
 # The input gradient of a stride-1 conv is itself a conv: dx = conv(dout padded by
@@ -826,7 +891,9 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear):
 @njit(**HELPER, nogil=True)
 def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate):
     """dx[n0 : n0 + ns] = (or +=, `accumulate`) the interior of the phase-split dxpad
-    (the adjoint of padding)."""
+    (the adjoint of padding). Indices, not row views (see above): with views, LeNet-5's
+    c3 (rows of 14) paid two reference-count increments and decrements a row, 0.13 ms
+    a call against 0.027 without them."""
     sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
     c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
     line = spt * wq
@@ -898,14 +965,29 @@ def _patch_offset(k, dims, spt, hq, wq):
     return (plane * hq + (i * dh) // sh) * spt * wq + (j * dw) // sw
 
 
+# The transposed dx product (dx += W^T dout, into the padded dx) reads, adds and writes
+# its MR rows of C one after another. In im2col order, rows (c, i, j) and (c, i, j + 1)
+# overlap one column apart: each row's loads waited on the stores of the row before
+# (a store cannot be forwarded to a load it only partly covers). Taken j-major, a
+# block's rows are (c, i) apart, image rows apart, and do not overlap: LeNet-5's c3
+# (6 -> 16 channels, 5x5, 14x14), its dx product 1.3x faster (1 thread, Zen 5, 512-bit).
+@njit(inline="always", nogil=True)  # inlined in Numba's IR: no compile of its own
+def _dx_row(r, kg, kw):
+    """The im2col row (c, i, j) = (c*kh + i)*kw + j of row r of the dx product's C (and
+    of its A, W^T): r = j*(kg/kw) + c*kh + i."""
+    per = kg // kw
+    return (r % per) * kw + r // per
+
+
 @njit(**HELPER, nogil=True)
-def _pack(w3, transpose, rows_p, wpack):
+def _pack(w3, transpose, rows_p, kw, wpack):
     """wpack[g][r // MR][q][r % MR] = A[g, r, q], zero rows r up to rows_p: the bcast
     kernel's A. A is w3 (forward: rows are output channels) or, with `transpose`,
-    its transpose (dx: rows are im2col rows). Callers pass a literal False / True: a
-    build per direction, each without the other's loops. The conv kernels link it in and
-    compile it again, so one build taking either cost more than the second compilation
-    (LeNet-5's cold step: 1.7K of the kernels' 14.4K machine instructions, ~0.3 s of CPU)."""
+    its transpose, rows in :func:`_dx_row`'s order (dx: rows are im2col rows; kw the
+    kernel's width). Callers pass a literal False / True: a build per direction, each
+    without the other's loops. The conv kernels link it in and compile it again, so one
+    build taking either cost more than the second compilation (LeNet-5's cold step:
+    1.7K of the kernels' 14.4K machine instructions, ~0.3 s of CPU)."""
     g_, og, kg = w3.shape
     rows, inner = (kg, og) if transpose else (og, kg)
     for g in range(g_):
@@ -917,7 +999,7 @@ def _pack(w3, transpose, rows_p, wpack):
                     if r >= rows:
                         wpack[at + i] = 0.0
                     elif transpose:
-                        wpack[at + i] = w3[g, q, r]
+                        wpack[at + i] = w3[g, q, _dx_row(r, kg, kw)]
                     else:
                         wpack[at + i] = w3[g, r, q]
 
@@ -939,7 +1021,7 @@ def _regions(geo, g_, base):
 def _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at):
     """The micro-kernels' row offsets into the workspace: im2col rows (B of the
     forward and dW products; padding rows read a zero row), dx rows (C of the dx
-    product; padding rows write a sink row), product rows."""
+    product, in :func:`_dx_row`'s order; padding rows write a sink row), product rows."""
     g_, og, kg = w3.shape
     hq, wq, spt, tcp = geo[0], geo[1], geo[4], geo[5]
     ogb, ogd, kgb, kgd = geo[6], geo[7], geo[8], geo[9]
@@ -951,7 +1033,7 @@ def _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at):
             at = _patch_offset(g * kg + kk, dims, spt, hq, wq)
             rows_b[g * kgd + kk] = x_at + at if kk < kg else zero_at
         for kk in range(kgb):
-            at = _patch_offset(g * kg + kk, dims, spt, hq, wq)
+            at = _patch_offset(g * kg + _dx_row(kk, kg, dims[7]), dims, spt, hq, wq)
             rows_dx[g * kgb + kk] = dx_at + at if kk < kg else sink_at
     for r in range(rows_p.shape[0]):
         rows_p[r] = prod_at + r * tcp
@@ -969,6 +1051,15 @@ def _tile_at(tile, spt, tiles, rows, n_, oh):
     return n0, 1, oy0, rows if rows < oh - oy0 else oh - oy0
 
 
+# dout's planes (and y's), read one after another by _gather, are prefetched a plane
+# ahead (`ahead`) where dout is this large and no dx products prefetch them while they
+# multiply (a conv without dx: the network's first): each plane started a new page,
+# with its stall. ResNet-20's first conv (16 channels, 32x32, b128: 8 MiB each), 1
+# thread, AMD EPYC Zen 5: its gather alone from memory 1.5 -> 1.25 ms. Where the dx
+# products prefetch them as well, the convs after it ran 2-3% slower.
+PREFETCH_DOUT = 1 << 22  # bytes
+
+
 # The output-gradient hook (`dout_affine`): when the conv's output feeds only a batch
 # norm, the norm's input gradient ka*g + kb*y + kc (g: the norm's output gradient,
 # masked where its ReLU was 0, y: this conv's output) is formed here, as dout is
@@ -977,17 +1068,21 @@ OUT_PLAIN, OUT_NORM, OUT_NORM_RELU = 0, 1, 2
 
 
 @njit(**HELPER, nogil=True, fastmath={"reassoc"})
-def _gather(dout, y, act, n0, ns, oy0, nr, rs, wq, ogd, g_, tcp, dprod, db, gk, gmode):
+def _gather(dout, y, act, n0, ns, oy0, nr, rs, wq, ogd, g_, tcp, dprod, db, gk, gmode, ahead):
     """dprod[g*ogd + o, r*rs + s*wq + v] = dout[n0 + s, g*og + o, oy0 + r, v] for the
     tile's samples s < ns (rs = samples per tile * wq), masked where a fused ReLU's
     output y is 0 (or through the output-gradient hook: gk rows ka, kb, kc, scale,
     shift; None: a build without it); other columns are left as they are (zero).
     db[o] += the sum of its row ('reassoc' vectorises the sum, in an order fixed at
-    compile time)."""
-    o_, ow = dout.shape[1], dout.shape[3]
+    compile time). `ahead`: prefetch each next plane (PREFETCH_DOUT)."""
+    o_, oh, ow = dout.shape[1], dout.shape[2], dout.shape[3]
     og = o_ // g_
     zero = dprod.dtype.type(0)  # a literal 0.0 would make the selects (and vectors) float64:
     # the hook's loop ran 2x slower
+    flat, flat_y = dout.reshape(-1), y.reshape(-1)
+    line = 64 // dout.itemsize
+    band = nr * ow  # a plane's rows in this tile
+    ahead = ahead and dout.size * dout.itemsize >= PREFETCH_DOUT
     for o in range(o_):
         g = o // og
         at = (g * ogd + o - g * og) * tcp
@@ -996,17 +1091,27 @@ def _gather(dout, y, act, n0, ns, oy0, nr, rs, wq, ogd, g_, tcp, dprod, db, gk, 
             oc = o if gmode != OUT_PLAIN else 0
             ka, kb, kc, sa, sb = gk[0, oc], gk[1, oc], gk[2, oc], gk[3, oc], gk[4, oc]
         for s in range(ns):
+            # the next plane's rows, (s + 1, o) or (0, o + 1), prefetched (PREFETCH_DOUT)
+            nxt = (n0 + s + 1) * o_ + o if s + 1 < ns else n0 * o_ + o + 1
+            if ahead and nxt < (n0 + ns) * o_:
+                first = nxt * oh * ow + oy0 * ow
+                for q in range(0, band, line):
+                    prefetch(flat, first + q)
+                    prefetch(flat_y, first + q)
             for r in range(nr):
                 dst = row[s * wq + r * rs : s * wq + r * rs + ow]
                 src, yr = dout[n0 + s, o, oy0 + r], y[n0 + s, o, oy0 + r]
+                # both loaded unconditionally: a conditional load blocks SIMD, and in the
+                # loop's scalar tail it is a branch per element, which a ReLU's mask
+                # mispredicts (LeNet-5's c1, 28 columns a row: its gather 2.6x slower)
                 if gk is None or gmode == OUT_PLAIN:
                     for v in range(ow):
-                        yv = yr[v]  # loaded unconditionally: a conditional load blocks SIMD
-                        dst[v] = src[v] if (yv > 0 or act == 0) else zero
+                        yv, sv = yr[v], src[v]
+                        dst[v] = sv if (yv > 0 or act == 0) else zero
                 else:
                     for v in range(ow):
-                        yv = yr[v]
-                        gv = src[v] if (gmode == OUT_NORM or yv * sa + sb > 0) else zero
+                        yv, sv = yr[v], src[v]
+                        gv = sv if (gmode == OUT_NORM or yv * sa + sb > 0) else zero
                         dst[v] = ka * gv + kb * yv + kc
         # one long sum per row, not one per image row inside the loops above: each of
         # those ended in a horizontal sum over ~32 values
@@ -1050,14 +1155,14 @@ def _ahead(first, per, lines):  # cold LeNet-5 step compiles each helper once: t
 
 @Builds
 def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, want_moments):
-    hq, wq, rows, tiles, spt, tcp, ogb, _ogd, _kgb, kgd, pad_size, per, _ = geo
+    hq, wq, rows, tiles, spt, tcp, ogb, _ogd, _kgb, kgd, pad_size, per, _, _swap = geo
     n_ = x.shape[0]
     o_, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     g_, og, kg = w3.shape
     nr_ = NV * (VECTOR_BYTES // x.itemsize)  # panel width
     mr = MR
     wpack = ws[T * per :]
-    _pack(w3, False, ogb, wpack)
+    _pack(w3, False, ogb, dims[7], wpack)
     total = -(-n_ // spt) if spt > 1 else n_ * tiles
     has_bias = bias.shape[0] > 0
     zero = out.dtype.type(0)  # a literal 0.0 made the float32 epilogue compute in float64
@@ -1291,7 +1396,7 @@ def _backward_samples(
     dsums, relu_dx,
 ):
     # fmt: on
-    hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, _ = geo
+    hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, _, swap = geo
     n_ = x.shape[0]
     o_, oh = dout.shape[1], dout.shape[2]
     g_, og, kg = w3.shape
@@ -1305,7 +1410,7 @@ def _backward_samples(
     if dxc is not None:
         _pack_flipped(w3, dims[6], dims[7], dxc[7], wpack)
     elif want_dx:
-        _pack(w3, True, kgb, wpack)
+        _pack(w3, True, kgb, dims[7], wpack)
     # prefetched by the dx products (by the dW products: 16 channels, 32x32, no faster):
     # the samples' dx, which they write (where it is one run), the next samples' x,
     # dout (and y)
@@ -1352,17 +1457,25 @@ def _backward_samples(
                 if (nr, ns) != shape:  # junk and padding columns, padding rows: zero
                     dprod[:] = 0  # gradient. A tile of the same shape overwrites just what
                     shape = (nr, ns)  # the last one wrote (a memset per tile wrote as much)
-                _gather(
-                    dout, y, act, n0, ns, oy0, nr, spt * wq, wq, ogd, g_, tcp, dprod, db, gk, gmode
-                )
+                _gather(dout, y, act, n0, ns, oy0, nr, spt * wq, wq, ogd, g_, tcp, dprod, db, gk,
+                        gmode, not want_dx)  # fmt: skip
                 for g in range(g_):  # dW += dout im2col^T
-                    for ob in range(0, ogd, md):
-                        for kb in range(0, kgd, nd):
-                            dot(
-                                dprod, (g * ogd + ob) * tcp, tcp,
-                                ws, rows_b, g * kgd + kb, oy0 * wq,
-                                dwt, (g * ogd + ob) * kgd + kb * md, tcp,
-                            )  # fmt: skip
+                    if swap:  # (dW^T += im2col dout^T)
+                        for kb in range(0, kgd, md):
+                            for ob in range(0, ogd, nd):
+                                dot_rows(
+                                    ws, rows_b, g * kgd + kb, oy0 * wq,
+                                    ws, rows_p, g * ogd + ob, 0,
+                                    dwt, (g * kgd + kb) * ogd + ob * md, tcp,
+                                )  # fmt: skip
+                    else:
+                        for ob in range(0, ogd, md):
+                            for kb in range(0, kgd, nd):
+                                dot(
+                                    dprod, (g * ogd + ob) * tcp, tcp,
+                                    ws, rows_b, g * kgd + kb, oy0 * wq,
+                                    dwt, (g * ogd + ob) * kgd + kb * md, tcp,
+                                )  # fmt: skip
                 if dxc is not None:
                     _dout_to_padded(dprod, o_, og, ogd, tcp, wq, oy0, nr, ns, spt, dout.shape[3],
                                     dxc, dpad)  # fmt: skip
@@ -1588,7 +1701,11 @@ def conv2d_backward(
     total = parts[0].copy()
     for part in parts[1:]:
         total += part
-    dw3 = dot_unblock(total[:size], g * geo.ogd, geo.kgd).reshape(g, geo.ogd, geo.kgd)
+    if geo.swap:
+        dw3 = dot_unblock(total[:size], g * geo.kgd, geo.ogd).reshape(g, geo.kgd, geo.ogd)
+        dw3 = dw3.transpose(0, 2, 1)
+    else:
+        dw3 = dot_unblock(total[:size], g * geo.ogd, geo.kgd).reshape(g, geo.ogd, geo.kgd)
     dw.reshape(g, og, kg)[...] = dw3[:, :og, :kg]
     if db is not None:
         db[...] = total[size:]
