@@ -551,6 +551,9 @@ DX_CONV_CASES = {
     "full": (2, 3, 5, 6, 4, 3, 2, (2, 2, 1, 1), (1, 1), 1),
     "pointwise": (2, 5, 4, 3, 3, 1, 1, (0, 0, 0, 0), (1, 1), 1),
     "small_samples": (9, 3, 5, 6, 5, 3, 3, (1, 1, 1, 1), (1, 1), 1),
+    # whole blocks of output channels: dW reads dout from the padded dout (_dx_conv's shared)
+    "small_samples_shared": (9, 3, 5, 6, 8, 3, 3, (1, 1, 1, 1), (1, 1), 1),
+    "groups_shared": (2, 6, 7, 6, 8, 3, 3, (1, 1, 1, 1), (1, 1), 2),
 }
 
 
@@ -607,6 +610,8 @@ def test_dx_as_a_convolution_only_where_it_can_and_pays():
     convs whose dout padding would make the convolution's work too large (LeNet-5's c3)."""
     same = ((128, 16, 32, 32), (16, 16, 3, 3), (128, 16, 32, 32), (1, 1), (1,) * 4, (1, 1))
     assert conv._dx_conv(*same, 1, 1, 48) is not None
+    # whole samples a tile: dout is gathered into the padded dout; bands: copied there
+    assert conv._dx_conv(*same, 32, 1, 48).shared and not conv._dx_conv(*same, 1, 1, 48).shared
     strided = ((2, 3, 8, 8), (4, 3, 3, 3), (2, 4, 4, 4), (2, 2), (1,) * 4, (1, 1))
     assert conv._dx_conv(*strided, 1, 1, 48) is None
     wide_pad = ((2, 3, 8, 8), (4, 3, 3, 3), (2, 4, 10, 10), (1, 1), (3, 1, 1, 3), (1, 1))

@@ -509,7 +509,10 @@ def _geometry(
 # 512-bit, ResNet-20 b128 with its norms fused): dx 8.1 -> 4.5 ms (16 channels,
 # 32x32), 6.8 -> 4.1 (32, 16x16), 6.7 -> 4.8 (64, 8x8); the step's conv backward
 # 200 -> 170 ms. The padded dout is copied from the tiles dW reads (_gather's), so
-# the ReLU mask and the norm's gradient are formed once.
+# the ReLU mask and the norm's gradient are formed once; where the layouts allow
+# (`shared`), the tiles are gathered into it and dW reads them there: no copy (ResNet-20
+# b128's backward, 1 thread, Zen 5: 2.2-2.7 ms a step of 100-104 in its 16 stride-1
+# 3x3 convs at 512 bits, 3.5 of 200 at 256).
 class _DxConv(NamedTuple):
     hq: int  # height and width of a padded sample of dout
     wq: int
@@ -521,6 +524,7 @@ class _DxConv(NamedTuple):
     cgb: int  # input channels per group, padded to whole bcast blocks
     pad_size: int  # padded dout samples, with slack for the padding columns' reads
     size: int  # per thread: padded dout and the product
+    shared: int  # 1: the dW products read dout's rows from the padded dout (_dx_conv)
 
 
 def _dx_conv(x_shape, w_shape, out_shape, stride, pad, dilation, rows, spt, nr):
@@ -548,7 +552,16 @@ def _dx_conv(x_shape, w_shape, out_shape, stride, pad, dilation, rows, spt, nr):
     cgb = _round_up(cg, MR)
     pad_size = o * spt * hq * wq + nr + kw * dw + wq
     size = pad_size + (c // cg) * cgb * tcp
-    return _DxConv(hq, wq, qt, ql, rows, tiles, tcp, cgb, pad_size, size)
+    # Whole-sample tiles whose dout rows are laid out as the padded dout's (the forward's
+    # padded rows as wide as dout's: pl == pr) are gathered straight into it, and the dW
+    # products read them there: a tile's row of dout, [r][s][x] at stride spt * wq, is a
+    # run of a channel of it, its junk columns the padding columns, and what the panels
+    # add past the last row the bottom and next top padding rows (zeros). Rows of dot
+    # blocks past og would be another group's, so og fills whole blocks.
+    wq_x = w + pl if pr <= pl else w + pl + pr  # _geometry's wq (stride 1)
+    tail = _round_up(oh * spt * wq_x, nr) - oh * spt * wq_x  # the panels' slack columns
+    shared = rows >= oh and wq_x == wq and (o * cg // c) % MD == 0 and tail <= (qb + qt) * spt * wq
+    return _DxConv(hq, wq, qt, ql, rows, tiles, tcp, cgb, pad_size, size, int(shared))
 
 
 # The dx convolution's multiply-adds over the transposed product's (both with their
@@ -800,37 +813,38 @@ OUT_PLAIN, OUT_NORM, OUT_NORM_RELU = 0, 1, 2
 
 
 @njit(**HELPER, nogil=True, fastmath={"reassoc"})
-def _gather(dout, y, act, n0, ns, oy0, nr, rs, wq, ogd, g_, tcp, dprod, db, gk, gmode):
-    """dprod[g*ogd + o, r*rs + s*wq + v] = dout[n0 + s, g*og + o, oy0 + r, v] for the
-    tile's samples s < ns (rs = samples per tile * wq), masked where a fused ReLU's
+def _gather(dout, y, act, n0, ns, oy0, nr, rs, wq, ogd, g_, tcp, dst, at0, lda, db, gk, gmode):
+    """Row g*ogd + o of a tile's dout, dst[at0 + (g*ogd + o)*lda:][:tcp] (the product's
+    rows, or the padded dout's), at r*rs + s*wq + v = dout[n0 + s, g*og + o, oy0 + r, v] for
+    the tile's samples s < ns (rs = samples per tile * wq), masked where a fused ReLU's
     output y is 0 (or through the output-gradient hook: gk rows ka, kb, kc, scale,
     shift; None: a build without it); other columns are left as they are (zero).
     db[o] += the sum of its row ('reassoc' vectorises the sum, in an order fixed at
     compile time)."""
     o_, ow = dout.shape[1], dout.shape[3]
     og = o_ // g_
-    zero = dprod.dtype.type(0)  # a literal 0.0 would make the selects (and vectors) float64:
+    zero = dst.dtype.type(0)  # a literal 0.0 would make the selects (and vectors) float64:
     # the hook's loop ran 2x slower
     for o in range(o_):
         g = o // og
-        at = (g * ogd + o - g * og) * tcp
-        row = dprod[at : at + tcp]
+        at = at0 + (g * ogd + o - g * og) * lda
+        row = dst[at : at + tcp]
         if gk is not None:
             oc = o if gmode != OUT_PLAIN else 0
             ka, kb, kc, sa, sb = gk[0, oc], gk[1, oc], gk[2, oc], gk[3, oc], gk[4, oc]
         for s in range(ns):
             for r in range(nr):
-                dst = row[s * wq + r * rs : s * wq + r * rs + ow]
+                d = row[s * wq + r * rs : s * wq + r * rs + ow]
                 src, yr = dout[n0 + s, o, oy0 + r], y[n0 + s, o, oy0 + r]
                 if gk is None or gmode == OUT_PLAIN:
                     for v in range(ow):
                         yv = yr[v]  # loaded unconditionally: a conditional load blocks SIMD
-                        dst[v] = src[v] if (yv > 0 or act == 0) else zero
+                        d[v] = src[v] if (yv > 0 or act == 0) else zero
                 else:
                     for v in range(ow):
                         yv = yr[v]
                         gv = src[v] if (gmode == OUT_NORM or yv * sa + sb > 0) else zero
-                        dst[v] = ka * gv + kb * yv + kc
+                        d[v] = ka * gv + kb * yv + kc
         # one long sum per row, not one per image row inside the loops above: each of
         # those ended in a horizontal sum over ~32 values
         acc = 0.0
@@ -1143,12 +1157,17 @@ def _backward_samples(
         dwt[:] = 0
         db[:] = 0
         ws[zero_at : zero_at + tcp] = 0
+        # dout's tile (_gather's): dprod's rows, or (dxc[10]) the padded dout's channels
+        dst, at0, lda = ws, prod_at, tcp
         if dxc is not None:  # its region ends the thread's: padded dout, then the product
             dpad_at = (t + 1) * per - dxc[9]
             dpad = ws[dpad_at : dpad_at + dxc[8]]
             dpad[:] = 0  # dout's padding; the interior is written for every sample
             prod2 = ws[dpad_at + dxc[8] : (t + 1) * per]
             rows_b2, rows_p2 = _dx_tables(g_, og, dims, dxc, spt, dpad_at, dpad_at + dxc[8])
+            if dxc[10]:
+                lda = dxc[0] * spt * dxc[1]
+                at0 = dpad_at + dxc[2] * spt * dxc[1] + dxc[3]
         n0, hi = t * n_ // T, (t + 1) * n_ // T
         shape = (-1, -1)  # (rows, samples) of the tile in dprod
         while n0 < hi:
@@ -1168,22 +1187,27 @@ def _backward_samples(
                 oy0 = b * rows
                 nr = rows if rows < oh - oy0 else oh - oy0
                 if (nr, ns) != shape:  # junk and padding columns, padding rows: zero
-                    dprod[:] = 0  # gradient. A tile of the same shape overwrites just what
-                    shape = (nr, ns)  # the last one wrote (a memset per tile wrote as much)
+                    if dxc is not None and dxc[10]:  # (and samples past ns)
+                        dpad[:] = 0
+                    else:  # gradient. A tile of the same shape overwrites just what
+                        dprod[:] = 0  # the last one wrote (a memset per tile wrote as much)
+                    shape = (nr, ns)
                 _gather(
-                    dout, y, act, n0, ns, oy0, nr, spt * wq, wq, ogd, g_, tcp, dprod, db, gk, gmode
-                )
+                    dout, y, act, n0, ns, oy0, nr, spt * wq, wq, ogd, g_, tcp, dst, at0, lda, db,
+                    gk, gmode,
+                )  # fmt: skip
                 for g in range(g_):  # dW += dout im2col^T
                     for ob in range(0, ogd, md):
                         for kb in range(0, kgd, nd):
                             dot(
-                                dprod, (g * ogd + ob) * tcp, tcp,
+                                dst, at0 + (g * ogd + ob) * lda, lda,
                                 ws, rows_b, g * kgd + kb, oy0 * wq,
                                 dwt, (g * ogd + ob) * kgd + kb * md, tcp,
                             )  # fmt: skip
                 if dxc is not None:
-                    _dout_to_padded(dprod, o_, og, ogd, tcp, wq, oy0, nr, ns, spt, dout.shape[3],
-                                    dxc, dpad)  # fmt: skip
+                    if not dxc[10]:  # (else gathered there)
+                        _dout_to_padded(dprod, o_, og, ogd, tcp, wq, oy0, nr, ns, spt,
+                                        dout.shape[3], dxc, dpad)  # fmt: skip
                 elif want_dx:
                     for g in range(g_):  # dx += W^T dout, straight into the padded dx
                         for p in range(tcp // nr_):
