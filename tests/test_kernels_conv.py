@@ -1,5 +1,6 @@
 """Convolution kernels: finite differences (float64) and PyTorch parity (float32)."""
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -207,6 +208,31 @@ def test_conv2d_relu_dx_masks_the_whole_gradient(name, as_conv, monkeypatch):
         conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, dx, dw, None, out,
                              in_affine=(np.ones(x.shape[1]), np.zeros(x.shape[1]), 1),
                              relu_dx=True)  # fmt: skip
+
+
+@numba.njit
+def _epilogue(p, p_at, stride, out, out_at, rows, n, b, act, shift, want):
+    return conv.epilogue_rows(p, p_at, stride, out, out_at, rows, n, b, act, shift, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 5, 8, 16, 28, 33])
+def test_epilogue_rows_write_just_their_rows(dtype, n):
+    """The forward epilogue's rows (whole vectors and a masked rest) write n elements a
+    row and nothing beside them, and sum what they wrote."""
+    rng = np.random.default_rng(n)
+    rows, stride = 5, n + 3
+    p = rng.standard_normal(rows * stride + 40).astype(dtype)
+    for act in (0, 1):
+        out = np.full(rows * n + 20, 99, dtype)
+        a, a2 = _epilogue(p, 2, stride, out, 3, rows, n, dtype(0.3), act, 0.1, 1)
+        want = np.stack([p[2 + r * stride :][:n] for r in range(rows)]) + dtype(0.3)
+        want = np.maximum(want, 0) if act else want
+        np.testing.assert_array_equal(out[3 : 3 + rows * n].reshape(rows, n), want)
+        assert (out[:3] == 99).all() and (out[3 + rows * n :] == 99).all()
+        e = want.astype(np.float64) - 0.1
+        np.testing.assert_allclose((a, a2), (e.sum(), (e * e).sum()), rtol=1e-12, atol=1e-12)
+        assert _epilogue(p, 2, stride, out, 3, rows, n, dtype(0.3), act, 0.1, 0) == (0.0, 0.0)
 
 
 def test_conv2d_statistics_are_exact_far_from_zero():
@@ -555,6 +581,9 @@ DX_CONV_CASES = {
     "full": (2, 3, 5, 6, 4, 3, 2, (2, 2, 1, 1), (1, 1), 1),
     "pointwise": (2, 5, 4, 3, 3, 1, 1, (0, 0, 0, 0), (1, 1), 1),
     "small_samples": (9, 3, 5, 6, 5, 3, 3, (1, 1, 1, 1), (1, 1), 1),
+    # whole blocks of output channels: dW reads dout from the padded dout (_dx_conv's shared)
+    "small_samples_shared": (9, 3, 5, 6, 8, 3, 3, (1, 1, 1, 1), (1, 1), 1),
+    "groups_shared": (2, 6, 7, 6, 8, 3, 3, (1, 1, 1, 1), (1, 1), 2),
 }
 
 
@@ -611,6 +640,8 @@ def test_dx_as_a_convolution_only_where_it_can_and_pays():
     convs whose dout padding would make the convolution's work too large (LeNet-5's c3)."""
     same = ((128, 16, 32, 32), (16, 16, 3, 3), (128, 16, 32, 32), (1, 1), (1,) * 4, (1, 1))
     assert conv._dx_conv(*same, 1, 1, 48) is not None
+    # whole samples a tile: dout is gathered into the padded dout; bands: copied there
+    assert conv._dx_conv(*same, 32, 1, 48).shared and not conv._dx_conv(*same, 1, 1, 48).shared
     strided = ((2, 3, 8, 8), (4, 3, 3, 3), (2, 4, 4, 4), (2, 2), (1,) * 4, (1, 1))
     assert conv._dx_conv(*strided, 1, 1, 48) is None
     wide_pad = ((2, 3, 8, 8), (4, 3, 3, 3), (2, 4, 10, 10), (1, 1), (3, 1, 1, 3), (1, 1))

@@ -18,6 +18,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..checks import check_grouped_conv
@@ -258,6 +259,122 @@ def prefetch(typingctx, a, at):
         ptr = builder.bitcast(_base(context, builder, signature.args[0], args[0], args[1]), i8p)
         builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _lane_mask(builder, count, left):
+    """<count x i1>: lane i < left."""
+    ivec = ir.VectorType(_I64, count)
+    lanes = ir.Constant(ivec, list(range(count)))
+    at = builder.insert_element(ir.Constant(ivec, ir.Undefined), left, ir.Constant(_I32, 0))
+    at = builder.shuffle_vector(at, at, ir.Constant(ir.VectorType(_I32, count), [0] * count))
+    return builder.icmp_signed("<", lanes, at)
+
+
+def _masked(builder, vec, ptr, mask, value=None):
+    """llvm.masked.load (value None; masked-off lanes 0) or llvm.masked.store of vec."""
+    kind = "f32" if isinstance(vec.element, ir.FloatType) else "f64"
+    suffix = f"v{vec.count}{kind}.p0v{vec.count}{kind}"
+    align = ir.Constant(_I32, 4)
+    if value is None:
+        name, args, ret = "llvm.masked.load." + suffix, [ptr, align, mask, _zeros(vec)], vec
+    else:
+        name, args, ret = "llvm.masked.store." + suffix, [value, ptr, align, mask], ir.VoidType()
+    fn = builder.module.globals.get(name) or ir.Function(
+        builder.module, ir.FunctionType(ret, [a.type for a in args]), name
+    )
+    return builder.call(fn, args)
+
+
+def _zeros(vec):
+    return ir.Constant(vec, [0.0] * vec.count)
+
+
+@intrinsic
+def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act, shift, want):
+    """out[out_at + r*n:][:n] = act(p[p_at + r*p_stride:][:n] + bias) for r < rows (act 1:
+    ReLU); returns (sum(y - shift), sum((y - shift)^2)) over them in float64 if `want`,
+    else (0, 0). Whole vectors and a masked one a row, the sums in vector registers
+    across the rows."""
+    i64 = types.int64
+    f64 = types.float64
+    sig = types.UniTuple(f64, 2)(p, i64, i64, out, i64, i64, i64, p.dtype, i64, f64, i64)
+
+    def codegen(context, builder, signature, args):
+        p_ary, p_at, p_stride, o_ary, o_at, rows, n, bias, act, shift, want = args
+        vec = _vector(signature.args[0].dtype)
+        single = isinstance(vec.element, ir.FloatType)
+        parts = 2 if single else 1  # float64 vectors a vector of data makes
+        half = vec.count // parts
+        dvec = ir.VectorType(ir.DoubleType(), half)
+        pp = _base(context, builder, signature.args[0], p_ary, p_at)
+        po = _base(context, builder, signature.args[3], o_ary, o_at)
+        bv, kv = _splat(builder, vec, bias), _splat(builder, dvec, shift)
+        relu = builder.icmp_signed("==", act, _const(1))
+        full = builder.sdiv(n, _const(vec.count))
+        tail = _lane_mask(builder, vec.count, builder.sub(n, builder.mul(full, _const(vec.count))))
+
+        def value(x):
+            t = builder.fadd(x, bv)
+            pos = builder.select(builder.fcmp_ordered(">", t, _zeros(vec)), t, _zeros(vec))
+            return builder.select(relu, pos, t)
+
+        def part(v, i):  # lanes i*half .. (i + 1)*half - 1 of v
+            if parts == 1:
+                return v
+            take = ir.Constant(ir.VectorType(_I32, half), list(range(i * half, (i + 1) * half)))
+            return builder.shuffle_vector(v, v, take)
+
+        def add(y, acc, mask):  # acc: sum(e), sum(e^2) per part, e = y - shift (0 past mask)
+            out = []
+            for i in range(parts):
+                h = builder.fpext(part(y, i), dvec) if single else y
+                e = builder.fsub(h, kv)
+                if mask is not None:
+                    e = builder.select(part(mask, i), e, _zeros(dvec))
+                out += [builder.fadd(acc[2 * i], e), _fma(builder, dvec, e, e, acc[2 * i + 1])]
+            return out
+
+        def rows_loop(sums):
+            def row(r, acc):
+                src = builder.gep(pp, [builder.mul(r, p_stride)])
+                dst = builder.gep(po, [builder.mul(r, n)])
+
+                def step(i, acc):
+                    at = builder.mul(i, _const(vec.count))
+                    y = value(builder.load(_vec_ptr(builder, src, at, vec), align=4))
+                    builder.store(y, _vec_ptr(builder, dst, at, vec), align=4)
+                    return add(y, acc, None) if sums else []
+
+                whole = _loop(builder, full, len(acc), _zeros(dvec), step)  # (from zero)
+                at = builder.mul(full, _const(vec.count))  # the rest: masked (none: no access)
+                y = value(_masked(builder, vec, _vec_ptr(builder, src, at, vec), tail))
+                _masked(builder, vec, _vec_ptr(builder, dst, at, vec), tail, y)
+                if not sums:
+                    return []
+                return add(y, [builder.fadd(a, b) for a, b in zip(acc, whole, strict=True)], tail)
+
+            return _loop(builder, rows, 2 * parts if sums else 0, _zeros(dvec), row)
+
+        result = cgutils.alloca_once_value(builder, context.make_tuple(
+            builder, signature.return_type, [ir.Constant(ir.DoubleType(), 0.0)] * 2))  # fmt: skip
+        with builder.if_else(builder.icmp_signed("!=", want, _const(0))) as (then, otherwise):
+            with then:
+                acc = rows_loop(True)
+                totals = []
+                for k in range(2):  # the float64 lanes, added up
+                    v = acc[k]
+                    for i in range(1, parts):
+                        v = builder.fadd(v, acc[2 * i + k])
+                    t = builder.extract_element(v, _const(0))
+                    for lane in range(1, half):
+                        t = builder.fadd(t, builder.extract_element(v, _const(lane)))
+                    totals.append(t)
+                builder.store(context.make_tuple(builder, signature.return_type, totals), result)
+            with otherwise:
+                rows_loop(False)
+        return builder.load(result)
 
     return sig, codegen
 
@@ -690,7 +807,10 @@ def _geometry(
 # 512-bit, ResNet-20 b128 with its norms fused): dx 8.1 -> 4.5 ms (16 channels,
 # 32x32), 6.8 -> 4.1 (32, 16x16), 6.7 -> 4.8 (64, 8x8); the step's conv backward
 # 200 -> 170 ms. The padded dout is copied from the tiles dW reads (_gather's), so
-# the ReLU mask and the norm's gradient are formed once.
+# the ReLU mask and the norm's gradient are formed once; where the layouts allow
+# (`shared`), the tiles are gathered into it and dW reads them there: no copy (ResNet-20
+# b128's backward, 1 thread, Zen 5: 2.2-2.7 ms a step of 100-104 in its 16 stride-1
+# 3x3 convs at 512 bits, 3.5 of 200 at 256).
 class _DxConv(NamedTuple):
     hq: int  # height and width of a padded sample of dout
     wq: int
@@ -702,6 +822,7 @@ class _DxConv(NamedTuple):
     cgb: int  # input channels per group, padded to whole bcast blocks
     pad_size: int  # padded dout samples, with slack for the padding columns' reads
     size: int  # per thread: padded dout and the product
+    shared: int  # 1: the dW products read dout's rows from the padded dout (_dx_conv)
 
 
 def _dx_conv(x_shape, w_shape, out_shape, stride, pad, dilation, rows, spt, nr):
@@ -729,7 +850,18 @@ def _dx_conv(x_shape, w_shape, out_shape, stride, pad, dilation, rows, spt, nr):
     cgb = _round_up(cg, MR)
     pad_size = o * spt * hq * wq + nr + kw * dw + wq
     size = pad_size + (c // cg) * cgb * tcp
-    return _DxConv(hq, wq, qt, ql, rows, tiles, tcp, cgb, pad_size, size)
+    # Whole-sample tiles whose dout rows are laid out as the padded dout's (the forward's
+    # padded rows as wide as dout's: pl == pr) are gathered straight into it, and the dW
+    # products read them there: a tile's row of dout, [r][s][x] at stride spt * wq, is a
+    # run of a channel of it, its junk columns the padding columns, and what the panels
+    # add past the last row the bottom and next top padding rows (zeros). Rows of dot
+    # blocks past og would be another group's, so og fills whole blocks.
+    wq_x = w + pl if pr <= pl else w + pl + pr  # _geometry's wq (stride 1)
+    tail = _round_up(oh * spt * wq_x, nr) - oh * spt * wq_x  # the panels' slack columns
+    og, kg = o * cg // c, cg * kh * kw
+    shared = rows >= oh and wq_x == wq and og % MD == 0 and tail <= (qb + qt) * spt * wq
+    shared = shared and not _dw_swapped(og, kg)  # (the swapped products read dprod's rows)
+    return _DxConv(hq, wq, qt, ql, rows, tiles, tcp, cgb, pad_size, size, int(shared))
 
 
 # The dx convolution's multiply-adds over the transposed product's (both with their
@@ -1068,16 +1200,19 @@ OUT_PLAIN, OUT_NORM, OUT_NORM_RELU = 0, 1, 2
 
 
 @njit(**HELPER, nogil=True, fastmath={"reassoc"})
-def _gather(dout, y, act, n0, ns, oy0, nr, rs, wq, ogd, g_, tcp, dprod, db, gk, gmode, ahead):
-    """dprod[g*ogd + o, r*rs + s*wq + v] = dout[n0 + s, g*og + o, oy0 + r, v] for the
-    tile's samples s < ns (rs = samples per tile * wq), masked where a fused ReLU's
+def _gather(
+    dout, y, act, n0, ns, oy0, nr, rs, wq, ogd, g_, tcp, dst, at0, lda, db, gk, gmode, ahead
+):
+    """Row g*ogd + o of a tile's dout, dst[at0 + (g*ogd + o)*lda:][:tcp] (the product's
+    rows, or the padded dout's), at r*rs + s*wq + v = dout[n0 + s, g*og + o, oy0 + r, v] for
+    the tile's samples s < ns (rs = samples per tile * wq), masked where a fused ReLU's
     output y is 0 (or through the output-gradient hook: gk rows ka, kb, kc, scale,
     shift; None: a build without it); other columns are left as they are (zero).
     db[o] += the sum of its row ('reassoc' vectorises the sum, in an order fixed at
     compile time). `ahead`: prefetch each next plane (PREFETCH_DOUT)."""
     o_, oh, ow = dout.shape[1], dout.shape[2], dout.shape[3]
     og = o_ // g_
-    zero = dprod.dtype.type(0)  # a literal 0.0 would make the selects (and vectors) float64:
+    zero = dst.dtype.type(0)  # a literal 0.0 would make the selects (and vectors) float64:
     # the hook's loop ran 2x slower
     flat, flat_y = dout.reshape(-1), y.reshape(-1)
     line = 64 // dout.itemsize
@@ -1085,8 +1220,8 @@ def _gather(dout, y, act, n0, ns, oy0, nr, rs, wq, ogd, g_, tcp, dprod, db, gk, 
     ahead = ahead and dout.size * dout.itemsize >= PREFETCH_DOUT
     for o in range(o_):
         g = o // og
-        at = (g * ogd + o - g * og) * tcp
-        row = dprod[at : at + tcp]
+        at = at0 + (g * ogd + o - g * og) * lda
+        row = dst[at : at + tcp]
         if gk is not None:
             oc = o if gmode != OUT_PLAIN else 0
             ka, kb, kc, sa, sb = gk[0, oc], gk[1, oc], gk[2, oc], gk[3, oc], gk[4, oc]
@@ -1099,7 +1234,7 @@ def _gather(dout, y, act, n0, ns, oy0, nr, rs, wq, ogd, g_, tcp, dprod, db, gk, 
                     prefetch(flat, first + q)
                     prefetch(flat_y, first + q)
             for r in range(nr):
-                dst = row[s * wq + r * rs : s * wq + r * rs + ow]
+                d = row[s * wq + r * rs : s * wq + r * rs + ow]
                 src, yr = dout[n0 + s, o, oy0 + r], y[n0 + s, o, oy0 + r]
                 # both loaded unconditionally: a conditional load blocks SIMD, and in the
                 # loop's scalar tail it is a branch per element, which a ReLU's mask
@@ -1107,12 +1242,12 @@ def _gather(dout, y, act, n0, ns, oy0, nr, rs, wq, ogd, g_, tcp, dprod, db, gk, 
                 if gk is None or gmode == OUT_PLAIN:
                     for v in range(ow):
                         yv, sv = yr[v], src[v]
-                        dst[v] = sv if (yv > 0 or act == 0) else zero
+                        d[v] = sv if (yv > 0 or act == 0) else zero
                 else:
                     for v in range(ow):
                         yv, sv = yr[v], src[v]
                         gv = sv if (gmode == OUT_NORM or yv * sa + sb > 0) else zero
-                        dst[v] = ka * gv + kb * yv + kc
+                        d[v] = ka * gv + kb * yv + kc
         # one long sum per row, not one per image row inside the loops above: each of
         # those ended in a horizontal sum over ~32 values
         acc = 0.0
@@ -1122,21 +1257,6 @@ def _gather(dout, y, act, n0, ns, oy0, nr, rs, wq, ogd, g_, tcp, dprod, db, gk, 
 
 
 _SUMS = {"reassoc"}  # vectorised float64 sums, in an order fixed at compile time
-
-
-@njit(**HELPER, nogil=True, fastmath=_SUMS)
-def _moments(y, at, count, k):
-    """sum(y - k) and sum((y - k)^2) in float64 over y[at : at + count] (y 1-d): one long
-    loop (a row each paid a horizontal sum of the vector partial sums: measured 2x). An
-    offset, not a view of the block (see _unpad_samples)."""
-    a = 0.0
-    a2 = 0.0
-    first = np.uint64(at)
-    for v in range(np.uint64(count)):
-        e = np.float64(y[first + v]) - k
-        a += e
-        a2 += e * e
-    return a, a2
 
 
 @njit(inline="always", nogil=True)  # inlined in Numba's IR: no compile of its own (a
@@ -1171,8 +1291,14 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
     inputs = (x.reshape(-1), out.reshape(-1))
     sample, osample, line = x.size // n_, out.size // n_, 64 // x.itemsize
     calls = g_ * (tcp // nr_) * (ogb // mr)  # micro-kernel calls a tile
-    if moments is not None:
-        flat_out = out.reshape(-1)  # (out is C-contiguous)
+    # the epilogue: one intrinsic a plane (epilogue_rows), the moments in vector registers
+    # across its rows: Numba's row loops (a 16x8-wide loop and a remainder each) and a pass
+    # of float64 sums over the rows written cost 0.35-0.45 ms of a 3.1-3.3 ms forward
+    # (ResNet-20 b128's 16 stride-1 3x3 convs, 1 thread, Zen 5, 512-bit: 1.04-1.07x)
+    flat_out = out.reshape(-1)
+    want = 0  # the epilogue's moments
+    if moments is not None and want_moments:
+        want = 1
     for t in prange(T):
         x_at, dx_at, zero_at, sink_at, prod_at, _dw_at = _regions(geo, g_, t * per)
         rows_b, _rows_dx, rows_p = _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at)
@@ -1210,19 +1336,17 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
                     b = bias[o] if has_bias else zero
                     g = o // og
                     at = (g * ogb + o - g * og) * tcp + s * wq
-                    for r in range(nr):  # (no views of rows: see _unpad_samples)
-                        p = np.uint64(at + r * spt * wq)
-                        for v in range(np.uint64(ow)):
-                            yv = prod[p + v] + b
-                            out[n0 + s, o, oy0 + r, v] = (
-                                (yv if yv > 0 else zero) if act == 1 else yv
-                            )
-                    if moments is not None and want_moments:  # of the rows just written,
-                        # still in L1 (moments None: a build without the hooks)
+                    shift = 0.0
+                    if moments is not None and want_moments:  # (None: a build without hooks)
                         if tile == first and s == 0:  # the shift: the thread's first value
-                            moments[t, o] = out[n0, o, oy0, 0]
-                        at = ((n0 + s) * o_ + o) * oh * ow + oy0 * ow  # the rows: one run
-                        a, a2 = _moments(flat_out, at, nr * ow, moments[t, o])
+                            yv = prod[at] + b
+                            moments[t, o] = (yv if yv > 0 else zero) if act == 1 else yv
+                        shift = moments[t, o]
+                    a, a2 = epilogue_rows(
+                        prod, at, spt * wq, flat_out, ((n0 + s) * o_ + o) * oh * ow + oy0 * ow,
+                        nr, ow, b, act, shift, want,
+                    )  # fmt: skip
+                    if moments is not None and want_moments:
                         moments[t, o_ + o] += a
                         moments[t, 2 * o_ + o] += a2
             if moments is not None and want_moments:
@@ -1430,12 +1554,17 @@ def _backward_samples(
         dwt[:] = 0
         db[:] = 0
         ws[zero_at : zero_at + tcp] = 0
+        # dout's tile (_gather's): dprod's rows, or (dxc[10]) the padded dout's channels
+        dst, at0, lda = ws, prod_at, tcp
         if dxc is not None:  # its region ends the thread's: padded dout, then the product
             dpad_at = (t + 1) * per - dxc[9]
             dpad = ws[dpad_at : dpad_at + dxc[8]]
             dpad[:] = 0  # dout's padding; the interior is written for every sample
             prod2 = ws[dpad_at + dxc[8] : (t + 1) * per]
             rows_b2, rows_p2 = _dx_tables(g_, og, dims, dxc, spt, dpad_at, dpad_at + dxc[8])
+            if dxc[10]:
+                lda = dxc[0] * spt * dxc[1]
+                at0 = dpad_at + dxc[2] * spt * dxc[1] + dxc[3]
         n0, hi = t * n_ // T, (t + 1) * n_ // T
         shape = (-1, -1)  # (rows, samples) of the tile in dprod
         while n0 < hi:
@@ -1455,12 +1584,17 @@ def _backward_samples(
                 oy0 = b * rows
                 nr = rows if rows < oh - oy0 else oh - oy0
                 if (nr, ns) != shape:  # junk and padding columns, padding rows: zero
-                    dprod[:] = 0  # gradient. A tile of the same shape overwrites just what
-                    shape = (nr, ns)  # the last one wrote (a memset per tile wrote as much)
-                _gather(dout, y, act, n0, ns, oy0, nr, spt * wq, wq, ogd, g_, tcp, dprod, db, gk,
-                        gmode, not want_dx)  # fmt: skip
+                    if dxc is not None and dxc[10]:  # (and samples past ns)
+                        dpad[:] = 0
+                    else:  # gradient. A tile of the same shape overwrites just what
+                        dprod[:] = 0  # the last one wrote (a memset per tile wrote as much)
+                    shape = (nr, ns)
+                _gather(
+                    dout, y, act, n0, ns, oy0, nr, spt * wq, wq, ogd, g_, tcp, dst, at0, lda, db,
+                    gk, gmode, not want_dx,
+                )  # fmt: skip
                 for g in range(g_):  # dW += dout im2col^T
-                    if swap:  # (dW^T += im2col dout^T)
+                    if swap:  # (dW^T += im2col dout^T; dout in dprod: not shared)
                         for kb in range(0, kgd, md):
                             for ob in range(0, ogd, nd):
                                 dot_rows(
@@ -1472,13 +1606,14 @@ def _backward_samples(
                         for ob in range(0, ogd, md):
                             for kb in range(0, kgd, nd):
                                 dot(
-                                    dprod, (g * ogd + ob) * tcp, tcp,
+                                    dst, at0 + (g * ogd + ob) * lda, lda,
                                     ws, rows_b, g * kgd + kb, oy0 * wq,
                                     dwt, (g * ogd + ob) * kgd + kb * md, tcp,
                                 )  # fmt: skip
                 if dxc is not None:
-                    _dout_to_padded(dprod, o_, og, ogd, tcp, wq, oy0, nr, ns, spt, dout.shape[3],
-                                    dxc, dpad)  # fmt: skip
+                    if not dxc[10]:  # (else gathered there)
+                        _dout_to_padded(dprod, o_, og, ogd, tcp, wq, oy0, nr, ns, spt,
+                                        dout.shape[3], dxc, dpad)  # fmt: skip
                 elif want_dx:
                     for g in range(g_):  # dx += W^T dout, straight into the padded dx
                         for p in range(tcp // nr_):
