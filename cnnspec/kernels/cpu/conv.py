@@ -525,6 +525,13 @@ def dot_rows(typingctx, a, aoffs, ai, acol, b, boffs, bi, bcol, c, co, n):
 # register (a 16-wide row is 8 pairs); the caller copies the few pairs left.
 
 
+def _split(stride):
+    """The conv kernels' `split` argument: True where the stride-2 vector copies are
+    wanted, else None, a build without them (each kernel compiles its own copy of the
+    copies: with them in every build, LeNet-5's cold first step took ~30% more CPU)."""
+    return True if int(stride[1]) == 2 else None
+
+
 def _pair_blocks(builder, n, vec_count, block):
     """Emits block(u, width) over pairs [0, n): a loop of `vec_count`-pair blocks, then
     one block of each smaller width down to 4 where the pairs left fill one; returns the
@@ -928,7 +935,7 @@ def conv2d_workspace(
 
 
 @njit(**HELPER, nogil=True)
-def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear):
+def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear, split):
     """xpad = x[n0 : n0 + ns] padded by (pt, pl) and split into stride phases:
     padded pixel (y, x) of channel c, sample s at [c][y % sh][x % sw][y // sh][s][x // sw];
     the interior through the input hook (aff: (2, C) scale and shift, `mode`; aff None:
@@ -936,7 +943,8 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear):
     is zeroed with `clear` (a thread's first samples of a call: the workspace may be
     another layer's in between), else left as the last call wrote it: the same places
     every call, and no call writes them. Slots past ns keep the last samples (their
-    columns are junk, which nothing reads or multiplies by a nonzero gradient)."""
+    columns are junk, which nothing reads or multiplies by a nonzero gradient). `split`
+    None: a build without the stride-2 vector copies (_split), else True."""
     sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
     if clear:
@@ -963,8 +971,8 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear):
             ca = c if mode != IN_COPY else 0
             a, b = aff[0, ca], aff[1, ca]
         for s in range(ns):
-            if sw == 2:  # even and odd columns, a vector of pairs at a time, the rows of
-                # a row phase in one call
+            if split is not None and sw == 2:  # even and odd columns, a vector of pairs
+                # at a time, the rows of a row phase in one call
                 for j in range(sh if sh < h_ else h_):  # input rows j, j + sh, ...
                     rows = (h_ - j + sh - 1) // sh
                     at = (((c * sh + (j + pt) % sh) * sw) * hq + (j + pt) // sh) * line + s * wq
@@ -1021,11 +1029,11 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear):
 
 
 @njit(**HELPER, nogil=True)
-def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate):
+def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate, split):
     """dx[n0 : n0 + ns] = (or +=, `accumulate`) the interior of the phase-split dxpad
     (the adjoint of padding). Indices, not row views (see above): with views, LeNet-5's
     c3 (rows of 14) paid two reference-count increments and decrements a row, 0.13 ms
-    a call against 0.027 without them."""
+    a call against 0.027 without them. `split` as in _pad_samples."""
     sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
     c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
     line = spt * wq
@@ -1034,8 +1042,8 @@ def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate):
     pairs = w_ // 2
     for c in range(c_):
         for s in range(ns):
-            if sw == 2:  # even and odd columns, a vector of pairs at a time, the rows of
-                # a row phase in one call
+            if split is not None and sw == 2:  # even and odd columns, a vector of pairs
+                # at a time, the rows of a row phase in one call
                 for j in range(sh if sh < h_ else h_):  # dx rows j, j + sh, ...
                     rows = (h_ - j + sh - 1) // sh
                     at = (((c * sh + (j + pt) % sh) * sw) * hq + (j + pt) // sh) * line + s * wq
@@ -1274,7 +1282,9 @@ def _ahead(first, per, lines):  # cold LeNet-5 step compiles each helper once: t
 
 
 @Builds
-def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, want_moments):
+def _forward_tiles(
+    x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, want_moments, split
+):
     hq, wq, rows, tiles, spt, tcp, ogb, _ogd, _kgb, kgd, pad_size, per, _, _swap = geo
     n_ = x.shape[0]
     o_, oh, ow = out.shape[1], out.shape[2], out.shape[3]
@@ -1309,7 +1319,7 @@ def _forward_tiles(x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, 
         for tile in range(first, end):
             n0, ns, oy0, nr = _tile_at(tile, spt, tiles, rows, n_, oh)
             if n0 != last:
-                _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, last == -1)
+                _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, last == -1, split)
                 last = n0
             ahead = 0  # lines of the next tile's samples, where it starts new ones
             if tile + 1 < end:
@@ -1517,7 +1527,7 @@ def _relu_dx(dx, x, n0, ns):
 @Builds
 def _backward_samples(
     x, w3, dout, y, act, want_dx, dims, geo, T, dx, ws, aff, mode, accumulate, gk, gmode, dxc,
-    dsums, relu_dx,
+    dsums, relu_dx, split,
 ):
     # fmt: on
     hq, wq, rows, tiles, spt, tcp, ogb, ogd, kgb, kgd, pad_size, per, _, swap = geo
@@ -1576,7 +1586,7 @@ def _backward_samples(
             lines = (-(-ns * sample // line) if dx_run else 0, xl, ol, ol if reads_y else 0)
             per_call = -(-(lines[0] + lines[1] + lines[2] + lines[3]) // calls)
             q = 0
-            _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, n0 == t * n_ // T)
+            _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, n0 == t * n_ // T, split)
             if dxc is None:
                 if want_dx:
                     dxpad[:] = 0
@@ -1630,7 +1640,7 @@ def _backward_samples(
                 _dx_convolve(wpack, ws, rows_b2, rows_p2, prod2, g_, og, kg, dims, dxc, n0, ns,
                              spt, dx, accumulate, (inputs, starts, lines))  # fmt: skip
             elif want_dx:
-                _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate)
+                _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate, split)
             # (None: the build without hooks)
             if aff is not None and relu_dx:
                 _relu_dx(dx, x, n0, ns)
@@ -1732,7 +1742,7 @@ def conv2d_forward(
         moments = np.zeros((threads if stats is not None else 1, 3 * o + 1))
     _forward_tiles.pick(threads == 1)(
         x, w3, bias, int(act), dims, tuple(geo), threads, out, flat, aff, mode, moments,
-        stats is not None,
+        stats is not None, _split(stride),
     )  # fmt: skip
     if stats is not None:
         check_shape("stats", stats, (2, o))
@@ -1823,6 +1833,7 @@ def conv2d_backward(
     _backward_samples.pick(threads == 1)(
         x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat, aff, mode,
         bool(accumulate), gk, gmode, None if dxc is None else tuple(dxc), dsums, int(relu_dx),
+        _split(stride),
     )  # fmt: skip
     if dx_sums is not None:  # the threads' sums, added in thread order
         sums[...] = 0.0
