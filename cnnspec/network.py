@@ -324,15 +324,15 @@ def _infer(doc, order, input_shape, broken=frozenset()):
     failed: dict[tuple, list[int]] = {}  # (path, message) -> [index in problems, copies]
     shapes = {INPUT: input_shape}
     fields = {INPUT: (Field(), Field())}
-    consumers: dict[str, list[Node]] = {}
+    first_consumer: dict[str, Node] = {}  # all the checks below need (no list per layer)
     infos = []
     for node in order:
-        for i in node.inputs:
-            consumers.setdefault(i, []).append(node)
-        if (
-            any(i not in shapes for i in node.inputs)
-            or node.name in broken
-            or (not node.block and node.path[:2] in broken)
+        inputs = node.inputs
+        for i in inputs:
+            if i not in first_consumer:
+                first_consumer[i] = node
+        if not all(map(shapes.__contains__, inputs)) or (
+            broken and (node.name in broken or (not node.block and node.path[:2] in broken))
         ):
             continue  # it, or an input, has a problem already reported
         cls = REGISTRY[node.type]
@@ -356,7 +356,7 @@ def _infer(doc, order, input_shape, broken=frozenset()):
                 )
             )
             continue
-        in_shapes = [shapes[i] for i in node.inputs]
+        in_shapes = [shapes[i] for i in inputs]
         try:
             layer = _make_layer(cls, node, in_shapes, made)
         except LayerError as exc:
@@ -370,7 +370,7 @@ def _infer(doc, order, input_shape, broken=frozenset()):
             # values the schema let through but the arithmetic cannot use
             problems.append(_problem(doc, node, None, LayerError(f"invalid attributes: {exc}")))
             continue
-        in_fields = [fields[i] for i in node.inputs]
+        in_fields = [fields[i] for i in inputs]
         if len(in_fields) > 1 and unaligned(in_fields):
             line, col = doc.pos(node.path)
             warnings.append(
@@ -399,15 +399,15 @@ def _infer(doc, order, input_shape, broken=frozenset()):
             p = problems[at]
             problems[at] = replace(p, message=f"{p.message} (and in {copies - 1} more copies)")
     for info in infos:
-        used_by = consumers.get(info.name, [])
+        used_by = first_consumer.get(info.name)
         if info.layer.role == "output" and used_by:
             problems.append(
                 _problem(
                     doc,
-                    used_by[0],
+                    used_by,
                     "inputs",
                     LayerError(
-                        f"output layer '{info.name}' feeds '{used_by[0].name}'; "
+                        f"output layer '{info.name}' feeds '{used_by.name}'; "
                         "output layers must end the network",
                         "inputs",
                         "take the layer before the output instead",
@@ -417,7 +417,7 @@ def _infer(doc, order, input_shape, broken=frozenset()):
     if infos and not problems:
         last = infos[-1]
         for info in infos[:-1]:
-            if not consumers.get(info.name) and info.layer.role != "output":
+            if info.name not in first_consumer and info.layer.role != "output":
                 line, col = doc.pos(info.node.path)
                 warnings.append(
                     Problem(
