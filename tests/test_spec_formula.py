@@ -1,6 +1,8 @@
 """Output-size and receptive-field arithmetic against brute force and PyTorch."""
 
+import copy
 import math
+import pickle
 
 import pytest
 from hypothesis import example, given, settings
@@ -262,6 +264,18 @@ def test_receptive_field_of_a_stack_matches_index_propagation(stack):
     assert field.jump == jump
     assert field.start == lo  # effective padding is -lo
     assert field.size == hi - lo + 1
+
+
+def test_a_field_is_an_immutable_value_that_pickles_and_copies():
+    from fractions import Fraction
+
+    field = Field(6, Fraction(2, 4), -1)
+    assert field.jump == Fraction(1, 2) and type(Field(3, Fraction(4, 2)).jump) is int
+    with pytest.raises(AttributeError, match="immutable"):
+        field.size = 1
+    for twin in (pickle.loads(pickle.dumps(field)), copy.deepcopy(field), copy.copy(field)):
+        assert twin == field and hash(twin) == hash(field) and twin is not field
+    assert field != Field(6, Fraction(1, 2), 0) and field != (6, Fraction(1, 2), -1)
 
 
 def test_ceil_mode_still_refuses_windows_that_start_past_the_input():

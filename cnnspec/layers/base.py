@@ -92,6 +92,9 @@ class Field:
     def __repr__(self):
         return f"Field(size={self.size!r}, jump={self.jump!r}, start={self.start!r})"
 
+    def __reduce__(self):  # pickle and copy: through __init__, which may set the slots
+        return Field, (self.size, self.jump, self.start)
+
     def through(self, kernel: int, stride: int, pad: int, dilation: int = 1) -> Field:
         return Field(
             self.size + dilation * (kernel - 1) * self.jump,
