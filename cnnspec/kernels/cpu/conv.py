@@ -112,10 +112,11 @@ def _const(n):
     return ir.Constant(_I64, n)
 
 
-def _loop(builder, count, n_carried, zero, body):
+def _loop(builder, count, n_carried, zero, body, unroll=True):
     """for i in range(count): carried = body(i, carried); returns the final values
     (zero if count <= 0). Emitted as one basic block with phi nodes, so LLVM keeps
-    the carried vectors in registers."""
+    the carried vectors in registers. unroll=False: LLVM may not unroll it (code that
+    every conv build compiles, where unrolling gains nothing)."""
     entry = builder.block
     loop = builder.append_basic_block("mk.loop")
     done = builder.append_basic_block("mk.done")
@@ -132,7 +133,13 @@ def _loop(builder, count, n_carried, zero, body):
     i.add_incoming(nxt, tail)
     for p, v in zip(carried, new, strict=True):
         p.add_incoming(v, tail)
-    builder.cbranch(builder.icmp_signed("<", nxt, count), loop, done)
+    back = builder.cbranch(builder.icmp_signed("<", nxt, count), loop, done)
+    if not unroll:
+        module = builder.module
+        disable = module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])
+        loop_id = ir.values.MDValue(module, [disable], name=str(len(module.metadata)))
+        loop_id.operands = (loop_id, disable)  # a loop's ID names itself (LLVM's rule)
+        back.set_metadata("llvm.loop", loop_id)
     builder.position_at_end(done)
     final = []
     for v in new:
@@ -315,10 +322,15 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
         full = builder.sdiv(n, _const(vec.count))
         tail = _lane_mask(builder, vec.count, builder.sub(n, builder.mul(full, _const(vec.count))))
 
+        # ReLU as a lane mask (y = 0 where relu and not t > 0), not a select between two
+        # vectors on the scalar flag: LLVM unswitched the rows loop on that flag, a copy
+        # of it for each (more code in every conv build, for no speed)
+        relu_lanes = _splat(builder, ir.VectorType(ir.IntType(1), vec.count), relu)
+
         def value(x):
             t = builder.fadd(x, bv)
-            pos = builder.select(builder.fcmp_ordered(">", t, _zeros(vec)), t, _zeros(vec))
-            return builder.select(relu, pos, t)
+            off = builder.and_(builder.fcmp_unordered("<=", t, _zeros(vec)), relu_lanes)
+            return builder.select(off, _zeros(vec), t)
 
         def part(v, i):  # lanes i*half .. (i + 1)*half - 1 of v
             if parts == 1:
@@ -355,7 +367,7 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
                     return []
                 return add(y, [builder.fadd(a, b) for a, b in zip(acc, whole, strict=True)], tail)
 
-            return _loop(builder, rows, 2 * parts if sums else 0, _zeros(dvec), row)
+            return _loop(builder, rows, 2 * parts if sums else 0, _zeros(dvec), row, False)
 
         result = cgutils.alloca_once_value(builder, context.make_tuple(
             builder, signature.return_type, [ir.Constant(ir.DoubleType(), 0.0)] * 2))  # fmt: skip
