@@ -3,6 +3,7 @@
 import copy
 import math
 import pickle
+from fractions import Fraction
 
 import pytest
 from hypothesis import example, given, settings
@@ -267,8 +268,6 @@ def test_receptive_field_of_a_stack_matches_index_propagation(stack):
 
 
 def test_a_field_is_an_immutable_value_that_pickles_and_copies():
-    from fractions import Fraction
-
     field = Field(6, Fraction(2, 4), -1)
     assert field.jump == Fraction(1, 2) and type(Field(3, Fraction(4, 2)).jump) is int
     with pytest.raises(AttributeError, match="immutable"):
