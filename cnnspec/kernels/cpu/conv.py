@@ -544,20 +544,22 @@ def _split(stride):
     return True if int(stride[1]) == 2 else None
 
 
-def _pair_blocks(builder, n, vec_count, block):
+def _pair_blocks(builder, n, vec_count, block=None):
     """Emits block(u, width) over pairs [0, n): a loop of `vec_count`-pair blocks, then
     one block of each smaller width down to 4 where the pairs left fill one; returns the
-    pairs done."""
+    pairs done (block None: only counts them)."""
     full = builder.sdiv(n, _const(vec_count))
-    _loop(builder, full, 0, ir.Constant(ir.VectorType(_I32, 1), None),
-          lambda i, _: block(builder.mul(i, _const(vec_count)), vec_count) or [])  # fmt: skip
+    if block is not None:
+        _loop(builder, full, 0, ir.Constant(ir.VectorType(_I32, 1), None),
+              lambda i, _: block(builder.mul(i, _const(vec_count)), vec_count) or [])  # fmt: skip
     done = builder.mul(full, _const(vec_count))
     width = vec_count // 2
     while width >= 4:
         fits = builder.icmp_signed(">=", builder.sub(n, done), _const(width))
-        at = done
-        with builder.if_then(fits):
-            block(at, width)
+        if block is not None:
+            at = done
+            with builder.if_then(fits):
+                block(at, width)
         done = builder.select(fits, builder.add(done, _const(width)), done)
         width //= 2
     return done
@@ -577,14 +579,7 @@ def _pair_rows(context, builder, signature, args, operands, rows, n, block):
         return []
 
     _loop(builder, rows, 0, ir.Constant(ir.VectorType(_I32, 1), None), row)
-    # the pairs a row's blocks cover, as _pair_blocks counts them
-    done = builder.mul(builder.sdiv(n, _const(vec.count)), _const(vec.count))
-    width = vec.count // 2
-    while width >= 4:
-        fits = builder.icmp_signed(">=", builder.sub(n, done), _const(width))
-        done = builder.select(fits, builder.add(done, _const(width)), done)
-        width //= 2
-    return done
+    return _pair_blocks(builder, n, vec.count)  # counted again: the loop may not have run
 
 
 @intrinsic
