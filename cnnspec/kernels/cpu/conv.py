@@ -1576,7 +1576,8 @@ def _backward_samples(
         if dxc is not None:  # its region ends the thread's: padded dout, then the product
             dpad_at = (t + 1) * per - dxc[9]
             dpad = ws[dpad_at : dpad_at + dxc[8]]
-            dpad[:] = 0  # dout's padding; the interior is written for every sample
+            if not dxc[10]:  # dout's padding; the interior is written for every sample
+                dpad[:] = 0  # (gathered there: zeroed with each new tile shape, the first too)
             prod2 = ws[dpad_at + dxc[8] : (t + 1) * per]
             rows_b2, rows_p2 = _dx_tables(g_, og, dims, dxc, spt, dpad_at, dpad_at + dxc[8])
             if dxc[10]:
