@@ -47,7 +47,8 @@ class Backend:
     @contextmanager
     def compiling(self, say: Callable[[str], None]) -> Iterator[None]:
         """While inside, ``say`` gets a line as kernels compile (a cold cache: first runs
-        only), so a first step that compiles does not look frozen."""
+        only), so a first step that compiles does not look frozen; a backend may compile
+        some kernels in the background meanwhile (the CPU's parallel builds)."""
         yield
 
     def zeros(self, shape, dtype) -> np.ndarray:

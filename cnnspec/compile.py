@@ -42,7 +42,10 @@ def computing():
     cores slow a step down 5-20x (measured on 2 cores), so GEMMs run on the calling
     thread meanwhile. Overflow to inf/NaN is not an exception here: the trainer detects
     a non-finite loss and says so. A library already on one thread is left alone
-    (threadpoolctl's `limit` re-reads every library each time: ~8 us of a LeNet-5 step)."""
+    (threadpoolctl's `limit` re-reads every library each time: ~8 us of a LeNet-5 step).
+    While parallel builds compile in the background, each computation's end asks whether
+    any is still awaited (kernels/cpu/background.py)."""
+    from .kernels.cpu.background import BACKGROUND
     from .kernels.cpu.threads import governed
 
     limited = [(lib, n) for lib in blas_libraries() if (n := lib.num_threads) != 1]
@@ -54,6 +57,8 @@ def computing():
     finally:
         for lib, n in limited:
             lib.set_num_threads(n)
+        if BACKGROUND.active:
+            BACKGROUND.settle()
 
 
 def fused_relus(infos, keep=frozenset()) -> dict:

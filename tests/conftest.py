@@ -10,6 +10,9 @@ import pytest
 # The thread count stays fixed in tests (and their subprocesses): a count adapted to the
 # machine's load would change float sums' bits between runs the tests compare.
 os.environ["CNNSPEC_ADAPTIVE_THREADS"] = "0"
+# `cnnspec train` compiles parallel builds in a child process while its first steps run
+# serially; tests/test_background_builds.py tests that, the others compile in-process.
+os.environ["CNNSPEC_BACKGROUND_BUILDS"] = "0"
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import types
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import llvmlite.binding as llvm
 import numba
@@ -18,6 +18,7 @@ import numpy as np
 from numba.core import caching
 
 from ..checks import check_shape as check_shape  # the kernels import it from here
+from .background import BACKGROUND
 
 
 def cpu_has_avx512() -> bool:
@@ -135,7 +136,9 @@ class Builds:
     """A prange kernel in two builds, each compiled on first use: parallel=True, and
     serial (prange runs as range), which compiles in ~1/3 of the CPU time (no parfor
     passes, no gufunc). A prange iteration writes only its own outputs, so both
-    builds give the same bits for the same arguments."""
+    builds give the same bits for the same arguments. While `BACKGROUND` defers (the
+    first run of `cnnspec train`), a parallel build not yet compiled runs the serial one
+    while a child process compiles it (background.py)."""
 
     def __init__(self, py_func):
         self.parallel = numba.njit(parallel=True, cache=True, no_cfunc_wrapper=True)(py_func)
@@ -148,7 +151,11 @@ class Builds:
         self.__wrapped__ = py_func
 
     def pick(self, serial: bool):
-        return self.serial if serial else self.parallel
+        if serial:
+            return self.serial
+        if BACKGROUND.active:  # the parallel build, or the serial one until it is ready
+            return partial(BACKGROUND.run, self)
+        return self.parallel
 
 
 class SplitBySize(Builds):

@@ -31,6 +31,12 @@ class CpuBackend(Backend):
                 self.count = 0
                 self.started = 0.0
 
+            def say(self, line):
+                if self.count == 0:
+                    say("compiling kernels (first run only; cached afterwards)")
+                self.count += 1
+                say(line)
+
             def on_start(self, ev):
                 self.depth += 1
                 if self.depth > 1:
@@ -48,10 +54,13 @@ class CpuBackend(Backend):
                         f"{time.process_time() - self.started:.1f} s"
                     )
 
+        from .background import BACKGROUND
+
         notice = Notice()
         event.register("numba:compile", notice)
         try:
-            yield
+            with BACKGROUND.deferring(notice.say):  # parallel builds: compiled by a child process
+                yield
         finally:
             event.unregister("numba:compile", notice)
 

@@ -1,0 +1,208 @@
+"""Parallel builds compiled in a background process while the first steps run serially.
+
+A kernel's parallel=True build costs several times the CPU of its serial one to compile
+(Numba optimises a parallel loop's body in four libraries, one linking the next): on 2
+threads LeNet-5's cold first step took ~18 s, ~7 s on one. While `deferring()` is on
+(`cnnspec train` turns it on; CNNSPEC_BACKGROUND_BUILDS=0 keeps it off), a kernel asked
+for a parallel build that is neither loaded nor in Numba's on-disk cache runs its serial
+build (the same bits: a prange iteration writes only its own outputs, and the thread
+count the tiles are cut for is an argument), and a child process compiles the parallel
+build into the cache, on another core, niced; the model loads it at its next call once
+it is there. A run that ends first kills the child: it ran at one thread's speed, and
+started ~2.5x sooner.
+
+Not a thread: Numba compiles under one process-wide lock, and its typing and lowering
+hold the GIL, which the kernels (not nogil) hold while they run.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+PENDING, BUILT, LOADED, FAILED = "pending", "built", "loaded", "failed"
+
+
+def load_cached(dispatcher, sig) -> bool:
+    """Load a build of `dispatcher` for the argument types `sig` from Numba's on-disk
+    cache, never compiling it: whether it is loaded now. (Dispatcher.compile's cache
+    path, without its fall-through to the compiler.)"""
+    from numba.core.compiler_lock import global_compiler_lock
+
+    with global_compiler_lock:
+        if dispatcher.overloads.get(sig) is not None:
+            return True
+        cres = dispatcher._cache.load_overload(sig, dispatcher.targetctx)
+        if cres is None:
+            return False
+        dispatcher._cache_hits[sig] += 1
+        dispatcher.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])
+        dispatcher.add_overload(cres)
+        return True
+
+
+class BackgroundBuilds:
+    """The parallel builds that `Builds.pick` defers while `active`: their state by
+    (builds, argument types), and the child process that compiles them. `command`
+    starts the child (injectable for tests)."""
+
+    def __init__(self, command=None):
+        self.command = command or [sys.executable, "-m", __name__]
+        self.active = False
+        self.say = lambda line: None
+        self.state: dict = {}
+        self.asked: dict = {}  # key -> when it was asked for (its "ready after" line)
+        self.requests: list = []  # keys by request number (the child answers by number)
+        self.child = None
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def deferring(self, say=None):
+        """While inside, parallel builds that would compile are deferred as above;
+        `say` gets a line when one is deferred and when it is ready. Leaving kills the
+        child (what it finished is in Numba's cache for the next run)."""
+        self.active = os.environ.get("CNNSPEC_BACKGROUND_BUILDS", "1") != "0"
+        self.say = say or (lambda line: None)
+        try:
+            yield self
+        finally:
+            self.active = False
+            self.say = lambda line: None
+            self.stop()
+
+    def run(self, builds, *args):
+        """Call the parallel build of `builds` if it is loaded or can be loaded, else
+        its serial build, asking the child for the parallel one."""
+        sig = tuple(map(builds.parallel.typeof_pyval, args))
+        key = (builds, sig)
+        state = self.state.get(key)
+        if state is None:
+            state = self.state[key] = LOADED if load_cached(builds.parallel, sig) else PENDING
+            if state == PENDING:
+                self._ask(key)
+                state = self.state[key]  # FAILED if no child could take it
+        if state == BUILT:
+            # the child's build, from the cache (compiled here if the cache could not keep it)
+            builds.parallel.compile(sig)
+            state = self.state[key] = LOADED
+            waited = time.perf_counter() - self.asked[key]
+            self.say(f"  {_name(builds)} (parallel build): ready after {waited:.1f} s")
+        if state == PENDING:
+            return builds.serial(*args)
+        return builds.parallel(*args)  # LOADED, or FAILED: compiled here, as without us
+
+    def settle(self) -> None:
+        """After a computation: stop deferring once nothing is left to wait for (a
+        deferred call costs ~4 us an argument to type)."""
+        if not any(s in (PENDING, BUILT) for s in self.state.values()):
+            self.active = False
+
+    def wait(self, timeout: float) -> bool:
+        """Until nothing is pending (tests): whether that happened within `timeout`."""
+        end = time.monotonic() + timeout
+        while any(s == PENDING for s in self.state.values()):
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        with self.lock:
+            child, self.child = self.child, None
+        if child is None:
+            return
+        try:
+            child.stdin.close()
+        except OSError:
+            pass
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        for key, s in list(self.state.items()):
+            if s == PENDING:
+                del self.state[key]  # asked for again by the next deferring()
+
+    def _ask(self, key) -> None:
+        builds, sig = key
+        func = builds.parallel.py_func
+        with self.lock:
+            number = len(self.requests)
+            self.requests.append(key)
+            self.asked[key] = time.perf_counter()
+            try:
+                if self.child is None:
+                    self.child = self._start()
+                line = base64.b64encode(pickle.dumps((number, func.__module__, func.__name__, sig)))
+                self.child.stdin.write(line + b"\n")
+                self.child.stdin.flush()
+            except (OSError, ValueError, pickle.PicklingError):
+                self.state[key] = FAILED
+                return
+        self.say(
+            f"  {_name(builds)} (parallel build): compiling in a background process; "
+            "the serial build runs until it is ready"
+        )
+
+    def _start(self):
+        child = subprocess.Popen(
+            self.command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        )
+        threading.Thread(target=self._listen, args=(child,), daemon=True).start()
+        return child
+
+    def _listen(self, child) -> None:
+        """The child's answers: `ok N` (request N is in the cache) or `error N ...`."""
+        for line in child.stdout:
+            word, _, rest = line.decode(errors="replace").partition(" ")
+            number = int(rest.split(" ", 1)[0]) if rest[:1].isdigit() else -1
+            if 0 <= number < len(self.requests):
+                key = self.requests[number]
+                if self.state.get(key) == PENDING:
+                    self.state[key] = BUILT if word == "ok" else FAILED
+        if self.child is not child:
+            return  # stopped: stop() forgets what it left pending
+        for key, s in list(self.state.items()):  # the child died: compile them here
+            if s == PENDING:
+                self.state[key] = FAILED
+
+
+def _name(builds) -> str:
+    from .backend import kernel_name
+
+    return kernel_name(builds.parallel)
+
+
+BACKGROUND = BackgroundBuilds()
+
+
+def _serve() -> None:
+    """The child: compile each requested parallel build into Numba's cache, answer."""
+    try:
+        os.nice(10)  # the model's own steps come first
+    except (AttributeError, OSError):
+        pass
+    for line in sys.stdin.buffer:
+        number = -1
+        try:
+            number, module, name, sig = pickle.loads(base64.b64decode(line))
+            getattr(importlib.import_module(module), name).parallel.compile(sig)
+            answer = f"ok {number}"
+        except Exception as exc:  # noqa: BLE001 -- any failure: the parent compiles it
+            answer = f"error {number} {type(exc).__name__}: {exc}".replace("\n", " ")
+        sys.stdout.write(answer + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _serve()

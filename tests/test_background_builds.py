@@ -1,0 +1,155 @@
+"""Parallel builds compiled by a child process while the first steps run the serial
+builds (kernels/cpu/background.py): the same bits, the child's builds loaded from the
+cache, and every way the child can fail falls back to compiling in-process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+from numba import prange
+
+from cnnspec.kernels.cpu._common import Builds
+from cnnspec.kernels.cpu.background import FAILED, LOADED, BackgroundBuilds
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A fresh process with an empty Numba cache on 2 threads: model `a` takes two LeNet-5
+# steps inside `compiling()` (deferring), waiting for the child between them; model `b`,
+# the same weights, takes them with the parallel builds. Every in-process compilation
+# is logged with its build flags.
+_DEFERRED_STEPS = """
+import json, numpy as np, numba, cnnspec
+from numba.core import event
+from cnnspec.backend import get_backend
+from cnnspec.kernels.cpu import conv
+from cnnspec.kernels.cpu.background import BACKGROUND
+compiled = []
+class Log(event.Listener):
+    def on_start(self, ev):
+        d = ev.data["dispatcher"]
+        compiled.append([d.py_func.__qualname__, bool(d.targetoptions.get("parallel"))])
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", Log())
+rng = np.random.default_rng(0)
+x, y = rng.standard_normal((64, 1, 32, 32)).astype(np.float32), np.arange(64) % 10
+net = cnnspec.load("specs/lenet5.yaml")
+a, b = net.compile(batch_size=64, seed=1), net.compile(batch_size=64, seed=1)
+lines = []
+with get_backend("cpu").compiling(lines.append):
+    loss_a = [a.step(x, y, momentum=0.9)]
+    first = [bool(k.parallel.overloads) for k in (conv._forward_tiles, conv._backward_samples)]
+    done = BACKGROUND.wait(900)
+    loss_a.append(a.step(x, y, momentum=0.9))
+    after = [bool(k.parallel.overloads) for k in (conv._forward_tiles, conv._backward_samples)]
+    still_deferring = BACKGROUND.active
+loss_b = [b.step(x, y, momentum=0.9) for _ in range(2)]
+same = all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+print(json.dumps(dict(compiled=compiled, lines=lines, first=first, done=done, after=after,
+                      still_deferring=still_deferring, loss_a=loss_a, loss_b=loss_b, same=same)))
+"""
+
+
+@pytest.mark.slow
+def test_first_steps_run_serially_while_a_child_compiles_the_parallel_builds(tmp_path):
+    env = dict(
+        os.environ,
+        NUMBA_CACHE_DIR=str(tmp_path),
+        NUMBA_NUM_THREADS="2",
+        CNNSPEC_BACKGROUND_BUILDS="1",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _DEFERRED_STEPS], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    # nothing parallel=True compiled in this process: the child's builds came from the cache
+    assert not [name for name, parallel in r["compiled"] if parallel], r["compiled"]
+    assert r["first"] == [False, False] and r["done"] and r["after"] == [True, True]
+    assert not r["still_deferring"]  # settled: no per-call typing once all is loaded
+    deferred = [line for line in r["lines"] if "compiling in a background process" in line]
+    ready = [line for line in r["lines"] if "(parallel build): ready after" in line]
+    assert len(deferred) == 2 and len(ready) == 2, r["lines"]
+    assert r["lines"][0] == "compiling kernels (first run only; cached afterwards)"
+    # the serial build cuts the same tiles for 2 threads: the same bits as the parallel one
+    assert r["loss_a"] == r["loss_b"] and r["same"]
+
+
+def _double(x, out):
+    for i in prange(x.size):
+        out[i] = 2 * x[i]
+
+
+@pytest.fixture
+def doubling(tmp_path, monkeypatch):
+    """A Builds of _double with its own empty cache (the child cannot import it)."""
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CNNSPEC_BACKGROUND_BUILDS", "1")
+    return Builds(_double)
+
+
+def _call(background, builds):
+    x = np.arange(5.0)
+    out = np.zeros(5)
+    background.run(builds, x, out)
+    assert np.array_equal(out, 2 * x)
+
+
+def test_no_child_compiles_the_parallel_build_here(doubling):
+    background = BackgroundBuilds(command=[str(Path("/nonexistent") / "python")])
+    lines = []
+    with background.deferring(lines.append):
+        _call(background, doubling)
+        assert list(background.state.values()) == [FAILED]
+        assert doubling.parallel.overloads and not lines
+        background.settle()
+        assert not background.active
+
+
+def test_a_child_that_fails_leaves_the_build_to_this_process(doubling, monkeypatch):
+    monkeypatch.setattr(_double, "__module__", "no_such_module")  # the child cannot import it
+    background = BackgroundBuilds()  # the real child
+    with background.deferring():
+        _call(background, doubling)  # the serial build while the child tries
+        assert background.wait(300)
+        assert list(background.state.values()) == [FAILED]
+        _call(background, doubling)
+        assert doubling.parallel.overloads
+
+
+def test_leaving_stops_the_child_and_forgets_what_it_left(doubling):
+    background = BackgroundBuilds(command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    with background.deferring():
+        _call(background, doubling)
+        child = background.child
+        assert child.poll() is None and background.active
+        background.settle()
+        assert background.active  # still waiting for the child
+    assert child.poll() is not None and not background.state
+    assert not doubling.parallel.overloads  # never compiled here
+
+
+@pytest.mark.parametrize("where", ["this process", "the disk cache"])
+def test_a_compiled_parallel_build_is_used_at_once(doubling, where):
+    doubling.parallel(np.arange(3.0), np.zeros(3))  # compiled here, and cached
+    if where == "the disk cache":
+        doubling = Builds(_double)  # a later run: nothing compiled in the process yet
+    background = BackgroundBuilds(command=[str(Path("/nonexistent") / "python")])
+    with background.deferring():
+        _call(background, doubling)
+        assert list(background.state.values()) == [LOADED] and background.child is None
+        assert doubling.parallel.stats.cache_hits or where == "this process"
+        background.settle()
+        assert not background.active
+
+
+def test_off_when_asked(doubling, monkeypatch):
+    monkeypatch.setenv("CNNSPEC_BACKGROUND_BUILDS", "0")
+    background = BackgroundBuilds()
+    with background.deferring():
+        assert not background.active
