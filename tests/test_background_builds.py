@@ -153,3 +153,24 @@ def test_off_when_asked(doubling, monkeypatch):
     background = BackgroundBuilds()
     with background.deferring():
         assert not background.active
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(5, 3, 7), (9, 16, 64)])
+def test_batch_norm_sums_have_the_same_bits_in_both_builds(shape, dtype):
+    """The sums that `reassoc` lets LLVM vectorise, serial and parallel: the same
+    partial sums (a deferred first step gives the bits the parallel build would)."""
+    from cnnspec.kernels.cpu import norm
+
+    rng = np.random.default_rng(1)
+    x, dout = (rng.standard_normal(shape).astype(dtype) + 3 for _ in range(2))
+    c = shape[1]
+    scale, shift = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    results = []
+    for build in ("serial", "parallel"):
+        mean, var, s1, s2 = (np.zeros(c) for _ in range(4))
+        getattr(norm._bn_stats, build)(x, mean, var)
+        getattr(norm._bn_bwd_sums, build)(dout, x, scale, shift, 1, mean.astype(dtype), s1, s2)
+        results.append([mean, var, s1, s2])
+    for a, b in zip(*results, strict=True):
+        assert np.array_equal(a, b)

@@ -140,15 +140,21 @@ class Builds:
     first run of `cnnspec train`), a parallel build not yet compiled runs the serial one
     while a child process compiles it (background.py)."""
 
-    def __init__(self, py_func):
-        self.parallel = numba.njit(parallel=True, cache=True, no_cfunc_wrapper=True)(py_func)
+    def __init__(self, py_func, **options):
+        options = dict(cache=True, no_cfunc_wrapper=True, **options)  # Numba's, for both
+        self.parallel = numba.njit(parallel=True, **options)(py_func)
         # its own qualname: Numba's on-disk cache is per qualname, not per build flags
         twin = types.FunctionType(
             py_func.__code__, py_func.__globals__, py_func.__name__, py_func.__defaults__
         )
         twin.__qualname__ = py_func.__qualname__ + "_serial"
-        self.serial = numba.njit(cache=True, no_cfunc_wrapper=True)(twin)
+        self.serial = numba.njit(**options)(twin)
         self.__wrapped__ = py_func
+
+    @classmethod
+    def with_options(cls, **options):
+        """The decorator, with Numba options for both builds (e.g. fastmath)."""
+        return lambda py_func: cls(py_func, **options)
 
     def pick(self, serial: bool):
         if serial:

@@ -7,26 +7,34 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._common import IN_AFFINE, IN_COPY, as_3d, check_c, check_shape, input_hook
+from ._common import (
+    IN_AFFINE,
+    IN_COPY,
+    SplitBySize,
+    as_3d,
+    check_c,
+    check_shape,
+    input_hook,
+)
 
 __all__ = ["add_forward", "add_backward"]
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _add2(a, b, act, out):
     for i in prange(out.size):
         v = a[i] + b[i]
         out[i] = v if (act == 0 or v > 0) else 0.0
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _add_into(x, act, out):
     for i in prange(out.size):
         v = out[i] + x[i]
         out[i] = v if (act == 0 or v > 0) else 0.0
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _mask(dout, y, act, dx):
     for i in prange(dx.size):
         yv = y[i]  # loaded unconditionally: a conditional load blocks SIMD
@@ -41,7 +49,7 @@ def _hooked(v, a, b, mode, zero):
     return t if (mode == IN_AFFINE or t > 0) else zero
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _add_hooked(x, aff, mode, act, first, out):
     """out (=, first; else +=) h(x) per channel (N, C, S), then act."""
     n_, c_, s_ = out.shape
@@ -58,7 +66,7 @@ def _add_hooked(x, aff, mode, act, first, out):
             dst[i] = v if (act == 0 or v > 0) else zero
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _add2_hooked(x, y, affx, modex, affy, modey, act, out):
     """out = act(hx(x) + hy(y)) per channel (N, C, S): both inputs in one pass."""
     n_, c_, s_ = out.shape
@@ -103,7 +111,7 @@ def add_forward(xs, out, act=0, in_affine=None):
         _add_into(x, act if i == len(flat) - 3 else 0, o)
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _mask2(dout, y, act, dx0, dx1):
     for i in prange(dx0.size):
         yv = y[i]

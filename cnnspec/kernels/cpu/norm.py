@@ -11,7 +11,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._common import as_3d, check_c, check_shape
+from ._common import SplitBySize, as_3d, check_c, check_shape
 
 __all__ = [
     "batchnorm2d_forward_train",
@@ -38,7 +38,7 @@ _SUM_BLOCK = 4  # samples per partial sum of the reductions: a fixed number, so 
 # third of the bandwidth (measured, ResNet-20 b128).
 
 
-@njit(parallel=True, cache=True, fastmath=_SUMS)
+@SplitBySize.with_options(fastmath=_SUMS)
 def _bn_stats(x, mean, var):
     # x (N, C, S); mean/var float64 (C,); biased variance in one pass over x, of
     # the values shifted by the channel's first one (no cancellation when the
@@ -71,7 +71,7 @@ def _bn_stats(x, mean, var):
         var[c] = max(acc2 / m_ - mu * mu, 0.0)
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _affine(x, scale, shift, out, act):
     n_, c_, s_ = x.shape
     for nc in prange(n_ * c_):
@@ -91,7 +91,7 @@ def _affine(x, scale, shift, out, act):
 # output, one array fewer through memory in both passes.
 
 
-@njit(parallel=True, cache=True, fastmath=_SUMS)
+@SplitBySize.with_options(fastmath=_SUMS)
 def _bn_bwd_sums(dout, x, scale, shift, act, mean, sum_dy, sum_dy_xc):
     # sum_dy = sum(g), sum_dy_xc = sum(g * (x - mean)), in blocks as _bn_stats
     n_, c_, s_ = dout.shape
@@ -118,7 +118,7 @@ def _bn_bwd_sums(dout, x, scale, shift, act, mean, sum_dy, sum_dy_xc):
         sum_dy_xc += part[blk, 1]
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _bn_bwd_dx(dout, x, scale, shift, act, ka, kb, kc, dx):
     # dx = ka*g + kb*x + kc per channel (the batch-norm gradient, expanded)
     n_, c_, s_ = dout.shape
