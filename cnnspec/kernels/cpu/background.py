@@ -187,12 +187,16 @@ BACKGROUND = BackgroundBuilds()
 
 
 def _serve() -> None:
-    """The child: compile each requested parallel build into Numba's cache, answer."""
+    """The child: compile each requested parallel build into Numba's cache, answer; stop
+    at the end of the requests (the parent closed them) or when the parent is gone."""
     try:
         os.nice(10)  # the model's own steps come first
     except (AttributeError, OSError):
         pass
+    parent = os.getppid()
     for line in sys.stdin.buffer:
+        if os.getppid() != parent:
+            break  # the parent was killed: its queued requests are no one's
         number = -1
         try:
             number, module, name, sig = pickle.loads(base64.b64decode(line))
