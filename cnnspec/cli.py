@@ -278,6 +278,12 @@ def _say(line: str) -> None:
     out.print(line, markup=False, soft_wrap=True)
 
 
+def _compiling(model):
+    """Compile notices (first runs only) on stderr, and parallel builds in the background
+    (kernels/cpu/background.py), for the commands whose stdout may be read by a program."""
+    return model.backend.compiling(lambda line: err.print(line, markup=False, soft_wrap=True))
+
+
 def _fail(message: str, code: int = 1):
     err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -634,7 +640,8 @@ def evaluate_cmd(
     try:
         ds = _dataset(source, split, net)
         _check_range(ds, model, strict)
-        result = evaluate(model, ds)
+        with _compiling(model):
+            result = evaluate(model, ds)
     except DataError as exc:
         _fail(str(exc))
     result["data"] = ds.name
@@ -698,17 +705,17 @@ def predict(
         _fail(str(exc))
     _check_range(ds, model, strict)
     results = []
-    for x, _, n in Batches(ds, model.batch_size):
-        scores = model.probabilities(x)[:n]
-        for row in scores:
-            best = np.argsort(-row)[:top]
-            results.append(
-                [
-                    {"class": int(k), "probability": float(row[k])}
-                    | ({"label": names[k]} if names else {})
-                    for k in best
-                ]
-            )
+    with _compiling(model):
+        scores = [model.probabilities(x)[:n] for x, _, n in Batches(ds, model.batch_size)]
+    for row in (row for batch in scores for row in batch):
+        best = np.argsort(-row)[:top]
+        results.append(
+            [
+                {"class": int(k), "probability": float(row[k])}
+                | ({"label": names[k]} if names else {})
+                for k in best
+            ]
+        )
     if as_json:
         print(
             json.dumps(

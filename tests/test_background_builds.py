@@ -174,3 +174,44 @@ def test_batch_norm_sums_have_the_same_bits_in_both_builds(shape, dtype):
         results.append([mean, var, s1, s2])
     for a, b in zip(*results, strict=True):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_train_then_eval_cold_defer_and_say_so_where_a_program_will_not_read_it(tmp_path):
+    """`cnnspec train` and `cnnspec eval --json` on empty caches, 2 threads: both run
+    serially while a child compiles, say so (train on stdout, eval on stderr, its stdout
+    stays JSON) and leave no child behind."""
+    marker = f"CNNSPEC_TEST_RUN={tmp_path}"  # in the env of our processes and their children
+    env = dict(os.environ, NUMBA_NUM_THREADS="2", CNNSPEC_BACKGROUND_BUILDS="1")
+    env.update([marker.split("=", 1)])
+    cnnspec = [sys.executable, "-m", "cnnspec"]
+    run = tmp_path / "run"
+    train = subprocess.run(
+        [*cnnspec, "train", "specs/lenet5.yaml", "--epochs", "1", "--out", str(run)],
+        cwd=ROOT, env=dict(env, NUMBA_CACHE_DIR=str(tmp_path / "a")), capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "conv._forward_tiles (parallel build): compiling in a background" in train.stdout
+    evaluate = subprocess.run(
+        [*cnnspec, "eval", "specs/lenet5.yaml", "--weights", str(run / "best.npz"), "--json"],
+        cwd=ROOT, env=dict(env, NUMBA_CACHE_DIR=str(tmp_path / "b")), capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert json.loads(evaluate.stdout)["count"] > 0
+    assert evaluate.stderr.startswith("compiling kernels (first run only; cached afterwards)")
+    assert "conv._forward_tiles (parallel build): compiling in a background" in evaluate.stderr
+    assert not _processes_with(marker)  # each command's child was killed as it ended
+
+
+def _processes_with(marker: str) -> list[str]:
+    """The processes whose environment holds `marker` (Linux's /proc; none elsewhere)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes().split(b"\0"):
+                found.append(environ.parent.name)
+        except OSError:
+            pass  # gone, or not ours to read
+    return found
