@@ -215,3 +215,27 @@ def _processes_with(marker: str) -> list[str]:
         except OSError:
             pass  # gone, or not ours to read
     return found
+
+
+def test_the_child_caches_only_the_build_asked_of_it(tmp_path):
+    """The parent caches the same jitted helpers while the child compiles: two writers of
+    one cache index could pair a key with the other's code, so the child writes only the
+    requested build's files (here _add2_hooked's, not its helper _hooked's)."""
+    import base64
+    import pickle
+
+    from cnnspec.kernels.cpu import merge
+
+    x = np.zeros((2, 3, 4), np.float32)
+    aff = np.zeros((2, 3), np.float32)
+    args = (x, x, aff, 1, aff, 2, 1, x)
+    sig = tuple(map(merge._add2_hooked.parallel.typeof_pyval, args))
+    request = base64.b64encode(pickle.dumps((0, merge.__name__, "_add2_hooked", sig)))
+    done = subprocess.run(
+        [sys.executable, "-m", "cnnspec.kernels.cpu.background"],
+        input=request + b"\n", capture_output=True, cwd=ROOT,
+        env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)),
+    )  # fmt: skip
+    assert done.stdout.decode().split() == ["ok", "0"], done.stderr.decode()[-2000:]
+    cached = {p.name.split("-")[0] for p in tmp_path.rglob("*.nb[ic]")}
+    assert cached == {"merge._add2_hooked"}, cached

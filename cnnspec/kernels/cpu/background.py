@@ -170,6 +170,8 @@ class BackgroundBuilds:
                 key = self.requests[number]
                 if self.state.get(key) == PENDING:
                     self.state[key] = BUILT if word == "ok" else FAILED
+            if word != "ok":  # something is wrong there: this process compiles the rest
+                child.kill()  # (and no two processes write one cache index at once)
         if self.child is not child:
             return  # stopped: stop() forgets what it left pending
         for key, s in list(self.state.items()):  # the child died: compile them here
@@ -193,6 +195,18 @@ def _serve() -> None:
         os.nice(10)  # the model's own steps come first
     except (AttributeError, OSError):
         pass
+    from numba.core import caching
+
+    # Numba caches every function it compiles, the jitted helpers too, and the parent
+    # compiles (and caches) the same helpers meanwhile. Two processes adding different
+    # signatures to one cache index can pair one's key with the other's code (entries
+    # are numbered by the index's length), so the child saves only the builds asked of
+    # it, whose indexes no one else writes.
+    target = []
+    save_overload = caching.Cache.save_overload
+    caching.Cache.save_overload = lambda cache, *args: (
+        save_overload(cache, *args) if target and cache is target[0] else None
+    )
     parent = os.getppid()
     for line in sys.stdin.buffer:
         if os.getppid() != parent:
@@ -200,7 +214,9 @@ def _serve() -> None:
         number = -1
         try:
             number, module, name, sig = pickle.loads(base64.b64decode(line))
-            getattr(importlib.import_module(module), name).parallel.compile(sig)
+            build = getattr(importlib.import_module(module), name).parallel
+            target[:] = [build._cache]
+            build.compile(sig)
             answer = f"ok {number}"
         except Exception as exc:  # noqa: BLE001 -- any failure: the parent compiles it
             answer = f"error {number} {type(exc).__name__}: {exc}".replace("\n", " ")
