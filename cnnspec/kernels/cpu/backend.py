@@ -28,22 +28,23 @@ class CpuBackend(Backend):
         class Notice(event.Listener):
             def __init__(self):
                 self.depth = 0
-                self.count = 0
+                self.headed = False
                 self.started = 0.0
 
-            def say(self, line):
-                if self.count == 0:
+            def head(self):
+                if not self.headed:
                     say("compiling kernels (first run only; cached afterwards)")
-                self.count += 1
+                    self.headed = True
+
+            def say(self, line):
+                self.head()
                 say(line)
 
             def on_start(self, ev):
                 self.depth += 1
                 if self.depth > 1:
                     return
-                if self.count == 0:
-                    say("compiling kernels (first run only; cached afterwards)")
-                self.count += 1
+                self.head()
                 self.started = time.process_time()
 
             def on_end(self, ev):
