@@ -239,3 +239,40 @@ def test_the_child_caches_only_the_build_asked_of_it(tmp_path):
     assert done.stdout.decode().split() == ["ok", "0"], done.stderr.decode()[-2000:]
     cached = {p.name.split("-")[0] for p in tmp_path.rglob("*.nb[ic]")}
     assert cached == {"merge._add2_hooked"}, cached
+
+
+_ORPHAN = """
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-m", "cnnspec.kernels.cpu.background",
+                          str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+child.stdin.write(sys.stdin.buffer.read())  # the requests, queued in the pipe
+child.stdin.flush()
+print(child.pid, flush=True)
+os._exit(0)  # as if killed: the pipe stays readable to its end
+"""
+
+
+def test_a_child_whose_parent_is_gone_compiles_nothing_more(tmp_path):
+    """A parent killed with requests still queued: its child stops instead of compiling
+    them (after kill -9 it had compiled everything the parent had asked for)."""
+    import base64
+    import pickle
+    import time
+
+    from cnnspec.kernels.cpu import merge
+
+    x = np.zeros(24, np.float32)
+    sig = tuple(map(merge._add2.parallel.typeof_pyval, (x, x, 1, x)))
+    request = base64.b64encode(pickle.dumps((0, merge.__name__, "_add2", sig)))
+    parent = subprocess.run(
+        [sys.executable, "-c", _ORPHAN], input=request + b"\n", capture_output=True, cwd=ROOT,
+        env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)),
+    )  # fmt: skip
+    child = Path("/proc") / parent.stdout.decode().strip()
+    for _ in range(1200):  # bounded work, not a time limit: it stops once it has started
+        if not child.exists() or "Z" in (child / "stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the orphaned child is still running")
+    assert not list(tmp_path.rglob("*.nb[ic]"))  # nothing compiled into the cache

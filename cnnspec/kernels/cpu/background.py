@@ -54,7 +54,7 @@ class BackgroundBuilds:
     starts the child (injectable for tests)."""
 
     def __init__(self, command=None):
-        self.command = command or [sys.executable, "-m", __name__]
+        self.command = command
         self.active = False
         self.say = lambda line: None
         self.state: dict = {}
@@ -155,7 +155,7 @@ class BackgroundBuilds:
 
     def _start(self):
         child = subprocess.Popen(
-            self.command,
+            self.command or [sys.executable, "-m", __name__, str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -210,7 +210,7 @@ def _serve() -> None:
     caching.Cache.save_overload = lambda cache, *args: (
         save_overload(cache, *args) if target and cache is target[0] else None
     )
-    parent = os.getppid()
+    parent = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()  # (it may be gone)
     for line in sys.stdin.buffer:
         if os.getppid() != parent:
             break  # the parent was killed: its queued requests are no one's
