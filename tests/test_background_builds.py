@@ -148,6 +148,17 @@ def test_a_compiled_parallel_build_is_used_at_once(doubling, where):
         assert not background.active
 
 
+def test_a_computation_that_asked_for_nothing_keeps_deferring(doubling):
+    """A first computation on one thread (serial builds only) does not end deferring."""
+    background = BackgroundBuilds(command=[str(Path("/nonexistent") / "python")])
+    with background.deferring():
+        background.settle()
+        assert background.active
+        _call(background, doubling)
+        background.settle()
+        assert not background.active
+
+
 def test_off_when_asked(doubling, monkeypatch):
     monkeypatch.setenv("CNNSPEC_BACKGROUND_BUILDS", "0")
     background = BackgroundBuilds()

@@ -102,9 +102,10 @@ class BackgroundBuilds:
         return builds.parallel(*args)  # LOADED, or FAILED: compiled here, as without us
 
     def settle(self) -> None:
-        """After a computation: stop deferring once nothing is left to wait for (a
-        deferred call costs ~4 us an argument to type)."""
-        if not any(s in (PENDING, BUILT) for s in self.state.values()):
+        """After a computation: stop deferring once parallel builds were asked for and
+        none is left to wait for (a deferred call costs ~4 us an argument to type; a
+        computation that asked for none, on one thread, pays nothing)."""
+        if self.state and not any(s in (PENDING, BUILT) for s in self.state.values()):
             self.active = False
 
     def wait(self, timeout: float) -> bool:
