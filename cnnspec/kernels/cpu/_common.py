@@ -137,8 +137,8 @@ class Builds:
     serial (prange runs as range), which compiles in ~1/3 of the CPU time (no parfor
     passes, no gufunc). A prange iteration writes only its own outputs, so both
     builds give the same bits for the same arguments. While `BACKGROUND` defers (the
-    first run of `cnnspec train`), a parallel build not yet compiled runs the serial one
-    while a child process compiles it (background.py)."""
+    first runs of `cnnspec train`, `eval`, `predict`), a parallel build not yet compiled
+    runs the serial one while a child process compiles it (background.py)."""
 
     def __init__(self, py_func, **options):
         options = dict(cache=True, no_cfunc_wrapper=True, **options)  # Numba's, for both

@@ -36,7 +36,7 @@ class CpuBackend(Backend):
                     say("compiling kernels (first run only; cached afterwards)")
                     self.headed = True
 
-            def say(self, line):
+            def tell(self, line):  # a line of the background builds', under the heading
                 self.head()
                 say(line)
 
@@ -60,7 +60,7 @@ class CpuBackend(Backend):
         notice = Notice()
         event.register("numba:compile", notice)
         try:
-            with BACKGROUND.deferring(notice.say):  # parallel builds: compiled by a child process
+            with BACKGROUND.deferring(notice.tell):  # parallel builds: compiled by a child process
                 yield
         finally:
             event.unregister("numba:compile", notice)

@@ -3,13 +3,14 @@
 A kernel's parallel=True build costs several times the CPU of its serial one to compile
 (Numba optimises a parallel loop's body in four libraries, one linking the next): on 2
 threads LeNet-5's cold first step took ~18 s, ~7 s on one. While `deferring()` is on
-(`cnnspec train` turns it on; CNNSPEC_BACKGROUND_BUILDS=0 keeps it off), a kernel asked
-for a parallel build that is neither loaded nor in Numba's on-disk cache runs its serial
-build (the same bits: a prange iteration writes only its own outputs, and the thread
-count the tiles are cut for is an argument), and a child process compiles the parallel
-build into the cache, on another core, niced; the model loads it at its next call once
-it is there. A run that ends first kills the child: it ran at one thread's speed, and
-started about twice as soon (LeNet-5's first epoch, cold, 2 threads: 18-21 s -> 9-10 s).
+(`CpuBackend.compiling`: `cnnspec train`, `eval`, `predict`; CNNSPEC_BACKGROUND_BUILDS=0
+keeps it off), a kernel asked for a parallel build that is neither loaded nor in Numba's
+on-disk cache runs its serial build (the same bits: a prange iteration writes only its
+own outputs, and the thread count the tiles are cut for is an argument), and a child
+process compiles the parallel build into the cache, on another core, niced; the model
+loads it at its next call once it is there. A run that ends first kills the child: it
+ran at one thread's speed, and started about twice as soon (LeNet-5's first epoch, cold,
+2 threads: 18-21 s -> 9-10 s).
 
 Not a thread: Numba compiles under one process-wide lock, and its typing and lowering
 hold the GIL, which the kernels (not nogil) hold while they run.
