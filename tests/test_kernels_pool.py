@@ -166,17 +166,61 @@ def test_avgpool_matches_torch(name, include_pad):
     assert rel_error(dx, xt.grad.numpy()) < TORCH_TOL
 
 
+# 2x2 pools in vectors: rows of one output to three vectors, odd sizes leaving a row and
+# a column uncovered (forward; the backward's 2x2 kernel takes exact covers only)
+SIZES_2X2 = [(10, 10), (28, 28), (7, 75), (5, 33), (4, 2)]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_avgpool_2x2_backward_matches_the_general_loop_bit_for_bit(dtype):
+@pytest.mark.parametrize("hw", [(10, 14), (28, 28), (6, 74), (4, 2)])
+def test_avgpool_2x2_backward_matches_the_general_loop_bit_for_bit(dtype, hw):
     """2x2 windows that cover the input exactly (LeNet-5's S2) take their own backward
-    loop: the same values as the general one, every input cell written."""
+    kernel: the same values as the general one, every input cell written, both builds."""
     rng = np.random.default_rng(4)
-    dout = rng.standard_normal((3, 4, 5, 7)).astype(dtype)
-    dx = np.full((3, 4, 10, 14), np.nan, dtype)
-    pool.avgpool2d_backward(dout, 2, 2, 2, 2, 0, 0, 0, 0, True, dx)
-    ref = np.full_like(dx, np.nan)
+    h, w = hw
+    dout = rng.standard_normal((3, 4, h // 2, w // 2)).astype(dtype)
+    ref = np.full((3, 4, h, w), np.nan, dtype)
     pool._avgpool_bwd.serial(dout, 2, 2, 2, 2, 0, 0, 0, 0, True, ref)
-    np.testing.assert_array_equal(dx, ref)
+    for build in (pool._avgpool_bwd_2x2.serial, pool._avgpool_bwd_2x2.parallel):
+        dx = np.full_like(ref, np.nan)
+        build(dout, dx)
+        np.testing.assert_array_equal(dx, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("hw", SIZES_2X2)
+def test_avgpool_2x2_forward_sums_in_its_order(dtype, hw):
+    """((x00 + x01) + x10 + x11) / 4 in x's dtype, bit for bit, both builds (the general
+    loop sums in float64: within TORCH_TOL of it, test_avgpool_matches_torch)."""
+    rng = np.random.default_rng(6)
+    h, w = hw
+    x = rng.standard_normal((3, 4, h, w)).astype(dtype)
+    c = x[:, :, : h // 2 * 2, : w // 2 * 2]
+    ref = ((c[:, :, ::2, ::2] + c[:, :, ::2, 1::2]) + c[:, :, 1::2, ::2]) + c[:, :, 1::2, 1::2]
+    ref *= dtype(0.25)
+    for build in (pool._avgpool_fwd_2x2.serial, pool._avgpool_fwd_2x2.parallel):
+        out = np.full_like(ref, np.nan)
+        build(x, out)
+        np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("hw", SIZES_2X2)
+def test_maxpool_2x2_vectors_match_the_general_loop_bit_for_bit(dtype, hw):
+    """The general loop's values and indices, the first of equal values winning (few
+    distinct values: many ties), both builds."""
+    rng = np.random.default_rng(5)
+    h, w = hw
+    x = rng.integers(-3, 4, (3, 4, h, w)).astype(dtype)
+    out = np.full((3, 4, h // 2, w // 2), np.nan, dtype)
+    ref = np.full_like(out, np.nan)
+    ref_arg = np.full(out.shape, -1, np.int32)
+    pool._maxpool_fwd.serial(x, 2, 2, 2, 2, 0, 0, ref, ref_arg)
+    for build in (pool._maxpool_fwd_2x2.serial, pool._maxpool_fwd_2x2.parallel):
+        out[...], arg = np.nan, np.full(out.shape, -1, np.int32)
+        build(x, out, arg)
+        np.testing.assert_array_equal(out, ref)
+        np.testing.assert_array_equal(arg, ref_arg)
 
 
 def _subsample_ref(x, coef, bias, k, s):

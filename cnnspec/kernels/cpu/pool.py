@@ -6,9 +6,12 @@ Output spatial sizes come from the ``out`` arrays (the caller handles ceil_mode)
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from ._common import SplitBySize, check_c, check_shape
+from .conv import _I32, _base, _const, _lane_mask, _loop, _masked, _splat, _vec_ptr, _vector, _zeros
 
 __all__ = [
     "maxpool2d_forward",
@@ -96,41 +99,176 @@ def _maxpool_bwd(dout, argmax, dx):
                 dx[nc, idx] += dout[nc, o]
 
 
+# 2x2 windows in vectors of outputs: rows as short as LeNet-5's (5 and 14 outputs) fell
+# to the scalar tail of the loops LLVM vectorised. LeNet-5's pools, b64, 1 thread, AMD
+# EPYC Zen 5 (512-bit): S4's max forward (64x16x10x10) 0.065 -> 0.028 ms.
+def _pair_lanes(builder, vec, row, j, left):
+    """The even and odd elements of row[2j:][:2 * vec.count], as two vectors, loaded
+    masked where fewer than vec.count outputs are `left` (masked-off lanes 0)."""
+    n = vec.count
+    two = builder.mul(left, _const(2))
+    a = _masked(builder, vec, _vec_ptr(builder, row, builder.mul(j, _const(2)), vec),
+                _lane_mask(builder, n, two))  # fmt: skip
+    b_at = builder.add(builder.mul(j, _const(2)), _const(n))
+    b = _masked(builder, vec, _vec_ptr(builder, row, b_at, vec),
+                _lane_mask(builder, n, builder.sub(two, _const(n))))  # fmt: skip
+    take = [ir.Constant(ir.VectorType(_I32, n), list(range(k, 2 * n, 2))) for k in (0, 1)]
+    return builder.shuffle_vector(a, b, take[0]), builder.shuffle_vector(a, b, take[1])
+
+
+def _rows_2x2(builder, n, oh, ow, body, zero):
+    """body(oy, j, left, carried) for each output row oy < oh and each vector of n
+    outputs from column j (`left` outputs from j to the row's end), carrying one value
+    (from `zero`) through all; returns it."""
+    chunks = builder.sdiv(builder.add(ow, _const(n - 1)), _const(n))
+
+    def row(oy, carried):
+        def chunk(i, carried):
+            j = builder.mul(i, _const(n))
+            return [body(oy, j, builder.sub(ow, j), carried[0])]
+
+        return _loop(builder, chunks, 1, carried[0], chunk, False)
+
+    return _loop(builder, oh, 1, zero, row, False)[0]
+
+
+@intrinsic
+def max_rows_2x2(typingctx, x, x_at, w, out, argmax, out_at, oh, ow):
+    """2x2 max pooling of a plane: out[out_at + oy*ow + ox] = the largest of x's window
+    (rows 2oy and 2oy + 1 of the plane at x_at, rows `w` apart; columns 2ox, 2ox + 1),
+    the first of equals; argmax the index in the plane. Returns 1 if a window held a
+    NaN or an infinity (or its sum overflowed): the caller takes such planes PyTorch's
+    way."""
+    i64 = types.int64
+    sig = i64(x, i64, i64, out, argmax, i64, i64, i64)
+
+    def codegen(context, builder, signature, args):
+        x_ary, x_at, w, o_ary, a_ary, o_at, oh, ow = args
+        vec = _vector(signature.args[0].dtype)
+        n = vec.count
+        ivec, bvec = ir.VectorType(_I32, n), ir.VectorType(ir.IntType(1), n)
+        px = _base(context, builder, signature.args[0], x_ary, x_at)
+        po = _base(context, builder, signature.args[3], o_ary, o_at)
+        pa = _base(context, builder, signature.args[4], a_ary, o_at)
+        lanes2 = ir.Constant(ivec, list(range(0, 2 * n, 2)))  # 2 * lane
+        w32 = builder.trunc(w, _I32)
+        # where each of the window's 4 elements is, past its first
+        steps = [ir.Constant(_I32, 1), w32, builder.add(w32, ir.Constant(_I32, 1))]
+
+        def chunk(oy, j, left, bad):
+            top = builder.mul(builder.mul(oy, _const(2)), w)
+            r0 = builder.gep(px, [top])
+            v0, v1 = _pair_lanes(builder, vec, r0, j, left)
+            v2, v3 = _pair_lanes(builder, vec, builder.gep(r0, [w]), j, left)
+            # a NaN or inf makes s - s NaN (masked-off lanes are 0)
+            s = builder.fadd(builder.fadd(builder.fadd(v0, v1), v2), v3)
+            nonfinite = builder.fcmp_unordered("!=", builder.fsub(s, s), _zeros(vec))
+            first = builder.trunc(builder.add(top, builder.mul(j, _const(2))), _I32)
+            at = builder.add(_splat(builder, ivec, first), lanes2)
+            best, idx = v0, at
+            for v, step in zip((v1, v2, v3), steps, strict=True):
+                wins = builder.fcmp_ordered(">", v, best)
+                idx = builder.select(wins, builder.add(at, _splat(builder, ivec, step)), idx)
+                best = builder.select(wins, v, best)
+            mask = _lane_mask(builder, n, left)
+            at_out = builder.add(builder.mul(oy, ow), j)
+            _masked(builder, vec, _vec_ptr(builder, po, at_out, vec), mask, best)
+            _masked(builder, ivec, _vec_ptr(builder, pa, at_out, ivec), mask, idx)
+            return builder.or_(bad, nonfinite)
+
+        bad = _rows_2x2(builder, n, oh, ow, chunk, ir.Constant(bvec, [0] * n))
+        wide = ir.IntType(n)
+        any_bad = builder.icmp_unsigned("!=", builder.bitcast(bad, wide), ir.Constant(wide, 0))
+        return builder.zext(any_bad, ir.IntType(64))
+
+    return sig, codegen
+
+
+@intrinsic
+def avg_rows_2x2(typingctx, x, x_at, w, out, out_at, oh, ow):
+    """2x2 average pooling of a plane (windows as max_rows_2x2's): ((x00 + x01) + x10 +
+    x11) * 0.25, the order and values of the loops it replaces."""
+    i64 = types.int64
+    sig = types.void(x, i64, i64, out, i64, i64, i64)
+
+    def codegen(context, builder, signature, args):
+        x_ary, x_at, w, o_ary, o_at, oh, ow = args
+        vec = _vector(signature.args[0].dtype)
+        n = vec.count
+        px = _base(context, builder, signature.args[0], x_ary, x_at)
+        po = _base(context, builder, signature.args[3], o_ary, o_at)
+        quarter = ir.Constant(vec, [0.25] * n)
+
+        def chunk(oy, j, left, carried):
+            r0 = builder.gep(px, [builder.mul(builder.mul(oy, _const(2)), w)])
+            v0, v1 = _pair_lanes(builder, vec, r0, j, left)
+            v2, v3 = _pair_lanes(builder, vec, builder.gep(r0, [w]), j, left)
+            s = builder.fadd(builder.fadd(builder.fadd(v0, v1), v2), v3)
+            at_out = builder.add(builder.mul(oy, ow), j)
+            ptr = _vec_ptr(builder, po, at_out, vec)
+            _masked(builder, vec, ptr, _lane_mask(builder, n, left), builder.fmul(s, quarter))
+            return carried
+
+        _rows_2x2(builder, n, oh, ow, chunk, _const(0))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def avg_rows_2x2_backward(typingctx, dout, at, dx, dx_at, w, oh, ow):
+    """The gradient of avg_rows_2x2: dout * 0.25 into each of its window's 4 elements
+    (rows 2oy, 2oy + 1 of the plane at dx_at, `w` apart); nothing else is written."""
+    i64 = types.int64
+    sig = types.void(dout, i64, dx, i64, i64, i64, i64)
+
+    def codegen(context, builder, signature, args):
+        d_ary, at, dx_ary, dx_at, w, oh, ow = args
+        vec = _vector(signature.args[0].dtype)
+        n = vec.count
+        pd = _base(context, builder, signature.args[0], d_ary, at)
+        px = _base(context, builder, signature.args[2], dx_ary, dx_at)
+        quarter = ir.Constant(vec, [0.25] * n)
+        twice = [ir.Constant(ir.VectorType(_I32, n), [k + i // 2 for i in range(n)])
+                 for k in (0, n // 2)]  # fmt: skip
+
+        def chunk(oy, j, left, carried):
+            ptr = _vec_ptr(builder, pd, builder.add(builder.mul(oy, ow), j), vec)
+            g = builder.fmul(_masked(builder, vec, ptr, _lane_mask(builder, n, left)), quarter)
+            r0 = builder.gep(px, [builder.mul(builder.mul(oy, _const(2)), w)])
+            two = builder.mul(left, _const(2))
+            for k, half in enumerate(twice):  # lanes 0..n/2-1 doubled, then the rest
+                v = builder.shuffle_vector(g, g, half)
+                mask = _lane_mask(builder, n, builder.sub(two, _const(k * n)))
+                col = builder.add(builder.mul(j, _const(2)), _const(k * n))
+                for r in (r0, builder.gep(r0, [w])):
+                    _masked(builder, vec, _vec_ptr(builder, r, col, vec), mask, v)
+            return carried
+
+        _rows_2x2(builder, n, oh, ow, chunk, _const(0))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # 2x2 windows are kernels of their own, not a branch of the general ones: a model that
 # runs only 2x2 pools (LeNet-5) does not compile the general loops (~0.2 s of CPU each on a
 # cold start), and one with other windows does not compile the 2x2 code.
 @SplitBySize
 def _maxpool_fwd_2x2(x, out, argmax):
-    # 2x2 windows inside the input, branch-free: LLVM vectorises it
-    n_, c_, _h, w_ = x.shape
+    # 2x2 windows inside the input: whole planes in vectors (max_rows_2x2)
+    n_, c_, h_, w_ = x.shape
     oh, ow = out.shape[2], out.shape[3]
+    xf, of, af = x.reshape(-1), out.reshape(-1), argmax.reshape(-1)
     for nc in prange(n_ * c_):
+        if max_rows_2x2(xf, nc * h_ * w_, w_, of, af, nc * oh * ow, oh, ow) == 0:
+            continue
         n = nc // c_
         c = nc - n * c_
         xp = x[n, c]
         for oy in range(oh):
             orow, arow = out[n, c, oy], argmax[n, c, oy]
-            r0, r1 = xp[2 * oy], xp[2 * oy + 1]
             top = 2 * oy * w_
-            # a NaN or inf makes s - s NaN; an integer flag, not a float sum across the
-            # row, keeps the windows independent (a float add chain cannot be reordered:
-            # 0.13 -> 0.06 ms on 64x6x28x28, 1 thread, AMD EPYC Zen 5)
-            bad = 0
-            for ox in range(ow):
-                v0, v1, v2, v3 = r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]
-                s = v0 + v1 + v2 + v3
-                bad |= s - s != 0
-                best, idx = v0, top + 2 * ox
-                idx = top + 2 * ox + 1 if v1 > best else idx
-                best = v1 if v1 > best else best
-                idx = top + w_ + 2 * ox if v2 > best else idx
-                best = v2 if v2 > best else best
-                idx = top + w_ + 2 * ox + 1 if v3 > best else idx
-                best = v3 if v3 > best else best
-                orow[ox] = best
-                arow[ox] = idx
-            if bad == 0:
-                continue
             for ox in range(ow):  # PyTorch's rule: (v > best) or isnan(v) wins
                 best = -np.inf
                 idx = top + 2 * ox
@@ -295,19 +433,11 @@ def _avgpool_bwd(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, dx):
 # VGG's and most pools) take loops without per-window bounds: 3-6x faster.
 @SplitBySize
 def _avgpool_fwd_2x2(x, out):
-    n_, c_ = x.shape[0], x.shape[1]
+    n_, c_, h_, w_ = x.shape
     oh, ow = out.shape[2], out.shape[3]
-    scale = 0.25  # float64, as the general kernel's 1.0 / (kh * kw): the same values
+    xf, of = x.reshape(-1), out.reshape(-1)
     for nc in prange(n_ * c_):
-        n = nc // c_
-        c = nc - n * c_
-        xp = x[n, c]
-        for oy in range(oh):
-            orow = out[n, c, oy]
-            r0, r1 = xp[2 * oy], xp[2 * oy + 1]
-            for ox in range(ow):  # LLVM vectorises the pairs
-                a = r0[2 * ox] + r0[2 * ox + 1]
-                orow[ox] = (a + r1[2 * ox] + r1[2 * ox + 1]) * scale
+        avg_rows_2x2(xf, nc * h_ * w_, w_, of, nc * oh * ow, oh, ow)
 
 
 @SplitBySize
@@ -357,21 +487,12 @@ def _avgpool_bwd_tiled(dout, kh, kw, dx):
 
 @SplitBySize
 def _avgpool_bwd_2x2(dout, dx):
-    # dout (R, OW): rows of output; dx (R * 4 * OW,): each output row's two input rows,
-    # exactly covered. Flat indices and four scalar stores per gradient: the loops above
-    # spend more on per-row views and a runtime-width inner loop than on the stores
-    # (LeNet-5's S2, b64: 0.11 -> 0.04 ms, 1 thread, AMD EPYC Zen 5).
-    rows, ow = dout.shape
-    q = dout.dtype.type(0.25)  # exact: the same values as the float64 scale above
-    g = dout.reshape(-1)
-    for r in prange(rows):
-        at = r * 4 * ow
-        for k in range(ow):
-            v = g[r * ow + k] * q
-            dx[at + 2 * k] = v
-            dx[at + 2 * k + 1] = v
-            dx[at + 2 * ow + 2 * k] = v
-            dx[at + 2 * ow + 2 * k + 1] = v
+    # windows that cover dx exactly: every element written
+    n_, c_, h_, w_ = dx.shape
+    oh, ow = dout.shape[2], dout.shape[3]
+    df, dxf = dout.reshape(-1), dx.reshape(-1)
+    for nc in prange(n_ * c_):
+        avg_rows_2x2_backward(df, nc * oh * ow, dxf, nc * h_ * w_, w_, oh, ow)
 
 
 def avgpool2d_forward(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out):
@@ -407,7 +528,7 @@ def avgpool2d_backward(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, 
     check_shape("dout", dout, (n, c, dout.shape[2], dout.shape[3]))
     if _tiled(dx.shape, dout.shape, kh, kw, sh, sw, (pt, pb, pl, pr)):
         if (kh, kw) == (2, 2) and dx.shape[2:] == (2 * dout.shape[2], 2 * dout.shape[3]):
-            _avgpool_bwd_2x2(dout.reshape(-1, dout.shape[3]), dx.reshape(-1))
+            _avgpool_bwd_2x2(dout, dx)
             return
         _avgpool_bwd_tiled(dout, int(kh), int(kw), dx)
         return
