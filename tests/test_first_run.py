@@ -52,10 +52,13 @@ def test_lenet5_cold_step_compiles_only_what_it_uses(tmp_path, threads):
     # float32 throughout (the loss keeps its per-sample losses in float64 on purpose)
     assert all(arrays in ([], ["float32"], ["float32", "int32"]) for name, _, _, arrays in ours
                if name != "_softmax_ce_serial"), ours  # fmt: skip
-    # parallel=True builds (~1-2 s of CPU more each to compile): the convs', on more than
-    # one thread only; LeNet-5's pools and loss are small enough for the serial builds
+    # parallel=True builds (~1-2 s of CPU more each to compile): the convs' and the pools',
+    # on more than one thread only; LeNet-5's loss is small enough for the serial build
     parallel = sorted(name for name, _, parallel, _ in ours if parallel)
-    assert parallel == ([] if threads == 1 else ["_backward_samples", "_forward_tiles"]), ours
+    pools = ["_avgpool_bwd_2x2", "_avgpool_fwd_2x2", "_maxpool_bwd", "_maxpool_fwd_2x2"]
+    assert parallel == (
+        [] if threads == 1 else sorted(["_backward_samples", "_forward_tiles", *pools])
+    ), ours
     # each function compiled once (a second signature is a second compile); _pack once
     # per direction (a literal bool: each build without the other's loops)
     names = [name for name, *_ in ours]

@@ -122,8 +122,12 @@ def as_3d(a: np.ndarray) -> np.ndarray:
 
 # Arrays (all of a call's together) smaller than this run serially: a parallel region's
 # fork/join and, under load, its wait for a descheduled worker cost more than the loop,
-# and a parallel=True build costs ~0.8 s of CPU more to compile than a serial one.
-SERIAL_BELOW = 1 << 19  # elements
+# and a parallel=True build costs ~0.8 s of CPU more to compile than a serial one (on a
+# first `cnnspec train`, in the background: background.py). It was 512K: LeNet-5's pools
+# (150K-380K elements at b64) then ran on one thread at 2 threads, reading the halves
+# the other core's convs had just written from its cache; at 64K its b64 step at 2
+# threads took 0.88-0.95x the time (AMD EPYC Zen 5, alternating in one process).
+SERIAL_BELOW = 1 << 16  # elements
 
 
 # A jitted helper that only other kernels call needs neither a Python nor a C-callable
@@ -165,13 +169,13 @@ class Builds:
 
 
 class SplitBySize(Builds):
-    """The serial build below SERIAL_BELOW elements (all array arguments together), the
-    parallel one above: a small model (LeNet-5) never compiles the parallel builds of
-    its pools and loss."""
+    """The serial build on one thread or below SERIAL_BELOW elements (all array
+    arguments together), the parallel one above: a small model's loss, and LeNet-5's
+    pools on one thread, never compile their parallel builds."""
 
     def __call__(self, *args):
         size = sum(a.size for a in args if isinstance(a, np.ndarray))
-        return self.pick(size < SERIAL_BELOW)(*args)
+        return self.pick(size < SERIAL_BELOW or numba.get_num_threads() == 1)(*args)
 
 
 _BIG_GEMM_FLOPS = 32e6  # above this a GEMM is split across threads
