@@ -395,21 +395,22 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
 
 
 @intrinsic
-def masked_rows(typingctx, src, at, y, dst, dst_at, dst_stride, rows, n, act):
-    """dst[dst_at + r*dst_stride:][:n] = src[at + r*n:][:n] for r < rows, 0 where `act`
-    (a fused ReLU) and y's element (y[at + r*n + v]) is not > 0. Whole vectors and a
-    masked one a row: rows as short as LeNet-5's (28 and 10 columns) fell to the scalar
-    tail of the loop LLVM vectorises (c1's and c3's gathers 0.10 and 0.067 ms a b64
-    batch, 1 thread, AMD EPYC Zen 5)."""
+def masked_rows(typingctx, src, at, src_stride, y, dst, dst_at, dst_stride, rows, n, act):
+    """dst[dst_at + r*dst_stride:][:n] = src[at + r*src_stride:][:n] for r < rows, 0
+    where `act` (a fused ReLU) and y's element at the same place is not > 0. Whole
+    vectors and a masked one a row: rows as short as LeNet-5's (28, 14 and 10 columns)
+    fell to the scalar tail of the loops LLVM vectorises (c1's and c3's output-gradient
+    gathers 0.10 and 0.067 ms a b64 batch, 1 thread, AMD EPYC Zen 5; now 0.058 and
+    0.024)."""
     i64 = types.int64
-    sig = types.void(src, i64, y, dst, i64, i64, i64, i64, i64)
+    sig = types.void(src, i64, i64, y, dst, i64, i64, i64, i64, i64)
 
     def codegen(context, builder, signature, args):
-        s_ary, at, y_ary, d_ary, d_at, d_stride, rows, n, act = args
+        s_ary, at, s_stride, y_ary, d_ary, d_at, d_stride, rows, n, act = args
         vec = _vector(signature.args[0].dtype)
         ps = _base(context, builder, signature.args[0], s_ary, at)
-        py = _base(context, builder, signature.args[2], y_ary, at)
-        pd = _base(context, builder, signature.args[3], d_ary, d_at)
+        py = _base(context, builder, signature.args[3], y_ary, at)
+        pd = _base(context, builder, signature.args[4], d_ary, d_at)
         plain = builder.icmp_signed("==", act, _const(0))  # no ReLU: every lane kept
         keep_all = _splat(builder, ir.VectorType(ir.IntType(1), vec.count), plain)
         full = builder.sdiv(n, _const(vec.count))
@@ -420,7 +421,8 @@ def masked_rows(typingctx, src, at, y, dst, dst_at, dst_stride, rows, n, act):
             return builder.select(keep, s, _zeros(vec))
 
         def row(r, _):
-            src, yr = builder.gep(ps, [builder.mul(r, n)]), builder.gep(py, [builder.mul(r, n)])
+            src_at = builder.mul(r, s_stride)
+            src, yr = builder.gep(ps, [src_at]), builder.gep(py, [src_at])
             out = builder.gep(pd, [builder.mul(r, d_stride)])
 
             def step(i, _):
@@ -1025,6 +1027,7 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear, split):
         x0 = x0 + 1 if x0 + 1 < sw else 0
     one, two = np.uint64(1), np.uint64(2)
     pairs = w_ // 2
+    x_flat = x.reshape(-1)  # (x is C-contiguous)
     for c in range(c_):
         if aff is not None:
             ca = c if mode != IN_COPY else 0
@@ -1050,6 +1053,11 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear, split):
                                 for v in range(np.uint64(m)):
                                     e = xpad[d + v] * a + b
                                     xpad[d + v] = e if (mode != IN_AFFINE_RELU or e > 0) else zero
+                continue
+            if aff is None and sh == 1 and sw == 1:  # the plane's rows in vectors
+                plane = ((n0 + s) * c_ + c) * h_ * w_
+                at = (c * hq + pt) * line + s * wq + pl
+                masked_rows(x_flat, plane, w_, x_flat, xpad, at, line, h_, w_, 0)
                 continue
             py, qy = pt % sh, pt // sh  # row y = yi + pt: plane row y % sh, at y // sh
             for yi in range(h_):
@@ -1099,6 +1107,7 @@ def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate, split):
     phase = hq * line
     one, two = np.uint64(1), np.uint64(2)
     pairs = w_ // 2
+    dx_flat = dx.reshape(-1)  # (dx is C-contiguous)
     for c in range(c_):
         for s in range(ns):
             if split is not None and sw == 2:  # even and odd columns, a vector of pairs
@@ -1124,6 +1133,11 @@ def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate, split):
                             if accumulate:
                                 e += dx[n0 + s, c, yi, w_ - 1]
                             dx[n0 + s, c, yi, w_ - 1] = e
+                continue
+            if not accumulate and sh == 1 and sw == 1:  # the plane's rows in vectors
+                plane = ((n0 + s) * c_ + c) * h_ * w_
+                at = (c * hq + pt) * line + s * wq + pl
+                masked_rows(dxpad, at, line, dxpad, dx_flat, plane, w_, h_, w_, 0)
                 continue
             py, qy = pt % sh, pt // sh  # row y = yi + pt: plane row y % sh, at y // sh
             for yi in range(h_):
@@ -1302,7 +1316,7 @@ def _gather(
                     prefetch(flat_y, first + q)
             if gk is None or gmode == OUT_PLAIN:
                 plane = ((n0 + s) * o_ + o) * oh * ow + oy0 * ow
-                masked_rows(flat, plane, flat_y, dst, at + s * wq, rs, nr, ow, act)
+                masked_rows(flat, plane, ow, flat_y, dst, at + s * wq, rs, nr, ow, act)
                 continue
             for r in range(nr):
                 d = row[s * wq + r * rs : s * wq + r * rs + ow]
