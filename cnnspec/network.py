@@ -3,9 +3,7 @@ knows its output shape, parameters, cost and receptive field."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import math
 import numbers
 import os
@@ -17,7 +15,7 @@ from .layers import REGISTRY, Field, Layer
 from .layers.merge import unaligned
 from .report import human, param_size
 from .spec.expand import expand
-from .spec.load import Document, load_file, load_text
+from .spec.load import Document, collector_paused, load_file, load_text
 from .spec.schema import attribute_valid, schema, validate
 
 
@@ -110,21 +108,8 @@ def loads(text: str, file: str = "<spec>", input_shape=None) -> Network:
 
 
 def build(doc: Document, input_shape=None) -> Network:
-    with _collector_paused():
+    with collector_paused():
         return _build(doc, input_shape)
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """Building makes about ten objects per layer and frees few: with the cycle collector
-    running, its passes over them took half the time of checking 100,000 layers."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _build(doc: Document, input_shape=None) -> Network:

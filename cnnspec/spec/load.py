@@ -8,9 +8,11 @@ itself stands, so an unknown attribute can be pointed at exactly.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import yaml
@@ -93,7 +95,28 @@ def _compose(text: str):
     return yaml.compose(text, Loader=_Loader)
 
 
+@contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector off meanwhile: loading and building a spec make
+    many small objects and free few, and each full collection their count triggers
+    walks the whole heap, large in a process holding PyTorch or a test suite (100,000
+    concat inputs beside ~200,000 objects: load_text 1.0-1.4 s of CPU, 0.45-0.48 with
+    the collector off; building 100,000 layers: half the time, AMD EPYC Zen 5)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def load_text(text: str, file: str = "<spec>") -> Document:
+    with collector_paused():
+        return _load_text(text, file)
+
+
+def _load_text(text: str, file: str) -> Document:
     try:
         root = _compose(text)
     except yaml.MarkedYAMLError as exc:
