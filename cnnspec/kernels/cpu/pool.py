@@ -119,6 +119,19 @@ def _pair_lanes(builder, vec, row, j, left):
     return builder.shuffle_vector(a, b, take[0]), builder.shuffle_vector(a, b, take[1])
 
 
+def _window(builder, vec, plane, w, oy, j, left):
+    """The 2x2 windows of outputs (oy, j..): their first element's index in the plane
+    (2oy*w + 2j), the window's four elements as vectors (top left, top right, bottom
+    left, bottom right; rows `w` apart, _pair_lanes' masking), and their sum in the
+    loops' order, ((x00 + x01) + x10) + x11."""
+    top = builder.mul(builder.mul(oy, _const(2)), w)
+    r0 = builder.gep(plane, [top])
+    v0, v1 = _pair_lanes(builder, vec, r0, j, left)
+    v2, v3 = _pair_lanes(builder, vec, builder.gep(r0, [w]), j, left)
+    total = builder.fadd(builder.fadd(builder.fadd(v0, v1), v2), v3)
+    return builder.add(top, builder.mul(j, _const(2))), (v0, v1, v2, v3), total
+
+
 def _store(builder, vec, ptr, value, left):
     """A vector store, masked to its first `left` lanes unless left is None."""
     if left is None:
@@ -177,17 +190,12 @@ def max_rows_2x2(typingctx, x, x_at, w, out, argmax, out_at, oh, ow):
         steps = [ir.Constant(_I32, 1), w32, builder.add(w32, ir.Constant(_I32, 1))]
 
         def chunk(oy, j, left, bad):
-            top = builder.mul(builder.mul(oy, _const(2)), w)
-            r0 = builder.gep(px, [top])
-            v0, v1 = _pair_lanes(builder, vec, r0, j, left)
-            v2, v3 = _pair_lanes(builder, vec, builder.gep(r0, [w]), j, left)
+            first, (v0, *rest), s = _window(builder, vec, px, w, oy, j, left)
             # a NaN or inf makes s - s NaN (masked-off lanes are 0)
-            s = builder.fadd(builder.fadd(builder.fadd(v0, v1), v2), v3)
             nonfinite = builder.fcmp_unordered("!=", builder.fsub(s, s), _zeros(vec))
-            first = builder.trunc(builder.add(top, builder.mul(j, _const(2))), _I32)
-            at = builder.add(_splat(builder, ivec, first), lanes2)
+            at = builder.add(_splat(builder, ivec, builder.trunc(first, _I32)), lanes2)
             best, idx = v0, at
-            for v, step in zip((v1, v2, v3), steps, strict=True):
+            for v, step in zip(rest, steps, strict=True):
                 wins = builder.fcmp_ordered(">", v, best)
                 idx = builder.select(wins, builder.add(at, _splat(builder, ivec, step)), idx)
                 best = builder.select(wins, v, best)
@@ -220,10 +228,7 @@ def avg_rows_2x2(typingctx, x, x_at, w, out, out_at, oh, ow):
         quarter = ir.Constant(vec, [0.25] * n)
 
         def chunk(oy, j, left, carried):
-            r0 = builder.gep(px, [builder.mul(builder.mul(oy, _const(2)), w)])
-            v0, v1 = _pair_lanes(builder, vec, r0, j, left)
-            v2, v3 = _pair_lanes(builder, vec, builder.gep(r0, [w]), j, left)
-            s = builder.fadd(builder.fadd(builder.fadd(v0, v1), v2), v3)
+            s = _window(builder, vec, px, w, oy, j, left)[2]
             at_out = builder.add(builder.mul(oy, ow), j)
             _store(builder, vec, _vec_ptr(builder, po, at_out, vec), builder.fmul(s, quarter), left)
             return carried
