@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -582,10 +581,16 @@ def _bounded_checks(texts: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def isolated():
-    """Outcome, CPU seconds and peak memory (MiB) of checking each ISOLATED spec. A run over
-    the CPU bound is repeated once, alone: the bound is on the work, not on a busy machine."""
-    results = _bounded_checks(ISOLATED)
-    again = {k: ISOLATED[k] for k, r in results.items() if r["cpu"] >= CPU_BOUND}
+    """Outcome, CPU seconds and peak memory (MiB) of checking each ISOLATED spec."""
+    return _bounded_checks_retried(ISOLATED)
+
+
+def _bounded_checks_retried(texts: dict) -> dict:
+    """_bounded_checks, with a run over the CPU bound repeated once, alone: the bound is on
+    the work, not on a busy machine. Each check runs in a fresh interpreter, so that its
+    CPU time is not that of collecting a large test session's heap."""
+    results = _bounded_checks(texts)
+    again = {k: texts[k] for k, r in results.items() if r["cpu"] >= CPU_BOUND}
     for key, result in _bounded_checks(again).items():
         results[key] = min(results[key], result, key=lambda r: r["cpu"])
     return results
@@ -903,12 +908,9 @@ def test_repeats_from_expressions_stop_at_the_layer_limit():
         "  c: {params: {n: 1000}, layers: [{type: relu, repeat: $n}]}\n"
         "layers:\n  - {type: a}\n"
     )
-    start = time.process_time()
-    with pytest.raises(cnnspec.SpecError) as info:
-        cnnspec.loads(text)
-    assert time.process_time() - start < CPU_BOUND
-    (p,) = info.value.problems
-    assert p.message == "the network expands to more than 100000 layers"
+    (result,) = _bounded_checks_retried({"repeats": text}).values()
+    assert result["outcome"] == "SpecError: the network expands to more than 100000 layers"
+    assert result["cpu"] < CPU_BOUND, result
 
 
 def test_a_network_of_exactly_the_layer_limit_is_fine():
@@ -992,10 +994,10 @@ def test_yaml_1_2_exponent_numbers_are_floats_with_positions():
 def test_concat_of_100000_inputs_is_refused_quickly_with_the_limit():
     text = "input: [1, 4, 4]\nlayers:\n  - {name: a, type: relu}\n"
     text += "  - {type: concat, inputs: [" + ", ".join(["a"] * 100_000) + "]}\n"
-    start = time.process_time()
+    (result,) = _bounded_checks_retried({"concat": text}).values()
+    assert result["cpu"] < CPU_BOUND, result  # 13.5 s before
     with pytest.raises(cnnspec.SpecError) as info:
         cnnspec.loads(text)
-    assert time.process_time() - start < 2.0  # CPU time: 13.5 s before
     (p,) = info.value.problems
     assert (p.line, p.col) == (4, 28)
     assert p.message == "'inputs' names 100000 layers; a layer takes at most 1000"
