@@ -49,7 +49,7 @@ from numba import njit, prange
 
 # conv imports this module for its dispatch: its names are looked up when used
 from . import conv
-from ._common import HELPER, Builds
+from ._common import HELPER, VECTOR_BITS, Builds
 
 # CNNSPEC_WINOGRAD: "auto" (default) takes the measured rule below, "0" never uses
 # Winograd (the direct conv everywhere: A/B runs, tests), "1" uses it wherever it applies.
@@ -81,33 +81,39 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
     )
 
 
-# The rule, measured on one core of an Intel Xeon (AVX-512), float32, fwd / bwd (dx + dW)
-# time of the direct conv over this one, 1 thread, interleaved in one process (a shared
-# machine: repeated runs moved these by up to +-0.1):
+# The rule, measured on one core of an AMD EPYC (Zen 5, AVX-512; 2026-12-03, after the
+# direct conv's backward became a convolution of its own and its kernels prefetch), float32,
+# direct time over this one's, forward / backward (dx + dW + db, ReLU fused), best of 5,
+# /work/notes/s9/wino.py; 1 thread (2 threads: the same picture):
 #                                  512-bit kernels   256-bit kernels
-#   ResNet-20 b128, 16 ch 32x32      0.55 / 0.56       0.79 / 0.65
-#                   32 ch 16x16      0.67 / 0.56       0.90 / 0.75
-#                   64 ch 8x8        0.86 / 0.73       1.13 / 0.92
-#   VGG-small b64,  64 ch 32x32      0.99 / 1.05       1.31 / 1.21
-#                   64->128 16x16    1.05 / 1.13       1.41 / 1.47
-#                   128 ch 16x16     1.18 / 1.28       1.46 / 1.43
-# VGG-small's whole train step: 1.11x (512-bit), 1.32x (256-bit); inference 1.06x, 1.33x.
-# The transforms cost per channel what the products save per channel pair, so thin
-# layers lose; on 8x8 maps the panel padding of a block's few tiles eats the gain. The
-# 256-bit direct conv runs at ~90 GFLOP/s here against ~140 for the 512-bit one, while
-# Winograd's transforms (LLVM's own vectorisation) do not narrow: it gains more there.
-# Forward and backward agree closely enough that one rule serves both. Not measured on
-# a CPU without AVX-512.
+#   ResNet-20 b128, 16 ch 32x32      0.37 / 0.24       0.57 / 0.38
+#                   32 ch 16x16      0.47 / 0.23       0.81 / 0.42
+#                   64 ch 8x8        0.53 / 0.40       0.90 / 0.62
+#   VGG-small b64,  64 ch 32x32      0.88 / 0.58       1.25 / 0.88
+#                   64->128 16x16    0.97 / 0.55       1.35 / 0.91
+#                   128 ch 16x16     1.02 / 0.74       1.42 / 1.09
+# The 512-bit direct conv runs at 75-85% of the micro-kernels' peak here; Winograd's
+# transforms (LLVM's own vectorisation) run at cache speed, and its products on K = C
+# rows per point are short: it gains only where the 256-bit direct conv is slow (forward,
+# >= 64 channels, maps >= 16x16; 1.25-1.42x), and its backward loses everywhere but one
+# shape (by up to 2x at 512 bits), besides keeping the ReLU's dx fusion from the direct
+# conv. On an Intel Xeon (AVX-512), before those changes to the direct conv, it had
+# gained 0.99-1.28x at 512 bits and 1.21-1.47x at 256 (VGG-small's shapes, both
+# directions); not measured there since.
+AUTO_FORWARD = VECTOR_BITS == 256  # directions the rule may send this way
+AUTO_BACKWARD = False
 MIN_CHANNELS = 64
 MIN_MAP = 16
 
 
-def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
-    """Whether the dispatch runs this conv (forward and backward) the Winograd way."""
+def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups, backward) -> bool:
+    """Whether the dispatch runs this conv's forward (or its backward) the Winograd way."""
     if MODE == "0" or not applies(x_shape, w_shape, stride, pad, dilation, groups):
         return False
     if MODE == "1":
         return True
+    if not (AUTO_BACKWARD if backward else AUTO_FORWARD):
+        return False
     channels = min(int(x_shape[1]), int(w_shape[0]))
     size = min(int(out_shape[2]), int(out_shape[3]))
     return channels >= MIN_CHANNELS and size >= MIN_MAP
