@@ -125,54 +125,28 @@ def test_winograd_finite_differences(mode):
 
 
 def test_dispatch_rule(mode, monkeypatch):
-    def picks(c, k, size, stride=(1, 1), pad=(1, 1, 1, 1), dil=(1, 1), kernel=3, groups=1, bwd=0):
+    def picks(c, k, size, stride=(1, 1), pad=(1, 1, 1, 1), dil=(1, 1), kernel=3, groups=1):
         x, w = (8, c, size, size), (k, c // groups, kernel, kernel)
         out = (8, k, size, size)  # the rule reads the map size from the output
-        return winograd.chooses(x, w, out, stride, pad, dil, groups, backward=bool(bwd))
+        return winograd.chooses(x, w, out, stride, pad, dil, groups)
 
     mode("auto")
-    # the rule as measured: the forward of wide layers with the 256-bit kernels only
-    assert winograd.AUTO_FORWARD == (conv.VECTOR_BITS == 256) and not winograd.AUTO_BACKWARD
-    monkeypatch.setattr(winograd, "AUTO_FORWARD", True)
+    assert winograd.AUTO == (conv.VECTOR_BITS == 256)  # the rule as measured
+    monkeypatch.setattr(winograd, "AUTO", True)
     assert picks(64, 64, 32) and picks(64, 128, 16) and picks(128, 128, 16)  # VGG-small
-    assert not picks(64, 64, 32, bwd=1) and not picks(128, 128, 16, bwd=1)
     assert not picks(16, 16, 32) and not picks(32, 32, 16) and not picks(64, 64, 8)  # ResNet-20
     assert not picks(3, 64, 32)  # VGG-small's first conv: too few input channels
     assert not picks(128, 128, 16, stride=(2, 2))
     assert not picks(128, 128, 16, dil=(2, 2))
     assert not picks(128, 128, 16, kernel=1, pad=(0, 0, 0, 0))
     assert not picks(128, 128, 16, groups=2)
-    monkeypatch.setattr(winograd, "AUTO_BACKWARD", True)
-    assert picks(128, 128, 16, bwd=1) and not picks(64, 64, 8, bwd=1)
-    monkeypatch.setattr(winograd, "AUTO_FORWARD", False)
-    assert not picks(128, 128, 16) and picks(128, 128, 16, bwd=1)
     mode("1")
-    assert picks(16, 16, 32) and picks(16, 16, 32, bwd=1)
-    assert not picks(128, 128, 16, stride=(2, 2))
+    assert picks(16, 16, 32) and not picks(128, 128, 16, stride=(2, 2))
     mode("0")
-    assert not picks(128, 128, 16) and not picks(128, 128, 16, bwd=1)
-
-
-def test_forward_and_backward_take_their_own_way(mode, monkeypatch):
-    """The rule may send one direction Winograd's way and not the other: the same results."""
-    for name, value in (("MIN_CHANNELS", 1), ("MIN_MAP", 1), ("AUTO_FORWARD", True)):
-        monkeypatch.setattr(winograd, name, value)
-    case = CASES["wide_channels"]
-    x, w, b, out, ws, rng = _make(case, np.float32)  # a workspace for either way
-    dout = rng.standard_normal(out.shape).astype(np.float32)
-    direct = _run("0", mode, x, w, b, case[5], out, ws, dout, conv.ACT_RELU)
-    calls = []
-    for name in ("forward", "backward"):
-        real = getattr(winograd, name)
-        monkeypatch.setattr(winograd, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
-    for forward, backward in ((True, False), (False, True)):
-        monkeypatch.setattr(winograd, "AUTO_FORWARD", forward)
-        monkeypatch.setattr(winograd, "AUTO_BACKWARD", backward)
-        calls.clear()
-        mixed = _run("auto", mode, x, w, b, case[5], out, ws, dout, conv.ACT_RELU)
-        assert calls == ["forward" if forward else "backward"]
-        for got, ref in zip(mixed, direct, strict=True):
-            assert _scaled_error(got, ref) < TOL[np.float32]
+    assert not picks(128, 128, 16)
+    mode("auto")
+    monkeypatch.setattr(winograd, "AUTO", False)
+    assert not picks(128, 128, 16)
 
 
 def test_dispatch_runs_winograd_when_chosen(mode, monkeypatch):

@@ -981,8 +981,7 @@ def conv2d_workspace(
     geo = _geometry(*shapes, rows=tile_rows)
     size = geo.per_thread * threads + geo.wpack
     groups = x_shape[1] // w_shape[1]
-    conv_args = (x_shape, w_shape, out_shape, stride, pad, dilation, groups)
-    if any(winograd.chooses(*conv_args, backward) for backward in (False, True)):
+    if winograd.chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups):
         size = max(size, winograd.workspace(x_shape, w_shape, out_shape, itemsize))
     return size
 
@@ -1808,9 +1807,7 @@ def conv2d_forward(
     check_c(x=x, w=w, out=out, ws=ws)
     bias = _bias_or_empty(b, x.dtype)
     hooked = in_affine is not None or stats is not None  # Winograd honours no hooks yet
-    if not hooked and winograd.chooses(
-        x.shape, w.shape, out.shape, stride, pad, dilation, groups, backward=False
-    ):
+    if not hooked and winograd.chooses(x.shape, w.shape, out.shape, stride, pad, dilation, groups):
         _check(x, w, out, groups, ws)
         winograd.forward(x, w, bias, pad, out, ws, act)
         return
@@ -1884,9 +1881,7 @@ def conv2d_backward(
         raise ValueError("relu_dx needs dx and a plain input (no in_affine)")
     y = out if out is not None else dout
     hooked = in_affine is not None or dout_affine is not None or accumulate or relu_dx
-    if not hooked and winograd.chooses(
-        x.shape, w.shape, dout.shape, stride, pad, dilation, groups, backward=True
-    ):
+    if not hooked and winograd.chooses(x.shape, w.shape, dout.shape, stride, pad, dilation, groups):
         winograd.backward(x, w, dout, pad, ws, dx, dw, db, y, act)
         return
     geo, threads, flat, w3 = _plan(x, w, dout, stride, pad, dilation, groups, ws)

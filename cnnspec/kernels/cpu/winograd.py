@@ -81,10 +81,9 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
     )
 
 
-# The rule, measured on one core of an AMD EPYC (Zen 5, AVX-512; 2026-12-03, after the
-# direct conv's backward became a convolution of its own and its kernels prefetch), float32,
-# direct time over this one's, forward / backward (dx + dW + db, ReLU fused), best of 5,
-# /work/notes/s9/wino.py; 1 thread (2 threads: the same picture):
+# The rule, measured on one core of an AMD EPYC (Zen 5, AVX-512; 2026-12-03), float32,
+# direct time over this one's, forward / backward (dx + dW + db, ReLU fused), best of 5
+# (/work/notes/s9/wino.py; 2 threads: the same picture):
 #                                  512-bit kernels   256-bit kernels
 #   ResNet-20 b128, 16 ch 32x32      0.37 / 0.24       0.57 / 0.38
 #                   32 ch 16x16      0.47 / 0.23       0.81 / 0.42
@@ -92,27 +91,28 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 #   VGG-small b64,  64 ch 32x32      0.88 / 0.58       1.25 / 0.88
 #                   64->128 16x16    0.97 / 0.55       1.35 / 0.91
 #                   128 ch 16x16     1.02 / 0.74       1.42 / 1.09
+# VGG-small's whole train step (1 thread, interleaved in one process, best of 5-9 rounds;
+# /work/notes/s9/vggab.py), Winograd forward and backward / forward only / neither:
+# 512-bit 257 / 223 / 221 ms; 256-bit 361-402 / 378-402 / 401-424 ms. So Winograd serves
+# the 256-bit kernels only, both directions (one rule: they share the shapes it reads).
 # The 512-bit direct conv runs at 75-85% of the micro-kernels' peak here; Winograd's
-# transforms (LLVM's own vectorisation) run at cache speed, and its products on K = C
-# rows per point are short: it gains only where the 256-bit direct conv is slow (forward,
-# >= 64 channels, maps >= 16x16; 1.25-1.42x), and its backward loses everywhere but one
-# shape (by up to 2x at 512 bits), besides keeping the ReLU's dx fusion from the direct
-# conv. On an Intel Xeon (AVX-512), before those changes to the direct conv, it had
-# gained 0.99-1.28x at 512 bits and 1.21-1.47x at 256 (VGG-small's shapes, both
-# directions); not measured there since.
-AUTO_FORWARD = VECTOR_BITS == 256  # directions the rule may send this way
-AUTO_BACKWARD = False
+# transforms (LLVM's own vectorisation) run at cache speed and its products on K = C rows
+# per point are short, so it gains only where the direct conv is slow. On an Intel Xeon
+# (AVX-512) it had gained 0.99-1.28x at 512 bits on VGG-small's shapes, before the direct
+# conv's backward became a convolution of its own and its kernels prefetch; not measured
+# there since. Thin layers lose at any width.
+AUTO = VECTOR_BITS == 256  # whether "auto" uses Winograd at all
 MIN_CHANNELS = 64
 MIN_MAP = 16
 
 
-def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups, backward) -> bool:
-    """Whether the dispatch runs this conv's forward (or its backward) the Winograd way."""
+def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
+    """Whether the dispatch runs this conv (forward and backward) the Winograd way."""
     if MODE == "0" or not applies(x_shape, w_shape, stride, pad, dilation, groups):
         return False
     if MODE == "1":
         return True
-    if not (AUTO_BACKWARD if backward else AUTO_FORWARD):
+    if not AUTO:
         return False
     channels = min(int(x_shape[1]), int(w_shape[0]))
     size = min(int(out_shape[2]), int(out_shape[3]))
