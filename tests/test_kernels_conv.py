@@ -731,3 +731,27 @@ print(conv.VECTOR_BYTES * 8)
         assert done.stdout.split() == [bits]
     cached = {p.name.split("-")[-1].split(".")[0] for p in tmp_path.rglob("conv._forward*.nbi")}
     assert cached == {"512bit", "256bit"}, cached
+
+
+def test_a_kernels_cache_stamp_covers_every_module_of_the_folder(tmp_path):
+    """A kernel compiles in helpers and intrinsics of other modules (pool.py conv.py's LLVM
+    helpers, winograd.py its micro-kernels): its cached build must go stale when any of
+    them changes, not only its own file (Numba's stamp)."""
+    import os
+
+    from cnnspec.kernels.cpu import _common, pool
+
+    for name in ("a.py", "b.py", "notes.txt"):
+        (tmp_path / name).write_text("x = 1\n")
+    before = _common.folder_stamp(str(tmp_path))
+    assert [e[0] for e in before] == ["a.py", "b.py"]
+    os.utime(tmp_path / "b.py", ns=(1, 1))
+    touched = _common.folder_stamp(str(tmp_path))
+    assert touched != before
+    (tmp_path / "notes.txt").write_text("changed\n")  # not Python: not a kernel's source
+    assert _common.folder_stamp(str(tmp_path)) == touched
+
+    stamp = pool._avgpool_fwd_2x2.serial._cache._impl.locator.get_source_stamp()
+    folder = os.path.dirname(pool.__file__)
+    assert stamp[1] == _common.folder_stamp(folder)
+    assert "conv.py" in {e[0] for e in stamp[1]}

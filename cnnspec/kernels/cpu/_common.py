@@ -1,8 +1,10 @@
 """Plain-Python helpers shared by the CPU kernels (argument checks, views), the vector
 width the micro-kernels are built for, and a Numba cache per width.
 
-Jitted helpers live next to their callers: Numba's on-disk cache does not notice when a
-function in another module changes. Every kernel module imports this one first.
+A kernel's cached build is stale once any module of this folder changes (the cache
+locator below stamps every kernel with all of them): kernels call jitted helpers and
+LLVM-IR intrinsics of other modules here, which Numba's own stamp (the kernel's file
+alone) would not notice. Every kernel module imports this one first.
 """
 
 from __future__ import annotations
@@ -33,12 +35,24 @@ _WIDE = _BITS == "512" or (_BITS is None and cpu_has_avx512())
 VECTOR_BITS = 512 if _WIDE else 256
 
 
+def folder_stamp(folder: str) -> tuple:
+    """(name, mtime_ns, size) of each Python file in `folder`: changes when any does."""
+    entries = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            st = os.stat(os.path.join(folder, name))
+            entries.append((name, st.st_mtime_ns, st.st_size))
+    return tuple(entries)
+
+
 class _WidthCacheLocator(caching._CacheLocator):
     """Numba's own cache location for the kernels in this folder, with the vector width
-    in the file names. Numba keys a cached kernel on its source, signature and CPU, not
-    on the module constants baked into it: a 256-bit process loading 512-bit blocks
-    from a shared cache crashed. Every kernel here is keyed, since any may inline the
-    micro-kernels."""
+    in the file names, and stamped with every module of the folder. Numba keys a cached
+    kernel on its source, signature and CPU, not on the module constants baked into it:
+    a 256-bit process loading 512-bit blocks from a shared cache crashed. Every kernel
+    here is keyed, since any may inline the micro-kernels; and Numba's stamp is the
+    kernel's own file, while the helpers and intrinsics it compiles in may live in
+    another (an edit there left the old code cached)."""
 
     _folder = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -52,7 +66,7 @@ class _WidthCacheLocator(caching._CacheLocator):
         return self._inner.get_cache_path()
 
     def get_source_stamp(self):
-        return self._inner.get_source_stamp()
+        return self._inner.get_source_stamp(), _kernels_stamp()
 
     def get_disambiguator(self):
         return f"{self._inner.get_disambiguator()}-{VECTOR_BITS}bit"
@@ -66,6 +80,11 @@ class _WidthCacheLocator(caching._CacheLocator):
             if inner is not None:
                 return cls(inner)
         return None
+
+
+@lru_cache(maxsize=1)
+def _kernels_stamp() -> tuple:
+    return folder_stamp(_WidthCacheLocator._folder)  # once a process: ~20 stats
 
 
 # before any kernel module's @njit(cache=True) builds its cache

@@ -3,9 +3,7 @@ LLVM IR through Numba intrinsics). Transposed convolution and im2col/col2im live
 conv_transpose.py.
 
 Layouts follow PyTorch: activations NCHW, conv weights (O, C/groups, kh, kw). All
-kernels overwrite their outputs and return None. The micro-kernels live here, beside
-their only callers: Numba's on-disk cache does not notice when a function in another
-module changes.
+kernels overwrite their outputs and return None.
 """
 
 from __future__ import annotations

@@ -33,9 +33,8 @@ among threads; the backward pass gives each thread whole samples (their dx tiles
 overlap) and private dU / db sums, added up afterwards in thread order (the same bits
 every run).
 
-The micro-kernels are conv.py's: Numba's on-disk cache does not notice a change there,
-so clear the cache (or touch this file) after editing them. Kernels as in conv.py: a
-parallel and a serial build (one thread), helpers without entry points.
+The micro-kernels are conv.py's. Kernels as in conv.py: a parallel and a serial build
+(one thread), helpers without entry points.
 """
 
 from __future__ import annotations
