@@ -20,7 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..checks import check_grouped_conv
-from . import winograd
+from . import _llvm, winograd
 from ._common import (
     HELPER,
     IN_AFFINE_RELU,
@@ -32,6 +32,7 @@ from ._common import (
     input_hook,
 )
 from ._common import unpack_geometry as _unpack
+from ._llvm import lanes
 
 __all__ = [
     "ACT_NONE",
@@ -65,87 +66,10 @@ NV = 3  # bcast: vectors of C per row
 MD = 4 if _WIDE else 2  # dot: rows of A per block
 ND = 6 if _WIDE else 4  # dot: rows of B per block
 
-_I64 = ir.IntType(64)
-_I32 = ir.IntType(32)
-
-
-def lanes(itemsize: int) -> int:
-    return VECTOR_BYTES // itemsize
-
 
 def panel(itemsize: int) -> int:
     """NR: the columns of one B panel / C block of ``bcast``."""
     return NV * lanes(itemsize)
-
-
-def _vector(dtype):
-    """The LLVM vector type of one register's worth of `dtype` (float32 or float64)."""
-    real = ir.FloatType() if dtype == types.float32 else ir.DoubleType()
-    return ir.VectorType(real, lanes(dtype.bitwidth // 8))
-
-
-def _fma(builder, vec, a, b, c):
-    name = f"llvm.fma.v{vec.count}{'f32' if isinstance(vec.element, ir.FloatType) else 'f64'}"
-    fn = builder.module.globals.get(name) or ir.Function(
-        builder.module, ir.FunctionType(vec, [vec] * 3), name
-    )
-    return builder.call(fn, [a, b, c])
-
-
-def _splat(builder, vec, x):
-    v = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(_I32, 0))
-    mask = ir.Constant(ir.VectorType(_I32, vec.count), [0] * vec.count)
-    return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), mask)
-
-
-def _base(context, builder, aryty, ary, offset):
-    return builder.gep(context.make_array(aryty)(context, builder, ary).data, [offset])
-
-
-def _vec_ptr(builder, base, index, vec):
-    return builder.bitcast(builder.gep(base, [index]), vec.as_pointer())
-
-
-def _const(n):
-    return ir.Constant(_I64, n)
-
-
-def _loop(builder, count, n_carried, zero, body, unroll=True):
-    """for i in range(count): carried = body(i, carried); returns the final values
-    (zero if count <= 0). Emitted as one basic block with phi nodes, so LLVM keeps
-    the carried vectors in registers. unroll=False: LLVM may not unroll it (code that
-    every conv build compiles, where unrolling gains nothing)."""
-    entry = builder.block
-    loop = builder.append_basic_block("mk.loop")
-    done = builder.append_basic_block("mk.done")
-    builder.cbranch(builder.icmp_signed(">", count, _const(0)), loop, done)
-    builder.position_at_end(loop)
-    i = builder.phi(_I64)
-    i.add_incoming(_const(0), entry)
-    carried = [builder.phi(zero.type) for _ in range(n_carried)]
-    for p in carried:
-        p.add_incoming(zero, entry)
-    new = body(i, carried)
-    tail = builder.block
-    nxt = builder.add(i, _const(1))
-    i.add_incoming(nxt, tail)
-    for p, v in zip(carried, new, strict=True):
-        p.add_incoming(v, tail)
-    back = builder.cbranch(builder.icmp_signed("<", nxt, count), loop, done)
-    if not unroll:
-        module = builder.module
-        disable = module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])
-        loop_id = ir.values.MDValue(module, [disable], name=str(len(module.metadata)))
-        loop_id.operands = (loop_id, disable)  # a loop's ID names itself (LLVM's rule)
-        back.set_metadata("llvm.loop", loop_id)
-    builder.position_at_end(done)
-    final = []
-    for v in new:
-        f = builder.phi(zero.type)
-        f.add_incoming(zero, entry)
-        f.add_incoming(v, tail)
-        final.append(f)
-    return final
 
 
 def _row_pointer(context, builder, signature, args, index, row):
@@ -163,20 +87,25 @@ def _prefetcher(context, builder, signature, args, index):
     pf's elements pf_at + kk * (a line's elements), if kk < lines (a branch: prefetching
     the last line again in later steps cost LeNet-5's short calls ~4% at 256 bits)."""
     aryty = signature.args[index]
-    base = _base(context, builder, aryty, args[index], args[index + 1])
+    base = _llvm.base(context, builder, aryty, args[index], args[index + 1])
     lines = args[index + 2]
-    line = _const(64 // (aryty.dtype.bitwidth // 8))
+    line = _llvm.const(64 // (aryty.dtype.bitwidth // 8))
     i8p = ir.IntType(8).as_pointer()
     name = "llvm.prefetch.p0i8"
     fn = builder.module.globals.get(name) or ir.Function(
-        builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), name
+        builder.module, ir.FunctionType(ir.VoidType(), [i8p, _llvm.I32, _llvm.I32, _llvm.I32]), name
     )
 
     def step(kk):
         with builder.if_then(builder.icmp_signed("<", kk, lines)):
             ptr = builder.bitcast(builder.gep(base, [builder.mul(kk, line)]), i8p)
             # read, keep in all cache levels, data
-            operands = [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)]
+            operands = [
+                ptr,
+                ir.Constant(_llvm.I32, 0),
+                ir.Constant(_llvm.I32, 3),
+                ir.Constant(_llvm.I32, 1),
+            ]
             builder.call(fn, operands)
 
     return step
@@ -195,31 +124,32 @@ def _bcast_codegen(ahead):
     def codegen(context, builder, signature, args):
         a_ary, ao = args[0], args[1]
         k, beta = args[10], args[11]
-        vec = _vector(signature.args[0].dtype)
-        pa = _base(context, builder, signature.args[0], a_ary, ao)
+        vec = _llvm.vector(signature.args[0].dtype)
+        pa = _llvm.base(context, builder, signature.args[0], a_ary, ao)
         prefetch = _prefetcher(context, builder, signature, args, 12) if ahead else None
 
         def step(kk, acc):
             brow = _row_pointer(context, builder, signature, args, 2, kk)
-            bv = [builder.load(_vec_ptr(builder, brow, _const(v * vec.count), vec), align=4)
+            bv = [builder.load(_llvm.vec_ptr(builder, brow, _llvm.const(v * vec.count), vec),
+                               align=4)
                   for v in range(NV)]  # fmt: skip
             if prefetch is not None:
                 prefetch(kk)
-            arow = builder.mul(kk, _const(MR))
+            arow = builder.mul(kk, _llvm.const(MR))
             out = []
             for i in range(MR):
-                x = builder.load(builder.gep(pa, [builder.add(arow, _const(i))]))
-                s = _splat(builder, vec, x)
-                out += [_fma(builder, vec, s, bv[v], acc[i * NV + v]) for v in range(NV)]
+                x = builder.load(builder.gep(pa, [builder.add(arow, _llvm.const(i))]))
+                s = _llvm.splat(builder, vec, x)
+                out += [_llvm.fma(builder, vec, s, bv[v], acc[i * NV + v]) for v in range(NV)]
             return out
 
         zero = ir.Constant(vec, [0.0] * vec.count)
-        acc = _loop(builder, k, MR * NV, zero, step)
-        add = builder.icmp_signed("!=", beta, _const(0))
+        acc = _llvm.loop(builder, k, MR * NV, zero, step)
+        add = builder.icmp_signed("!=", beta, _llvm.const(0))
         for i in range(MR):
-            crow = _row_pointer(context, builder, signature, args, 6, _const(i))
+            crow = _row_pointer(context, builder, signature, args, 6, _llvm.const(i))
             for v in range(NV):
-                ptr = _vec_ptr(builder, crow, _const(v * vec.count), vec)
+                ptr = _llvm.vec_ptr(builder, crow, _llvm.const(v * vec.count), vec)
                 old = builder.load(ptr, align=4)
                 value = builder.select(add, builder.fadd(old, acc[i * NV + v]), acc[i * NV + v])
                 builder.store(value, ptr, align=4)
@@ -259,44 +189,20 @@ def prefetch(typingctx, a, at):
         i8p = ir.IntType(8).as_pointer()
         name = "llvm.prefetch.p0i8"
         fn = builder.module.globals.get(name) or ir.Function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), name
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [i8p, _llvm.I32, _llvm.I32, _llvm.I32]),
+            name,
         )
-        ptr = builder.bitcast(_base(context, builder, signature.args[0], args[0], args[1]), i8p)
-        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        ptr = builder.bitcast(
+            _llvm.base(context, builder, signature.args[0], args[0], args[1]), i8p
+        )
+        builder.call(
+            fn,
+            [ptr, ir.Constant(_llvm.I32, 0), ir.Constant(_llvm.I32, 3), ir.Constant(_llvm.I32, 1)],
+        )
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-def _lane_mask(builder, count, left):
-    """<count x i1>: lane i < left."""
-    ivec = ir.VectorType(_I64, count)
-    lanes = ir.Constant(ivec, list(range(count)))
-    at = builder.insert_element(ir.Constant(ivec, ir.Undefined), left, ir.Constant(_I32, 0))
-    at = builder.shuffle_vector(at, at, ir.Constant(ir.VectorType(_I32, count), [0] * count))
-    return builder.icmp_signed("<", lanes, at)
-
-
-def _masked(builder, vec, ptr, mask, value=None):
-    """llvm.masked.load (value None; masked-off lanes 0) or llvm.masked.store of vec
-    (float32, float64 or integer lanes)."""
-    el = vec.element
-    kind = f"i{el.width}" if isinstance(el, ir.IntType) else "f32"
-    kind = "f64" if el == ir.DoubleType() else kind
-    suffix = f"v{vec.count}{kind}.p0v{vec.count}{kind}"
-    align = ir.Constant(_I32, 4)
-    if value is None:
-        name, args, ret = "llvm.masked.load." + suffix, [ptr, align, mask, _zeros(vec)], vec
-    else:
-        name, args, ret = "llvm.masked.store." + suffix, [value, ptr, align, mask], ir.VoidType()
-    fn = builder.module.globals.get(name) or ir.Function(
-        builder.module, ir.FunctionType(ret, [a.type for a in args]), name
-    )
-    return builder.call(fn, args)
-
-
-def _zeros(vec):
-    return ir.Constant(vec, [0 if isinstance(vec.element, ir.IntType) else 0.0] * vec.count)
 
 
 @intrinsic
@@ -311,32 +217,36 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
 
     def codegen(context, builder, signature, args):
         p_ary, p_at, p_stride, o_ary, o_at, rows, n, bias, act, shift, want = args
-        vec = _vector(signature.args[0].dtype)
+        vec = _llvm.vector(signature.args[0].dtype)
         single = isinstance(vec.element, ir.FloatType)
         parts = 2 if single else 1  # float64 vectors a vector of data makes
         half = vec.count // parts
         dvec = ir.VectorType(ir.DoubleType(), half)
-        pp = _base(context, builder, signature.args[0], p_ary, p_at)
-        po = _base(context, builder, signature.args[3], o_ary, o_at)
-        bv, kv = _splat(builder, vec, bias), _splat(builder, dvec, shift)
-        relu = builder.icmp_signed("==", act, _const(1))
-        full = builder.sdiv(n, _const(vec.count))
-        tail = _lane_mask(builder, vec.count, builder.sub(n, builder.mul(full, _const(vec.count))))
+        pp = _llvm.base(context, builder, signature.args[0], p_ary, p_at)
+        po = _llvm.base(context, builder, signature.args[3], o_ary, o_at)
+        bv, kv = _llvm.splat(builder, vec, bias), _llvm.splat(builder, dvec, shift)
+        relu = builder.icmp_signed("==", act, _llvm.const(1))
+        full = builder.sdiv(n, _llvm.const(vec.count))
+        tail = _llvm.lane_mask(
+            builder, vec.count, builder.sub(n, builder.mul(full, _llvm.const(vec.count)))
+        )
 
         # ReLU as a lane mask (y = 0 where relu and not t > 0), not a select between two
         # vectors on the scalar flag: LLVM unswitched the rows loop on that flag, a copy
         # of it for each (more code in every conv build, for no speed)
-        relu_lanes = _splat(builder, ir.VectorType(ir.IntType(1), vec.count), relu)
+        relu_lanes = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count), relu)
 
         def value(x):
             t = builder.fadd(x, bv)
-            off = builder.and_(builder.fcmp_unordered("<=", t, _zeros(vec)), relu_lanes)
-            return builder.select(off, _zeros(vec), t)
+            off = builder.and_(builder.fcmp_unordered("<=", t, _llvm.zeros(vec)), relu_lanes)
+            return builder.select(off, _llvm.zeros(vec), t)
 
         def part(v, i):  # lanes i*half .. (i + 1)*half - 1 of v
             if parts == 1:
                 return v
-            take = ir.Constant(ir.VectorType(_I32, half), list(range(i * half, (i + 1) * half)))
+            take = ir.Constant(
+                ir.VectorType(_llvm.I32, half), list(range(i * half, (i + 1) * half))
+            )
             return builder.shuffle_vector(v, v, take)
 
         def add(y, acc, mask):  # acc: sum(e), sum(e^2) per part, e = y - shift (0 past mask)
@@ -345,8 +255,8 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
                 h = builder.fpext(part(y, i), dvec) if single else y
                 e = builder.fsub(h, kv)
                 if mask is not None:
-                    e = builder.select(part(mask, i), e, _zeros(dvec))
-                out += [builder.fadd(acc[2 * i], e), _fma(builder, dvec, e, e, acc[2 * i + 1])]
+                    e = builder.select(part(mask, i), e, _llvm.zeros(dvec))
+                out += [builder.fadd(acc[2 * i], e), _llvm.fma(builder, dvec, e, e, acc[2 * i + 1])]
             return out
 
         def rows_loop(sums):
@@ -355,24 +265,26 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
                 dst = builder.gep(po, [builder.mul(r, n)])
 
                 def step(i, acc):
-                    at = builder.mul(i, _const(vec.count))
-                    y = value(builder.load(_vec_ptr(builder, src, at, vec), align=4))
-                    builder.store(y, _vec_ptr(builder, dst, at, vec), align=4)
+                    at = builder.mul(i, _llvm.const(vec.count))
+                    y = value(builder.load(_llvm.vec_ptr(builder, src, at, vec), align=4))
+                    builder.store(y, _llvm.vec_ptr(builder, dst, at, vec), align=4)
                     return add(y, acc, None) if sums else []
 
-                whole = _loop(builder, full, len(acc), _zeros(dvec), step)  # (from zero)
-                at = builder.mul(full, _const(vec.count))  # the rest: masked (none: no access)
-                y = value(_masked(builder, vec, _vec_ptr(builder, src, at, vec), tail))
-                _masked(builder, vec, _vec_ptr(builder, dst, at, vec), tail, y)
+                whole = _llvm.loop(builder, full, len(acc), _llvm.zeros(dvec), step)  # (from zero)
+                at = builder.mul(full, _llvm.const(vec.count))  # the rest: masked (none: no access)
+                y = value(_llvm.masked(builder, vec, _llvm.vec_ptr(builder, src, at, vec), tail))
+                _llvm.masked(builder, vec, _llvm.vec_ptr(builder, dst, at, vec), tail, y)
                 if not sums:
                     return []
                 return add(y, [builder.fadd(a, b) for a, b in zip(acc, whole, strict=True)], tail)
 
-            return _loop(builder, rows, 2 * parts if sums else 0, _zeros(dvec), row, False)
+            return _llvm.loop(
+                builder, rows, 2 * parts if sums else 0, _llvm.zeros(dvec), row, False
+            )
 
         result = cgutils.alloca_once_value(builder, context.make_tuple(
             builder, signature.return_type, [ir.Constant(ir.DoubleType(), 0.0)] * 2))  # fmt: skip
-        with builder.if_else(builder.icmp_signed("!=", want, _const(0))) as (then, otherwise):
+        with builder.if_else(builder.icmp_signed("!=", want, _llvm.const(0))) as (then, otherwise):
             with then:
                 acc = rows_loop(True)
                 totals = []
@@ -380,9 +292,9 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
                     v = acc[k]
                     for i in range(1, parts):
                         v = builder.fadd(v, acc[2 * i + k])
-                    t = builder.extract_element(v, _const(0))
+                    t = builder.extract_element(v, _llvm.const(0))
                     for lane in range(1, half):
-                        t = builder.fadd(t, builder.extract_element(v, _const(lane)))
+                        t = builder.fadd(t, builder.extract_element(v, _llvm.const(lane)))
                     totals.append(t)
                 builder.store(context.make_tuple(builder, signature.return_type, totals), result)
             with otherwise:
@@ -405,20 +317,20 @@ def masked_rows(typingctx, src, at, src_stride, y, dst, dst_at, dst_stride, rows
 
     def codegen(context, builder, signature, args):
         s_ary, at, s_stride, y_ary, d_ary, d_at, d_stride, rows, n, act = args
-        vec = _vector(signature.args[0].dtype)
-        ps = _base(context, builder, signature.args[0], s_ary, at)
-        py = _base(context, builder, signature.args[3], y_ary, at)
-        pd = _base(context, builder, signature.args[4], d_ary, d_at)
-        plain = builder.icmp_signed("==", act, _const(0))  # no ReLU: every lane kept
-        keep_all = _splat(builder, ir.VectorType(ir.IntType(1), vec.count), plain)
-        full = builder.sdiv(n, _const(vec.count))
-        rest = builder.sub(n, builder.mul(full, _const(vec.count)))
-        tail = _lane_mask(builder, vec.count, rest)
-        partial = builder.icmp_signed(">", rest, _const(0))
+        vec = _llvm.vector(signature.args[0].dtype)
+        ps = _llvm.base(context, builder, signature.args[0], s_ary, at)
+        py = _llvm.base(context, builder, signature.args[3], y_ary, at)
+        pd = _llvm.base(context, builder, signature.args[4], d_ary, d_at)
+        plain = builder.icmp_signed("==", act, _llvm.const(0))  # no ReLU: every lane kept
+        keep_all = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count), plain)
+        full = builder.sdiv(n, _llvm.const(vec.count))
+        rest = builder.sub(n, builder.mul(full, _llvm.const(vec.count)))
+        tail = _llvm.lane_mask(builder, vec.count, rest)
+        partial = builder.icmp_signed(">", rest, _llvm.const(0))
 
         def value(s, yv):  # s, or 0 where the ReLU's output was not > 0 (NaN included)
-            keep = builder.or_(builder.fcmp_ordered(">", yv, _zeros(vec)), keep_all)
-            return builder.select(keep, s, _zeros(vec))
+            keep = builder.or_(builder.fcmp_ordered(">", yv, _llvm.zeros(vec)), keep_all)
+            return builder.select(keep, s, _llvm.zeros(vec))
 
         def row(r, _):
             src_at = builder.mul(r, s_stride)
@@ -426,24 +338,24 @@ def masked_rows(typingctx, src, at, src_stride, y, dst, dst_at, dst_stride, rows
             out = builder.gep(pd, [builder.mul(r, d_stride)])
 
             def step(i, _):
-                at = builder.mul(i, _const(vec.count))
-                s = builder.load(_vec_ptr(builder, src, at, vec), align=4)
-                v = value(s, builder.load(_vec_ptr(builder, yr, at, vec), align=4))
-                builder.store(v, _vec_ptr(builder, out, at, vec), align=4)
+                at = builder.mul(i, _llvm.const(vec.count))
+                s = builder.load(_llvm.vec_ptr(builder, src, at, vec), align=4)
+                v = value(s, builder.load(_llvm.vec_ptr(builder, yr, at, vec), align=4))
+                builder.store(v, _llvm.vec_ptr(builder, out, at, vec), align=4)
                 return []
 
-            _loop(builder, full, 0, _zeros(vec), step, False)
+            _llvm.loop(builder, full, 0, _llvm.zeros(vec), step, False)
             # the rest, masked; skipped where there is none (rows of whole vectors: an
             # empty masked store is not free without AVX-512; LeNet-5's c1 copies rows
             # of 32, which LLVM's own loop took at the same speed)
             with builder.if_then(partial):
-                at = builder.mul(full, _const(vec.count))
-                s = _masked(builder, vec, _vec_ptr(builder, src, at, vec), tail)
-                v = value(s, _masked(builder, vec, _vec_ptr(builder, yr, at, vec), tail))
-                _masked(builder, vec, _vec_ptr(builder, out, at, vec), tail, v)
+                at = builder.mul(full, _llvm.const(vec.count))
+                s = _llvm.masked(builder, vec, _llvm.vec_ptr(builder, src, at, vec), tail)
+                v = value(s, _llvm.masked(builder, vec, _llvm.vec_ptr(builder, yr, at, vec), tail))
+                _llvm.masked(builder, vec, _llvm.vec_ptr(builder, out, at, vec), tail, v)
             return []
 
-        _loop(builder, rows, 0, _zeros(vec), row, False)
+        _llvm.loop(builder, rows, 0, _llvm.zeros(vec), row, False)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -509,9 +421,9 @@ def _halves(builder, a, b, width, group, high):
     first = half if high else 0
     take = [g * group + first + i for g in range(width // group) for i in range(half)]
     if b is None:
-        return builder.shuffle_vector(a, a, ir.Constant(ir.VectorType(_I32, len(take)), take))
+        return builder.shuffle_vector(a, a, ir.Constant(ir.VectorType(_llvm.I32, len(take)), take))
     take += [width + t for t in take]
-    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(take)), take))
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_llvm.I32, len(take)), take))
 
 
 def _dot_codegen(a_table):
@@ -520,26 +432,28 @@ def _dot_codegen(a_table):
     def codegen(context, builder, signature, args):
         ib, ic = (4, 8) if a_table else (3, 7)  # where B's and C's arguments start
         c_ary, co, n = args[ic], args[ic + 1], args[ic + 2]
-        vec = _vector(signature.args[0].dtype)
-        pc = _base(context, builder, signature.args[ic], c_ary, co)
+        vec = _llvm.vector(signature.args[0].dtype)
+        pc = _llvm.base(context, builder, signature.args[ic], c_ary, co)
         if a_table:
-            rows_a = [_row_pointer(context, builder, signature, args, 0, _const(i))
+            rows_a = [_row_pointer(context, builder, signature, args, 0, _llvm.const(i))
                       for i in range(MD)]  # fmt: skip
         else:
-            pa = _base(context, builder, signature.args[0], args[0], args[1])
-            rows_a = [builder.gep(pa, [builder.mul(args[2], _const(i))]) for i in range(MD)]
-        rows_b = [_row_pointer(context, builder, signature, args, ib, _const(j)) for j in range(ND)]
+            pa = _llvm.base(context, builder, signature.args[0], args[0], args[1])
+            rows_a = [builder.gep(pa, [builder.mul(args[2], _llvm.const(i))]) for i in range(MD)]
+        rows_b = [
+            _row_pointer(context, builder, signature, args, ib, _llvm.const(j)) for j in range(ND)
+        ]
 
         def step(t, acc):
-            at = builder.mul(t, _const(vec.count))
-            av = [builder.load(_vec_ptr(builder, r, at, vec), align=4) for r in rows_a]
-            bv = [builder.load(_vec_ptr(builder, r, at, vec), align=4) for r in rows_b]
-            return [_fma(builder, vec, av[i], bv[j], acc[i * ND + j])
+            at = builder.mul(t, _llvm.const(vec.count))
+            av = [builder.load(_llvm.vec_ptr(builder, r, at, vec), align=4) for r in rows_a]
+            bv = [builder.load(_llvm.vec_ptr(builder, r, at, vec), align=4) for r in rows_b]
+            return [_llvm.fma(builder, vec, av[i], bv[j], acc[i * ND + j])
                     for i in range(MD) for j in range(ND)]  # fmt: skip
 
         zero = ir.Constant(vec, [0.0] * vec.count)
-        steps = builder.sdiv(n, _const(vec.count))
-        acc = _loop(builder, steps, MD * ND, zero, step)
+        steps = builder.sdiv(n, _llvm.const(vec.count))
+        acc = _llvm.loop(builder, steps, MD * ND, zero, step)
         live = [(v, vec.count) for v in acc]  # (vector, its width)
         nxt = []
         group = vec.count
@@ -558,7 +472,7 @@ def _dot_codegen(a_table):
                 live, nxt, group = nxt, [], group // 2
         at = 0
         for v, w in live:
-            ptr = builder.bitcast(builder.gep(pc, [_const(at)]), v.type.as_pointer())
+            ptr = builder.bitcast(builder.gep(pc, [_llvm.const(at)]), v.type.as_pointer())
             builder.store(builder.fadd(builder.load(ptr, align=4), v), ptr, align=4)
             at += w
         return context.get_dummy_value()
@@ -606,19 +520,20 @@ def _pair_blocks(builder, n, vec_count, block=None):
     """Emits block(u, width) over pairs [0, n): a loop of `vec_count`-pair blocks, then
     one block of each smaller width down to 4 where the pairs left fill one; returns the
     pairs done (block None: only counts them)."""
-    full = builder.sdiv(n, _const(vec_count))
+    full = builder.sdiv(n, _llvm.const(vec_count))
     if block is not None:
-        _loop(builder, full, 0, ir.Constant(ir.VectorType(_I32, 1), None),
-              lambda i, _: block(builder.mul(i, _const(vec_count)), vec_count) or [])  # fmt: skip
-    done = builder.mul(full, _const(vec_count))
+        _llvm.loop(builder, full, 0, ir.Constant(ir.VectorType(_llvm.I32, 1), None),
+                   lambda i, _: block(builder.mul(i, _llvm.const(vec_count)), vec_count)
+                   or [])  # fmt: skip
+    done = builder.mul(full, _llvm.const(vec_count))
     width = vec_count // 2
     while width >= 4:
-        fits = builder.icmp_signed(">=", builder.sub(n, done), _const(width))
+        fits = builder.icmp_signed(">=", builder.sub(n, done), _llvm.const(width))
         if block is not None:
             at = done
             with builder.if_then(fits):
                 block(at, width)
-        done = builder.select(fits, builder.add(done, _const(width)), done)
+        done = builder.select(fits, builder.add(done, _llvm.const(width)), done)
         width //= 2
     return done
 
@@ -627,8 +542,10 @@ def _pair_rows(context, builder, signature, args, operands, rows, n, block):
     """Emits, for each of `rows` rows, block(pointers, u, width) over its n pairs
     (_pair_blocks); operands: (argument index of an array, of its offset, of its row
     stride) each, the pointers those rows start at. Returns the pairs done a row."""
-    vec = _vector(signature.args[operands[0][0]].dtype)
-    bases = [_base(context, builder, signature.args[i], args[i], args[o]) for i, o, _ in operands]
+    vec = _llvm.vector(signature.args[operands[0][0]].dtype)
+    bases = [
+        _llvm.base(context, builder, signature.args[i], args[i], args[o]) for i, o, _ in operands
+    ]
 
     def row(r, _):
         at = [builder.gep(p, [builder.mul(r, args[op[2]])])
@@ -636,7 +553,7 @@ def _pair_rows(context, builder, signature, args, operands, rows, n, block):
         _pair_blocks(builder, n, vec.count, lambda u, width: block(at, u, width))
         return []
 
-    _loop(builder, rows, 0, ir.Constant(ir.VectorType(_I32, 1), None), row)
+    _llvm.loop(builder, rows, 0, ir.Constant(ir.VectorType(_llvm.I32, 1), None), row)
     return _pair_blocks(builder, n, vec.count)  # counted again: the loop may not have run
 
 
@@ -649,17 +566,21 @@ def deinterleave(typingctx, src, s0, ss, evens, e0, odds, o0, ds, n, rows):
     sig = i64(src, i64, i64, evens, i64, odds, i64, i64, i64, i64)
 
     def codegen(context, builder, signature, args):
-        vec = _vector(signature.args[0].dtype)
+        vec = _llvm.vector(signature.args[0].dtype)
 
         def block(at, u, width):
             ps, pe, po = at
             pairs = ir.VectorType(vec.element, 2 * width)
             half = ir.VectorType(vec.element, width)
-            v = builder.load(_vec_ptr(builder, ps, builder.mul(u, _const(2)), pairs), align=4)
+            v = builder.load(
+                _llvm.vec_ptr(builder, ps, builder.mul(u, _llvm.const(2)), pairs), align=4
+            )
             for first, dst in ((0, pe), (1, po)):
                 take = [2 * i + first for i in range(width)]
-                part = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width), take))
-                builder.store(part, _vec_ptr(builder, dst, u, half), align=4)
+                part = builder.shuffle_vector(
+                    v, v, ir.Constant(ir.VectorType(_llvm.I32, width), take)
+                )
+                builder.store(part, _llvm.vec_ptr(builder, dst, u, half), align=4)
 
         operands = ((0, 1, 2), (3, 4, 7), (5, 6, 7))
         return _pair_rows(context, builder, signature, args, operands, args[9], args[8], block)
@@ -676,18 +597,18 @@ def interleave(typingctx, evens, e0, odds, o0, ss, dst, d0, ds, n, rows, add):
     sig = i64(evens, i64, odds, i64, i64, dst, i64, i64, i64, i64, i64)
 
     def codegen(context, builder, signature, args):
-        vec = _vector(signature.args[0].dtype)
-        add = builder.icmp_signed("!=", args[10], _const(0))
+        vec = _llvm.vector(signature.args[0].dtype)
+        add = builder.icmp_signed("!=", args[10], _llvm.const(0))
 
         def block(at, u, width):
             pe, po, pd = at
             pairs = ir.VectorType(vec.element, 2 * width)
             half = ir.VectorType(vec.element, width)
-            e = builder.load(_vec_ptr(builder, pe, u, half), align=4)
-            o = builder.load(_vec_ptr(builder, po, u, half), align=4)
+            e = builder.load(_llvm.vec_ptr(builder, pe, u, half), align=4)
+            o = builder.load(_llvm.vec_ptr(builder, po, u, half), align=4)
             take = [i // 2 + (width if i % 2 else 0) for i in range(2 * width)]
-            v = builder.shuffle_vector(e, o, ir.Constant(ir.VectorType(_I32, 2 * width), take))
-            ptr = _vec_ptr(builder, pd, builder.mul(u, _const(2)), pairs)
+            v = builder.shuffle_vector(e, o, ir.Constant(ir.VectorType(_llvm.I32, 2 * width), take))
+            ptr = _llvm.vec_ptr(builder, pd, builder.mul(u, _llvm.const(2)), pairs)
             old = builder.load(ptr, align=4)
             builder.store(builder.select(add, builder.fadd(old, v), v), ptr, align=4)
 

@@ -10,8 +10,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from . import _llvm
 from ._common import SplitBySize, check_c, check_shape
-from .conv import _I32, _base, _const, _lane_mask, _loop, _masked, _splat, _vec_ptr, _vector, _zeros
 
 __all__ = [
     "maxpool2d_forward",
@@ -107,15 +107,18 @@ def _pair_lanes(builder, vec, row, j, left):
     masked where fewer than vec.count outputs are `left` (None: a whole vector's;
     masked-off lanes 0)."""
     n = vec.count
-    at = [builder.mul(j, _const(2)), builder.add(builder.mul(j, _const(2)), _const(n))]
+    at = [
+        builder.mul(j, _llvm.const(2)),
+        builder.add(builder.mul(j, _llvm.const(2)), _llvm.const(n)),
+    ]
     if left is None:
-        a, b = (builder.load(_vec_ptr(builder, row, i, vec), align=4) for i in at)
+        a, b = (builder.load(_llvm.vec_ptr(builder, row, i, vec), align=4) for i in at)
     else:
-        two = builder.mul(left, _const(2))
-        a, b = (_masked(builder, vec, _vec_ptr(builder, row, i, vec),
-                        _lane_mask(builder, n, builder.sub(two, _const(k * n))))
+        two = builder.mul(left, _llvm.const(2))
+        a, b = (_llvm.masked(builder, vec, _llvm.vec_ptr(builder, row, i, vec),
+                        _llvm.lane_mask(builder, n, builder.sub(two, _llvm.const(k * n))))
                 for k, i in enumerate(at))  # fmt: skip
-    take = [ir.Constant(ir.VectorType(_I32, n), list(range(k, 2 * n, 2))) for k in (0, 1)]
+    take = [ir.Constant(ir.VectorType(_llvm.I32, n), list(range(k, 2 * n, 2))) for k in (0, 1)]
     return builder.shuffle_vector(a, b, take[0]), builder.shuffle_vector(a, b, take[1])
 
 
@@ -124,12 +127,12 @@ def _window(builder, vec, plane, w, oy, j, left):
     (2oy*w + 2j), the window's four elements as vectors (top left, top right, bottom
     left, bottom right; rows `w` apart, _pair_lanes' masking), and their sum in the
     loops' order, ((x00 + x01) + x10) + x11."""
-    top = builder.mul(builder.mul(oy, _const(2)), w)
+    top = builder.mul(builder.mul(oy, _llvm.const(2)), w)
     r0 = builder.gep(plane, [top])
     v0, v1 = _pair_lanes(builder, vec, r0, j, left)
     v2, v3 = _pair_lanes(builder, vec, builder.gep(r0, [w]), j, left)
     total = builder.fadd(builder.fadd(builder.fadd(v0, v1), v2), v3)
-    return builder.add(top, builder.mul(j, _const(2))), (v0, v1, v2, v3), total
+    return builder.add(top, builder.mul(j, _llvm.const(2))), (v0, v1, v2, v3), total
 
 
 def _store(builder, vec, ptr, value, left):
@@ -137,7 +140,7 @@ def _store(builder, vec, ptr, value, left):
     if left is None:
         builder.store(value, ptr, align=4)
     else:
-        _masked(builder, vec, ptr, _lane_mask(builder, vec.count, left), value)
+        _llvm.masked(builder, vec, ptr, _llvm.lane_mask(builder, vec.count, left), value)
 
 
 def _rows_2x2(builder, n, oh, ow, body, zero):
@@ -146,24 +149,24 @@ def _rows_2x2(builder, n, oh, ow, body, zero):
     outputs, masked loads and stores: plain ones, where they can be, ran VGG-small's
     32x32 pools at twice the speed), carrying one value (from `zero`) through all;
     returns it."""
-    full = builder.sdiv(ow, _const(n))
-    rest = builder.sub(ow, builder.mul(full, _const(n)))
+    full = builder.sdiv(ow, _llvm.const(n))
+    rest = builder.sub(ow, builder.mul(full, _llvm.const(n)))
 
     def row(oy, carried):
         def chunk(i, carried):
-            return [body(oy, builder.mul(i, _const(n)), None, carried[0])]
+            return [body(oy, builder.mul(i, _llvm.const(n)), None, carried[0])]
 
-        carried = _loop(builder, full, 1, carried[0], chunk, False)[0]
+        carried = _llvm.loop(builder, full, 1, carried[0], chunk, False)[0]
         before = builder.block
-        with builder.if_then(builder.icmp_signed(">", rest, _const(0))):
-            tail = body(oy, builder.mul(full, _const(n)), rest, carried)
+        with builder.if_then(builder.icmp_signed(">", rest, _llvm.const(0))):
+            tail = body(oy, builder.mul(full, _llvm.const(n)), rest, carried)
             tail_block = builder.block
         merged = builder.phi(carried.type)
         merged.add_incoming(carried, before)
         merged.add_incoming(tail, tail_block)
         return [merged]
 
-    return _loop(builder, oh, 1, zero, row, False)[0]
+    return _llvm.loop(builder, oh, 1, zero, row, False)[0]
 
 
 @intrinsic
@@ -178,30 +181,30 @@ def max_rows_2x2(typingctx, x, x_at, w, out, argmax, out_at, oh, ow):
 
     def codegen(context, builder, signature, args):
         x_ary, x_at, w, o_ary, a_ary, o_at, oh, ow = args
-        vec = _vector(signature.args[0].dtype)
+        vec = _llvm.vector(signature.args[0].dtype)
         n = vec.count
-        ivec, bvec = ir.VectorType(_I32, n), ir.VectorType(ir.IntType(1), n)
-        px = _base(context, builder, signature.args[0], x_ary, x_at)
-        po = _base(context, builder, signature.args[3], o_ary, o_at)
-        pa = _base(context, builder, signature.args[4], a_ary, o_at)
+        ivec, bvec = ir.VectorType(_llvm.I32, n), ir.VectorType(ir.IntType(1), n)
+        px = _llvm.base(context, builder, signature.args[0], x_ary, x_at)
+        po = _llvm.base(context, builder, signature.args[3], o_ary, o_at)
+        pa = _llvm.base(context, builder, signature.args[4], a_ary, o_at)
         lanes2 = ir.Constant(ivec, list(range(0, 2 * n, 2)))  # 2 * lane
-        w32 = builder.trunc(w, _I32)
+        w32 = builder.trunc(w, _llvm.I32)
         # where each of the window's 4 elements is, past its first
-        steps = [ir.Constant(_I32, 1), w32, builder.add(w32, ir.Constant(_I32, 1))]
+        steps = [ir.Constant(_llvm.I32, 1), w32, builder.add(w32, ir.Constant(_llvm.I32, 1))]
 
         def chunk(oy, j, left, bad):
             first, (v0, *rest), s = _window(builder, vec, px, w, oy, j, left)
             # a NaN or inf makes s - s NaN (masked-off lanes are 0)
-            nonfinite = builder.fcmp_unordered("!=", builder.fsub(s, s), _zeros(vec))
-            at = builder.add(_splat(builder, ivec, builder.trunc(first, _I32)), lanes2)
+            nonfinite = builder.fcmp_unordered("!=", builder.fsub(s, s), _llvm.zeros(vec))
+            at = builder.add(_llvm.splat(builder, ivec, builder.trunc(first, _llvm.I32)), lanes2)
             best, idx = v0, at
             for v, step in zip(rest, steps, strict=True):
                 wins = builder.fcmp_ordered(">", v, best)
-                idx = builder.select(wins, builder.add(at, _splat(builder, ivec, step)), idx)
+                idx = builder.select(wins, builder.add(at, _llvm.splat(builder, ivec, step)), idx)
                 best = builder.select(wins, v, best)
             at_out = builder.add(builder.mul(oy, ow), j)
-            _store(builder, vec, _vec_ptr(builder, po, at_out, vec), best, left)
-            _store(builder, ivec, _vec_ptr(builder, pa, at_out, ivec), idx, left)
+            _store(builder, vec, _llvm.vec_ptr(builder, po, at_out, vec), best, left)
+            _store(builder, ivec, _llvm.vec_ptr(builder, pa, at_out, ivec), idx, left)
             return builder.or_(bad, nonfinite)
 
         bad = _rows_2x2(builder, n, oh, ow, chunk, ir.Constant(bvec, [0] * n))
@@ -221,19 +224,25 @@ def avg_rows_2x2(typingctx, x, x_at, w, out, out_at, oh, ow):
 
     def codegen(context, builder, signature, args):
         x_ary, x_at, w, o_ary, o_at, oh, ow = args
-        vec = _vector(signature.args[0].dtype)
+        vec = _llvm.vector(signature.args[0].dtype)
         n = vec.count
-        px = _base(context, builder, signature.args[0], x_ary, x_at)
-        po = _base(context, builder, signature.args[3], o_ary, o_at)
+        px = _llvm.base(context, builder, signature.args[0], x_ary, x_at)
+        po = _llvm.base(context, builder, signature.args[3], o_ary, o_at)
         quarter = ir.Constant(vec, [0.25] * n)
 
         def chunk(oy, j, left, carried):
             s = _window(builder, vec, px, w, oy, j, left)[2]
             at_out = builder.add(builder.mul(oy, ow), j)
-            _store(builder, vec, _vec_ptr(builder, po, at_out, vec), builder.fmul(s, quarter), left)
+            _store(
+                builder,
+                vec,
+                _llvm.vec_ptr(builder, po, at_out, vec),
+                builder.fmul(s, quarter),
+                left,
+            )
             return carried
 
-        _rows_2x2(builder, n, oh, ow, chunk, _const(0))
+        _rows_2x2(builder, n, oh, ow, chunk, _llvm.const(0))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -248,35 +257,35 @@ def avg_rows_2x2_backward(typingctx, dout, at, dx, dx_at, w, oh, ow):
 
     def codegen(context, builder, signature, args):
         d_ary, at, dx_ary, dx_at, w, oh, ow = args
-        vec = _vector(signature.args[0].dtype)
+        vec = _llvm.vector(signature.args[0].dtype)
         n = vec.count
-        pd = _base(context, builder, signature.args[0], d_ary, at)
-        px = _base(context, builder, signature.args[2], dx_ary, dx_at)
+        pd = _llvm.base(context, builder, signature.args[0], d_ary, at)
+        px = _llvm.base(context, builder, signature.args[2], dx_ary, dx_at)
         quarter = ir.Constant(vec, [0.25] * n)
-        twice = [ir.Constant(ir.VectorType(_I32, n), [k + i // 2 for i in range(n)])
+        twice = [ir.Constant(ir.VectorType(_llvm.I32, n), [k + i // 2 for i in range(n)])
                  for k in (0, n // 2)]  # fmt: skip
 
         def chunk(oy, j, left, carried):
-            ptr = _vec_ptr(builder, pd, builder.add(builder.mul(oy, ow), j), vec)
+            ptr = _llvm.vec_ptr(builder, pd, builder.add(builder.mul(oy, ow), j), vec)
             if left is None:
                 g = builder.load(ptr, align=4)
             else:
-                g = _masked(builder, vec, ptr, _lane_mask(builder, n, left))
+                g = _llvm.masked(builder, vec, ptr, _llvm.lane_mask(builder, n, left))
             g = builder.fmul(g, quarter)
-            r0 = builder.gep(px, [builder.mul(builder.mul(oy, _const(2)), w)])
+            r0 = builder.gep(px, [builder.mul(builder.mul(oy, _llvm.const(2)), w)])
             for k, half in enumerate(twice):  # lanes 0..n/2-1 doubled, then the rest
                 v = builder.shuffle_vector(g, g, half)
                 rest = (
                     None
                     if left is None
-                    else builder.sub(builder.mul(left, _const(2)), _const(k * n))
+                    else builder.sub(builder.mul(left, _llvm.const(2)), _llvm.const(k * n))
                 )
-                col = builder.add(builder.mul(j, _const(2)), _const(k * n))
+                col = builder.add(builder.mul(j, _llvm.const(2)), _llvm.const(k * n))
                 for r in (r0, builder.gep(r0, [w])):
-                    _store(builder, vec, _vec_ptr(builder, r, col, vec), v, rest)
+                    _store(builder, vec, _llvm.vec_ptr(builder, r, col, vec), v, rest)
             return carried
 
-        _rows_2x2(builder, n, oh, ow, chunk, _const(0))
+        _rows_2x2(builder, n, oh, ow, chunk, _llvm.const(0))
         return context.get_dummy_value()
 
     return sig, codegen

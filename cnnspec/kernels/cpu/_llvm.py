@@ -1,0 +1,121 @@
+"""LLVM-IR building blocks of the CPU kernels' intrinsics (conv.py's micro-kernels and
+row copies, pool.py's 2x2 pools): vector types, loads and stores (masked at a row's
+end), a counted loop that keeps its carried values in registers. Vectors are one
+register wide (_common.VECTOR_BITS).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+
+from ._common import VECTOR_BITS
+
+I64 = ir.IntType(64)
+I32 = ir.IntType(32)
+
+
+def lanes(itemsize: int) -> int:
+    """Elements of `itemsize` bytes in one vector register."""
+    return VECTOR_BITS // 8 // itemsize
+
+
+def vector(dtype):
+    """The LLVM vector type of one register's worth of `dtype` (float32 or float64)."""
+    real = ir.FloatType() if dtype == types.float32 else ir.DoubleType()
+    return ir.VectorType(real, lanes(dtype.bitwidth // 8))
+
+
+def fma(builder, vec, a, b, c):
+    name = f"llvm.fma.v{vec.count}{'f32' if isinstance(vec.element, ir.FloatType) else 'f64'}"
+    fn = builder.module.globals.get(name) or ir.Function(
+        builder.module, ir.FunctionType(vec, [vec] * 3), name
+    )
+    return builder.call(fn, [a, b, c])
+
+
+def splat(builder, vec, x):
+    v = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(I32, 0))
+    mask = ir.Constant(ir.VectorType(I32, vec.count), [0] * vec.count)
+    return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), mask)
+
+
+def base(context, builder, aryty, ary, offset):
+    return builder.gep(context.make_array(aryty)(context, builder, ary).data, [offset])
+
+
+def vec_ptr(builder, base, index, vec):
+    return builder.bitcast(builder.gep(base, [index]), vec.as_pointer())
+
+
+def const(n):
+    return ir.Constant(I64, n)
+
+
+def loop(builder, count, n_carried, zero, body, unroll=True):
+    """for i in range(count): carried = body(i, carried); returns the final values
+    (zero if count <= 0). Emitted as one basic block with phi nodes, so LLVM keeps
+    the carried vectors in registers. unroll=False: LLVM may not unroll it (code that
+    every conv build compiles, where unrolling gains nothing)."""
+    entry = builder.block
+    loop = builder.append_basic_block("mk.loop")
+    done = builder.append_basic_block("mk.done")
+    builder.cbranch(builder.icmp_signed(">", count, const(0)), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(I64)
+    i.add_incoming(const(0), entry)
+    carried = [builder.phi(zero.type) for _ in range(n_carried)]
+    for p in carried:
+        p.add_incoming(zero, entry)
+    new = body(i, carried)
+    tail = builder.block
+    nxt = builder.add(i, const(1))
+    i.add_incoming(nxt, tail)
+    for p, v in zip(carried, new, strict=True):
+        p.add_incoming(v, tail)
+    back = builder.cbranch(builder.icmp_signed("<", nxt, count), loop, done)
+    if not unroll:
+        module = builder.module
+        disable = module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])
+        loop_id = ir.values.MDValue(module, [disable], name=str(len(module.metadata)))
+        loop_id.operands = (loop_id, disable)  # a loop's ID names itself (LLVM's rule)
+        back.set_metadata("llvm.loop", loop_id)
+    builder.position_at_end(done)
+    final = []
+    for v in new:
+        f = builder.phi(zero.type)
+        f.add_incoming(zero, entry)
+        f.add_incoming(v, tail)
+        final.append(f)
+    return final
+
+
+def lane_mask(builder, count, left):
+    """<count x i1>: lane i < left."""
+    ivec = ir.VectorType(I64, count)
+    index = ir.Constant(ivec, list(range(count)))
+    at = builder.insert_element(ir.Constant(ivec, ir.Undefined), left, ir.Constant(I32, 0))
+    at = builder.shuffle_vector(at, at, ir.Constant(ir.VectorType(I32, count), [0] * count))
+    return builder.icmp_signed("<", index, at)
+
+
+def masked(builder, vec, ptr, mask, value=None):
+    """llvm.masked.load (value None; masked-off lanes 0) or llvm.masked.store of vec
+    (float32, float64 or integer lanes)."""
+    el = vec.element
+    kind = f"i{el.width}" if isinstance(el, ir.IntType) else "f32"
+    kind = "f64" if el == ir.DoubleType() else kind
+    suffix = f"v{vec.count}{kind}.p0v{vec.count}{kind}"
+    align = ir.Constant(I32, 4)
+    if value is None:
+        name, args, ret = "llvm.masked.load." + suffix, [ptr, align, mask, zeros(vec)], vec
+    else:
+        name, args, ret = "llvm.masked.store." + suffix, [value, ptr, align, mask], ir.VoidType()
+    fn = builder.module.globals.get(name) or ir.Function(
+        builder.module, ir.FunctionType(ret, [a.type for a in args]), name
+    )
+    return builder.call(fn, args)
+
+
+def zeros(vec):
+    return ir.Constant(vec, [0 if isinstance(vec.element, ir.IntType) else 0.0] * vec.count)
