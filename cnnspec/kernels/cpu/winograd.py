@@ -92,8 +92,10 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 #                   128 ch 16x16     1.02 / 0.74       1.42 / 1.09
 # VGG-small's whole train step (1 thread, interleaved in one process, best of 5-9 rounds;
 # /work/notes/s9/vggab.py), Winograd forward and backward / forward only / neither:
-# 512-bit 257 / 223 / 221 ms; 256-bit 361-402 / 378-402 / 401-424 ms. So Winograd serves
-# the 256-bit kernels only, both directions (one rule: they share the shapes it reads).
+# 512-bit 257 / 223 / 221 ms; 256-bit 361-402 / 378-402 / 401-424 ms. At 2 threads (wall,
+# best / median of 9 alternating rounds, /work/notes/s9/vggab2.py), Winograd on / off:
+# 512-bit 134 / 145 against 112 / 122 ms; 256-bit 179 / 198 against 204 / 215 ms. So
+# Winograd serves the 256-bit kernels only, both directions.
 # The 512-bit direct conv runs at 75-85% of the micro-kernels' peak here; Winograd's
 # transforms (LLVM's own vectorisation) run at cache speed and its products on K = C rows
 # per point are short, so it gains only where the direct conv is slow. On an Intel Xeon
