@@ -121,6 +121,26 @@ def test_layer_table_covers_every_layer(tiny_result):
     assert types["maxpool2d"]["forward_gflops"] == 0
 
 
+def test_layer_table_names_the_convs_that_ran_winograd(monkeypatch):
+    from cnnspec.kernels.cpu import winograd
+
+    spec = (
+        "input: [2, 8, 8]\nlayers:\n"
+        "  - {name: c, type: conv2d, filters: 4, kernel: 3, padding: 1}\n  - {type: relu}\n"
+        "  - {name: fc, type: dense, units: 3}\n  - {type: softmax}\n"
+    )
+    seen = {}
+    for mode in ("1", "0"):
+        monkeypatch.setattr(winograd, "MODE", mode)  # Winograd wherever it applies / nowhere
+        r = bench(cnnspec.loads(spec), batch=2, threads=1, warmup=0, repeat=1, peak_n=0)
+        seen[mode] = {row["name"]: row["winograd"] for row in r["layers"]}
+        console = Console(file=io.StringIO(), width=200, record=True)
+        render_bench(r, console)
+        assert ("conv2d (Winograd)" in console.export_text()) == (mode == "1")
+    assert seen["1"]["c"] == ["train forward", "backward", "eval"] and seen["1"]["fc"] == []
+    assert seen["0"]["c"] == []
+
+
 def test_bench_restores_thread_count():
     before = numba.get_num_threads()
     net = cnnspec.loads(TINY)

@@ -47,6 +47,7 @@ LAYER_KEYS = (
     "backward_gflops",
     "ran",
     "fused_into",
+    "winograd",
 )
 PHASES = (
     ("eval_forward", "eval forward", 1),
@@ -166,6 +167,12 @@ def gemm_peak(n: int = 2048, repeat: int = 5) -> dict:
     }
 
 
+def _winograd_runs() -> int:
+    """Winograd convolutions run so far in this process (none before the CPU kernels load)."""
+    module = sys.modules.get("cnnspec.kernels.cpu.winograd")
+    return sum(module.RUNS.values()) if module is not None else 0
+
+
 class _LayerClock:
     """Times every layer's forward, backward and loss calls while the model itself runs, by
     shadowing those methods on the layer objects (undone on exit). So the table follows
@@ -181,12 +188,14 @@ class _LayerClock:
         clock, now = time.perf_counter, self.now
 
         def timed(*args, **kwargs):
-            t = clock()
+            runs, t = _winograd_runs(), clock()
             try:
                 return fn(*args, **kwargs)
             finally:
                 cell = now.setdefault(name, {})
                 cell[kind] = cell.get(kind, 0.0) + clock() - t
+                if _winograd_runs() != runs:
+                    cell["winograd_" + kind] = True
 
         return timed
 
@@ -233,6 +242,7 @@ def layer_times(model, x, y, warmup: int = 1, repeat: int = 10, infer=None) -> d
         return statistics.median(p.get(name, {}).get(kind, 0.0) for p in passes) * 1e3
 
     fused = getattr(model, "fused", None) or {}
+    passes = (("train forward", train, "f"), ("backward", train, "b"), ("eval", evals, "f"))
     rows = []
     for info in model.infos:
         name = info.name
@@ -256,6 +266,13 @@ def layer_times(model, x, y, warmup: int = 1, repeat: int = 10, infer=None) -> d
                 "backward_gflops": bwd_flops / (b * 1e6) if macs and b else 0.0,
                 "ran": any(name in p for p in train),
                 "fused_into": fused.get(name),
+                # which of its passes ran Winograd (CPU convs the rule picks; the eval
+                # forward may differ, where batch-norm hooks keep the train one direct)
+                "winograd": [
+                    label
+                    for label, runs, kind in passes
+                    if any(f"winograd_{kind}" in p.get(name, {}) for p in runs)
+                ],
             }
         )
     total = sum(r["total_ms"] for r in rows)

@@ -34,6 +34,15 @@ def _fmt_ms(v: float) -> str:
     return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.0f}"
 
 
+def _type_cell(row: dict) -> str:
+    """The layer's type, and where a conv ran Winograd F(2x2, 3x3): in which passes."""
+    passes = row.get("winograd") or []
+    if not passes:
+        return row["type"]
+    which = "" if len(passes) == 3 else ": " + ", ".join(passes)
+    return f"{row['type']} [cyan](Winograd{which})[/]"
+
+
 def render_bench(result: dict, console, top: int = 5) -> None:
     from rich.table import Table
 
@@ -92,7 +101,7 @@ def render_bench(result: dict, console, top: int = 5) -> None:
             bar = "#" * round(r["share"] * 20)
             lt.add_row(
                 r["name"],
-                r["type"],
+                _type_cell(r),
                 _fmt_ms(r["forward_ms"]),
                 _fmt_ms(r["backward_ms"]),
                 _fmt_ms(r["total_ms"]),

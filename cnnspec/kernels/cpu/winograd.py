@@ -570,8 +570,12 @@ def _plan(x, w, out, ws, backward):
     return _geometry(*shapes, threads, backward), threads, flat
 
 
+RUNS = {"forward": 0, "backward": 0}  # calls so far: `cnnspec bench` names the layers
+
+
 def forward(x, w, bias, pad, out, ws, act):
     """out = act(conv2d(x, w) + bias), 3x3, stride 1 (checked by conv.py's caller)."""
+    RUNS["forward"] += 1
     geo, threads, flat = _plan(x, w, out, ws, False)
     pads = (int(pad[0]), int(pad[2]))
     kernel = _forward_blocks.pick(threads == 1)  # one thread: the serial build
@@ -580,6 +584,7 @@ def forward(x, w, bias, pad, out, ws, act):
 
 def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
     """dx (None: skipped), dw, db (None: skipped) of :func:`forward`."""
+    RUNS["backward"] += 1
     geo, threads, flat = _plan(x, w, dout, ws, True)
     pads = (int(pad[0]), int(pad[2]))
     want_dx = dx is not None
