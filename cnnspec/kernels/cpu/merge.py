@@ -4,7 +4,6 @@ is applied as its input is read (`in_affine`), so the norm need not write its ou
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit, prange
 
 from ._common import (
@@ -53,7 +52,7 @@ def _hooked(v, a, b, mode, zero):
 def _add_hooked(x, aff, mode, act, first, out):
     """out (=, first; else +=) h(x) per channel (N, C, S), then act."""
     n_, c_, s_ = out.shape
-    zero = np.zeros(1, out.dtype)[0]  # in the data's dtype: float32 sums stay float32
+    zero = out.dtype.type(0)  # in the data's dtype: float32 sums stay float32
     for nc in prange(n_ * c_):
         n = nc // c_
         c = nc - n * c_
@@ -70,7 +69,7 @@ def _add_hooked(x, aff, mode, act, first, out):
 def _add2_hooked(x, y, affx, modex, affy, modey, act, out):
     """out = act(hx(x) + hy(y)) per channel (N, C, S): both inputs in one pass."""
     n_, c_, s_ = out.shape
-    zero = np.zeros(1, out.dtype)[0]
+    zero = out.dtype.type(0)
     for nc in prange(n_ * c_):
         n = nc // c_
         c = nc - n * c_
