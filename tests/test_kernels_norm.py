@@ -178,3 +178,34 @@ def test_batchnorm_fused_entry_points_are_the_unfused_results():
     np.testing.assert_array_equal(db, db2)
     with pytest.raises(ValueError, match="affine"):
         norm.batchnorm2d_forward_eval(x, gamma, beta, EPS, *run, None)
+
+
+def test_batch_norm_and_add_kernels_run_one_parallel_loop():
+    """In a parallel build every array expression outside the prange loop is a parallel
+    region of its own: the backward sums once added their per-block parts that way, ~45 us
+    a call at any size. Each kernel's parallel build (compiled afresh here, for Numba's
+    report) holds its prange loop and at most a zeroed array of partial sums."""
+    import numba
+
+    from cnnspec.kernels.cpu import merge
+    from cnnspec.kernels.cpu._common import IN_AFFINE, IN_COPY, as_3d
+
+    rng = np.random.default_rng(0)
+    x = as_3d(rng.standard_normal((5, 3, 4, 4)).astype(np.float32))
+    d, out = x.copy(), np.empty_like(x)
+    c = np.ones(3, np.float32)
+    aff = np.ones((2, 3), np.float32)
+    calls = [  # kernel, arguments, its parallel regions (partial sums zeroed: one more)
+        (norm._bn_stats, (x, np.empty(3), np.empty(3)), 2),
+        (norm._bn_bwd_sums, (d, x, c, c, 1, c, np.empty(3), np.empty(3)), 2),
+        (norm._bn_bwd_dx, (d, x, c, c, 1, c, c, c, out), 1),
+        (norm._affine, (x, c, c, out, 1), 1),
+        (merge._add2_hooked, (x, d, aff, IN_AFFINE, aff[:, :1], IN_COPY, 1, out), 1),
+        (merge._add_hooked, (x, aff, IN_AFFINE, 1, True, out), 1),
+    ]
+    for builds, args, regions in calls:
+        fastmath = builds.parallel.targetoptions.get("fastmath", False)
+        kernel = numba.njit(parallel=True, fastmath=fastmath)(builds.__wrapped__)
+        kernel(*args)
+        report = kernel.get_metadata(kernel.signatures[0])["parfor_diagnostics"]
+        assert len(report.initial_parfors) == regions, builds.__wrapped__.__name__
