@@ -323,10 +323,6 @@ def masked_rows(typingctx, src, at, src_stride, y, dst, dst_at, dst_stride, rows
         pd = _llvm.base(context, builder, signature.args[4], d_ary, d_at)
         plain = builder.icmp_signed("==", act, _llvm.const(0))  # no ReLU: every lane kept
         keep_all = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count), plain)
-        full = builder.sdiv(n, _llvm.const(vec.count))
-        rest = builder.sub(n, builder.mul(full, _llvm.const(vec.count)))
-        tail = _llvm.lane_mask(builder, vec.count, rest)
-        partial = builder.icmp_signed(">", rest, _llvm.const(0))
 
         def value(s, yv):  # s, or 0 where the ReLU's output was not > 0 (NaN included)
             keep = builder.or_(builder.fcmp_ordered(">", yv, _llvm.zeros(vec)), keep_all)
@@ -337,22 +333,13 @@ def masked_rows(typingctx, src, at, src_stride, y, dst, dst_at, dst_stride, rows
             src, yr = builder.gep(ps, [src_at]), builder.gep(py, [src_at])
             out = builder.gep(pd, [builder.mul(r, d_stride)])
 
-            def step(i, _):
-                at = builder.mul(i, _llvm.const(vec.count))
-                s = builder.load(_llvm.vec_ptr(builder, src, at, vec), align=4)
-                v = value(s, builder.load(_llvm.vec_ptr(builder, yr, at, vec), align=4))
-                builder.store(v, _llvm.vec_ptr(builder, out, at, vec), align=4)
-                return []
+            def run(at, left, carried):  # whole vectors, then the row's rest, masked
+                s = _llvm.load(builder, vec, _llvm.vec_ptr(builder, src, at, vec), left)
+                yv = _llvm.load(builder, vec, _llvm.vec_ptr(builder, yr, at, vec), left)
+                _llvm.store(builder, vec, _llvm.vec_ptr(builder, out, at, vec), value(s, yv), left)
+                return carried
 
-            _llvm.loop(builder, full, 0, _llvm.zeros(vec), step, False)
-            # the rest, masked; skipped where there is none (rows of whole vectors: an
-            # empty masked store is not free without AVX-512; LeNet-5's c1 copies rows
-            # of 32, which LLVM's own loop took at the same speed)
-            with builder.if_then(partial):
-                at = builder.mul(full, _llvm.const(vec.count))
-                s = _llvm.masked(builder, vec, _llvm.vec_ptr(builder, src, at, vec), tail)
-                v = value(s, _llvm.masked(builder, vec, _llvm.vec_ptr(builder, yr, at, vec), tail))
-                _llvm.masked(builder, vec, _llvm.vec_ptr(builder, out, at, vec), tail, v)
+            _llvm.vectors(builder, n, vec.count, _llvm.const(0), run)
             return []
 
         _llvm.loop(builder, rows, 0, _llvm.zeros(vec), row, False)

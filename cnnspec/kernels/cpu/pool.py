@@ -107,17 +107,16 @@ def _pair_lanes(builder, vec, row, j, left):
     masked where fewer than vec.count outputs are `left` (None: a whole vector's;
     masked-off lanes 0)."""
     n = vec.count
-    at = [
-        builder.mul(j, _llvm.const(2)),
-        builder.add(builder.mul(j, _llvm.const(2)), _llvm.const(n)),
-    ]
-    if left is None:
-        a, b = (builder.load(_llvm.vec_ptr(builder, row, i, vec), align=4) for i in at)
-    else:
-        two = builder.mul(left, _llvm.const(2))
-        a, b = (_llvm.masked(builder, vec, _llvm.vec_ptr(builder, row, i, vec),
-                        _llvm.lane_mask(builder, n, builder.sub(two, _llvm.const(k * n))))
-                for k, i in enumerate(at))  # fmt: skip
+    first = builder.mul(j, _llvm.const(2))
+    two = None if left is None else builder.mul(left, _llvm.const(2))
+
+    def half(k):  # elements 2j + k*n .. of the row, the first 2*left - k*n of them
+        ptr = _llvm.vec_ptr(builder, row, builder.add(first, _llvm.const(k * n)), vec)
+        return _llvm.load(
+            builder, vec, ptr, None if two is None else builder.sub(two, _llvm.const(k * n))
+        )
+
+    a, b = half(0), half(1)
     take = [ir.Constant(ir.VectorType(_llvm.I32, n), list(range(k, 2 * n, 2))) for k in (0, 1)]
     return builder.shuffle_vector(a, b, take[0]), builder.shuffle_vector(a, b, take[1])
 
@@ -135,36 +134,13 @@ def _window(builder, vec, plane, w, oy, j, left):
     return builder.add(top, builder.mul(j, _llvm.const(2))), (v0, v1, v2, v3), total
 
 
-def _store(builder, vec, ptr, value, left):
-    """A vector store, masked to its first `left` lanes unless left is None."""
-    if left is None:
-        builder.store(value, ptr, align=4)
-    else:
-        _llvm.masked(builder, vec, ptr, _llvm.lane_mask(builder, vec.count, left), value)
-
-
 def _rows_2x2(builder, n, oh, ow, body, zero):
     """body(oy, j, left, carried) for each output row oy < oh and each vector of n
-    outputs from column j: whole vectors with left None, then the row's rest (`left`
-    outputs, masked loads and stores: plain ones, where they can be, ran VGG-small's
-    32x32 pools at twice the speed), carrying one value (from `zero`) through all;
-    returns it."""
-    full = builder.sdiv(ow, _llvm.const(n))
-    rest = builder.sub(ow, builder.mul(full, _llvm.const(n)))
+    outputs from column j (_llvm.vectors: whole vectors with left None, then the row's
+    rest), carrying one value (from `zero`) through all; returns it."""
 
     def row(oy, carried):
-        def chunk(i, carried):
-            return [body(oy, builder.mul(i, _llvm.const(n)), None, carried[0])]
-
-        carried = _llvm.loop(builder, full, 1, carried[0], chunk, False)[0]
-        before = builder.block
-        with builder.if_then(builder.icmp_signed(">", rest, _llvm.const(0))):
-            tail = body(oy, builder.mul(full, _llvm.const(n)), rest, carried)
-            tail_block = builder.block
-        merged = builder.phi(carried.type)
-        merged.add_incoming(carried, before)
-        merged.add_incoming(tail, tail_block)
-        return [merged]
+        return [_llvm.vectors(builder, ow, n, carried[0], lambda j, left, c: body(oy, j, left, c))]
 
     return _llvm.loop(builder, oh, 1, zero, row, False)[0]
 
@@ -203,8 +179,8 @@ def max_rows_2x2(typingctx, x, x_at, w, out, argmax, out_at, oh, ow):
                 idx = builder.select(wins, builder.add(at, _llvm.splat(builder, ivec, step)), idx)
                 best = builder.select(wins, v, best)
             at_out = builder.add(builder.mul(oy, ow), j)
-            _store(builder, vec, _llvm.vec_ptr(builder, po, at_out, vec), best, left)
-            _store(builder, ivec, _llvm.vec_ptr(builder, pa, at_out, ivec), idx, left)
+            _llvm.store(builder, vec, _llvm.vec_ptr(builder, po, at_out, vec), best, left)
+            _llvm.store(builder, ivec, _llvm.vec_ptr(builder, pa, at_out, ivec), idx, left)
             return builder.or_(bad, nonfinite)
 
         bad = _rows_2x2(builder, n, oh, ow, chunk, ir.Constant(bvec, [0] * n))
@@ -233,7 +209,7 @@ def avg_rows_2x2(typingctx, x, x_at, w, out, out_at, oh, ow):
         def chunk(oy, j, left, carried):
             s = _window(builder, vec, px, w, oy, j, left)[2]
             at_out = builder.add(builder.mul(oy, ow), j)
-            _store(
+            _llvm.store(
                 builder,
                 vec,
                 _llvm.vec_ptr(builder, po, at_out, vec),
@@ -267,11 +243,7 @@ def avg_rows_2x2_backward(typingctx, dout, at, dx, dx_at, w, oh, ow):
 
         def chunk(oy, j, left, carried):
             ptr = _llvm.vec_ptr(builder, pd, builder.add(builder.mul(oy, ow), j), vec)
-            if left is None:
-                g = builder.load(ptr, align=4)
-            else:
-                g = _llvm.masked(builder, vec, ptr, _llvm.lane_mask(builder, n, left))
-            g = builder.fmul(g, quarter)
+            g = builder.fmul(_llvm.load(builder, vec, ptr, left), quarter)
             r0 = builder.gep(px, [builder.mul(builder.mul(oy, _llvm.const(2)), w)])
             for k, half in enumerate(twice):  # lanes 0..n/2-1 doubled, then the rest
                 v = builder.shuffle_vector(g, g, half)
@@ -282,7 +254,7 @@ def avg_rows_2x2_backward(typingctx, dout, at, dx, dx_at, w, oh, ow):
                 )
                 col = builder.add(builder.mul(j, _llvm.const(2)), _llvm.const(k * n))
                 for r in (r0, builder.gep(r0, [w])):
-                    _store(builder, vec, _llvm.vec_ptr(builder, r, col, vec), v, rest)
+                    _llvm.store(builder, vec, _llvm.vec_ptr(builder, r, col, vec), v, rest)
             return carried
 
         _rows_2x2(builder, n, oh, ow, chunk, _llvm.const(0))
