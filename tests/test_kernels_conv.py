@@ -28,6 +28,8 @@ CONV_CASES = {
     # and half-vector blocks, pairs left over and an odd last column; even left padding
     "stride2_wide_rows": (3, 2, 5, 37, 3, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1, True),
     "stride1x2_wide_even_pad": (2, 2, 4, 24, 3, 3, 3, (1, 2), (0, 1, 2, 0), (1, 1), 1, False),
+    # LeNet-5's c1: one input channel, 6 outputs, 5x5 (dW taken as its transpose at 512 bits)
+    "one_channel_k5": (2, 1, 9, 8, 6, 5, 5, (1, 1), (2, 2, 2, 2), (1, 1), 1, True),
 }
 
 # (N, Cin, H, W, Cout, kh, kw, stride, pad, dilation, output_padding, bias)
@@ -83,6 +85,16 @@ def test_conv2d_finite_differences(name):
     dw2 = np.empty_like(w)
     conv.conv2d_backward(x, w, r, stride, pad, dil, g, cols, None, dw2, None)
     np.testing.assert_array_equal(dw2, dw)
+
+
+def test_both_orientations_of_the_dw_products_are_covered():
+    """dW's products run either way round (conv._dw_swapped): the cases above take both
+    at this vector width, so the tests run both."""
+    swapped = set()
+    for case in CONV_CASES.values():
+        c, o, kh, kw, g = case[1], case[4], case[5], case[6], case[10]
+        swapped.add(conv._dw_swapped(o // g, c // g * kh * kw))
+    assert swapped == {False, True}
 
 
 @pytest.mark.parametrize("name", list(CONV_CASES))

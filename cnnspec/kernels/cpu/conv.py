@@ -65,6 +65,9 @@ MR = 8 if _WIDE else 4  # bcast: rows of C per block
 NV = 3  # bcast: vectors of C per row
 MD = 4 if _WIDE else 2  # dot: rows of A per block
 ND = 6 if _WIDE else 4  # dot: rows of B per block
+# The 256-bit dot block, re-measured on an AMD EPYC Zen 3 (AVX2; ResNet-20's dW alone,
+# 1 thread, 2026-12-04): 2x4 60-68 GFLOP/s, 2x5 the same, 2x6 and 3x4 38-41 (twelve
+# accumulators and their operands overflow the 16 vector registers).
 
 
 def panel(itemsize: int) -> int:
@@ -1143,12 +1146,13 @@ def _regions(geo, g_, base):
 
 
 @njit(**HELPER, nogil=True)
-def _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at):
+def _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at, prod_stride):
     """The micro-kernels' row offsets into the workspace: im2col rows (B of the
     forward and dW products; padding rows read a zero row), dx rows (C of the dx
-    product, in :func:`_dx_row`'s order; padding rows write a sink row), product rows."""
+    product, in :func:`_dx_row`'s order; padding rows write a sink row), product (or
+    dout) rows, `prod_stride` apart from `prod_at`."""
     g_, og, kg = w3.shape
-    hq, wq, spt, tcp = geo[0], geo[1], geo[4], geo[5]
+    hq, wq, spt = geo[0], geo[1], geo[4]
     ogb, ogd, kgb, kgd = geo[6], geo[7], geo[8], geo[9]
     rows_b = np.empty(g_ * kgd, np.int64)
     rows_dx = np.empty(g_ * kgb, np.int64)
@@ -1161,7 +1165,7 @@ def _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at):
             at = _patch_offset(g * kg + _dx_row(kk, kg, dims[7]), dims, spt, hq, wq)
             rows_dx[g * kgb + kk] = dx_at + at if kk < kg else sink_at
     for r in range(rows_p.shape[0]):
-        rows_p[r] = prod_at + r * tcp
+        rows_p[r] = prod_at + r * prod_stride
     return rows_b, rows_dx, rows_p
 
 
@@ -1295,7 +1299,9 @@ def _forward_tiles(
         want = 1
     for t in prange(T):
         x_at, dx_at, zero_at, sink_at, prod_at, _dw_at = _regions(geo, g_, t * per)
-        rows_b, _rows_dx, rows_p = _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at)
+        rows_b, _rows_dx, rows_p = _tables(
+            w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at, tcp
+        )
         xpad = ws[x_at : x_at + pad_size]
         prod = ws[prod_at : prod_at + g_ * ogb * tcp]
         last = -1
@@ -1539,7 +1545,6 @@ def _backward_samples(
     calls = tiles * g_ * (tcp // nr_) * (kgb // mr)  # the transposed dx products
     for t in prange(T):
         x_at, dx_at, zero_at, sink_at, prod_at, dw_at = _regions(geo, g_, t * per)
-        rows_b, rows_dx, rows_p = _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, prod_at)
         xpad = ws[x_at : x_at + pad_size]
         dxpad = ws[dx_at : dx_at + pad_size]
         dprod = ws[prod_at : prod_at + go * tcp]
@@ -1560,6 +1565,9 @@ def _backward_samples(
             if dxc[10]:
                 lda = dxc[0] * spt * dxc[1]
                 at0 = dpad_at + dxc[2] * spt * dxc[1] + dxc[3]
+        # rows_p: dout's rows, read by the dx and dW products through the table (so dW
+        # is one call site of the micro-kernel, whichever way round it runs)
+        rows_b, rows_dx, rows_p = _tables(w3, dims, geo, x_at, dx_at, zero_at, sink_at, at0, lda)
         n0, hi = t * n_ // T, (t + 1) * n_ // T
         shape = (-1, -1)  # (rows, samples) of the tile in dprod
         while n0 < hi:
@@ -1588,23 +1596,19 @@ def _backward_samples(
                     dout, y, act, n0, ns, oy0, nr, spt * wq, wq, ogd, g_, tcp, dst, at0, lda, db,
                     gk, gmode, not want_dx,
                 )  # fmt: skip
-                for g in range(g_):  # dW += dout im2col^T
-                    if swap:  # (dW^T += im2col dout^T; dout in dprod: not shared)
-                        for kb in range(0, kgd, md):
-                            for ob in range(0, ogd, nd):
-                                dot_rows(
-                                    ws, rows_b, g * kgd + kb, oy0 * wq,
-                                    ws, rows_p, g * ogd + ob, 0,
-                                    dwt, (g * kgd + kb) * ogd + ob * md, tcp,
-                                )  # fmt: skip
-                    else:
-                        for ob in range(0, ogd, md):
-                            for kb in range(0, kgd, nd):
-                                dot(
-                                    dst, at0 + (g * ogd + ob) * lda, lda,
-                                    ws, rows_b, g * kgd + kb, oy0 * wq,
-                                    dwt, (g * ogd + ob) * kgd + kb * md, tcp,
-                                )  # fmt: skip
+                # dW += dout im2col^T, or (swap) dW^T += im2col dout^T: the products' A
+                # and B rows (table, first column, rows a group)
+                ta, ca, na, tb, cb, nb = rows_p, 0, ogd, rows_b, oy0 * wq, kgd
+                if swap:
+                    ta, ca, na, tb, cb, nb = rows_b, oy0 * wq, kgd, rows_p, 0, ogd
+                for g in range(g_):
+                    for i in range(0, na, md):
+                        for j in range(0, nb, nd):
+                            dot_rows(
+                                ws, ta, g * na + i, ca,
+                                ws, tb, g * nb + j, cb,
+                                dwt, (g * na + i) * nb + j * md, tcp,
+                            )  # fmt: skip
                 if dxc is not None:
                     if not dxc[10]:  # (else gathered there)
                         _dout_to_padded(dprod, o_, og, ogd, tcp, wq, oy0, nr, ns, spt,
