@@ -257,6 +257,8 @@ class Model:
                 name = self.fused[name]
             elif name in self.unwritten or (not self.training and name in self.norm_stats):
                 name = self._by_name[name].node.inputs[0]
+            elif not self.training and name in self.eval_adds:
+                name = self.eval_adds[name]
             else:
                 return name
 
@@ -299,13 +301,49 @@ class Model:
         """Plans the batch norms fused into their neighbouring convs (CPU only: the hooks
         are the CPU kernels'); returns the norms that write no output."""
         self.norm_stats, self.norm_applied, self.folded = {}, {}, {}
+        self.eval_adds, self.eval_residuals = {}, {}
         if self.backend.name != "cpu" or not fusion_enabled():
             return set()
         self.norm_stats, self.norm_applied = fused_norms(self.infos, self.fused, self.keep)
         # in eval mode a norm whose conv takes its statistics (the conv feeds only it) is
         # folded into the conv's weights: conv name -> norm name (see Conv2d.fold_norm)
         self.folded = {conv: norm for norm, conv in self.norm_stats.items()}
+        self._fuse_eval_adds()
         return set(self.norm_applied)
+
+    def _fuse_eval_adds(self):
+        """In eval mode, a residual add of two inputs, one of them a batch norm folded
+        into the conv before it and read by the add alone, runs in that conv's epilogue
+        (conv2d_forward's `residual`): the conv writes the add's output, its ReLU too,
+        and the add does not run. eval_adds: add -> conv; eval_residuals: conv -> (add,
+        the other input). Only where the other input is computed before the conv runs
+        (ResNet's identity shortcuts, not a shortcut listed after the conv), and is not
+        a norm its readers apply (a hook of the add's)."""
+        users: dict[str, list[str]] = {}
+        for info in self.infos:
+            for i in info.node.inputs:
+                users.setdefault(i, []).append(info.name)
+        order = {info.name: k for k, info in enumerate(self.infos)}
+        hooked = {self.relu_of.get(n, n) for n in self.norm_applied if n not in self.norm_stats}
+        for info in self.infos:
+            inputs = info.node.inputs
+            if info.node.type != "add" or len(inputs) != 2 or inputs[0] == inputs[1]:
+                continue
+            for norm, other in (inputs, inputs[::-1]):
+                conv = self.norm_stats.get(norm)
+                if (
+                    conv is None
+                    or norm in self.relu_of
+                    or users[norm] != [info.name]
+                    or {norm, conv} & self.keep
+                    or other in hooked
+                    or order.get(other, -1) > order[conv]
+                ):
+                    continue
+                self.eval_adds[info.name] = conv
+                self.eval_residuals[conv] = (info.name, other)
+                self._by_name[conv].layer.residual_act = info.layer.fused_act
+                break
 
     def _bind_norms(self):
         """Hands the fused norms' buffers to their convs (after the layers allocate)."""
@@ -605,18 +643,22 @@ class Model:
     def _forward(self, train: bool, skip=frozenset()):
         buf, rng = self.buf, self.rng
         folded = {} if train else self.folded  # a folded norm's conv writes its output
-        # fused layers; a folded norm in eval; `skip`: layers the pass needs no output of
-        skipped = self.fused.keys() | (set() if train else self.norm_stats.keys()) | skip
+        # a conv that runs the residual add after it (eval) writes the add's output
+        residuals = {} if train else self.eval_residuals
+        # fused layers; a folded norm and a fused add in eval; `skip`: layers the pass
+        # needs no output of
+        skipped = self.fused.keys() | skip
+        if not train:
+            skipped = skipped | self.norm_stats.keys() | self.eval_adds.keys()
         for info in self.infos:
             if info.name in skipped:
                 continue
-            info.layer.forward(
-                [buf[i] for i in info.node.inputs],
-                buf[folded.get(info.name, info.name)],
-                self.layer_params[info.name],
-                train,
-                rng,
-            )
+            xs = [buf[i] for i in info.node.inputs]
+            target = folded.get(info.name, info.name)
+            if info.name in residuals:
+                target, other = residuals[info.name]
+                xs.append(buf[other])
+            info.layer.forward(xs, buf[target], self.layer_params[info.name], train, rng)
 
     def forward(self, x, train: bool = False, outputs=None):
         """Scores of the main output, higher = more likely: the logits of a softmax

@@ -272,6 +272,7 @@ def test_residual_blocks_pass_gradients_through_and_take_norm_sums(monkeypatch):
     assert _flagged(fused, "sums_in_reader") == {"bn1", "bn3", "bn5"}
     assert _flagged(fused, "dout_masked") == {"a1", "a2"}
     assert _flagged(fused, "relu_dx") == {"c3", "c5"}
+    assert fused.eval_adds == {"a1": "c2", "a3": "c6"}  # a2's shortcut runs after c4
     # an add's gradient and its inputs': one buffer
     assert fused.dbuf["bn4"] is fused.dbuf["pad"] is fused.dbuf["a2"]
     assert fused.dbuf["bn2"] is fused.dbuf["r0"] is fused.dbuf["a1"]
@@ -291,3 +292,53 @@ def test_residual_blocks_pass_gradients_through_and_take_norm_sums(monkeypatch):
     )
     model = cnnspec.loads(RESIDUAL).compile(batch_size=3, seed=2, dtype=np.float64)
     _fd_check(model, x, y, n_checks=2)
+
+
+# identity shortcuts: a norm folded into its conv, then an add (with and without a ReLU
+# after it; the norm first and second); a third add whose shortcut (a conv listed after
+# the norm's conv) is not computed yet when that conv runs
+SHORTCUTS = """
+input: [3, 6, 6]
+layers:
+  - {name: c0, type: conv2d, filters: 4, kernel: 3, padding: 1}
+  - {name: r0, type: relu}
+  - {name: c1, type: conv2d, filters: 4, kernel: 3, padding: 1, bias: false}
+  - {name: bn1, type: batchnorm2d}
+  - {name: sum1, type: add, inputs: [bn1, r0]}
+  - {name: r1, type: relu}
+  - {name: c2, type: conv2d, filters: 4, kernel: 3, padding: 1}
+  - {name: bn2, type: batchnorm2d}
+  - {name: sum2, type: add, inputs: [r1, bn2]}
+  - {name: c3, type: conv2d, filters: 4, kernel: 3, padding: 1}
+  - {name: bn3, type: batchnorm2d}
+  - {name: short, type: conv2d, filters: 4, kernel: 1, inputs: [sum2]}
+  - {name: sum3, type: add, inputs: [bn3, short]}
+  - {name: fc, type: dense, units: 3}
+  - {name: prob, type: softmax}
+"""
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [False, True])
+def test_eval_adds_run_in_the_conv_before_them(monkeypatch, dtype, training):
+    """In eval mode a residual add after a folded norm runs in that norm's conv's
+    epilogue: the same bits as the add on its own, on an inference model (the add's
+    output in the conv's buffer) and a training one."""
+    fused, plain = _pair(monkeypatch, dtype, training=training, text=SHORTCUTS)
+    monkeypatch.setenv("CNNSPEC_FUSION", "1")
+    monkeypatch.setattr(cnnspec.compile.Model, "_fuse_eval_adds", lambda self: None)
+    apart = cnnspec.loads(SHORTCUTS).compile(batch_size=3, seed=3, dtype=dtype, training=training)
+    assert fused.eval_adds == {"sum1": "c1", "sum2": "c2"}  # sum3's shortcut runs after c3
+    assert not apart.eval_adds and not plain.eval_adds
+    assert (fused.buf["sum1"] is fused.buf["c1"]) != training
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 3, 6, 6)).astype(dtype)
+    for k, v in fused.params.items():  # trained-looking running statistics
+        if k.endswith("running_var"):
+            v[...] = rng.uniform(0.5, 2.0, v.shape)
+        elif k.endswith("running_mean"):
+            v[...] = rng.normal(size=v.shape)
+        apart.params[k][...] = plain.params[k][...] = v
+    got = fused.forward(x).copy()
+    np.testing.assert_array_equal(got, apart.forward(x))
+    np.testing.assert_allclose(got, plain.forward(x), **FOLD_TOL[dtype])

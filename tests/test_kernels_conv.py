@@ -223,8 +223,8 @@ def test_conv2d_relu_dx_masks_the_whole_gradient(name, as_conv, monkeypatch):
 
 
 @numba.njit
-def _epilogue(p, p_at, stride, out, out_at, rows, n, b, act, shift, want):
-    return conv.epilogue_rows(p, p_at, stride, out, out_at, rows, n, b, act, shift, want)
+def _epilogue(p, p_at, stride, out, out_at, rows, n, b, act, shift, want, res=None):
+    return conv.epilogue_rows(p, p_at, stride, out, out_at, rows, n, b, act, shift, want, res)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -245,6 +245,32 @@ def test_epilogue_rows_write_just_their_rows(dtype, n):
         e = want.astype(np.float64) - 0.1
         np.testing.assert_allclose((a, a2), (e.sum(), (e * e).sum()), rtol=1e-12, atol=1e-12)
         assert _epilogue(p, 2, stride, out, 3, rows, n, dtype(0.3), act, 0.1, 0) == (0.0, 0.0)
+        # a residual at out's offsets, added before the ReLU: (p + b) + r, as an add after it
+        res = rng.standard_normal(out.shape).astype(dtype)
+        _epilogue(p, 2, stride, out, 3, rows, n, dtype(0.3), act, 0.1, 0, res)
+        r = res[3 : 3 + rows * n].reshape(rows, n)
+        want = np.stack([p[2 + s * stride :][:n] for s in range(rows)]) + dtype(0.3) + r
+        want = np.maximum(want, 0) if act else want
+        np.testing.assert_array_equal(out[3 : 3 + rows * n].reshape(rows, n), want)
+        assert (out[:3] == 99).all() and (out[3 + rows * n :] == 99).all()
+
+
+@pytest.mark.parametrize("winograd", ["0", "1"])  # "1": Winograd where it applies (basic)
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv2d_residual_is_the_add_after_it(name, winograd, monkeypatch):
+    """conv2d_forward(residual=r): the same bits as the conv, then r added, then its ReLU."""
+    monkeypatch.setattr(conv.winograd, "MODE", winograd)
+    case = CONV_CASES[name]
+    x, w, b, out, ws, rng = _make_conv(case, np.float32, seed=11)
+    stride, pad, dil, g = case[7], case[8], case[9], case[10]
+    res = rng.standard_normal(out.shape).astype(np.float32)
+    for act in (conv.ACT_NONE, conv.ACT_RELU):
+        conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, ws)
+        want = out + res
+        want = np.maximum(want, 0) if act else want
+        fused = np.full_like(out, np.nan)
+        conv.conv2d_forward(x, w, b, stride, pad, dil, g, fused, ws, act, residual=res)
+        np.testing.assert_array_equal(fused, want)
 
 
 def test_conv2d_statistics_are_exact_far_from_zero():

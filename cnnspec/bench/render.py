@@ -106,8 +106,9 @@ def render_bench(result: dict, console, top: int = 5) -> None:
                 _fmt_ms(r["backward_ms"]),
                 _fmt_ms(r["total_ms"]),
                 f"{r['share']:6.1%} [cyan]{bar:<20}[/]",
-                # a batch norm folded into the conv before it runs no eval pass of its own
-                _fmt_ms(r["eval_ms"]) if r["eval_ms"] else "[dim]folded[/]",
+                # a batch norm folded into the conv before it, or a residual add run in
+                # that conv's epilogue, has no eval pass of its own
+                _fmt_ms(r["eval_ms"]) if r["eval_ms"] else "[dim]in conv[/]",
                 f"{r['forward_gflops']:.1f}" if r["macs"] else "-",
                 f"{r['backward_gflops']:.1f}" if r["macs"] and r["backward_ms"] else "-",
             )

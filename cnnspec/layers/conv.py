@@ -166,6 +166,9 @@ class Conv2d(Layer):
     dout_affine = None  # a batch norm's (dx coefficients, affine, relu): see conv2d_backward
     dx_sums = None  # the batch norm's (mean, sums) before it, taken with dx: conv2d_backward
     relu_dx = False  # it applies the mask of the ReLU before it to dx: conv2d_backward
+    # in eval mode, the add after its folded norm runs in its epilogue (the model passes
+    # the add's other input after its own): that add's fused activation, else None
+    residual_act = None
     itemsize = 4  # of the model's dtype (set by allocate): the tiles' sizes depend on it
 
     def allocate(self, batch, dtype=np.float32):
@@ -217,6 +220,8 @@ class Conv2d(Layer):
             norm, q, w, b = self.folded
             norm.fold(p["weight"], p.get("bias"), q, w, b)
             act = norm.fused_act
+        if not train and len(xs) == 2:  # (residual_act: set by the model)
+            hooks["residual"], act = xs[1], self.residual_act
         self.kernels.conv2d_forward(
             xs[0],
             w,

@@ -209,17 +209,19 @@ def prefetch(typingctx, a, at):
 
 
 @intrinsic
-def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act, shift, want):
+def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act, shift, want, res):
     """out[out_at + r*n:][:n] = act(p[p_at + r*p_stride:][:n] + bias) for r < rows (act 1:
     ReLU); returns (sum(y - shift), sum((y - shift)^2)) over them in float64 if `want`,
     else (0, 0). Whole vectors and a masked one a row, the sums in vector registers
-    across the rows."""
+    across the rows. `res`: None, or an array shaped as out whose elements are added
+    before act (a residual add fused into the conv: act((p + bias) + res))."""
     i64 = types.int64
     f64 = types.float64
-    sig = types.UniTuple(f64, 2)(p, i64, i64, out, i64, i64, i64, p.dtype, i64, f64, i64)
+    sig = types.UniTuple(f64, 2)(p, i64, i64, out, i64, i64, i64, p.dtype, i64, f64, i64, res)
+    residual = not isinstance(res, (types.NoneType, types.Omitted))
 
     def codegen(context, builder, signature, args):
-        p_ary, p_at, p_stride, o_ary, o_at, rows, n, bias, act, shift, want = args
+        p_ary, p_at, p_stride, o_ary, o_at, rows, n, bias, act, shift, want, r_ary = args
         vec = _llvm.vector(signature.args[0].dtype)
         single = isinstance(vec.element, ir.FloatType)
         parts = 2 if single else 1  # float64 vectors a vector of data makes
@@ -227,6 +229,7 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
         dvec = ir.VectorType(ir.DoubleType(), half)
         pp = _llvm.base(context, builder, signature.args[0], p_ary, p_at)
         po = _llvm.base(context, builder, signature.args[3], o_ary, o_at)
+        pr = _llvm.base(context, builder, signature.args[11], r_ary, o_at) if residual else None
         bv, kv = _llvm.splat(builder, vec, bias), _llvm.splat(builder, dvec, shift)
         relu = builder.icmp_signed("==", act, _llvm.const(1))
         full = builder.sdiv(n, _llvm.const(vec.count))
@@ -239,8 +242,10 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
         # of it for each (more code in every conv build, for no speed)
         relu_lanes = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count), relu)
 
-        def value(x):
+        def value(x, r=None):
             t = builder.fadd(x, bv)
+            if r is not None:
+                t = builder.fadd(t, r)
             off = builder.and_(builder.fcmp_unordered("<=", t, _llvm.zeros(vec)), relu_lanes)
             return builder.select(off, _llvm.zeros(vec), t)
 
@@ -266,16 +271,25 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
             def row(r, acc):
                 src = builder.gep(pp, [builder.mul(r, p_stride)])
                 dst = builder.gep(po, [builder.mul(r, n)])
+                rsd = builder.gep(pr, [builder.mul(r, n)]) if residual else None
 
                 def step(i, acc):
                     at = builder.mul(i, _llvm.const(vec.count))
-                    y = value(builder.load(_llvm.vec_ptr(builder, src, at, vec), align=4))
+                    x = builder.load(_llvm.vec_ptr(builder, src, at, vec), align=4)
+                    rv = None
+                    if residual:
+                        rv = builder.load(_llvm.vec_ptr(builder, rsd, at, vec), align=4)
+                    y = value(x, rv)
                     builder.store(y, _llvm.vec_ptr(builder, dst, at, vec), align=4)
                     return add(y, acc, None) if sums else []
 
                 whole = _llvm.loop(builder, full, len(acc), _llvm.zeros(dvec), step)  # (from zero)
                 at = builder.mul(full, _llvm.const(vec.count))  # the rest: masked (none: no access)
-                y = value(_llvm.masked(builder, vec, _llvm.vec_ptr(builder, src, at, vec), tail))
+                x = _llvm.masked(builder, vec, _llvm.vec_ptr(builder, src, at, vec), tail)
+                rv = None
+                if residual:
+                    rv = _llvm.masked(builder, vec, _llvm.vec_ptr(builder, rsd, at, vec), tail)
+                y = value(x, rv)
                 _llvm.masked(builder, vec, _llvm.vec_ptr(builder, dst, at, vec), tail, y)
                 if not sums:
                     return []
@@ -1271,8 +1285,10 @@ def _ahead(first, per, lines):  # cold LeNet-5 step compiles each helper once: t
 
 @Builds
 def _forward_tiles(
-    x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, want_moments, split
+    x, w3, bias, act, dims, geo, T, out, ws, aff, mode, moments, want_moments, split, res
 ):
+    # res: None (the build without it), or a residual shaped as out, flat, added in the
+    # epilogue
     hq, wq, rows, tiles, spt, tcp, ogb, _ogd, _kgb, kgd, pad_size, per, _, _swap = geo
     n_ = x.shape[0]
     o_, oh, ow = out.shape[1], out.shape[2], out.shape[3]
@@ -1344,7 +1360,7 @@ def _forward_tiles(
                         shift = moments[t, o]
                     a, a2 = epilogue_rows(
                         prod, at, spt * wq, flat_out, ((n0 + s) * o_ + o) * oh * ow + oy0 * ow,
-                        nr, ow, b, act, shift, want,
+                        nr, ow, b, act, shift, want, res,
                     )  # fmt: skip
                     if moments is not None and want_moments:
                         moments[t, o_ + o] += a
@@ -1704,22 +1720,46 @@ def merge_moments(parts):
 
 
 def conv2d_forward(
-    x, w, b, stride, pad, dilation, groups, out, ws, act=ACT_NONE, in_affine=None, stats=None
+    x,
+    w,
+    b,
+    stride,
+    pad,
+    dilation,
+    groups,
+    out,
+    ws,
+    act=ACT_NONE,
+    in_affine=None,
+    stats=None,
+    residual=None,
 ):
     """out = act(conv2d(h(x), w) + b), PyTorch cross-correlation; `ws` is a workspace
-    (any shape, C-contiguous, x's dtype) of :func:`conv2d_workspace` elements.
+    (any shape, C-contiguous, x's dtype) of :func:`conv2d_workspace` elements. With
+    `residual` (shaped as out), out = act((conv2d(h(x), w) + b) + residual): a residual
+    add and its ReLU fused into the conv's epilogue, the same bits as the add after it.
 
     The fusion hooks, both optional (a batch norm around the conv uses them):
     - in_affine = (scale, shift, relu): h(x) = x * scale + shift per input channel,
       then max(., 0) if relu; h(x) = x without it. The padding is h(x)'s: zeros.
     - stats: a float64 (2, O) array that receives the mean and the biased variance of
       each output channel over the batch, taken while the output tiles are in cache."""
-    check_c(x=x, w=w, out=out, ws=ws)
+    check_c(x=x, w=w, out=out, ws=ws, residual=residual)
+    if residual is not None:
+        check_shape("residual", residual, out.shape)
+        if residual.dtype != out.dtype:
+            raise ValueError("conv2d arrays must share one dtype")
     bias = _bias_or_empty(b, x.dtype)
     hooked = in_affine is not None or stats is not None  # Winograd honours no hooks yet
     if not hooked and winograd.chooses(x.shape, w.shape, out.shape, stride, pad, dilation, groups):
         _check(x, w, out, groups, ws)
-        winograd.forward(x, w, bias, pad, out, ws, act)
+        if residual is None:
+            winograd.forward(x, w, bias, pad, out, ws, act)
+        else:  # the add after it, as its own passes (the same bits)
+            winograd.forward(x, w, bias, pad, out, ws, ACT_NONE)
+            np.add(out, residual, out=out)
+            if act == ACT_RELU:
+                np.maximum(out, 0, out=out)
         return
     geo, threads, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
     dims = _dims(w, stride, pad, dilation)
@@ -1731,7 +1771,7 @@ def conv2d_forward(
         moments = np.zeros((threads if stats is not None else 1, 3 * o + 1))
     _forward_tiles.pick(threads == 1)(
         x, w3, bias, int(act), dims, tuple(geo), threads, out, flat, aff, mode, moments,
-        stats is not None, _split(stride),
+        stats is not None, _split(stride), None if residual is None else residual.reshape(-1),
     )  # fmt: skip
     if stats is not None:
         check_shape("stats", stats, (2, o))
