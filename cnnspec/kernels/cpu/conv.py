@@ -20,7 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..checks import check_grouped_conv
-from . import _llvm, winograd
+from . import _llvm, merge, winograd
 from ._common import (
     HELPER,
     IN_AFFINE_RELU,
@@ -1755,11 +1755,9 @@ def conv2d_forward(
         _check(x, w, out, groups, ws)
         if residual is None:
             winograd.forward(x, w, bias, pad, out, ws, act)
-        else:  # the add after it, as its own passes (the same bits)
+        else:  # the add after it, as its own pass (the same bits)
             winograd.forward(x, w, bias, pad, out, ws, ACT_NONE)
-            np.add(out, residual, out=out)
-            if act == ACT_RELU:
-                np.maximum(out, 0, out=out)
+            merge.add_forward([out, residual], out, act)
         return
     geo, threads, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
     dims = _dims(w, stride, pad, dilation)
