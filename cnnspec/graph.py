@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 INPUT = "input"  # the name the network's input goes by
 
 
-@dataclass
+@dataclass(slots=True)  # one per layer: up to 100,000 in a check
 class Node:
     name: str  # globally unique, dotted by block scope: "layer1.1.conv1"
     type: str  # canonical primitive type

@@ -19,7 +19,7 @@ from .spec.load import Document, collector_paused, load_file, load_text
 from .spec.schema import attribute_valid, schema, validate
 
 
-@dataclass
+@dataclass(slots=True)
 class Info:
     """One primitive layer after inference."""
 
@@ -316,32 +316,16 @@ def _infer(doc, order, input_shape, broken=frozenset()):
         for i in inputs:
             if i not in first_consumer:
                 first_consumer[i] = node
-        if not all(map(shapes.__contains__, inputs)) or (
-            broken and (node.name in broken or (not node.block and node.path[:2] in broken))
-        ):
-            continue  # it, or an input, has a problem already reported
+        if broken and (node.name in broken or (not node.block and node.path[:2] in broken)):
+            continue  # its problem is reported already
+        try:
+            in_shapes = [shapes[i] for i in inputs]
+        except KeyError:
+            continue  # an input has a problem already reported
         cls = REGISTRY[node.type]
-        if not cls.min_inputs <= len(node.inputs) <= cls.max_inputs:
-            if cls.min_inputs == cls.max_inputs:
-                want = f"exactly {cls.min_inputs}"
-            elif len(node.inputs) < cls.min_inputs:
-                want = f"at least {cls.min_inputs}"
-            else:
-                want = f"at most {cls.max_inputs}"
-            problems.append(
-                _problem(
-                    doc,
-                    node,
-                    "inputs",
-                    LayerError(
-                        f"{node.type} takes {want} input(s), got {len(node.inputs)}",
-                        "inputs",
-                        "list them under `inputs: [...]`",
-                    ),
-                )
-            )
+        if not cls.min_inputs <= len(inputs) <= cls.max_inputs:
+            problems.append(_input_count_problem(doc, node, cls))
             continue
-        in_shapes = [shapes[i] for i in inputs]
         try:
             layer = _make_layer(cls, node, in_shapes, made)
         except LayerError as exc:
@@ -372,13 +356,12 @@ def _infer(doc, order, input_shape, broken=frozenset()):
             field_ = layer.receptive_field(in_fields)
         except OverflowError:
             field_ = None
-        problem = _too_large(doc, node, layer, field_)
-        if problem:
-            problems.append(problem)
+        if _values(layer.out_shape) >= MAX_VALUES or not _field_fits(field_):
+            problems.append(_too_large(doc, node, layer, field_))
             continue
         shapes[node.name] = layer.out_shape
         fields[node.name] = field_
-        infos.append(Info(node, layer, fields[node.name]))
+        infos.append(Info(node, layer, field_))
     for at, copies in failed.values():
         if copies > 1:
             p = problems[at]
@@ -417,6 +400,19 @@ def _infer(doc, order, input_shape, broken=frozenset()):
     return infos, problems, warnings
 
 
+def _input_count_problem(doc, node, cls) -> Problem:
+    if cls.min_inputs == cls.max_inputs:
+        want = f"exactly {cls.min_inputs}"
+    elif len(node.inputs) < cls.min_inputs:
+        want = f"at least {cls.min_inputs}"
+    else:
+        want = f"at most {cls.max_inputs}"
+    message = f"{node.type} takes {want} input(s), got {len(node.inputs)}"
+    return _problem(
+        doc, node, "inputs", LayerError(message, "inputs", "list them under `inputs: [...]`")
+    )
+
+
 def _make_layer(cls, node, in_shapes, made: dict) -> Layer:
     """A layer for ``node``; copies of a layer (same type, values and input shapes: what
     `repeat` makes) are set up once and cloned, so 100,000 of them infer quickly."""
@@ -450,12 +446,10 @@ def _field_fits(field_) -> bool:
     return largest < FIELD_LIMIT
 
 
-def _too_large(doc, node, layer, field_) -> Problem | None:
+def _too_large(doc, node, layer, field_) -> Problem:
     """A layer no machine could run: its output, or its receptive field's stride, is
     beyond any 64-bit index (it also keeps every reported number short)."""
     values = _values(layer.out_shape)
-    if values < MAX_VALUES and _field_fits(field_):
-        return None
     if values >= MAX_VALUES:
         message = (
             f"the output of '{node.name}' ({'x'.join(map(str, layer.out_shape))}) "
