@@ -356,6 +356,8 @@ def _dout_tiles(dout, yout, act, n, k, r0, nrows, tmp, ws, at, ps, db):
     size = nrows * tx_
     ye = tmp[: 4 * size]  # [row a][even / odd column][r * tx + t]
     ye[:] = 0.0
+    line = tmp[12 * size : 12 * size + ow]  # one masked row (the adjoints use 4-12 size)
+    half = ow // 2
     acc = 0.0
     for r in range(nrows):
         for a in range(2):
@@ -363,15 +365,21 @@ def _dout_tiles(dout, yout, act, n, k, r0, nrows, tmp, ws, at, ps, db):
             if y >= oh:
                 break
             src, yr = dout[n, k, y], yout[n, k, y]
-            for b in range(2):
-                d0 = (a * 2 + b) * size + r * tx_
-                cnt = (ow - b + 1) // 2
-                dst, s, m = ye[d0 : d0 + cnt], src[b:], yr[b:]
-                for t in range(cnt):
-                    mv = m[2 * t]  # loaded unconditionally: a conditional load blocks SIMD
-                    d = s[2 * t] if (mv > 0 or act == 0) else 0.0
-                    dst[t] = d
-                    acc += d
+            # the row masked in one contiguous loop (vectorised, no branch), then split into
+            # even / odd columns; a masked loop per column parity (stride 2) branched on
+            # the mask instead: 32 ms of VGG-small's conv1_2 backward against 8.9 (b64)
+            for i in range(ow):
+                mv = yr[i]  # loaded unconditionally: a conditional load blocks SIMD
+                d = src[i] if (mv > 0 or act == 0) else 0.0
+                line[i] = d
+                acc += d
+            e0 = (a * 2) * size + r * tx_
+            done = conv.deinterleave(line, 0, 0, ye, e0, ye, e0 + size, 0, half, 1)
+            for t in range(done, half):
+                ye[e0 + t] = line[2 * t]
+                ye[e0 + size + t] = line[2 * t + 1]
+            if ow % 2:
+                ye[e0 + half] = line[ow - 1]
     db[k] += acc
     for a in range(2):  # row adjoint: tmp[4 size + (a * 4 + j) size + i]
         e, o = ye[2 * a * size : (2 * a + 1) * size], ye[(2 * a + 1) * size : (2 * a + 2) * size]
@@ -410,17 +418,25 @@ def _input_adjoint_tiles(ws, at, ps, tx_, r0, nrows, tmp, dxpad, base):
             e1[i] = v1[i] - v2[i] + v3[i]
             e2[i] = v1[i] + v2[i] - v0[i]
             e3[i] = -v3[i]
-    for r in range(nrows):  # short loops: no views
+    for r in range(nrows):
         for a in range(4):  # row adjoint; tile t covers padded columns 2t .. 2t + 3
             f = a * 4 * size + r * tx_
             row = base + (2 * (r0 + r) + a) * 2 * m_
+            # each plane of the padded row in a loop of its own, so that no element is
+            # written twice in a loop and each vectorises (one loop over all four had
+            # tile t + 1 read what tile t wrote); in this order each element adds up as
+            # it did then (tile t - 1's part first): VGG-small's conv1_2 (b64) 7.9 ms, not 20
+            e, o = dxpad[row : row + m_], dxpad[row + m_ : row + 2 * m_]
+            f0, f1 = tmp[f : f + tx_], tmp[f + size : f + size + tx_]
+            f2, f3 = tmp[f + 2 * size : f + 2 * size + tx_], tmp[f + 3 * size : f + 3 * size + tx_]
             for t in range(tx_):
-                f0, f1 = tmp[f + t], tmp[f + size + t]
-                f2, f3 = tmp[f + 2 * size + t], tmp[f + 3 * size + t]
-                dxpad[row + t] += f0
-                dxpad[row + m_ + t] += f1 - f2 + f3
-                dxpad[row + 1 + t] += f1 + f2 - f0
-                dxpad[row + m_ + 1 + t] -= f3
+                e[1 + t] += f1[t] + f2[t] - f0[t]
+            for t in range(tx_):
+                o[1 + t] -= f3[t]
+            for t in range(tx_):
+                e[t] += f0[t]
+            for t in range(tx_):
+                o[t] += f1[t] - f2[t] + f3[t]
 
 
 @njit(**HELPER, nogil=True)
