@@ -17,13 +17,15 @@ from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
 TOL = {np.float64: 1e-13, np.float32: 2e-6}
 
 # (N, C, H, W, K, pad (t, b, l, r)): odd maps (tiles overhanging the edge), padding 0,
-# 1, 2 and lopsided, batch 1, channels off the vector width and the blocks
+# 1, 2 and lopsided, batch 1, channels off the vector width and the blocks, rows long
+# enough for whole vectors of column pairs (and an odd column) in the even / odd splits
 CASES = {
     "odd_pad1": (2, 5, 7, 9, 3, (1, 1, 1, 1)),
     "pad0_batch1": (1, 3, 6, 5, 7, (0, 0, 0, 0)),
     "lopsided": (2, 4, 5, 6, 4, (1, 0, 2, 1)),
     "wide_channels": (3, 17, 9, 11, 20, (1, 1, 1, 1)),
     "tiny_map": (2, 2, 3, 3, 2, (0, 0, 0, 0)),
+    "long_rows": (1, 3, 5, 37, 2, (1, 1, 1, 1)),
 }
 
 
@@ -66,7 +68,7 @@ def _scaled_error(a, ref):
 def test_winograd_matches_direct(name, dtype, mode):
     case = CASES[name]
     pad = case[5]
-    act = conv.ACT_RELU if name in ("odd_pad1", "wide_channels") else conv.ACT_NONE
+    act = conv.ACT_RELU if name in ("odd_pad1", "wide_channels", "long_rows") else conv.ACT_NONE
     bias = name != "lopsided"
     mode("1")  # the workspace for both ways
     x, w, b, out, ws, rng = _make(case, dtype, bias=bias)

@@ -332,18 +332,22 @@ def _output_tiles(ws, at, ps, b, act, tmp, out, n, k, r0, nrows):
             ev[i] = y0
             od[i] = y1
     outf = out.reshape(-1)
-    for r in range(nrows):  # interleaved into the output rows (short loops: no views)
-        for a in range(2):
-            y = 2 * (r0 + r) + a
-            if y >= oh:
-                break
-            ev = (8 + 2 * a) * size + r * tx_
-            dst = ((n * out.shape[1] + k) * oh + y) * ow
-            for t in range(ow // 2):
-                outf[dst + 2 * t] = tmp[ev + t]
-                outf[dst + 2 * t + 1] = tmp[ev + size + t]
+    half = ow // 2
+    # interleaved into the output rows 2 (r0 + r) + a that are in the map, a vector of
+    # pairs at a time (a loop per row and pair: 7.7 ms of VGG-small's conv1_2 forward at
+    # b64 against 5.8)
+    for a in range(2):
+        ev = (8 + 2 * a) * size
+        rows = min(nrows, (oh - a + 1) // 2 - r0)
+        first = ((n * out.shape[1] + k) * oh + 2 * r0 + a) * ow
+        done = conv.interleave(tmp, ev, tmp, ev + size, tx_, outf, first, 2 * ow, half, rows, 0)
+        for r in range(rows):  # the columns left: under a vector's worth of pairs, an odd last
+            src, dst = ev + r * tx_, first + 2 * r * ow
+            for t in range(done, half):
+                outf[dst + 2 * t] = tmp[src + t]
+                outf[dst + 2 * t + 1] = tmp[src + size + t]
             if ow % 2:
-                outf[dst + ow - 1] = tmp[ev + ow // 2]
+                outf[dst + ow - 1] = tmp[src + half]
 
 
 @njit(**HELPER, nogil=True, fastmath={"reassoc"})
