@@ -138,6 +138,8 @@ def test_dispatch_rule(mode, monkeypatch):
     assert picks(64, 64, 32) and picks(64, 128, 16) and picks(128, 128, 16)  # VGG-small
     assert not picks(16, 16, 32) and not picks(32, 32, 16) and not picks(64, 64, 8)  # ResNet-20
     assert not picks(3, 64, 32)  # VGG-small's first conv: too few input channels
+    assert picks(128, 128, 14) and picks(512, 512, 14)  # wide layers: maps of 14 too
+    assert not picks(64, 64, 14) and not picks(512, 512, 7) and not picks(128, 128, 8)
     assert not picks(128, 128, 16, stride=(2, 2))
     assert not picks(128, 128, 16, dil=(2, 2))
     assert not picks(128, 128, 16, kernel=1, pad=(0, 0, 0, 0))

@@ -107,9 +107,18 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 # (AVX-512) it had gained 0.99-1.28x at 512 bits on VGG-small's shapes, before the direct
 # conv's backward became a convolution of its own and its kernels prefetch; not measured
 # there since. Thin layers lose at any width.
+# After the backward's rows went in vectors and its dM clears shrank (2026-12-04 evening,
+# same CPU, 256-bit, b16-b128, same measure): ResNet-20's 16, 32, 64 channels 0.63 / 0.65,
+# 0.81 / 0.74, 0.97 / 0.83 (still lose); VGG-small's 64 at 32x32 1.49 / 1.43, 128 at 16x16
+# 1.49 / 1.64; and maps under 16 with wide layers, two runs each: 128 ch 14x14 1.27-1.35 /
+# 1.11-1.17, 256 ch 14x14 1.01-1.23 / 1.08-1.13, 512 ch 14x14 1.08-1.16 / 0.95-1.11
+# (VGG-16's last block at 224x224), against 64 ch 14x14 0.97-1.17 / 0.77-0.87, 128 ch 8x8
+# 1.17-1.21 / 0.95-1.09, 256 ch 7x7 0.93 / 0.94, 512 ch 7x7 0.88-0.92 / 1.14-1.26: so from
+# 128 channels maps of 14 qualify too.
 AUTO = VECTOR_BITS == 256  # whether "auto" uses Winograd at all
 MIN_CHANNELS = 64
 MIN_MAP = 16
+WIDE_CHANNELS, WIDE_MIN_MAP = 128, 14
 
 
 def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
@@ -122,7 +131,9 @@ def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
         return False
     channels = min(int(x_shape[1]), int(w_shape[0]))
     size = min(int(out_shape[2]), int(out_shape[3]))
-    return channels >= MIN_CHANNELS and size >= MIN_MAP
+    return (channels >= MIN_CHANNELS and size >= MIN_MAP) or (
+        channels >= WIDE_CHANNELS and size >= WIDE_MIN_MAP
+    )
 
 
 class _Geometry(NamedTuple):
