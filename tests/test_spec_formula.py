@@ -270,6 +270,12 @@ def test_receptive_field_of_a_stack_matches_index_propagation(stack):
 def test_a_field_is_an_immutable_value_that_pickles_and_copies():
     field = Field(6, Fraction(2, 4), -1)
     assert field.jump == Fraction(1, 2) and type(Field(3, Fraction(4, 2)).jump) is int
+    # through a layer: a whole Fraction becomes an int there too (a stride-2 conv after
+    # a 2x upsampling), and ints stay ints
+    after = field.through(3, 2, 1)
+    assert after == Field(7, 1, Fraction(-3, 2)) and type(after.jump) is int
+    plain = Field(5, 2).through(3, 2, 1)
+    assert all(type(v) is int for v in (plain.size, plain.jump, plain.start))
     with pytest.raises(AttributeError, match="immutable"):
         field.size = 1
     for twin in (pickle.loads(pickle.dumps(field)), copy.deepcopy(field), copy.copy(field)):

@@ -96,12 +96,16 @@ class Field:
         return Field, (self.size, self.jump, self.start)
 
     def through(self, kernel: int, stride: int, pad: int, dilation: int = 1) -> Field:
-        # Past __init__: int layer arguments keep each number's type (exact already), and
+        size = self.size + dilation * (kernel - 1) * self.jump
+        jump, start = self.jump * stride, self.start - pad * self.jump
+        if jump.__class__ is not int:  # after upsampling: __init__ turns whole Fractions to ints
+            return Field(size, jump, start)
+        # Past __init__ otherwise (an int jump keeps ints ints, and Fractions not whole):
         # this runs twice for each of up to 100,000 layers a check infers (half its cost).
         twin = _new_object(Field)
-        _set_size(twin, self.size + dilation * (kernel - 1) * self.jump)
-        _set_jump(twin, self.jump * stride)
-        _set_start(twin, self.start - pad * self.jump)
+        _set_size(twin, size)
+        _set_jump(twin, jump)
+        _set_start(twin, start)
         return twin
 
     def upsampled(self, reach_before, reach_after, scale: int) -> Field:
