@@ -311,6 +311,14 @@ class Model:
         self._fuse_eval_adds()
         return set(self.norm_applied)
 
+    def _readers(self) -> dict[str, list[str]]:
+        """Layer (or input) name -> the names of the layers that read it, in order."""
+        users: dict[str, list[str]] = {}
+        for info in self.infos:
+            for i in info.node.inputs:
+                users.setdefault(i, []).append(info.name)
+        return users
+
     def _fuse_eval_adds(self):
         """In eval mode, a residual add of two inputs, one of them a batch norm folded
         into the conv before it and read by the add alone, runs in that conv's epilogue
@@ -319,10 +327,7 @@ class Model:
         the other input). Only where the other input is computed before the conv runs
         (ResNet's identity shortcuts, not a shortcut listed after the conv), and is not
         a norm its readers apply (a hook of the add's)."""
-        users: dict[str, list[str]] = {}
-        for info in self.infos:
-            for i in info.node.inputs:
-                users.setdefault(i, []).append(info.name)
+        users = self._readers()
         order = {info.name: k for k, info in enumerate(self.infos)}
         hooked = {self.relu_of.get(n, n) for n in self.norm_applied if n not in self.norm_stats}
         for info in self.infos:
@@ -379,10 +384,7 @@ class Model:
         a buffer of its own that the producer adds up. A gradient lives from its first
         write to its layer's backward step; buffers whose lives do not overlap share
         memory."""
-        users: dict[str, list[str]] = {}
-        for info in self.infos:
-            for i in info.node.inputs:
-                users.setdefault(i, []).append(info.name)
+        users = self._readers()
         needs_grad = {INPUT: self._input_grad}
         for info in self.infos:
             has_params = bool(self.layer_grads[info.name])
