@@ -793,3 +793,23 @@ def test_a_kernels_cache_stamp_covers_every_module_of_the_folder(tmp_path):
     folder = os.path.dirname(pool.__file__)
     assert stamp[1] == _common.folder_stamp(folder)
     assert "conv.py" in {e[0] for e in stamp[1]}
+
+
+def test_a_kernel_that_cannot_be_cached_is_a_warning_not_a_traceback():
+    """Numba warns that a build cannot be cached (under NUMBA_OPT=0 some cannot: dynamic
+    globals) with its locator's `_py_file`, which the width-aware locator passes on."""
+    from types import SimpleNamespace
+
+    from numba.core.errors import NumbaWarning
+
+    from cnnspec.kernels.cpu import pool
+
+    impl = pool._avgpool_fwd_2x2.serial._cache._impl
+    uncachable = SimpleNamespace(
+        lifted=(),
+        library=SimpleNamespace(has_dynamic_globals=True),
+        fndesc=SimpleNamespace(qualname="kernel"),
+    )
+    with pytest.warns(NumbaWarning, match="Cannot cache"):
+        assert impl.check_cachable(uncachable) is False
+    assert impl.locator._py_file == pool.__file__

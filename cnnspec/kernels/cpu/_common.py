@@ -71,6 +71,11 @@ class _WidthCacheLocator(caching._CacheLocator):
     def get_disambiguator(self):
         return f"{self._inner.get_disambiguator()}-{VECTOR_BITS}bit"
 
+    def __getattr__(self, name):
+        # the rest as Numba's own locator has it: Numba reads `_py_file` to warn that a
+        # kernel cannot be cached (under NUMBA_OPT=0 some can't: without it, a traceback)
+        return getattr(self._inner, name)
+
     @classmethod
     def from_function(cls, py_func, py_file):
         if not os.path.abspath(py_file).startswith(cls._folder):
