@@ -471,13 +471,14 @@ def _unpad_row(dxpad, base, m_, pt, pl, dx, n, c):
 
 
 @njit(**HELPER, nogil=True)
-def _products(upack, rows_out, inner, ws, rows_b, b_stride, rows_c, c_stride, tp):
+def _products(upack, rows_out, inner, ws, rows_b, b_stride, rows_c, c_stride, cols):
     """For every point p: C = A[p] B, the rows of C at rows_c[p * c_stride:] (rows_out of
-    them), of B at rows_b[p * b_stride:] (inner), A[p] packed by _pack_u."""
+    them), of B at rows_b[p * b_stride:] (inner), their first `cols` columns (whole
+    panels), A[p] packed by _pack_u."""
     nr_ = conv.NV * (conv.VECTOR_BYTES // ws.itemsize)
     mr = conv.MR
     for p in range(16):
-        for pn in range(tp // nr_):
+        for pn in range(cols // nr_):
             for ob in range(rows_out // mr):
                 conv.bcast(
                     upack, ((p * (rows_out // mr) + ob) * inner) * mr,
@@ -515,6 +516,7 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
     _pack_u(w, False, kb, upack)
     total = -(-n_ // spb) if spb > 1 else n_ * bands
     has_bias = bias.shape[0] > 0
+    nr_ = conv.NV * (conv.VECTOR_BYTES // ws.itemsize)
     for th in prange(T):
         v_at, m_at, dv_at, zero_at, _du, _db = _regions(geo, c_, th * per)
         rows_v, rows_m, _rows_dv = _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at)
@@ -527,7 +529,8 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
                 for s in range(ns):
                     at = v_at + c * tp + s * nrows * tx_
                     _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, xs, tmp, ws, at, c_ * tp)
-            _products(upack, kb, c_, ws, rows_v, cd, rows_m, km, tp)  # M = U V
+            cols = -(-(ns * nrows * tx_) // nr_) * nr_  # a short block: fewer panels
+            _products(upack, kb, c_, ws, rows_v, cd, rows_m, km, cols)  # M = U V
             for k in range(k_):
                 b = bias[k] if has_bias else 0.0
                 for s in range(ns):
@@ -542,6 +545,7 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
     k_ = w.shape[0]
     pt, pl = pads[0], pads[1]
     md, nd = conv.MD, conv.ND
+    nr_ = conv.NV * (conv.VECTOR_BYTES // ws.itemsize)
     m_ = tx_ + 1
     upack = ws[T * per :]
     if want_dx:
@@ -562,14 +566,17 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
             for band in range(bands):
                 r0 = band * rows
                 nrows = min(rows, ty_ - r0)
-                # dM's columns past this block's tiles must be zero (dU's products run over
-                # all tp of them): only a wider block wrote there before, and only those
-                # are cleared (clearing all of dM every block: ~15% of VGG-small's conv1_2
-                # backward at b64, its 89 MB of stores pushing V out of the cache)
+                # the products run over the block's whole panels (`cols`), not all tp
+                # columns: a short block (the last band, the last samples) costs what it
+                # holds. dM's columns past its tiles must be zero (dU sums over them):
+                # only a wider block wrote there before, and only those are cleared
+                # (clearing all of dM every block: ~15% of VGG-small's conv1_2 backward at
+                # b64, its 89 MB of stores pushing V out of the cache)
                 used = ns * nrows * tx_
-                if used < tp:
+                cols = -(-used // nr_) * nr_
+                if used < cols:
                     for row in range(16 * km):
-                        ws[m_at + row * tp + used : m_at + (row + 1) * tp] = 0.0
+                        ws[m_at + row * tp + used : m_at + row * tp + cols] = 0.0
                 for c in range(c_):
                     for s in range(ns):
                         at = v_at + c * tp + s * nrows * tx_
@@ -584,11 +591,11 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                             conv.dot(
                                 ws, m_at + (p * km + ob) * tp, tp,
                                 ws, rows_v, p * cd + cbk, 0,
-                                ws, du_at + (p * kd + ob) * cd + cbk * md, tp,
+                                ws, du_at + (p * kd + ob) * cd + cbk * md, cols,
                             )  # fmt: skip
                 if not want_dx:
                     continue
-                _products(upack, cb, k_, ws, rows_m, km, rows_dv, cb, tp)  # dV = U^T dM
+                _products(upack, cb, k_, ws, rows_m, km, rows_dv, cb, cols)  # dV = U^T dM
                 for c in range(c_):
                     for s in range(ns):
                         base = dx_at + (s * c_ + c) * hp * 2 * m_
