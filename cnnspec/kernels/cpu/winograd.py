@@ -55,14 +55,26 @@ from ._common import HELPER, VECTOR_BITS, Builds
 MODE = os.environ.get("CNNSPEC_WINOGRAD", "auto")
 
 P = 16  # transform points
-# Elements of a block's transformed tiles: V + M forward (2 MiB in float32, L2's
-# size here), V + dM + dV backward (8 MiB: dU's dot products want long rows more than
-# the block wants L2). Measured on VGG-small's 64-128 channel convs (1 thread, direct
-# time over Winograd's, a noisy shared machine): backward blocks of 2 MiB 0.83-0.89x,
-# 4 MiB 1.00-1.15x, 8 MiB 1.06-1.23x, 16 MiB 1.03-1.21x; forward blocks of 1 MiB
-# 0.93-1.00x, 2 MiB 0.89-1.27x, 4 MiB 0.74-1.26x (on 8x8 maps smaller blocks lose less).
-_FORWARD_BLOCK = 1 << 19
-_BACKWARD_BLOCK = 1 << 21
+# Tile columns of a block (the GEMMs' width: M[p] = U[p] V[p] is K x C times C x cols):
+# about 320, whichever the channels, as whole samples where they fit, else bands of tile
+# rows. Per-thread elements are capped for very wide layers (32 MiB in float32).
+# Measured (1 thread, AMD EPYC Zen 3, 2026-12-04, after short blocks stopped paying for
+# full ones; time over the best of targets 64-512 columns, noisy within ~10%):
+#   conv (C -> K, map, batch)   forward: old rule / 320     backward: old rule / 320
+#   64 -> 64, 32x32, b64        1.01 / 1.00                 1.11-1.28 / 1.00-1.01
+#   64 -> 128, 16x16, b64       1.00 / 1.01                 1.09-1.11 / 1.00
+#   128 -> 128, 16x16, b64      1.03 / 1.02                 1.00 / 1.00 (same blocks)
+#   256 -> 256, 28x28, b16      1.01 / 1.04                 1.06-1.14 / 1.06
+#   512 -> 512, 14x14, b16      1.45 / 1.04                 1.26 / 1.04
+#   256 -> 256, 56x56, b8       1.34 / 1.05                 1.00 / 1.00 (same blocks)
+#   512 -> 512, 28x28, b8       1.14 / 1.04                 1.02 / 1.01
+#   128 -> 128, 56x56, b8       1.06 / 1.10                 1.02 / 1.01
+#   64 -> 64, 112x112, b4       1.06 / 1.05                 1.06 / 1.05
+# (the old rule: 2 MiB forward, 8 MiB backward of transformed tiles: few columns for
+# wide layers, many for narrow ones). Longer blocks lose the cache, shorter ones run
+# the micro-kernels' loops too short (dU's dot products most).
+_BLOCK_COLUMNS = 320
+_BLOCK_MAX_ELEMENTS = 1 << 23
 
 
 def _round_up(n, m):
@@ -161,10 +173,8 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
     cb, cd = _round_up(c, conv.MR), _round_up(c, conv.ND)
     kb, kd = _round_up(k, conv.MR), _round_up(k, conv.MD)
     km = max(kb, kd)
-    if backward:
-        cols = max(nr, _BACKWARD_BLOCK // (P * (c + km + cb)))
-    else:
-        cols = max(nr, _FORWARD_BLOCK // (P * (c + km)))
+    per_column = P * (c + km + (cb if backward else 0))  # V, M or dM, dV
+    cols = max(nr, min(_BLOCK_COLUMNS, _BLOCK_MAX_ELEMENTS // per_column))
     # the block with the least panel padding (the larger on a tie): whole samples,
     # else bands of tile rows (the last one shorter)
     if ty * tx <= cols:
