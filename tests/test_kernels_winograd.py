@@ -102,6 +102,35 @@ def test_winograd_bands_of_tile_rows(dtype, mode, monkeypatch):
         assert _scaled_error(got, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_winograd_on_fewer_threads_than_its_workspace_was_sized_for(dtype, mode):
+    """A model sizes its workspace on Numba's threads and may then run on fewer (beside
+    busy processes), whose blocks are larger (the samples are shared out two blocks or
+    more a thread): they must fit (a ValueError mid-training before)."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs Numba with at least 2 threads")
+    case = (32, 8, 8, 8, 8, (1, 1, 1, 1))  # 16 tiles a sample
+    saved = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        mode("1")
+        x, w, b, out, ws, rng = _make(case, dtype, seed=7)  # sized on 2 threads
+        one, two = (
+            winograd._geometry(x.shape, w.shape, out.shape, x.itemsize, t, 1) for t in (1, 2)
+        )
+        assert one.per_thread > 2 * two.per_thread  # one thread's blocks outgrow two's room
+        numba.set_num_threads(1)
+        dout = rng.standard_normal(out.shape).astype(dtype)
+        direct = _run("0", mode, x, w, b, case[5], out, ws, dout, conv.ACT_RELU)
+        wino = _run("1", mode, x, w, b, case[5], out, ws, dout, conv.ACT_RELU)
+    finally:
+        numba.set_num_threads(saved)
+    for got, ref in zip(wino, direct, strict=True):
+        assert _scaled_error(got, ref) < TOL[dtype]
+
+
 def test_winograd_finite_differences(mode):
     mode("1")
     case = CASES["odd_pad1"]

@@ -40,6 +40,7 @@ The micro-kernels are conv.py's. Kernels as in conv.py: a parallel and a serial 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from typing import NamedTuple
 
 import numba
@@ -126,7 +127,12 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 # 1.11-1.17, 256 ch 14x14 1.01-1.23 / 1.08-1.13, 512 ch 14x14 1.08-1.16 / 0.95-1.11
 # (VGG-16's last block at 224x224), against 64 ch 14x14 0.97-1.17 / 0.77-0.87, 128 ch 8x8
 # 1.17-1.21 / 0.95-1.09, 256 ch 7x7 0.93 / 0.94, 512 ch 7x7 0.88-0.92 / 1.14-1.26: so from
-# 128 channels maps of 14 qualify too.
+# 128 channels maps of 14 qualify too. With blocks of ~320 columns (fe70cad; same CPU,
+# same measure, 1 / 2 threads): ResNet-20's 16, 32, 64 channels 0.67 / 0.74, 0.87 / 0.88,
+# 0.99 / 0.96 at 1 thread; 64 ch 14x14 1.05-1.06 / 1.07 (2 threads 0.98 / 0.95); 128 ch
+# 8x8 1.17-1.25 / 1.14-1.18 (0.99-1.09 / 1.04-1.19); 256 ch 8x8 1.10-1.12 / 1.38-1.40
+# (0.96 / 0.91); 128, 256 ch 7x7 0.89-0.91 / 0.89-1.01; 512 ch 7x7 1.12-1.13 / 1.25-1.28
+# (1.08 / 0.99): gains at 1 thread that 2 threads do not keep, so the rule stays.
 AUTO = VECTOR_BITS == 256  # whether "auto" uses Winograd at all
 MIN_CHANNELS = 64
 MIN_MAP = 16
@@ -206,10 +212,16 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
 
 
 def workspace(x_shape, w_shape, out_shape, itemsize) -> int:
-    """Elements of workspace the Winograd kernels need for all of Numba's threads."""
-    threads = numba.get_num_threads()
-    geos = [_geometry(x_shape, w_shape, out_shape, itemsize, threads, b) for b in (0, 1)]
-    return max(g.per_thread for g in geos) * threads + geos[0].upack
+    """Elements of workspace the Winograd kernels need on any number of threads up to
+    Numba's: a model may run on fewer than it was built for (beside busy processes), and
+    fewer threads take larger blocks (samples are shared out two blocks or more each)."""
+    shapes = (x_shape, w_shape, out_shape, itemsize)
+    need = 0
+    for t in range(1, numba.get_num_threads() + 1):
+        for backward in (0, 1):
+            geo = _geometry(*shapes, t, backward)
+            need = max(need, geo.per_thread * t + geo.upack)
+    return need
 
 
 @njit(**HELPER, nogil=True)
@@ -622,12 +634,22 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
 def _plan(x, w, out, ws, backward):
     flat = ws.reshape(-1)
     shapes = (x.shape, w.shape, out.shape, x.itemsize)
+    geo, threads = _blocks(*shapes, flat.size, numba.get_num_threads(), backward)
+    return geo, threads, flat
+
+
+@lru_cache(maxsize=1024)
+def _blocks(x_shape, w_shape, out_shape, itemsize, space, threads, backward):
+    """The most threads, up to `threads`, whose blocks fit in `space` elements of
+    workspace, and their geometry (each thread count has its own blocks). Cached: a
+    layer asks with the same shapes every step."""
+    shapes = (x_shape, w_shape, out_shape, itemsize)
+    for t in range(threads, 0, -1):
+        geo = _geometry(*shapes, t, backward)
+        if geo.per_thread * t + geo.upack <= space:
+            return geo, t
     one = _geometry(*shapes, 1, backward)
-    threads = min(numba.get_num_threads(), (flat.size - one.upack) // one.per_thread)
-    if threads < 1:
-        need = one.per_thread + one.upack
-        raise ValueError(f"conv2d workspace has {flat.size} elements, need {need}")
-    return _geometry(*shapes, threads, backward), threads, flat
+    raise ValueError(f"conv2d workspace has {space} elements, need {one.per_thread + one.upack}")
 
 
 RUNS = {"forward": 0, "backward": 0}  # calls so far: `cnnspec bench` names the layers
