@@ -74,6 +74,8 @@ class _WidthCacheLocator(caching._CacheLocator):
     def __getattr__(self, name):
         # the rest as Numba's own locator has it: Numba reads `_py_file` to warn that a
         # kernel cannot be cached (under NUMBA_OPT=0 some can't: without it, a traceback)
+        if name == "_inner":  # not set yet (a copy, an unpickling): no endless lookup
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
     @classmethod
