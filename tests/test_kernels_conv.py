@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnnspec.kernels.cpu import _common, conv
+from cnnspec.kernels.cpu import conv
 from cnnspec.kernels.cpu import conv_transpose as convt
 from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
 
@@ -542,19 +542,6 @@ def test_conv2d_tile_size_does_not_change_results(name):
         results.append((out.copy(), dx, dw))
     for a, b_ in zip(*results, strict=True):
         np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("shape", [(8, 300, 20000), (20000, 300, 8)], ids=["wide", "tall"])
-def test_large_products_split_across_threads_match_numpy(shape):
-    """Products above the split threshold are computed in two halves by two threads."""
-    m, k, n = shape
-    assert 2.0 * m * k * n >= _common._BIG_GEMM_FLOPS
-    rng = np.random.default_rng(9)
-    a = rng.standard_normal((m, k)).astype(np.float32)
-    b = rng.standard_normal((k, n)).astype(np.float32)
-    out = np.empty((m, n), np.float32)
-    _common.matmul(a, b, out)
-    np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2)])

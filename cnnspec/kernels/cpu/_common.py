@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import types
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache, partial
 
 import llvmlite.binding as llvm
@@ -202,36 +201,3 @@ class SplitBySize(Builds):
     def __call__(self, *args):
         size = sum(a.size for a in args if isinstance(a, np.ndarray))
         return self.pick(size < SERIAL_BELOW or numba.get_num_threads() == 1)(*args)
-
-
-_BIG_GEMM_FLOPS = 32e6  # above this a GEMM is split across threads
-
-
-@lru_cache(maxsize=1)
-def _gemm_pool():
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="cnnspec-gemm")
-
-
-def matmul(a, b, out):
-    """out = a @ b, 2-D. The model holds BLAS to one thread (its threads and Numba's would
-    spin against each other on the same cores), so cnnspec splits a large product in
-    two itself: numpy releases the GIL inside BLAS, and the halves run side by side."""
-    m, n = out.shape
-    if 2.0 * m * a.shape[1] * n < _BIG_GEMM_FLOPS or numba.get_num_threads() < 2:
-        # np.dot where it takes `out` (C-contiguous, the result's dtype): the same BLAS
-        # call, but matmul takes a loop of its own for an inner dimension of 1 (a dense
-        # layer's dW at batch 1: LeNet-5's c5 76 us against 12, numpy 2.4); same bits
-        if out.flags.c_contiguous and out.dtype == np.result_type(a, b):
-            np.dot(a, b, out=out)
-        else:
-            np.matmul(a, b, out=out)
-        return
-    if n >= m:
-        h = n // 2
-        parts = [(a, b[:, :h], out[:, :h]), (a, b[:, h:], out[:, h:])]
-    else:
-        h = m // 2
-        parts = [(a[:h], b, out[:h]), (a[h:], b, out[h:])]
-    futures = [_gemm_pool().submit(np.matmul, x, y, out=z) for x, y, z in parts]
-    for f in futures:
-        f.result()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import check_shape, matmul
+from ._common import check_shape
+from .blas import matmul
 
 __all__ = ["dense_forward", "dense_backward"]
 
