@@ -43,20 +43,20 @@ a, b = net.compile(batch_size=64, seed=1), net.compile(batch_size=64, seed=1)
 lines = []
 with get_backend("cpu").compiling(lines.append):
     loss_a = [a.step(x, y, momentum=0.9)]
-    first = [bool(k.parallel.overloads) for k in (conv._forward_tiles, conv._backward_samples)]
+    first = [bool(k.parallel.overloads) for k in (conv._forward_plain, conv._backward_plain)]
     done = BACKGROUND.wait(900)
     loss_a.append(a.step(x, y, momentum=0.9))
-    after = [bool(k.parallel.overloads) for k in (conv._forward_tiles, conv._backward_samples)]
+    after = [bool(k.parallel.overloads) for k in (conv._forward_plain, conv._backward_plain)]
     still_deferring = BACKGROUND.active
 loss_b = [b.step(x, y, momentum=0.9) for _ in range(2)]
-same = all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+close = all(np.allclose(a.params[k], b.params[k], rtol=1e-4, atol=1e-6) for k in a.params)
 print(json.dumps(dict(compiled=compiled, lines=lines, first=first, done=done, after=after,
-                      still_deferring=still_deferring, loss_a=loss_a, loss_b=loss_b, same=same)))
+                      still_deferring=still_deferring, loss_a=loss_a, loss_b=loss_b, close=close)))
 """
 
 
 @pytest.mark.slow
-def test_first_steps_run_serially_while_a_child_compiles_the_parallel_builds(tmp_path):
+def test_first_steps_run_on_stand_ins_while_a_child_compiles_the_builds(tmp_path):
     env = dict(
         os.environ,
         NUMBA_CACHE_DIR=str(tmp_path),
@@ -68,16 +68,20 @@ def test_first_steps_run_serially_while_a_child_compiles_the_parallel_builds(tmp
     )
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout.strip().splitlines()[-1])
-    # nothing parallel=True compiled in this process: the child's builds came from the cache
-    assert not [name for name, parallel in r["compiled"] if parallel], r["compiled"]
+    # nothing parallel=True compiled in this process, nor the convs' builds: the child's
+    # came from the cache
+    here = [name for name, parallel in r["compiled"] if parallel or "_plain" in name]
+    assert not here, r["compiled"]
     assert r["first"] == [False, False] and r["done"] and r["after"] == [True, True]
     assert not r["still_deferring"]  # settled: no per-call typing once all is loaded
     deferred = [line for line in r["lines"] if "compiling in a background process" in line]
+    stand_in = [line for line in deferred if "its numpy stand-in runs" in line]
     ready = [line for line in r["lines"] if "(parallel build): ready after" in line]
-    assert len(deferred) == 6 and len(ready) == 6, r["lines"]  # 2 convs and 4 pools
+    # the convs' two builds each (numpy meanwhile), the 4 pools' parallel ones (serial)
+    assert len(deferred) == 8 and len(stand_in) == 4 and len(ready) == 6, r["lines"]
     assert r["lines"][0] == "compiling kernels (first run only; cached afterwards)"
-    # the serial build cuts the same tiles for 2 threads: the same bits as the parallel one
-    assert r["loss_a"] == r["loss_b"] and r["same"]
+    # numpy sums in another order than the kernels: the same numbers to float32 rounding
+    assert np.allclose(r["loss_a"], r["loss_b"], rtol=1e-5) and r["close"]
 
 
 def _double(x, out):
@@ -203,7 +207,7 @@ def test_train_then_eval_cold_defer_and_say_so_where_a_program_will_not_read_it(
         text=True,
     )  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
-    assert "conv._forward_tiles (parallel build): compiling in a background" in train.stdout
+    assert "conv._forward_plain (parallel build): compiling in a background" in train.stdout
     evaluate = subprocess.run(
         [*cnnspec, "eval", "specs/lenet5.yaml", "--weights", str(run / "best.npz"), "--json"],
         cwd=ROOT, env=dict(env, NUMBA_CACHE_DIR=str(tmp_path / "b")), capture_output=True,
@@ -212,7 +216,7 @@ def test_train_then_eval_cold_defer_and_say_so_where_a_program_will_not_read_it(
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert json.loads(evaluate.stdout)["count"] > 0
     assert evaluate.stderr.startswith("compiling kernels (first run only; cached afterwards)")
-    assert "conv._forward_tiles (parallel build): compiling in a background" in evaluate.stderr
+    assert "conv._forward_plain (parallel build): compiling in a background" in evaluate.stderr
     assert not _processes_with(marker)  # each command's child was killed as it ended
 
 
@@ -241,7 +245,9 @@ def test_the_child_caches_only_the_build_asked_of_it(tmp_path):
     aff = np.zeros((2, 3), np.float32)
     args = (x, x, aff, 1, aff, 2, 1, x)
     sig = tuple(map(merge._add2_hooked.parallel.typeof_pyval, args))
-    request = base64.b64encode(pickle.dumps((0, merge.__name__, "_add2_hooked", sig)))
+    request = b"parallel " + base64.b64encode(
+        pickle.dumps((0, merge.__name__, "_add2_hooked", "parallel", sig))
+    )
     done = subprocess.run(
         [sys.executable, "-m", "cnnspec.kernels.cpu.background"],
         input=request + b"\n", capture_output=True, cwd=ROOT,
@@ -274,7 +280,9 @@ def test_a_child_whose_parent_is_gone_compiles_nothing_more(tmp_path):
 
     x = np.zeros(24, np.float32)
     sig = tuple(map(merge._add2.parallel.typeof_pyval, (x, x, 1, x)))
-    request = base64.b64encode(pickle.dumps((0, merge.__name__, "_add2", sig)))
+    request = b"parallel " + base64.b64encode(
+        pickle.dumps((0, merge.__name__, "_add2", "parallel", sig))
+    )
     parent = subprocess.run(
         [sys.executable, "-c", _ORPHAN], input=request + b"\n", capture_output=True, cwd=ROOT,
         env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)),

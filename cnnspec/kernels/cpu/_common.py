@@ -161,6 +161,12 @@ SERIAL_BELOW = 1 << 16  # elements
 HELPER = {"cache": True, "no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 
 
+def _renamed(func, name, qualname):
+    twin = types.FunctionType(func.__code__, func.__globals__, name, func.__defaults__)
+    twin.__qualname__ = qualname
+    return twin
+
+
 class Builds:
     """A prange kernel in two builds, each compiled on first use: parallel=True, and
     serial (prange runs as range), which compiles in ~1/3 of the CPU time (no parfor
@@ -169,14 +175,15 @@ class Builds:
     first runs of `cnnspec train`, `eval`, `predict`), a parallel build not yet compiled
     runs the serial one while a child process compiles it (background.py)."""
 
-    def __init__(self, py_func, **options):
+    def __init__(self, py_func, name=None, **options):
+        """`name`: a second Builds of the same function, as the module attribute `name`,
+        with cache indexes of its own."""
         options = dict(cache=True, no_cfunc_wrapper=True, **options)  # Numba's, for both
+        if name is not None:
+            py_func = _renamed(py_func, name, name)
         self.parallel = numba.njit(parallel=True, **options)(py_func)
         # its own qualname: Numba's on-disk cache is per qualname, not per build flags
-        twin = types.FunctionType(
-            py_func.__code__, py_func.__globals__, py_func.__name__, py_func.__defaults__
-        )
-        twin.__qualname__ = py_func.__qualname__ + "_serial"
+        twin = _renamed(py_func, py_func.__name__, py_func.__qualname__ + "_serial")
         self.serial = numba.njit(**options)(twin)
         self.__wrapped__ = py_func
 
@@ -191,6 +198,21 @@ class Builds:
         if BACKGROUND.active:  # the parallel build, or the serial one until it is ready
             return partial(BACKGROUND.run, self)
         return self.parallel
+
+    def now(self, serial: bool, args):
+        """For a kernel with a stand-in: the build `pick(serial)` would run, or None while
+        `BACKGROUND` defers and no build runs `args` without compiling here: a child
+        compiles them meanwhile (the serial build too on more threads, and first: the
+        child's own compiling leaves the model one core), and the caller runs its
+        stand-in. A process that has no second core compiles them here."""
+        if not BACKGROUND.active or not BACKGROUND.spare_core:
+            return self.pick(serial)
+        if not serial and BACKGROUND.ready(self.parallel, args, None):
+            return self.parallel  # (a warm run asks for no serial build it will not use)
+        serial_ready = BACKGROUND.ready(self.serial, args, "its numpy stand-in")
+        if not serial and BACKGROUND.ready(self.parallel, args, "its numpy stand-in"):
+            return self.parallel
+        return self.serial if serial_ready else None
 
 
 class SplitBySize(Builds):

@@ -22,6 +22,7 @@ import base64
 import importlib
 import os
 import pickle
+import queue
 import subprocess
 import sys
 import threading
@@ -63,6 +64,10 @@ class BackgroundBuilds:
         self.requests: list = []  # keys by request number (the child answers by number)
         self.child = None
         self.lock = threading.Lock()
+        try:
+            self.spare_core = len(os.sched_getaffinity(0)) > 1  # for the child
+        except (AttributeError, OSError):
+            self.spare_core = (os.cpu_count() or 1) > 1
 
     @contextmanager
     def deferring(self, say=None):
@@ -84,29 +89,42 @@ class BackgroundBuilds:
     def run(self, builds, *args):
         """Call the parallel build of `builds` if it is loaded or can be loaded, else
         its serial build, asking the child for the parallel one."""
-        sig = tuple(map(builds.parallel.typeof_pyval, args))
-        key = (builds, sig)
+        if self.ready(builds.parallel, args, "the serial build"):
+            return builds.parallel(*args)  # or FAILED: compiled here, as without us
+        return builds.serial(*args)
+
+    def ready(self, build, args, meanwhile: str | None) -> bool:
+        """Whether `build` (a Numba dispatcher) runs `args` now: it is loaded, in the
+        cache, or compiled here (no child could take it). Else the child is asked for
+        it, `meanwhile` (what runs instead) is said, and it is False until it is ready;
+        with `meanwhile` None nothing is asked."""
+        sig = tuple(map(build.typeof_pyval, args))
+        key = (build, sig)
         state = self.state.get(key)
         if state is None:
-            state = self.state[key] = LOADED if load_cached(builds.parallel, sig) else PENDING
-            if state == PENDING:
-                self._ask(key)
+            if load_cached(build, sig):
+                state = self.state[key] = LOADED
+            elif meanwhile is None:
+                return False
+            else:
+                self.state[key] = PENDING
+                self._ask(key, meanwhile)
                 state = self.state[key]  # FAILED if no child could take it
         if state == BUILT:
             # the child's build, from the cache (compiled here if the cache could not keep it)
-            builds.parallel.compile(sig)
+            build.compile(sig)
             state = self.state[key] = LOADED
             waited = time.perf_counter() - self.asked[key]
-            self.say(f"  {_name(builds)} (parallel build): ready after {waited:.1f} s")
-        if state == PENDING:
-            return builds.serial(*args)
-        return builds.parallel(*args)  # LOADED, or FAILED: compiled here, as without us
+            self.say(f"  {_name(build)}: ready after {waited:.1f} s")
+        return state != PENDING
 
     def settle(self) -> None:
-        """After a computation: stop deferring once parallel builds were asked for and
-        none is left to wait for (a deferred call costs ~4 us an argument to type; a
-        computation that asked for none, on one thread, pays nothing)."""
-        if self.state and not any(s in (PENDING, BUILT) for s in self.state.values()):
+        """After a computation: stop deferring once builds were asked for and none is
+        left to wait for (a deferred call costs ~4 us an argument to type; a computation
+        that asked for none, on one thread, pays nothing). A build the child finished
+        and this process has not loaded is in the cache: Numba loads it at its next call
+        (a conv's serial build on more threads may never have one)."""
+        if self.state and PENDING not in self.state.values():
             self.active = False
 
     def wait(self, timeout: float) -> bool:
@@ -134,9 +152,10 @@ class BackgroundBuilds:
             if s == PENDING:
                 del self.state[key]  # asked for again by the next deferring()
 
-    def _ask(self, key) -> None:
-        builds, sig = key
-        func = builds.parallel.py_func
+    def _ask(self, key, meanwhile: str) -> None:
+        build, sig = key
+        func = build.py_func
+        which = "parallel" if build.targetoptions.get("parallel") else "serial"
         with self.lock:
             number = len(self.requests)
             self.requests.append(key)
@@ -144,15 +163,16 @@ class BackgroundBuilds:
             try:
                 if self.child is None:
                     self.child = self._start()
-                line = base64.b64encode(pickle.dumps((number, func.__module__, func.__name__, sig)))
+                request = (number, func.__module__, func.__name__, which, sig)
+                line = which.encode() + b" " + base64.b64encode(pickle.dumps(request))
                 self.child.stdin.write(line + b"\n")
                 self.child.stdin.flush()
             except (OSError, ValueError, pickle.PicklingError):
                 self.state[key] = FAILED
                 return
         self.say(
-            f"  {_name(builds)} (parallel build): compiling in a background process; "
-            "the serial build runs until it is ready"
+            f"  {_name(build)}: compiling in a background process; "
+            f"{meanwhile} runs until it is ready"
         )
 
     def _start(self):
@@ -184,17 +204,19 @@ class BackgroundBuilds:
                 self.state[key] = FAILED
 
 
-def _name(builds) -> str:
+def _name(build) -> str:
+    """`family.function (parallel build)` (or serial) of a Builds' build."""
     from .backend import kernel_name
 
-    return kernel_name(builds.parallel)
+    which = "parallel" if build.targetoptions.get("parallel") else "serial"
+    return f"{kernel_name(build).removesuffix('_serial')} ({which} build)"
 
 
 BACKGROUND = BackgroundBuilds()
 
 
 def _serve() -> None:
-    """The child: compile each requested parallel build into Numba's cache, answer; stop
+    """The child: compile each requested build into Numba's cache, answer; stop
     at the end of the requests (the parent closed them) or when the parent is gone."""
     try:
         os.nice(10)  # the model's own steps come first
@@ -213,13 +235,22 @@ def _serve() -> None:
         save_overload(cache, *args) if target and cache is target[0] else None
     )
     parent = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()  # (it may be gone)
-    for line in sys.stdin.buffer:
+    requests = queue.PriorityQueue()
+
+    def read():  # serial builds first (a model waiting for one runs a stand-in), in order
+        for order, line in enumerate(sys.stdin.buffer):
+            which, _, request = line.partition(b" ")
+            requests.put((which != b"serial", order, request))
+        requests.put((2, 0, None))  # the end of the requests
+
+    threading.Thread(target=read, daemon=True).start()
+    while (request := requests.get()[2]) is not None:
         if os.getppid() != parent:
             break  # the parent was killed: its queued requests are no one's
         number = -1
         try:
-            number, module, name, sig = pickle.loads(base64.b64decode(line))
-            build = getattr(importlib.import_module(module), name).parallel
+            number, module, name, which, sig = pickle.loads(base64.b64decode(request))
+            build = getattr(getattr(importlib.import_module(module), name), which)
             target[:] = [build._cache]
             build.compile(sig)
             answer = f"ok {number}"

@@ -1,0 +1,90 @@
+"""The numpy convolution that stands in for the conv kernels while a first run's child
+compiles them (kernels/cpu/conv_numpy.py): the kernels' results, call for call."""
+
+import numba
+import numpy as np
+import pytest
+
+from cnnspec.kernels.cpu import conv, conv_numpy
+from cnnspec.kernels.cpu._common import Builds
+
+# (n, c, h, w, o, kh, kw, stride, pad (t, b, l, r), dilation, groups)
+CASES = {
+    "lenet-c1": (3, 1, 12, 12, 6, 5, 5, (1, 1), (0, 0, 0, 0), (1, 1), 1),
+    "same-3x3": (2, 4, 7, 9, 5, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    "strided-uneven-pad": (2, 3, 9, 8, 4, 3, 2, (2, 3), (2, 0, 1, 1), (1, 1), 1),
+    "dilated-grouped": (2, 4, 10, 10, 6, 3, 3, (1, 2), (2, 2, 0, 1), (2, 1), 2),
+    "stride-leaves-rows": (2, 2, 8, 8, 3, 2, 2, (3, 3), (0, 0, 0, 0), (1, 1), 1),
+}
+
+
+def _conv(case, dtype, seed):
+    n, c, h, w, o, kh, kw, stride, pad, dil, g = case
+    rng = np.random.default_rng(seed)
+    oh = (h + pad[0] + pad[1] - dil[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + pad[2] + pad[3] - dil[1] * (kw - 1) - 1) // stride[1] + 1
+
+    def normal(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    x, wt, b = normal(n, c, h, w), normal(o, c // g, kh, kw), normal(o)
+    size = conv.conv2d_workspace(x.shape, wt.shape, (n, o, oh, ow), stride, pad, dil, x.itemsize)
+    return x, wt, b, normal(n, o, oh, ow), np.empty(size, dtype), (stride, pad, dil, g)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("act, residual", [(0, False), (1, False), (1, True)])
+def test_forward_matches_the_kernels(name, dtype, tol, act, residual):
+    x, w, b, res, ws, (stride, pad, dil, g) = _conv(CASES[name], dtype, 1)
+    res = res if residual else None
+    want, got = np.empty_like(res if res is not None else _conv(CASES[name], dtype, 1)[3]), None
+    conv.conv2d_forward(x, w, b, stride, pad, dil, g, want, ws, act=act, residual=res)
+    got = np.full_like(want, np.nan)
+    conv_numpy.conv2d_forward(x, w, b, stride, pad, dil, g, got, act, res)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize(
+    "act, accumulate, relu_dx, with_dx, with_db",
+    [(0, False, False, True, True), (1, True, False, True, False),
+     (0, False, True, True, True), (1, False, False, False, True)],
+)  # fmt: skip
+def test_backward_matches_the_kernels(name, dtype, tol, act, accumulate, relu_dx, with_dx, with_db):
+    x, w, b, dout, ws, (stride, pad, dil, g) = _conv(CASES[name], dtype, 2)
+    out = np.empty_like(dout)
+    conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, ws, act=act)
+    start = np.random.default_rng(3).standard_normal(x.shape).astype(dtype)
+    results = []
+    for run in ("kernels", "numpy"):
+        dx = start.copy() if with_dx else None
+        dw, db = np.full_like(w, np.nan), np.full_like(b, np.nan) if with_db else None
+        args = (x, w, dout, stride, pad, dil, g)
+        if run == "kernels":
+            conv.conv2d_backward(*args, ws, dx, dw, db, out=out if act else None, act=act,
+                                 accumulate=accumulate, relu_dx=relu_dx)  # fmt: skip
+        else:
+            y = out if act else dout
+            conv_numpy.conv2d_backward(*args, dx, dw, db, y, act, accumulate, relu_dx)
+        results.append([a for a in (dx, dw, db) if a is not None])
+    for want, got in zip(*results, strict=True):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+def test_serial_and_parallel_builds_give_the_same_bits(monkeypatch):
+    """What lets a first run's steps switch from one build to the other mid-run."""
+    if numba.get_num_threads() < 2:
+        pytest.skip("one Numba thread: the parallel build runs as the serial one")
+    x, w, b, dout, ws, (stride, pad, dil, g) = _conv(CASES["dilated-grouped"], np.float32, 4)
+    results = []
+    for serial in (True, False):
+        for builds in (conv._forward_plain, conv._backward_plain):
+            monkeypatch.setattr(builds, "pick", lambda _, b=builds, s=serial: Builds.pick(b, s))
+        out, dx, dw, db = np.empty_like(dout), np.empty_like(x), np.empty_like(w), np.empty_like(b)
+        conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, ws, act=1)
+        conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, dx, dw, db, out=out, act=1)
+        results.append((out, dx, dw, db))
+    for a, b_ in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b_)
