@@ -43,10 +43,10 @@ a, b = net.compile(batch_size=64, seed=1), net.compile(batch_size=64, seed=1)
 lines = []
 with get_backend("cpu").compiling(lines.append):
     loss_a = [a.step(x, y, momentum=0.9)]
-    first = [bool(k.parallel.overloads) for k in (conv._forward_plain, conv._backward_plain)]
+    first = [bool(k.parallel.overloads) for k in (conv._forward_tiles, conv._backward_samples)]
     done = BACKGROUND.wait(900)
     loss_a.append(a.step(x, y, momentum=0.9))
-    after = [bool(k.parallel.overloads) for k in (conv._forward_plain, conv._backward_plain)]
+    after = [bool(k.parallel.overloads) for k in (conv._forward_tiles, conv._backward_samples)]
     still_deferring = BACKGROUND.active
 loss_b = [b.step(x, y, momentum=0.9) for _ in range(2)]
 close = all(np.allclose(a.params[k], b.params[k], rtol=1e-4, atol=1e-6) for k in a.params)
@@ -70,7 +70,8 @@ def test_first_steps_run_on_stand_ins_while_a_child_compiles_the_builds(tmp_path
     r = json.loads(done.stdout.strip().splitlines()[-1])
     # nothing parallel=True compiled in this process, nor the convs' builds: the child's
     # came from the cache
-    here = [name for name, parallel in r["compiled"] if parallel or "_plain" in name]
+    convs = ("_forward_tiles", "_backward_samples")
+    here = [name for name, parallel in r["compiled"] if parallel or name.startswith(convs)]
     assert not here, r["compiled"]
     assert r["first"] == [False, False] and r["done"] and r["after"] == [True, True]
     assert not r["still_deferring"]  # settled: no per-call typing once all is loaded
@@ -207,7 +208,7 @@ def test_train_then_eval_cold_defer_and_say_so_where_a_program_will_not_read_it(
         text=True,
     )  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
-    assert "conv._forward_plain (parallel build): compiling in a background" in train.stdout
+    assert "conv._forward_tiles (parallel build): compiling in a background" in train.stdout
     evaluate = subprocess.run(
         [*cnnspec, "eval", "specs/lenet5.yaml", "--weights", str(run / "best.npz"), "--json"],
         cwd=ROOT, env=dict(env, NUMBA_CACHE_DIR=str(tmp_path / "b")), capture_output=True,
@@ -216,7 +217,7 @@ def test_train_then_eval_cold_defer_and_say_so_where_a_program_will_not_read_it(
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert json.loads(evaluate.stdout)["count"] > 0
     assert evaluate.stderr.startswith("compiling kernels (first run only; cached afterwards)")
-    assert "conv._forward_plain (parallel build): compiling in a background" in evaluate.stderr
+    assert "conv._forward_tiles (parallel build): compiling in a background" in evaluate.stderr
     assert not _processes_with(marker)  # each command's child was killed as it ended
 
 

@@ -57,7 +57,7 @@ def test_lenet5_cold_step_compiles_only_what_it_uses(tmp_path, threads):
     parallel = sorted(name for name, _, parallel, _ in ours if parallel)
     pools = ["_avgpool_bwd_2x2", "_avgpool_fwd_2x2", "_maxpool_bwd", "_maxpool_fwd_2x2"]
     assert parallel == (
-        [] if threads == 1 else sorted(["_backward_plain", "_forward_plain", *pools])
+        [] if threads == 1 else sorted(["_backward_samples", "_forward_tiles", *pools])
     ), ours
     # each function compiled once (a second signature is a second compile); _pack once
     # per direction (a literal bool: each build without the other's loops)

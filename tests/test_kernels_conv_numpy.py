@@ -41,7 +41,7 @@ def test_forward_matches_the_kernels(name, dtype, tol, act, residual):
     want, got = np.empty_like(res if res is not None else _conv(CASES[name], dtype, 1)[3]), None
     conv.conv2d_forward(x, w, b, stride, pad, dil, g, want, ws, act=act, residual=res)
     got = np.full_like(want, np.nan)
-    conv_numpy.conv2d_forward(x, w, b, stride, pad, dil, g, got, act, res)
+    conv_numpy.conv2d_forward(x, w, b, stride, pad, dil, g, got, act=act, residual=res)
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
@@ -66,8 +66,8 @@ def test_backward_matches_the_kernels(name, dtype, tol, act, accumulate, relu_dx
             conv.conv2d_backward(*args, ws, dx, dw, db, out=out if act else None, act=act,
                                  accumulate=accumulate, relu_dx=relu_dx)  # fmt: skip
         else:
-            y = out if act else dout
-            conv_numpy.conv2d_backward(*args, dx, dw, db, y, act, accumulate, relu_dx)
+            conv_numpy.conv2d_backward(*args, dx, dw, db, out=out if act else None, act=act,
+                                       accumulate=accumulate, relu_dx=relu_dx)  # fmt: skip
         results.append([a for a in (dx, dw, db) if a is not None])
     for want, got in zip(*results, strict=True):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
@@ -80,7 +80,7 @@ def test_serial_and_parallel_builds_give_the_same_bits(monkeypatch):
     x, w, b, dout, ws, (stride, pad, dil, g) = _conv(CASES["dilated-grouped"], np.float32, 4)
     results = []
     for serial in (True, False):
-        for builds in (conv._forward_plain, conv._backward_plain):
+        for builds in (conv._forward_tiles, conv._backward_samples):
             monkeypatch.setattr(builds, "pick", lambda _, b=builds, s=serial: Builds.pick(b, s))
         out, dx, dw, db = np.empty_like(dout), np.empty_like(x), np.empty_like(w), np.empty_like(b)
         conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, ws, act=1)
@@ -88,3 +88,36 @@ def test_serial_and_parallel_builds_give_the_same_bits(monkeypatch):
         results.append((out, dx, dw, db))
     for a, b_ in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b_)
+
+
+def _affine(rng, c, dtype):
+    return rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
+@pytest.mark.parametrize("name", ["same-3x3", "strided-uneven-pad", "dilated-grouped"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_hooks_match_the_kernels(name, dtype, tol, relu):
+    """A norm before the conv (affine input, its gradient's sums), one after it (the
+    statistics of the output, the norm's output gradient in place of the conv's)."""
+    x, w, b, dout, ws, (stride, pad, dil, g) = _conv(CASES[name], dtype, 5)
+    rng = np.random.default_rng(6)
+    scale, shift = _affine(rng, x.shape[1], dtype)
+    in_affine = (scale, shift, relu)
+    k = rng.standard_normal((3, w.shape[0])).astype(dtype)
+    dout_affine = (k, np.stack(_affine(rng, w.shape[0], dtype)), relu)
+    mean = rng.standard_normal(x.shape[1])
+    results = []
+    for run in (conv, conv_numpy):
+        out, stats = np.full_like(dout, np.nan), np.full((2, w.shape[0]), np.nan)
+        extra = (ws,) if run is conv else ()
+        run.conv2d_forward(x, w, b, stride, pad, dil, g, out, *extra, in_affine=in_affine,
+                           stats=stats)  # fmt: skip
+        dx, dw, db = np.full_like(x, np.nan), np.full_like(w, np.nan), np.full_like(b, np.nan)
+        sums = np.full((2, x.shape[1]), np.nan)
+        run.conv2d_backward(x, w, dout, stride, pad, dil, g, *extra, dx, dw, db, out=out,
+                            in_affine=in_affine, dout_affine=dout_affine,
+                            dx_sums=(mean, sums))  # fmt: skip
+        results.append((out, stats, dx, dw, db, sums))
+    for want, got in zip(*results, strict=True):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)

@@ -161,12 +161,6 @@ SERIAL_BELOW = 1 << 16  # elements
 HELPER = {"cache": True, "no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 
 
-def _renamed(func, name, qualname):
-    twin = types.FunctionType(func.__code__, func.__globals__, name, func.__defaults__)
-    twin.__qualname__ = qualname
-    return twin
-
-
 class Builds:
     """A prange kernel in two builds, each compiled on first use: parallel=True, and
     serial (prange runs as range), which compiles in ~1/3 of the CPU time (no parfor
@@ -175,15 +169,14 @@ class Builds:
     first runs of `cnnspec train`, `eval`, `predict`), a parallel build not yet compiled
     runs the serial one while a child process compiles it (background.py)."""
 
-    def __init__(self, py_func, name=None, **options):
-        """`name`: a second Builds of the same function, as the module attribute `name`,
-        with cache indexes of its own."""
+    def __init__(self, py_func, **options):
         options = dict(cache=True, no_cfunc_wrapper=True, **options)  # Numba's, for both
-        if name is not None:
-            py_func = _renamed(py_func, name, name)
         self.parallel = numba.njit(parallel=True, **options)(py_func)
         # its own qualname: Numba's on-disk cache is per qualname, not per build flags
-        twin = _renamed(py_func, py_func.__name__, py_func.__qualname__ + "_serial")
+        twin = types.FunctionType(
+            py_func.__code__, py_func.__globals__, py_func.__name__, py_func.__defaults__
+        )
+        twin.__qualname__ = py_func.__qualname__ + "_serial"
         self.serial = numba.njit(**options)(twin)
         self.__wrapped__ = py_func
 

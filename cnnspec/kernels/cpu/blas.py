@@ -21,8 +21,6 @@ from functools import cache
 import numba
 import numpy as np
 
-__all__ = ["matmul"]
-
 # at least this many floating-point operations a block. The speed-up of two blocks over
 # one call just after a parallel loop (AMD EPYC Zen 3, 2 threads, float32): 0.71 at
 # 6 MFLOP, 1.15 at 17, 1.6 at 34, 1.89 at 268 (VGG-small's fc3, b64)

@@ -1655,13 +1655,6 @@ def _backward_samples(
             n0 += ns
 
 
-# The calls without batch-norm hooks (LeNet-5's, VGG's) have builds of their own: a first
-# run's child compiles those while conv_numpy stands in, and this process the hooked
-# ones (no two processes write one cache index: background.py)
-_forward_plain = Builds(_forward_tiles.__wrapped__, name="_forward_plain")
-_backward_plain = Builds(_backward_samples.__wrapped__, name="_backward_plain")
-
-
 def _check(x, w, out, groups, ws):
     check_grouped_conv(x, w, out, groups)
     if x.dtype != w.dtype or x.dtype != out.dtype or x.dtype != ws.dtype:
@@ -1778,12 +1771,13 @@ def conv2d_forward(
         x, w3, bias, int(act), dims, tuple(geo), threads, out, flat, aff, mode, moments,
         stats is not None, _split(stride), None if residual is None else residual.reshape(-1),
     )  # fmt: skip
-    serial = threads == 1
-    kernel = _forward_tiles.pick(serial) if hooked else _forward_plain.now(serial, args)
+    kernel = _forward_tiles.now(threads == 1, args)
     if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
-        conv_numpy.conv2d_forward(x, w, b, stride, pad, dilation, groups, out, act, residual)
-    else:
-        kernel(*args)
+        conv_numpy.conv2d_forward(
+            x, w, b, stride, pad, dilation, groups, out, act, residual, in_affine, stats
+        )
+        return
+    kernel(*args)
     if stats is not None:
         check_shape("stats", stats, (2, o))
         stats[0], stats[1] = merge_moments(moments)
@@ -1875,12 +1869,12 @@ def conv2d_backward(
         bool(accumulate), gk, gmode, None if dxc is None else tuple(dxc), dsums, int(relu_dx),
         _split(stride),
     )  # fmt: skip
-    serial, normed = threads == 1, in_affine is not None or dout_affine is not None
-    kernel = _backward_samples.pick(serial) if normed else _backward_plain.now(serial, args)
+    kernel = _backward_samples.now(threads == 1, args)
     if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
         conv_numpy.conv2d_backward(
-            x, w, dout, stride, pad, dilation, groups, dx, dw, db, y, act, accumulate, relu_dx
-        )
+            x, w, dout, stride, pad, dilation, groups, dx, dw, db, out, act, in_affine,
+            accumulate, dout_affine, dx_sums, relu_dx,
+        )  # fmt: skip
         return
     kernel(*args)
     if dx_sums is not None:  # the threads' sums, added in thread order

@@ -5,10 +5,11 @@ compiles them (background.py) the model computes with these instead: its first s
 starts at once, and each step after at a few times the kernels' time until they load.
 
 Im2col and numpy's matmul, over every stride, padding, dilation and group count, with
-the bias, a fused ReLU, a fused residual add, and a gradient added to (or masked for a
-ReLU before) the input; the batch-norm hooks are the kernels' alone. Float sums in
-another order than the kernels': a cold run's first steps differ from a warm run's in
-the last bits (CNNSPEC_BACKGROUND_BUILDS=0 compiles before the first step instead).
+every hook of the kernels (bias, fused ReLU, residual add, batch norms' statistics and
+affine input, the norm's gradient in place of the output's, an input gradient added to
+or masked for a ReLU). Float sums in another order than the kernels': a cold run's first
+steps differ from a warm run's in the last bits (CNNSPEC_BACKGROUND_BUILDS=0 compiles
+before the first step instead).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import numpy as np
 
 from ._common import unpack_geometry
-
-__all__ = ["conv2d_forward", "conv2d_backward"]
 
 
 def _geometry(x, w, out_shape, stride, pad, dilation):
@@ -51,9 +50,25 @@ def _columns(x, w, out_shape, stride, pad, dilation, groups):
     return windows.reshape(n, groups, c // groups * kh * kw, oh * ow), geo
 
 
-def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, act, residual):
-    """As the kernels' conv2d_forward without the batch-norm hooks."""
-    cols, _ = _columns(x, w, out.shape, stride, pad, dilation, groups)
+def _hooked(x, in_affine):
+    """h(x): x * scale + shift per channel, then max(., 0) with the hook's ReLU."""
+    if in_affine is None:
+        return x
+    scale, shift, relu = in_affine
+    h = x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+    return np.maximum(h, 0, out=h) if relu else h
+
+
+def _channel_moments(y):
+    y = y.astype(np.float64)
+    mean = y.mean(axis=(0, 2, 3))
+    return mean, ((y - mean.reshape(1, -1, 1, 1)) ** 2).mean(axis=(0, 2, 3))
+
+
+def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, act=0, residual=None,
+                   in_affine=None, stats=None):  # fmt: skip
+    """As the kernels' conv2d_forward (the same arguments and hooks)."""
+    cols, _ = _columns(_hooked(x, in_affine), w, out.shape, stride, pad, dilation, groups)
     n, o = out.shape[:2]
     w3 = w.reshape(groups, o // groups, -1)
     y = np.matmul(w3, cols).reshape(out.shape)
@@ -64,16 +79,31 @@ def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, act, residual):
     if act:
         np.maximum(y, 0, out=y)
     out[...] = y
+    if stats is not None:
+        stats[0], stats[1] = _channel_moments(out)
 
 
-def conv2d_backward(x, w, dout, stride, pad, dilation, groups, dx, dw, db, y, act,
-                    accumulate, relu_dx):  # fmt: skip
-    """As the kernels' conv2d_backward without the batch-norm hooks; `y` is the forward
-    output where a ReLU was fused."""
-    g_out = np.where(y > 0, dout, 0).astype(dout.dtype) if act else dout
-    cols, geo = _columns(x, w, dout.shape, stride, pad, dilation, groups)
+def conv2d_backward(x, w, dout, stride, pad, dilation, groups, dx, dw, db, out=None, act=0,
+                    in_affine=None, accumulate=False, dout_affine=None, dx_sums=None,
+                    relu_dx=False):  # fmt: skip
+    """As the kernels' conv2d_backward (the same arguments and hooks, checked there)."""
+    o = dout.shape[1]
+    per_channel = (1, o, 1, 1)
+    if dout_affine is not None:  # dout is the norm's output gradient: the conv's own
+        k, affine, relu = dout_affine
+        g = dout
+        if relu:
+            on = out * affine[0].reshape(per_channel) + affine[1].reshape(per_channel) > 0
+            g = np.where(on, dout, 0)
+        g_out = k[0].reshape(per_channel) * g + k[1].reshape(per_channel) * out
+        g_out = (g_out + k[2].reshape(per_channel)).astype(dout.dtype)
+    elif act:
+        g_out = np.where(out > 0, dout, 0).astype(dout.dtype)
+    else:
+        g_out = dout
+    cols, geo = _columns(_hooked(x, in_affine), w, dout.shape, stride, pad, dilation, groups)
     sh, sw, pt, pl, dh, ddw, kh, kw, oh, ow, rows, cols_ = geo
-    n, o = dout.shape[:2]
+    n = dout.shape[0]
     g3 = g_out.reshape(n, groups, o // groups, oh * ow)
     dw[...] = np.matmul(g3, cols.transpose(0, 1, 3, 2)).sum(axis=0).reshape(dw.shape)
     if db is not None:
@@ -97,3 +127,13 @@ def conv2d_backward(x, w, dout, stride, pad, dilation, groups, dx, dw, db, y, ac
         dx[...] = grad
     if relu_dx:
         dx[x <= 0] = 0
+    if (
+        dx_sums is not None
+    ):  # what the norm before reads: sums over g, g = dx where h's ReLU let x through
+        mean, sums = dx_sums
+        scale, shift, relu = in_affine
+        g = dx.astype(np.float64)
+        if relu:
+            g[x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1) <= 0] = 0
+        sums[0] = g.sum(axis=(0, 2, 3))
+        sums[1] = (g * (x - mean.reshape(1, -1, 1, 1).astype(x.dtype))).sum(axis=(0, 2, 3))
