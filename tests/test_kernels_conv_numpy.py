@@ -1,12 +1,16 @@
 """The numpy convolution that stands in for the conv kernels while a first run's child
 compiles them (kernels/cpu/conv_numpy.py): the kernels' results, call for call."""
 
+import sys
+
 import numba
 import numpy as np
 import pytest
 
-from cnnspec.kernels.cpu import conv, conv_numpy
+from cnnspec.kernels.cpu import _common, conv, conv_numpy, winograd
+from cnnspec.kernels.cpu import background as background_module
 from cnnspec.kernels.cpu._common import Builds
+from cnnspec.kernels.cpu.background import BackgroundBuilds
 
 # (n, c, h, w, o, kh, kw, stride, pad (t, b, l, r), dilation, groups)
 CASES = {
@@ -121,3 +125,38 @@ def test_batch_norm_hooks_match_the_kernels(name, dtype, tol, relu):
         results.append((out, stats, dx, dw, db, sums))
     for want, got in zip(*results, strict=True):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("winograd_mode", ["0", "1"], ids=["direct", "winograd"])
+def test_a_first_run_computes_on_the_stand_in_while_the_child_compiles(monkeypatch, winograd_mode):
+    """No conv build is ready (as on an empty cache): the calls ask a child for them and
+    return numpy's numbers at once, the direct conv's calls and Winograd's alike."""
+    background = BackgroundBuilds(command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    if not background.spare_core:
+        pytest.skip("one core: a first run compiles its kernels in its own process")
+    monkeypatch.setenv("CNNSPEC_BACKGROUND_BUILDS", "1")  # (the tests' default: off)
+    monkeypatch.setattr(_common, "BACKGROUND", background)  # (what Builds.now reads)
+    monkeypatch.setattr(background_module, "load_cached", lambda build, sig: False)
+    monkeypatch.setattr(winograd, "MODE", winograd_mode)
+    x, w, b, dout, ws, (stride, pad, dil, g) = _conv(CASES["same-3x3"], np.float32, 7)
+    assert winograd.chooses(x.shape, w.shape, dout.shape, stride, pad, dil, g) == (
+        winograd_mode == "1"
+    )
+    size = winograd.workspace(x.shape, w.shape, dout.shape, x.itemsize)
+    ws = np.empty(max(ws.size, size), np.float32)
+    got, want = [], []
+    with background.deferring():
+        out = np.empty_like(dout)
+        conv.conv2d_forward(x, w, b, stride, pad, dil, g, out, ws, act=1)
+        dx, dw, db = np.empty_like(x), np.empty_like(w), np.empty_like(b)
+        conv.conv2d_backward(x, w, dout, stride, pad, dil, g, ws, dx, dw, db, out=out, act=1)
+        got += [out, dx, dw, db]
+        asked = sorted(background.state.values())
+    out = np.empty_like(dout)
+    conv_numpy.conv2d_forward(x, w, b, stride, pad, dil, g, out, act=1)
+    dx, dw, db = np.empty_like(x), np.empty_like(w), np.empty_like(b)
+    conv_numpy.conv2d_backward(x, w, dout, stride, pad, dil, g, dx, dw, db, out=out, act=1)
+    want += [out, dx, dw, db]
+    for a, b_ in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b_)
+    assert asked == ["pending"] * (4 if numba.get_num_threads() > 1 else 2)

@@ -72,7 +72,7 @@ def conv2d_forward(x, w, b, stride, pad, dilation, groups, out, act=0, residual=
     n, o = out.shape[:2]
     w3 = w.reshape(groups, o // groups, -1)
     y = np.matmul(w3, cols).reshape(out.shape)
-    if b is not None:
+    if b is not None and b.size:  # (the kernels' "no bias": None or empty)
         y += b.reshape(1, o, 1, 1)
     if residual is not None:
         y += residual

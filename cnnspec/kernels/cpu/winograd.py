@@ -48,7 +48,7 @@ import numpy as np
 from numba import njit, prange
 
 # conv imports this module for its dispatch: its names are looked up when used
-from . import conv
+from . import conv, conv_numpy
 from ._common import HELPER, VECTOR_BITS, Builds
 
 # CNNSPEC_WINOGRAD: "auto" (default) takes the measured rule below, "0" never uses
@@ -660,8 +660,12 @@ def forward(x, w, bias, pad, out, ws, act):
     RUNS["forward"] += 1
     geo, threads, flat = _plan(x, w, out, ws, False)
     pads = (int(pad[0]), int(pad[2]))
-    kernel = _forward_blocks.pick(threads == 1)  # one thread: the serial build
-    kernel(x, w, bias, int(act), pads, tuple(geo), threads, out, flat)
+    args = (x, w, bias, int(act), pads, tuple(geo), threads, out, flat)
+    kernel = _forward_blocks.now(threads == 1, args)  # one thread: the serial build
+    if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
+        conv_numpy.conv2d_forward(x, w, bias, (1, 1), pad, (1, 1), 1, out, act)
+        return
+    kernel(*args)
 
 
 def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
@@ -671,8 +675,12 @@ def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
     pads = (int(pad[0]), int(pad[2]))
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
-    kernel = _backward_samples.pick(threads == 1)
-    kernel(x, w, dout, y, int(act), want_dx, pads, tuple(geo), threads, dx_arg, flat)
+    args = (x, w, dout, y, int(act), want_dx, pads, tuple(geo), threads, dx_arg, flat)
+    kernel = _backward_samples.now(threads == 1, args)
+    if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
+        conv_numpy.conv2d_backward(x, w, dout, (1, 1), pad, (1, 1), 1, dx, dw, db, y, act)
+        return
+    kernel(*args)
     # the threads' private sums, added in thread order: the same bits every run
     k_ = w.shape[0]
     du_at, db_at = _regions.py_func(geo, x.shape[1], 0)[4:6]  # (a helper: no Python entry)
