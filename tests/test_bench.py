@@ -363,3 +363,13 @@ def test_vs_torch_holds_torch_to_avx2_beside_the_256_bit_kernels(vs_torch, monke
     rows = [{"cnnspec": {"isa": "256-bit kernels"}, "torch": {"isa": "AVX2"}}]
     text = vs_torch._isa_text(rows, {"torch_isa_env": held})
     assert text.startswith("cnnspec 256-bit kernels, torch AVX2 (held there")
+
+
+def test_kernel_state_counts_both_builds_of_each_kernel():
+    """A kernel in two builds (serial, parallel) holds its dispatchers in an object of its
+    own: the cache verdict counted neither (start-up rows read "0 kernels compiled")."""
+    from cnnspec.bench.measure import _dispatchers
+    from cnnspec.kernels.cpu import conv
+
+    found = {id(d) for d in _dispatchers()}
+    assert {id(conv._forward_tiles.serial), id(conv._forward_tiles.parallel)} <= found

@@ -65,8 +65,10 @@ def _dispatchers():
         if not name.startswith("cnnspec") or mod is None:
             continue
         for obj in list(vars(mod).values()):
-            if isinstance(obj, Dispatcher):
-                seen[id(obj)] = obj
+            # a kernel's two builds (kernels/cpu/_common.py's Builds) are Dispatchers too
+            for d in (obj, getattr(obj, "parallel", None), getattr(obj, "serial", None)):
+                if isinstance(d, Dispatcher):
+                    seen[id(d)] = d
     cuda = sys.modules.get("cnnspec.kernels.cuda._common")  # numba-cuda's are no Dispatcher
     for kernel in getattr(cuda, "KERNELS", ()):
         if hasattr(kernel, "stats"):  # not the simulator's stand-ins

@@ -1,4 +1,4 @@
-"""Parallel builds compiled in a background process while the first steps run serially.
+"""Builds compiled in a background process while the first steps run without them.
 
 A kernel's parallel=True build costs several times the CPU of its serial one to compile
 (Numba optimises a parallel loop's body in four libraries, one linking the next): on 2
@@ -11,6 +11,13 @@ process compiles the parallel build into the cache, on another core, niced; the 
 loads it at its next call once it is there. A run that ends first kills the child: it
 ran at one thread's speed, and started about twice as soon (LeNet-5's first epoch, cold,
 2 threads: 18-21 s -> 9-10 s).
+
+The convolutions' builds, serial ones too, are the child's alone (`Builds.now`): they
+were ~9 of the 10.5 s of CPU a cold LeNet-5 first step took on one thread, and while the
+child compiles them a numpy convolution (conv_numpy.py) stands in. On more threads the
+child takes the serial build first (its own compiling leaves the model one core), and it
+serves serial requests before the parallel ones queued meanwhile. A process without a
+second core compiles everything itself, as without a child.
 
 Not a thread: Numba compiles under one process-wide lock, and its typing and lowering
 hold the GIL, which the kernels (not nogil) hold while they run.
