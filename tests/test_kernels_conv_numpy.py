@@ -100,10 +100,13 @@ def _affine(rng, c, dtype):
 
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
 @pytest.mark.parametrize("name", ["same-3x3", "strided-uneven-pad", "dilated-grouped"])
-@pytest.mark.parametrize("relu", [False, True])
-def test_batch_norm_hooks_match_the_kernels(name, dtype, tol, relu):
+@pytest.mark.parametrize("relu, chunked", [(False, False), (True, False), (True, True)])
+def test_batch_norm_hooks_match_the_kernels(name, dtype, tol, relu, chunked, monkeypatch):
     """A norm before the conv (affine input, its gradient's sums), one after it (the
-    statistics of the output, the norm's output gradient in place of the conv's)."""
+    statistics of the output, the norm's output gradient in place of the conv's); the
+    numpy side also a sample at a time (its bound on memory for large layers)."""
+    if chunked:
+        monkeypatch.setattr(conv_numpy, "_CHUNK_BYTES", 1)
     x, w, b, dout, ws, (stride, pad, dil, g) = _conv(CASES[name], dtype, 5)
     rng = np.random.default_rng(6)
     scale, shift = _affine(rng, x.shape[1], dtype)
