@@ -1767,6 +1767,8 @@ def conv2d_forward(
     if in_affine is not None or stats is not None:
         aff, mode = input_hook(in_affine, x)
         moments = np.zeros((threads if stats is not None else 1, 3 * o + 1))
+    if stats is not None:
+        check_shape("stats", stats, (2, o))
     args = (
         x, w3, bias, int(act), dims, tuple(geo), threads, out, flat, aff, mode, moments,
         stats is not None, _split(stride), None if residual is None else residual.reshape(-1),
@@ -1779,7 +1781,6 @@ def conv2d_forward(
         return
     kernel(*args)
     if stats is not None:
-        check_shape("stats", stats, (2, o))
         stats[0], stats[1] = merge_moments(moments)
 
 
