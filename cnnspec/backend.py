@@ -45,10 +45,12 @@ class Backend:
             self.kernels(module.name)
 
     @contextmanager
-    def compiling(self, say: Callable[[str], None]) -> Iterator[None]:
+    def compiling(self, say: Callable[[str], None], alone: bool = True) -> Iterator[None]:
         """While inside, ``say`` gets a line as kernels compile (a cold cache: first runs
         only), so a first step that compiles does not look frozen; a backend may compile
-        some kernels in the background meanwhile (the CPU's parallel builds)."""
+        some kernels in the background meanwhile (the CPU's parallel builds, and with
+        ``alone`` (no other ranks of a run beside this process, whose cores a background
+        compiler would take) its convolutions, while numpy stands in)."""
         yield
 
     def zeros(self, shape, dtype) -> np.ndarray:

@@ -538,7 +538,8 @@ def train(
             f"{processes.describe(cfg['batch_size'])}, "
             f"{cfg.get('epochs', DEFAULTS['epochs'])} epochs -> {out_path}/"
         )
-        with model.backend.compiling(_say if processes.root else lambda line: None):
+        say = _say if processes.root else lambda line: None
+        with model.backend.compiling(say, alone=processes.size == 1):
             history = fit(
                 model,
                 train_ds,

@@ -163,3 +163,14 @@ def test_a_first_run_computes_on_the_stand_in_while_the_child_compiles(monkeypat
     for a, b_ in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b_)
     assert asked == ["pending"] * (4 if numba.get_num_threads() > 1 else 2)
+
+
+def test_a_rank_of_a_distributed_run_compiles_its_convs_itself(monkeypatch):
+    """One of several ranks (`compiling(alone=False)`): a child would take a core from
+    another rank and come late, so no stand-in and nothing asked of a child."""
+    background = BackgroundBuilds(command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setenv("CNNSPEC_BACKGROUND_BUILDS", "1")
+    monkeypatch.setattr(_common, "BACKGROUND", background)
+    with background.deferring(stand_ins=False):
+        assert conv._forward_tiles.now(True, ()) is conv._forward_tiles.serial
+        assert not background.state and background.child is None

@@ -197,8 +197,9 @@ class Builds:
         `BACKGROUND` defers and no build runs `args` without compiling here: a child
         compiles them meanwhile (the serial build too on more threads, and first: the
         child's own compiling leaves the model one core), and the caller runs its
-        stand-in. A process that has no second core compiles them here."""
-        if not BACKGROUND.active or not BACKGROUND.spare_core:
+        stand-in. A process that has no second core, or is one of a run's ranks,
+        compiles them here (`BACKGROUND.stand_ins`)."""
+        if not BACKGROUND.active or not BACKGROUND.stand_ins:
             return self.pick(serial)
         if not serial and BACKGROUND.ready(self.parallel, args, None):
             return self.parallel  # (a warm run asks for no serial build it will not use)

@@ -20,7 +20,7 @@ class CpuBackend(Backend):
     name = "cpu"
 
     @contextmanager
-    def compiling(self, say):
+    def compiling(self, say, alone=True):
         # Numba announces a compile only on a cache miss; nested compiles (a kernel's
         # jitted helpers) belong to the kernel being compiled.
         from numba.core import event
@@ -60,7 +60,8 @@ class CpuBackend(Backend):
         notice = Notice()
         event.register("numba:compile", notice)
         try:
-            with BACKGROUND.deferring(notice.tell):  # parallel builds: compiled by a child process
+            # parallel builds (and, alone, the convs' builds): compiled by a child process
+            with BACKGROUND.deferring(notice.tell, stand_ins=alone):
                 yield
         finally:
             event.unregister("numba:compile", notice)

@@ -75,16 +75,20 @@ class BackgroundBuilds:
             self.spare_core = len(os.sched_getaffinity(0)) > 1  # for the child
         except (AttributeError, OSError):
             self.spare_core = (os.cpu_count() or 1) > 1
+        self.stand_ins = False  # whether `Builds.now` may hand the caller its stand-in
 
     @contextmanager
-    def deferring(self, say=None):
-        """While inside, parallel builds that would compile are deferred as above;
-        `say` gets a line when one is deferred and when it is ready. Leaving kills the
-        child (what it finished is in Numba's cache for the next run)."""
+    def deferring(self, say=None, stand_ins=True):
+        """While inside, parallel builds that would compile are deferred as above, and
+        with `stand_ins` the convs' builds too (not for one of several ranks of a run:
+        their child would take a core from another rank and come late); `say` gets a
+        line when one is deferred and when it is ready. Leaving kills the child (what it
+        finished is in Numba's cache for the next run)."""
         import numba
 
         wanted = os.environ.get("CNNSPEC_BACKGROUND_BUILDS", "1") != "0"
         self.active = wanted and not numba.config.DISABLE_JIT  # (no builds to defer)
+        self.stand_ins = stand_ins and self.spare_core
         self.say = say or (lambda line: None)
         try:
             yield self
