@@ -19,7 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def cli(monkeypatch):
-    """Run `cnnspec ARGS...` in-process from the repository root (short relative paths)."""
+    """Run `cnnspec ARGS...` in-process from the repository root (short relative paths).
+    Numba's thread count is restored afterwards: `--threads 1` had left every later test
+    of the session on one thread (their serial-against-parallel checks compared one
+    thread with itself)."""
+    import numba
     from typer.testing import CliRunner
 
     from cnnspec.cli import app
@@ -30,7 +34,9 @@ def cli(monkeypatch):
     def invoke(*args):
         return runner.invoke(app, [str(a) for a in args])
 
-    return invoke
+    threads = numba.get_num_threads()
+    yield invoke
+    numba.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
