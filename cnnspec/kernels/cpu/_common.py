@@ -201,10 +201,11 @@ class Builds:
         compiles them here (`BACKGROUND.stand_ins`)."""
         if not BACKGROUND.active or not BACKGROUND.stand_ins:
             return self.pick(serial)
-        if not serial and BACKGROUND.ready(self.parallel, args, None):
+        sig = tuple(map(self.parallel.typeof_pyval, args))  # (~4 us an argument: once)
+        if not serial and BACKGROUND.ready(self.parallel, sig, None):
             return self.parallel  # (a warm run asks for no serial build it will not use)
-        serial_ready = BACKGROUND.ready(self.serial, args, "its numpy stand-in")
-        if not serial and BACKGROUND.ready(self.parallel, args, "its numpy stand-in"):
+        serial_ready = BACKGROUND.ready(self.serial, sig, "its numpy stand-in")
+        if not serial and BACKGROUND.ready(self.parallel, sig, "its numpy stand-in"):
             return self.parallel
         return self.serial if serial_ready else None
 

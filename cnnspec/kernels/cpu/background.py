@@ -100,16 +100,16 @@ class BackgroundBuilds:
     def run(self, builds, *args):
         """Call the parallel build of `builds` if it is loaded or can be loaded, else
         its serial build, asking the child for the parallel one."""
-        if self.ready(builds.parallel, args, "the serial build"):
+        sig = tuple(map(builds.parallel.typeof_pyval, args))
+        if self.ready(builds.parallel, sig, "the serial build"):
             return builds.parallel(*args)  # or FAILED: compiled here, as without us
         return builds.serial(*args)
 
-    def ready(self, build, args, meanwhile: str | None) -> bool:
-        """Whether `build` (a Numba dispatcher) runs `args` now: it is loaded, in the
-        cache, or compiled here (no child could take it). Else the child is asked for
-        it, `meanwhile` (what runs instead) is said, and it is False until it is ready;
-        with `meanwhile` None nothing is asked."""
-        sig = tuple(map(build.typeof_pyval, args))
+    def ready(self, build, sig, meanwhile: str | None) -> bool:
+        """Whether `build` (a Numba dispatcher) runs arguments of the types `sig` now: it
+        is loaded, in the cache, or compiled here (no child could take it). Else the
+        child is asked for it, `meanwhile` (what runs instead) is said, and it is False
+        until it is ready; with `meanwhile` None nothing is asked."""
         key = (build, sig)
         state = self.state.get(key)
         if state is None:
