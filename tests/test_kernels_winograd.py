@@ -1,11 +1,11 @@
-"""Winograd F(2x2, 3x3) convolutions: against the direct conv, finite differences, and
+"""Winograd F(4x4, 3x3) convolutions: against the direct conv, finite differences, and
 the dispatch's choice.
 
 Tolerance (Winograd against the direct conv, the largest difference over the largest
-magnitude of the direct result): float64 1e-13, float32 2e-6. The transforms only add,
-subtract and halve; measured (winograd.py's docstring) the float32 difference stays
-within a few ulps of the output's scale. The direct conv itself is held to PyTorch by
-test_kernels_conv.py and the conformance suite.
+magnitude of the direct result): float64 1e-13, float32 2e-5. The transforms multiply
+by 2, 4, 5, 8 and 1/4 - 1/24; measured (winograd.py's docstring) the float32 difference
+stays near 1e-5 of the output's scale, on these tiny shapes up to 5e-6. The direct
+conv itself is held to PyTorch by test_kernels_conv.py and the conformance suite.
 """
 
 import numpy as np
@@ -14,7 +14,7 @@ import pytest
 from cnnspec.kernels.cpu import conv, winograd
 from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
 
-TOL = {np.float64: 1e-13, np.float32: 2e-6}
+TOL = {np.float64: 1e-13, np.float32: 2e-5}
 
 # (N, C, H, W, K, pad (t, b, l, r)): odd maps (tiles overhanging the edge), padding 0,
 # 1, 2 and lopsided, batch 1, channels off the vector width and the blocks, rows long
@@ -84,7 +84,7 @@ def test_winograd_matches_direct(name, dtype, mode):
 def test_winograd_bands_of_tile_rows(dtype, mode, monkeypatch):
     """Blocks of one panel's columns: samples split into bands of tile rows (the last
     one shorter), as large maps run."""
-    case = (3, 3, 21, 18, 5, (1, 1, 1, 1))  # 11 x 9 tiles a sample
+    case = (3, 3, 41, 22, 5, (1, 1, 1, 1))  # 11 x 6 tiles a sample
     mode("1")
     x, w, b, out, ws, rng = _make(case, dtype, seed=5)
 
@@ -111,7 +111,7 @@ def test_winograd_on_fewer_threads_than_its_workspace_was_sized_for(dtype, mode)
 
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs Numba with at least 2 threads")
-    case = (32, 8, 8, 8, 8, (1, 1, 1, 1))  # 16 tiles a sample
+    case = (32, 8, 16, 16, 8, (1, 1, 1, 1))  # 16 tiles a sample
     saved = numba.get_num_threads()
     numba.set_num_threads(2)
     try:
@@ -166,8 +166,9 @@ def test_dispatch_rule(mode, monkeypatch):
     assert picks(64, 64, 32) and picks(64, 128, 16) and picks(128, 128, 16)  # VGG-small
     assert not picks(16, 16, 32) and not picks(32, 32, 16) and not picks(64, 64, 8)  # ResNet-20
     assert not picks(3, 64, 32)  # VGG-small's first conv: too few input channels
-    assert picks(128, 128, 14) and picks(512, 512, 14)  # wide layers: maps of 14 too
-    assert not picks(64, 64, 14) and not picks(512, 512, 7) and not picks(128, 128, 8)
+    assert picks(512, 512, 14)  # the widest layers: maps of 14 too
+    assert not picks(128, 128, 14) and not picks(256, 256, 14) and not picks(64, 64, 14)
+    assert not picks(512, 512, 7) and not picks(128, 128, 8)
     assert not picks(128, 128, 16, stride=(2, 2))
     assert not picks(128, 128, 16, dil=(2, 2))
     assert not picks(128, 128, 16, kernel=1, pad=(0, 0, 0, 0))

@@ -35,7 +35,7 @@ def _fmt_ms(v: float) -> str:
 
 
 def _type_cell(row: dict) -> str:
-    """The layer's type, and where a conv ran Winograd F(2x2, 3x3): in which passes."""
+    """The layer's type, and where a conv ran Winograd F(4x4, 3x3): in which passes."""
     passes = row.get("winograd") or []
     if not passes:
         return row["type"]

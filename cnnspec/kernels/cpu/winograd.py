@@ -1,37 +1,49 @@
-"""Winograd F(2x2, 3x3) for 3x3, stride-1, dilation-1, ungrouped conv2d.
+"""Winograd F(4x4, 3x3) for 3x3, stride-1, dilation-1, ungrouped conv2d.
 
-Each 2x2 block of outputs (a tile) comes from a 4x4 patch of the padded input d:
-Y = A^T [(G g G^T) . (B^T d B)] A, so the 36 multiplies of a direct 2x2 block become
-16, one per transform point p, and the channel sums become 16 GEMMs:
-M[p] (K x tiles) = U[p] (K x C) V[p] (C x tiles), run on conv.py's register-blocked
-``bcast`` kernel. Backward, with dM = A dY A^T (the output transform's adjoint):
-dU[p] = dM[p] V[p]^T on the ``dot`` kernel (then dW = G^T dU G), and dV[p] = U[p]^T dM[p]
-on ``bcast`` (then dx += B dV B^T, tiles overlapping by 2). dx and dW share dM and V,
-so the backward pass takes both the Winograd way or neither.
+Each 4x4 block of outputs (a tile) comes from a 6x6 patch of the padded input d:
+Y = A^T [(G g G^T) . (B^T d B)] A (interpolation points 0, 1, -1, 2, -2 and infinity),
+so the 144 multiplies of a direct 4x4 block become 36, one per transform point p, and
+the channel sums become 36 GEMMs: M[p] (K x tiles) = U[p] (K x C) V[p] (C x tiles), run
+on conv.py's register-blocked ``bcast`` kernel. Backward, with dM = A dY A^T (the output
+transform's adjoint): dU[p] = dM[p] V[p]^T on the ``dot`` kernel (then dW = G^T dU G),
+and dV[p] = U[p]^T dM[p] on ``bcast`` (then dx += B dV B^T, tiles overlapping by 2). dx
+and dW share dM and V, so the backward pass takes both the Winograd way or neither.
 
-Error: the transforms only add, subtract and halve. Measured (random normal data, He-
-scaled weights, padding 1) as the largest difference from a float64 direct conv over
-the largest magnitude of the result, float32:
-  shape (C -> K, map)      y: direct / Winograd   dx: direct / Winograd   dW: direct / Winograd
-  16 -> 16, 32x32          3.8e-7 / 2.2e-7        1.4e-7 / 2.0e-7         1.9e-7 / 2.7e-7
-  64 -> 64, 32x32          8.9e-7 / 4.6e-7        2.0e-7 / 3.2e-7         1.6e-7 / 2.8e-7
-  128 -> 128, 16x16        1.3e-6 / 4.7e-7        2.5e-7 / 4.2e-7         1.3e-7 / 2.2e-7
-(the forward sums run over C per point instead of 9C, so y comes out closer; dx and
-dW carry the transforms of dout and x: ~1.6x the direct error). Float64 Winograd
-against float64 direct: <= 3e-15. The test tolerance, Winograd against direct on tiny
-shapes: 2e-6 (float32), 1e-13 (float64) of the output's scale. F(4x4, 3x3) (4x fewer
-multiplies than direct against 2.25x) was not tried: its transforms carry 2s, 4s and
-quarters, which amplify rounding, and cost 6x6 per tile where the 4x4 ones already take
-a third of the time here.
+F(4x4, 3x3) replaced F(2x2, 3x3) (16 points, 2.25x fewer multiplies against 4x here),
+measured on one core of an AMD EPYC Zen 3 (256-bit kernels, 2026-12-05, float32, ReLU
+fused, best of 4-5 interleaved; ms forward / backward, direct / F(2x2) / F(4x4)):
+  VGG-small b64, 64 ch 32x32       61.4 / 130   42.5 / 92.1   32.7 / 72.1
+                 64->128 16x16     30.0 / 68.2  19.6 / 43.8   21.0 / 48.1
+                 128 ch 16x16      59.1 / 137   39.7 / 88.4   36.6 / 81.9
+and its whole train step 356 -> 311 ms (1 thread), 177 -> 171 ms (2 threads). Its
+products are 56% of F(2x2)'s; what it loses is in the transforms, whose 6x6 tiles
+cover maps that are not a multiple of 4 with waste (14x14: 16x16 of tiles) and whose
+dU products (the ``dot`` kernel, ~45-57 GFLOP/s here against ``bcast``'s ~85) do not
+shrink as much as the rest.
 
-Layout per thread (flat workspace, elements): V [16][C][tp] (transformed input, tp
-tile columns padded to whole bcast panels), M / dM [16][km][tp], dV [16][cb][tp],
-a zero row (tp), dU [16][kd][cd] (as the dot kernel's blocks), db [K], padded dx of a
-group of samples. Tiles run in blocks: several whole samples (small maps) or a band of
-tile rows of one sample, like the direct conv's tiles. The forward pass splits blocks
-among threads; the backward pass gives each thread whole samples (their dx tiles
-overlap) and private dU / db sums, added up afterwards in thread order (the same bits
-every run).
+Error: the transforms multiply by 2, 4, 5, 8 and 1/4, 1/6, 1/12, 1/24, which amplify
+rounding. Measured (random normal data, He-scaled weights, padding 1) as the largest
+difference from a float64 direct conv over the largest magnitude of the result, float32,
+direct / Winograd:
+  shape (C -> K, map)      y                  dx                 dW
+  16 -> 16, 32x32          3.8e-7 / 4.1e-6    4.4e-7 / 2.0e-6    2.4e-7 / 2.0e-6
+  64 -> 64, 32x32          1.0e-6 / 7.0e-6    9.7e-7 / 4.3e-6    1.7e-7 / 3.0e-6
+  128 -> 128, 16x16        1.4e-6 / 1.1e-5    2.3e-6 / 5.1e-6    1.3e-7 / 1.9e-6
+  256 -> 256, 16x16        2.4e-6 / 1.2e-5    2.2e-6 / 7.2e-6    1.4e-7 / 2.3e-6
+  512 -> 512, 14x14        2.6e-6 / 1.6e-5    3.4e-6 / 1.2e-5    1.3e-7 / 3.1e-6
+(F(2x2, 3x3) had 2e-7 - 5e-7: the price of its speed, ~1e-5 of the output's scale,
+an order under float32 training's own noise). Float64 Winograd against float64 direct:
+<= 1e-14. The test tolerance, Winograd against direct on tiny shapes: 2e-5 (float32),
+1e-13 (float64) of the output's scale.
+
+Layout per thread (flat workspace, elements): V [36][C][tp] (transformed input, tp
+tile columns padded to whole bcast panels), M / dM [36][km][tp], dV [36][cb][tp],
+a zero row (tp), dU [36][kd][cd] (as the dot kernel's blocks), db [K], padded dx of a
+group of samples ([sample][C][4 ty + 2][4 tx + 2]). Tiles run in blocks: several whole
+samples (small maps) or a band of tile rows of one sample, like the direct conv's tiles.
+The forward pass splits blocks among threads; the backward pass gives each thread whole
+samples (their dx tiles overlap) and private dU / db sums, added up afterwards in thread
+order (the same bits every run).
 
 The micro-kernels are conv.py's. Kernels as in conv.py: a parallel and a serial build
 (one thread), helpers without entry points.
@@ -55,7 +67,8 @@ from ._common import HELPER, VECTOR_BITS, Builds
 # Winograd (the direct conv everywhere: A/B runs, tests), "1" uses it wherever it applies.
 MODE = os.environ.get("CNNSPEC_WINOGRAD", "auto")
 
-P = 16  # transform points
+TILE = 4  # outputs per tile side (6 inputs)
+P = 36  # transform points
 # Tile columns of a block (the GEMMs' width: M[p] = U[p] V[p] is K x C times C x cols):
 # about 320, whichever the channels, as whole samples where they fit, else bands of tile
 # rows. Per-thread elements are capped for very wide layers (32 MiB in float32).
@@ -73,7 +86,9 @@ P = 16  # transform points
 #   64 -> 64, 112x112, b4       1.06 / 1.05                 1.06 / 1.05
 # (the old rule: 2 MiB forward, 8 MiB backward of transformed tiles: few columns for
 # wide layers, many for narrow ones). Longer blocks lose the cache, shorter ones run
-# the micro-kernels' loops too short (dU's dot products most).
+# the micro-kernels' loops too short (dU's dot products most). Re-checked for F(4x4, 3x3)
+# (2026-12-05, same CPU): targets of 96, 192, 320, 400 and 600 columns ran VGG-small's
+# 32x32 and 128-channel 16x16 convs within ~8% of each other (this host's noise).
 _BLOCK_COLUMNS = 320
 _BLOCK_MAX_ELEMENTS = 1 << 23
 
@@ -133,10 +148,18 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 # 8x8 1.17-1.25 / 1.14-1.18 (0.99-1.09 / 1.04-1.19); 256 ch 8x8 1.10-1.12 / 1.38-1.40
 # (0.96 / 0.91); 128, 256 ch 7x7 0.89-0.91 / 0.89-1.01; 512 ch 7x7 1.12-1.13 / 1.25-1.28
 # (1.08 / 0.99): gains at 1 thread that 2 threads do not keep, so the rule stays.
+# F(4x4, 3x3) (2026-12-05, same CPU, 256-bit; ms forward / backward, direct against
+# Winograd, best of 3-4): ResNet-20 b128's 16 ch 32x32 7.7 / 15.9 against 10.2 / 20.6,
+# 32 ch 16x16 7.7 / 16.3 against 10.5 / 21.4, 64 ch 8x8 8.4 / 18.3 against 10.9 / 22.7
+# (still lose); maps of 14 at b16, 1 thread / 2 threads: 128 ch 11.0 / 27.1 against
+# 9.4 / 22.8, but 5.7 / 13.8 against 6.6 / 15.5; 256 ch 47.2 / 105 against 39.3 / 89.3,
+# but 23.0 / 56.6 against 25.0 / 62.5; 512 ch 227 / 427 against 124 / 316 and 113 / 244
+# against 80.3 / 229; 256 ch 8x8 14.6 / 44.4 against 19.7 / 48.9, 512 ch 7x7 57.1 / 175
+# against 54.3 / 189 (1 thread). So maps of 14 qualify from 512 channels.
 AUTO = VECTOR_BITS == 256  # whether "auto" uses Winograd at all
 MIN_CHANNELS = 64
 MIN_MAP = 16
-WIDE_CHANNELS, WIDE_MIN_MAP = 128, 14
+WIDE_CHANNELS, WIDE_MIN_MAP = 512, 14
 
 
 def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
@@ -165,7 +188,8 @@ class _Geometry(NamedTuple):
     kd: int  # K padded to whole dot blocks
     cb: int  # C padded to whole bcast blocks (rows of dV)
     cd: int  # C padded to whole dot blocks
-    hp: int  # rows of a sample's padded dx (2 * ty + 2)
+    hp: int  # rows of a sample's padded dx (4 * ty + 2)
+    wp: int  # columns of a padded dx row (4 * tx + 2)
     per_thread: int
     upack: int  # packed U (shared)
 
@@ -174,7 +198,7 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
     n, c = int(x_shape[0]), int(x_shape[1])
     k = int(w_shape[0])
     oh, ow = int(out_shape[2]), int(out_shape[3])
-    ty, tx = -(-oh // 2), -(-ow // 2)
+    ty, tx = -(-oh // TILE), -(-ow // TILE)
     nr = conv.panel(itemsize)
     cb, cd = _round_up(c, conv.MR), _round_up(c, conv.ND)
     kb, kd = _round_up(k, conv.MR), _round_up(k, conv.MD)
@@ -197,7 +221,7 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
         rows = max((fill(r), r) for r in range(1, max(1, cols // tx) + 1))[1]
         bands = -(-ty // rows)
     tp = _round_up(spb * rows * tx, nr)
-    hp = 2 * ty + 2
+    hp, wp = TILE * ty + 2, TILE * tx + 2
     size = (
         P * c * tp  # V
         + P * km * tp  # M / dM
@@ -205,10 +229,10 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
         + tp  # zero row
         + P * kd * cd  # dU
         + k  # db
-        + spb * c * hp * 2 * (tx + 1)  # padded dx, columns split into even / odd
+        + spb * c * hp * wp  # padded dx
     )
     upack = P * max(kb * c, cb * k)
-    return _Geometry(ty, tx, spb, rows, bands, tp, km, kd, cb, cd, hp, size, upack)
+    return _Geometry(ty, tx, spb, rows, bands, tp, km, kd, cb, cd, hp, wp, size, upack)
 
 
 def workspace(x_shape, w_shape, out_shape, itemsize) -> int:
@@ -229,158 +253,241 @@ def _regions(geo, c_, base):
     """Where a thread's buffers start: V, M, dV, zero row, dU, db, padded dx."""
     tp, km, kd, cb, cd = geo[5], geo[6], geo[7], geo[8], geo[9]
     v_at = base
-    m_at = v_at + 16 * c_ * tp
-    dv_at = m_at + 16 * km * tp
-    zero_at = dv_at + 16 * cb * tp
+    m_at = v_at + P * c_ * tp
+    dv_at = m_at + P * km * tp
+    zero_at = dv_at + P * cb * tp
     du_at = zero_at + tp
-    db_at = du_at + 16 * kd * cd
+    db_at = du_at + P * kd * cd
     return v_at, m_at, dv_at, zero_at, du_at, db_at
+
+
+# The four 1-D transforms (each applied along rows, then along columns), with the
+# constants in the data's own type (a float64 literal would widen float32 math):
+# B^T d (input), A^T m (output), their adjoints A y (output gradient) and B v (input
+# gradient), for the points 0, 1, -1, 2, -2 and infinity.
+
+
+@njit(inline="always", nogil=True)  # inlined in Numba's IR: no compile of its own
+def _bt(d0, d1, d2, d3, d4, d5, two, four, five):
+    a, b = d4 - four * d2, d3 - four * d1
+    c, e = d4 - d2, two * (d3 - d1)
+    return four * d0 - five * d2 + d4, a + b, a - b, c + e, c - e, four * d1 - five * d3 + d5
+
+
+@njit(inline="always", nogil=True)
+def _at(m0, m1, m2, m3, m4, m5, two, four, eight):
+    p12, m12 = m1 + m2, m1 - m2
+    p34, m34 = m3 + m4, m3 - m4
+    return m0 + p12 + p34, m12 + two * m34, p12 + four * p34, m12 + eight * m34 + m5
+
+
+@njit(inline="always", nogil=True)
+def _a(y0, y1, y2, y3, two, four, eight):
+    p, q = y0 + y2, y1 + y3
+    r, s = y0 + four * y2, two * y1 + eight * y3
+    return y0, p + q, p - q, r + s, r - s, y3
+
+
+@njit(inline="always", nogil=True)
+def _b(v0, v1, v2, v3, v4, v5, two, four, five):
+    s12, d12 = v1 + v2, v2 - v1
+    s34, d34 = v3 + v4, v3 - v4
+    return (
+        four * v0,
+        four * d12 - two * d34 + four * v5,
+        -five * v0 - four * s12 - s34,
+        two * d34 - d12 - five * v5,
+        v0 + s12 + s34,
+        v5,
+    )
+
+
+@njit(inline="always", nogil=True)
+def _g(g0, g1, g2):
+    """G g for one column of a 3x3 filter (float64: U is rounded once)."""
+    return (
+        g0 / 4.0,
+        -(g0 + g1 + g2) / 6.0,
+        -(g0 - g1 + g2) / 6.0,
+        g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+        g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+        g2,
+    )
+
+
+@njit(inline="always", nogil=True)
+def _gt(u0, u1, u2, u3, u4, u5):
+    """G^T u: the adjoint of :func:`_g`."""
+    return (
+        u0 / 4.0 - (u1 + u2) / 6.0 + (u3 + u4) / 24.0,
+        (u2 - u1) / 6.0 + (u3 - u4) / 12.0,
+        (u3 + u4 - u1 - u2) / 6.0 + u5,
+    )
 
 
 @njit(**HELPER, nogil=True)
 def _pack_u(w, transpose, rows_p, upack):
-    """U = G g G^T of every (k, c), packed as bcast's A for each point p:
+    """U = G g G^T of every (k, c), packed as bcast's A for each point p = 6 i + j:
     upack[p][r // MR][q][r % MR] with rows r = k, inner q = c (forward), or, with
     `transpose`, rows r = c, inner q = k (dx); rows up to rows_p are zero."""
     k_, c_ = w.shape[0], w.shape[1]
     mr = conv.MR
     rows, inner = (c_, k_) if transpose else (k_, c_)
-    upack[: 16 * rows_p * inner] = 0.0
-    t = np.empty((4, 3), w.dtype)
-    u = np.empty(4, w.dtype)
+    upack[: P * rows_p * inner] = 0.0
+    t = np.empty((6, 3))
     for k in range(k_):
         for c in range(c_):
             g = w[k, c]
-            for j in range(3):  # G g: rows
-                t[0, j] = g[0, j]
-                t[1, j] = 0.5 * (g[0, j] + g[1, j] + g[2, j])
-                t[2, j] = 0.5 * (g[0, j] - g[1, j] + g[2, j])
-                t[3, j] = g[2, j]
+            for j in range(3):  # G g: along the filter's rows
+                col = _g(np.float64(g[0, j]), np.float64(g[1, j]), np.float64(g[2, j]))
+                for i in range(6):
+                    t[i, j] = col[i]
             r, q = (c, k) if transpose else (k, c)
-            for i in range(4):  # (G g) G^T: columns
-                u[0] = t[i, 0]
-                u[1] = 0.5 * (t[i, 0] + t[i, 1] + t[i, 2])
-                u[2] = 0.5 * (t[i, 0] - t[i, 1] + t[i, 2])
-                u[3] = t[i, 2]
-                for j in range(4):
-                    p = i * 4 + j
-                    at = ((p * (rows_p // mr) + r // mr) * inner + q) * mr + r % mr
+            for i in range(6):  # (G g) G^T: along its columns
+                u = _g(t[i, 0], t[i, 1], t[i, 2])
+                for j in range(6):
+                    at = (((i * 6 + j) * (rows_p // mr) + r // mr) * inner + q) * mr + r % mr
                     upack[at] = u[j]
 
 
 @njit(cache=True, nogil=True)
 def _weight_adjoint(du, dw):
-    """dw[k, c] = G^T du[:, k, c] G (du as [16][kd][cd], summed over the threads)."""
+    """dw[k, c] = G^T du[:, k, c] G (du as [36][kd][cd], summed over the threads)."""
     k_, c_ = dw.shape[0], dw.shape[1]
-    t = np.empty((3, 4), du.dtype)
+    t = np.empty((3, 6))
     for k in range(k_):
         for c in range(c_):
-            for j in range(4):  # G^T du: rows
-                u0, u1, u2, u3 = du[j, k, c], du[4 + j, k, c], du[8 + j, k, c], du[12 + j, k, c]
-                t[0, j] = u0 + 0.5 * (u1 + u2)
-                t[1, j] = 0.5 * (u1 - u2)
-                t[2, j] = 0.5 * (u1 + u2) + u3
-            for i in range(3):  # (G^T du) G: columns
-                dw[k, c, i, 0] = t[i, 0] + 0.5 * (t[i, 1] + t[i, 2])
-                dw[k, c, i, 1] = 0.5 * (t[i, 1] - t[i, 2])
-                dw[k, c, i, 2] = 0.5 * (t[i, 1] + t[i, 2]) + t[i, 3]
+            for j in range(6):  # G^T du: along the rows
+                col = _gt(
+                    np.float64(du[j, k, c]), np.float64(du[6 + j, k, c]),
+                    np.float64(du[12 + j, k, c]), np.float64(du[18 + j, k, c]),
+                    np.float64(du[24 + j, k, c]), np.float64(du[30 + j, k, c]),
+                )  # fmt: skip
+                for m in range(3):
+                    t[m, j] = col[m]
+            for m in range(3):  # (G^T du) G: along the columns
+                row = _gt(t[m, 0], t[m, 1], t[m, 2], t[m, 3], t[m, 4], t[m, 5])
+                for n in range(3):
+                    dw[k, c, m, n] = row[n]
 
 
-# The transforms work on a block's tile rows of one (sample, channel) at once, in
-# long flat loops (per call: a few views, then loops LLVM vectorizes; a call per tile
-# row with views per loop measured 4x slower on ResNet-20's 32x32 maps).
+# The transforms work on a block's tile rows of one (sample, channel) at once: a pass
+# along the rows in flat loops over all tiles, one along the columns in a loop per
+# row. Indices are uint64 (`_U`), which Numba does not check for negative wraparound:
+# with int64 ones the loops stayed scalar (VGG-small's 64 x 32x32 input transform at
+# b64: 18.4 ms against 6.9); views per row cost an atomic reference count each
+# (3x slower again).
+_U = np.uint64
+
+
+@njit(inline="always", nogil=True)
+def _inside(xf, row, col, w_, zero):
+    return xf[row + col] if 0 <= col < w_ else zero
 
 
 @njit(**HELPER, nogil=True)
-def _input_tiles(x, n, c, r0, nrows, pt, pl, tx_, xs, tmp, ws, at, ps):
+def _input_tiles(x, n, c, r0, nrows, pt, pl, tx_, tmp, ws, at, ps):
     """V[p][at + r * tx + t] = (B^T d B)[p] for the tiles t of tile rows r0 .. r0 + nrows
-    of x[n, c] (`ps`: the distance between points in ws). Tile t of padded row y reads
-    its columns 2t, 2t + 1, 2t + 2, 2t + 3; they go to xs as four planes, each
-    [row parity][e, o, e1, o1][y // 2][t] (zero outside x), so that the row transform
-    (into tmp[row parity][j][y // 2][t]) and the column transform are flat loops."""
+    of x[n, c] (`ps`: the distance between points in ws). Tile (r, t) reads padded rows
+    4r .. 4r + 5, columns 4t .. 4t + 5. Each padded row y goes, transformed along its
+    columns, to tmp[y % 4][j][y // 4][t] (zero outside x), so that the transform along
+    the rows reads row l of tile r at plane l % 4, offset r + l // 4."""
+    two, four, five = ws.dtype.type(2.0), ws.dtype.type(4.0), ws.dtype.type(5.0)
+    zero = ws.dtype.type(0.0)
     h_, w_ = x.shape[2], x.shape[3]
     rs = (nrows + 1) * tx_  # one plane
-    xs[: 8 * rs] = 0.0
     xf = x.reshape(-1)
-    for yy in range(2 * nrows + 2):
-        y = 2 * r0 - pt + yy
+    t0 = min(tx_, (pl + 3) // 4)  # tiles t0 .. t1 lie inside the row
+    t1 = max(t0, min(tx_, (w_ - 6 + pl) // 4 + 1)) if w_ + pl >= 6 else t0
+    plane = (n * x.shape[1] + c) * h_ * w_
+    for yy in range(4 * nrows + 2):
+        y = 4 * r0 - pt + yy
+        base = (yy % 4) * 6 * rs + (yy // 4) * tx_
+        h0, h1, h2 = _U(base), _U(base + rs), _U(base + 2 * rs)
+        h3, h4, h5 = _U(base + 3 * rs), _U(base + 4 * rs), _U(base + 5 * rs)
         if y < 0 or y >= h_:
+            for t in range(_U(tx_)):
+                tmp[h0 + t] = tmp[h1 + t] = tmp[h2 + t] = zero
+                tmp[h3 + t] = tmp[h4 + t] = tmp[h5 + t] = zero
             continue
-        src = ((n * x.shape[1] + c) * h_ + y) * w_ - pl
-        for kind in range(4):  # padded column 2 (t + shift) + b, input column that - pl
-            b, shift = kind % 2, kind // 2
-            lo = max(0, (pl - b + 1) // 2 - shift)
-            hi = min(tx_, (w_ - b + pl + 1) // 2 - shift)
-            d = ((yy % 2) * 4 + kind) * rs + (yy // 2) * tx_
-            for t in range(lo, hi):  # short: no views
-                xs[d + t] = xf[src + 2 * (t + shift) + b]
-    for q in range(2):  # row transform
-        e, o = xs[q * 4 * rs : (q * 4 + 1) * rs], xs[(q * 4 + 1) * rs : (q * 4 + 2) * rs]
-        e1, o1 = xs[(q * 4 + 2) * rs : (q * 4 + 3) * rs], xs[(q * 4 + 3) * rs : (q * 4 + 4) * rs]
-        h0, h1 = tmp[(q * 4) * rs : (q * 4 + 1) * rs], tmp[(q * 4 + 1) * rs : (q * 4 + 2) * rs]
-        h2, h3 = tmp[(q * 4 + 2) * rs : (q * 4 + 3) * rs], tmp[(q * 4 + 3) * rs : (q * 4 + 4) * rs]
-        for i in range(rs):
-            d0, d1, d2, d3 = e[i], o[i], e1[i], o1[i]
-            h0[i] = d0 - d2
-            h1[i] = d1 + d2
-            h2[i] = d2 - d1
-            h3[i] = d1 - d3
+        src = plane + y * w_ - pl  # padded column X at xf[src + X]
+        first = _U(src + 4 * t0)
+        for i in range(_U(t1 - t0)):
+            s, t = first + _U(4) * i, _U(t0) + i
+            e = _bt(xf[s], xf[s + _U(1)], xf[s + _U(2)], xf[s + _U(3)], xf[s + _U(4)],
+                    xf[s + _U(5)], two, four, five)  # fmt: skip
+            tmp[h0 + t], tmp[h1 + t], tmp[h2 + t] = e[0], e[1], e[2]
+            tmp[h3 + t], tmp[h4 + t], tmp[h5 + t] = e[3], e[4], e[5]
+        for t in range(tx_ - (t1 - t0)):  # the tiles over the row's edges
+            t = t if t < t0 else t + t1 - t0
+            s = 4 * t - pl
+            e = _bt(
+                _inside(xf, src + pl, s, w_, zero), _inside(xf, src + pl, s + 1, w_, zero),
+                _inside(xf, src + pl, s + 2, w_, zero), _inside(xf, src + pl, s + 3, w_, zero),
+                _inside(xf, src + pl, s + 4, w_, zero), _inside(xf, src + pl, s + 5, w_, zero),
+                two, four, five,
+            )  # fmt: skip
+            tmp[h0 + t], tmp[h1 + t], tmp[h2 + t] = e[0], e[1], e[2]
+            tmp[h3 + t], tmp[h4 + t], tmp[h5 + t] = e[3], e[4], e[5]
     size = nrows * tx_
-    for j in range(4):  # column transform: padded rows 2r, 2r + 1, 2r + 2, 2r + 3
-        a0, a1 = tmp[j * rs : j * rs + size], tmp[(4 + j) * rs : (4 + j) * rs + size]
-        a2, a3 = tmp[j * rs + tx_ : (j + 1) * rs], tmp[(4 + j) * rs + tx_ : (5 + j) * rs]
-        v0, v1 = ws[at + j * ps : at + j * ps + size], ws[at + (4 + j) * ps :]
-        v2, v3 = ws[at + (8 + j) * ps :], ws[at + (12 + j) * ps :]
-        for i in range(size):
-            v0[i] = a0[i] - a2[i]
-            v1[i] = a1[i] + a2[i]
-            v2[i] = a2[i] - a1[i]
-            v3[i] = a1[i] - a3[i]
+    for j in range(6):  # along the rows
+        a0, a1, a2, a3 = _U(j * rs), _U((6 + j) * rs), _U((12 + j) * rs), _U((18 + j) * rs)
+        a4, a5 = a0 + _U(tx_), a1 + _U(tx_)
+        v0, v1, v2 = _U(at + j * ps), _U(at + (6 + j) * ps), _U(at + (12 + j) * ps)
+        v3, v4, v5 = _U(at + (18 + j) * ps), _U(at + (24 + j) * ps), _U(at + (30 + j) * ps)
+        for i in range(_U(size)):
+            e = _bt(tmp[a0 + i], tmp[a1 + i], tmp[a2 + i], tmp[a3 + i], tmp[a4 + i],
+                    tmp[a5 + i], two, four, five)  # fmt: skip
+            ws[v0 + i], ws[v1 + i], ws[v2 + i] = e[0], e[1], e[2]
+            ws[v3 + i], ws[v4 + i], ws[v5 + i] = e[3], e[4], e[5]
 
 
 @njit(**HELPER, nogil=True)
 def _output_tiles(ws, at, ps, b, act, tmp, out, n, k, r0, nrows):
-    """out[n, k] rows 2 r0 .. 2 (r0 + nrows) = act(A^T M A + b) for those tile rows,
+    """out[n, k] rows 4 r0 .. 4 (r0 + nrows) = act(A^T M A + b) for those tile rows,
     M[p] at ws[at + p * ps:]; outputs past the map's edge are dropped."""
+    two, four, eight = ws.dtype.type(2.0), ws.dtype.type(4.0), ws.dtype.type(8.0)
+    zero = ws.dtype.type(0.0)
     oh, ow = out.shape[2], out.shape[3]
-    tx_ = -(-ow // 2)
+    tx_ = -(-ow // 4)
     size = nrows * tx_
-    for j in range(4):  # column transform: tmp[a][j][r * tx + t]
-        m0, m1 = ws[at + j * ps : at + j * ps + size], ws[at + (4 + j) * ps :]
-        m2, m3 = ws[at + (8 + j) * ps :], ws[at + (12 + j) * ps :]
-        s0, s1 = tmp[j * size : (j + 1) * size], tmp[(4 + j) * size : (5 + j) * size]
-        for i in range(size):
-            s0[i] = m0[i] + m1[i] + m2[i]
-            s1[i] = m1[i] - m2[i] - m3[i]
-    for a in range(2):  # row transform: even / odd output columns at tmp[8 + 2a (+1)]
-        q0, q1 = tmp[a * 4 * size : (a * 4 + 1) * size], tmp[(a * 4 + 1) * size :]
-        q2, q3 = tmp[(a * 4 + 2) * size :], tmp[(a * 4 + 3) * size :]
-        ev, od = tmp[(8 + 2 * a) * size : (9 + 2 * a) * size], tmp[(9 + 2 * a) * size :]
-        for i in range(size):
-            y0 = q0[i] + q1[i] + q2[i] + b
-            y1 = q1[i] - q2[i] - q3[i] + b
-            if act == 1:
-                y0 = max(y0, 0.0)
-                y1 = max(y1, 0.0)
-            ev[i] = y0
-            od[i] = y1
+    for i in range(6):  # along the rows: tmp[a][i][r * tx + t]
+        m0, m1, m2 = _U(at + i * ps), _U(at + (6 + i) * ps), _U(at + (12 + i) * ps)
+        m3, m4, m5 = _U(at + (18 + i) * ps), _U(at + (24 + i) * ps), _U(at + (30 + i) * ps)
+        s0, s1 = _U(i * size), _U((6 + i) * size)
+        s2, s3 = _U((12 + i) * size), _U((18 + i) * size)
+        for z in range(_U(size)):
+            s = _at(ws[m0 + z], ws[m1 + z], ws[m2 + z], ws[m3 + z], ws[m4 + z], ws[m5 + z],
+                    two, four, eight)  # fmt: skip
+            tmp[s0 + z], tmp[s1 + z], tmp[s2 + z], tmp[s3 + z] = s[0], s[1], s[2], s[3]
+    full = ow // 4
     outf = out.reshape(-1)
-    half = ow // 2
-    # interleaved into the output rows 2 (r0 + r) + a that are in the map, a vector of
-    # pairs at a time (a loop per row and pair: 7.7 ms of VGG-small's conv1_2 forward at
-    # b64 against 5.8)
-    for a in range(2):
-        ev = (8 + 2 * a) * size
-        rows = min(nrows, (oh - a + 1) // 2 - r0)
-        first = ((n * out.shape[1] + k) * oh + 2 * r0 + a) * ow
-        done = conv.interleave(tmp, ev, tmp, ev + size, tx_, outf, first, 2 * ow, half, rows, 0)
-        for r in range(rows):  # the columns left: under a vector's worth of pairs, an odd last
-            src, dst = ev + r * tx_, first + 2 * r * ow
-            for t in range(done, half):
-                outf[dst + 2 * t] = tmp[src + t]
-                outf[dst + 2 * t + 1] = tmp[src + size + t]
-            if ow % 2:
-                outf[dst + ow - 1] = tmp[src + half]
+    for a in range(4):  # along the columns, into output row 4 (r0 + r) + a
+        for r in range(min(nrows, (oh - a + 3) // 4 - r0)):
+            dst = _U(((n * out.shape[1] + k) * oh + 4 * (r0 + r) + a) * ow)
+            q = a * 6 * size + r * tx_
+            q0, q1, q2 = _U(q), _U(q + size), _U(q + 2 * size)
+            q3, q4, q5 = _U(q + 3 * size), _U(q + 4 * size), _U(q + 5 * size)
+            for t in range(_U(full)):
+                y = _at(tmp[q0 + t], tmp[q1 + t], tmp[q2 + t], tmp[q3 + t], tmp[q4 + t],
+                        tmp[q5 + t], two, four, eight)  # fmt: skip
+                y0, y1, y2, y3 = y[0] + b, y[1] + b, y[2] + b, y[3] + b
+                if act == 1:
+                    y0, y1, y2, y3 = max(y0, zero), max(y1, zero), max(y2, zero), max(y3, zero)
+                o = dst + _U(4) * t
+                outf[o], outf[o + _U(1)], outf[o + _U(2)], outf[o + _U(3)] = y0, y1, y2, y3
+            t = _U(full)
+            for col in range(ow - 4 * full):  # a last tile over the edge
+                y = _at(tmp[q0 + t], tmp[q1 + t], tmp[q2 + t], tmp[q3 + t], tmp[q4 + t],
+                        tmp[q5 + t], two, four, eight)  # fmt: skip
+                v = y[col] + b
+                outf[dst + t * _U(4) + _U(col)] = max(v, zero) if act == 1 else v
+
+
+@njit(inline="always", nogil=True)
+def _masked(df, yf, at, act, zero):
+    g, y = df[at], yf[at]  # both loaded: a conditional load blocks SIMD
+    return g if (y > zero or act == 0) else zero
 
 
 @njit(**HELPER, nogil=True, fastmath={"reassoc"})
@@ -388,108 +495,108 @@ def _dout_tiles(dout, yout, act, n, k, r0, nrows, tmp, ws, at, ps, db):
     """dM[p] at ws[at + p * ps:] = (A dY A^T)[p] for tile rows r0 .. r0 + nrows of
     dout[n, k] (masked where a fused ReLU's output is 0; zero past the edge);
     db[k] += the sum of dY."""
+    two, four, eight = ws.dtype.type(2.0), ws.dtype.type(4.0), ws.dtype.type(8.0)
+    zero = ws.dtype.type(0.0)
     oh, ow = dout.shape[2], dout.shape[3]
-    tx_ = -(-ow // 2)
+    tx_ = -(-ow // 4)
     size = nrows * tx_
-    ye = tmp[: 4 * size]  # [row a][even / odd column][r * tx + t]
-    ye[:] = 0.0
-    line = tmp[12 * size : 12 * size + ow]  # one masked row (the adjoints use 4-12 size)
-    half = ow // 2
-    acc = 0.0
-    for r in range(nrows):
-        for a in range(2):
-            y = 2 * (r0 + r) + a
-            if y >= oh:
-                break
-            src, yr = dout[n, k, y], yout[n, k, y]
-            # the row masked in one contiguous loop (vectorised, no branch), then split into
-            # even / odd columns; a masked loop per column parity (stride 2) branched on
-            # the mask instead: 32 ms of VGG-small's conv1_2 backward against 8.9 (b64)
-            for i in range(ow):
-                mv = yr[i]  # loaded unconditionally: a conditional load blocks SIMD
-                d = src[i] if (mv > 0 or act == 0) else 0.0
-                line[i] = d
-                acc += d
-            e0 = (a * 2) * size + r * tx_
-            done = conv.deinterleave(line, 0, 0, ye, e0, ye, e0 + size, 0, half, 1)
-            for t in range(done, half):
-                ye[e0 + t] = line[2 * t]
-                ye[e0 + size + t] = line[2 * t + 1]
-            if ow % 2:
-                ye[e0 + half] = line[ow - 1]
+    full = ow // 4
+    df, yf = dout.reshape(-1), yout.reshape(-1)
+    acc = zero
+    for a in range(4):  # along the columns: tmp[a][i][r * tx + t]
+        for r in range(nrows):
+            row = 4 * (r0 + r) + a
+            q = a * 6 * size + r * tx_
+            e0, e1, e2 = _U(q), _U(q + size), _U(q + 2 * size)
+            e3, e4, e5 = _U(q + 3 * size), _U(q + 4 * size), _U(q + 5 * size)
+            if row >= oh:
+                for t in range(_U(tx_)):
+                    tmp[e0 + t] = tmp[e1 + t] = tmp[e2 + t] = zero
+                    tmp[e3 + t] = tmp[e4 + t] = tmp[e5 + t] = zero
+                continue
+            src = _U(((n * dout.shape[1] + k) * oh + row) * ow)
+            for t in range(_U(full)):
+                s = src + _U(4) * t
+                d0 = _masked(df, yf, s, act, zero)
+                d1 = _masked(df, yf, s + _U(1), act, zero)
+                d2 = _masked(df, yf, s + _U(2), act, zero)
+                d3 = _masked(df, yf, s + _U(3), act, zero)
+                acc += (d0 + d1) + (d2 + d3)
+                m = _a(d0, d1, d2, d3, two, four, eight)
+                tmp[e0 + t], tmp[e1 + t], tmp[e2 + t] = m[0], m[1], m[2]
+                tmp[e3 + t], tmp[e4 + t], tmp[e5 + t] = m[3], m[4], m[5]
+            if full < tx_:  # a last tile over the edge
+                t, s, last = _U(full), src + _U(4 * full), ow - 4 * full
+                d0 = _masked(df, yf, s, act, zero)
+                d1 = _masked(df, yf, s + _U(1), act, zero) if last > 1 else zero
+                d2 = _masked(df, yf, s + _U(2), act, zero) if last > 2 else zero
+                acc += d0 + d1 + d2
+                m = _a(d0, d1, d2, zero, two, four, eight)
+                tmp[e0 + t], tmp[e1 + t], tmp[e2 + t] = m[0], m[1], m[2]
+                tmp[e3 + t], tmp[e4 + t], tmp[e5 + t] = m[3], m[4], m[5]
     db[k] += acc
-    for a in range(2):  # row adjoint: tmp[4 size + (a * 4 + j) size + i]
-        e, o = ye[2 * a * size : (2 * a + 1) * size], ye[(2 * a + 1) * size : (2 * a + 2) * size]
-        q = (4 + a * 4) * size
-        q0, q1 = tmp[q : q + size], tmp[q + size : q + 2 * size]
-        q2, q3 = tmp[q + 2 * size : q + 3 * size], tmp[q + 3 * size : q + 4 * size]
-        for i in range(size):
-            q0[i] = e[i]
-            q1[i] = e[i] + o[i]
-            q2[i] = e[i] - o[i]
-            q3[i] = -o[i]
-    for j in range(4):  # column adjoint
-        a0, a1 = tmp[(4 + j) * size : (5 + j) * size], tmp[(8 + j) * size : (9 + j) * size]
-        v0, v1 = ws[at + j * ps : at + j * ps + size], ws[at + (4 + j) * ps :]
-        v2, v3 = ws[at + (8 + j) * ps :], ws[at + (12 + j) * ps :]
-        for i in range(size):
-            v0[i] = a0[i]
-            v1[i] = a0[i] + a1[i]
-            v2[i] = a0[i] - a1[i]
-            v3[i] = -a1[i]
+    for i in range(6):  # along the rows
+        a0, a1 = _U(i * size), _U((6 + i) * size)
+        a2, a3 = _U((12 + i) * size), _U((18 + i) * size)
+        v0, v1, v2 = _U(at + i * ps), _U(at + (6 + i) * ps), _U(at + (12 + i) * ps)
+        v3, v4, v5 = _U(at + (18 + i) * ps), _U(at + (24 + i) * ps), _U(at + (30 + i) * ps)
+        for z in range(_U(size)):
+            m = _a(tmp[a0 + z], tmp[a1 + z], tmp[a2 + z], tmp[a3 + z], two, four, eight)
+            ws[v0 + z], ws[v1 + z], ws[v2 + z] = m[0], m[1], m[2]
+            ws[v3 + z], ws[v4 + z], ws[v5 + z] = m[3], m[4], m[5]
 
 
 @njit(**HELPER, nogil=True)
-def _input_adjoint_tiles(ws, at, ps, tx_, r0, nrows, tmp, dxpad, base):
-    """The padded dx of one (sample, channel) at dxpad[base:] ([row][even / odd][m], m
-    up to tx) += B dV B^T for tile rows r0 .. r0 + nrows, dV[p] at ws[at + p * ps:]."""
-    m_ = tx_ + 1
+def _input_adjoint_tiles(ws, at, ps, tx_, r0, nrows, tmp, dxpad, base, wp):
+    """The padded dx of one (sample, channel) at dxpad[base:] (rows of wp) += B dV B^T
+    for tile rows r0 .. r0 + nrows, dV[p] at ws[at + p * ps:]. Tiles overlap by two rows
+    and columns: each padded row takes its tiles' columns 0-3 in one loop, 4-5 in
+    another (no element written twice in a loop, so both vectorise), tile row by tile
+    row: every element adds up in the same order every run."""
+    two, four, five = ws.dtype.type(2.0), ws.dtype.type(4.0), ws.dtype.type(5.0)
     size = nrows * tx_
-    for j in range(4):  # column adjoint: tmp[a][j][r * tx + t]
-        v0, v1 = ws[at + j * ps : at + j * ps + size], ws[at + (4 + j) * ps :]
-        v2, v3 = ws[at + (8 + j) * ps :], ws[at + (12 + j) * ps :]
-        e0, e1 = tmp[j * size : (j + 1) * size], tmp[(4 + j) * size : (5 + j) * size]
-        e2, e3 = tmp[(8 + j) * size : (9 + j) * size], tmp[(12 + j) * size : (13 + j) * size]
-        for i in range(size):
-            e0[i] = v0[i]
-            e1[i] = v1[i] - v2[i] + v3[i]
-            e2[i] = v1[i] + v2[i] - v0[i]
-            e3[i] = -v3[i]
+    for i in range(6):  # along the rows: tmp[l][i][r * tx + t]
+        v0, v1, v2 = _U(at + i * ps), _U(at + (6 + i) * ps), _U(at + (12 + i) * ps)
+        v3, v4, v5 = _U(at + (18 + i) * ps), _U(at + (24 + i) * ps), _U(at + (30 + i) * ps)
+        e0, e1, e2 = _U(i * size), _U((6 + i) * size), _U((12 + i) * size)
+        e3, e4, e5 = _U((18 + i) * size), _U((24 + i) * size), _U((30 + i) * size)
+        for z in range(_U(size)):
+            d = _b(ws[v0 + z], ws[v1 + z], ws[v2 + z], ws[v3 + z], ws[v4 + z], ws[v5 + z],
+                   two, four, five)  # fmt: skip
+            tmp[e0 + z], tmp[e1 + z], tmp[e2 + z] = d[0], d[1], d[2]
+            tmp[e3 + z], tmp[e4 + z], tmp[e5 + z] = d[3], d[4], d[5]
     for r in range(nrows):
-        for a in range(4):  # row adjoint; tile t covers padded columns 2t .. 2t + 3
-            f = a * 4 * size + r * tx_
-            row = base + (2 * (r0 + r) + a) * 2 * m_
-            # each plane of the padded row in a loop of its own, so that no element is
-            # written twice in a loop and each vectorises (one loop over all four had
-            # tile t + 1 read what tile t wrote); in this order each element adds up as
-            # it did then (tile t - 1's part first): VGG-small's conv1_2 (b64) 7.9 ms, not 20
-            e, o = dxpad[row : row + m_], dxpad[row + m_ : row + 2 * m_]
-            f0, f1 = tmp[f : f + tx_], tmp[f + size : f + size + tx_]
-            f2, f3 = tmp[f + 2 * size : f + 2 * size + tx_], tmp[f + 3 * size : f + 3 * size + tx_]
-            for t in range(tx_):
-                e[1 + t] += f1[t] + f2[t] - f0[t]
-            for t in range(tx_):
-                o[1 + t] -= f3[t]
-            for t in range(tx_):
-                e[t] += f0[t]
-            for t in range(tx_):
-                o[t] += f1[t] - f2[t] + f3[t]
+        for l in range(6):  # along the columns, into padded row 4 (r0 + r) + l
+            q = l * 6 * size + r * tx_
+            q0, q1, q2 = _U(q), _U(q + size), _U(q + 2 * size)
+            q3, q4, q5 = _U(q + 3 * size), _U(q + 4 * size), _U(q + 5 * size)
+            row = _U(base + (4 * (r0 + r) + l) * wp)
+            for t in range(_U(tx_)):
+                d = _b(tmp[q0 + t], tmp[q1 + t], tmp[q2 + t], tmp[q3 + t], tmp[q4 + t],
+                       tmp[q5 + t], two, four, five)  # fmt: skip
+                o = row + _U(4) * t
+                dxpad[o] += d[0]
+                dxpad[o + _U(1)] += d[1]
+                dxpad[o + _U(2)] += d[2]
+                dxpad[o + _U(3)] += d[3]
+            for t in range(_U(tx_)):
+                d = _b(tmp[q0 + t], tmp[q1 + t], tmp[q2 + t], tmp[q3 + t], tmp[q4 + t],
+                       tmp[q5 + t], two, four, five)  # fmt: skip
+                o = row + _U(4) * t
+                dxpad[o + _U(4)] += d[4]
+                dxpad[o + _U(5)] += d[5]
 
 
 @njit(**HELPER, nogil=True)
-def _unpad_row(dxpad, base, m_, pt, pl, dx, n, c):
-    """dx[n, c] = the interior of one sample-channel of the padded, even / odd split dx."""
+def _unpad(dxpad, base, wp, pt, pl, dx, n, c):
+    """dx[n, c] = the interior of one sample-channel of the padded dx."""
     h_, w_ = dx.shape[2], dx.shape[3]
+    dxf = dx.reshape(-1)
     for y in range(h_):
-        row = base + (y + pt) * 2 * m_
-        dst = dx[n, c, y]
-        for b in range(2):  # input column x sits at padded column x + pl
-            x0 = (b - pl) % 2
-            cnt = (w_ - x0 + 1) // 2
-            src = dxpad[row + ((x0 + pl) % 2) * m_ + (x0 + pl) // 2 :]
-            d = dst[x0:]
-            for v in range(cnt):
-                d[2 * v] = src[v]
+        src = _U(base + (y + pt) * wp + pl)
+        dst = _U(((n * dx.shape[1] + c) * h_ + y) * w_)
+        for i in range(_U(w_)):
+            dxf[dst + i] = dxpad[src + i]
 
 
 @njit(**HELPER, nogil=True)
@@ -499,7 +606,7 @@ def _products(upack, rows_out, inner, ws, rows_b, b_stride, rows_c, c_stride, co
     panels), A[p] packed by _pack_u."""
     nr_ = conv.NV * (conv.VECTOR_BYTES // ws.itemsize)
     mr = conv.MR
-    for p in range(16):
+    for p in range(P):
         for pn in range(cols // nr_):
             for ob in range(rows_out // mr):
                 conv.bcast(
@@ -514,10 +621,10 @@ def _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at):
     """The micro-kernels' row offsets: V rows (per point, padded to cd with the zero
     row), M / dM rows, dV rows."""
     tp, km, cb, cd = geo[5], geo[6], geo[8], geo[9]
-    rows_v = np.empty(16 * cd, np.int64)
-    rows_m = np.empty(16 * km, np.int64)
-    rows_dv = np.empty(16 * cb, np.int64)
-    for p in range(16):
+    rows_v = np.empty(P * cd, np.int64)
+    rows_m = np.empty(P * km, np.int64)
+    rows_dv = np.empty(P * cb, np.int64)
+    for p in range(P):
         for c in range(cd):
             rows_v[p * cd + c] = v_at + (p * c_ + c) * tp if c < c_ else zero_at
         for k in range(km):
@@ -529,7 +636,7 @@ def _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at):
 
 @Builds
 def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
-    ty_, tx_, spb, rows, bands, tp, km, _kd, _cb, cd, _hp, per, _ = geo
+    ty_, tx_, spb, rows, bands, tp, km, _kd, _cb, cd, _hp, _wp, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
     k_ = w.shape[0]
     pt, pl = pads[0], pads[1]
@@ -542,19 +649,18 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
     for th in prange(T):
         v_at, m_at, dv_at, zero_at, _du, _db = _regions(geo, c_, th * per)
         rows_v, rows_m, _rows_dv = _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at)
-        ws[v_at : v_at + 16 * c_ * tp] = 0.0  # panel padding columns: finite junk
-        xs = np.empty(8 * (rows + 1) * tx_, x.dtype)
-        tmp = np.empty(16 * (rows + 1) * (tx_ + 1), x.dtype)
+        ws[v_at : v_at + P * c_ * tp] = 0.0  # panel padding columns: finite junk
+        tmp = np.empty(P * (rows + 1) * tx_, x.dtype)
         for block in range(th * total // T, (th + 1) * total // T):
             n0, ns, r0, nrows = conv._tile_at(block, spb, bands, rows, n_, ty_)
             for c in range(c_):
                 for s in range(ns):
                     at = v_at + c * tp + s * nrows * tx_
-                    _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, xs, tmp, ws, at, c_ * tp)
+                    _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, tmp, ws, at, c_ * tp)
             cols = -(-(ns * nrows * tx_) // nr_) * nr_  # a short block: fewer panels
             _products(upack, kb, c_, ws, rows_v, cd, rows_m, km, cols)  # M = U V
             for k in range(k_):
-                b = bias[k] if has_bias else 0.0
+                b = bias[k] if has_bias else ws.dtype.type(0.0)
                 for s in range(ns):
                     at = m_at + k * tp + s * nrows * tx_
                     _output_tiles(ws, at, km * tp, b, act, tmp, out, n0 + s, k, r0, nrows)
@@ -562,13 +668,12 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
 
 @Builds
 def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
-    ty_, tx_, spb, rows, bands, tp, km, kd, cb, cd, hp, per, _ = geo
+    ty_, tx_, spb, rows, bands, tp, km, kd, cb, cd, hp, wp, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
     k_ = w.shape[0]
     pt, pl = pads[0], pads[1]
     md, nd = conv.MD, conv.ND
     nr_ = conv.NV * (conv.VECTOR_BYTES // ws.itemsize)
-    m_ = tx_ + 1
     upack = ws[T * per :]
     if want_dx:
         _pack_u(w, True, cb, upack)
@@ -577,14 +682,13 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
         rows_v, rows_m, rows_dv = _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at)
         dx_at = db_at + k_
         ws[v_at:dx_at] = 0.0  # junk columns and padding rows: zero gradient
-        xs = np.empty(8 * (rows + 1) * tx_, x.dtype)
-        tmp = np.empty(16 * (rows + 1) * m_, x.dtype)
+        tmp = np.empty(P * (rows + 1) * tx_, x.dtype)
         db = ws[db_at : db_at + k_]
         n0, hi = th * n_ // T, (th + 1) * n_ // T
         while n0 < hi:
             ns = min(spb, hi - n0)
             if want_dx:
-                ws[dx_at : dx_at + ns * c_ * hp * 2 * m_] = 0.0
+                ws[dx_at : dx_at + ns * c_ * hp * wp] = 0.0
             for band in range(bands):
                 r0 = band * rows
                 nrows = min(rows, ty_ - r0)
@@ -593,21 +697,21 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                 # holds. dM's columns past its tiles must be zero (dU sums over them):
                 # only a wider block wrote there before, and only those are cleared
                 # (clearing all of dM every block: ~15% of VGG-small's conv1_2 backward at
-                # b64, its 89 MB of stores pushing V out of the cache)
+                # b64 with F(2x2, 3x3), its stores pushing V out of the cache)
                 used = ns * nrows * tx_
                 cols = -(-used // nr_) * nr_
                 if used < cols:
-                    for row in range(16 * km):
+                    for row in range(P * km):
                         ws[m_at + row * tp + used : m_at + row * tp + cols] = 0.0
                 for c in range(c_):
                     for s in range(ns):
                         at = v_at + c * tp + s * nrows * tx_
-                        _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, xs, tmp, ws, at, c_ * tp)
+                        _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, tmp, ws, at, c_ * tp)
                 for k in range(k_):
                     for s in range(ns):
                         at = m_at + k * tp + s * nrows * tx_
                         _dout_tiles(dout, yout, act, n0 + s, k, r0, nrows, tmp, ws, at, km * tp, db)
-                for p in range(16):  # dU += dM V^T
+                for p in range(P):  # dU += dM V^T
                     for ob in range(0, kd, md):
                         for cbk in range(0, cd, nd):
                             conv.dot(
@@ -620,14 +724,14 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                 _products(upack, cb, k_, ws, rows_m, km, rows_dv, cb, cols)  # dV = U^T dM
                 for c in range(c_):
                     for s in range(ns):
-                        base = dx_at + (s * c_ + c) * hp * 2 * m_
+                        base = dx_at + (s * c_ + c) * hp * wp
                         at = dv_at + c * tp + s * nrows * tx_
-                        _input_adjoint_tiles(ws, at, cb * tp, tx_, r0, nrows, tmp, ws, base)
+                        _input_adjoint_tiles(ws, at, cb * tp, tx_, r0, nrows, tmp, ws, base, wp)
             if want_dx:
                 for s in range(ns):
                     for c in range(c_):
-                        base = dx_at + (s * c_ + c) * hp * 2 * m_
-                        _unpad_row(ws, base, m_, pt, pl, dx, n0 + s, c)
+                        base = dx_at + (s * c_ + c) * hp * wp
+                        _unpad(ws, base, wp, pt, pl, dx, n0 + s, c)
             n0 += ns
 
 
