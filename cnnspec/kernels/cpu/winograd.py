@@ -397,9 +397,14 @@ def _input_tiles(x, n, c, r0, nrows, pt, pl, tx_, tmp, ws, at, ps):
     h_, w_ = x.shape[2], x.shape[3]
     rs = (nrows + 1) * tx_  # one plane
     xf = x.reshape(-1)
-    t0 = min(tx_, (pl + 3) // 4)  # tiles t0 .. t1 lie inside the row
-    t1 = max(t0, min(tx_, (w_ - 6 + pl) // 4 + 1)) if w_ + pl >= 6 else t0
     plane = (n * x.shape[1] + c) * h_ * w_
+    # each row copied into a zero-padded line first: every tile then runs the same loop
+    # (the tiles over the row's edges, a quarter to half of them at 32x32 and 16x16, had
+    # a scalar one of conditional loads)
+    line = _U(24 * rs)
+    for i in range(_U(4 * tx_ + 2)):
+        tmp[line + i] = zero
+    into = line + _U(pl)
     for yy in range(4 * nrows + 2):
         y = 4 * r0 - pt + yy
         base = (yy % 4) * 6 * rs + (yy // 4) * tx_
@@ -410,23 +415,13 @@ def _input_tiles(x, n, c, r0, nrows, pt, pl, tx_, tmp, ws, at, ps):
                 tmp[h0 + t] = tmp[h1 + t] = tmp[h2 + t] = zero
                 tmp[h3 + t] = tmp[h4 + t] = tmp[h5 + t] = zero
             continue
-        src = plane + y * w_ - pl  # padded column X at xf[src + X]
-        first = _U(src + 4 * t0)
-        for i in range(_U(t1 - t0)):
-            s, t = first + _U(4) * i, _U(t0) + i
-            e = _bt(xf[s], xf[s + _U(1)], xf[s + _U(2)], xf[s + _U(3)], xf[s + _U(4)],
-                    xf[s + _U(5)], two, four, five)  # fmt: skip
-            tmp[h0 + t], tmp[h1 + t], tmp[h2 + t] = e[0], e[1], e[2]
-            tmp[h3 + t], tmp[h4 + t], tmp[h5 + t] = e[3], e[4], e[5]
-        for t in range(tx_ - (t1 - t0)):  # the tiles over the row's edges
-            t = t if t < t0 else t + t1 - t0
-            s = 4 * t - pl
-            e = _bt(
-                _inside(xf, src + pl, s, w_, zero), _inside(xf, src + pl, s + 1, w_, zero),
-                _inside(xf, src + pl, s + 2, w_, zero), _inside(xf, src + pl, s + 3, w_, zero),
-                _inside(xf, src + pl, s + 4, w_, zero), _inside(xf, src + pl, s + 5, w_, zero),
-                two, four, five,
-            )  # fmt: skip
+        src = _U(plane + y * w_)
+        for i in range(_U(w_)):
+            tmp[into + i] = xf[src + i]
+        for t in range(_U(tx_)):
+            s = line + _U(4) * t
+            e = _bt(tmp[s], tmp[s + _U(1)], tmp[s + _U(2)], tmp[s + _U(3)], tmp[s + _U(4)],
+                    tmp[s + _U(5)], two, four, five)  # fmt: skip
             tmp[h0 + t], tmp[h1 + t], tmp[h2 + t] = e[0], e[1], e[2]
             tmp[h3 + t], tmp[h4 + t], tmp[h5 + t] = e[3], e[4], e[5]
     size = nrows * tx_
