@@ -11,15 +11,18 @@ and dW share dM and V, so the backward pass takes both the Winograd way or neith
 
 F(4x4, 3x3) replaced F(2x2, 3x3) (16 points, 2.25x fewer multiplies against 4x here),
 measured on one core of an AMD EPYC Zen 3 (256-bit kernels, 2026-12-05, float32, ReLU
-fused, best of 4-5 interleaved; ms forward / backward, direct / F(2x2) / F(4x4)):
-  VGG-small b64, 64 ch 32x32       61.4 / 130   42.5 / 92.1   32.7 / 72.1
-                 64->128 16x16     30.0 / 68.2  19.6 / 43.8   21.0 / 48.1
-                 128 ch 16x16      59.1 / 137   39.7 / 88.4   36.6 / 81.9
-and its whole train step 356 -> 311 ms (1 thread), 177 -> 171 ms (2 threads). Its
-products are 56% of F(2x2)'s; what it loses is in the transforms, whose 6x6 tiles
-cover maps that are not a multiple of 4 with waste (14x14: 16x16 of tiles) and whose
-dU products (the ``dot`` kernel, ~45-57 GFLOP/s here against ``bcast``'s ~85) do not
-shrink as much as the rest.
+fused, best of 4-5 interleaved; ms forward / backward, direct / F(2x2) / F(4x4) / F(4x4)
+once its input rows went through a padded line, measured in a later run against the
+column before it):
+  VGG-small b64, 64 ch 32x32       61.4 / 130   42.5 / 92.1   32.7 / 72.1   27.5 / 69.4
+                 64->128 16x16     30.0 / 68.2  19.6 / 43.8   21.0 / 48.1   16.7 / 45.2
+                 128 ch 16x16      59.1 / 137   39.7 / 88.4   36.6 / 81.9   30.7 / 78.0
+VGG-small's whole train step went 356 -> 311 ms (1 thread) and 177 -> 171 ms (2 threads)
+with the first F(4x4), and ran 287 / 174 ms in `benchmarks/vs_torch.py` with the second
+(PyTorch 524 / 285). Its products are 56% of F(2x2)'s; its transforms cost more, its 6x6
+tiles cover maps that are not a multiple of 4 with waste (14x14: 16x16 of tiles), and
+its dU products (the ``dot`` kernel, ~45-57 GFLOP/s here against ``bcast``'s ~85) are
+now a quarter of its backward.
 
 Error: the transforms multiply by 2, 4, 5, 8 and 1/4, 1/6, 1/12, 1/24, which amplify
 rounding. Measured (random normal data, He-scaled weights, padding 1) as the largest
@@ -31,8 +34,8 @@ direct / Winograd:
   128 -> 128, 16x16        1.4e-6 / 1.1e-5    2.3e-6 / 5.1e-6    1.3e-7 / 1.9e-6
   256 -> 256, 16x16        2.4e-6 / 1.2e-5    2.2e-6 / 7.2e-6    1.4e-7 / 2.3e-6
   512 -> 512, 14x14        2.6e-6 / 1.6e-5    3.4e-6 / 1.2e-5    1.3e-7 / 3.1e-6
-(F(2x2, 3x3) had 2e-7 - 5e-7: the price of its speed, ~1e-5 of the output's scale,
-an order under float32 training's own noise). Float64 Winograd against float64 direct:
+(F(2x2, 3x3) had 2e-7 - 5e-7; ~1e-5 of the output's scale is the price of F(4x4)'s
+speed, as in other frameworks' F(4x4, 3x3) kernels). Float64 Winograd against float64 direct:
 <= 1e-14. The test tolerance, Winograd against direct on tiny shapes: 2e-5 (float32),
 1e-13 (float64) of the output's scale.
 
@@ -375,14 +378,9 @@ def _weight_adjoint(du, dw):
 # along the rows in flat loops over all tiles, one along the columns in a loop per
 # row. Indices are uint64 (`_U`), which Numba does not check for negative wraparound:
 # with int64 ones the loops stayed scalar (VGG-small's 64 x 32x32 input transform at
-# b64: 18.4 ms against 6.9); views per row cost an atomic reference count each
-# (3x slower again).
+# b64: 18.4 ms against 6.9), and a view per row, reference counted with atomic
+# operations, was slower still (6x, in cache). As in conv.py's copies.
 _U = np.uint64
-
-
-@njit(inline="always", nogil=True)
-def _inside(xf, row, col, w_, zero):
-    return xf[row + col] if 0 <= col < w_ else zero
 
 
 @njit(**HELPER, nogil=True)
