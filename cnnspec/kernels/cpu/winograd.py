@@ -40,7 +40,8 @@ speed, as in other frameworks' F(4x4, 3x3) kernels). Float64 Winograd against fl
 1e-13 (float64) of the output's scale.
 
 Layout per thread (flat workspace, elements): V [36][C][tp] (transformed input, tp
-tile columns padded to whole bcast panels), M / dM [36][km][tp], dV [36][cb][tp],
+tile columns padded to whole bcast panels; _GAP elements after each point's rows, as in
+M and dV), M / dM [36][km][tp], dV [36][cb][tp],
 a zero row (tp), dU [36][kd][cd] (as the dot kernel's blocks), db [K], padded dx of a
 group of samples ([sample][C][4 ty + 2][4 tx + 2]). Tiles run in blocks: several whole
 samples (small maps) or a band of tile rows of one sample, like the direct conv's tiles.
@@ -94,6 +95,13 @@ P = 36  # transform points
 # 32x32 and 128-channel 16x16 convs within ~8% of each other (this host's noise).
 _BLOCK_COLUMNS = 320
 _BLOCK_MAX_ELEMENTS = 1 << 23
+# Elements between one point's rows of V / M / dV and the next's: their 36 planes, a
+# multiple of 4 KiB apart (64 channels x 192 columns), fell into the same cache sets as
+# the transforms read and wrote them across the points. VGG-small b64, 1 thread, ms fwd /
+# bwd without / with: 64 ch 32x32 27.5 / 67.0 -> 25.1 / 62.3, 64->128 16x16 17.4 / 40.4
+# -> 15.8 / 40.3, 128 ch 16x16 32.1 / 78.9 -> 28.1 / 71.8; its step 313 -> 298 ms best
+# of 7 interleaved (1 thread), the same at 2 threads (noise there).
+_GAP = 48
 
 
 def _round_up(n, m):
@@ -226,9 +234,9 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
     tp = _round_up(spb * rows * tx, nr)
     hp, wp = TILE * ty + 2, TILE * tx + 2
     size = (
-        P * c * tp  # V
-        + P * km * tp  # M / dM
-        + P * cb * tp  # dV
+        P * (c * tp + _GAP)  # V
+        + P * (km * tp + _GAP)  # M / dM
+        + P * (cb * tp + _GAP)  # dV
         + tp  # zero row
         + P * kd * cd  # dU
         + k  # db
@@ -256,9 +264,9 @@ def _regions(geo, c_, base):
     """Where a thread's buffers start: V, M, dV, zero row, dU, db, padded dx."""
     tp, km, kd, cb, cd = geo[5], geo[6], geo[7], geo[8], geo[9]
     v_at = base
-    m_at = v_at + P * c_ * tp
-    dv_at = m_at + P * km * tp
-    zero_at = dv_at + P * cb * tp
+    m_at = v_at + P * (c_ * tp + _GAP)
+    dv_at = m_at + P * (km * tp + _GAP)
+    zero_at = dv_at + P * (cb * tp + _GAP)
     du_at = zero_at + tp
     db_at = du_at + P * kd * cd
     return v_at, m_at, dv_at, zero_at, du_at, db_at
@@ -619,11 +627,11 @@ def _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at):
     rows_dv = np.empty(P * cb, np.int64)
     for p in range(P):
         for c in range(cd):
-            rows_v[p * cd + c] = v_at + (p * c_ + c) * tp if c < c_ else zero_at
+            rows_v[p * cd + c] = v_at + p * (c_ * tp + _GAP) + c * tp if c < c_ else zero_at
         for k in range(km):
-            rows_m[p * km + k] = m_at + (p * km + k) * tp
+            rows_m[p * km + k] = m_at + p * (km * tp + _GAP) + k * tp
         for c in range(cb):
-            rows_dv[p * cb + c] = dv_at + (p * cb + c) * tp
+            rows_dv[p * cb + c] = dv_at + p * (cb * tp + _GAP) + c * tp
     return rows_v, rows_m, rows_dv
 
 
@@ -635,6 +643,7 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
     pt, pl = pads[0], pads[1]
     kb = -(-k_ // conv.MR) * conv.MR
     upack = ws[T * per :]
+    vs, ms = c_ * tp + _GAP, km * tp + _GAP  # a point's stride
     _pack_u(w, False, kb, upack)
     total = -(-n_ // spb) if spb > 1 else n_ * bands
     has_bias = bias.shape[0] > 0
@@ -642,21 +651,21 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
     for th in prange(T):
         v_at, m_at, dv_at, zero_at, _du, _db = _regions(geo, c_, th * per)
         rows_v, rows_m, _rows_dv = _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at)
-        ws[v_at : v_at + P * c_ * tp] = 0.0  # panel padding columns: finite junk
+        ws[v_at:m_at] = 0.0  # panel padding columns: finite junk
         tmp = np.empty(P * (rows + 1) * tx_, x.dtype)
         for block in range(th * total // T, (th + 1) * total // T):
             n0, ns, r0, nrows = conv._tile_at(block, spb, bands, rows, n_, ty_)
             for c in range(c_):
                 for s in range(ns):
                     at = v_at + c * tp + s * nrows * tx_
-                    _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, tmp, ws, at, c_ * tp)
+                    _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, tmp, ws, at, vs)
             cols = -(-(ns * nrows * tx_) // nr_) * nr_  # a short block: fewer panels
             _products(upack, kb, c_, ws, rows_v, cd, rows_m, km, cols)  # M = U V
             for k in range(k_):
                 b = bias[k] if has_bias else ws.dtype.type(0.0)
                 for s in range(ns):
                     at = m_at + k * tp + s * nrows * tx_
-                    _output_tiles(ws, at, km * tp, b, act, tmp, out, n0 + s, k, r0, nrows)
+                    _output_tiles(ws, at, ms, b, act, tmp, out, n0 + s, k, r0, nrows)
 
 
 @Builds
@@ -668,6 +677,7 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
     md, nd = conv.MD, conv.ND
     nr_ = conv.NV * (conv.VECTOR_BYTES // ws.itemsize)
     upack = ws[T * per :]
+    vs, ms, dvs = c_ * tp + _GAP, km * tp + _GAP, cb * tp + _GAP  # a point's stride
     if want_dx:
         _pack_u(w, True, cb, upack)
     for th in prange(T):
@@ -694,21 +704,23 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                 used = ns * nrows * tx_
                 cols = -(-used // nr_) * nr_
                 if used < cols:
-                    for row in range(P * km):
-                        ws[m_at + row * tp + used : m_at + row * tp + cols] = 0.0
+                    for p in range(P):
+                        for k in range(km):
+                            row = m_at + p * ms + k * tp
+                            ws[row + used : row + cols] = 0.0
                 for c in range(c_):
                     for s in range(ns):
                         at = v_at + c * tp + s * nrows * tx_
-                        _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, tmp, ws, at, c_ * tp)
+                        _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, tmp, ws, at, vs)
                 for k in range(k_):
                     for s in range(ns):
                         at = m_at + k * tp + s * nrows * tx_
-                        _dout_tiles(dout, yout, act, n0 + s, k, r0, nrows, tmp, ws, at, km * tp, db)
+                        _dout_tiles(dout, yout, act, n0 + s, k, r0, nrows, tmp, ws, at, ms, db)
                 for p in range(P):  # dU += dM V^T
                     for ob in range(0, kd, md):
                         for cbk in range(0, cd, nd):
                             conv.dot(
-                                ws, m_at + (p * km + ob) * tp, tp,
+                                ws, m_at + p * ms + ob * tp, tp,
                                 ws, rows_v, p * cd + cbk, 0,
                                 ws, du_at + (p * kd + ob) * cd + cbk * md, cols,
                             )  # fmt: skip
@@ -719,7 +731,7 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                     for s in range(ns):
                         base = dx_at + (s * c_ + c) * hp * wp
                         at = dv_at + c * tp + s * nrows * tx_
-                        _input_adjoint_tiles(ws, at, cb * tp, tx_, r0, nrows, tmp, ws, base, wp)
+                        _input_adjoint_tiles(ws, at, dvs, tx_, r0, nrows, tmp, ws, base, wp)
             if want_dx:
                 for s in range(ns):
                     for c in range(c_):
