@@ -18,7 +18,8 @@ TOL = {np.float64: 1e-13, np.float32: 2e-5}
 
 # (N, C, H, W, K, pad (t, b, l, r)): odd maps (tiles overhanging the edge), padding 0,
 # 1, 2 and lopsided, batch 1, channels off the vector width and the blocks, rows long
-# enough for whole vectors of column pairs (and an odd column) in the even / odd splits
+# enough for a vector's worth of tiles in the loops along a row (and a last tile of one
+# column)
 CASES = {
     "odd_pad1": (2, 5, 7, 9, 3, (1, 1, 1, 1)),
     "pad0_batch1": (1, 3, 6, 5, 7, (0, 0, 0, 0)),
