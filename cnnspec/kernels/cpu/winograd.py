@@ -261,15 +261,17 @@ def workspace(x_shape, w_shape, out_shape, itemsize) -> int:
 
 @njit(**HELPER, nogil=True)
 def _regions(geo, c_, base):
-    """Where a thread's buffers start: V, M, dV, zero row, dU, db, padded dx."""
+    """Where a thread's buffers start: V, M, dV, zero row, dU, db (padded dx after db),
+    and the distance between one point's rows and the next's in V, M and dV."""
     tp, km, kd, cb, cd = geo[5], geo[6], geo[7], geo[8], geo[9]
+    vs, ms, dvs = c_ * tp + _GAP, km * tp + _GAP, cb * tp + _GAP
     v_at = base
-    m_at = v_at + P * (c_ * tp + _GAP)
-    dv_at = m_at + P * (km * tp + _GAP)
-    zero_at = dv_at + P * (cb * tp + _GAP)
+    m_at = v_at + P * vs
+    dv_at = m_at + P * ms
+    zero_at = dv_at + P * dvs
     du_at = zero_at + tp
     db_at = du_at + P * kd * cd
-    return v_at, m_at, dv_at, zero_at, du_at, db_at
+    return v_at, m_at, dv_at, zero_at, du_at, db_at, vs, ms, dvs
 
 
 # The four 1-D transforms (each applied along rows, then along columns), with the
@@ -618,7 +620,7 @@ def _products(upack, rows_out, inner, ws, rows_b, b_stride, rows_c, c_stride, co
 
 
 @njit(**HELPER, nogil=True)
-def _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at):
+def _tables(geo, c_, v_at, m_at, dv_at, zero_at, vs, ms, dvs):
     """The micro-kernels' row offsets: V rows (per point, padded to cd with the zero
     row), M / dM rows, dV rows."""
     tp, km, cb, cd = geo[5], geo[6], geo[8], geo[9]
@@ -627,11 +629,11 @@ def _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at):
     rows_dv = np.empty(P * cb, np.int64)
     for p in range(P):
         for c in range(cd):
-            rows_v[p * cd + c] = v_at + p * (c_ * tp + _GAP) + c * tp if c < c_ else zero_at
+            rows_v[p * cd + c] = v_at + p * vs + c * tp if c < c_ else zero_at
         for k in range(km):
-            rows_m[p * km + k] = m_at + p * (km * tp + _GAP) + k * tp
+            rows_m[p * km + k] = m_at + p * ms + k * tp
         for c in range(cb):
-            rows_dv[p * cb + c] = dv_at + p * (cb * tp + _GAP) + c * tp
+            rows_dv[p * cb + c] = dv_at + p * dvs + c * tp
     return rows_v, rows_m, rows_dv
 
 
@@ -643,14 +645,13 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
     pt, pl = pads[0], pads[1]
     kb = -(-k_ // conv.MR) * conv.MR
     upack = ws[T * per :]
-    vs, ms = c_ * tp + _GAP, km * tp + _GAP  # a point's stride
     _pack_u(w, False, kb, upack)
     total = -(-n_ // spb) if spb > 1 else n_ * bands
     has_bias = bias.shape[0] > 0
     nr_ = conv.NV * (conv.VECTOR_BYTES // ws.itemsize)
     for th in prange(T):
-        v_at, m_at, dv_at, zero_at, _du, _db = _regions(geo, c_, th * per)
-        rows_v, rows_m, _rows_dv = _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at)
+        v_at, m_at, dv_at, zero_at, _du, _db, vs, ms, dvs = _regions(geo, c_, th * per)
+        rows_v, rows_m, _rows_dv = _tables(geo, c_, v_at, m_at, dv_at, zero_at, vs, ms, dvs)
         ws[v_at:m_at] = 0.0  # panel padding columns: finite junk
         tmp = np.empty(P * (rows + 1) * tx_, x.dtype)
         for block in range(th * total // T, (th + 1) * total // T):
@@ -677,12 +678,11 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
     md, nd = conv.MD, conv.ND
     nr_ = conv.NV * (conv.VECTOR_BYTES // ws.itemsize)
     upack = ws[T * per :]
-    vs, ms, dvs = c_ * tp + _GAP, km * tp + _GAP, cb * tp + _GAP  # a point's stride
     if want_dx:
         _pack_u(w, True, cb, upack)
     for th in prange(T):
-        v_at, m_at, dv_at, zero_at, du_at, db_at = _regions(geo, c_, th * per)
-        rows_v, rows_m, rows_dv = _tables(geo, c_, k_, v_at, m_at, dv_at, zero_at)
+        v_at, m_at, dv_at, zero_at, du_at, db_at, vs, ms, dvs = _regions(geo, c_, th * per)
+        rows_v, rows_m, rows_dv = _tables(geo, c_, v_at, m_at, dv_at, zero_at, vs, ms, dvs)
         dx_at = db_at + k_
         ws[v_at:dx_at] = 0.0  # junk columns and padding rows: zero gradient
         tmp = np.empty(P * (rows + 1) * tx_, x.dtype)
