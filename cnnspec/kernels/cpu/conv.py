@@ -1668,14 +1668,54 @@ def _check(x, w, out, groups, ws):
         raise ValueError("conv2d arrays must share one dtype")
 
 
-def _plan(x, w, out, stride, pad, dilation, groups, ws):
-    """Checks, then the tiles and the threads (:func:`_tiles`)."""
+class _Call(NamedTuple):
+    """What a conv call needs besides its arrays, worked out once per shape (a layer
+    calls with the same shapes every step: it was ~25 us of the ~80 us that LeNet-5's
+    c3 backward spent outside its kernel at batch 1, AMD EPYC Zen 3)."""
+
+    geo: _Geometry
+    args: tuple  # the kernels' (dims, geo, threads)
+    dxc: tuple | None  # the dx convolution's sizes (backward with dx), else None
+    dw_at: int  # where a thread's dW / db sums start in its region
+    dw_index: np.ndarray | None  # dW's elements in those sums (backward)
+
+
+def _plan(x, w, out, stride, pad, dilation, groups, ws, backward=False, want_dx=False):
+    """Checks, then the call's plan (:func:`_call`), the flat workspace and w as
+    (groups, outputs a group, inputs a group x kernel)."""
     _check(x, w, out, groups, ws)
     o, cg, kh, kw = w.shape
     g = int(groups)
     shapes = (x.shape, w.shape, out.shape, tuple(stride), tuple(pad), tuple(dilation))
-    geo, threads = _tiles(*shapes, x.itemsize, ws.size, numba.get_num_threads())
-    return geo, threads, ws.reshape(-1), w.reshape(g, o // g, cg * kh * kw)
+    call = _call(*shapes, x.itemsize, ws.size, numba.get_num_threads(), backward, want_dx)
+    return call, ws.reshape(-1), w.reshape(g, o // g, cg * kh * kw)
+
+
+@lru_cache(maxsize=1024)
+def _call(x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, space, threads, backward,
+          want_dx):  # fmt: skip
+    """The plan of a call of these shapes (see :class:`_Call`)."""
+    shapes = (x_shape, w_shape, out_shape, stride, pad, dilation)
+    geo, threads = _tiles(*shapes, itemsize, space, threads)
+    sh, sw, pt, _pb, pl, _pr, dh, dw = _unpack(stride, pad, dilation)
+    dims = (sh, sw, pt, pl, dh, dw, int(w_shape[2]), int(w_shape[3]))
+    dxc = _dx_conv(*shapes, geo.rows, geo.spt, panel(itemsize)) if want_dx else None
+    g = x_shape[1] // w_shape[1]
+    dw_at = _regions.py_func(tuple(geo), g, 0)[5]  # (a helper: no Python entry)
+    index = None
+    if backward:  # where each of dW's elements is in the sums (the int's size picks the
+        # dot blocks' order: dot_unblock)
+        og, kg = w_shape[0] // g, w_shape[1] * w_shape[2] * w_shape[3]
+        at = np.arange(g * geo.ogd * geo.kgd, dtype=np.int32 if itemsize == 4 else np.int64)
+        if geo.swap:
+            at = dot_unblock(at, g * geo.kgd, geo.ogd).reshape(g, geo.kgd, geo.ogd)
+            at = at.transpose(0, 2, 1)
+        else:
+            at = dot_unblock(at, g * geo.ogd, geo.kgd).reshape(g, geo.ogd, geo.kgd)
+        index = np.ascontiguousarray(at[:, :og, :kg]).reshape(-1)
+        index.flags.writeable = False
+    args = (dims, tuple(geo), threads)
+    return _Call(geo, args, None if dxc is None else tuple(dxc), dw_at, index)
 
 
 @lru_cache(maxsize=1024)
@@ -1696,12 +1736,6 @@ def _tiles(x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, space, 
 
 def _bias_or_empty(b, dtype):
     return np.zeros(0, dtype) if b is None else b
-
-
-def _dims(w, stride, pad, dilation):
-    """The kernels' static numbers: (sh, sw, pt, pl, dh, dw, kh, kw)."""
-    sh, sw, pt, _pb, pl, _pr, dh, dw = _unpack(stride, pad, dilation)
-    return (sh, sw, pt, pl, dh, dw, int(w.shape[2]), int(w.shape[3]))
 
 
 def merge_moments(parts):
@@ -1766,8 +1800,8 @@ def conv2d_forward(
             winograd.forward(x, w, bias, pad, out, ws, ACT_NONE)
             merge.add_forward([out, residual], out, act)
         return
-    geo, threads, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
-    dims = _dims(w, stride, pad, dilation)
+    call, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
+    dims, geo, threads = call.args
     o = w.shape[0]
     aff = moments = None  # no hooks: the build without them (LeNet-5 compiles only that)
     mode = IN_COPY
@@ -1777,7 +1811,7 @@ def conv2d_forward(
     if stats is not None:
         check_shape("stats", stats, (2, o))
     args = (
-        x, w3, bias, int(act), dims, tuple(geo), threads, out, flat, aff, mode, moments,
+        x, w3, bias, int(act), dims, geo, threads, out, flat, aff, mode, moments,
         stats is not None, _split(stride), None if residual is None else residual.reshape(-1),
     )  # fmt: skip
     kernel = _forward_tiles.now(threads == 1, args)
@@ -1847,10 +1881,10 @@ def conv2d_backward(
     if not hooked and winograd.chooses(x.shape, w.shape, dout.shape, stride, pad, dilation, groups):
         winograd.backward(x, w, dout, pad, ws, dx, dw, db, y, act)
         return
-    geo, threads, flat, w3 = _plan(x, w, dout, stride, pad, dilation, groups, ws)
     want_dx = dx is not None
+    call, flat, w3 = _plan(x, w, dout, stride, pad, dilation, groups, ws, True, want_dx)
+    dims, geo, threads = call.args
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
-    dims = _dims(w, stride, pad, dilation)
     aff = gk = dsums = None  # no hooks: the build without them
     mode, gmode = IN_COPY, OUT_PLAIN
     if in_affine is not None or dout_affine is not None or relu_dx:
@@ -1870,12 +1904,9 @@ def conv2d_backward(
         gk = np.empty((5, w.shape[0]), x.dtype)
         gk[:3], gk[3:] = k, affine
         gmode = OUT_NORM_RELU if relu else OUT_NORM
-    shapes = (x.shape, w.shape, dout.shape, stride, pad, dilation)
-    dxc = _dx_conv(*shapes, geo.rows, geo.spt, panel(x.itemsize)) if want_dx else None
     args = (
-        x, w3, dout, y, int(act), want_dx, dims, tuple(geo), threads, dx_arg, flat, aff, mode,
-        bool(accumulate), gk, gmode, None if dxc is None else tuple(dxc), dsums, int(relu_dx),
-        _split(stride),
+        x, w3, dout, y, int(act), want_dx, dims, geo, threads, dx_arg, flat, aff, mode,
+        bool(accumulate), gk, gmode, call.dxc, dsums, int(relu_dx), _split(stride),
     )  # fmt: skip
     kernel = _backward_samples.now(threads == 1, args)
     if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
@@ -1890,19 +1921,14 @@ def conv2d_backward(
         for part in dsums:
             sums += part[1:]
     # the threads' private sums, added in thread order: the same bits every run
-    g, og, kg = w3.shape
-    at = _regions.py_func(tuple(geo), g, 0)[5]  # (a helper: no Python entry)
-    size = g * geo.ogd * geo.kgd
-    parts = [flat[t * geo.per_thread + at :][: size + w.shape[0]] for t in range(threads)]
-    total = parts[0].copy()
-    for part in parts[1:]:
-        total += part
-    if geo.swap:
-        dw3 = dot_unblock(total[:size], g * geo.kgd, geo.ogd).reshape(g, geo.kgd, geo.ogd)
-        dw3 = dw3.transpose(0, 2, 1)
-    else:
-        dw3 = dot_unblock(total[:size], g * geo.ogd, geo.kgd).reshape(g, geo.ogd, geo.kgd)
-    dw.reshape(g, og, kg)[...] = dw3[:, :og, :kg]
+    size = w3.shape[0] * call.geo.ogd * call.geo.kgd
+    per, at, o = call.geo.per_thread, call.dw_at, w.shape[0]
+    total = flat[at : at + size + o]
+    if threads > 1:
+        total = total.copy()
+        for t in range(1, threads):
+            total += flat[t * per + at :][: size + o]
+    np.take(total, call.dw_index, out=dw.reshape(-1))
     if db is not None:
         db[...] = total[size:]
 

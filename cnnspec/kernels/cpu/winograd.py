@@ -109,7 +109,7 @@ def _round_up(n, m):
 
 
 def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
-    """Whether F(2x2, 3x3) computes this conv: 3x3, stride 1, dilation 1, ungrouped."""
+    """Whether F(4x4, 3x3) computes this conv: 3x3, stride 1, dilation 1, ungrouped."""
     return (
         int(groups) == 1
         and tuple(int(k) for k in w_shape[2:]) == (3, 3)
@@ -175,11 +175,18 @@ WIDE_CHANNELS, WIDE_MIN_MAP = 512, 14
 
 def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
     """Whether the dispatch runs this conv (forward and backward) the Winograd way."""
-    if MODE == "0" or not applies(x_shape, w_shape, stride, pad, dilation, groups):
+    shapes = (tuple(x_shape), tuple(w_shape), tuple(out_shape))
+    geometry = (tuple(stride), tuple(pad), tuple(dilation), int(groups))
+    return _chooses(MODE, AUTO, *shapes, *geometry)
+
+
+@lru_cache(maxsize=1024)  # a layer asks with the same shapes every call (~4 us saved)
+def _chooses(mode, auto, x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
+    if mode == "0" or not applies(x_shape, w_shape, stride, pad, dilation, groups):
         return False
-    if MODE == "1":
+    if mode == "1":
         return True
-    if not AUTO:
+    if not auto:
         return False
     channels = min(int(x_shape[1]), int(w_shape[0]))
     size = min(int(out_shape[2]), int(out_shape[3]))
