@@ -79,3 +79,33 @@ def test_small_products_run_unsplit(monkeypatch):
 def test_a_blas_function_giving_other_products_is_refused():
     """The check on first use: sgemm handed float64 arrays computes something else."""
     assert not blas._agrees(_gemm(np.float32), np.dtype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_dense_layers_two_products_run_one_a_thread(dtype, monkeypatch):
+    """dW = dout^T x and dx = dout w (LeNet-5's c5 shapes): one BLAS call a thread where
+    there are two threads, one after another otherwise; numpy's products either way."""
+    runs = []
+    blocks = blas._gemm_blocks
+    monkeypatch.setattr(blas, "_gemm_blocks", lambda g, b: runs.append(len(b)) or blocks(g, b))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 400)).astype(dtype)
+    w = rng.standard_normal((120, 400)).astype(dtype)
+    dout = rng.standard_normal((64, 120)).astype(dtype)
+    dw, dx = np.full_like(w, np.nan), np.full_like(x, np.nan)
+    blas.matmul_each([(dout.T, x, dw), (dout, w, dx)])
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(dw, dout.T @ x, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dx, dout @ w, rtol=tol, atol=tol)
+    parallel = numba.get_num_threads() >= 2 and blas._cblas_gemm(np.dtype(dtype)) is not None
+    assert runs == ([2] if parallel else [])
+
+
+def test_small_or_mixed_products_run_one_after_another(monkeypatch):
+    monkeypatch.setattr(blas, "_gemm_blocks", lambda *args: pytest.fail("one a thread"))
+    a, b = np.ones((8, 10), np.float32), np.ones((10, 6), np.float32)
+    out1, out2 = np.empty((8, 6), np.float32), np.empty((8, 6))
+    blas.matmul_each([(a, b, out1), (a, b, out1.copy())])  # below _EACH_FLOPS
+    big = np.ones((64, 400)), np.ones((400, 120))
+    blas.matmul_each([(*big, np.empty((64, 120))), (a, b, out2)])  # one small, two dtypes
+    assert (out1 == 10).all() and (out2 == 10).all()
