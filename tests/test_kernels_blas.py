@@ -109,3 +109,31 @@ def test_small_or_mixed_products_run_one_after_another(monkeypatch):
     big = np.ones((64, 400)), np.ones((400, 120))
     blas.matmul_each([(*big, np.empty((64, 120))), (a, b, out2)])  # one small, two dtypes
     assert (out1 == 10).all() and (out2 == 10).all()
+
+
+def test_a_first_run_does_not_compile_the_blocks(monkeypatch):
+    """While a first run's builds are deferred, products whose blocks' parallel build is
+    not compiled yet run unsplit (numpy's) instead of compiling it in the step."""
+    from cnnspec.kernels.cpu.background import BACKGROUND
+
+    monkeypatch.setattr(BACKGROUND, "active", True)
+    monkeypatch.setattr(blas, "load_cached", lambda *args: False)
+
+    class NotCompiled:
+        typeof_pyval = staticmethod(blas._gemm_blocks.typeof_pyval)
+
+        def __call__(self, *args):
+            pytest.fail("the blocks' parallel build would compile")
+
+    monkeypatch.setattr(blas, "_gemm_blocks", NotCompiled())
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((64, 400)), rng.standard_normal((120, 400))
+    dout = rng.standard_normal((64, 120))
+    dw, dx = np.empty_like(w), np.empty_like(x)
+    blas.matmul_each([(dout.T, x, dw), (dout, w, dx)])
+    a, b = rng.standard_normal((8, 300)), rng.standard_normal((300, 20000))
+    out = np.empty((8, 20000))
+    blas.matmul(a, b, out)
+    np.testing.assert_allclose(dw, dout.T @ x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, dout @ w, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12, atol=1e-12)

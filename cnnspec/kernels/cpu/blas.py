@@ -21,6 +21,8 @@ from functools import cache
 import numba
 import numpy as np
 
+from .background import BACKGROUND, load_cached
+
 # at least this many floating-point operations a block. The speed-up of two blocks over
 # one call just after a parallel loop (AMD EPYC Zen 3, 2 threads, float32): 0.71 at
 # 6 MFLOP, 1.15 at 17, 1.6 at 34, 1.89 at 268 (VGG-small's fc3, b64)
@@ -111,7 +113,8 @@ def _whole(a, b, out):
 
 def _split(gemm, a, b, out, parts: int) -> bool:
     """out = a @ b in `parts` blocks of out's columns (or rows, where it has more) on
-    Numba's threads: False where an operand's layout does not suit BLAS."""
+    Numba's threads: False where an operand's layout does not suit BLAS (or while the
+    blocks' build waits: _run_blocks)."""
     whole = _whole(a, b, out)
     if whole is None:
         return False
@@ -130,6 +133,18 @@ def _split(gemm, a, b, out, parts: int) -> bool:
             step_a = size * (1 if ta == _TRANS else lda)
             blocks[p, 2] = hi - lo
             blocks[p, 8], blocks[p, 10] = pa + lo * step_a, pc + lo * ldc * size
+    return _run_blocks(gemm, blocks)
+
+
+def _run_blocks(gemm, blocks) -> bool:
+    """_gemm_blocks(gemm, blocks), or False (nothing run) while a first run's builds are
+    deferred (background.py) and its parallel build is neither loaded nor cached:
+    compiled here, it held up a cold 2-thread LeNet-5 step (a sixth kernel compiled),
+    and a product unsplit stands in as well."""
+    if BACKGROUND.active:
+        sig = tuple(_gemm_blocks.typeof_pyval(v) for v in (gemm, blocks))
+        if not load_cached(_gemm_blocks, sig):
+            return False
     _gemm_blocks(gemm, blocks)
     return True
 
@@ -152,8 +167,7 @@ def matmul_each(products) -> None:
         dtype = products[0][2].dtype
         rows = [_whole(*p) if all(x.dtype == dtype for x in p) else None for p in products]
         gemm = _cblas_gemm(dtype)
-        if gemm is not None and None not in rows:
-            _gemm_blocks(gemm, np.array(rows, np.int64))
+        if gemm is not None and None not in rows and _run_blocks(gemm, np.array(rows, np.int64)):
             return
     for a, b, out in products:
         matmul(a, b, out)
