@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from llvmlite import ir
+from numba.extending import intrinsic
 
-from cnnspec.kernels.cpu import conv
+from cnnspec.kernels.cpu import _llvm, conv
 from cnnspec.kernels.cpu import conv_transpose as convt
 from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
 
@@ -253,6 +255,44 @@ def test_epilogue_rows_write_just_their_rows(dtype, n):
         want = np.maximum(want, 0) if act else want
         np.testing.assert_array_equal(out[3 : 3 + rows * n].reshape(rows, n), want)
         assert (out[:3] == 99).all() and (out[3 + rows * n :] == 99).all()
+
+
+@intrinsic
+def _store_first(typingctx, out, at, left):
+    """out[at:][:left] = 1, 2, 3 ... through _llvm.store (a row's end)."""
+
+    def codegen(context, builder, signature, args):
+        vec = _llvm.vector(signature.args[0].dtype)
+        if isinstance(signature.args[0].dtype, numba.types.Integer):
+            vec = ir.VectorType(ir.IntType(32), _llvm.lanes(4))
+            iota = ir.Constant(vec, list(range(1, vec.count + 1)))
+        else:
+            iota = ir.Constant(vec, [float(i) for i in range(1, vec.count + 1)])
+        ptr = _llvm.vec_ptr(builder, _llvm.base(context, builder, signature.args[0], *args[:2]),
+                            _llvm.const(0), vec)  # fmt: skip
+        _llvm.store(builder, vec, ptr, iota, args[2])
+        return context.get_dummy_value()
+
+    return numba.types.void(out, numba.types.int64, numba.types.int64), codegen
+
+
+@numba.njit
+def _store_first_of(out, at, left):
+    _store_first(out, at, left)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_a_row_ends_store_writes_just_its_lanes(dtype):
+    """A vector stored up to a row's end writes its first `left` lanes and nothing else:
+    none for left <= 0, all from the vector's width on (the pools ask for both)."""
+    lanes = conv.VECTOR_BYTES // np.dtype(dtype).itemsize
+    for left in range(-2, lanes + 3):
+        out = np.zeros(lanes + 8, dtype)
+        _store_first_of(out, 3, left)
+        k = min(max(left, 0), lanes)
+        want = np.zeros_like(out)
+        want[3 : 3 + k] = np.arange(1, k + 1)
+        np.testing.assert_array_equal(out, want)
 
 
 @pytest.mark.parametrize("winograd", ["0", "1"])  # "1": Winograd where it applies (basic)

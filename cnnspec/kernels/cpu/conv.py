@@ -233,9 +233,8 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
         bv, kv = _llvm.splat(builder, vec, bias), _llvm.splat(builder, dvec, shift)
         relu = builder.icmp_signed("==", act, _llvm.const(1))
         full = builder.sdiv(n, _llvm.const(vec.count))
-        tail = _llvm.lane_mask(
-            builder, vec.count, builder.sub(n, builder.mul(full, _llvm.const(vec.count)))
-        )
+        rest = builder.sub(n, builder.mul(full, _llvm.const(vec.count)))
+        tail = _llvm.lane_mask(builder, vec.count, rest)
 
         # ReLU as a lane mask (y = 0 where relu and not t > 0), not a select between two
         # vectors on the scalar flag: LLVM unswitched the rows loop on that flag, a copy
@@ -290,7 +289,7 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
                 if residual:
                     rv = _llvm.masked(builder, vec, _llvm.vec_ptr(builder, rsd, at, vec), tail)
                 y = value(x, rv)
-                _llvm.masked(builder, vec, _llvm.vec_ptr(builder, dst, at, vec), tail, y)
+                _llvm.store(builder, vec, _llvm.vec_ptr(builder, dst, at, vec), y, rest)
                 if not sums:
                     return []
                 return add(y, [builder.fadd(a, b) for a, b in zip(acc, whole, strict=True)], tail)
