@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._common import check_shape
-from .blas import matmul, matmul_each
+from .blas import matmul
 
 __all__ = ["dense_forward", "dense_backward"]
 
@@ -45,11 +45,10 @@ def dense_backward(x, w, dout, dx, dw, db, out=None, act=0):
     o = w.shape[0]
     check_shape("dout", dout, (n, o))
     check_shape("dw", dw, w.shape)
+    matmul(dout.T, x, dw)
     if db is not None:
         check_shape("db", db, (o,))
         np.sum(dout, axis=0, out=db)
-    if dx is None:
-        matmul(dout.T, x, dw)
-        return
-    check_shape("dx", dx, x.shape)
-    matmul_each([(dout.T, x, dw), (dout, w, dx)])
+    if dx is not None:
+        check_shape("dx", dx, x.shape)
+        matmul(dout, w, dx)
