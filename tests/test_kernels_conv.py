@@ -262,11 +262,12 @@ def _store_first(typingctx, out, at, left):
     """out[at:][:left] = 1, 2, 3 ... through _llvm.store (a row's end)."""
 
     def codegen(context, builder, signature, args):
-        vec = _llvm.vector(signature.args[0].dtype)
-        if isinstance(signature.args[0].dtype, numba.types.Integer):
+        dtype = signature.args[0].dtype
+        if isinstance(dtype, numba.types.Integer):  # (int32: the max pools' argmax)
             vec = ir.VectorType(ir.IntType(32), _llvm.lanes(4))
             iota = ir.Constant(vec, list(range(1, vec.count + 1)))
         else:
+            vec = _llvm.vector(dtype)
             iota = ir.Constant(vec, [float(i) for i in range(1, vec.count + 1)])
         ptr = _llvm.vec_ptr(builder, _llvm.base(context, builder, signature.args[0], *args[:2]),
                             _llvm.const(0), vec)  # fmt: skip
