@@ -130,32 +130,43 @@ def _bcast_codegen(ahead):
         vec = _llvm.vector(signature.args[0].dtype)
         pa = _llvm.base(context, builder, signature.args[0], a_ary, ao)
         prefetch = _prefetcher(context, builder, signature, args, 12) if ahead else None
-
-        def step(kk, acc):
-            brow = _row_pointer(context, builder, signature, args, 2, kk)
-            bv = [builder.load(_llvm.vec_ptr(builder, brow, _llvm.const(v * vec.count), vec),
-                               align=4)
-                  for v in range(NV)]  # fmt: skip
-            if prefetch is not None:
-                prefetch(kk)
-            arow = builder.mul(kk, _llvm.const(MR))
-            out = []
-            for i in range(MR):
-                x = builder.load(builder.gep(pa, [builder.add(arow, _llvm.const(i))]))
-                s = _llvm.splat(builder, vec, x)
-                out += [_llvm.fma(builder, vec, s, bv[v], acc[i * NV + v]) for v in range(NV)]
-            return out
-
         zero = ir.Constant(vec, [0.0] * vec.count)
-        acc = _llvm.loop(builder, k, MR * NV, zero, step)
         add = builder.icmp_signed("!=", beta, _llvm.const(0))
-        for i in range(MR):
-            crow = _row_pointer(context, builder, signature, args, 6, _llvm.const(i))
-            for v in range(NV):
-                ptr = _llvm.vec_ptr(builder, crow, _llvm.const(v * vec.count), vec)
-                old = builder.load(ptr, align=4)
-                value = builder.select(add, builder.fadd(old, acc[i * NV + v]), acc[i * NV + v])
-                builder.store(value, ptr, align=4)
+
+        def block(mr):  # the first mr rows of C (A's block holds MR rows whatever mr)
+            def step(kk, acc):
+                brow = _row_pointer(context, builder, signature, args, 2, kk)
+                bv = [builder.load(_llvm.vec_ptr(builder, brow, _llvm.const(v * vec.count),
+                                                 vec), align=4)
+                      for v in range(NV)]  # fmt: skip
+                if prefetch is not None:
+                    prefetch(kk)
+                arow = builder.mul(kk, _llvm.const(MR))
+                out = []
+                for i in range(mr):
+                    x = builder.load(builder.gep(pa, [builder.add(arow, _llvm.const(i))]))
+                    s = _llvm.splat(builder, vec, x)
+                    out += [_llvm.fma(builder, vec, s, bv[v], acc[i * NV + v]) for v in range(NV)]
+                return out
+
+            acc = _llvm.loop(builder, k, mr * NV, zero, step)
+            for i in range(mr):
+                crow = _row_pointer(context, builder, signature, args, 6, _llvm.const(i))
+                for v in range(NV):
+                    ptr = _llvm.vec_ptr(builder, crow, _llvm.const(v * vec.count), vec)
+                    old = builder.load(ptr, align=4)
+                    value = builder.select(add, builder.fadd(old, acc[i * NV + v]), acc[i * NV + v])
+                    builder.store(value, ptr, align=4)
+
+        if not ahead:
+            block(MR)
+            return context.get_dummy_value()
+        half = builder.icmp_signed("<=", args[15], _llvm.const(MR // 2))
+        with builder.if_else(half, likely=False) as (few, full):
+            with few:
+                block(MR // 2)
+            with full:
+                block(MR)
         return context.get_dummy_value()
 
     return codegen
@@ -172,14 +183,18 @@ def bcast(typingctx, a, ao, b, boffs, bi, bcol, c, coffs, ci, ccol, k, beta):
     return sig, _bcast_codegen(False)
 
 
+# A block of C whose real rows fit in half of it (the rest: padding up to whole blocks)
+# runs a half-height body: LeNet-5's c1 (6 output channels) and c3's dx convolution (6
+# input channels) computed 8 rows for 6 in blocks of 4 at 256 bits.
 @intrinsic
 def bcast_ahead(
-    typingctx, a, ao, b, boffs, bi, bcol, c, coffs, ci, ccol, k, beta, pf, pf_at, lines
+    typingctx, a, ao, b, boffs, bi, bcol, c, coffs, ci, ccol, k, beta, pf, pf_at, lines, rows
 ):
-    """``bcast``, prefetching `lines` cache lines of pf from pf_at on, one a step
-    (at most k of them): a hint that changes no result."""
+    """``bcast`` on the block's first `rows` rows of C (at most MR: up to MR / 2 of them
+    computes only those), prefetching `lines` cache lines of pf from pf_at on, one a
+    step (at most k of them): a hint that changes no result."""
     i64 = types.int64
-    sig = types.void(a, i64, b, boffs, i64, i64, c, coffs, i64, i64, i64, i64, pf, i64, i64)
+    sig = types.void(a, i64, b, boffs, i64, i64, c, coffs, i64, i64, i64, i64, pf, i64, i64, i64)
     return sig, _bcast_codegen(True)
 
 
@@ -1350,7 +1365,7 @@ def _forward_tiles(
                             wpack, (g * (ogb // mr) + ob) * kg * mr,
                             ws, rows_b, g * kgd, oy0 * wq + p * nr_,
                             ws, rows_p, g * ogb + ob * mr, p * nr_, kg, 0,
-                            inputs[which], starts[which] + at * line, count,
+                            inputs[which], starts[which] + at * line, count, og - ob * mr,
                         )  # fmt: skip
                         q += 1
             for s in range(ns):
@@ -1456,6 +1471,7 @@ def _dx_convolve(
     kh, kw = dims[6], dims[7]
     wq2, rows2, tiles2, tcp2, cgb = dxc[1], dxc[4], dxc[5], dxc[6], dxc[7]
     k2 = og * kh * kw  # its reduction
+    cg = kg // (kh * kw)  # its output channels
     nr_ = NV * (VECTOR_BYTES // dx.itemsize)
     mr = MR
     line = 64 // dx.itemsize
@@ -1476,10 +1492,10 @@ def _dx_convolve(
                         wpack, (g * (cgb // mr) + cb) * k2 * mr,
                         ws, rows_b, g * k2, y0 * spt * wq2 + p * nr_,
                         ws, rows_p, g * cgb + cb * mr, p * nr_, k2, 0,
-                        inputs[which], starts[which] + at * line, count,
+                        inputs[which], starts[which] + at * line, count, cg - cb * mr,
                     )  # fmt: skip
                     q += 1
-        _write_dx(prod, kg // (kh * kw), cgb, tcp2, wq2, n0, ns, spt, y0, nr, dx, acc)
+        _write_dx(prod, cg, cgb, tcp2, wq2, n0, ns, spt, y0, nr, dx, acc)
 
 
 # The input-gradient hook (`dx_sums`): when the conv reads a batch norm's output through
@@ -1645,6 +1661,7 @@ def _backward_samples(
                                     ws, rows_p, g * ogd, p * nr_,
                                     ws, rows_dx, g * kgb + kb * mr, oy0 * wq + p * nr_, og, 1,
                                     inputs[which], starts[which] + at * line, count,
+                                    kg - kb * mr,
                                 )  # fmt: skip
                                 q += 1
             if dxc is not None:
