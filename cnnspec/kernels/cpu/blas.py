@@ -127,7 +127,9 @@ def matmul(a, b, out):
     m, n = out.shape
     k = a.shape[1]
     flops = 2.0 * m * k * n
-    parts = min(numba.get_num_threads(), int(flops // _BLOCK_FLOPS), max(m, n) // _MIN_BLOCK)
+    parts = min(int(flops // _BLOCK_FLOPS), max(m, n) // _MIN_BLOCK)
+    if parts >= 2:  # (Numba's thread count takes a lock: ~1 us, 9 small products a step)
+        parts = min(parts, numba.get_num_threads())
     dtype = out.dtype
     if parts >= 2 and a.dtype == b.dtype == dtype and k > 0:
         gemm = _cblas_gemm(dtype)

