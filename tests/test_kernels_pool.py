@@ -30,6 +30,8 @@ MAX_CASES = {
     "k3s2_pad1": (1, 3, 6, 5, 3, 2, 1, False),
     "k3s2_ceil": (2, 2, 8, 6, 3, 2, 0, True),
     "k3s2_pad1_ceil": (1, 2, 6, 7, 3, 2, 1, True),
+    # the 2x2 forward's vectors of outputs: rows of whole vectors and a rest
+    "k2s2_rows_of_5_and_9": (2, 3, 10, 18, 2, 2, 0, False),
 }
 
 
