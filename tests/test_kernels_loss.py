@@ -118,3 +118,23 @@ def test_rbf(dtype):
 
         assert rel_error(dx, numerical_grad(f, x)) < FD_TOL
         assert rel_error(dc, numerical_grad(f, centres)) < FD_TOL
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("want_grad", [True, False])
+def test_softmax_stand_in_matches_the_kernel(dtype, want_grad):
+    """The loss's numpy stand-in (a first run's first steps, while a child compiles the
+    kernel): the kernel's numbers to the last bits of numpy's exponentials."""
+    rng = np.random.default_rng(2)
+    logits = (rng.standard_normal((64, 10)) * 3).astype(dtype)
+    labels = rng.integers(0, 10, 64)
+    scale = dtype(0.7 / 64)
+    results = []
+    for run in (L._softmax_ce_numpy, L._softmax_ce):
+        probs, losses = np.full_like(logits, np.nan), np.full(64, np.nan)
+        dlogits = np.full_like(logits, np.nan)
+        run(logits, labels, probs, dlogits if want_grad else probs, scale, want_grad, losses)
+        results.append((probs, losses, dlogits))
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)

@@ -299,3 +299,97 @@ def test_maxpool_nan_and_inf_follow_torch(k, s, p):
     ref, idx = torch.nn.functional.max_pool2d(torch.tensor(x), k, s, p, return_indices=True)
     np.testing.assert_array_equal(out, ref.numpy())  # NaN positions compare equal
     np.testing.assert_array_equal(arg, idx.numpy())
+
+
+# ------------------------------------------------------------- a first run's stand-ins
+def _tied_with_nonfinite(rng, shape, dtype):
+    """Small integers (many ties), a few NaNs and infinities of both signs."""
+    x = rng.integers(-2, 3, shape).astype(dtype)
+    flat = x.reshape(-1)
+    for value, every in ((np.nan, 17), (np.inf, 23), (-np.inf, 29)):
+        flat[rng.integers(0, flat.size, flat.size // every)] = value
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 6, 6), (2, 3, 10, 18), (1, 2, 7, 5)])
+def test_numpy_stand_ins_give_the_kernels_bits(dtype, shape):
+    """The 2x2 pools' and the max pool scatter's stand-ins (a first run's first steps):
+    the kernels' values and indices bit for bit, ties (the first of equals), NaNs (the
+    last NaN wins) and infinities included; the scatter also where windows overlap."""
+    rng = np.random.default_rng(sum(shape))
+    n, c, h, w = shape
+    x = _tied_with_nonfinite(rng, shape, dtype)
+    out_shape = (n, c, h // 2, w // 2)
+    bits = np.int32 if dtype == np.float32 else np.int64
+    got, want = [], []
+    for results, name in ((got, "_numpy"), (want, "")):
+        out, arg = np.full(out_shape, 7, dtype), np.full(out_shape, 7, np.int32)
+        avg = np.full(out_shape, 7, dtype)
+        with np.errstate(invalid="ignore"):  # inf - inf (the kernels: no warnings)
+            getattr(pool, "_maxpool_fwd_2x2" + name)(x, out, arg)
+            getattr(pool, "_avgpool_fwd_2x2" + name)(x, avg)
+        results += [out.view(bits), arg, avg.view(bits)]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    dout = rng.standard_normal(out_shape).astype(dtype)
+    dout.reshape(-1)[::5] = -0.0
+    if h == 2 * out_shape[2] and w == 2 * out_shape[3]:
+        dx = [np.full(shape, 7, dtype) for _ in range(2)]
+        pool._avgpool_bwd_2x2_numpy(dout, dx[0])
+        pool._avgpool_bwd_2x2(dout, dx[1])
+        np.testing.assert_array_equal(dx[0].view(bits), dx[1].view(bits))
+    # the scatter, on a 2x2 pool's argmax and on an overlapping 3x3 / 2 pool's
+    arg2 = want[1]
+    arg3 = np.empty((n, c, (h - 3) // 2 + 1, (w - 3) // 2 + 1), np.int32)
+    pool.maxpool2d_forward(x, 3, 3, 2, 2, 0, 0, np.empty(arg3.shape, dtype), arg3)
+    for arg in (arg2, arg3):
+        g = rng.standard_normal(arg.shape).astype(dtype)
+        dx = [np.full((n * c, h * w), 7, dtype) for _ in range(2)]
+        views = g.reshape(n * c, -1), arg.reshape(n * c, -1)
+        pool._maxpool_bwd_numpy(*views, dx[0])
+        pool._maxpool_bwd(*views, dx[1])
+        np.testing.assert_array_equal(dx[0].view(bits), dx[1].view(bits))
+
+
+def test_a_first_run_pools_on_the_stand_ins_while_the_child_compiles(monkeypatch):
+    """No pool build is ready (as on an empty cache): the calls ask a child for them and
+    return numpy's numbers at once."""
+    import sys
+
+    from cnnspec.kernels.cpu import _common
+    from cnnspec.kernels.cpu import background as background_module
+    from cnnspec.kernels.cpu.background import BackgroundBuilds
+
+    background = BackgroundBuilds(command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    if not background.spare_core:
+        pytest.skip("one core: a first run compiles its kernels in its own process")
+    monkeypatch.setenv("CNNSPEC_BACKGROUND_BUILDS", "1")  # (the tests' default: off)
+    monkeypatch.setattr(_common, "BACKGROUND", background)  # (what Builds.now reads)
+    monkeypatch.setattr(background_module, "load_cached", lambda build, sig: False)
+    called = []
+    for name in ("_maxpool_fwd_2x2", "_maxpool_bwd", "_avgpool_fwd_2x2", "_avgpool_bwd_2x2"):
+        stand_in = getattr(pool, name + "_numpy")
+        monkeypatch.setattr(pool, name + "_numpy",
+                            lambda *a, f=stand_in, n=name: called.append(n) or f(*a))  # fmt: skip
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    out, arg, avg = np.empty((2, 3, 4, 4), np.float32), np.empty((2, 3, 4, 4), np.int32), None
+    with background.deferring():
+        pool.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, out, arg)
+        dx = np.empty_like(x)
+        pool.maxpool2d_backward(out, arg, dx)
+        avg = np.empty_like(out)
+        pool.avgpool2d_forward(x, 2, 2, 2, 2, 0, 0, 0, 0, True, avg)
+        dxa = np.empty_like(x)
+        pool.avgpool2d_backward(avg, 2, 2, 2, 2, 0, 0, 0, 0, True, dxa)
+        asked = sorted(background.state.values())
+    assert called == ["_maxpool_fwd_2x2", "_maxpool_bwd", "_avgpool_fwd_2x2", "_avgpool_bwd_2x2"]
+    assert asked == ["pending"] * 4  # their serial builds (arrays this small: serial)
+    ref = [np.empty_like(a) for a in (out, arg, dx, avg, dxa)]
+    pool.maxpool2d_forward(x, 2, 2, 2, 2, 0, 0, ref[0], ref[1])
+    pool.maxpool2d_backward(ref[0], ref[1], ref[2])
+    pool.avgpool2d_forward(x, 2, 2, 2, 2, 0, 0, 0, 0, True, ref[3])
+    pool.avgpool2d_backward(ref[3], 2, 2, 2, 2, 0, 0, 0, 0, True, ref[4])
+    for a, b in zip((out, arg, dx, avg, dxa), ref, strict=True):
+        np.testing.assert_array_equal(a, b)

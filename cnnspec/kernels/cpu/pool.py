@@ -99,6 +99,16 @@ def _maxpool_bwd(dout, argmax, dx):
                 dx[nc, idx] += dout[nc, o]
 
 
+# Numpy stand-ins of the kernels a LeNet-5 or VGG runs (2x2 windows, the max pool's
+# scatter), for a first run's first steps while a child compiles the builds (about
+# 1.4 s of CPU for LeNet-5's pools and loss, AMD EPYC Zen 3): background.py. The same
+# values and indices as the kernels, in the same order of operations.
+def _maxpool_bwd_numpy(dout, argmax, dx):
+    dx[...] = 0
+    rows, cols = np.nonzero(argmax >= 0)  # row by row, as the kernel adds them
+    np.add.at(dx, (rows, argmax[rows, cols]), dout[rows, cols])
+
+
 # 2x2 windows in vectors of outputs: rows as short as LeNet-5's (5 and 14 outputs) fell
 # to the scalar tail of the loops LLVM vectorised. LeNet-5's pools, b64, 1 thread, AMD
 # EPYC Zen 5 (512-bit): S4's max forward (64x16x10x10) 0.065 -> 0.028 ms.
@@ -294,6 +304,29 @@ def _maxpool_fwd_2x2(x, out, argmax):
                 arow[ox] = idx
 
 
+def _windows_2x2(x, oh, ow):
+    """The 2x2 windows' elements (top left, top right, bottom left, bottom right),
+    each (N, C, oh, ow), with their offsets in the plane from the window's first."""
+    n, c, w = x.shape[0], x.shape[1], x.shape[3]
+    win = x[:, :, : 2 * oh, : 2 * ow].reshape(n, c, oh, 2, ow, 2)
+    return [(win[:, :, :, i, :, j], i * w + j) for i in (0, 1) for j in (0, 1)]
+
+
+def _maxpool_fwd_2x2_numpy(x, out, argmax):
+    # PyTorch's rule, which the kernel's fast path agrees with on finite values:
+    # (v > best) or isnan(v) wins, from -inf and the window's first element
+    oh, ow = out.shape[2], out.shape[3]
+    first = 2 * np.arange(oh)[:, None] * x.shape[3] + 2 * np.arange(ow)
+    best = np.full(out.shape, -np.inf, x.dtype)
+    pick = np.zeros(out.shape, np.int32)
+    for v, offset in _windows_2x2(x, oh, ow):
+        wins = (v > best) | np.isnan(v)
+        best = np.where(wins, v, best)
+        pick = np.where(wins, offset, pick)
+    out[...] = best
+    argmax[...] = first + pick
+
+
 @SplitBySize
 def _maxpool_fwd_tiled(x, kh, kw, out, argmax):
     # non-overlapping windows inside the input: no bounds per window
@@ -361,7 +394,7 @@ def maxpool2d_forward(x, kh, kw, sh, sw, pt, pl, out, argmax):
         return
     if _tiled(x.shape, out.shape, kh, kw, sh, sw, (pt, pl)):
         if (kh, kw) == (2, 2):
-            _maxpool_fwd_2x2(x, out, argmax)
+            _maxpool_fwd_2x2.or_stand_in(_maxpool_fwd_2x2_numpy, x, out, argmax)
         else:
             _maxpool_fwd_tiled(x, int(kh), int(kw), out, argmax)
         return
@@ -374,7 +407,8 @@ def maxpool2d_backward(dout, argmax, dx):
     check_shape("argmax", argmax, dout.shape)
     n, c = dx.shape[:2]
     check_shape("dout", dout, (n, c, dout.shape[2], dout.shape[3]))
-    _maxpool_bwd(dout.reshape(n * c, -1), argmax.reshape(n * c, -1), dx.reshape(n * c, -1))
+    views = dout.reshape(n * c, -1), argmax.reshape(n * c, -1), dx.reshape(n * c, -1)
+    _maxpool_bwd.or_stand_in(_maxpool_bwd_numpy, *views)
 
 
 # ----------------------------------------------------------------------- average pool
@@ -452,6 +486,11 @@ def _avgpool_fwd_2x2(x, out):
         avg_rows_2x2(xf, nc * h_ * w_, w_, of, nc * oh * ow, oh, ow)
 
 
+def _avgpool_fwd_2x2_numpy(x, out):
+    (v0, _), (v1, _), (v2, _), (v3, _) = _windows_2x2(x, out.shape[2], out.shape[3])
+    out[...] = (((v0 + v1) + v2) + v3) * x.dtype.type(0.25)
+
+
 @SplitBySize
 def _avgpool_fwd_tiled(x, kh, kw, out):
     n_, c_ = x.shape[0], x.shape[1]
@@ -507,6 +546,12 @@ def _avgpool_bwd_2x2(dout, dx):
         avg_rows_2x2_backward(df, nc * oh * ow, dxf, nc * h_ * w_, w_, oh, ow)
 
 
+def _avgpool_bwd_2x2_numpy(dout, dx):
+    n, c, oh, ow = dout.shape
+    g = dout * dout.dtype.type(0.25)
+    dx.reshape(n, c, oh, 2, ow, 2)[...] = g[:, :, :, None, :, None]
+
+
 def avgpool2d_forward(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out):
     """PyTorch AvgPool2d (divisor rule generalised to asymmetric padding)."""
     check_c(x=x, out=out)
@@ -514,7 +559,7 @@ def avgpool2d_forward(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out)
     check_shape("out", out, (n, c, out.shape[2], out.shape[3]))
     if _tiled(x.shape, out.shape, kh, kw, sh, sw, (pt, pb, pl, pr)):
         if (kh, kw) == (2, 2):
-            _avgpool_fwd_2x2(x, out)
+            _avgpool_fwd_2x2.or_stand_in(_avgpool_fwd_2x2_numpy, x, out)
         else:
             _avgpool_fwd_tiled(x, int(kh), int(kw), out)
         return
@@ -540,7 +585,7 @@ def avgpool2d_backward(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, 
     check_shape("dout", dout, (n, c, dout.shape[2], dout.shape[3]))
     if _tiled(dx.shape, dout.shape, kh, kw, sh, sw, (pt, pb, pl, pr)):
         if (kh, kw) == (2, 2) and dx.shape[2:] == (2 * dout.shape[2], 2 * dout.shape[3]):
-            _avgpool_bwd_2x2(dout, dx)
+            _avgpool_bwd_2x2.or_stand_in(_avgpool_bwd_2x2_numpy, dout, dx)
             return
         _avgpool_bwd_tiled(dout, int(kh), int(kw), dx)
         return
