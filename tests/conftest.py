@@ -39,6 +39,24 @@ def cli(monkeypatch):
     numba.set_num_threads(threads)
 
 
+@pytest.fixture
+def first_run(monkeypatch):
+    """A first run's deferral with no build ready (as on an empty cache): the kernels
+    that have numpy stand-ins ask a child (here one that never answers) for their builds
+    and run the stand-ins. The BackgroundBuilds, to enter with `.deferring()`."""
+    from cnnspec.kernels.cpu import _common
+    from cnnspec.kernels.cpu import background as background_module
+    from cnnspec.kernels.cpu.background import BackgroundBuilds
+
+    background = BackgroundBuilds(command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    if not background.spare_core:
+        pytest.skip("one core: a first run compiles its kernels in its own process")
+    monkeypatch.setenv("CNNSPEC_BACKGROUND_BUILDS", "1")  # (the tests' default: off)
+    monkeypatch.setattr(_common, "BACKGROUND", background)  # (what Builds.now reads)
+    monkeypatch.setattr(background_module, "load_cached", lambda build, sig: False)
+    return background
+
+
 @pytest.fixture(scope="session")
 def vs_torch():
     """benchmarks/vs_torch.py, whose torch twins of the networks the tests share."""

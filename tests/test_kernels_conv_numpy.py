@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from cnnspec.kernels.cpu import _common, conv, conv_numpy, winograd
-from cnnspec.kernels.cpu import background as background_module
 from cnnspec.kernels.cpu._common import Builds
 from cnnspec.kernels.cpu.background import BackgroundBuilds
 
@@ -131,15 +130,12 @@ def test_batch_norm_hooks_match_the_kernels(name, dtype, tol, relu, chunked, mon
 
 
 @pytest.mark.parametrize("winograd_mode", ["0", "1"], ids=["direct", "winograd"])
-def test_a_first_run_computes_on_the_stand_in_while_the_child_compiles(monkeypatch, winograd_mode):
+def test_a_first_run_computes_on_the_stand_in_while_the_child_compiles(
+    first_run, monkeypatch, winograd_mode
+):
     """No conv build is ready (as on an empty cache): the calls ask a child for them and
     return numpy's numbers at once, the direct conv's calls and Winograd's alike."""
-    background = BackgroundBuilds(command=[sys.executable, "-c", "import time; time.sleep(60)"])
-    if not background.spare_core:
-        pytest.skip("one core: a first run compiles its kernels in its own process")
-    monkeypatch.setenv("CNNSPEC_BACKGROUND_BUILDS", "1")  # (the tests' default: off)
-    monkeypatch.setattr(_common, "BACKGROUND", background)  # (what Builds.now reads)
-    monkeypatch.setattr(background_module, "load_cached", lambda build, sig: False)
+    background = first_run
     monkeypatch.setattr(winograd, "MODE", winograd_mode)
     x, w, b, dout, ws, (stride, pad, dil, g) = _conv(CASES["same-3x3"], np.float32, 7)
     assert winograd.chooses(x.shape, w.shape, dout.shape, stride, pad, dil, g) == (

@@ -352,21 +352,10 @@ def test_numpy_stand_ins_give_the_kernels_bits(dtype, shape):
         np.testing.assert_array_equal(dx[0].view(bits), dx[1].view(bits))
 
 
-def test_a_first_run_pools_on_the_stand_ins_while_the_child_compiles(monkeypatch):
+def test_a_first_run_pools_on_the_stand_ins_while_the_child_compiles(first_run, monkeypatch):
     """No pool build is ready (as on an empty cache): the calls ask a child for them and
     return numpy's numbers at once."""
-    import sys
-
-    from cnnspec.kernels.cpu import _common
-    from cnnspec.kernels.cpu import background as background_module
-    from cnnspec.kernels.cpu.background import BackgroundBuilds
-
-    background = BackgroundBuilds(command=[sys.executable, "-c", "import time; time.sleep(60)"])
-    if not background.spare_core:
-        pytest.skip("one core: a first run compiles its kernels in its own process")
-    monkeypatch.setenv("CNNSPEC_BACKGROUND_BUILDS", "1")  # (the tests' default: off)
-    monkeypatch.setattr(_common, "BACKGROUND", background)  # (what Builds.now reads)
-    monkeypatch.setattr(background_module, "load_cached", lambda build, sig: False)
+    background = first_run
     called = []
     for name in ("_maxpool_fwd_2x2", "_maxpool_bwd", "_avgpool_fwd_2x2", "_avgpool_bwd_2x2"):
         stand_in = getattr(pool, name + "_numpy")
