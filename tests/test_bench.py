@@ -73,7 +73,7 @@ def test_bench_returns_documented_keys_with_positive_numbers(tiny_result):
     cold = r["cold_start"]
     assert cold["compile_s"] > 0 and cold["first_step_s"] > 0
     assert cold["total_s"] == pytest.approx(cold["compile_s"] + cold["first_step_s"])
-    assert cold["numba_cache"] in {"warm", "cold", "partial", "in-process", "unknown"}
+    assert cold["numba_cache"] in {"warm", "cold", "partial", "in-process", "stand-ins", "unknown"}
     assert r["threads"]["numba"] == 1
     assert isinstance(r["final_loss"], float)
     assert r["machine"]["cores"] >= 1 and r["versions"]["numba"] == numba.__version__
@@ -169,6 +169,8 @@ def test_cache_verdict():
         return {"signatures": 5 + sigs, "hits": 2 + hits, "misses": 1 + misses, "cache_path": "/c"}
 
     assert cache_verdict(base, after(0, 0, 0))["numba_cache"] == "in-process"
+    none = {"signatures": 0, "hits": 0, "misses": 0, "cache_path": "/c"}
+    assert cache_verdict(none, none)["numba_cache"] == "stand-ins"  # a first run's
     assert cache_verdict(base, after(3, 3, 0))["numba_cache"] == "warm"
     assert cache_verdict(base, after(3, 0, 3))["numba_cache"] == "cold"
     got = cache_verdict(base, after(3, 1, 2))

@@ -93,7 +93,11 @@ def cache_verdict(before: dict, after: dict) -> dict:
     new = after["signatures"] - before["signatures"]
     hits = after["hits"] - before["hits"]
     misses = after["misses"] - before["misses"]
-    if new == 0:
+    if new == 0 and before["signatures"] == 0:
+        # none compiled or loaded yet: a first run's steps on numpy stand-ins while a
+        # child process compiles the builds (kernels/cpu/background.py)
+        state = "stand-ins"
+    elif new == 0:
         state = "in-process"  # kernels were compiled earlier in this process
     elif misses == 0 and hits > 0:
         state = "warm"

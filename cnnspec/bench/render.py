@@ -156,6 +156,8 @@ def render_bench(result: dict, console, top: int = 5) -> None:
         "partial": f"Numba cache partly warm: {c['kernels_loaded']} kernels loaded, "
         f"{c['kernels_compiled']} compiled",
         "in-process": "kernels were already compiled in this process: not a cold start",
+        "stand-ins": "no kernel compiled or loaded yet: numpy stand-ins ran it while a "
+        "child process compiles them",
     }.get(c["numba_cache"], "Numba cache state unknown")
     console.print(
         f"cold start: compile {c['compile_s'] * 1e3:.0f} ms + first step "
