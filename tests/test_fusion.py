@@ -208,6 +208,30 @@ def test_add_applies_a_norm_to_its_inputs_as_it_reads_them(dtype, inputs):
         np.testing.assert_allclose(out, expect, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_stand_ins_give_the_kernels_bits(dtype):
+    """A residual add reading two norms (or plain inputs), and the ReLU mask: their numpy
+    stand-ins (a first run's, while a child compiles the kernels) give the same bits."""
+    from cnnspec.kernels.cpu import merge
+    from cnnspec.kernels.cpu._common import IN_AFFINE, IN_AFFINE_RELU, IN_COPY
+
+    rng = np.random.default_rng(8)
+    x, y = (rng.normal(size=(2, 3, 20)).astype(dtype) for _ in range(2))
+    aff = rng.normal(size=(2, 3)).astype(dtype)
+    copy = np.array([[1], [0]], dtype)
+    for (ax, mx), (ay, my) in (((aff, IN_AFFINE_RELU), (aff, IN_AFFINE)),
+                               ((copy, IN_COPY), (aff, IN_AFFINE_RELU))):  # fmt: skip
+        for act in (0, 1):
+            out = [np.full_like(x, np.nan) for _ in range(2)]
+            merge._add2_hooked_numpy(x, y, ax, mx, ay, my, act, out[0])
+            merge._add2_hooked(x, y, ax, mx, ay, my, act, out[1])
+            np.testing.assert_array_equal(out[0], out[1])
+            masked = [np.full(x.size, np.nan, dtype) for _ in range(2)]
+            merge._mask_numpy(x.reshape(-1), y.reshape(-1), act, masked[0])
+            merge._mask(x.reshape(-1), y.reshape(-1), act, masked[1])
+            np.testing.assert_array_equal(masked[0], masked[1])
+
+
 def test_a_conv_with_fusion_hooks_runs_direct_where_winograd_would(monkeypatch):
     """Winograd honours none of the hooks yet: a hooked conv must take the direct path
     even where the rule (here forced) picks Winograd for it."""

@@ -209,3 +209,19 @@ def test_batch_norm_and_add_kernels_run_one_parallel_loop():
         kernel(*args)
         report = kernel.get_metadata(kernel.signatures[0])["parfor_diagnostics"]
         assert len(report.initial_parfors) == regions, builds.__wrapped__.__name__
+
+
+@pytest.mark.parametrize("act", [0, 1])
+def test_backward_sums_stand_in_matches_the_kernel(act):
+    """The batch norm's backward sums (a first run's stand-in while a child compiles the
+    kernel): the kernel's, summed in another order."""
+    rng = np.random.default_rng(5)
+    dout, x = (rng.standard_normal((6, 4, 25)).astype(np.float32) for _ in range(2))
+    scale, shift = (rng.standard_normal(4).astype(np.float32) for _ in range(2))
+    mean = rng.standard_normal(4).astype(np.float32)
+    sums = []
+    for run in (norm._bn_bwd_sums_numpy, norm._bn_bwd_sums):
+        s = np.full((2, 4), np.nan)
+        run(dout, x, scale, shift, act, mean, s[0], s[1])
+        sums.append(s)
+    np.testing.assert_allclose(sums[0], sums[1], rtol=1e-12, atol=1e-12)

@@ -382,3 +382,26 @@ def test_a_first_run_pools_on_the_stand_ins_while_the_child_compiles(first_run, 
     pool.avgpool2d_backward(ref[3], 2, 2, 2, 2, 0, 0, 0, 0, True, ref[4])
     for a, b in zip((out, arg, dx, avg, dxa), ref, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_global_pool_and_pick_stand_ins_match_the_kernels(dtype):
+    """ResNet's global average pool (its float64 sums in another order: float64's
+    rounding apart) and option-A pick: their stand-ins."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 5, 8, 7)).astype(dtype)
+    flat, pooled = x.reshape(15, -1), np.empty(15, dtype)
+    got = [np.full(15, np.nan, dtype), np.full_like(flat, np.nan)]
+    pool._gap_fwd_numpy(flat, got[0])
+    pool._gap_fwd(flat, pooled)
+    np.testing.assert_allclose(got[0], pooled, rtol=1e-14 if dtype == np.float64 else 1e-7)
+    pool._gap_bwd_numpy(pooled, got[1])
+    want = np.empty_like(flat)
+    pool._gap_bwd(pooled, want)
+    np.testing.assert_array_equal(got[1], want)
+    out = [np.full((3, 5, 4, 3), np.nan, dtype) for _ in range(2)]
+    arg = [np.full((3, 5, 4, 3), -7, np.int32) for _ in range(2)]
+    pool._pick_numpy(x, 2, 3, out[0], arg[0])
+    pool._pick(x, 2, 3, out[1], arg[1])
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_array_equal(arg[0], arg[1])

@@ -4,6 +4,7 @@ is applied as its input is read (`in_affine`), so the norm need not write its ou
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit, prange
 
 from ._common import (
@@ -40,6 +41,17 @@ def _mask(dout, y, act, dx):
         dx[i] = dout[i] if (yv > 0 or act == 0) else 0.0
 
 
+# Numpy stand-ins of the kernels ResNet-20's first step runs, for a first run while a
+# child compiles their builds (pool.py's): the same values.
+def _relu_numpy(v, on):
+    """v where it is > 0 (NaN: 0), if `on`; else v."""
+    return np.where(v > 0, v, v.dtype.type(0)) if on else v
+
+
+def _mask_numpy(dout, y, act, dx):
+    dx[...] = np.where(y > 0, dout, dout.dtype.type(0)) if act else dout
+
+
 @njit(cache=True)
 def _hooked(v, a, b, mode, zero):
     if mode == IN_COPY:
@@ -65,6 +77,13 @@ def _add_hooked(x, aff, mode, act, first, out):
             dst[i] = v if (act == 0 or v > 0) else zero
 
 
+def _hooked_numpy(v, aff, mode):
+    if mode == IN_COPY:
+        return v
+    t = v * aff[0][:, None] + aff[1][:, None]  # (the channel axis of (N, C, S))
+    return _relu_numpy(t, mode != IN_AFFINE)
+
+
 @SplitBySize
 def _add2_hooked(x, y, affx, modex, affy, modey, act, out):
     """out = act(hx(x) + hy(y)) per channel (N, C, S): both inputs in one pass."""
@@ -82,6 +101,10 @@ def _add2_hooked(x, y, affx, modex, affy, modey, act, out):
             dst[i] = v if (act == 0 or v > 0) else zero
 
 
+def _add2_hooked_numpy(x, y, affx, modex, affy, modey, act, out):
+    out[...] = _relu_numpy(_hooked_numpy(x, affx, modex) + _hooked_numpy(y, affy, modey), act)
+
+
 def add_forward(xs, out, act=0, in_affine=None):
     """out = act(sum of xs); act 1 is a ReLU (applied once, after the last add).
     in_affine: None, or per input None or a batch norm's (scale, shift, relu) to apply
@@ -95,7 +118,9 @@ def add_forward(xs, out, act=0, in_affine=None):
         hooks = [input_hook(h, x) for h, x in zip(in_affine, xs, strict=True)]
         x3, o3 = [as_3d(x) for x in xs], as_3d(out)
         if len(xs) == 2:
-            _add2_hooked(x3[0], x3[1], *hooks[0], *hooks[1], int(act), o3)
+            _add2_hooked.or_stand_in(
+                _add2_hooked_numpy, x3[0], x3[1], *hooks[0], *hooks[1], int(act), o3
+            )
             return
         for i, (x, (aff, mode)) in enumerate(zip(x3, hooks, strict=True)):
             _add_hooked(x, aff, mode, int(act) if i == len(xs) - 1 else 0, i == 0, o3)
@@ -103,7 +128,7 @@ def add_forward(xs, out, act=0, in_affine=None):
     flat = [x.reshape(-1) for x in xs]
     o = out.reshape(-1)
     if len(xs) == 1:
-        _mask(flat[0], flat[0], int(act), o)  # relu(x) = x where x > 0
+        _mask.or_stand_in(_mask_numpy, flat[0], flat[0], int(act), o)  # relu(x): x where > 0
         return
     _add2(flat[0], flat[1], act if len(xs) == 2 else 0, o)
     for i, x in enumerate(flat[2:]):
@@ -137,6 +162,6 @@ def add_backward(dout, out, act, dxs):
     if len(targets) >= 2:  # a residual block: both branches in one pass
         _mask2(d, y, int(act), targets[0].reshape(-1), targets[1].reshape(-1))
     elif targets:
-        _mask(d, y, int(act), targets[0].reshape(-1))
+        _mask.or_stand_in(_mask_numpy, d, y, int(act), targets[0].reshape(-1))
     for dx in targets[2:]:
         dx[...] = targets[0]

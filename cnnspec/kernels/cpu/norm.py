@@ -122,6 +122,17 @@ def _bn_bwd_sums(dout, x, scale, shift, act, mean, sum_dy, sum_dy_xc):
             sum_dy_xc[c] += part[blk, 1, c]
 
 
+def _bn_bwd_sums_numpy(dout, x, scale, shift, act, mean, sum_dy, sum_dy_xc):
+    """_bn_bwd_sums in numpy, for a first run's first steps (pool.py's stand-ins): the
+    same products, summed in another order."""
+    g = dout
+    if act:
+        g = np.where(x * scale[:, None] + shift[:, None] > 0, dout, dout.dtype.type(0))
+    sum_dy[...] = g.sum(axis=(0, 2), dtype=np.float64)
+    # g in float64 times x - mean in x's dtype, as the kernel multiplies them
+    sum_dy_xc[...] = (g.astype(np.float64) * (x - mean[:, None])).sum(axis=(0, 2))
+
+
 @SplitBySize
 def _bn_bwd_dx(dout, x, scale, shift, act, ka, kb, kc, dx):
     # dx = ka*g + kb*x + kc per channel (the batch-norm gradient, expanded)
@@ -296,7 +307,8 @@ def batchnorm2d_backward(
     if sums is None:
         sum_dy = np.empty(c, dtype=np.float64)
         sum_dy_xc = np.empty(c, dtype=np.float64)
-        _bn_bwd_sums(d3, x3, scale, shift, int(act), mean.astype(x.dtype), sum_dy, sum_dy_xc)
+        args = (d3, x3, scale, shift, int(act), mean.astype(x.dtype), sum_dy, sum_dy_xc)
+        _bn_bwd_sums.or_stand_in(_bn_bwd_sums_numpy, *args)
     else:
         check_shape("sums", sums, (2, c))
         sum_dy, sum_dy_xc = sums[0], sums[1]

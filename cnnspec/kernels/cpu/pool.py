@@ -379,6 +379,12 @@ def _pick(x, sh, sw, out, argmax):
                 arow[ox] = oy * sh * w_ + ox * sw
 
 
+def _pick_numpy(x, sh, sw, out, argmax):
+    oh, ow = out.shape[2], out.shape[3]
+    out[...] = x[:, :, : oh * sh : sh, : ow * sw : sw]
+    argmax[...] = np.arange(oh)[:, None] * sh * x.shape[3] + np.arange(ow) * sw
+
+
 def maxpool2d_forward(x, kh, kw, sh, sw, pt, pl, out, argmax):
     """Max pooling; argmax (int32, like out) gets the flat h*W+w index in x's plane."""
     check_c(x=x, out=out, argmax=argmax)
@@ -390,7 +396,7 @@ def maxpool2d_forward(x, kh, kw, sh, sw, pt, pl, out, argmax):
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError("empty input plane")
     if (kh, kw, pt, pl) == (1, 1, 0, 0):
-        _pick(x, int(sh), int(sw), out, argmax)
+        _pick.or_stand_in(_pick_numpy, x, int(sh), int(sw), out, argmax)
         return
     if _tiled(x.shape, out.shape, kh, kw, sh, sw, (pt, pl)):
         if (kh, kw) == (2, 2):
@@ -625,19 +631,27 @@ def _gap_bwd(dout, dx):
             dx[nc, i] = g
 
 
+def _gap_fwd_numpy(x, out):
+    out[...] = x.sum(axis=1, dtype=np.float64) / x.shape[1]  # (float64, as the kernel's)
+
+
+def _gap_bwd_numpy(dout, dx):
+    dx[...] = (dout / np.float64(dx.shape[1]))[:, None]  # (float64 before it is stored)
+
+
 def global_avgpool2d_forward(x, out):
     """out (N, C) = mean of x (N, C, H, W) over H, W."""
     check_c(x=x, out=out)
     n, c = x.shape[:2]
     check_shape("out", out, (n, c))
-    _gap_fwd(x.reshape(n * c, -1), out.reshape(n * c))
+    _gap_fwd.or_stand_in(_gap_fwd_numpy, x.reshape(n * c, -1), out.reshape(n * c))
 
 
 def global_avgpool2d_backward(dout, dx):
     check_c(dout=dout, dx=dx)
     n, c = dx.shape[:2]
     check_shape("dout", dout, (n, c))
-    _gap_bwd(dout.reshape(n * c), dx.reshape(n * c, -1))
+    _gap_bwd.or_stand_in(_gap_bwd_numpy, dout.reshape(n * c), dx.reshape(n * c, -1))
 
 
 # ------------------------------------------------------ LeNet-5 trainable subsampling
