@@ -66,3 +66,19 @@ def test_maxout(shape, pieces, dtype):
 
         assert rel_error(dx, numerical_grad(loss, x, eps=1e-4)) < FD_TOL
         act.maxout_forward(x, pieces, out, arg)
+
+
+def test_scaled_tanh_stand_ins_match_the_kernels():
+    """LeNet-5 (1998)'s scaled tanh on a first run's numpy stand-ins (while a child
+    compiles the kernels): the backward's bits, the forward's to numpy's tanh."""
+    rng = np.random.default_rng(9)
+    x, dout = (rng.standard_normal(1000).astype(np.float32) for _ in range(2))
+    a, s = np.float32(act.SCALED_TANH_A), np.float32(act.SCALED_TANH_S)
+    y = [np.full_like(x, np.nan) for _ in range(2)]
+    act._stanh_fwd_numpy(x, a, s, y[0])
+    act._stanh_fwd(x, a, s, y[1])
+    np.testing.assert_allclose(y[0], y[1], rtol=1e-6, atol=1e-7)
+    dx = [np.full_like(x, np.nan) for _ in range(2)]
+    act._stanh_bwd_numpy(y[1], a, s, dout, dx[0])
+    act._stanh_bwd(y[1], a, s, dout, dx[1])
+    np.testing.assert_array_equal(dx[0], dx[1])

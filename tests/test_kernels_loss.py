@@ -138,3 +138,21 @@ def test_softmax_stand_in_matches_the_kernel(dtype, want_grad):
     tol = 1e-6 if dtype == np.float32 else 1e-14
     for got, want in zip(*results, strict=True):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+def test_rbf_stand_ins_match_the_kernels():
+    """LeNet-5 (1998)'s RBF units on a first run's numpy stand-ins: the gradients' bits
+    (added in the kernels' order), the distances' float64 sums to their rounding."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((16, 84)).astype(np.float32)
+    centres = np.sign(rng.standard_normal((10, 84))).astype(np.float32)
+    dout = rng.standard_normal((16, 10)).astype(np.float32)
+    got = [[np.full((16, 10), np.nan, np.float32), np.full_like(x, np.nan),
+            np.full_like(centres, np.nan)] for _ in range(2)]  # fmt: skip
+    for (out, dx, dc), suffix in zip(got, ("_numpy", ""), strict=True):
+        getattr(L, "_rbf_fwd" + suffix)(x, centres, out)
+        getattr(L, "_rbf_bwd_dx" + suffix)(x, centres, dout, dx)
+        getattr(L, "_rbf_bwd_dc" + suffix)(x, centres, dout, dc)
+    np.testing.assert_allclose(got[0][0], got[1][0], rtol=1e-7)
+    np.testing.assert_array_equal(got[0][1], got[1][1])
+    np.testing.assert_array_equal(got[0][2], got[1][2])

@@ -405,3 +405,29 @@ def test_global_pool_and_pick_stand_ins_match_the_kernels(dtype):
     pool._pick(x, 2, 3, out[1], arg[1])
     np.testing.assert_array_equal(out[0], out[1])
     np.testing.assert_array_equal(arg[0], arg[1])
+
+
+@pytest.mark.parametrize("window", [(2, 2, 2, 2), (3, 2, 2, 3)])  # (kh, kw, sh, sw)
+def test_subsampling_stand_ins_match_the_kernels(window):
+    """LeNet-5 (1998)'s trainable subsampling on a first run's numpy stand-ins, tiling
+    and overlapping (clipped) windows: dx's bits, the window means' and the parameter
+    gradients' float64 sums to their rounding."""
+    kh, kw, sh, sw = window
+    rng = np.random.default_rng(kh * 10 + kw)
+    x = rng.standard_normal((3, 4, 9, 10)).astype(np.float32)
+    coef, bias = (rng.standard_normal(4).astype(np.float32) for _ in range(2))
+    shape = (3, 4, (9 - kh) // sh + 1, (10 - kw) // sw + 1)
+    dout = rng.standard_normal(shape).astype(np.float32)
+    got = []
+    for suffix in ("_numpy", ""):
+        out, pooled = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+        dx = np.full_like(x, np.nan)
+        dcoef, dbias = np.full(4, np.nan, np.float32), np.full(4, np.nan, np.float32)
+        getattr(pool, "_subsample_fwd" + suffix)(x, coef, bias, kh, kw, sh, sw, out, pooled)
+        getattr(pool, "_subsample_bwd_dx" + suffix)(dout, coef, kh, kw, sh, sw, dx)
+        views = dout.reshape(3, 4, -1), pooled.reshape(3, 4, -1)
+        getattr(pool, "_subsample_bwd_params" + suffix)(*views, dcoef, dbias)
+        got.append((out, pooled, dx, dcoef, dbias))
+    for a, b in zip(*got, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got[0][2], got[1][2])

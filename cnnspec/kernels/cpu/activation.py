@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import SCALED_TANH_A, SCALED_TANH_S
-from ._common import as_3d, check_c, check_shape
+from ._common import SplitBySize, as_3d, check_c, check_shape
 
 __all__ = [
     "relu_forward",
@@ -178,13 +178,19 @@ def tanh_backward(y, dout, dx):
 
 
 # ------------------------------------------------- scaled tanh (LeCun: 1.7159 tanh(2x/3))
-@njit(parallel=True, cache=True)
+# LeNet-5 (1998)'s kernels split by size, with numpy stand-ins for a first run (as
+# pool.py's): its cold first step had compiled seven parallel builds on one thread
+@SplitBySize
 def _stanh_fwd(x, a, s, out):
     for i in prange(x.size):
         out[i] = a * math.tanh(s * x[i])
 
 
-@njit(parallel=True, cache=True)
+def _stanh_fwd_numpy(x, a, s, out):
+    out[...] = a * np.tanh(s * x)  # (numpy's tanh: the last bits may differ)
+
+
+@SplitBySize
 def _stanh_bwd(y, a, s, dout, dx):
     # dy/dx = a*s*(1 - tanh^2) = (s/a) * (a^2 - y^2)
     c = s / a
@@ -194,16 +200,21 @@ def _stanh_bwd(y, a, s, dout, dx):
         dx[i] = dout[i] * c * (a2 - t * t)
 
 
+def _stanh_bwd_numpy(y, a, s, dout, dx):
+    dx[...] = dout * (s / a) * (a * a - y * y)
+
+
 def scaled_tanh_forward(x, out):
     _check_flat(x=x, out=out)
     t = x.dtype.type
-    _stanh_fwd(x, t(SCALED_TANH_A), t(SCALED_TANH_S), out)
+    _stanh_fwd.or_stand_in(_stanh_fwd_numpy, x, t(SCALED_TANH_A), t(SCALED_TANH_S), out)
 
 
 def scaled_tanh_backward(y, dout, dx):
     _check_flat(y=y, dout=dout, dx=dx)
     t = y.dtype.type
-    _stanh_bwd(y, t(SCALED_TANH_A), t(SCALED_TANH_S), dout, dx)
+    args = (y, t(SCALED_TANH_A), t(SCALED_TANH_S), dout, dx)
+    _stanh_bwd.or_stand_in(_stanh_bwd_numpy, *args)
 
 
 # ----------------------------------------------------------------------------- rrelu

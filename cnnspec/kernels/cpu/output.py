@@ -140,7 +140,7 @@ def linear_loss(pred, target, dpred, weight=1.0):
 
 
 # ------------------------------------------------------------------------------- rbf
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _rbf_fwd(x, centres, out):
     n_, f_ = x.shape
     k_ = centres.shape[0]
@@ -153,7 +153,12 @@ def _rbf_fwd(x, centres, out):
             out[n, k] = acc
 
 
-@njit(parallel=True, cache=True)
+def _rbf_fwd_numpy(x, centres, out):
+    d = x[:, None, :] - centres[None]
+    out[...] = (d * d).sum(axis=2, dtype=np.float64)  # (float64 sums, in another order)
+
+
+@SplitBySize
 def _rbf_bwd_dx(x, centres, dout, dx):
     n_, f_ = x.shape
     k_ = centres.shape[0]
@@ -166,7 +171,13 @@ def _rbf_bwd_dx(x, centres, dout, dx):
                 dx[n, f] += g * (x[n, f] - centres[k, f])
 
 
-@njit(parallel=True, cache=True)
+def _rbf_bwd_dx_numpy(x, centres, dout, dx):
+    dx[...] = 0
+    for k in range(centres.shape[0]):  # in the kernel's order, rounded at each add
+        dx += (2 * dout[:, k : k + 1].astype(np.float64)) * (x - centres[k])
+
+
+@SplitBySize
 def _rbf_bwd_dc(x, centres, dout, dc):
     n_, f_ = x.shape
     k_ = centres.shape[0]
@@ -179,13 +190,19 @@ def _rbf_bwd_dc(x, centres, dout, dc):
                 dc[k, f] -= g * (x[n, f] - centres[k, f])
 
 
+def _rbf_bwd_dc_numpy(x, centres, dout, dc):
+    dc[...] = 0
+    for n in range(x.shape[0]):  # in the kernel's order, rounded at each add
+        dc -= (2 * dout[n].astype(np.float64))[:, None] * (x[n] - centres)
+
+
 def rbf_forward(x, centres, out):
     """LeNet-5 Euclidean RBF units: out[n, k] = sum_f (x[n, f] - centres[k, f])^2."""
     check_c(x=x, centres=centres, out=out)
     if centres.shape[1] != x.shape[1]:
         raise ValueError(f"centres {centres.shape} do not match x {x.shape}")
     check_shape("out", out, (x.shape[0], centres.shape[0]))
-    _rbf_fwd(x, centres, out)
+    _rbf_fwd.or_stand_in(_rbf_fwd_numpy, x, centres, out)
 
 
 def rbf_backward(x, centres, dout, dx, dcentres):
@@ -194,10 +211,10 @@ def rbf_backward(x, centres, dout, dx, dcentres):
     check_shape("dout", dout, (x.shape[0], centres.shape[0]))
     if dx is not None:
         check_shape("dx", dx, x.shape)
-        _rbf_bwd_dx(x, centres, dout, dx)
+        _rbf_bwd_dx.or_stand_in(_rbf_bwd_dx_numpy, x, centres, dout, dx)
     if dcentres is not None:
         check_shape("dcentres", dcentres, centres.shape)
-        _rbf_bwd_dc(x, centres, dout, dcentres)
+        _rbf_bwd_dc.or_stand_in(_rbf_bwd_dc_numpy, x, centres, dout, dcentres)
 
 
 def negate(x, out):

@@ -722,6 +722,37 @@ def _subsample_bwd_params(dout, pooled, dcoef, dbias):
         dbias[c] = sb
 
 
+def _windows(shape, out_shape, kh, kw, sh, sw):
+    """Each output's window, clipped to the input as the kernels clip it: (oy, ox, rows,
+    columns, count)."""
+    h, w = shape[2], shape[3]
+    for oy in range(out_shape[2]):
+        rows = slice(oy * sh, min(oy * sh + kh, h))
+        for ox in range(out_shape[3]):
+            cols = slice(ox * sw, min(ox * sw + kw, w))
+            yield oy, ox, rows, cols, (rows.stop - rows.start) * (cols.stop - cols.start)
+
+
+def _subsample_fwd_numpy(x, coef, bias, kh, kw, sh, sw, out, pooled):
+    for oy, ox, rows, cols, count in _windows(x.shape, out.shape, kh, kw, sh, sw):
+        total = x[:, :, rows, cols].sum(axis=(2, 3), dtype=np.float64)
+        pooled[:, :, oy, ox] = total / count if count > 0 else 0.0
+    out[...] = coef[:, None, None] * pooled + bias[:, None, None]
+
+
+def _subsample_bwd_dx_numpy(dout, coef, kh, kw, sh, sw, dx):
+    dx[...] = 0
+    for oy, ox, rows, cols, count in _windows(dx.shape, dout.shape, kh, kw, sh, sw):
+        if count > 0:  # (a float64 quotient, as the kernel's, added window by window)
+            g = coef * dout[:, :, oy, ox] / np.float64(count)
+            dx[:, :, rows, cols] += g[:, :, None, None]
+
+
+def _subsample_bwd_params_numpy(dout, pooled, dcoef, dbias):
+    dcoef[...] = (dout * pooled).sum(axis=(0, 2), dtype=np.float64)
+    dbias[...] = dout.sum(axis=(0, 2), dtype=np.float64)
+
+
 def subsample2d_forward(x, coef, bias, kh, kw, sh, sw, out, pooled):
     """LeNet-5 subsampling: pooled = window mean (no padding), out = coef[c]*pooled + bias[c]."""
     check_c(x=x, coef=coef, bias=bias, out=out, pooled=pooled)
@@ -730,7 +761,8 @@ def subsample2d_forward(x, coef, bias, kh, kw, sh, sw, out, pooled):
     check_shape("pooled", pooled, out.shape)
     check_shape("coef", coef, (c,))
     check_shape("bias", bias, (c,))
-    _subsample_fwd(x, coef, bias, int(kh), int(kw), int(sh), int(sw), out, pooled)
+    args = (x, coef, bias, int(kh), int(kw), int(sh), int(sw), out, pooled)
+    _subsample_fwd.or_stand_in(_subsample_fwd_numpy, *args)
 
 
 def subsample2d_backward(dout, pooled, coef, kh, kw, sh, sw, dx, dcoef, dbias):
@@ -740,7 +772,9 @@ def subsample2d_backward(dout, pooled, coef, kh, kw, sh, sw, dx, dcoef, dbias):
     check_shape("pooled", pooled, dout.shape)
     check_shape("dcoef", dcoef, (c,))
     check_shape("dbias", dbias, (c,))
-    _subsample_bwd_params(dout.reshape(n, c, -1), pooled.reshape(n, c, -1), dcoef, dbias)
+    views = dout.reshape(n, c, -1), pooled.reshape(n, c, -1), dcoef, dbias
+    _subsample_bwd_params.or_stand_in(_subsample_bwd_params_numpy, *views)
     if dx is not None:
         check_shape("dx", dx, (n, c, dx.shape[2], dx.shape[3]))
-        _subsample_bwd_dx(dout, coef, int(kh), int(kw), int(sh), int(sw), dx)
+        args = (dout, coef, int(kh), int(kw), int(sh), int(sw), dx)
+        _subsample_bwd_dx.or_stand_in(_subsample_bwd_dx_numpy, *args)
