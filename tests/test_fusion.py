@@ -226,6 +226,14 @@ def test_add_stand_ins_give_the_kernels_bits(dtype):
             merge._add2_hooked_numpy(x, y, ax, mx, ay, my, act, out[0])
             merge._add2_hooked(x, y, ax, mx, ay, my, act, out[1])
             np.testing.assert_array_equal(out[0], out[1])
+            added = [np.full(x.size, np.nan, dtype) for _ in range(2)]
+            merge._add2_numpy(x.reshape(-1), y.reshape(-1), act, added[0])
+            merge._add2(x.reshape(-1), y.reshape(-1), act, added[1])
+            np.testing.assert_array_equal(added[0], added[1])
+            added = [np.full(x.size, np.nan, dtype) for _ in range(2)]
+            merge._add2_numpy(x.reshape(-1), y.reshape(-1), act, added[0])
+            merge._add2(x.reshape(-1), y.reshape(-1), act, added[1])
+            np.testing.assert_array_equal(added[0], added[1])
             masked = [np.full(x.size, np.nan, dtype) for _ in range(2)]
             merge._mask_numpy(x.reshape(-1), y.reshape(-1), act, masked[0])
             merge._mask(x.reshape(-1), y.reshape(-1), act, masked[1])

@@ -225,3 +225,39 @@ def test_backward_sums_stand_in_matches_the_kernel(act):
         run(dout, x, scale, shift, act, mean, s[0], s[1])
         sums.append(s)
     np.testing.assert_allclose(sums[0], sums[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", [0, 1])
+def test_batch_norm_and_lrn_stand_ins_match_the_kernels(act):
+    """A first run's numpy stand-ins of the batch norm's statistics, affine pass and
+    input gradient, and of local response normalisation (AlexNet's, GoogLeNet's)."""
+    rng = np.random.default_rng(6 + act)
+    x, dout = (rng.standard_normal((5, 6, 12)).astype(np.float32) + 0.5 for _ in range(2))
+    c = 6
+    scale, shift, ka, kb, kc = (rng.standard_normal(c).astype(np.float32) for _ in range(5))
+    stats = [(np.full(c, np.nan), np.full(c, np.nan)) for _ in range(2)]
+    norm._bn_stats_numpy(x, *stats[0])
+    norm._bn_stats(x, *stats[1])
+    np.testing.assert_allclose(stats[0], stats[1], rtol=1e-12, atol=1e-14)
+    for kernel, args in ((norm._affine, (x, scale, shift)),
+                         (norm._bn_bwd_dx, (dout, x, scale, shift, act, ka, kb, kc))):  # fmt: skip
+        got = [np.full_like(x, np.nan) for _ in range(2)]
+        stand_in = getattr(norm, kernel.__wrapped__.__name__ + "_numpy")
+        if kernel is norm._affine:
+            stand_in(*args, got[0], act)
+            kernel(*args, got[1], act)
+        else:
+            stand_in(*args, got[0])
+            kernel(*args, got[1])
+        np.testing.assert_array_equal(got[0], got[1])
+    for size, beta in ((5, 0.75), (4, 0.6)):
+        a, b, k = np.float32(1e-2), np.float32(beta), np.float32(2.0)
+        fwd = [(np.full_like(x, np.nan), np.full_like(x, np.nan)) for _ in range(2)]
+        norm._lrn_fwd_numpy(x, size, a, b, k, *fwd[0])
+        norm._lrn_fwd(x, size, a, b, k, *fwd[1])
+        np.testing.assert_allclose(fwd[0], fwd[1], rtol=1e-6)
+        out, sc = fwd[1]
+        dx = [np.full_like(x, np.nan) for _ in range(2)]
+        norm._lrn_bwd_numpy(x, out, sc, dout, size, a, b, dx[0])
+        norm._lrn_bwd(x, out, sc, dout, size, a, b, dx[1])
+        np.testing.assert_allclose(dx[0], dx[1], rtol=1e-5, atol=1e-6)

@@ -431,3 +431,50 @@ def test_subsampling_stand_ins_match_the_kernels(window):
     for a, b in zip(*got, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(got[0][2], got[1][2])
+
+
+@pytest.mark.parametrize("name", list(MAX_CASES))
+def test_general_maxpool_stand_in_gives_the_kernels_bits(name):
+    """Max pooling's general kernel (overlapping, padded, clipped windows) on a first
+    run's numpy stand-in: its values and indices, ties, NaNs and infinities included."""
+    n, c, h, w, k, s, p, ceil_mode = MAX_CASES[name]
+    rng = np.random.default_rng(len(name))
+    x = _tied_with_nonfinite(rng, (n, c, h, w), np.float32)
+    shape = (n, c, _pool_out(h, k, s, p, p, ceil_mode), _pool_out(w, k, s, p, p, ceil_mode))
+    got = [(np.full(shape, 7, np.float32), np.full(shape, 7, np.int32)) for _ in range(2)]
+    pool._maxpool_fwd_numpy(x, k, k, s, s, p, p, *got[0])
+    pool._maxpool_fwd(x, k, k, s, s, p, p, *got[1])
+    np.testing.assert_array_equal(got[0][0].view(np.int32), got[1][0].view(np.int32))
+    np.testing.assert_array_equal(got[0][1], got[1][1])
+
+
+def test_a_window_in_the_padding_alone_is_minus_inf_on_the_stand_in_too():
+    x = np.ones((1, 1, 2, 2), np.float32)
+    got = [(np.empty((1, 1, 2, 2), np.float32), np.empty((1, 1, 2, 2), np.int32))
+           for _ in range(2)]  # fmt: skip
+    # pad top 1, 2x2 windows, stride 2: the first row's windows reach one real row
+    pool._maxpool_fwd_numpy(x, 1, 1, 2, 2, 1, 0, *got[0])
+    pool._maxpool_fwd(x, 1, 1, 2, 2, 1, 0, *got[1])
+    np.testing.assert_array_equal(got[0][0], got[1][0])
+    np.testing.assert_array_equal(got[0][1], got[1][1])
+    assert (got[0][1][0, 0, 0] == -1).all()
+
+
+@pytest.mark.parametrize("include_pad", [True, False])
+@pytest.mark.parametrize("name", list(AVG_CASES))
+def test_general_avgpool_stand_ins_match_the_kernels(name, include_pad):
+    """Average pooling's general kernels (overlapping, padded, clipped windows) on a
+    first run's numpy stand-ins: dx's bits, the means' float64 sums to their rounding."""
+    case = AVG_CASES[name]
+    k, s, pad = case[4:7]
+    x, out, rng = _avg_setup(case, np.float32, seed=2)
+    window = (k, k, s, s, *pad, include_pad)
+    outs = [np.full_like(out, np.nan) for _ in range(2)]
+    pool._avgpool_fwd_numpy(x, *window, outs[0])
+    pool._avgpool_fwd(x, *window, outs[1])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    dxs = [np.full_like(x, np.nan) for _ in range(2)]
+    pool._avgpool_bwd_numpy(dout, *window, dxs[0])
+    pool._avgpool_bwd(dout, *window, dxs[1])
+    np.testing.assert_array_equal(dxs[0], dxs[1])

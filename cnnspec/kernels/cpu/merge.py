@@ -27,6 +27,10 @@ def _add2(a, b, act, out):
         out[i] = v if (act == 0 or v > 0) else 0.0
 
 
+def _add2_numpy(a, b, act, out):
+    out[...] = _relu_numpy(a + b, act)
+
+
 @SplitBySize
 def _add_into(x, act, out):
     for i in prange(out.size):
@@ -130,7 +134,7 @@ def add_forward(xs, out, act=0, in_affine=None):
     if len(xs) == 1:
         _mask.or_stand_in(_mask_numpy, flat[0], flat[0], int(act), o)  # relu(x): x where > 0
         return
-    _add2(flat[0], flat[1], act if len(xs) == 2 else 0, o)
+    _add2.or_stand_in(_add2_numpy, flat[0], flat[1], act if len(xs) == 2 else 0, o)
     for i, x in enumerate(flat[2:]):
         _add_into(x, act if i == len(flat) - 3 else 0, o)
 

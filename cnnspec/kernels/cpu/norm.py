@@ -71,6 +71,15 @@ def _bn_stats(x, mean, var):
         var[c] = max(acc2 / m_ - mu * mu, 0.0)
 
 
+# Numpy stand-ins for a first run's first steps while a child compiles the builds (as
+# pool.py's): the kernels' float operations, float64 sums in another order.
+def _bn_stats_numpy(x, mean, var):
+    d = x - x[0, :, :1].astype(np.float64)  # shifted by each channel's first value
+    mu = d.sum(axis=(0, 2)) / (x.shape[0] * x.shape[2])
+    mean[...] = x[0, :, 0] + mu
+    var[...] = np.maximum((d * d).sum(axis=(0, 2)) / (x.shape[0] * x.shape[2]) - mu * mu, 0.0)
+
+
 @SplitBySize
 def _affine(x, scale, shift, out, act):
     n_, c_, s_ = x.shape
@@ -83,6 +92,11 @@ def _affine(x, scale, shift, out, act):
         for i in range(s_):
             v = src[i] * a + b
             dst[i] = v if (act == 0 or v > 0) else 0.0
+
+
+def _affine_numpy(x, scale, shift, out, act):
+    v = x * scale[:, None] + shift[:, None]
+    out[...] = np.where(v > 0, v, v.dtype.type(0)) if act else v
 
 
 # With a fused ReLU (act=1) the gradient reaching the norm is g = dout where the
@@ -148,6 +162,13 @@ def _bn_bwd_dx(dout, x, scale, shift, act, ka, kb, kc, dx):
             dst[i] = a * g + b * xv + k
 
 
+def _bn_bwd_dx_numpy(dout, x, scale, shift, act, ka, kb, kc, dx):
+    g = dout.astype(np.float64)  # (the kernel's g: float64, its 0.0 a float64 literal)
+    if act:
+        g[x * scale[:, None] + shift[:, None] <= 0] = 0.0
+    dx[...] = ka[:, None] * g + kb[:, None] * x + kc[:, None]
+
+
 def _param_or(value, c, dtype, fill):
     if value is None:
         return np.full(c, fill, dtype=dtype)
@@ -197,7 +218,7 @@ def batchnorm2d_forward_train(
     if stats is None:
         mean = np.empty(c, dtype=np.float64)
         var = np.empty(c, dtype=np.float64)
-        _bn_stats(x3, mean, var)
+        _bn_stats.or_stand_in(_bn_stats_numpy, x3, mean, var)
     else:
         check_shape("stats", stats, (2, c))
         mean, var = stats[0].astype(np.float64), stats[1].astype(np.float64)
@@ -210,7 +231,7 @@ def batchnorm2d_forward_train(
         check_shape("affine", affine, (2, c))
         affine[0], affine[1] = scale, shift
     if out is not None:
-        _affine(x3, scale, shift, as_3d(out), act)
+        _affine.or_stand_in(_affine_numpy, x3, scale, shift, as_3d(out), act)
     mom = float(momentum)
     if running_mean is not None:
         running_mean *= 1.0 - mom
@@ -265,7 +286,7 @@ def batchnorm2d_forward_eval(
         check_shape("affine", affine, (2, c))
         affine[0], affine[1] = scale, shift
     if out is not None:
-        _affine(as_3d(x), scale, shift, as_3d(out), int(act))
+        _affine.or_stand_in(_affine_numpy, as_3d(x), scale, shift, as_3d(out), int(act))
 
 
 def batchnorm2d_backward(
@@ -330,7 +351,8 @@ def batchnorm2d_backward(
         dx_coeffs[0], dx_coeffs[1], dx_coeffs[2] = ka, kb, kc
     if dx is not None:
         check_shape("dx", dx, dout.shape)
-        _bn_bwd_dx(d3, x3, scale, shift, int(act), ka, kb, kc, as_3d(dx))
+        args = (d3, x3, scale, shift, int(act), ka, kb, kc, as_3d(dx))
+        _bn_bwd_dx.or_stand_in(_bn_bwd_dx_numpy, *args)
 
 
 # ------------------------------------------------------------- local response norm
@@ -343,7 +365,7 @@ def _pow_neg(s, beta):
     return s ** (-beta)
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _lrn_fwd(x, size, alpha, beta, k, out, scale):
     n_, c_, s_ = x.shape
     before = size // 2
@@ -366,7 +388,30 @@ def _lrn_fwd(x, size, alpha, beta, k, out, scale):
             oc[i] = xc[i] * _pow_neg(sc, beta)
 
 
-@njit(parallel=True, cache=True)
+def _pow_neg_numpy(s, beta):
+    if beta == 0.75:
+        r = np.sqrt(s)
+        return 1.0 / (r * np.sqrt(r)).astype(np.float64)
+    return s.astype(np.float64) ** -np.float64(beta)
+
+
+def _window_sums(v, before, after):
+    """Sums over the channel window [c - before, c + after] of (N, C, S), in order."""
+    c_ = v.shape[1]
+    out = np.zeros_like(v)
+    for c in range(c_):
+        for j in range(max(0, c - before), min(c_, c + after + 1)):
+            out[:, c] += v[:, j]
+    return out
+
+
+def _lrn_fwd_numpy(x, size, alpha, beta, k, out, scale):
+    sc = k + (alpha / np.float64(size)) * _window_sums(x * x, size // 2, (size - 1) // 2)
+    scale[...] = sc
+    out[...] = x * _pow_neg_numpy(sc, beta)
+
+
+@SplitBySize
 def _lrn_bwd(x, out, scale, dout, size, alpha, beta, dx):
     # dx_i = dy_i * s_i^-b - (2ab/size) x_i * sum_{j: i in W(j)} dy_j * y_j / s_j
     # W(j) = [j - size//2, j + (size-1)//2]  =>  j in [i - (size-1)//2, i + size//2]
@@ -392,6 +437,12 @@ def _lrn_bwd(x, out, scale, dout, size, alpha, beta, dx):
             dp[i] = gc[i] * _pow_neg(sc[i], beta) - coef * xc[i] * dp[i]
 
 
+def _lrn_bwd_numpy(x, out, scale, dout, size, alpha, beta, dx):
+    dp = _window_sums(dout * out / scale, (size - 1) // 2, size // 2)
+    coef = 2 * np.float64(alpha) * beta / size
+    dx[...] = dout * _pow_neg_numpy(scale, beta) - coef * x * dp
+
+
 def lrn_forward(x, size, alpha, beta, k, out, scale):
     """PyTorch LocalResponseNorm: scale = k + alpha/size * sum of x^2 over channels
     c - size//2 .. c + (size-1)//2 (zero padded); out = x * scale^-beta."""
@@ -399,7 +450,8 @@ def lrn_forward(x, size, alpha, beta, k, out, scale):
     check_shape("out", out, x.shape)
     check_shape("scale", scale, x.shape)
     t = x.dtype.type
-    _lrn_fwd(as_3d(x), int(size), t(alpha), t(beta), t(k), as_3d(out), as_3d(scale))
+    args = (as_3d(x), int(size), t(alpha), t(beta), t(k), as_3d(out), as_3d(scale))
+    _lrn_fwd.or_stand_in(_lrn_fwd_numpy, *args)
 
 
 def lrn_backward(x, out, scale, dout, size, alpha, beta, dx):
@@ -407,6 +459,5 @@ def lrn_backward(x, out, scale, dout, size, alpha, beta, dx):
     for name, a in (("out", out), ("scale", scale), ("dout", dout), ("dx", dx)):
         check_shape(name, a, x.shape)
     t = x.dtype.type
-    _lrn_bwd(
-        as_3d(x), as_3d(out), as_3d(scale), as_3d(dout), int(size), t(alpha), t(beta), as_3d(dx)
-    )
+    args = (as_3d(x), as_3d(out), as_3d(scale), as_3d(dout), int(size), t(alpha), t(beta))
+    _lrn_bwd.or_stand_in(_lrn_bwd_numpy, *args, as_3d(dx))

@@ -85,6 +85,31 @@ def _maxpool_fwd(x, kh, kw, sh, sw, pt, pl, out, argmax):
                 ap[oy, ox] = idx
 
 
+def _maxpool_fwd_numpy(x, kh, kw, sh, sw, pt, pl, out, argmax):
+    # windows clipped to the input, scanned row by row from -inf: PyTorch's rule, which
+    # the kernel's fast path agrees with on finite values; the padding (-inf) never wins
+    n, c, h, w = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    rows, cols = (oh - 1) * sh + kh, (ow - 1) * sw + kw
+    xp = np.full((n, c, max(rows, pt + h), max(cols, pl + w)), -np.inf, x.dtype)
+    xp[:, :, pt : pt + h, pl : pl + w] = x
+    y0, x0 = np.arange(oh)[:, None] * sh - pt, np.arange(ow) * sw - pl  # windows' corners
+    best = np.full(out.shape, -np.inf, x.dtype)
+    first = np.maximum(y0, 0) * w + np.maximum(x0, 0)
+    pick = np.broadcast_to(first, out.shape).astype(np.int32)
+    for i in range(kh):
+        for j in range(kw):
+            v = xp[:, :, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw]
+            wins = (v > best) | np.isnan(v)
+            best = np.where(wins, v, best)
+            pick = np.where(wins, (y0 + i) * w + x0 + j, pick)
+    empty = (np.minimum(y0 + kh, h) <= np.maximum(y0, 0)) | (
+        np.minimum(x0 + kw, w) <= np.maximum(x0, 0)
+    )
+    out[...] = best
+    argmax[...] = np.where(empty, -1, pick)
+
+
 @SplitBySize
 def _maxpool_bwd(dout, argmax, dx):
     # 2-D views: dout/argmax (NC, OH*OW), dx (NC, H*W)
@@ -404,7 +429,8 @@ def maxpool2d_forward(x, kh, kw, sh, sw, pt, pl, out, argmax):
         else:
             _maxpool_fwd_tiled(x, int(kh), int(kw), out, argmax)
         return
-    _maxpool_fwd(x, int(kh), int(kw), int(sh), int(sw), int(pt), int(pl), out, argmax)
+    args = (x, int(kh), int(kw), int(sh), int(sw), int(pt), int(pl), out, argmax)
+    _maxpool_fwd.or_stand_in(_maxpool_fwd_numpy, *args)
 
 
 def maxpool2d_backward(dout, argmax, dx):
@@ -558,6 +584,32 @@ def _avgpool_bwd_2x2_numpy(dout, dx):
     dx.reshape(n, c, oh, 2, ow, 2)[...] = g[:, :, :, None, :, None]
 
 
+def _avg_windows(shape, out_shape, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad):
+    """Each output's window as the kernels take it: (oy, ox, rows, columns, divisor)."""
+    h, w = shape[2], shape[3]
+    for oy in range(out_shape[2]):
+        hs, he, ph = _avg_window.py_func(oy, sh, kh, pt, h, pb)
+        for ox in range(out_shape[3]):
+            ws, we, pw = _avg_window.py_func(ox, sw, kw, pl, w, pr)
+            div = ph * pw if count_include_pad else (he - hs) * (we - ws)
+            yield oy, ox, slice(hs, he), slice(ws, we), div
+
+
+def _avgpool_fwd_numpy(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out):
+    window = (kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad)
+    for oy, ox, rows, cols, div in _avg_windows(x.shape, out.shape, *window):
+        total = x[:, :, rows, cols].sum(axis=(2, 3), dtype=np.float64)
+        out[:, :, oy, ox] = total / div if div > 0 else 0.0
+
+
+def _avgpool_bwd_numpy(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, dx):
+    dx[...] = 0
+    window = (kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad)
+    for oy, ox, rows, cols, div in _avg_windows(dx.shape, dout.shape, *window):
+        if div > 0:  # (a float64 quotient, as the kernel's, added window by window)
+            dx[:, :, rows, cols] += (dout[:, :, oy, ox] / np.float64(div))[:, :, None, None]
+
+
 def avgpool2d_forward(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out):
     """PyTorch AvgPool2d (divisor rule generalised to asymmetric padding)."""
     check_c(x=x, out=out)
@@ -569,19 +621,8 @@ def avgpool2d_forward(x, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, out)
         else:
             _avgpool_fwd_tiled(x, int(kh), int(kw), out)
         return
-    _avgpool_fwd(
-        x,
-        int(kh),
-        int(kw),
-        int(sh),
-        int(sw),
-        int(pt),
-        int(pb),
-        int(pl),
-        int(pr),
-        bool(count_include_pad),
-        out,
-    )
+    window = (int(kh), int(kw), int(sh), int(sw), int(pt), int(pb), int(pl), int(pr))
+    _avgpool_fwd.or_stand_in(_avgpool_fwd_numpy, x, *window, bool(count_include_pad), out)
 
 
 def avgpool2d_backward(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, dx):
@@ -595,19 +636,8 @@ def avgpool2d_backward(dout, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad, 
             return
         _avgpool_bwd_tiled(dout, int(kh), int(kw), dx)
         return
-    _avgpool_bwd(
-        dout,
-        int(kh),
-        int(kw),
-        int(sh),
-        int(sw),
-        int(pt),
-        int(pb),
-        int(pl),
-        int(pr),
-        bool(count_include_pad),
-        dx,
-    )
+    window = (int(kh), int(kw), int(sh), int(sw), int(pt), int(pb), int(pl), int(pr))
+    _avgpool_bwd.or_stand_in(_avgpool_bwd_numpy, dout, *window, bool(count_include_pad), dx)
 
 
 # ---------------------------------------------------------------- global average pool
