@@ -14,7 +14,11 @@ ran at one thread's speed, and started about twice as soon (LeNet-5's first epoc
 
 The convolutions' builds, serial ones too, are the child's alone (`Builds.now`): they
 were ~9 of the 10.5 s of CPU a cold LeNet-5 first step took on one thread, and while the
-child compiles them a numpy convolution (conv_numpy.py) stands in. On more threads the
+child compiles them a numpy convolution (conv_numpy.py) stands in. So are the builds of
+the other kernels the specs' networks run (pools, losses, norms, residual adds, LeNet-5
+(1998)'s scaled tanh and RBF units: `SplitBySize.or_stand_in`), each with a numpy stand-in
+beside it: their cold first step compiles nothing in the process (LeNet-5's ends ~1 s
+after python starts). On more threads the
 child takes the serial build first (its own compiling leaves the model one core), and it
 serves serial requests before the parallel ones queued meanwhile. A process without a
 second core compiles everything itself, as without a child.

@@ -20,6 +20,13 @@ from ._common import (
 __all__ = ["add_forward", "add_backward"]
 
 
+# Each kernel's numpy stand-in (`_numpy`) runs a first run's first steps while a child
+# compiles the kernel's builds (pool.py's): the same values.
+def _relu_numpy(v, on):
+    """v where it is > 0 (NaN: 0), if `on`; else v."""
+    return np.where(v > 0, v, v.dtype.type(0)) if on else v
+
+
 @SplitBySize
 def _add2(a, b, act, out):
     for i in prange(out.size):
@@ -43,13 +50,6 @@ def _mask(dout, y, act, dx):
     for i in prange(dx.size):
         yv = y[i]  # loaded unconditionally: a conditional load blocks SIMD
         dx[i] = dout[i] if (yv > 0 or act == 0) else 0.0
-
-
-# Numpy stand-ins of the kernels ResNet-20's first step runs, for a first run while a
-# child compiles their builds (pool.py's): the same values.
-def _relu_numpy(v, on):
-    """v where it is > 0 (NaN: 0), if `on`; else v."""
-    return np.where(v > 0, v, v.dtype.type(0)) if on else v
 
 
 def _mask_numpy(dout, y, act, dx):

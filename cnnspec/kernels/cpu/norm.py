@@ -71,8 +71,9 @@ def _bn_stats(x, mean, var):
         var[c] = max(acc2 / m_ - mu * mu, 0.0)
 
 
-# Numpy stand-ins for a first run's first steps while a child compiles the builds (as
-# pool.py's): the kernels' float operations, float64 sums in another order.
+# Each kernel's numpy stand-in (`_numpy`), for a first run's first steps while a child
+# compiles the kernel's builds (pool.py's): its float operations, float64 sums in
+# another order.
 def _bn_stats_numpy(x, mean, var):
     d = x - x[0, :, :1].astype(np.float64)  # shifted by each channel's first value
     mu = d.sum(axis=(0, 2)) / (x.shape[0] * x.shape[2])

@@ -85,6 +85,10 @@ def _maxpool_fwd(x, kh, kw, sh, sw, pt, pl, out, argmax):
                 ap[oy, ox] = idx
 
 
+# Each kernel's numpy stand-in (`_numpy`) computes a first run's first steps while a
+# child compiles the kernel's builds (background.py; LeNet-5's pools and loss had been
+# ~1.4 s of CPU before its first step, AMD EPYC Zen 3): the kernels' values and indices,
+# in their order of operations (float64 sums excepted: their last bits may differ).
 def _maxpool_fwd_numpy(x, kh, kw, sh, sw, pt, pl, out, argmax):
     # windows clipped to the input, scanned row by row from -inf: PyTorch's rule, which
     # the kernel's fast path agrees with on finite values; the padding (-inf) never wins
@@ -124,10 +128,6 @@ def _maxpool_bwd(dout, argmax, dx):
                 dx[nc, idx] += dout[nc, o]
 
 
-# Numpy stand-ins of the kernels a LeNet-5 or VGG runs (2x2 windows, the max pool's
-# scatter), for a first run's first steps while a child compiles the builds (about
-# 1.4 s of CPU for LeNet-5's pools and loss, AMD EPYC Zen 3): background.py. The same
-# values and indices as the kernels, in the same order of operations.
 def _maxpool_bwd_numpy(dout, argmax, dx):
     dx[...] = 0
     rows, cols = np.nonzero(argmax >= 0)  # row by row, as the kernel adds them
