@@ -584,6 +584,9 @@ def _avgpool_bwd_2x2_numpy(dout, dx):
     dx.reshape(n, c, oh, 2, ow, 2)[...] = g[:, :, :, None, :, None]
 
 
+_NONE = (0, 0, 0, 0, False)  # no padding (t, b, l, r), the divisor counted in the input
+
+
 def _avg_windows(shape, out_shape, kh, kw, sh, sw, pt, pb, pl, pr, count_include_pad):
     """Each output's window as the kernels take it: (oy, ox, rows, columns, divisor)."""
     h, w = shape[2], shape[3]
@@ -752,19 +755,9 @@ def _subsample_bwd_params(dout, pooled, dcoef, dbias):
         dbias[c] = sb
 
 
-def _windows(shape, out_shape, kh, kw, sh, sw):
-    """Each output's window, clipped to the input as the kernels clip it: (oy, ox, rows,
-    columns, count)."""
-    h, w = shape[2], shape[3]
-    for oy in range(out_shape[2]):
-        rows = slice(oy * sh, min(oy * sh + kh, h))
-        for ox in range(out_shape[3]):
-            cols = slice(ox * sw, min(ox * sw + kw, w))
-            yield oy, ox, rows, cols, (rows.stop - rows.start) * (cols.stop - cols.start)
-
-
 def _subsample_fwd_numpy(x, coef, bias, kh, kw, sh, sw, out, pooled):
-    for oy, ox, rows, cols, count in _windows(x.shape, out.shape, kh, kw, sh, sw):
+    # the average pool's windows without padding: clipped to the input, counted inside it
+    for oy, ox, rows, cols, count in _avg_windows(x.shape, out.shape, kh, kw, sh, sw, *_NONE):
         total = x[:, :, rows, cols].sum(axis=(2, 3), dtype=np.float64)
         pooled[:, :, oy, ox] = total / count if count > 0 else 0.0
     out[...] = coef[:, None, None] * pooled + bias[:, None, None]
@@ -772,7 +765,7 @@ def _subsample_fwd_numpy(x, coef, bias, kh, kw, sh, sw, out, pooled):
 
 def _subsample_bwd_dx_numpy(dout, coef, kh, kw, sh, sw, dx):
     dx[...] = 0
-    for oy, ox, rows, cols, count in _windows(dx.shape, dout.shape, kh, kw, sh, sw):
+    for oy, ox, rows, cols, count in _avg_windows(dx.shape, dout.shape, kh, kw, sh, sw, *_NONE):
         if count > 0:  # (a float64 quotient, as the kernel's, added window by window)
             g = coef * dout[:, :, oy, ox] / np.float64(count)
             dx[:, :, rows, cols] += g[:, :, None, None]
