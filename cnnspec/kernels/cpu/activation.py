@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from .. import SCALED_TANH_A, SCALED_TANH_S
 from ._common import SplitBySize, as_3d, check_c, check_shape
@@ -52,7 +52,7 @@ def _check_flat(**arrays):
 
 
 # ------------------------------------------------------------------------------ relu
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _relu_fwd(x, out):
     for i in prange(x.size):
         v = x[i]
@@ -60,7 +60,7 @@ def _relu_fwd(x, out):
         out[i] = 0 if v <= 0 else v
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _relu_bwd(x, dout, dx):
     for i in prange(x.size):
         dx[i] = dout[i] if x[i] > 0 else 0
@@ -77,14 +77,14 @@ def relu_backward(x, dout, dx):
 
 
 # ------------------------------------------------------------------------ leaky relu
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _leaky_fwd(x, alpha, out):
     for i in prange(x.size):
         v = x[i]
         out[i] = v if v > 0 else v * alpha
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _leaky_bwd(x, alpha, dout, dx):
     for i in prange(x.size):
         dx[i] = dout[i] if x[i] > 0 else dout[i] * alpha
@@ -101,14 +101,14 @@ def leaky_relu_backward(x, alpha, dout, dx):
 
 
 # ------------------------------------------------------------------------------- elu
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _elu_fwd(x, alpha, out):
     for i in prange(x.size):
         v = x[i]
         out[i] = v if v > 0 else alpha * math.expm1(v)
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _elu_bwd(x, y, alpha, dout, dx):
     for i in prange(x.size):
         dx[i] = dout[i] if x[i] > 0 else dout[i] * (y[i] + alpha)
@@ -125,7 +125,7 @@ def elu_backward(x, out_y, alpha, dout, dx):
 
 
 # --------------------------------------------------------------------------- sigmoid
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _sigmoid_fwd(x, out):
     for i in prange(x.size):
         v = x[i]
@@ -136,7 +136,7 @@ def _sigmoid_fwd(x, out):
             out[i] = z / (1.0 + z)
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _sigmoid_bwd(y, dout, dx):
     for i in prange(y.size):
         s = y[i]
@@ -154,13 +154,13 @@ def sigmoid_backward(y, dout, dx):
 
 
 # ------------------------------------------------------------------------------ tanh
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _tanh_fwd(x, out):
     for i in prange(x.size):
         out[i] = math.tanh(x[i])
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _tanh_bwd(y, dout, dx):
     for i in prange(y.size):
         t = y[i]
@@ -218,14 +218,14 @@ def scaled_tanh_backward(y, dout, dx):
 
 
 # ----------------------------------------------------------------------------- rrelu
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _rrelu_fwd(x, slopes, out):
     for i in prange(x.size):
         v = x[i]
         out[i] = v if v > 0 else v * slopes[i]
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _rrelu_bwd(x, slopes, dout, dx):
     for i in prange(x.size):
         dx[i] = dout[i] if x[i] > 0 else dout[i] * slopes[i]
@@ -243,7 +243,7 @@ def rrelu_backward(x, slopes, dout, dx):
 
 
 # ----------------------------------------------------------------------------- prelu
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _prelu_fwd(x, w, out):
     n_, c_, s_ = x.shape
     shared = w.shape[0] == 1
@@ -256,7 +256,7 @@ def _prelu_fwd(x, w, out):
             out[n, c, i] = v if v > 0 else a * v
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _prelu_bwd(x, w, dout, dx, partial):
     n_, c_, s_ = x.shape
     shared = w.shape[0] == 1
@@ -306,7 +306,7 @@ def prelu_backward(x, w, dout, dx, dw):
 
 
 # ---------------------------------------------------------------------------- maxout
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _maxout_fwd(x, pieces, out, argmax):
     n_, k_, s_ = out.shape
     for nk in prange(n_ * k_):
@@ -326,7 +326,7 @@ def _maxout_fwd(x, pieces, out, argmax):
             argmax[n, k, i] = idx
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _maxout_bwd(dout, argmax, pieces, dx):
     n_, k_, s_ = dout.shape
     for nk in prange(n_ * k_):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._common import check_c, check_shape
+from ._common import SplitBySize, check_c, check_shape
 from ._common import unpack_geometry as _unpack
 
 __all__ = ["im2col", "col2im", "conv_transpose2d_forward", "conv_transpose2d_backward"]
@@ -36,7 +36,7 @@ def _valid_range(off, stride, size, n_out):
     return lo, hi
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _im2col_t(x, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
     _, c_, h_, w_ = x.shape
     kk = kh * kw
@@ -66,7 +66,7 @@ def _im2col_t(x, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
                     seg[hi:] = 0
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _col2im_t(cols, n0, nb, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, dx):
     _, c_, h_, w_ = dx.shape
     kk = kh * kw

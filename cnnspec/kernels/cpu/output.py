@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ..checks import check_class_labels
 from ._common import SplitBySize, check_c, check_shape
@@ -99,7 +99,7 @@ def softmax_loss(logits, labels, probs, dlogits, weight=1.0):
 
 
 # ------------------------------------------------------------------------------- mse
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _mse(pred, target, dpred, grad_scale, want_grad, chunk, partial):
     n = pred.size
     for ci in prange(partial.size):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from numba import njit, prange
 
-from ._common import check_c
+from ._common import SplitBySize, check_c
 
 __all__ = ["upsample2d_forward", "upsample2d_backward"]
 
@@ -15,7 +15,7 @@ def _lerp(a, b, w):
     return a if w == 0 else a + (b - a) * w  # weight 0: an inf input stays inf
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _fwd(x, r0, r1, wr, c0, c1, wc, out):
     planes, oh, ow = out.shape
     for p in prange(planes):
@@ -27,7 +27,7 @@ def _fwd(x, r0, r1, wr, c0, c1, wc, out):
                 out[p, i, j] = _lerp(top, bottom, v)
 
 
-@njit(parallel=True, cache=True)
+@SplitBySize
 def _bwd(dout, r0, r1, wr, c0, c1, wc, dx):
     planes, oh, ow = dout.shape
     for p in prange(planes):  # a plane's outputs scatter into its own input plane only
