@@ -155,6 +155,11 @@ def as_3d(a: np.ndarray) -> np.ndarray:
 SERIAL_BELOW = 1 << 16  # elements
 
 
+def relu_numpy(v, on):
+    """For the kernels' numpy stand-ins: v where it is > 0 (NaN: 0), if `on`; else v."""
+    return np.where(v > 0, v, v.dtype.type(0)) if on else v
+
+
 # A jitted helper that only other kernels call needs neither a Python nor a C-callable
 # entry point: @njit(**HELPER) skips generating and caching them. With the kernels'
 # builds skipping the C-callable one too: ~0.3-0.45 s (6-8%) of LeNet-5's cold first step.

@@ -15,6 +15,7 @@ from ._common import (
     check_c,
     check_shape,
     input_hook,
+    relu_numpy,
 )
 
 __all__ = ["add_forward", "add_backward"]
@@ -22,11 +23,6 @@ __all__ = ["add_forward", "add_backward"]
 
 # Each kernel's numpy stand-in (`_numpy`) runs a first run's first steps while a child
 # compiles the kernel's builds (pool.py's): the same values.
-def _relu_numpy(v, on):
-    """v where it is > 0 (NaN: 0), if `on`; else v."""
-    return np.where(v > 0, v, v.dtype.type(0)) if on else v
-
-
 @SplitBySize
 def _add2(a, b, act, out):
     for i in prange(out.size):
@@ -35,7 +31,7 @@ def _add2(a, b, act, out):
 
 
 def _add2_numpy(a, b, act, out):
-    out[...] = _relu_numpy(a + b, act)
+    out[...] = relu_numpy(a + b, act)
 
 
 @SplitBySize
@@ -85,7 +81,7 @@ def _hooked_numpy(v, aff, mode):
     if mode == IN_COPY:
         return v
     t = v * aff[0][:, None] + aff[1][:, None]  # (the channel axis of (N, C, S))
-    return _relu_numpy(t, mode != IN_AFFINE)
+    return relu_numpy(t, mode != IN_AFFINE)
 
 
 @SplitBySize
@@ -106,7 +102,7 @@ def _add2_hooked(x, y, affx, modex, affy, modey, act, out):
 
 
 def _add2_hooked_numpy(x, y, affx, modex, affy, modey, act, out):
-    out[...] = _relu_numpy(_hooked_numpy(x, affx, modex) + _hooked_numpy(y, affy, modey), act)
+    out[...] = relu_numpy(_hooked_numpy(x, affx, modex) + _hooked_numpy(y, affy, modey), act)
 
 
 def add_forward(xs, out, act=0, in_affine=None):

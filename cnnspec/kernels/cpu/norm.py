@@ -11,7 +11,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._common import SplitBySize, as_3d, check_c, check_shape
+from ._common import SplitBySize, as_3d, check_c, check_shape, relu_numpy
 
 __all__ = [
     "batchnorm2d_forward_train",
@@ -97,7 +97,7 @@ def _affine(x, scale, shift, out, act):
 
 def _affine_numpy(x, scale, shift, out, act):
     v = x * scale[:, None] + shift[:, None]
-    out[...] = np.where(v > 0, v, v.dtype.type(0)) if act else v
+    out[...] = relu_numpy(v, act)
 
 
 # With a fused ReLU (act=1) the gradient reaching the norm is g = dout where the

@@ -329,27 +329,8 @@ def _maxpool_fwd_2x2(x, out, argmax):
                 arow[ox] = idx
 
 
-def _windows_2x2(x, oh, ow):
-    """The 2x2 windows' elements (top left, top right, bottom left, bottom right),
-    each (N, C, oh, ow), with their offsets in the plane from the window's first."""
-    n, c, w = x.shape[0], x.shape[1], x.shape[3]
-    win = x[:, :, : 2 * oh, : 2 * ow].reshape(n, c, oh, 2, ow, 2)
-    return [(win[:, :, :, i, :, j], i * w + j) for i in (0, 1) for j in (0, 1)]
-
-
 def _maxpool_fwd_2x2_numpy(x, out, argmax):
-    # PyTorch's rule, which the kernel's fast path agrees with on finite values:
-    # (v > best) or isnan(v) wins, from -inf and the window's first element
-    oh, ow = out.shape[2], out.shape[3]
-    first = 2 * np.arange(oh)[:, None] * x.shape[3] + 2 * np.arange(ow)
-    best = np.full(out.shape, -np.inf, x.dtype)
-    pick = np.zeros(out.shape, np.int32)
-    for v, offset in _windows_2x2(x, oh, ow):
-        wins = (v > best) | np.isnan(v)
-        best = np.where(wins, v, best)
-        pick = np.where(wins, offset, pick)
-    out[...] = best
-    argmax[...] = first + pick
+    _maxpool_fwd_numpy(x, 2, 2, 2, 2, 0, 0, out, argmax)  # (its windows, unpadded)
 
 
 @SplitBySize
@@ -519,8 +500,10 @@ def _avgpool_fwd_2x2(x, out):
 
 
 def _avgpool_fwd_2x2_numpy(x, out):
-    (v0, _), (v1, _), (v2, _), (v3, _) = _windows_2x2(x, out.shape[2], out.shape[3])
-    out[...] = (((v0 + v1) + v2) + v3) * x.dtype.type(0.25)
+    n, c, oh, ow = out.shape
+    win = x[:, :, : 2 * oh, : 2 * ow].reshape(n, c, oh, 2, ow, 2)
+    v0, v1, v2, v3 = (win[:, :, :, i, :, j] for i in (0, 1) for j in (0, 1))
+    out[...] = (((v0 + v1) + v2) + v3) * x.dtype.type(0.25)  # avg_rows_2x2's order
 
 
 @SplitBySize
