@@ -18,6 +18,10 @@ CASES = {
     "strided-uneven-pad": (2, 3, 9, 8, 4, 3, 2, (2, 3), (2, 0, 1, 1), (1, 1), 1),
     "dilated-grouped": (2, 4, 10, 10, 6, 3, 3, (1, 2), (2, 2, 0, 1), (2, 1), 2),
     "stride-leaves-rows": (2, 2, 8, 8, 3, 2, 2, (3, 3), (0, 0, 0, 0), (1, 1), 1),
+    # stride 1, no more outputs than inputs: dx as a correlation of the padded gradient
+    "narrowing-3x2": (2, 5, 7, 9, 4, 3, 2, (1, 1), (1, 1, 1, 0), (1, 1), 1),
+    "narrowing-dilated-grouped": (2, 6, 10, 9, 4, 3, 3, (1, 1), (2, 1, 0, 3), (2, 1), 2),
+    "pad-past-the-reach": (2, 4, 5, 6, 3, 3, 3, (1, 1), (3, 0, 1, 1), (1, 1), 1),
 }
 
 
@@ -98,7 +102,9 @@ def _affine(rng, c, dtype):
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
-@pytest.mark.parametrize("name", ["same-3x3", "strided-uneven-pad", "dilated-grouped"])
+@pytest.mark.parametrize(
+    "name", ["same-3x3", "strided-uneven-pad", "dilated-grouped", "narrowing-dilated-grouped"]
+)
 @pytest.mark.parametrize("relu, chunked", [(False, False), (True, False), (True, True)])
 def test_batch_norm_hooks_match_the_kernels(name, dtype, tol, relu, chunked, monkeypatch):
     """A norm before the conv (affine input, its gradient's sums), one after it (the

@@ -233,3 +233,25 @@ class SplitBySize(Builds):
     def _serial(args) -> bool:
         size = sum(a.size for a in args if isinstance(a, np.ndarray))
         return size < SERIAL_BELOW or numba.get_num_threads() == 1
+
+
+def merge_moments(parts):
+    """(mean, biased variance) per channel from per-thread rows [shift (C), sum(y - shift)
+    (C), sum((y - shift)^2) (C), count]: Chan et al.'s pairwise update, in float64 and
+    thread order. A shift near the data keeps the squares from cancelling. Like dW,
+    the same bits for a given thread count (the threads' tiles set the partial sums)."""
+    c = (parts.shape[1] - 1) // 3
+    n = 0.0
+    mean = np.zeros(c)
+    m2 = np.zeros(c)
+    for shift, s1, s2, count in ((p[:c], p[c : 2 * c], p[2 * c : 3 * c], p[3 * c]) for p in parts):
+        if count == 0:
+            continue
+        mean_t = shift + s1 / count
+        m2_t = np.maximum(s2 - s1 * s1 / count, 0.0)
+        total = n + count
+        delta = mean_t - mean
+        mean = mean + delta * (count / total)
+        m2 = m2 + m2_t + delta * delta * (n * count / total)
+        n = total
+    return mean, m2 / n

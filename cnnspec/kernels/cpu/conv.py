@@ -30,6 +30,7 @@ from ._common import (
     check_c,
     check_shape,
     input_hook,
+    merge_moments,
 )
 from ._common import unpack_geometry as _unpack
 from ._llvm import lanes
@@ -1754,28 +1755,6 @@ def _tiles(x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, space, 
 
 def _bias_or_empty(b, dtype):
     return np.zeros(0, dtype) if b is None else b
-
-
-def merge_moments(parts):
-    """(mean, biased variance) per channel from per-thread rows [shift (C), sum(y - shift)
-    (C), sum((y - shift)^2) (C), count]: Chan et al.'s pairwise update, in float64 and
-    thread order. A shift near the data keeps the squares from cancelling. Like dW,
-    the same bits for a given thread count (the threads' tiles set the partial sums)."""
-    c = (parts.shape[1] - 1) // 3
-    n = 0.0
-    mean = np.zeros(c)
-    m2 = np.zeros(c)
-    for shift, s1, s2, count in ((p[:c], p[c : 2 * c], p[2 * c : 3 * c], p[3 * c]) for p in parts):
-        if count == 0:
-            continue
-        mean_t = shift + s1 / count
-        m2_t = np.maximum(s2 - s1 * s1 / count, 0.0)
-        total = n + count
-        delta = mean_t - mean
-        mean = mean + delta * (count / total)
-        m2 = m2 + m2_t + delta * delta * (n * count / total)
-        n = total
-    return mean, m2 / n
 
 
 def conv2d_forward(
