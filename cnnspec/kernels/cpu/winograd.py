@@ -240,17 +240,10 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
         bands = -(-ty // rows)
     tp = _round_up(spb * rows * tx, nr)
     hp, wp = TILE * ty + 2, TILE * tx + 2
-    size = (
-        P * (c * tp + _GAP)  # V
-        + P * (km * tp + _GAP)  # M / dM
-        + P * (cb * tp + _GAP)  # dV
-        + tp  # zero row
-        + P * kd * cd  # dU
-        + k  # db
-        + spb * c * hp * wp  # padded dx
-    )
     upack = P * max(kb * c, cb * k)
-    return _Geometry(ty, tx, spb, rows, bands, tp, km, kd, cb, cd, hp, wp, size, upack)
+    geo = _Geometry(ty, tx, spb, rows, bands, tp, km, kd, cb, cd, hp, wp, 0, upack)
+    db_at = _regions.py_func(geo, c, 0)[5]  # V, M / dM, dV, the zero row, dU before db
+    return geo._replace(per_thread=db_at + k + spb * c * hp * wp)  # db, the padded dx
 
 
 def workspace(x_shape, w_shape, out_shape, itemsize) -> int:
