@@ -158,8 +158,9 @@ def conv2d_backward(x, w, dout, stride, pad, dilation, groups, dx, dw, db, out=N
     """As the kernels' conv2d_backward (the same arguments and hooks, checked there)."""
     o = dout.shape[1]
     w3 = w.reshape(groups, o // groups, -1)
-    dw_sum = np.zeros((groups, o // groups, w3.shape[2]), w.dtype)
-    db_sum, sums = np.zeros(o), np.zeros((2, x.shape[1]))
+    # the chunks' sums in float64 (a batch of 128 is ~40 chunks of ResNet-20's first convs)
+    dw_sum, db_sum = np.zeros((groups, o // groups, w3.shape[2])), np.zeros(o)
+    sums = np.zeros((2, x.shape[1]))
     for part in _chunks(x, w, dout.shape):
         g = _output_gradient(dout[part], None if out is None else out[part], act, dout_affine)
         db_sum += g.sum(axis=(0, 2, 3), dtype=np.float64)
