@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import merge_moments, unpack_geometry
+from ._common import as_3d, merge_moments, unpack_geometry
+from .norm import _bn_bwd_sums_numpy
 
 
 def _geometry(x, w, out_shape, stride, pad, dilation):
@@ -161,6 +162,7 @@ def conv2d_backward(x, w, dout, stride, pad, dilation, groups, dx, dw, db, out=N
     # the chunks' sums in float64 (a batch of 128 is ~40 chunks of ResNet-20's first convs)
     dw_sum, db_sum = np.zeros((groups, o // groups, w3.shape[2])), np.zeros(o)
     sums = np.zeros((2, x.shape[1]))
+    mean = None if dx_sums is None else dx_sums[0].astype(x.dtype)  # (as the norm passes it)
     for part in _chunks(x, w, dout.shape):
         g = _output_gradient(dout[part], None if out is None else out[part], act, dout_affine)
         db_sum += g.sum(axis=(0, 2, 3), dtype=np.float64)
@@ -177,21 +179,12 @@ def conv2d_backward(x, w, dout, stride, pad, dilation, groups, dx, dw, db, out=N
         if relu_dx:
             grad[x[part] <= 0] = 0
         dx[part] = grad
-        if dx_sums is not None:
-            sums += _gradient_sums(grad, x[part], in_affine, dx_sums[0])
+        if dx_sums is not None:  # what the norm before reads: its backward's own sums
+            part_sums = np.empty((2, x.shape[1]))
+            _bn_bwd_sums_numpy(as_3d(grad), as_3d(x[part]), *in_affine, mean, *part_sums)
+            sums += part_sums
     dw[...] = dw_sum.reshape(dw.shape)
     if db is not None:
         db[...] = db_sum
     if dx_sums is not None:
         dx_sums[1][...] = sums
-
-
-def _gradient_sums(dx, x, in_affine, mean):
-    """The sums of g = dx where the norm before's ReLU let x pass, and of g * (x - mean),
-    per channel, in float64: what that norm's backward reads (dx_sums)."""
-    scale, shift, relu = in_affine
-    g = dx.astype(np.float64)
-    if relu:
-        g[x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1) <= 0] = 0
-    centred = x - mean.reshape(1, -1, 1, 1).astype(x.dtype)
-    return g.sum(axis=(0, 2, 3)), (g * centred).sum(axis=(0, 2, 3))
