@@ -8,6 +8,9 @@ stays near 1e-5 of the output's scale, on these tiny shapes up to 5e-6. The dire
 conv itself is held to PyTorch by test_kernels_conv.py and the conformance suite.
 """
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -155,15 +158,13 @@ def test_winograd_finite_differences(mode):
     np.testing.assert_array_equal(dw2, dw)
 
 
-def test_dispatch_rule(mode, monkeypatch):
+def test_dispatch_rule(mode):
     def picks(c, k, size, stride=(1, 1), pad=(1, 1, 1, 1), dil=(1, 1), kernel=3, groups=1):
         x, w = (8, c, size, size), (k, c // groups, kernel, kernel)
         out = (8, k, size, size)  # the rule reads the map size from the output
         return winograd.chooses(x, w, out, stride, pad, dil, groups)
 
-    mode("auto")
-    assert winograd.AUTO == (conv.VECTOR_BITS == 256)  # the rule as measured
-    monkeypatch.setattr(winograd, "AUTO", True)
+    mode("auto")  # the same rule for the 256- and the 512-bit kernels, as measured
     assert picks(64, 64, 32) and picks(64, 128, 16) and picks(128, 128, 16)  # VGG-small
     assert not picks(16, 16, 32) and not picks(32, 32, 16) and not picks(64, 64, 8)  # ResNet-20
     assert not picks(3, 64, 32)  # VGG-small's first conv: too few input channels
@@ -177,9 +178,6 @@ def test_dispatch_rule(mode, monkeypatch):
     mode("1")
     assert picks(16, 16, 32) and not picks(128, 128, 16, stride=(2, 2))
     mode("0")
-    assert not picks(128, 128, 16)
-    mode("auto")
-    monkeypatch.setattr(winograd, "AUTO", False)
     assert not picks(128, 128, 16)
 
 
@@ -196,3 +194,22 @@ def test_dispatch_runs_winograd_when_chosen(mode, monkeypatch):
     assert calls == []
     _run("1", mode, x, w, b, case[5], out, ws, dout, conv.ACT_NONE)
     assert calls == ["forward", "backward"]
+
+
+def test_ab_benchmark_runs_both_ways(monkeypatch, capsys):
+    """benchmarks/winograd_ab.py, the measure behind the rule: both ways, MODE restored."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "winograd_ab.py"
+    spec = importlib.util.spec_from_file_location("winograd_ab", path)
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    calls = []
+    real = winograd.forward
+    monkeypatch.setattr(winograd, "forward", lambda *a: calls.append(a) or real(*a))
+    mode = winograd.MODE
+    rows = ab.main(["--only", "ResNet-20 64 ch", "--batch", "2", "--rounds", "1"])
+    assert winograd.MODE == mode
+    assert len(calls) == 2  # the warm-up round and the timed one
+    (row,) = rows
+    assert row["picks"] is False  # the rule: 64 channels on 8x8 maps run direct
+    assert all(t > 0 for t in row["direct"] + row["winograd"])
+    assert "ResNet-20 64 ch 8x8" in capsys.readouterr().out

@@ -65,7 +65,7 @@ from numba import njit, prange
 
 # conv imports this module for its dispatch: its names are looked up when used
 from . import conv, conv_numpy
-from ._common import HELPER, VECTOR_BITS, Builds
+from ._common import HELPER, Builds
 
 # CNNSPEC_WINOGRAD: "auto" (default) takes the measured rule below, "0" never uses
 # Winograd (the direct conv everywhere: A/B runs, tests), "1" uses it wherever it applies.
@@ -134,7 +134,7 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 # 512-bit 257 / 223 / 221 ms; 256-bit 361-402 / 378-402 / 401-424 ms. At 2 threads (wall,
 # best / median of 9 alternating rounds, /work/notes/s9/vggab2.py), Winograd on / off:
 # 512-bit 134 / 145 against 112 / 122 ms; 256-bit 179 / 198 against 204 / 215 ms. So
-# Winograd serves the 256-bit kernels only, both directions. On a CPU without AVX-512, an
+# F(2x2, 3x3) served the 256-bit kernels only, both directions (F(4x4): the end of this). On a CPU without AVX-512, an
 # AMD EPYC Zen 3 (2026-12-04, 1 thread, best of 5 interleaved), the same picture, forward /
 # backward: ResNet-20's 16, 32, 64 channels 0.56 / 0.37, 0.79 / 0.57, 0.87 / 0.70;
 # VGG-small's 1.45 / 0.97, 1.47 / 1.18, 1.36 / 1.28; its train step 572 -> 413 ms and
@@ -167,7 +167,19 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 # but 23.0 / 56.6 against 25.0 / 62.5; 512 ch 227 / 427 against 124 / 316 and 113 / 244
 # against 80.3 / 229; 256 ch 8x8 14.6 / 44.4 against 19.7 / 48.9, 512 ch 7x7 57.1 / 175
 # against 54.3 / 189 (1 thread). So maps of 14 qualify from 512 channels.
-AUTO = VECTOR_BITS == 256  # whether "auto" uses Winograd at all
+# F(4x4, 3x3) against the 512-bit kernels, on an AMD EPYC Zen 4 (AVX-512 on 256-bit
+# units; 2026-12-05, benchmarks/winograd_ab.py at 1 | 2 threads; direct time over
+# Winograd's, forward / backward): ResNet-20 b128's 16, 32, 64 ch 0.77 / 0.81, 0.82 /
+# 0.90, 1.16 / 1.08 | 0.78 / 0.82, 0.74 / 0.83, 1.07 / 0.98; VGG-small b64's 64 ch 32x32
+# 1.88 / 1.95 | 1.79 / 1.88, 64->128 16x16 1.66 / 1.69 | 1.41 / 1.43, 128 ch 16x16 1.84 /
+# 1.81 | 1.60 / 1.62; b16: 64 ch 56x56 1.88 / 1.85 | 1.88 / 1.78, 128 ch 28x28 1.91 /
+# 1.88 | 1.70 / 1.61, 128 ch 14x14 1.27 / 1.34 | 0.87 / 0.95, 256 ch 14x14 1.50 / 1.50 |
+# 1.25 / 1.11, 512 ch 14x14 1.72 / 1.43 | 1.44 / 0.99, 256 ch 8x8 1.06 / 1.10 | 0.69 /
+# 0.63, 512 ch 7x7 1.27 / 0.97 | 0.76 / 0.53. The 256-bit kernels' rule fits both
+# columns, so it serves both widths: VGG-small's train step 385 -> 242 ms at 1 thread,
+# 198 -> 139 ms at 2 (512-bit, interleaved in one process). Not measured on a CPU with
+# full-width 512-bit units (the Zen 5 above), where the direct conv and the products run
+# twice as fast and the transforms less so: benchmarks/winograd_ab.py tells there.
 MIN_CHANNELS = 64
 MIN_MAP = 16
 WIDE_CHANNELS, WIDE_MIN_MAP = 512, 14
@@ -177,17 +189,15 @@ def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
     """Whether the dispatch runs this conv (forward and backward) the Winograd way."""
     shapes = (tuple(x_shape), tuple(w_shape), tuple(out_shape))
     geometry = (tuple(stride), tuple(pad), tuple(dilation), int(groups))
-    return _chooses(MODE, AUTO, *shapes, *geometry)
+    return _chooses(MODE, *shapes, *geometry)
 
 
 @lru_cache(maxsize=1024)  # a layer asks with the same shapes every call (~4 us saved)
-def _chooses(mode, auto, x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
+def _chooses(mode, x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
     if mode == "0" or not applies(x_shape, w_shape, stride, pad, dilation, groups):
         return False
     if mode == "1":
         return True
-    if not auto:
-        return False
     channels = min(int(x_shape[1]), int(w_shape[0]))
     size = min(int(out_shape[2]), int(out_shape[3]))
     return (channels >= MIN_CHANNELS and size >= MIN_MAP) or (
