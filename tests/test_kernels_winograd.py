@@ -107,7 +107,7 @@ def test_winograd_bands_of_tile_rows(dtype, mode, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_winograd_on_fewer_threads_than_its_workspace_was_sized_for(dtype, mode):
+def test_winograd_on_fewer_threads_than_its_workspace_was_sized_for(dtype, mode, monkeypatch):
     """A model sizes its workspace on Numba's threads and may then run on fewer (beside
     busy processes), whose blocks are larger (the samples are shared out two blocks or
     more a thread): they must fit (a ValueError mid-training before)."""
@@ -115,6 +115,9 @@ def test_winograd_on_fewer_threads_than_its_workspace_was_sized_for(dtype, mode)
 
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("needs Numba with at least 2 threads")
+    # blocks as long as the threads' shares allow (the rule takes the shortest of 96
+    # columns or more where several pad alike, which these shapes' shares all reach)
+    monkeypatch.setattr(winograd, "_MIN_BLOCK_COLUMNS", 1 << 30)
     case = (32, 8, 16, 16, 8, (1, 1, 1, 1))  # 16 tiles a sample
     saved = numba.get_num_threads()
     numba.set_num_threads(2)

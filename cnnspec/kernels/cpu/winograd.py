@@ -93,8 +93,16 @@ P = 36  # transform points
 # the micro-kernels' loops too short (dU's dot products most). Re-checked for F(4x4, 3x3)
 # (2026-12-05, same CPU): targets of 96, 192, 320, 400 and 600 columns ran VGG-small's
 # 32x32 and 128-channel 16x16 convs within ~8% of each other (this host's noise).
+# Whole samples whose blocks pad alike (16x16 maps: 16 tiles a sample, a panel 48 or
+# 24 of them: 3, 6, ... 18 samples a block fill whole panels) take the shortest block of
+# 96 columns or more: VGG-small's 16x16 convs at b64 (AMD EPYC Zen 4, 512-bit, ms forward /
+# backward, best of 7 interleaved), blocks of 6 samples against 15: 2 threads 64->128
+# 8.35 / 16.6 against 9.08 / 18.5, 128 ch 15.3 / 32.0 against 17.7 / 34.0; 1 thread (6
+# against 18) 15.0 / 29.4 against 15.7 / 29.9, 25.4 / 50.1 against 26.3 / 52.9. Its
+# train step 130 -> 123 ms at 2 threads, 241 -> 231 ms at 1; 256-bit 254 -> 240 ms at 1.
 _BLOCK_COLUMNS = 320
 _BLOCK_MAX_ELEMENTS = 1 << 23
+_MIN_BLOCK_COLUMNS = 96
 # Elements between one point's rows of V / M / dV and the next's: their 36 planes, a
 # multiple of 4 KiB apart (64 channels x 192 columns), fell into the same cache sets as
 # the transforms read and wrote them across the points. VGG-small b64, 1 thread, ms fwd /
@@ -134,9 +142,10 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 # 512-bit 257 / 223 / 221 ms; 256-bit 361-402 / 378-402 / 401-424 ms. At 2 threads (wall,
 # best / median of 9 alternating rounds, /work/notes/s9/vggab2.py), Winograd on / off:
 # 512-bit 134 / 145 against 112 / 122 ms; 256-bit 179 / 198 against 204 / 215 ms. So
-# F(2x2, 3x3) served the 256-bit kernels only, both directions (F(4x4): the end of this). On a CPU without AVX-512, an
-# AMD EPYC Zen 3 (2026-12-04, 1 thread, best of 5 interleaved), the same picture, forward /
-# backward: ResNet-20's 16, 32, 64 channels 0.56 / 0.37, 0.79 / 0.57, 0.87 / 0.70;
+# F(2x2, 3x3) served the 256-bit kernels only, both directions (F(4x4): the end of this).
+# On a CPU without AVX-512, an AMD EPYC Zen 3 (2026-12-04, 1 thread, best of 5
+# interleaved), the same picture, forward / backward: ResNet-20's 16, 32, 64 channels
+# 0.56 / 0.37, 0.79 / 0.57, 0.87 / 0.70;
 # VGG-small's 1.45 / 0.97, 1.47 / 1.18, 1.36 / 1.28; its train step 572 -> 413 ms and
 # inference 173 -> 119 ms with Winograd; the blocks above at or near their best there
 # (forward blocks of 256K / 512K elements on 64 channels at 32x32: 58.6 / 51.6 ms).
@@ -233,11 +242,16 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
     km = max(kb, kd)
     per_column = P * (c + km + (cb if backward else 0))  # V, M or dM, dV
     cols = max(nr, min(_BLOCK_COLUMNS, _BLOCK_MAX_ELEMENTS // per_column))
-    # the block with the least panel padding (the larger on a tie): whole samples,
-    # else bands of tile rows (the last one shorter)
+    # the block with the least panel padding (on a tie, the shortest of _MIN_BLOCK_COLUMNS
+    # or more, else the longest): whole samples, else bands of tile rows (the last shorter)
     if ty * tx <= cols:
         most = max(1, min(cols // (ty * tx), -(-n // (2 * threads))))
-        spb = max((s * ty * tx / _round_up(s * ty * tx, nr), s) for s in range(1, most + 1))[1]
+
+        def rank(s):
+            long = s * ty * tx >= _MIN_BLOCK_COLUMNS
+            return s * ty * tx / _round_up(s * ty * tx, nr), long, -s if long else s
+
+        spb = max(range(1, most + 1), key=rank)
         rows, bands = ty, 1
     else:
         spb = 1
