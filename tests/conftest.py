@@ -57,11 +57,22 @@ def first_run(monkeypatch):
     return background
 
 
-@pytest.fixture(scope="session")
-def vs_torch():
-    """benchmarks/vs_torch.py, whose torch twins of the networks the tests share."""
-    spec = importlib.util.spec_from_file_location("vs_torch", REPO / "benchmarks" / "vs_torch.py")
+def _benchmark(name):
+    """benchmarks/NAME.py as a module (the folder is no package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def vs_torch():
+    """benchmarks/vs_torch.py, whose torch twins of the networks the tests share."""
+    return _benchmark("vs_torch")
+
+
+@pytest.fixture(scope="session")
+def winograd_ab():
+    """benchmarks/winograd_ab.py, the per-layer measure behind Winograd's rule."""
+    return _benchmark("winograd_ab")

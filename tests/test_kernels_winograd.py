@@ -8,9 +8,6 @@ stays near 1e-5 of the output's scale, on these tiny shapes up to 5e-6. The dire
 conv itself is held to PyTorch by test_kernels_conv.py and the conformance suite.
 """
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -199,17 +196,13 @@ def test_dispatch_runs_winograd_when_chosen(mode, monkeypatch):
     assert calls == ["forward", "backward"]
 
 
-def test_ab_benchmark_runs_both_ways(monkeypatch, capsys):
+def test_ab_benchmark_runs_both_ways(winograd_ab, monkeypatch, capsys):
     """benchmarks/winograd_ab.py, the measure behind the rule: both ways, MODE restored."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "winograd_ab.py"
-    spec = importlib.util.spec_from_file_location("winograd_ab", path)
-    ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab)
     calls = []
     real = winograd.forward
     monkeypatch.setattr(winograd, "forward", lambda *a: calls.append(a) or real(*a))
     mode = winograd.MODE
-    rows = ab.main(["--only", "ResNet-20 64 ch", "--batch", "2", "--rounds", "1"])
+    rows = winograd_ab.main(["--only", "ResNet-20 64 ch", "--batch", "2", "--rounds", "1"])
     assert winograd.MODE == mode
     assert len(calls) == 2  # the warm-up round and the timed one
     (row,) = rows
