@@ -15,6 +15,22 @@ from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
 FD_TOL = 1e-6
 TORCH_TOL = 1e-4
 
+
+@pytest.fixture
+def dx_path(monkeypatch):
+    """choose(as_conv): whether dx is taken as a convolution where it can be one
+    (conv._dx_as_conv's answer), with the plans cached under the other answer forgotten:
+    conv._call keeps a plan per shape, its dx path included, so a second call of the
+    same shapes would run the first one's path whatever the patch said."""
+
+    def choose(as_conv):
+        monkeypatch.setattr(conv, "_dx_as_conv", lambda *a: as_conv)
+        conv._call.cache_clear()
+
+    yield choose
+    conv._call.cache_clear()  # (before monkeypatch restores the rule: no call between)
+
+
 # (N, C, H, W, O, kh, kw, stride, pad(t, b, l, r), dilation, groups, bias)
 CONV_CASES = {
     "basic": (2, 3, 6, 5, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, True),
@@ -166,11 +182,11 @@ def test_conv2d_fusion_hooks_are_the_ops_they_replace(name, relu):
 @pytest.mark.parametrize("as_conv", [False, True])
 @pytest.mark.parametrize("name", list(CONV_CASES))
 @pytest.mark.parametrize("relu", [0, 1])
-def test_conv2d_dx_sums_are_the_norm_backward_sums(name, relu, as_conv, monkeypatch):
+def test_conv2d_dx_sums_are_the_norm_backward_sums(name, relu, as_conv, dx_path):
     """dx_sums: the sums the batch norm before the conv takes from its output gradient
     (dx, masked by the norm's ReLU), taken as dx is written, on either dx path (a
     convolution where the case allows one); dx itself does not change."""
-    monkeypatch.setattr(conv, "_dx_as_conv", lambda *a: as_conv)
+    dx_path(as_conv)
     case = CONV_CASES[name]
     stride, pad, dil, g = case[7], case[8], case[9], case[10]
     x, w, b, out, ws, rng = _make_conv(case, np.float64, seed=11)
@@ -199,10 +215,10 @@ def test_conv2d_dx_sums_are_the_norm_backward_sums(name, relu, as_conv, monkeypa
 
 @pytest.mark.parametrize("as_conv", [False, True])
 @pytest.mark.parametrize("name", list(CONV_CASES))
-def test_conv2d_relu_dx_masks_the_whole_gradient(name, as_conv, monkeypatch):
+def test_conv2d_relu_dx_masks_the_whole_gradient(name, as_conv, dx_path):
     """relu_dx: x is a ReLU's output, and dx (written, or added to what another reader
     wrote) becomes the gradient of the ReLU's input: 0 where x is 0."""
-    monkeypatch.setattr(conv, "_dx_as_conv", lambda *a: as_conv)
+    dx_path(as_conv)
     case = CONV_CASES[name]
     stride, pad, dil, g = case[7], case[8], case[9], case[10]
     x, w, b, out, ws, rng = _make_conv(case, np.float64, seed=13)
@@ -655,7 +671,7 @@ DX_CONV_CASES = {
 
 @pytest.mark.parametrize("rows", [2, None])
 @pytest.mark.parametrize("name", list(DX_CONV_CASES))
-def test_dx_as_a_convolution_matches_the_transposed_product(name, rows, monkeypatch):
+def test_dx_as_a_convolution_matches_the_transposed_product(name, rows, dx_path):
     """Stride-1 dx taken as a convolution of dout with the flipped, transposed weights
     (bands of `rows` rows, or the default tiles) gives the transposed product's dx:
     plain, through a fused ReLU, and with the fusion hooks and accumulate; dW and db
@@ -667,7 +683,7 @@ def test_dx_as_a_convolution_matches_the_transposed_product(name, rows, monkeypa
         _conv_out(w, kw, 1, pad[2], pad[3], dil[1]),
     )
     shapes = ((n, c, h, w), (o, c // g, kh, kw), (n, o, oh, ow), (1, 1), pad, dil)
-    monkeypatch.setattr(conv, "_dx_as_conv", lambda *a: True)  # (a workspace with room)
+    dx_path(True)  # (a workspace with room)
     assert conv._dx_conv(*shapes, 1, 1, conv.panel(8)) is not None
     rng = np.random.default_rng(21)
     x = rng.standard_normal(shapes[0]) + 1.0
@@ -691,11 +707,13 @@ def test_dx_as_a_convolution_matches_the_transposed_product(name, rows, monkeypa
         conv.conv2d_forward(x, wt, b, (1, 1), pad, dil, g, out, ws, act, **fwd)
         results = []
         for as_conv in (False, True):
-            monkeypatch.setattr(conv, "_dx_as_conv", lambda *a, as_conv=as_conv: as_conv)
+            dx_path(as_conv)
             dx = np.full_like(x, np.nan) if start is None else start.copy()
             dw, db = np.empty_like(wt), np.empty_like(b)
             conv.conv2d_backward(x, wt, dout, (1, 1), pad, dil, g, ws, dx, dw, db, out, act,
                                  **hooks)  # fmt: skip
+            plan = conv._call(*shapes, 8, ws.size, numba.get_num_threads(), True, True)
+            assert (plan.dxc is not None) == as_conv  # the path asked for is the one run
             results.append((dx, dw, db))
         for old, new in zip(*results, strict=True):
             np.testing.assert_allclose(new, old, rtol=1e-12, atol=1e-12)
