@@ -96,6 +96,7 @@ def test_winograd_bands_of_tile_rows(dtype, mode, monkeypatch):
 
     # the block that gives such bands depends on the panel width (vector width, dtype)
     assert any(banded(columns) for columns in (1 << i for i in range(7)))
+    winograd._blocks.cache_clear()  # (plans cached per shape with other blocks)
     dout = rng.standard_normal(out.shape).astype(dtype)
     direct = _run("0", mode, x, w, b, case[5], out, ws, dout, conv.ACT_RELU)
     wino = _run("1", mode, x, w, b, case[5], out, ws, dout, conv.ACT_RELU)
@@ -115,6 +116,7 @@ def test_winograd_on_fewer_threads_than_its_workspace_was_sized_for(dtype, mode,
     # blocks as long as the threads' shares allow (the rule takes the shortest of 96
     # columns or more where several pad alike, which these shapes' shares all reach)
     monkeypatch.setattr(winograd, "_MIN_BLOCK_COLUMNS", 1 << 30)
+    winograd._blocks.cache_clear()  # (plans cached per shape under the rule unpatched)
     case = (32, 8, 16, 16, 8, (1, 1, 1, 1))  # 16 tiles a sample
     saved = numba.get_num_threads()
     numba.set_num_threads(2)
