@@ -719,6 +719,99 @@ def test_dx_as_a_convolution_matches_the_transposed_product(name, rows, dx_path)
             np.testing.assert_allclose(new, old, rtol=1e-12, atol=1e-12)
 
 
+@pytest.fixture
+def unfold(monkeypatch):
+    """choose(on): every stride-1 conv's padded samples unfolded by column taps, or none
+    (conv._UNFOLD_JUNK), with the cached plans forgotten (as dx_path's)."""
+
+    def choose(on):
+        monkeypatch.setattr(conv, "_UNFOLD_JUNK", 0.0 if on else 2.0)
+        conv._call.cache_clear()
+
+    yield choose
+    conv._call.cache_clear()
+
+
+# stride 1, kernels wider than a column: CONV_CASES' and DX_CONV_CASES' (as CONV_CASES)
+UNFOLD_CASES = {
+    **{name: case for name, case in CONV_CASES.items() if case[7] == (1, 1) and case[6] > 1},
+    **{
+        f"dx_{name}": (n, c, h, w, o, kh, kw, (1, 1), pad, dil, g, True)
+        for name, (n, c, h, w, o, kh, kw, pad, dil, g) in DX_CONV_CASES.items()
+        if kw > 1
+    },
+}
+
+
+@pytest.mark.parametrize("as_conv", [False, True])
+@pytest.mark.parametrize("rows", [2, None])
+@pytest.mark.parametrize("name", list(UNFOLD_CASES))
+def test_unfolded_taps_match_the_phase_split_samples(name, rows, as_conv, unfold, dx_path):
+    """Padded samples unfolded by column taps (a plane per tap, no junk columns: _taps)
+    give what the phase-split ones give, forward and backward, on either dx path, in
+    bands of `rows` rows or the default tiles, with every hook (float64, tight)."""
+    n, c, h, w, o, kh, kw, stride, pad, dil, g, bias = UNFOLD_CASES[name]
+    oh, ow = (
+        _conv_out(h, kh, 1, pad[0], pad[1], dil[0]),
+        _conv_out(w, kw, 1, pad[2], pad[3], dil[1]),
+    )
+    shapes = ((n, c, h, w), (o, c // g, kh, kw), (n, o, oh, ow), stride, pad, dil)
+    rng = np.random.default_rng(31)
+    x = np.maximum(rng.standard_normal(shapes[0]), 0.0) + 0.5 * (rng.random(shapes[0]) < 0.3)
+    wt, b = rng.standard_normal(shapes[1]), rng.standard_normal(o) if bias else None
+    dout, res = rng.standard_normal(shapes[2]), rng.standard_normal(shapes[2])
+    scale, shift, mean = rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(c)
+    k, affine = rng.standard_normal((3, o)), rng.standard_normal((2, o))
+    prior = rng.standard_normal(x.shape)
+    hook = (scale, shift, 1)
+    results = []
+    for on in (False, True):
+        unfold(on)
+        dx_path(as_conv)
+        assert (conv._taps(*shapes) > 1) == on
+        ws = np.empty(conv.conv2d_workspace(*shapes, 8, tile_rows=rows))
+        got = []
+        out, stats = np.empty(shapes[2]), np.empty((2, o))
+        conv.conv2d_forward(x, wt, b, stride, pad, dil, g, out, ws, conv.ACT_RELU)
+        got.append(out.copy())
+        conv.conv2d_forward(x, wt, b, stride, pad, dil, g, out, ws, in_affine=hook, stats=stats,
+                            residual=res)  # fmt: skip
+        got += [out.copy(), stats.copy()]
+        calls = [  # (forward act, backward keywords, dx's starting value)
+            (conv.ACT_RELU, {}, None),
+            (0, {"in_affine": hook, "accumulate": True, "dout_affine": (k, affine, 1)}, prior),
+            (0, {"in_affine": hook, "dx_sums": (mean, np.empty((2, c)))}, None),
+            (0, {"relu_dx": True, "accumulate": True}, prior),
+        ]
+        for act, hooks, start in calls:
+            fwd = {"in_affine": hooks["in_affine"]} if "in_affine" in hooks else {}
+            conv.conv2d_forward(x, wt, b, stride, pad, dil, g, out, ws, act, **fwd)
+            dx = np.full_like(x, np.nan) if start is None else start.copy()
+            dw, db = np.empty_like(wt), None if b is None else np.empty_like(b)
+            conv.conv2d_backward(x, wt, dout, stride, pad, dil, g, ws, dx, dw, db, out, act,
+                                 **hooks)  # fmt: skip
+            got += [dx, dw] + ([] if db is None else [db])
+            got += [hooks["dx_sums"][1].copy()] if "dx_sums" in hooks else []
+        results.append(got)
+    for old, new in zip(*results, strict=True):
+        np.testing.assert_allclose(new, old, rtol=1e-12, atol=1e-12)
+
+
+def test_unfolded_taps_where_junk_columns_are_a_large_share():
+    """LeNet-5's c3 (14 columns a row for 10 outputs) unfolds; its c1 (32 for 28), 'same'
+    3x3 convs on maps as small as 8x8 (9 for 8), strides and 1-wide kernels do not."""
+    c3 = ((64, 6, 14, 14), (16, 6, 5, 5), (64, 16, 10, 10), (1, 1), (0,) * 4, (1, 1))
+    assert conv._taps(*c3) == 5
+    c1 = ((64, 1, 32, 32), (6, 1, 5, 5), (64, 6, 28, 28), (1, 1), (0,) * 4, (1, 1))
+    assert conv._taps(*c1) == 1
+    same8 = ((128, 64, 8, 8), (64, 64, 3, 3), (128, 64, 8, 8), (1, 1), (1,) * 4, (1, 1))
+    assert conv._taps(*same8) == 1
+    strided = ((2, 3, 14, 14), (4, 3, 5, 5), (2, 4, 5, 5), (2, 2), (0,) * 4, (1, 1))
+    assert conv._taps(*strided) == 1
+    column = ((2, 3, 14, 14), (4, 3, 5, 1), (2, 4, 10, 14), (1, 1), (0,) * 4, (1, 1))
+    assert conv._taps(*column) == 1
+
+
 def test_dx_as_a_convolution_only_where_it_can_and_pays():
     """Strides, and padding beyond the kernel's reach, keep the transposed product; so do
     convs whose dout padding would make the convolution's work too large (LeNet-5's c3)."""

@@ -346,29 +346,52 @@ def masked_rows(typingctx, src, at, src_stride, y, dst, dst_at, dst_stride, rows
     0.024)."""
     i64 = types.int64
     sig = types.void(src, i64, i64, y, dst, i64, i64, i64, i64, i64)
+    return sig, _rows_codegen(True)
+
+
+@intrinsic
+def add_rows(typingctx, src, at, src_stride, dst, dst_at, dst_stride, rows, n):
+    """dst[dst_at + r*dst_stride:][:n] += src[at + r*src_stride:][:n] for r < rows, in
+    whole vectors and a masked one a row: the unfolded taps' planes added up into dx (rows
+    of 10 and fewer in LeNet-5's c3, which Numba's loops left to their scalar tails)."""
+    i64 = types.int64
+    return types.void(src, i64, i64, dst, i64, i64, i64, i64), _rows_codegen(False)
+
+
+def _rows_codegen(masked):
+    """masked_rows' code (`masked`), else add_rows'."""
 
     def codegen(context, builder, signature, args):
-        s_ary, at, s_stride, y_ary, d_ary, d_at, d_stride, rows, n, act = args
+        if masked:
+            s_ary, at, s_stride, y_ary, d_ary, d_at, d_stride, rows, n, act = args
+            dst_ty = signature.args[4]
+        else:
+            s_ary, at, s_stride, d_ary, d_at, d_stride, rows, n = args
+            dst_ty = signature.args[3]
         vec = _llvm.vector(signature.args[0].dtype)
         ps = _llvm.base(context, builder, signature.args[0], s_ary, at)
-        py = _llvm.base(context, builder, signature.args[3], y_ary, at)
-        pd = _llvm.base(context, builder, signature.args[4], d_ary, d_at)
-        plain = builder.icmp_signed("==", act, _llvm.const(0))  # no ReLU: every lane kept
-        keep_all = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count), plain)
-
-        def value(s, yv):  # s, or 0 where the ReLU's output was not > 0 (NaN included)
-            keep = builder.or_(builder.fcmp_ordered(">", yv, _llvm.zeros(vec)), keep_all)
-            return builder.select(keep, s, _llvm.zeros(vec))
+        pd = _llvm.base(context, builder, dst_ty, d_ary, d_at)
+        if masked:
+            py = _llvm.base(context, builder, signature.args[3], y_ary, at)
+            plain = builder.icmp_signed("==", act, _llvm.const(0))  # no ReLU: lanes kept
+            keep_all = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count), plain)
 
         def row(r, _):
             src_at = builder.mul(r, s_stride)
-            src, yr = builder.gep(ps, [src_at]), builder.gep(py, [src_at])
+            src = builder.gep(ps, [src_at])
             out = builder.gep(pd, [builder.mul(r, d_stride)])
 
             def run(at, left, carried):  # whole vectors, then the row's rest, masked
                 s = _llvm.load(builder, vec, _llvm.vec_ptr(builder, src, at, vec), left)
-                yv = _llvm.load(builder, vec, _llvm.vec_ptr(builder, yr, at, vec), left)
-                _llvm.store(builder, vec, _llvm.vec_ptr(builder, out, at, vec), value(s, yv), left)
+                dst = _llvm.vec_ptr(builder, out, at, vec)
+                if masked:  # s, or 0 where the ReLU's output was not > 0 (NaN included)
+                    yr = builder.gep(py, [src_at])
+                    yv = _llvm.load(builder, vec, _llvm.vec_ptr(builder, yr, at, vec), left)
+                    keep = builder.or_(builder.fcmp_ordered(">", yv, _llvm.zeros(vec)), keep_all)
+                    value = builder.select(keep, s, _llvm.zeros(vec))
+                else:
+                    value = builder.fadd(_llvm.load(builder, vec, dst, left), s)
+                _llvm.store(builder, vec, dst, value, left)
                 return carried
 
             _llvm.vectors(builder, n, vec.count, _llvm.const(0), run)
@@ -377,7 +400,7 @@ def masked_rows(typingctx, src, at, src_stride, y, dst, dst_at, dst_stride, rows
         _llvm.loop(builder, rows, 0, _llvm.zeros(vec), row, False)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
 
 
 def _reduction(count, width):
@@ -749,6 +772,33 @@ def _dw_swapped(og, kg):
     return 5 * swapped <= 4 * _round_up(og, MD) * _round_up(kg, ND)
 
 
+# Samples side by side in a padded row give each row of the product (the im2col
+# matrix's columns) wq columns for ow outputs: the wq - ow junk ones are multiplied like
+# the rest, forward, for dW and for dx. Where they are a large share (LeNet-5's c3, 5x5
+# 'valid' on 14x14 maps: 14 columns for 10), the padded samples are unfolded instead: a
+# plane per column tap j, holding padded columns j*d .. j*d + ow - 1 of every row, so
+# im2col row (c, i, j) is plane (c, j) from row i, rows ow long, no junk; the padded
+# samples take kw times the copies (and dx adds the planes back up). Measured (b64, 1
+# thread, AMD EPYC Zen 4, one process, unfolded against not, forward / backward): c3
+# (29% junk) 1.24x / 1.19x at 512 bits, 1.09x / 1.08x at 256 (its train step 2.63 ->
+# 2.34 ms); 3x3 'valid' on 12x12, 32 channels (17%): 1.22 / 1.11 and 1.11 / 1.19; at
+# 11-12.5%: LeNet-5's c1 (28 of 32) 0.99 / 0.99 at 512 bits, 0.94 / 0.86 at 256 (the
+# copies cost as much as the junk it saves: 6 outputs from one channel), 3x3 'same' on
+# 7x7, 192 -> 384, 1.09 / 1.10 at 1 thread but 0.99 / 1.03 at 2, 64 channels 8x8 1.0.
+_UNFOLD_JUNK = 0.15  # the share of junk columns from which a stride-1 conv unfolds
+
+
+def _taps(x_shape, w_shape, out_shape, stride, pad, dilation):
+    """Planes per input channel for the column taps: kw where the padded samples are
+    unfolded, else 1."""
+    kw, w, ow = int(w_shape[3]), int(x_shape[3]), int(out_shape[3])
+    pl, pr, dw = int(pad[2]), int(pad[3]), int(dilation[1])
+    if tuple(int(s) for s in stride) != (1, 1) or kw == 1:
+        return 1
+    wq = w + pl if pr <= pl and pr <= (kw - 1) * dw else w + pl + pr  # _geometry's
+    return kw if wq - ow >= _UNFOLD_JUNK * wq else 1
+
+
 def _geometry(
     x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, threads, rows=None, space=None
 ):
@@ -763,7 +813,10 @@ def _geometry(
     sh, sw = (int(s) for s in stride)
     pt, pb, pl, pr = (int(p) for p in pad)
     hq, wq = -(-(h + pt + pb) // sh), -(-(w + pl + pr) // sw)
-    if sw == 1 and pr <= pl and pr <= (kw - 1) * int(dilation[1]):
+    taps = _taps(x_shape, w_shape, out_shape, stride, pad, dilation)
+    if taps > 1:  # a plane per column tap, rows as wide as the output's (_taps)
+        wq = out_shape[3]
+    elif sw == 1 and pr <= pl and pr <= (kw - 1) * int(dilation[1]):
         # neighbours share their padding columns: a sample's right padding is the left
         # padding of the one beside it (or of the next row's), so fewer junk columns (3x3,
         # pad 1: 8x8 maps 9 columns a row, not 10; ResNet-20's eval forward, 1 thread:
@@ -777,7 +830,7 @@ def _geometry(
 
     def layout(rows, spt):
         tcp = _round_up(rows * spt * wq, nr)
-        pad_size = c * sh * sw * spt * hq * wq + nr + kw * int(dilation[1]) + wq
+        pad_size = c * sh * sw * taps * spt * hq * wq + nr + kw * int(dilation[1]) + wq
         # padded x and dx, zero and sink rows, the product, dW, db
         size = 2 * pad_size + 2 * tcp + g * max(ogb, ogd) * tcp + g * ogd * kgd + o
         dxc = _dx_conv(x_shape, w_shape, out_shape, stride, pad, dilation, rows, spt, nr)
@@ -790,12 +843,12 @@ def _geometry(
         rows = max(1, min(oh, max(_TILE_ELEMENTS // (k * wq), -(-_MIN_COLUMNS // wq))))
         if rows == oh:
             spt = max(1, min(_TILE_ELEMENTS // (k * oh * wq), -(-n // (2 * threads))))
-            if sh * sw > 1:  # a strided conv's padded samples hold sh*sw times its output's
-                # pixels: at most a quarter of the budget (with their gradient and the next
-                # samples prefetched they overflowed L2: 16 -> 32 channels, 32x32 -> 16x16,
-                # b128, 1 thread, AMD EPYC Zen 5: 6 samples a tile -> 3, backward 1.06x
-                # faster, forward 1.03x)
-                spt = max(1, min(spt, _TILE_ELEMENTS // (4 * c * sh * sw * hq * wq)))
+            if sh * sw * taps > 1:  # a strided conv's padded samples hold sh*sw times its
+                # output's pixels: at most a quarter of the budget (with their gradient and
+                # the next samples prefetched they overflowed L2: 16 -> 32 channels, 32x32 ->
+                # 16x16, b128, 1 thread, AMD EPYC Zen 5: 6 samples a tile -> 3, backward
+                # 1.06x faster, forward 1.03x); unfolded ones kw times
+                spt = max(1, min(spt, _TILE_ELEMENTS // (4 * c * sh * sw * taps * hq * wq)))
         if space is not None:
             while spt > 1 and layout(rows, spt)[2] > space:
                 spt -= 1
@@ -880,6 +933,7 @@ def _dx_conv(x_shape, w_shape, out_shape, stride, pad, dilation, rows, spt, nr):
     og, kg = o * cg // c, cg * kh * kw
     shared = rows >= oh and wq_x == wq and og % MD == 0 and tail <= (qb + qt) * spt * wq
     shared = shared and not _dw_swapped(og, kg)  # (the swapped products read dprod's rows)
+    shared = shared and _taps(x_shape, w_shape, out_shape, stride, pad, dilation) == 1
     return _DxConv(hq, wq, qt, ql, rows, tiles, tcp, cgb, pad_size, size, int(shared))
 
 
@@ -949,15 +1003,17 @@ def conv2d_workspace(
 @njit(**HELPER, nogil=True)
 def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear, split):
     """xpad = x[n0 : n0 + ns] padded by (pt, pl) and split into stride phases:
-    padded pixel (y, x) of channel c, sample s at [c][y % sh][x % sw][y // sh][s][x // sw];
-    the interior through the input hook (aff: (2, C) scale and shift, `mode`; aff None:
-    a build without the hook, whose branches Numba prunes before compiling). The padding
+    padded pixel (y, x) of channel c, sample s at [c][y % sh][x % sw][y // sh][s][x // sw],
+    or unfolded (dims[8] = kw taps, stride 1: _taps) at [c][j][y][s][x - j*dw] for each
+    tap j whose plane rows, wq long, hold column x; the interior through the input hook
+    (aff: (2, C) scale and shift, `mode`; aff None: a build without the hook, whose
+    branches Numba prunes before compiling). The padding
     is zeroed with `clear` (a thread's first samples of a call: the workspace may be
     another layer's in between), else left as the last call wrote it: the same places
     every call, and no call writes them. Slots past ns keep the last samples (their
     columns are junk, which nothing reads or multiplies by a nonzero gradient). `split`
     None: a build without the stride-2 vector copies (_split), else True."""
-    sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
+    sh, sw, pt, pl, dw, taps = dims[0], dims[1], dims[2], dims[3], dims[5], dims[8]
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
     if clear:
         xpad[:] = 0
@@ -1005,23 +1061,34 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear, split):
                                     e = xpad[d + v] * a + b
                                     xpad[d + v] = e if (mode != IN_AFFINE_RELU or e > 0) else zero
                 continue
-            if aff is None and sh == 1 and sw == 1:  # the plane's rows in vectors
-                plane = ((n0 + s) * c_ + c) * h_ * w_
-                at = (c * hq + pt) * line + s * wq + pl
-                masked_rows(x_flat, plane, w_, x_flat, xpad, at, line, h_, w_, 0)
+            if aff is None and sh == 1 and sw == 1:  # the planes' rows in vectors
+                for j in range(taps):  # plane j: the run of columns u .. u + m - 1 that
+                    e = j * dw  # holds the interior (padded columns u + e)
+                    u = pl - e if pl > e else 0
+                    m = (pl + w_ - e if pl + w_ - e < wq else wq) - u
+                    if m > 0:
+                        plane = ((n0 + s) * c_ + c) * h_ * w_ + u + e - pl
+                        at = ((c * taps + j) * hq + pt) * line + s * wq + u
+                        masked_rows(x_flat, plane, w_, x_flat, xpad, at, line, h_, m, 0)
                 continue
             py, qy = pt % sh, pt // sh  # row y = yi + pt: plane row y % sh, at y // sh
             for yi in range(h_):
-                at = (((c * sh + py) * sw) * hq + qy) * line + s * wq  # phase 0's row
+                at = (((c * sh + py) * sw * taps) * hq + qy) * line + s * wq  # phase 0's row
                 if sw == 1:  # whole rows: a contiguous copy (a strided view is 5x slower)
-                    d = np.uint64(at + pl)
-                    if aff is None:  # (the loops written out: a helper cost two more
-                        for v in range(np.uint64(w_)):  # compiled signatures on a cold start)
-                            xpad[d + v] = x[n0 + s, c, yi, v]
-                    else:  # one loop for every mode (a loop per mode: 10% slower)
-                        for v in range(np.uint64(w_)):
-                            t = x[n0 + s, c, yi, v] * a + b
-                            xpad[d + v] = t if (mode != IN_AFFINE_RELU or t > 0) else zero
+                    for j in range(taps):  # plane j's run, as above
+                        e = j * dw
+                        u = pl - e if pl > e else 0
+                        m = (pl + w_ - e if pl + w_ - e < wq else wq) - u
+                        if m <= 0:
+                            continue
+                        d, x0 = np.uint64(at + j * hq * line + u), np.uint64(u + e - pl)
+                        if aff is None:  # (the loops written out: a helper cost two more
+                            for v in range(np.uint64(m)):  # compiled signatures cold)
+                                xpad[d + v] = x[n0 + s, c, yi, x0 + v]
+                        else:  # one loop for every mode (a loop per mode: 10% slower)
+                            for v in range(np.uint64(m)):
+                                t = x[n0 + s, c, yi, x0 + v] * a + b
+                                xpad[d + v] = t if (mode != IN_AFFINE_RELU or t > 0) else zero
                 else:
                     for ph in range(sw):  # every sw-th input column lands in phase ph
                         m, d = first[sw + ph], np.uint64(at + first[2 * sw + ph])
@@ -1049,16 +1116,39 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear, split):
 @njit(**HELPER, nogil=True)
 def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate, split):
     """dx[n0 : n0 + ns] = (or +=, `accumulate`) the interior of the phase-split dxpad
-    (the adjoint of padding). Indices, not row views (see above): with views, LeNet-5's
-    c3 (rows of 14) paid two reference-count increments and decrements a row, 0.13 ms
-    a call against 0.027 without them. `split` as in _pad_samples."""
-    sh, sw, pt, pl = dims[0], dims[1], dims[2], dims[3]
+    (the adjoint of padding; of unfolding: the taps' planes added up). Indices, not
+    row views (see above): with views, LeNet-5's c3 (rows of 14) paid two reference-count
+    increments and decrements a row, 0.13 ms a call against 0.027 without them. `split`
+    as in _pad_samples."""
+    sh, sw, pt, pl, dw, taps = dims[0], dims[1], dims[2], dims[3], dims[5], dims[8]
     c_, h_, w_ = dx.shape[1], dx.shape[2], dx.shape[3]
     line = spt * wq
     phase = hq * line
     one, two = np.uint64(1), np.uint64(2)
     pairs = w_ // 2
     dx_flat = dx.reshape(-1)  # (dx is C-contiguous)
+    if taps > 1:  # unfolded: the taps' planes added up, their rows in vectors, a tap at a
+        # time. Rows closer than a vector are taken `k` apart (k passes): each load of a
+        # row overlapping the vector just stored to the row before waited for that store
+        # (LeNet-5's c3, b64, dx rows of 14, 512-bit: these sums 0.21 -> 0.05 ms)
+        k = -(-(VECTOR_BYTES // dx.itemsize) // w_)
+        first, size = n0 * c_ * h_ * w_, ns * c_ * h_ * w_
+        if not accumulate:
+            for v in range(np.uint64(size)):
+                dx_flat[np.uint64(first) + v] = 0
+        for j in range(taps):  # _pad_samples' runs
+            e = j * dw
+            u = pl - e if pl > e else 0
+            m = (pl + w_ - e if pl + w_ - e < wq else wq) - u
+            for c in range(c_ if m > 0 else 0):
+                for s in range(ns):
+                    at = ((c * taps + j) * hq + pt) * line + s * wq + u
+                    plane = ((n0 + s) * c_ + c) * h_ * w_ + u + e - pl
+                    for q in range(k if k < h_ else h_):
+                        rows = (h_ - q + k - 1) // k
+                        add_rows(dxpad, at + q * line, k * line, dx_flat, plane + q * w_,
+                                 k * w_, rows, m)  # fmt: skip
+        return
     for c in range(c_):
         for s in range(ns):
             if split is not None and sw == 2:  # even and odd columns, a vector of pairs
@@ -1120,11 +1210,14 @@ def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate, split):
 
 @njit(**HELPER, nogil=True)
 def _patch_offset(k, dims, spt, hq, wq):
-    """Where im2col row k = (c, i, j) starts in the phase-split padded samples."""
+    """Where im2col row k = (c, i, j) starts in the phase-split padded samples (or the
+    unfolded ones: _taps)."""
     sh, sw, dh, dw, kh, kw = dims[0], dims[1], dims[4], dims[5], dims[6], dims[7]
     c = k // (kh * kw)
     i = (k - c * kh * kw) // kw
     j = k - c * kh * kw - i * kw
+    if dims[8] > 1:  # plane (c, j) from row i (stride 1)
+        return ((c * kw + j) * hq + i * dh) * spt * wq
     plane = (c * sh + (i * dh) % sh) * sw + (j * dw) % sw
     return (plane * hq + (i * dh) // sh) * spt * wq + (j * dw) // sw
 
@@ -1435,7 +1528,7 @@ def _dx_tables(g_, og, dims, dxc, spt, dpad_at, prod_at):
     product rows (C)."""
     kh, kw = dims[6], dims[7]
     hq2, wq2, tcp2, cgb = dxc[0], dxc[1], dxc[6], dxc[7]
-    flat = (1, 1, 0, 0, dims[4], dims[5], kh, kw)  # stride 1, dout's padding made already
+    flat = (1, 1, 0, 0, dims[4], dims[5], kh, kw, 1)  # stride 1, dout's padding made already
     rows_b = np.empty(g_ * og * kh * kw, np.int64)
     for k in range(rows_b.shape[0]):
         rows_b[k] = dpad_at + _patch_offset(k, flat, spt, hq2, wq2)
@@ -1718,7 +1811,8 @@ def _call(x_shape, w_shape, out_shape, stride, pad, dilation, itemsize, space, t
     shapes = (x_shape, w_shape, out_shape, stride, pad, dilation)
     geo, threads = _tiles(*shapes, itemsize, space, threads)
     sh, sw, pt, _pb, pl, _pr, dh, dw = _unpack(stride, pad, dilation)
-    dims = (sh, sw, pt, pl, dh, dw, int(w_shape[2]), int(w_shape[3]))
+    taps = _taps(*shapes)
+    dims = (sh, sw, pt, pl, dh, dw, int(w_shape[2]), int(w_shape[3]), taps)
     dxc = _dx_conv(*shapes, geo.rows, geo.spt, panel(itemsize)) if want_dx else None
     g = x_shape[1] // w_shape[1]
     dw_at = _regions.py_func(tuple(geo), g, 0)[5]  # (a helper: no Python entry)
