@@ -12,11 +12,7 @@ Winograd is faster) and whether the rule picks Winograd for that shape.
 
 from __future__ import annotations
 
-import argparse
-import time
-
-import numba
-import numpy as np
+import _ab  # (benchmarks/, beside this file)
 
 # name, batch, in channels, out channels, map side
 SHAPES = [
@@ -37,57 +33,26 @@ SHAPES = [
 GEOMETRY = ((1, 1), (1, 1, 1, 1), (1, 1), 1)  # stride, padding, dilation, groups
 
 
-def measure(batch, c, k, side, rounds, dtype=np.float32):
+def measure(batch, c, k, side, rounds):
     """Best (forward, backward) seconds of the direct conv and of Winograd."""
-    from cnnspec.kernels.cpu import conv, winograd
+    from cnnspec.kernels.cpu import winograd
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, c, side, side)).astype(dtype)
-    w = (rng.standard_normal((k, c, 3, 3)) * np.sqrt(2 / (9 * c))).astype(dtype)
-    b = np.zeros(k, dtype)
-    out = np.empty((batch, k, side, side), dtype)
-    dout = rng.standard_normal(out.shape).astype(dtype)
-    dx, dw, db = np.empty_like(x), np.empty_like(w), np.empty_like(b)
     mode = winograd.MODE
-    best = {}
+
+    def switch(way):
+        winograd.MODE = way
+
     try:
-        sizes = []
-        for way in ("0", "1"):
-            winograd.MODE = way
-            sizes.append(conv.conv2d_workspace(x.shape, w.shape, out.shape, *GEOMETRY[:3]))
-        ws = np.empty(max(sizes), dtype)
-        for round_ in range(rounds + 1):  # round 0 compiles and warms up
-            for way in ("0", "1"):
-                winograd.MODE = way
-                t0 = time.perf_counter()
-                conv.conv2d_forward(x, w, b, *GEOMETRY, out, ws, act=conv.ACT_RELU)
-                t1 = time.perf_counter()
-                conv.conv2d_backward(
-                    x, w, dout, *GEOMETRY, ws, dx, dw, db, out=out, act=conv.ACT_RELU
-                )
-                t2 = time.perf_counter()
-                if round_:
-                    f, g = best.get(way, (np.inf, np.inf))
-                    best[way] = (min(f, t1 - t0), min(g, t2 - t1))
+        best = _ab.best_times(("0", "1"), switch, batch, c, k, side, 3, 1, rounds)
     finally:
         winograd.MODE = mode
     return best["0"], best["1"]
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=None, help="Numba threads")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per shape")
-    parser.add_argument("--only", default="", help="shapes whose name contains this")
-    parser.add_argument("--batch", type=int, default=None, help="every shape's batch")
-    args = parser.parse_args(argv)
+    args = _ab.command_line(__doc__, argv)
     from cnnspec.kernels.cpu import winograd
-    from cnnspec.kernels.cpu._common import VECTOR_BITS
 
-    if args.threads:
-        numba.set_num_threads(args.threads)
-    threads = numba.get_num_threads()
-    print(f"{VECTOR_BITS}-bit kernels, {threads} thread(s), best of {args.rounds} rounds")
     print(f"{'shape':26} {'direct ms fwd / bwd':>21} {'Winograd ms':>19} {'ratio':>13}  rule")
     rows = []
     for name, batch, c, k, side in SHAPES:

@@ -58,7 +58,10 @@ def first_run(monkeypatch):
 
 
 def _benchmark(name):
-    """benchmarks/NAME.py as a module (the folder is no package)."""
+    """benchmarks/NAME.py as a module (the folder is no package; its modules import
+    their shared one, _ab, from beside them, as when run as scripts)."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -76,3 +79,9 @@ def vs_torch():
 def winograd_ab():
     """benchmarks/winograd_ab.py, the per-layer measure behind Winograd's rule."""
     return _benchmark("winograd_ab")
+
+
+@pytest.fixture(scope="session")
+def unfold_ab():
+    """benchmarks/unfold_ab.py, the per-layer measure behind the unfolded taps' rule."""
+    return _benchmark("unfold_ab")

@@ -812,6 +812,22 @@ def test_unfolded_taps_where_junk_columns_are_a_large_share():
     assert conv._taps(*column) == 1
 
 
+def test_unfold_ab_benchmark_runs_both_ways(unfold_ab, monkeypatch, capsys):
+    """benchmarks/unfold_ab.py, the measure behind the rule: both layouts, the rule (and
+    the plans cached under the layouts it forced) restored."""
+    taps = []
+    real = conv._taps
+    monkeypatch.setattr(conv, "_taps", lambda *a: taps.append(real(*a)) or taps[-1])
+    rule = conv._UNFOLD_JUNK
+    rows = unfold_ab.main(["--only", "LeNet-5 c3", "--batch", "2", "--rounds", "1"])
+    assert conv._UNFOLD_JUNK == rule and conv._call.cache_info().currsize == 0
+    assert set(taps) == {1, 5}  # phase-split and unfolded
+    (row,) = [r for r in rows if r["name"] == "LeNet-5 c3"]
+    assert row["picks"] is True  # the rule: 29% junk columns unfold
+    assert all(t > 0 for t in row["split"] + row["unfolded"])
+    assert "LeNet-5 c3" in capsys.readouterr().out
+
+
 def test_dx_as_a_convolution_only_where_it_can_and_pays():
     """Strides, and padding beyond the kernel's reach, keep the transposed product; so do
     convs whose dout padding would make the convolution's work too large (LeNet-5's c3)."""

@@ -787,13 +787,14 @@ def _dw_swapped(og, kg):
 # 'valid' on 14x14 maps: 14 columns for 10), the padded samples are unfolded instead: a
 # plane per column tap j, holding padded columns j*d .. j*d + ow - 1 of every row, so
 # im2col row (c, i, j) is plane (c, j) from row i, rows ow long, no junk; the padded
-# samples take kw times the copies (and dx adds the planes back up). Measured (b64, 1
-# thread, AMD EPYC Zen 4, one process, unfolded against not, forward / backward): c3
-# (29% junk) 1.24x / 1.19x at 512 bits, 1.09x / 1.08x at 256 (its train step 2.63 ->
-# 2.34 ms); 3x3 'valid' on 12x12, 32 channels (17%): 1.22 / 1.11 and 1.11 / 1.19; at
-# 11-12.5%: LeNet-5's c1 (28 of 32) 0.99 / 0.99 at 512 bits, 0.94 / 0.86 at 256 (the
-# copies cost as much as the junk it saves: 6 outputs from one channel), 3x3 'same' on
-# 7x7, 192 -> 384, 1.09 / 1.10 at 1 thread but 0.99 / 1.03 at 2, 64 channels 8x8 1.0.
+# samples take kw times the copies (and dx adds the planes back up). Measured with
+# benchmarks/unfold_ab.py (AMD EPYC Zen 4, 512-bit, phase-split time over unfolded,
+# forward / backward, 1 thread | 2): LeNet-5's c3 (29% junk, b64) 1.25 / 1.20 | 1.25 /
+# 1.20 (1.09 / 1.08 at 256 bits, 1 thread; its train step 2.63 -> 2.34 ms); 3x3 'valid'
+# on 12x12, 32 channels (17%) 1.18 / 1.09 | 1.10 / 1.01; GoogLeNet's 5x5 on 7x7 (22%)
+# 0.98 / 0.98 | 0.99 / 0.99; at 11-12.5%: LeNet-5's c1 0.98 / 0.97 (0.94 / 0.86 at 256
+# bits: the copies cost what the junk did, 6 outputs from one channel), ResNet-20's 8x8
+# 1.00, 3x3 192 -> 384 on 7x7 0.75 (its unfolded samples capped to one a tile).
 _UNFOLD_JUNK = 0.15  # the share of junk columns from which a stride-1 conv unfolds
 
 
