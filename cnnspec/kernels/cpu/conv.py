@@ -789,12 +789,12 @@ def _dw_swapped(og, kg):
 # im2col row (c, i, j) is plane (c, j) from row i, rows ow long, no junk; the padded
 # samples take kw times the copies (and dx adds the planes back up). Measured with
 # benchmarks/unfold_ab.py (AMD EPYC Zen 4, 512-bit, phase-split time over unfolded,
-# forward / backward, 1 thread | 2): LeNet-5's c3 (29% junk, b64) 1.25 / 1.20 | 1.25 /
-# 1.20 (1.09 / 1.08 at 256 bits, 1 thread; its train step 2.63 -> 2.34 ms); 3x3 'valid'
-# on 12x12, 32 channels (17%) 1.18 / 1.09 | 1.10 / 1.01; GoogLeNet's 5x5 on 7x7 (22%)
-# 0.98 / 0.98 | 0.99 / 0.99; at 11-12.5%: LeNet-5's c1 0.98 / 0.97 (0.94 / 0.86 at 256
-# bits: the copies cost what the junk did, 6 outputs from one channel), ResNet-20's 8x8
-# 1.00, 3x3 192 -> 384 on 7x7 0.75 (its unfolded samples capped to one a tile).
+# forward / backward, 1 thread | 2): LeNet-5's c3 (29% junk, b64) 1.27 / 1.23 | 1.26 /
+# 1.23 (1.19 / 1.10 at 256 bits, 1 thread); 3x3 'valid' on 12x12, 32 channels (17%)
+# 1.22 / 1.10 | 1.21 / 1.15; GoogLeNet's 5x5 on 7x7 (22%) 1.08 / 0.99 | 1.22 / 1.10; at
+# 11-12.5%: LeNet-5's c1 0.97 / 0.99 (0.94 / 0.86 at 256 bits: the copies cost what the
+# junk did, 6 outputs from one channel), 3x3 192 -> 384 on 7x7 1.08 / 1.10 | 0.99 / 1.00,
+# ResNet-20's 8x8 1.00 / 0.97 | 0.96 / 0.91.
 _UNFOLD_JUNK = 0.15  # the share of junk columns from which a stride-1 conv unfolds
 
 
@@ -853,12 +853,15 @@ def _geometry(
         rows = max(1, min(oh, max(_TILE_ELEMENTS // (k * wq), -(-_MIN_COLUMNS // wq))))
         if rows == oh:
             spt = max(1, min(_TILE_ELEMENTS // (k * oh * wq), -(-n // (2 * threads))))
-            if sh * sw * taps > 1:  # a strided conv's padded samples hold sh*sw times its
-                # output's pixels: at most a quarter of the budget (with their gradient and
-                # the next samples prefetched they overflowed L2: 16 -> 32 channels, 32x32 ->
-                # 16x16, b128, 1 thread, AMD EPYC Zen 5: 6 samples a tile -> 3, backward
-                # 1.06x faster, forward 1.03x); unfolded ones kw times
-                spt = max(1, min(spt, _TILE_ELEMENTS // (4 * c * sh * sw * taps * hq * wq)))
+            if sh * sw > 1:  # a strided conv's padded samples hold sh*sw times its output's
+                # pixels: at most a quarter of the budget (with their gradient and the next
+                # samples prefetched they overflowed L2: 16 -> 32 channels, 32x32 -> 16x16,
+                # b128, 1 thread, AMD EPYC Zen 5: 6 samples a tile -> 3, backward 1.06x
+                # faster, forward 1.03x). Unfolded samples (kw times the input) take no such
+                # cap: counted kw times in it, GoogLeNet's 3x3 192 -> 384 on 7x7 maps ran one
+                # sample a tile, 0.75x the phase-split speed (1.08x uncapped), and LeNet-5's
+                # c3 lost 2-5% (benchmarks/unfold_ab.py, 1 thread, Zen 4)
+                spt = max(1, min(spt, _TILE_ELEMENTS // (4 * c * sh * sw * hq * wq)))
         if space is not None:
             while spt > 1 and layout(rows, spt)[2] > space:
                 spt -= 1
