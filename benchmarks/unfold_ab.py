@@ -61,7 +61,7 @@ def main(argv=None) -> list[dict]:
         batch = args.batch or batch
         (sf, sb), (uf, ub) = measure(batch, c, k, side, kernel, pad, args.rounds)
         o = side + 2 * pad - kernel + 1
-        wq = side + pad  # the phase-split rows: neighbours share their padding columns
+        wq = conv._split_width(side, kernel, pad, pad, 1)  # the phase-split rows' columns
         shapes = ((batch, c, side, side), (k, c, kernel, kernel), (batch, k, o, o), (1, 1))
         picks = conv._taps(*shapes, (pad,) * 4, (1, 1)) > 1
         rows.append(dict(name=name, split=(sf, sb), unfolded=(uf, ub), picks=picks))

@@ -805,8 +805,13 @@ def _taps(x_shape, w_shape, out_shape, stride, pad, dilation):
     pl, pr, dw = int(pad[2]), int(pad[3]), int(dilation[1])
     if tuple(int(s) for s in stride) != (1, 1) or kw == 1:
         return 1
-    wq = w + pl if pr <= pl and pr <= (kw - 1) * dw else w + pl + pr  # _geometry's
+    wq = _split_width(w, kw, pl, pr, dw)
     return kw if wq - ow >= _UNFOLD_JUNK * wq else 1
+
+
+def _split_width(w, kw, pl, pr, dw):
+    """A padded row's columns in the phase-split samples of a stride-1 conv (_geometry)."""
+    return w + pl if pr <= pl and pr <= (kw - 1) * dw else w + pl + pr
 
 
 def _geometry(
@@ -826,12 +831,12 @@ def _geometry(
     taps = _taps(x_shape, w_shape, out_shape, stride, pad, dilation)
     if taps > 1:  # a plane per column tap, rows as wide as the output's (_taps)
         wq = out_shape[3]
-    elif sw == 1 and pr <= pl and pr <= (kw - 1) * int(dilation[1]):
+    elif sw == 1:
         # neighbours share their padding columns: a sample's right padding is the left
         # padding of the one beside it (or of the next row's), so fewer junk columns (3x3,
         # pad 1: 8x8 maps 9 columns a row, not 10; ResNet-20's eval forward, 1 thread:
         # 8x8 convs 1.15x, 16x16 1.06x, 32x32 1.05x faster)
-        wq = w + pl
+        wq = _split_width(w, kw, pl, pr, int(dilation[1]))
     nr = panel(itemsize)
     ogb, kgb = _round_up(og, MR), _round_up(kg, MR)
     swap = _dw_swapped(og, kg)
@@ -941,7 +946,7 @@ def _dx_conv(x_shape, w_shape, out_shape, stride, pad, dilation, rows, spt, nr):
     # run of a channel of it, its junk columns the padding columns, and what the panels
     # add past the last row the bottom and next top padding rows (zeros). Rows of dot
     # blocks past og would be another group's, so og fills whole blocks.
-    wq_x = w + pl if pr <= pl else w + pl + pr  # _geometry's wq (stride 1)
+    wq_x = _split_width(w, kw, pl, pr, dw)  # _geometry's wq
     tail = _round_up(oh * spt * wq_x, nr) - oh * spt * wq_x  # the panels' slack columns
     og, kg = o * cg // c, cg * kh * kw
     shared = rows >= oh and wq_x == wq and og % MD == 0 and tail <= (qb + qt) * spt * wq
@@ -1013,6 +1018,16 @@ def conv2d_workspace(
 # same values (and ReLU mask).
 
 
+@njit(inline="always", nogil=True)  # inlined in Numba's IR: no compile of its own
+def _tap_run(j, dw, pl, w_, wq):
+    """Where tap j's plane of unfolded samples (_taps) holds the interior: its columns u ..
+    u + m - 1 (none where m <= 0) hold input columns x0 .. x0 + m - 1."""
+    e = j * dw  # the plane's column u holds padded column u + e
+    u = pl - e if pl > e else 0
+    m = (pl + w_ - e if pl + w_ - e < wq else wq) - u
+    return u, m, u + e - pl
+
+
 @njit(**HELPER, nogil=True)
 def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear, split):
     """xpad = x[n0 : n0 + ns] padded by (pt, pl) and split into stride phases:
@@ -1075,12 +1090,10 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear, split):
                                     xpad[d + v] = e if (mode != IN_AFFINE_RELU or e > 0) else zero
                 continue
             if aff is None and sh == 1 and sw == 1:  # the planes' rows in vectors
-                for j in range(taps):  # plane j: the run of columns u .. u + m - 1 that
-                    e = j * dw  # holds the interior (padded columns u + e)
-                    u = pl - e if pl > e else 0
-                    m = (pl + w_ - e if pl + w_ - e < wq else wq) - u
+                for j in range(taps):
+                    u, m, x0 = _tap_run(j, dw, pl, w_, wq)
                     if m > 0:
-                        plane = ((n0 + s) * c_ + c) * h_ * w_ + u + e - pl
+                        plane = ((n0 + s) * c_ + c) * h_ * w_ + x0
                         at = ((c * taps + j) * hq + pt) * line + s * wq + u
                         masked_rows(x_flat, plane, w_, x_flat, xpad, at, line, h_, m, 0)
                 continue
@@ -1088,19 +1101,17 @@ def _pad_samples(x, n0, ns, spt, dims, hq, wq, xpad, aff, mode, clear, split):
             for yi in range(h_):
                 at = (((c * sh + py) * sw * taps) * hq + qy) * line + s * wq  # phase 0's row
                 if sw == 1:  # whole rows: a contiguous copy (a strided view is 5x slower)
-                    for j in range(taps):  # plane j's run, as above
-                        e = j * dw
-                        u = pl - e if pl > e else 0
-                        m = (pl + w_ - e if pl + w_ - e < wq else wq) - u
+                    for j in range(taps):
+                        u, m, x0 = _tap_run(j, dw, pl, w_, wq)
                         if m <= 0:
                             continue
-                        d, x0 = np.uint64(at + j * hq * line + u), np.uint64(u + e - pl)
+                        d, src = np.uint64(at + j * hq * line + u), np.uint64(x0)
                         if aff is None:  # (the loops written out: a helper cost two more
                             for v in range(np.uint64(m)):  # compiled signatures cold)
-                                xpad[d + v] = x[n0 + s, c, yi, x0 + v]
+                                xpad[d + v] = x[n0 + s, c, yi, src + v]
                         else:  # one loop for every mode (a loop per mode: 10% slower)
                             for v in range(np.uint64(m)):
-                                t = x[n0 + s, c, yi, x0 + v] * a + b
+                                t = x[n0 + s, c, yi, src + v] * a + b
                                 xpad[d + v] = t if (mode != IN_AFFINE_RELU or t > 0) else zero
                 else:
                     for ph in range(sw):  # every sw-th input column lands in phase ph
@@ -1149,14 +1160,12 @@ def _unpad_samples(dxpad, n0, ns, spt, dims, hq, wq, dx, accumulate, split):
         if not accumulate:
             for v in range(np.uint64(size)):
                 dx_flat[np.uint64(first) + v] = 0
-        for j in range(taps):  # _pad_samples' runs
-            e = j * dw
-            u = pl - e if pl > e else 0
-            m = (pl + w_ - e if pl + w_ - e < wq else wq) - u
+        for j in range(taps):
+            u, m, x0 = _tap_run(j, dw, pl, w_, wq)
             for c in range(c_ if m > 0 else 0):
                 for s in range(ns):
                     at = ((c * taps + j) * hq + pt) * line + s * wq + u
-                    plane = ((n0 + s) * c_ + c) * h_ * w_ + u + e - pl
+                    plane = ((n0 + s) * c_ + c) * h_ * w_ + x0
                     for q in range(k if k < h_ else h_):
                         rows = (h_ - q + k - 1) // k
                         add_rows(dxpad, at + q * line, k * line, dx_flat, plane + q * w_,
