@@ -160,6 +160,25 @@ def test_winograd_finite_differences(mode):
     np.testing.assert_array_equal(dw2, dw)
 
 
+def test_blocks_count_the_columns_each_thread_computes():
+    """Small maps: the forward's blocks as long as a thread's share of the samples allows
+    where shorter ones would pad their panels more (512 channels on 7x7 maps at b16, 4
+    tiles a sample: 2 threads had run blocks of 4 samples, 16 columns of a 48-column
+    panel at 512 bits); VGG-small's 16x16 convs keep their blocks of 6 samples."""
+    nr = conv.panel(4)
+
+    def geometry(n, c, side, threads, backward=0):
+        shapes = ((n, c, side, side), (c, c, 3, 3), (n, c, side, side), 4)
+        return winograd._geometry(*shapes, threads, backward)
+
+    for threads in (1, 2):
+        geo = geometry(16, 512, 7, threads)
+        share = 16 // threads
+        best = min(winograd._round_up(4 * s, nr) * -(-share // s) for s in range(1, share + 1))
+        assert winograd._thread_columns(16, geo.spb, 4, nr, threads, 0) == best
+    assert geometry(64, 128, 16, 1).spb == geometry(64, 128, 16, 2).spb == 96 // 16
+
+
 def test_dispatch_rule(mode):
     def picks(c, k, size, stride=(1, 1), pad=(1, 1, 1, 1), dil=(1, 1), kernel=3, groups=1):
         x, w = (8, c, size, size), (k, c // groups, kernel, kernel)
@@ -170,8 +189,9 @@ def test_dispatch_rule(mode):
     assert picks(64, 64, 32) and picks(64, 128, 16) and picks(128, 128, 16)  # VGG-small
     assert not picks(16, 16, 32) and not picks(32, 32, 16) and not picks(64, 64, 8)  # ResNet-20
     assert not picks(3, 64, 32)  # VGG-small's first conv: too few input channels
-    assert picks(512, 512, 14)  # the widest layers: maps of 14 too
-    assert not picks(128, 128, 14) and not picks(256, 256, 14) and not picks(64, 64, 14)
+    assert picks(512, 512, 14) and picks(256, 256, 14)  # wide layers: maps of 14 too
+    assert picks(256, 512, 14) and not picks(128, 256, 14)  # (the thinner side counts)
+    assert not picks(128, 128, 14) and not picks(64, 64, 14)
     assert not picks(512, 512, 7) and not picks(128, 128, 8)
     assert not picks(128, 128, 16, stride=(2, 2))
     assert not picks(128, 128, 16, dil=(2, 2))

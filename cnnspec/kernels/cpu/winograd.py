@@ -95,11 +95,16 @@ P = 36  # transform points
 # 32x32 and 128-channel 16x16 convs within ~8% of each other (this host's noise).
 # Whole samples whose blocks pad alike (16x16 maps: 16 tiles a sample, a panel 48 or
 # 24 of them: 3, 6, ... 18 samples a block fill whole panels) take the shortest block of
-# 96 columns or more: VGG-small's 16x16 convs at b64 (AMD EPYC Zen 4, 512-bit, ms forward /
-# backward, best of 7 interleaved), blocks of 6 samples against 15: 2 threads 64->128
+# 96 columns or more: VGG-small's 16x16 convs at b64 (AMD EPYC Zen 4, 512-bit, ms forward
+# / backward, best of 7 interleaved), blocks of 6 samples against 15: 2 threads 64->128
 # 8.35 / 16.6 against 9.08 / 18.5, 128 ch 15.3 / 32.0 against 17.7 / 34.0; 1 thread (6
 # against 18) 15.0 / 29.4 against 15.7 / 29.9, 25.4 / 50.1 against 26.3 / 52.9. Its
 # train step 130 -> 123 ms at 2 threads, 241 -> 231 ms at 1; 256-bit 254 -> 240 ms at 1.
+# Before padding, the fewest columns a thread computes (_thread_columns): the forward's
+# blocks were capped at half a thread's samples, which left 512 channels on 7x7 maps at
+# b16 and 2 threads 16 columns in each 48-column panel, 3x the products, no faster than 1
+# thread (30.8 -> 23.0 ms, Intel Xeon, 512-bit). The backward keeps the cap: a thread's
+# samples in one block ran 256 channels on 14x14 maps slower there (45 against 34 ms).
 _BLOCK_COLUMNS = 320
 _BLOCK_MAX_ELEMENTS = 1 << 23
 _MIN_BLOCK_COLUMNS = 96
@@ -189,9 +194,24 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 # 198 -> 139 ms at 2 (512-bit, interleaved in one process). Not measured on a CPU with
 # full-width 512-bit units (the Zen 5 above), where the direct conv and the products run
 # twice as fast and the transforms less so: benchmarks/winograd_ab.py tells there.
+# It told, on an Intel Xeon (AVX-512 and AMX, 2 FMA units of 512 bits; 2026-12-06,
+# 1 | 2 threads, direct time over Winograd's, forward / backward): ResNet-20's 16, 32, 64
+# ch 0.82 / 0.69, 0.79 / 0.84, 0.94 / 0.82 | 0.74 / 0.63, 0.81 / 0.81, 0.77 / 0.79 (at 256
+# bits 1.10 / 0.99, 1.22 / 1.24, 1.40 / 1.23 | 1.06 / 0.92, 1.12 / 1.19, 1.09 / 1.14: the
+# direct conv at half its peak there, but a CPU without AVX-512, the Zen 3 above, loses);
+# VGG-small's 1.54 / 1.60, 1.36 / 1.50, 1.71 / 1.77 | 1.57 / 1.51, 1.28 / 1.43, 1.39 /
+# 1.45. Its wide layers on small maps (b16) ran U's packing and dW's unblocking (32 and
+# 72 ms of a 512-channel 14x14 conv's 84 / 255 ms, serial) and, at 2 threads, forward
+# blocks of a third of a panel: after those (_pack_u, _weight_adjoint, _thread_columns),
+# 128, 256, 512 ch 14x14 1.26 / 1.31, 1.61 / 1.57, 1.54 / 1.39 | 1.10 / 1.12, 1.36 /
+# 1.15, 1.44 / 0.98 (before: 1.10 / 0.95, 1.21 / 1.11, 1.24 / 1.00 | 0.76 / 0.77, 0.91 /
+# 0.79, 1.02 / 0.70), 256 ch 8x8 and 512 ch 7x7 1.40 / 1.48, 1.34 / 1.16 | 1.06 / 0.68,
+# 1.20 / 0.62; at 256 bits 128, 256 ch 14x14 1.73 / 1.68, 1.91 / 1.56 | 1.32 / 1.24, 1.56
+# / 1.27. So maps of 14 qualify from 256 channels (128: 2 threads gain little here and
+# lost on both AMD CPUs before; 8x8 and 7x7 maps lose at 2 threads).
 MIN_CHANNELS = 64
 MIN_MAP = 16
-WIDE_CHANNELS, WIDE_MIN_MAP = 512, 14
+WIDE_CHANNELS, WIDE_MIN_MAP = 256, 14
 
 
 def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
@@ -242,14 +262,15 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
     km = max(kb, kd)
     per_column = P * (c + km + (cb if backward else 0))  # V, M or dM, dV
     cols = max(nr, min(_BLOCK_COLUMNS, _BLOCK_MAX_ELEMENTS // per_column))
-    # the block with the least panel padding (on a tie, the shortest of _MIN_BLOCK_COLUMNS
-    # or more, else the longest): whole samples, else bands of tile rows (the last shorter)
+    # whole samples a block where they fit, else bands of tile rows (the last shorter)
     if ty * tx <= cols:
-        most = max(1, min(cols // (ty * tx), -(-n // (2 * threads))))
+        most = max(1, min(cols // (ty * tx), -(-n // ((2 if backward else 1) * threads))))
 
-        def rank(s):
-            long = s * ty * tx >= _MIN_BLOCK_COLUMNS
-            return s * ty * tx / _round_up(s * ty * tx, nr), long, -s if long else s
+        def rank(s):  # blocks of _MIN_BLOCK_COLUMNS or more, the least columns a thread
+            # computes, the least panel padding, then the shortest of those long blocks
+            long = s * ty * tx >= _MIN_BLOCK_COLUMNS  # (else the longest)
+            work = _thread_columns(n, s, ty * tx, nr, threads, backward)
+            return long, -work, s * ty * tx / _round_up(s * ty * tx, nr), -s if long else s
 
         spb = max(range(1, most + 1), key=rank)
         rows, bands = ty, 1
@@ -268,6 +289,22 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
     geo = _Geometry(ty, tx, spb, rows, bands, tp, km, kd, cb, cd, hp, wp, 0, upack)
     db_at = _regions.py_func(geo, c, 0)[5]  # V, M / dM, dV, the zero row, dU before db
     return geo._replace(per_thread=db_at + k + spb * c * hp * wp)  # db, the padded dx
+
+
+def _thread_columns(n, spb, tiles, nr, threads, backward):
+    """The most columns (whole panels) any thread's blocks of `spb` samples compute: the
+    forward shares the blocks out, the backward the samples (each thread's in blocks)."""
+    most = 0
+    for th in range(threads):
+        if backward:
+            left = (th + 1) * n // threads - th * n // threads
+            sizes = [spb] * (left // spb) + ([left % spb] if left % spb else [])
+        else:
+            total = -(-n // spb)
+            blocks = range(th * total // threads, (th + 1) * total // threads)
+            sizes = [min(spb, n - b * spb) for b in blocks]
+        most = max(most, sum(_round_up(s * tiles, nr) for s in sizes))
+    return most
 
 
 def workspace(x_shape, w_shape, out_shape, itemsize) -> int:
@@ -366,46 +403,89 @@ def _gt(u0, u1, u2, u3, u4, u5):
 def _pack_u(w, transpose, rows_p, upack):
     """U = G g G^T of every (k, c), packed as bcast's A for each point p = 6 i + j:
     upack[p][r // MR][q][r % MR] with rows r = k, inner q = c (forward), or, with
-    `transpose`, rows r = c, inner q = k (dx); rows up to rows_p are zero."""
+    `transpose`, rows r = c, inner q = k (dx); rows up to rows_p are zero. A filter k's
+    channels at once, in loops over c that vectorise (one (k, c) at a time, scattered:
+    32 ms of a 512-channel conv's 84 ms forward, 14x14, b16, 1 thread, Intel Xeon)."""
     k_, c_ = w.shape[0], w.shape[1]
-    mr = conv.MR
-    rows, inner = (c_, k_) if transpose else (k_, c_)
-    upack[: P * rows_p * inner] = 0.0
-    t = np.empty((6, 3))
+    mr = _U(conv.MR)
+    inner = k_ if transpose else c_
+    zero = upack.dtype.type(0.0)
+    gw = np.empty((6, 3, c_))  # G g of filter k's channels, along their rows
+    u = np.empty((conv.MR, P, c_))  # U of a block of MR filters
+    wf = w.reshape(-1)
+    blocks = _U(rows_p) // mr
     for k in range(k_):
-        for c in range(c_):
-            g = w[k, c]
-            for j in range(3):  # G g: along the filter's rows
-                col = _g(np.float64(g[0, j]), np.float64(g[1, j]), np.float64(g[2, j]))
+        uk = u[k % conv.MR]
+        base = _U(k * c_ * 9)
+        for j in range(3):
+            for c in range(_U(c_)):
+                at = base + c * _U(9) + _U(j)
+                col = _g(np.float64(wf[at]), np.float64(wf[at + _U(3)]), np.float64(wf[at + _U(6)]))
                 for i in range(6):
-                    t[i, j] = col[i]
-            r, q = (c, k) if transpose else (k, c)
-            for i in range(6):  # (G g) G^T: along its columns
-                u = _g(t[i, 0], t[i, 1], t[i, 2])
+                    gw[i, j, c] = col[i]
+        for i in range(6):  # (G g) G^T: along its columns
+            for c in range(_U(c_)):
+                row = _g(gw[i, 0, c], gw[i, 1, c], gw[i, 2, c])
                 for j in range(6):
-                    at = (((i * 6 + j) * (rows_p // mr) + r // mr) * inner + q) * mr + r % mr
-                    upack[at] = u[j]
+                    uk[i * 6 + j, c] = row[j]
+        if transpose:  # rows r = c, inner q = k: MR channels' runs a filter
+            for p in range(P):
+                for c in range(_U(rows_p)):  # (rows past c_: zero)
+                    v = uk[p, c] if c < _U(c_) else zero
+                    upack[((_U(p) * blocks + c // mr) * _U(inner) + _U(k)) * mr + c % mr] = v
+        elif k % conv.MR == conv.MR - 1 or k == k_ - 1:  # rows r = k: a block's runs at
+            k0 = k - k % conv.MR  # once (a filter at a time, each cache line of upack was
+            for p in range(P):  # written MR times, out of the cache in between)
+                at = (_U(p) * blocks + _U(k0) // mr) * _U(inner) * mr
+                for c in range(_U(c_)):
+                    for r in range(mr):  # (rows past k_: zero)
+                        v = u[r, p, c] if r < _U(k - k0 + 1) else zero
+                        upack[at + c * mr + r] = v
 
 
 @njit(cache=True, nogil=True)
-def _weight_adjoint(du, dw):
-    """dw[k, c] = G^T du[:, k, c] G (du as [36][kd][cd], summed over the threads)."""
+def _weight_adjoint(flat, starts, order, kd, cd, dw):
+    """dw[k, c] = G^T du[:, k, c] G, du ([36][kd][cd] in ``dot`` blocks of MD x ND, their
+    elements in the order `order` inverts: conv.dot_order) the sum of the threads' sums
+    at flat[starts[t]:], added in thread order. Read in place, a block of (k, c) at a
+    time: 36 runs of MD * ND elements (unblocking and summing them with numpy first took
+    72 ms of a 512-channel conv's backward, 14x14, b16, 1 thread, Intel Xeon)."""
     k_, c_ = dw.shape[0], dw.shape[1]
-    t = np.empty((3, 6))
-    for k in range(k_):
-        for c in range(c_):
-            for j in range(6):  # G^T du: along the rows
-                col = _gt(
-                    np.float64(du[j, k, c]), np.float64(du[6 + j, k, c]),
-                    np.float64(du[12 + j, k, c]), np.float64(du[18 + j, k, c]),
-                    np.float64(du[24 + j, k, c]), np.float64(du[30 + j, k, c]),
-                )  # fmt: skip
-                for m in range(3):
-                    t[m, j] = col[m]
+    md, nd = conv.MD, conv.ND
+    e_ = md * nd
+    d = np.empty((P, e_), flat.dtype)  # a block's du
+    t = np.empty((3, 6, e_))  # G^T du, then G^T du G, a block at once
+    g = np.empty((3, 3, e_))
+    for kb in range(0, kd, md):
+        for cb in range(0, cd, nd):
+            for p in range(P):  # the block of rows p * kd + kb .., columns cb ..
+                at = _U((p * kd + kb) * cd + cb * md)
+                first = _U(starts[0]) + at
+                for e in range(_U(e_)):
+                    d[p, e] = flat[first + e]
+                for th in range(1, starts.shape[0]):  # in thread order: the same bits
+                    more = _U(starts[th]) + at
+                    for e in range(_U(e_)):
+                        d[p, e] += flat[more + e]
+            for q in range(6):  # G^T du: along the rows
+                for e in range(e_):
+                    col = _gt(
+                        np.float64(d[q, e]), np.float64(d[6 + q, e]), np.float64(d[12 + q, e]),
+                        np.float64(d[18 + q, e]), np.float64(d[24 + q, e]),
+                        np.float64(d[30 + q, e]),
+                    )  # fmt: skip
+                    t[0, q, e], t[1, q, e], t[2, q, e] = col[0], col[1], col[2]
             for m in range(3):  # (G^T du) G: along the columns
-                row = _gt(t[m, 0], t[m, 1], t[m, 2], t[m, 3], t[m, 4], t[m, 5])
-                for n in range(3):
-                    dw[k, c, m, n] = row[n]
+                for e in range(e_):
+                    row = _gt(t[m, 0, e], t[m, 1, e], t[m, 2, e], t[m, 3, e], t[m, 4, e],
+                              t[m, 5, e])  # fmt: skip
+                    g[m, 0, e], g[m, 1, e], g[m, 2, e] = row[0], row[1], row[2]
+            for i in range(min(md, k_ - kb)):
+                for j in range(min(nd, c_ - cb)):
+                    e = order[i * nd + j]
+                    for m in range(3):
+                        for n in range(3):
+                            dw[kb + i, cb + j, m, n] = g[m, n, e]
 
 
 # The transforms work on a block's tile rows of one (sample, channel) at once: a pass
@@ -817,13 +897,10 @@ def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
     # the threads' private sums, added in thread order: the same bits every run
     k_ = w.shape[0]
     du_at, db_at = _regions.py_func(geo, x.shape[1], 0)[4:6]  # (a helper: no Python entry)
-    size = P * geo.kd * geo.cd
-    du = np.zeros(size, x.dtype)
-    dbs = np.zeros(k_, x.dtype)
-    for t in range(threads):
-        start = t * geo.per_thread
-        du += flat[start + du_at : start + du_at + size]
-        dbs += flat[start + db_at : start + db_at + k_]
-    _weight_adjoint(conv.dot_unblock(du, P * geo.kd, geo.cd).reshape(P, geo.kd, geo.cd), dw)
+    starts = np.arange(threads, dtype=np.int64) * geo.per_thread
+    order = conv._unblock_order(x.itemsize)  # (argsort's int64)
+    _weight_adjoint(flat, starts + du_at, order, geo.kd, geo.cd, dw)
     if db is not None:
-        db[...] = dbs
+        db[...] = 0
+        for t in range(threads):
+            db += flat[starts[t] + db_at : starts[t] + db_at + k_]
