@@ -308,16 +308,27 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
                     return add(y, acc, None) if sums else []
 
                 whole = _llvm.loop(builder, full, len(acc), _llvm.zeros(dvec), step)  # (from zero)
-                at = builder.mul(full, _llvm.const(vec.count))  # the rest: masked (none: no access)
-                x = _llvm.masked(builder, vec, _llvm.vec_ptr(builder, src, at, vec), tail)
-                rv = None
-                if residual:
-                    rv = _llvm.masked(builder, vec, _llvm.vec_ptr(builder, rsd, at, vec), tail)
-                y = value(x, rv)
-                _llvm.store(builder, vec, _llvm.vec_ptr(builder, dst, at, vec), y, rest)
-                if not sums:
-                    return []
-                return add(y, [builder.fadd(a, b) for a, b in zip(acc, whole, strict=True)], tail)
+                acc = [builder.fadd(a, b) for a, b in zip(acc, whole, strict=True)]
+                before = builder.block
+                # the rest, masked, where there is one: an empty masked load and store are
+                # not free without AVX-512 (rows of whole vectors: ResNet-20's at 256 bits)
+                with builder.if_then(builder.icmp_signed(">", rest, _llvm.const(0))):
+                    at = builder.mul(full, _llvm.const(vec.count))
+                    x = _llvm.masked(builder, vec, _llvm.vec_ptr(builder, src, at, vec), tail)
+                    rv = None
+                    if residual:
+                        rv = _llvm.masked(builder, vec, _llvm.vec_ptr(builder, rsd, at, vec), tail)
+                    y = value(x, rv)
+                    _llvm.store(builder, vec, _llvm.vec_ptr(builder, dst, at, vec), y, rest)
+                    ends = add(y, acc, tail) if sums else []
+                    tail_block = builder.block
+                merged = []
+                for a, e in zip(acc, ends, strict=True):
+                    m = builder.phi(a.type)
+                    m.add_incoming(a, before)
+                    m.add_incoming(e, tail_block)
+                    merged.append(m)
+                return merged
 
             return _llvm.loop(
                 builder, rows, 2 * parts if sums else 0, _llvm.zeros(dvec), row, False
