@@ -175,8 +175,9 @@ def test_blocks_count_the_columns_each_thread_computes():
         geo = geometry(16, 512, 7, threads)
         share = 16 // threads
         best = min(winograd._round_up(4 * s, nr) * -(-share // s) for s in range(1, share + 1))
-        assert winograd._thread_columns(16, geo.spb, 4, nr, threads, 0) == best
-    assert geometry(64, 128, 16, 1).spb == geometry(64, 128, 16, 2).spb == 96 // 16
+        assert winograd._thread_columns(16, geo.spb, 4, nr, threads, 0) <= 1.05 * best
+        for n, c, side in ((64, 64, 16), (64, 128, 16)):  # 16 tiles a sample
+            assert geometry(n, c, side, threads).spb == 96 // 16
 
 
 def test_dispatch_rule(mode):

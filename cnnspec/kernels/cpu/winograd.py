@@ -100,11 +100,14 @@ P = 36  # transform points
 # 8.35 / 16.6 against 9.08 / 18.5, 128 ch 15.3 / 32.0 against 17.7 / 34.0; 1 thread (6
 # against 18) 15.0 / 29.4 against 15.7 / 29.9, 25.4 / 50.1 against 26.3 / 52.9. Its
 # train step 130 -> 123 ms at 2 threads, 241 -> 231 ms at 1; 256-bit 254 -> 240 ms at 1.
-# Before padding, the fewest columns a thread computes (_thread_columns): the forward's
-# blocks were capped at half a thread's samples, which left 512 channels on 7x7 maps at
-# b16 and 2 threads 16 columns in each 48-column panel, 3x the products, no faster than 1
-# thread (30.8 -> 23.0 ms, Intel Xeon, 512-bit). The backward keeps the cap: a thread's
-# samples in one block ran 256 channels on 14x14 maps slower there (45 against 34 ms).
+# Among blocks as long (or as short) as that, those within 5% of the fewest columns a
+# thread computes come first (_thread_columns; the slack keeps VGG-small's 16x16 blocks
+# of 6 at 256 bits and 2 threads, where 16 samples a block would compute 4% fewer): the
+# forward's blocks were capped at half a thread's samples, which left 512 channels on 7x7
+# maps at b16 and 2 threads 16 columns in each 48-column panel, 3x the products, no
+# faster than 1 thread (30.8 -> 23.0 ms, Intel Xeon, 512-bit). The backward keeps the
+# cap: a thread's samples in one block ran 256 channels on 14x14 maps slower there (45
+# against 34 ms).
 _BLOCK_COLUMNS = 320
 _BLOCK_MAX_ELEMENTS = 1 << 23
 _MIN_BLOCK_COLUMNS = 96
@@ -266,11 +269,19 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
     if ty * tx <= cols:
         most = max(1, min(cols // (ty * tx), -(-n // ((2 if backward else 1) * threads))))
 
-        def rank(s):  # blocks of _MIN_BLOCK_COLUMNS or more, the least columns a thread
-            # computes, the least panel padding, then the shortest of those long blocks
-            long = s * ty * tx >= _MIN_BLOCK_COLUMNS  # (else the longest)
-            work = _thread_columns(n, s, ty * tx, nr, threads, backward)
-            return long, -work, s * ty * tx / _round_up(s * ty * tx, nr), -s if long else s
+        tt = ty * tx
+        work = {s: _thread_columns(n, s, tt, nr, threads, backward) for s in range(1, most + 1)}
+
+        def long(s):
+            return s * tt >= _MIN_BLOCK_COLUMNS
+
+        least = {k: min((w for s, w in work.items() if long(s) == k), default=0) for k in (0, 1)}
+
+        def rank(s):  # blocks of _MIN_BLOCK_COLUMNS or more, within 5% of the fewest
+            # columns a thread computes with such blocks, the least panel padding, then the
+            # shortest of those long blocks (else the longest)
+            fill = s * tt / _round_up(s * tt, nr)
+            return long(s), work[s] <= 1.05 * least[long(s)], fill, -s if long(s) else s
 
         spb = max(range(1, most + 1), key=rank)
         rows, bands = ty, 1
