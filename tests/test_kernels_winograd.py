@@ -18,8 +18,7 @@ TOL = {np.float64: 1e-13, np.float32: 2e-5}
 
 # (N, C, H, W, K, pad (t, b, l, r)): odd maps (tiles overhanging the edge), padding 0,
 # 1, 2 and lopsided, batch 1, channels off the vector width and the blocks, rows long
-# enough for a vector's worth of tiles in the loops along a row (and a last tile of one
-# column)
+# enough for a vector's worth of tiles in a row (and a last tile of one column)
 CASES = {
     "odd_pad1": (2, 5, 7, 9, 3, (1, 1, 1, 1)),
     "pad0_batch1": (1, 3, 6, 5, 7, (0, 0, 0, 0)),
@@ -27,6 +26,10 @@ CASES = {
     "wide_channels": (3, 17, 9, 11, 20, (1, 1, 1, 1)),
     "tiny_map": (2, 2, 3, 3, 2, (0, 0, 0, 0)),
     "long_rows": (1, 3, 5, 37, 2, (1, 1, 1, 1)),
+    # maps whose padded rows run past the last tile's first 4 columns (the transform
+    # reads those apart: one column at 8x8 with padding 1, two at 10x10 without)
+    "whole_tiles_pad1": (3, 2, 8, 8, 3, (1, 1, 1, 1)),
+    "whole_tiles_pad0": (2, 3, 10, 10, 2, (0, 0, 0, 0)),
 }
 
 
@@ -181,19 +184,21 @@ def test_blocks_count_the_columns_each_thread_computes():
 
 
 def test_dispatch_rule(mode):
-    def picks(c, k, size, stride=(1, 1), pad=(1, 1, 1, 1), dil=(1, 1), kernel=3, groups=1):
-        x, w = (8, c, size, size), (k, c // groups, kernel, kernel)
-        out = (8, k, size, size)  # the rule reads the map size from the output
+    def picks(c, k, size, n=64, stride=(1, 1), pad=(1, 1, 1, 1), dil=(1, 1), kernel=3, groups=1):
+        x, w = (n, c, size, size), (k, c // groups, kernel, kernel)
+        out = (n, k, size, size)  # the rule reads the map size from the output
         return winograd.chooses(x, w, out, stride, pad, dil, groups)
 
     mode("auto")  # the same rule for the 256- and the 512-bit kernels, as measured
     assert picks(64, 64, 32) and picks(64, 128, 16) and picks(128, 128, 16)  # VGG-small
-    assert not picks(16, 16, 32) and not picks(32, 32, 16) and not picks(64, 64, 8)  # ResNet-20
+    assert picks(32, 32, 16, n=128) and picks(64, 64, 8, n=128)  # ResNet-20's later stages
+    assert not picks(16, 16, 32, n=128)  # ResNet-20's first stage: too thin
     assert not picks(3, 64, 32)  # VGG-small's first conv: too few input channels
-    assert picks(512, 512, 14) and picks(256, 256, 14)  # wide layers: maps of 14 too
-    assert picks(256, 512, 14) and not picks(128, 256, 14)  # (the thinner side counts)
-    assert not picks(128, 128, 14) and not picks(64, 64, 14)
-    assert not picks(512, 512, 7) and not picks(128, 128, 8)
+    assert picks(512, 512, 14, n=16) and picks(128, 128, 14, n=16)  # 16 tiles a sample
+    assert picks(256, 512, 14, n=16) and not picks(16, 256, 14)  # (the thinner side counts)
+    assert not picks(256, 256, 8, n=16) and not picks(512, 512, 7, n=16)  # too few tiles
+    assert picks(256, 256, 8, n=64) and not picks(64, 64, 7, n=1024)  # (maps under 8: none)
+    assert not picks(128, 128, 16, n=1)  # one sample: a panel's third
     assert not picks(128, 128, 16, stride=(2, 2))
     assert not picks(128, 128, 16, dil=(2, 2))
     assert not picks(128, 128, 16, kernel=1, pad=(0, 0, 0, 0))
@@ -229,6 +234,6 @@ def test_ab_benchmark_runs_both_ways(winograd_ab, monkeypatch, capsys):
     assert winograd.MODE == mode
     assert len(calls) == 4  # the warm-up round and the timed one, each an untimed call first
     (row,) = rows
-    assert row["picks"] is False  # the rule: 64 channels on 8x8 maps run direct
+    assert row["picks"] is False  # the rule: 8 tiles (8x8 maps at b2) run direct
     assert all(t > 0 for t in row["direct"] + row["winograd"])
     assert "ResNet-20 64 ch 8x8" in capsys.readouterr().out

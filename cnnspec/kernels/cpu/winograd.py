@@ -47,7 +47,8 @@ group of samples ([sample][C][4 ty + 2][4 tx + 2]). Tiles run in blocks: several
 samples (small maps) or a band of tile rows of one sample, like the direct conv's tiles.
 The forward pass splits blocks among threads; the backward pass gives each thread whole
 samples (their dx tiles overlap) and private dU / db sums, added up afterwards in thread
-order (the same bits every run).
+order (the same bits every run). The transforms' planes live in two scratch arrays a
+thread (_Scratch), allocated per call.
 
 The micro-kernels are conv.py's. Kernels as in conv.py: a parallel and a serial build
 (one thread), helpers without entry points.
@@ -212,9 +213,22 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 # 1.20 / 0.62; at 256 bits 128, 256 ch 14x14 1.73 / 1.68, 1.91 / 1.56 | 1.32 / 1.24, 1.56
 # / 1.27. So maps of 14 qualify from 256 channels (128: 2 threads gain little here and
 # lost on both AMD CPUs before; 8x8 and 7x7 maps lose at 2 threads).
-MIN_CHANNELS = 64
-MIN_MAP = 16
-WIDE_CHANNELS, WIDE_MIN_MAP = 256, 14
+# The transforms in flat loops over a block's tiles (2026-12-06, another Intel Xeon with
+# full-width AVX-512, 2 MiB L2 a core; direct time over Winograd's, forward / backward,
+# 512-bit kernels 1 | 2 threads; 256-bit in brackets): ResNet-20's 16, 32, 64 ch 0.65 /
+# 0.62, 1.15 / 1.01, 1.46 / 1.23 | 0.78 / 0.71, 1.26 / 1.10, 1.37 / 1.17 (1.06 / 1.03,
+# 1.78 / 1.59, 2.10 / 1.93 | 1.22 / 1.14, 1.99 / 1.74, 1.79 / 1.84); VGG-small's 1.49 /
+# 1.41, 1.93 / 1.90, 2.29 / 2.11 | 1.54 / 1.47, 1.75 / 1.69, 2.12 / 1.73; b16: 128 ch
+# 14x14 1.59 / 1.44 | 1.18 / 1.10, 256 ch 8x8 1.54 / 1.43 | 1.05 / 0.79, 512 ch 7x7 1.49
+# / 1.37 | 1.09 / 0.70 (256-bit 1.16 / 1.02 and 1.24 / 0.97 at 2 threads). The old
+# transforms had had ResNet-20's 32 and 64 channels at 0.87 / 0.88 and 0.99 / 0.96 on the
+# Zen 3 (AVX2), and gain ~1.4x from the new ones here at 256 bits; its 16 channels lose
+# at 512 bits, and lost there. So from 32 channels and maps of 8, with 256 tiles or more
+# in the batch: fewer (8x8 and 7x7 maps at b16, 4 tiles a sample) leave the backward's
+# blocks, a thread's samples at most, short of a panel at 2 threads.
+MIN_CHANNELS = 32
+MIN_MAP = 8
+MIN_TILES = 256
 
 
 def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
@@ -231,10 +245,9 @@ def _chooses(mode, x_shape, w_shape, out_shape, stride, pad, dilation, groups) -
     if mode == "1":
         return True
     channels = min(int(x_shape[1]), int(w_shape[0]))
-    size = min(int(out_shape[2]), int(out_shape[3]))
-    return (channels >= MIN_CHANNELS and size >= MIN_MAP) or (
-        channels >= WIDE_CHANNELS and size >= WIDE_MIN_MAP
-    )
+    oh, ow = int(out_shape[2]), int(out_shape[3])
+    tiles = int(out_shape[0]) * -(-oh // TILE) * -(-ow // TILE)
+    return channels >= MIN_CHANNELS and min(oh, ow) >= MIN_MAP and tiles >= MIN_TILES
 
 
 class _Geometry(NamedTuple):
@@ -501,210 +514,357 @@ def _weight_adjoint(flat, starts, order, kd, cd, dw):
                             dw[kb + i, cb + j, m, n] = g[m, n, e]
 
 
-# The transforms work on a block's tile rows of one (sample, channel) at once: a pass
-# along the rows in flat loops over all tiles, one along the columns in a loop per
-# row. Indices are uint64 (`_U`), which Numba does not check for negative wraparound:
-# with int64 ones the loops stayed scalar (VGG-small's 64 x 32x32 input transform at
-# b64: 18.4 ms against 6.9), and a view per row, reference counted with atomic
-# operations, was slower still (6x, in cache). As in conv.py's copies.
+# The transforms work on a block's tiles of one channel (input and its gradient) or one
+# filter (output and its gradient) at once, all its samples, in flat loops: Numba's loops
+# over the tiles of a row (8 at 32x32, 2 at 8x8) had run below the vector width, scalar.
+# Rows of tiles go into planes first, one per row of the 6 (or 4) a tile reads or writes
+# (padded rows 4 r + l), with 4 tx columns a row (a tile's first 4 columns, 4 t .. 4 t + 3,
+# read or written with stride 4, which LLVM vectorises with shuffles) and, apart, the 2
+# columns past a row's last tile (columns 4 and 5 of a tile are the next tile's 0 and 1
+# elsewhere). Measured (1 thread, Intel Xeon, 512-bit, ms, old / new): ResNet-20's 64 ch
+# 8x8 at b128, input 2.49 / 1.28, output 2.12 / 0.75, output gradient 4.23 / 1.08, input
+# gradient 2.62 / 1.92; VGG-small's 128 ch 16x16 at b64 6.28 / 4.08, 5.90 / 2.36, 8.49 /
+# 3.55, 7.91 / 5.53; its 64 ch 32x32 (8 tiles a row, where the old loops did best) 5.82 /
+# 6.36 (input), 7.32 / 4.96, 11.4 / 5.45, 8.91 / 8.56. Indices are uint64 (`_U`), which
+# Numba does not check for negative wraparound: with int64 ones the loops stayed scalar
+# (VGG-small's 64 x 32x32 input transform at b64: 18.4 ms against 6.9), and a view per
+# row, reference counted with atomic operations, was slower still (6x, in cache). As in
+# conv.py's copies. One pass is one function: LLVM left the 6 row passes' loop scalar
+# when they shared one (16.7 against 7.4 ns a tile, 32x32).
 _U = np.uint64
 
 
+def _spread(n):
+    """A plane's stride, at least n elements: a multiple of 16 whose first 12 multiples
+    are not within 32 elements of a multiple of 1024, so that planes read and written
+    together fall in different cache sets (4 KiB aliasing: a pass over 6 planes of 400
+    elements ran 4x slower than over planes of 776)."""
+    m = _round_up(n, 16)
+    while any(min(k * m % 1024, -k * m % 1024) < 32 for k in range(1, 13)):
+        m += 16
+    return m
+
+
+class _Scratch(NamedTuple):
+    """Where a thread's scratch regions start (elements), in two arrays: a pass reads one
+    and writes the other (LLVM kept a pass over 6 planes scalar, 2x slower, when it read
+    and wrote the same array)."""
+
+    pls: int  # stride of an input plane: 4 tx columns a tile row, then the 2-column tails
+    tails: int  # where a plane's tails start (after the most tiles' rows: the same place
+    # in every block, so that what a longer block left is not read as a zero tail)
+    ts: int  # stride of a plane of one value a tile
+    dps: int  # stride of an output-gradient plane (4 tx columns a tile row)
+    # first array: the 6 input planes, then
+    dp: int  # the output gradient's 4 planes (rows 4 r + a)
+    tv: int  # the output's transform along the columns (4 x 6 planes) or the input
+    # gradient's (6 x 6)
+    first: int  # 1 at each tile row's first tile, else 0
+    size: int
+    # second array: the 6 input planes' transform along the columns, or the input
+    # gradient's rows (4 tx columns and the 2-column tails, as the input planes), then
+    last: int  # 1 at each tile row's last tile, else 0
+    buf: int  # output rows (4 planes of pls)
+    dm: int  # the output gradient's transform along the columns (4 x 6 planes)
+    size_b: int
+
+
+def _scratch(geo):
+    nt = geo.spb * geo.rows * geo.tx  # tiles of a block
+    pls, ts, dps = _spread(6 * nt + 8), _spread(nt + 8), _spread(4 * nt + 8)
+    dp = 6 * pls
+    tv = dp + 4 * dps
+    first = tv + 36 * ts
+    last = 6 * pls
+    buf = last + ts
+    dm = buf + 4 * pls
+    return _Scratch(pls, 4 * nt, ts, dps, dp, tv, first, first + ts, last, buf, dm, dm + 24 * ts)
+
+
 @njit(**HELPER, nogil=True)
-def _input_tiles(x, n, c, r0, nrows, pt, pl, tx_, tmp, ws, at, ps):
-    """V[p][at + r * tx + t] = (B^T d B)[p] for the tiles t of tile rows r0 .. r0 + nrows
-    of x[n, c] (`ps`: the distance between points in ws). Tile (r, t) reads padded rows
-    4r .. 4r + 5, columns 4t .. 4t + 5. Each padded row y goes, transformed along its
-    columns, to tmp[y % 4][j][y // 4][t] (zero outside x), so that the transform along
-    the rows reads row l of tile r at plane l % 4, offset r + l // 4."""
+def _new_scratch(sc, tiles, tx_, dtype):
+    """A thread's two scratch arrays: zero (the planes' padding columns are never
+    written) but for the marks of each tile row's first and last tiles."""
+    sa, sb = np.zeros(sc[7], dtype), np.zeros(sc[11], dtype)
+    for z in range(tiles):
+        sa[sc[6] + z] = 1.0 if z % tx_ == 0 else 0.0
+        sb[sc[8] + z] = 1.0 if z % tx_ == tx_ - 1 else 0.0
+    return sa, sb
+
+
+@njit(**HELPER, nogil=True)
+def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, scr, pls, tails):
+    """Plane l of scr (l * pls): padded rows 4 (r0 + r) + l of x[n0 .. n0 + ns, c], 4 tx
+    columns a row (tile row r of sample s at (s * nrows + r) * 4 tx), and each row's
+    columns 4 tx and 4 tx + 1 at tails + 2 z for the row's last tile z. Padding columns
+    are left as they are (zero: never written); padding rows are cleared."""
+    zero = scr.dtype.type(0.0)
+    h_, w_ = x.shape[2], x.shape[3]
+    s_ = 4 * tx_
+    xf = x.reshape(-1)
+    ncopy = min(w_, s_ - pl)
+    c4 = s_ - pl  # x's column of a row's tail
+    ntail = max(0, min(2, w_ - c4))
+    for l in range(6):
+        lo, hi = 0, nrows  # tile rows whose row y = 4 (r0 + r) + l - pt is inside x
+        while lo < nrows and 4 * (r0 + lo) + l - pt < 0:
+            lo += 1
+        while hi > lo and 4 * (r0 + hi - 1) + l - pt >= h_:
+            hi -= 1
+        y0 = 4 * (r0 + lo) + l - pt
+        for s in range(ns):
+            src = ((n0 + s) * x.shape[1] + c) * h_ * w_ + y0 * w_
+            row0 = l * pls + s * nrows * s_
+            tail0 = l * pls + tails + 2 * (s * nrows * tx_ + tx_ - 1)
+            for r in range(nrows):
+                if r < lo or r >= hi:
+                    o = _U(row0 + r * s_)
+                    for i in range(_U(s_)):
+                        scr[o + i] = zero
+                    scr[tail0 + 2 * r * tx_] = scr[tail0 + 2 * r * tx_ + 1] = zero
+            if hi > lo:
+                at = row0 + lo * s_ + pl
+                conv.masked_rows(xf, src, 4 * w_, xf, scr, at, s_, hi - lo, ncopy, 0)
+                if ntail > 0:
+                    at = tail0 + 2 * lo * tx_
+                    conv.masked_rows(xf, src + c4, 4 * w_, xf, scr, at, 2 * tx_, hi - lo, ntail, 0)
+
+
+@njit(**HELPER, nogil=True)
+def _input_columns(sa, start, size, pls, sb):
+    """sb[i * pls + e] = (B^T d)[i] for sa's 6 planes' elements start <= e < start +
+    size."""
+    two, four, five = sa.dtype.type(2.0), sa.dtype.type(4.0), sa.dtype.type(5.0)
+    m0, m1, m2 = _U(0), _U(pls), _U(2 * pls)
+    m3, m4, m5 = _U(3 * pls), _U(4 * pls), _U(5 * pls)
+    for e in range(_U(start), _U(start + size)):
+        d = _bt(sa[m0 + e], sa[m1 + e], sa[m2 + e], sa[m3 + e], sa[m4 + e], sa[m5 + e],
+                two, four, five)  # fmt: skip
+        sb[m0 + e], sb[m1 + e], sb[m2 + e] = d[0], d[1], d[2]
+        sb[m3 + e], sb[m4 + e], sb[m5 + e] = d[3], d[4], d[5]
+
+
+@njit(**HELPER, nogil=True)
+def _input_row(scr, src, tails, last, nt, ws, at, ps):
+    """ws[at + j * ps + z] = B^T of tile z's row of 6 (columns 4 t .. 4 t + 5 of the
+    plane at src, the tails at a row's last tile) for z < nt. Tile z's columns 4 and 5
+    are tile z + 1's 0 and 1, carried from one iteration to the next (LLVM gathered
+    them otherwise)."""
     two, four, five = ws.dtype.type(2.0), ws.dtype.type(4.0), ws.dtype.type(5.0)
     zero = ws.dtype.type(0.0)
-    h_, w_ = x.shape[2], x.shape[3]
-    rs = (nrows + 1) * tx_  # one plane
-    xf = x.reshape(-1)
-    plane = (n * x.shape[1] + c) * h_ * w_
-    # each row copied into a zero-padded line first: every tile then runs the same loop
-    # (the tiles over the row's edges, a quarter to half of them at 32x32 and 16x16, had
-    # a scalar one of conditional loads)
-    line = _U(24 * rs)
-    for i in range(_U(4 * tx_ + 2)):
-        tmp[line + i] = zero
-    into = line + _U(pl)
-    for yy in range(4 * nrows + 2):
-        y = 4 * r0 - pt + yy
-        base = (yy % 4) * 6 * rs + (yy // 4) * tx_
-        h0, h1, h2 = _U(base), _U(base + rs), _U(base + 2 * rs)
-        h3, h4, h5 = _U(base + 3 * rs), _U(base + 4 * rs), _U(base + 5 * rs)
-        if y < 0 or y >= h_:
-            for t in range(_U(tx_)):
-                tmp[h0 + t] = tmp[h1 + t] = tmp[h2 + t] = zero
-                tmp[h3 + t] = tmp[h4 + t] = tmp[h5 + t] = zero
-            continue
-        src = _U(plane + y * w_)
-        for i in range(_U(w_)):
-            tmp[into + i] = xf[src + i]
-        for t in range(_U(tx_)):
-            s = line + _U(4) * t
-            e = _bt(tmp[s], tmp[s + _U(1)], tmp[s + _U(2)], tmp[s + _U(3)], tmp[s + _U(4)],
-                    tmp[s + _U(5)], two, four, five)  # fmt: skip
-            tmp[h0 + t], tmp[h1 + t], tmp[h2 + t] = e[0], e[1], e[2]
-            tmp[h3 + t], tmp[h4 + t], tmp[h5 + t] = e[3], e[4], e[5]
-    size = nrows * tx_
-    for j in range(6):  # along the rows
-        a0, a1, a2, a3 = _U(j * rs), _U((6 + j) * rs), _U((12 + j) * rs), _U((18 + j) * rs)
-        a4, a5 = a0 + _U(tx_), a1 + _U(tx_)
-        v0, v1, v2 = _U(at + j * ps), _U(at + (6 + j) * ps), _U(at + (12 + j) * ps)
-        v3, v4, v5 = _U(at + (18 + j) * ps), _U(at + (24 + j) * ps), _U(at + (30 + j) * ps)
-        for i in range(_U(size)):
-            e = _bt(tmp[a0 + i], tmp[a1 + i], tmp[a2 + i], tmp[a3 + i], tmp[a4 + i],
-                    tmp[a5 + i], two, four, five)  # fmt: skip
-            ws[v0 + i], ws[v1 + i], ws[v2 + i] = e[0], e[1], e[2]
-            ws[v3 + i], ws[v4 + i], ws[v5 + i] = e[3], e[4], e[5]
+    v0, v1, v2 = _U(at), _U(at + ps), _U(at + 2 * ps)
+    v3, v4, v5 = _U(at + 3 * ps), _U(at + 4 * ps), _U(at + 5 * ps)
+    p0, p1, p2, p3 = scr[src], scr[src + _U(1)], scr[src + _U(2)], scr[src + _U(3)]
+    for z1 in range(_U(1), _U(nt + 1)):
+        s = src + _U(4) * z1
+        q0, q1, q2, q3 = scr[s], scr[s + _U(1)], scr[s + _U(2)], scr[s + _U(3)]
+        z = z1 - _U(1)
+        end = scr[last + z] != zero
+        t4, t5 = scr[tails + _U(2) * z], scr[tails + _U(2) * z + _U(1)]
+        e = _bt(p0, p1, p2, p3, t4 if end else q0, t5 if end else q1, two, four, five)
+        ws[v0 + z], ws[v1 + z], ws[v2 + z] = e[0], e[1], e[2]
+        ws[v3 + z], ws[v4 + z], ws[v5 + z] = e[3], e[4], e[5]
+        p0, p1, p2, p3 = q0, q1, q2, q3
 
 
 @njit(**HELPER, nogil=True)
-def _output_tiles(ws, at, ps, b, act, tmp, out, n, k, r0, nrows):
-    """out[n, k] rows 4 r0 .. 4 (r0 + nrows) = act(A^T M A + b) for those tile rows,
-    M[p] at ws[at + p * ps:]; outputs past the map's edge are dropped."""
+def _input_tiles(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, sb, sc, ws, at, ps):
+    """V[p][at + z] = (B^T d B)[p] for the tiles z of tile rows r0 .. r0 + nrows of
+    x[n0 .. n0 + ns, c] (`ps`: the distance between points in ws; sample s's tile (r, t)
+    is z = (s nrows + r) tx + t). Tile (r, t) reads padded rows 4r .. 4r + 5, columns
+    4t .. 4t + 5: along its columns first (the planes' elements, tails included), then
+    along its rows."""
+    pls, tails, last = sc[0], sc[1], sc[8]
+    nt = ns * nrows * tx_
+    _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails)
+    _input_columns(sa, 0, 4 * nt, pls, sb)
+    _input_columns(sa, tails, 2 * nt, pls, sb)
+    for i in range(6):
+        src = _U(i * pls)
+        _input_row(sb, src, src + _U(tails), _U(last), nt, ws, at + 6 * i * ps, ps)
+
+
+@njit(**HELPER, nogil=True)
+def _output_column(ws, m, ps6, nt, scr, o, ts6):
+    """scr[o + a * ts6 + z] = (A^T m)[a] for tile z's column of 6 at ws[m + l * ps6]."""
     two, four, eight = ws.dtype.type(2.0), ws.dtype.type(4.0), ws.dtype.type(8.0)
-    zero = ws.dtype.type(0.0)
+    m0, m1, m2 = m, m + ps6, m + _U(2) * ps6
+    m3, m4, m5 = m + _U(3) * ps6, m + _U(4) * ps6, m + _U(5) * ps6
+    o0, o1, o2, o3 = o, o + ts6, o + _U(2) * ts6, o + _U(3) * ts6
+    for z in range(_U(nt)):
+        s = _at(ws[m0 + z], ws[m1 + z], ws[m2 + z], ws[m3 + z], ws[m4 + z], ws[m5 + z],
+                two, four, eight)  # fmt: skip
+        scr[o0 + z], scr[o1 + z], scr[o2 + z], scr[o3 + z] = s[0], s[1], s[2], s[3]
+
+
+@njit(**HELPER, nogil=True)
+def _output_row(sa, t, ts, nt, b, act, sb, d):
+    """sb[d + 4 z + i] = act((A^T m)[i] + b), i < 4, for tile z's row of 6 at
+    sa[t + j * ts + z]."""
+    two, four, eight = sa.dtype.type(2.0), sa.dtype.type(4.0), sa.dtype.type(8.0)
+    zero = sa.dtype.type(0.0)
+    t0, t1, t2 = t, t + ts, t + _U(2) * ts
+    t3, t4, t5 = t + _U(3) * ts, t + _U(4) * ts, t + _U(5) * ts
+    for z in range(_U(nt)):
+        y = _at(sa[t0 + z], sa[t1 + z], sa[t2 + z], sa[t3 + z], sa[t4 + z], sa[t5 + z],
+                two, four, eight)  # fmt: skip
+        y0, y1, y2, y3 = y[0] + b, y[1] + b, y[2] + b, y[3] + b
+        if act == 1:
+            y0, y1, y2, y3 = max(y0, zero), max(y1, zero), max(y2, zero), max(y3, zero)
+        o = d + _U(4) * z
+        sb[o], sb[o + _U(1)], sb[o + _U(2)], sb[o + _U(3)] = y0, y1, y2, y3
+
+
+@njit(**HELPER, nogil=True)
+def _output_tiles(ws, at, ps, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows):
+    """out[n0 .. n0 + ns, k] rows 4 r0 .. 4 (r0 + nrows) = act(A^T M A + b) for those
+    tile rows, M[p] at ws[at + p * ps:] (tiles numbered as in _input_tiles): along the
+    tiles' columns, then their rows into 4 planes (output rows 4 r + a, 4 tx columns a
+    row), copied out; outputs past the map's edge are dropped."""
+    pls, ts, tv, buf = sc[0], sc[2], sc[5], sc[9]
     oh, ow = out.shape[2], out.shape[3]
     tx_ = -(-ow // 4)
-    size = nrows * tx_
-    for i in range(6):  # along the rows: tmp[a][i][r * tx + t]
-        m0, m1, m2 = _U(at + i * ps), _U(at + (6 + i) * ps), _U(at + (12 + i) * ps)
-        m3, m4, m5 = _U(at + (18 + i) * ps), _U(at + (24 + i) * ps), _U(at + (30 + i) * ps)
-        s0, s1 = _U(i * size), _U((6 + i) * size)
-        s2, s3 = _U((12 + i) * size), _U((18 + i) * size)
-        for z in range(_U(size)):
-            s = _at(ws[m0 + z], ws[m1 + z], ws[m2 + z], ws[m3 + z], ws[m4 + z], ws[m5 + z],
-                    two, four, eight)  # fmt: skip
-            tmp[s0 + z], tmp[s1 + z], tmp[s2 + z], tmp[s3 + z] = s[0], s[1], s[2], s[3]
-    full = ow // 4
+    nt = ns * nrows * tx_
+    s_ = 4 * tx_
+    for j in range(6):
+        _output_column(ws, _U(at + j * ps), _U(6 * ps), nt, sa, _U(tv + j * ts), _U(6 * ts))
+    for a in range(4):
+        _output_row(sa, _U(tv + 6 * a * ts), _U(ts), nt, b, act, sb, _U(buf + a * pls))
     outf = out.reshape(-1)
-    for a in range(4):  # along the columns, into output row 4 (r0 + r) + a
-        for r in range(min(nrows, (oh - a + 3) // 4 - r0)):
-            dst = _U(((n * out.shape[1] + k) * oh + 4 * (r0 + r) + a) * ow)
-            q = a * 6 * size + r * tx_
-            q0, q1, q2 = _U(q), _U(q + size), _U(q + 2 * size)
-            q3, q4, q5 = _U(q + 3 * size), _U(q + 4 * size), _U(q + 5 * size)
-            for t in range(_U(full)):
-                y = _at(tmp[q0 + t], tmp[q1 + t], tmp[q2 + t], tmp[q3 + t], tmp[q4 + t],
-                        tmp[q5 + t], two, four, eight)  # fmt: skip
-                y0, y1, y2, y3 = y[0] + b, y[1] + b, y[2] + b, y[3] + b
-                if act == 1:
-                    y0, y1, y2, y3 = max(y0, zero), max(y1, zero), max(y2, zero), max(y3, zero)
-                o = dst + _U(4) * t
-                outf[o], outf[o + _U(1)], outf[o + _U(2)], outf[o + _U(3)] = y0, y1, y2, y3
-            t = _U(full)
-            for col in range(ow - 4 * full):  # a last tile over the edge
-                y = _at(tmp[q0 + t], tmp[q1 + t], tmp[q2 + t], tmp[q3 + t], tmp[q4 + t],
-                        tmp[q5 + t], two, four, eight)  # fmt: skip
-                v = y[col] + b
-                outf[dst + t * _U(4) + _U(col)] = max(v, zero) if act == 1 else v
-
-
-@njit(inline="always", nogil=True)
-def _masked(df, yf, at, act, zero):
-    g, y = df[at], yf[at]  # both loaded: a conditional load blocks SIMD
-    return g if (y > zero or act == 0) else zero
+    for a in range(4):
+        rows = min(nrows, (oh - a + 3) // 4 - r0)  # output rows 4 (r0 + r) + a inside
+        for s in range(ns if rows > 0 else 0):
+            dst = (((n0 + s) * out.shape[1] + k) * oh + 4 * r0 + a) * ow
+            src = buf + a * pls + s * nrows * s_
+            conv.masked_rows(sb, src, s_, sb, outf, dst, 4 * ow, rows, ow, 0)
 
 
 @njit(**HELPER, nogil=True, fastmath={"reassoc"})
-def _dout_tiles(dout, yout, act, n, k, r0, nrows, tmp, ws, at, ps, db):
-    """dM[p] at ws[at + p * ps:] = (A dY A^T)[p] for tile rows r0 .. r0 + nrows of
-    dout[n, k] (masked where a fused ReLU's output is 0; zero past the edge);
-    db[k] += the sum of dY."""
-    two, four, eight = ws.dtype.type(2.0), ws.dtype.type(4.0), ws.dtype.type(8.0)
-    zero = ws.dtype.type(0.0)
-    oh, ow = dout.shape[2], dout.shape[3]
-    tx_ = -(-ow // 4)
-    size = nrows * tx_
-    full = ow // 4
-    df, yf = dout.reshape(-1), yout.reshape(-1)
-    acc = zero
-    for a in range(4):  # along the columns: tmp[a][i][r * tx + t]
-        for r in range(nrows):
-            row = 4 * (r0 + r) + a
-            q = a * 6 * size + r * tx_
-            e0, e1, e2 = _U(q), _U(q + size), _U(q + 2 * size)
-            e3, e4, e5 = _U(q + 3 * size), _U(q + 4 * size), _U(q + 5 * size)
-            if row >= oh:
-                for t in range(_U(tx_)):
-                    tmp[e0 + t] = tmp[e1 + t] = tmp[e2 + t] = zero
-                    tmp[e3 + t] = tmp[e4 + t] = tmp[e5 + t] = zero
-                continue
-            src = _U(((n * dout.shape[1] + k) * oh + row) * ow)
-            for t in range(_U(full)):
-                s = src + _U(4) * t
-                d0 = _masked(df, yf, s, act, zero)
-                d1 = _masked(df, yf, s + _U(1), act, zero)
-                d2 = _masked(df, yf, s + _U(2), act, zero)
-                d3 = _masked(df, yf, s + _U(3), act, zero)
-                acc += (d0 + d1) + (d2 + d3)
-                m = _a(d0, d1, d2, d3, two, four, eight)
-                tmp[e0 + t], tmp[e1 + t], tmp[e2 + t] = m[0], m[1], m[2]
-                tmp[e3 + t], tmp[e4 + t], tmp[e5 + t] = m[3], m[4], m[5]
-            if full < tx_:  # a last tile over the edge
-                t, s, last = _U(full), src + _U(4 * full), ow - 4 * full
-                d0 = _masked(df, yf, s, act, zero)
-                d1 = _masked(df, yf, s + _U(1), act, zero) if last > 1 else zero
-                d2 = _masked(df, yf, s + _U(2), act, zero) if last > 2 else zero
-                acc += d0 + d1 + d2
-                m = _a(d0, d1, d2, zero, two, four, eight)
-                tmp[e0 + t], tmp[e1 + t], tmp[e2 + t] = m[0], m[1], m[2]
-                tmp[e3 + t], tmp[e4 + t], tmp[e5 + t] = m[3], m[4], m[5]
-    db[k] += acc
-    for i in range(6):  # along the rows
-        a0, a1 = _U(i * size), _U((6 + i) * size)
-        a2, a3 = _U((12 + i) * size), _U((18 + i) * size)
-        v0, v1, v2 = _U(at + i * ps), _U(at + (6 + i) * ps), _U(at + (12 + i) * ps)
-        v3, v4, v5 = _U(at + (18 + i) * ps), _U(at + (24 + i) * ps), _U(at + (30 + i) * ps)
-        for z in range(_U(size)):
-            m = _a(tmp[a0 + z], tmp[a1 + z], tmp[a2 + z], tmp[a3 + z], two, four, eight)
-            ws[v0 + z], ws[v1 + z], ws[v2 + z] = m[0], m[1], m[2]
-            ws[v3 + z], ws[v4 + z], ws[v5 + z] = m[3], m[4], m[5]
+def _dout_row(sa, src, nt, sb, o, ts):
+    """sb[o + j * ts + z] = (A d)[j] for tile z's row of 4 at sa[src + 4 z:]; returns the
+    sum of those rows."""
+    two, four, eight = sa.dtype.type(2.0), sa.dtype.type(4.0), sa.dtype.type(8.0)
+    o0, o1, o2 = o, o + ts, o + _U(2) * ts
+    o3, o4, o5 = o + _U(3) * ts, o + _U(4) * ts, o + _U(5) * ts
+    acc = sa.dtype.type(0.0)
+    for z in range(_U(nt)):
+        s = src + _U(4) * z
+        d0, d1, d2, d3 = sa[s], sa[s + _U(1)], sa[s + _U(2)], sa[s + _U(3)]
+        acc += (d0 + d1) + (d2 + d3)
+        m = _a(d0, d1, d2, d3, two, four, eight)
+        sb[o0 + z], sb[o1 + z], sb[o2 + z] = m[0], m[1], m[2]
+        sb[o3 + z], sb[o4 + z], sb[o5 + z] = m[3], m[4], m[5]
+    return acc
 
 
 @njit(**HELPER, nogil=True)
-def _input_adjoint_tiles(ws, at, ps, tx_, r0, nrows, tmp, dxpad, base, wp):
-    """The padded dx of one (sample, channel) at dxpad[base:] (rows of wp) += B dV B^T
-    for tile rows r0 .. r0 + nrows, dV[p] at ws[at + p * ps:]. Tiles overlap by two rows
-    and columns: each padded row takes its tiles' columns 0-3 in one loop, 4-5 in
-    another (no element written twice in a loop, so both vectorise), tile row by tile
-    row: every element adds up in the same order every run."""
+def _dout_column(sb, t, step, nt, ws, v, vstep):
+    """ws[v + i * vstep + z] = (A m)[i] for tile z's column of 4 at sb[t + a * step]."""
+    two, four, eight = ws.dtype.type(2.0), ws.dtype.type(4.0), ws.dtype.type(8.0)
+    t0, t1, t2, t3 = t, t + step, t + _U(2) * step, t + _U(3) * step
+    v0, v1, v2 = v, v + vstep, v + _U(2) * vstep
+    v3, v4, v5 = v + _U(3) * vstep, v + _U(4) * vstep, v + _U(5) * vstep
+    for z in range(_U(nt)):
+        m = _a(sb[t0 + z], sb[t1 + z], sb[t2 + z], sb[t3 + z], two, four, eight)
+        ws[v0 + z], ws[v1 + z], ws[v2 + z] = m[0], m[1], m[2]
+        ws[v3 + z], ws[v4 + z], ws[v5 + z] = m[3], m[4], m[5]
+
+
+@njit(**HELPER, nogil=True)
+def _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ps, db):
+    """dM[p] at ws[at + p * ps:] = (A dY A^T)[p] for the tiles of tile rows r0 .. r0 +
+    nrows of dout[n0 .. n0 + ns, k] (masked where a fused ReLU's output is 0; zero past
+    the edge; tiles numbered as in _input_tiles); db[k] += the sum of dY. Its rows go
+    into 4 planes (rows 4 r + a, 4 tx columns a row), then along the tiles' columns,
+    then their rows."""
+    ts, dps, dp, dm = sc[2], sc[3], sc[4], sc[10]
+    oh, ow = dout.shape[2], dout.shape[3]
+    tx_ = -(-ow // 4)
+    nt = ns * nrows * tx_
+    s_ = 4 * tx_
+    df, yf = dout.reshape(-1), yout.reshape(-1)
+    zero = ws.dtype.type(0.0)
+    for a in range(4):
+        rows = max(0, min(nrows, (oh - a + 3) // 4 - r0))  # rows 4 (r0 + r) + a inside
+        for s in range(ns):
+            row0 = dp + a * dps + s * nrows * s_
+            for r in range(rows, nrows):
+                o = _U(row0 + r * s_)
+                for i in range(_U(s_)):
+                    sa[o + i] = zero
+            if rows > 0:
+                src = (((n0 + s) * dout.shape[1] + k) * oh + 4 * r0 + a) * ow
+                conv.masked_rows(df, src, 4 * ow, yf, sa, row0, s_, rows, ow, act)
+    acc = zero
+    for a in range(4):
+        acc += _dout_row(sa, _U(dp + a * dps), nt, sb, _U(dm + 6 * a * ts), _U(ts))
+    db[k] += acc
+    for j in range(6):
+        _dout_column(sb, _U(dm + j * ts), _U(6 * ts), nt, ws, _U(at + j * ps), _U(6 * ps))
+
+
+@njit(**HELPER, nogil=True)
+def _adjoint_column(ws, v, vstep, nt, sa, o, ostep):
+    """sa[o + l * ostep + z] = (B v)[l] for tile z's column of 6 at ws[v + q * vstep]."""
     two, four, five = ws.dtype.type(2.0), ws.dtype.type(4.0), ws.dtype.type(5.0)
-    size = nrows * tx_
-    for i in range(6):  # along the rows: tmp[l][i][r * tx + t]
-        v0, v1, v2 = _U(at + i * ps), _U(at + (6 + i) * ps), _U(at + (12 + i) * ps)
-        v3, v4, v5 = _U(at + (18 + i) * ps), _U(at + (24 + i) * ps), _U(at + (30 + i) * ps)
-        e0, e1, e2 = _U(i * size), _U((6 + i) * size), _U((12 + i) * size)
-        e3, e4, e5 = _U((18 + i) * size), _U((24 + i) * size), _U((30 + i) * size)
-        for z in range(_U(size)):
-            d = _b(ws[v0 + z], ws[v1 + z], ws[v2 + z], ws[v3 + z], ws[v4 + z], ws[v5 + z],
-                   two, four, five)  # fmt: skip
-            tmp[e0 + z], tmp[e1 + z], tmp[e2 + z] = d[0], d[1], d[2]
-            tmp[e3 + z], tmp[e4 + z], tmp[e5 + z] = d[3], d[4], d[5]
-    for r in range(nrows):
-        for l in range(6):  # along the columns, into padded row 4 (r0 + r) + l
-            q = l * 6 * size + r * tx_
-            q0, q1, q2 = _U(q), _U(q + size), _U(q + 2 * size)
-            q3, q4, q5 = _U(q + 3 * size), _U(q + 4 * size), _U(q + 5 * size)
-            row = _U(base + (4 * (r0 + r) + l) * wp)
-            for t in range(_U(tx_)):
-                d = _b(tmp[q0 + t], tmp[q1 + t], tmp[q2 + t], tmp[q3 + t], tmp[q4 + t],
-                       tmp[q5 + t], two, four, five)  # fmt: skip
-                o = row + _U(4) * t
-                dxpad[o] += d[0]
-                dxpad[o + _U(1)] += d[1]
-                dxpad[o + _U(2)] += d[2]
-                dxpad[o + _U(3)] += d[3]
-            for t in range(_U(tx_)):
-                d = _b(tmp[q0 + t], tmp[q1 + t], tmp[q2 + t], tmp[q3 + t], tmp[q4 + t],
-                       tmp[q5 + t], two, four, five)  # fmt: skip
-                o = row + _U(4) * t
-                dxpad[o + _U(4)] += d[4]
-                dxpad[o + _U(5)] += d[5]
+    v0, v1, v2 = v, v + vstep, v + _U(2) * vstep
+    v3, v4, v5 = v + _U(3) * vstep, v + _U(4) * vstep, v + _U(5) * vstep
+    o0, o1, o2 = o, o + ostep, o + _U(2) * ostep
+    o3, o4, o5 = o + _U(3) * ostep, o + _U(4) * ostep, o + _U(5) * ostep
+    for z in range(_U(nt)):
+        d = _b(ws[v0 + z], ws[v1 + z], ws[v2 + z], ws[v3 + z], ws[v4 + z], ws[v5 + z],
+               two, four, five)  # fmt: skip
+        sa[o0 + z], sa[o1 + z], sa[o2 + z] = d[0], d[1], d[2]
+        sa[o3 + z], sa[o4 + z], sa[o5 + z] = d[3], d[4], d[5]
+
+
+@njit(**HELPER, nogil=True)
+def _adjoint_row(sa, t, ts, nt, first, sb, row, tails):
+    """B applied to tile z's row of 6 at sa[t + j * ts + z]: columns 4 t .. 4 t + 5 of
+    a padded row. Columns 0 - 3 go to sb[row + 4 z:], with the left tile's columns 4 and
+    5 added to the first two (carried from one iteration to the next); a row's last
+    tile's columns 4 and 5 to sb[tails + 2 z:]."""
+    two, four, five = sa.dtype.type(2.0), sa.dtype.type(4.0), sa.dtype.type(5.0)
+    zero = sa.dtype.type(0.0)
+    t0, t1, t2 = t, t + ts, t + _U(2) * ts
+    t3, t4, t5 = t + _U(3) * ts, t + _U(4) * ts, t + _U(5) * ts
+    c4, c5 = zero, zero
+    for z in range(_U(nt)):
+        d = _b(sa[t0 + z], sa[t1 + z], sa[t2 + z], sa[t3 + z], sa[t4 + z], sa[t5 + z],
+               two, four, five)  # fmt: skip
+        start = sa[first + z] != zero
+        o = row + _U(4) * z
+        sb[o] = d[0] + (zero if start else c4)
+        sb[o + _U(1)] = d[1] + (zero if start else c5)
+        sb[o + _U(2)], sb[o + _U(3)] = d[2], d[3]
+        e = tails + _U(2) * z
+        sb[e], sb[e + _U(1)] = d[4], d[5]
+        c4, c5 = d[4], d[5]
+
+
+@njit(**HELPER, nogil=True)
+def _input_adjoint_tiles(ws, at, ps, tx_, ns, r0, nrows, sa, sb, sc, base, step, wp):
+    """The padded dx of channel c (sample s's at ws[base + s * step:], rows of wp) +=
+    B dV B^T for the tiles of tile rows r0 .. r0 + nrows, dV[p] at ws[at + p * ps:]
+    (tiles numbered as in _input_tiles): along the tiles' columns, then their rows, into
+    one plane per padded row 4 r + l (4 tx columns, then a tail of 2), added into dx a
+    plane at a time. Tiles overlap by two rows and columns: every element adds up in the
+    same order every run."""
+    pls, tails, ts, tv, first = sc[0], sc[1], sc[2], sc[5], sc[6]
+    nt = ns * nrows * tx_
+    s_ = 4 * tx_
+    for j in range(6):
+        _adjoint_column(ws, _U(at + j * ps), _U(6 * ps), nt, sa, _U(tv + j * ts), _U(6 * ts))
+    for l in range(6):
+        t = _U(tv + 6 * l * ts)
+        _adjoint_row(sa, t, _U(ts), nt, _U(first), sb, _U(l * pls), _U(l * pls + tails))
+    for l in range(6):
+        for s in range(ns):
+            dst = base + s * step + (4 * r0 + l) * wp
+            row0 = l * pls + s * nrows * s_
+            conv.add_rows(sb, row0, s_, ws, dst, 4 * wp, nrows, s_)
+            tail0 = l * pls + tails + 2 * (s * nrows * tx_ + tx_ - 1)
+            conv.add_rows(sb, tail0, 2 * tx_, ws, dst + s_, 4 * wp, nrows, 2)
 
 
 @njit(**HELPER, nogil=True)
@@ -755,7 +915,7 @@ def _tables(geo, c_, v_at, m_at, dv_at, zero_at, vs, ms, dvs):
 
 
 @Builds
-def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
+def _forward_blocks(x, w, bias, act, pads, geo, sc, T, out, ws):
     ty_, tx_, spb, rows, bands, tp, km, _kd, _cb, cd, _hp, _wp, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
     k_ = w.shape[0]
@@ -770,24 +930,21 @@ def _forward_blocks(x, w, bias, act, pads, geo, T, out, ws):
         v_at, m_at, dv_at, zero_at, _du, _db, vs, ms, dvs = _regions(geo, c_, th * per)
         rows_v, rows_m, _rows_dv = _tables(geo, c_, v_at, m_at, dv_at, zero_at, vs, ms, dvs)
         ws[v_at:m_at] = 0.0  # panel padding columns: finite junk
-        tmp = np.empty(P * (rows + 1) * tx_, x.dtype)
+        sa, sb = _new_scratch(sc, spb * rows * tx_, tx_, x.dtype)
         for block in range(th * total // T, (th + 1) * total // T):
             n0, ns, r0, nrows = conv._tile_at(block, spb, bands, rows, n_, ty_)
             for c in range(c_):
-                for s in range(ns):
-                    at = v_at + c * tp + s * nrows * tx_
-                    _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, tmp, ws, at, vs)
+                at = v_at + c * tp
+                _input_tiles(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, sb, sc, ws, at, vs)
             cols = -(-(ns * nrows * tx_) // nr_) * nr_  # a short block: fewer panels
             _products(upack, kb, c_, ws, rows_v, cd, rows_m, km, cols)  # M = U V
             for k in range(k_):
                 b = bias[k] if has_bias else ws.dtype.type(0.0)
-                for s in range(ns):
-                    at = m_at + k * tp + s * nrows * tx_
-                    _output_tiles(ws, at, ms, b, act, tmp, out, n0 + s, k, r0, nrows)
+                _output_tiles(ws, m_at + k * tp, ms, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows)
 
 
 @Builds
-def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
+def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, sc, T, dx, ws):
     ty_, tx_, spb, rows, bands, tp, km, kd, cb, cd, hp, wp, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
     k_ = w.shape[0]
@@ -802,7 +959,7 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
         rows_v, rows_m, rows_dv = _tables(geo, c_, v_at, m_at, dv_at, zero_at, vs, ms, dvs)
         dx_at = db_at + k_
         ws[v_at:dx_at] = 0.0  # junk columns and padding rows: zero gradient
-        tmp = np.empty(P * (rows + 1) * tx_, x.dtype)
+        sa, sb = _new_scratch(sc, spb * rows * tx_, tx_, x.dtype)
         db = ws[db_at : db_at + k_]
         n0, hi = th * n_ // T, (th + 1) * n_ // T
         while n0 < hi:
@@ -826,13 +983,11 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                             row = m_at + p * ms + k * tp
                             ws[row + used : row + cols] = 0.0
                 for c in range(c_):
-                    for s in range(ns):
-                        at = v_at + c * tp + s * nrows * tx_
-                        _input_tiles(x, n0 + s, c, r0, nrows, pt, pl, tx_, tmp, ws, at, vs)
+                    at = v_at + c * tp
+                    _input_tiles(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, sb, sc, ws, at, vs)
                 for k in range(k_):
-                    for s in range(ns):
-                        at = m_at + k * tp + s * nrows * tx_
-                        _dout_tiles(dout, yout, act, n0 + s, k, r0, nrows, tmp, ws, at, ms, db)
+                    at = m_at + k * tp
+                    _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ms, db)
                 for p in range(P):  # dU += dM V^T
                     for ob in range(0, kd, md):
                         for cbk in range(0, cd, nd):
@@ -845,10 +1000,10 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, T, dx, ws):
                     continue
                 _products(upack, cb, k_, ws, rows_m, km, rows_dv, cb, cols)  # dV = U^T dM
                 for c in range(c_):
-                    for s in range(ns):
-                        base = dx_at + (s * c_ + c) * hp * wp
-                        at = dv_at + c * tp + s * nrows * tx_
-                        _input_adjoint_tiles(ws, at, dvs, tx_, r0, nrows, tmp, ws, base, wp)
+                    at, base = dv_at + c * tp, dx_at + c * hp * wp
+                    _input_adjoint_tiles(
+                        ws, at, dvs, tx_, ns, r0, nrows, sa, sb, sc, base, c_ * hp * wp, wp
+                    )
             if want_dx:
                 for s in range(ns):
                     for c in range(c_):
@@ -886,7 +1041,7 @@ def forward(x, w, bias, pad, out, ws, act):
     RUNS["forward"] += 1
     geo, threads, flat = _plan(x, w, out, ws, False)
     pads = (int(pad[0]), int(pad[2]))
-    args = (x, w, bias, int(act), pads, tuple(geo), threads, out, flat)
+    args = (x, w, bias, int(act), pads, tuple(geo), tuple(_scratch(geo)), threads, out, flat)
     kernel = _forward_blocks.now(threads == 1, args)  # one thread: the serial build
     if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
         conv_numpy.conv2d_forward(x, w, bias, (1, 1), pad, (1, 1), 1, out, act)
@@ -901,7 +1056,8 @@ def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
     pads = (int(pad[0]), int(pad[2]))
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
-    args = (x, w, dout, y, int(act), want_dx, pads, tuple(geo), threads, dx_arg, flat)
+    sc = tuple(_scratch(geo))
+    args = (x, w, dout, y, int(act), want_dx, pads, tuple(geo), sc, threads, dx_arg, flat)
     kernel = _backward_samples.now(threads == 1, args)
     if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
         conv_numpy.conv2d_backward(x, w, dout, (1, 1), pad, (1, 1), 1, dx, dw, db, y, act)
