@@ -546,9 +546,9 @@ def _spread(n):
 
 
 class _Scratch(NamedTuple):
-    """Where a thread's scratch regions start (elements), in two arrays: a pass reads one
-    and writes the other (LLVM kept a pass over 6 planes scalar, 2x slower, when it read
-    and wrote the same array)."""
+    """Where a thread's scratch regions start (elements), in three arrays: a pass reads
+    one and writes another (LLVM kept a pass over 6 planes scalar, 2x slower, when it
+    read and wrote the same array)."""
 
     pls: int  # stride of an input plane: 4 tx columns a tile row, then the 2-column tails
     tails: int  # where a plane's tails start (after the most tiles' rows: the same place
@@ -567,6 +567,8 @@ class _Scratch(NamedTuple):
     buf: int  # output rows (4 planes of pls)
     dm: int  # the output gradient's transform along the columns (4 x 6 planes)
     size_b: int
+    tps: int  # third array: the input gradient rows' tails, 6 planes of this stride
+    # (written beside those rows into the second, they left their pass scalar: 4x slower)
 
 
 def _scratch(geo):
@@ -578,18 +580,21 @@ def _scratch(geo):
     last = 6 * pls
     buf = last + ts
     dm = buf + 4 * pls
-    return _Scratch(pls, 4 * nt, ts, dps, dp, tv, first, first + ts, last, buf, dm, dm + 24 * ts)
+    tps = _spread(2 * nt + 8)
+    return _Scratch(
+        pls, 4 * nt, ts, dps, dp, tv, first, first + ts, last, buf, dm, dm + 24 * ts, tps
+    )
 
 
 @njit(**HELPER, nogil=True)
 def _new_scratch(sc, tiles, tx_, dtype):
-    """A thread's two scratch arrays: zero (the planes' padding columns are never
+    """A thread's three scratch arrays: zero (the planes' padding columns are never
     written) but for the marks of each tile row's first and last tiles."""
-    sa, sb = np.zeros(sc[7], dtype), np.zeros(sc[11], dtype)
+    sa, sb, st = np.zeros(sc[7], dtype), np.zeros(sc[11], dtype), np.empty(6 * sc[12], dtype)
     for z in range(tiles):
         sa[sc[6] + z] = 1.0 if z % tx_ == 0 else 0.0
         sb[sc[8] + z] = 1.0 if z % tx_ == tx_ - 1 else 0.0
-    return sa, sb
+    return sa, sb, st
 
 
 @njit(**HELPER, nogil=True)
@@ -819,11 +824,11 @@ def _adjoint_column(ws, v, vstep, nt, sa, o, ostep):
 
 
 @njit(**HELPER, nogil=True)
-def _adjoint_row(sa, t, ts, nt, first, sb, row, tails):
+def _adjoint_row(sa, t, ts, nt, first, sb, row, st, tails):
     """B applied to tile z's row of 6 at sa[t + j * ts + z]: columns 4 t .. 4 t + 5 of
     a padded row. Columns 0 - 3 go to sb[row + 4 z:], with the left tile's columns 4 and
-    5 added to the first two (carried from one iteration to the next); a row's last
-    tile's columns 4 and 5 to sb[tails + 2 z:]."""
+    5 added to the first two (carried from one iteration to the next); columns 4 and 5
+    to st[tails + 2 z:] (a row's last tile's are its tail)."""
     two, four, five = sa.dtype.type(2.0), sa.dtype.type(4.0), sa.dtype.type(5.0)
     zero = sa.dtype.type(0.0)
     t0, t1, t2 = t, t + ts, t + _U(2) * ts
@@ -838,33 +843,33 @@ def _adjoint_row(sa, t, ts, nt, first, sb, row, tails):
         sb[o + _U(1)] = d[1] + (zero if start else c5)
         sb[o + _U(2)], sb[o + _U(3)] = d[2], d[3]
         e = tails + _U(2) * z
-        sb[e], sb[e + _U(1)] = d[4], d[5]
+        st[e], st[e + _U(1)] = d[4], d[5]
         c4, c5 = d[4], d[5]
 
 
 @njit(**HELPER, nogil=True)
-def _input_adjoint_tiles(ws, at, ps, tx_, ns, r0, nrows, sa, sb, sc, base, step, wp):
+def _input_adjoint_tiles(ws, at, ps, tx_, ns, r0, nrows, sa, sb, st, sc, base, step, wp):
     """The padded dx of channel c (sample s's at ws[base + s * step:], rows of wp) +=
     B dV B^T for the tiles of tile rows r0 .. r0 + nrows, dV[p] at ws[at + p * ps:]
     (tiles numbered as in _input_tiles): along the tiles' columns, then their rows, into
-    one plane per padded row 4 r + l (4 tx columns, then a tail of 2), added into dx a
-    plane at a time. Tiles overlap by two rows and columns: every element adds up in the
+    one plane per padded row 4 r + l (4 tx columns; the tails of 2 apart), added into dx
+    a plane at a time. Tiles overlap by two rows and columns: every element adds up in the
     same order every run."""
-    pls, tails, ts, tv, first = sc[0], sc[1], sc[2], sc[5], sc[6]
+    pls, ts, tv, first, tps = sc[0], sc[2], sc[5], sc[6], sc[12]
     nt = ns * nrows * tx_
     s_ = 4 * tx_
     for j in range(6):
         _adjoint_column(ws, _U(at + j * ps), _U(6 * ps), nt, sa, _U(tv + j * ts), _U(6 * ts))
     for l in range(6):
         t = _U(tv + 6 * l * ts)
-        _adjoint_row(sa, t, _U(ts), nt, _U(first), sb, _U(l * pls), _U(l * pls + tails))
+        _adjoint_row(sa, t, _U(ts), nt, _U(first), sb, _U(l * pls), st, _U(l * tps))
     for l in range(6):
         for s in range(ns):
             dst = base + s * step + (4 * r0 + l) * wp
             row0 = l * pls + s * nrows * s_
             conv.add_rows(sb, row0, s_, ws, dst, 4 * wp, nrows, s_)
-            tail0 = l * pls + tails + 2 * (s * nrows * tx_ + tx_ - 1)
-            conv.add_rows(sb, tail0, 2 * tx_, ws, dst + s_, 4 * wp, nrows, 2)
+            tail0 = l * tps + 2 * (s * nrows * tx_ + tx_ - 1)
+            conv.add_rows(st, tail0, 2 * tx_, ws, dst + s_, 4 * wp, nrows, 2)
 
 
 @njit(**HELPER, nogil=True)
@@ -930,7 +935,7 @@ def _forward_blocks(x, w, bias, act, pads, geo, sc, T, out, ws):
         v_at, m_at, dv_at, zero_at, _du, _db, vs, ms, dvs = _regions(geo, c_, th * per)
         rows_v, rows_m, _rows_dv = _tables(geo, c_, v_at, m_at, dv_at, zero_at, vs, ms, dvs)
         ws[v_at:m_at] = 0.0  # panel padding columns: finite junk
-        sa, sb = _new_scratch(sc, spb * rows * tx_, tx_, x.dtype)
+        sa, sb, _ = _new_scratch(sc, spb * rows * tx_, tx_, x.dtype)
         for block in range(th * total // T, (th + 1) * total // T):
             n0, ns, r0, nrows = conv._tile_at(block, spb, bands, rows, n_, ty_)
             for c in range(c_):
@@ -959,7 +964,7 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, sc, T, dx, ws):
         rows_v, rows_m, rows_dv = _tables(geo, c_, v_at, m_at, dv_at, zero_at, vs, ms, dvs)
         dx_at = db_at + k_
         ws[v_at:dx_at] = 0.0  # junk columns and padding rows: zero gradient
-        sa, sb = _new_scratch(sc, spb * rows * tx_, tx_, x.dtype)
+        sa, sb, st = _new_scratch(sc, spb * rows * tx_, tx_, x.dtype)
         db = ws[db_at : db_at + k_]
         n0, hi = th * n_ // T, (th + 1) * n_ // T
         while n0 < hi:
@@ -1002,7 +1007,7 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, sc, T, dx, ws):
                 for c in range(c_):
                     at, base = dv_at + c * tp, dx_at + c * hp * wp
                     _input_adjoint_tiles(
-                        ws, at, dvs, tx_, ns, r0, nrows, sa, sb, sc, base, c_ * hp * wp, wp
+                        ws, at, dvs, tx_, ns, r0, nrows, sa, sb, st, sc, base, c_ * hp * wp, wp
                     )
             if want_dx:
                 for s in range(ns):
