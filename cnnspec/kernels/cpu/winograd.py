@@ -47,7 +47,7 @@ group of samples ([sample][C][4 ty + 2][4 tx + 2]). Tiles run in blocks: several
 samples (small maps) or a band of tile rows of one sample, like the direct conv's tiles.
 The forward pass splits blocks among threads; the backward pass gives each thread whole
 samples (their dx tiles overlap) and private dU / db sums, added up afterwards in thread
-order (the same bits every run). The transforms' planes live in two scratch arrays a
+order (the same bits every run). The transforms' planes live in three scratch arrays a
 thread (_Scratch), allocated per call.
 
 The micro-kernels are conv.py's. Kernels as in conv.py: a parallel and a serial build
@@ -222,8 +222,9 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 # 14x14 1.59 / 1.44 | 1.18 / 1.10, 256 ch 8x8 1.54 / 1.43 | 1.05 / 0.79, 512 ch 7x7 1.49
 # / 1.37 | 1.09 / 0.70 (256-bit 1.16 / 1.02 and 1.24 / 0.97 at 2 threads). The old
 # transforms had had ResNet-20's 32 and 64 channels at 0.87 / 0.88 and 0.99 / 0.96 on the
-# Zen 3 (AVX2), and gain ~1.4x from the new ones here at 256 bits; its 16 channels lose
-# at 512 bits, and lost there. So from 32 channels and maps of 8, with 256 tiles or more
+# Zen 3 (AVX2); the new ones run them 1.6 / 1.5 and 1.8 / 1.8 times as fast here (1
+# thread, 512-bit, against a worktree of the old code); its 16 channels lose at 512 bits,
+# and lost there. So from 32 channels and maps of 8, with 256 tiles or more
 # in the batch: fewer (8x8 and 7x7 maps at b16, 4 tiles a sample) leave the backward's
 # blocks, a thread's samples at most, short of a panel at 2 threads.
 MIN_CHANNELS = 32
@@ -561,8 +562,8 @@ class _Scratch(NamedTuple):
     # gradient's (6 x 6)
     first: int  # 1 at each tile row's first tile, else 0
     size: int
-    # second array: the 6 input planes' transform along the columns, or the input
-    # gradient's rows (4 tx columns and the 2-column tails, as the input planes), then
+    # second array: the 6 input planes' transform along the columns (tails included), or
+    # the input gradient's rows (4 tx columns a tile row), then
     last: int  # 1 at each tile row's last tile, else 0
     buf: int  # output rows (4 planes of pls)
     dm: int  # the output gradient's transform along the columns (4 x 6 planes)
@@ -598,12 +599,12 @@ def _new_scratch(sc, tiles, tx_, dtype):
 
 
 @njit(**HELPER, nogil=True)
-def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, scr, pls, tails):
-    """Plane l of scr (l * pls): padded rows 4 (r0 + r) + l of x[n0 .. n0 + ns, c], 4 tx
+def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails):
+    """Plane l of sa (l * pls): padded rows 4 (r0 + r) + l of x[n0 .. n0 + ns, c], 4 tx
     columns a row (tile row r of sample s at (s * nrows + r) * 4 tx), and each row's
     columns 4 tx and 4 tx + 1 at tails + 2 z for the row's last tile z. Padding columns
     are left as they are (zero: never written); padding rows are cleared."""
-    zero = scr.dtype.type(0.0)
+    zero = sa.dtype.type(0.0)
     h_, w_ = x.shape[2], x.shape[3]
     s_ = 4 * tx_
     xf = x.reshape(-1)
@@ -625,14 +626,14 @@ def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, scr, pls, tails):
                 if r < lo or r >= hi:
                     o = _U(row0 + r * s_)
                     for i in range(_U(s_)):
-                        scr[o + i] = zero
-                    scr[tail0 + 2 * r * tx_] = scr[tail0 + 2 * r * tx_ + 1] = zero
+                        sa[o + i] = zero
+                    sa[tail0 + 2 * r * tx_] = sa[tail0 + 2 * r * tx_ + 1] = zero
             if hi > lo:
                 at = row0 + lo * s_ + pl
-                conv.masked_rows(xf, src, 4 * w_, xf, scr, at, s_, hi - lo, ncopy, 0)
+                conv.masked_rows(xf, src, 4 * w_, xf, sa, at, s_, hi - lo, ncopy, 0)
                 if ntail > 0:
                     at = tail0 + 2 * lo * tx_
-                    conv.masked_rows(xf, src + c4, 4 * w_, xf, scr, at, 2 * tx_, hi - lo, ntail, 0)
+                    conv.masked_rows(xf, src + c4, 4 * w_, xf, sa, at, 2 * tx_, hi - lo, ntail, 0)
 
 
 @njit(**HELPER, nogil=True)
@@ -650,7 +651,7 @@ def _input_columns(sa, start, size, pls, sb):
 
 
 @njit(**HELPER, nogil=True)
-def _input_row(scr, src, tails, last, nt, ws, at, ps):
+def _input_row(sb, src, tails, last, nt, ws, at, ps):
     """ws[at + j * ps + z] = B^T of tile z's row of 6 (columns 4 t .. 4 t + 5 of the
     plane at src, the tails at a row's last tile) for z < nt. Tile z's columns 4 and 5
     are tile z + 1's 0 and 1, carried from one iteration to the next (LLVM gathered
@@ -659,13 +660,13 @@ def _input_row(scr, src, tails, last, nt, ws, at, ps):
     zero = ws.dtype.type(0.0)
     v0, v1, v2 = _U(at), _U(at + ps), _U(at + 2 * ps)
     v3, v4, v5 = _U(at + 3 * ps), _U(at + 4 * ps), _U(at + 5 * ps)
-    p0, p1, p2, p3 = scr[src], scr[src + _U(1)], scr[src + _U(2)], scr[src + _U(3)]
+    p0, p1, p2, p3 = sb[src], sb[src + _U(1)], sb[src + _U(2)], sb[src + _U(3)]
     for z1 in range(_U(1), _U(nt + 1)):
         s = src + _U(4) * z1
-        q0, q1, q2, q3 = scr[s], scr[s + _U(1)], scr[s + _U(2)], scr[s + _U(3)]
+        q0, q1, q2, q3 = sb[s], sb[s + _U(1)], sb[s + _U(2)], sb[s + _U(3)]
         z = z1 - _U(1)
-        end = scr[last + z] != zero
-        t4, t5 = scr[tails + _U(2) * z], scr[tails + _U(2) * z + _U(1)]
+        end = sb[last + z] != zero
+        t4, t5 = sb[tails + _U(2) * z], sb[tails + _U(2) * z + _U(1)]
         e = _bt(p0, p1, p2, p3, t4 if end else q0, t5 if end else q1, two, four, five)
         ws[v0 + z], ws[v1 + z], ws[v2 + z] = e[0], e[1], e[2]
         ws[v3 + z], ws[v4 + z], ws[v5 + z] = e[3], e[4], e[5]
@@ -690,8 +691,8 @@ def _input_tiles(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, sb, sc, ws, at, ps):
 
 
 @njit(**HELPER, nogil=True)
-def _output_column(ws, m, ps6, nt, scr, o, ts6):
-    """scr[o + a * ts6 + z] = (A^T m)[a] for tile z's column of 6 at ws[m + l * ps6]."""
+def _output_column(ws, m, ps6, nt, sa, o, ts6):
+    """sa[o + a * ts6 + z] = (A^T m)[a] for tile z's column of 6 at ws[m + l * ps6]."""
     two, four, eight = ws.dtype.type(2.0), ws.dtype.type(4.0), ws.dtype.type(8.0)
     m0, m1, m2 = m, m + ps6, m + _U(2) * ps6
     m3, m4, m5 = m + _U(3) * ps6, m + _U(4) * ps6, m + _U(5) * ps6
@@ -699,7 +700,7 @@ def _output_column(ws, m, ps6, nt, scr, o, ts6):
     for z in range(_U(nt)):
         s = _at(ws[m0 + z], ws[m1 + z], ws[m2 + z], ws[m3 + z], ws[m4 + z], ws[m5 + z],
                 two, four, eight)  # fmt: skip
-        scr[o0 + z], scr[o1 + z], scr[o2 + z], scr[o3 + z] = s[0], s[1], s[2], s[3]
+        sa[o0 + z], sa[o1 + z], sa[o2 + z], sa[o3 + z] = s[0], s[1], s[2], s[3]
 
 
 @njit(**HELPER, nogil=True)
