@@ -591,10 +591,11 @@ def _scratch(geo):
 def _new_scratch(sc, tiles, tx_, dtype):
     """A thread's three scratch arrays: zero (the planes' padding columns are never
     written) but for the marks of each tile row's first and last tiles."""
-    sa, sb, st = np.zeros(sc[7], dtype), np.zeros(sc[11], dtype), np.empty(6 * sc[12], dtype)
+    _, _, _, _, _, _, first, size, last, _, _, size_b, tps = sc
+    sa, sb, st = np.zeros(size, dtype), np.zeros(size_b, dtype), np.empty(6 * tps, dtype)
     for z in range(tiles):
-        sa[sc[6] + z] = 1.0 if z % tx_ == 0 else 0.0
-        sb[sc[8] + z] = 1.0 if z % tx_ == tx_ - 1 else 0.0
+        sa[first + z] = 1.0 if z % tx_ == 0 else 0.0
+        sb[last + z] = 1.0 if z % tx_ == tx_ - 1 else 0.0
     return sa, sb, st
 
 
@@ -680,7 +681,7 @@ def _input_tiles(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, sb, sc, ws, at, ps):
     is z = (s nrows + r) tx + t). Tile (r, t) reads padded rows 4r .. 4r + 5, columns
     4t .. 4t + 5: along its columns first (the planes' elements, tails included), then
     along its rows."""
-    pls, tails, last = sc[0], sc[1], sc[8]
+    pls, tails, _, _, _, _, _, _, last, _, _, _, _ = sc
     nt = ns * nrows * tx_
     _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails)
     _input_columns(sa, 0, 4 * nt, pls, sb)
@@ -727,7 +728,7 @@ def _output_tiles(ws, at, ps, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows):
     tile rows, M[p] at ws[at + p * ps:] (tiles numbered as in _input_tiles): along the
     tiles' columns, then their rows into 4 planes (output rows 4 r + a, 4 tx columns a
     row), copied out; outputs past the map's edge are dropped."""
-    pls, ts, tv, buf = sc[0], sc[2], sc[5], sc[9]
+    pls, _, ts, _, _, tv, _, _, _, buf, _, _, _ = sc
     oh, ow = out.shape[2], out.shape[3]
     tx_ = -(-ow // 4)
     nt = ns * nrows * tx_
@@ -783,7 +784,7 @@ def _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ps, d
     the edge; tiles numbered as in _input_tiles); db[k] += the sum of dY. Its rows go
     into 4 planes (rows 4 r + a, 4 tx columns a row), then along the tiles' columns,
     then their rows."""
-    ts, dps, dp, dm = sc[2], sc[3], sc[4], sc[10]
+    _, _, ts, dps, dp, _, _, _, _, _, dm, _, _ = sc
     oh, ow = dout.shape[2], dout.shape[3]
     tx_ = -(-ow // 4)
     nt = ns * nrows * tx_
@@ -856,7 +857,7 @@ def _input_adjoint_tiles(ws, at, ps, tx_, ns, r0, nrows, sa, sb, st, sc, base, s
     one plane per padded row 4 r + l (4 tx columns; the tails of 2 apart), added into dx
     a plane at a time. Tiles overlap by two rows and columns: every element adds up in the
     same order every run."""
-    pls, ts, tv, first, tps = sc[0], sc[2], sc[5], sc[6], sc[12]
+    pls, _, ts, _, _, tv, first, _, _, _, _, _, tps = sc
     nt = ns * nrows * tx_
     s_ = 4 * tx_
     for j in range(6):
@@ -1021,20 +1022,21 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, sc, T, dx, ws):
 def _plan(x, w, out, ws, backward):
     flat = ws.reshape(-1)
     shapes = (x.shape, w.shape, out.shape, x.itemsize)
-    geo, threads = _blocks(*shapes, flat.size, numba.get_num_threads(), backward)
-    return geo, threads, flat
+    geo, scratch, threads = _blocks(*shapes, flat.size, numba.get_num_threads(), backward)
+    return geo, scratch, threads, flat
 
 
 @lru_cache(maxsize=1024)
 def _blocks(x_shape, w_shape, out_shape, itemsize, space, threads, backward):
     """The most threads, up to `threads`, whose blocks fit in `space` elements of
-    workspace, and their geometry (each thread count has its own blocks). Cached: a
-    layer asks with the same shapes every step."""
+    workspace, their geometry (each thread count has its own blocks) and scratch layout
+    (a tuple, as the kernels take it). Cached: a layer asks with the same shapes every
+    step (the layout alone took ~20 us a call)."""
     shapes = (x_shape, w_shape, out_shape, itemsize)
     for t in range(threads, 0, -1):
         geo = _geometry(*shapes, t, backward)
         if geo.per_thread * t + geo.upack <= space:
-            return geo, t
+            return geo, tuple(_scratch(geo)), t
     one = _geometry(*shapes, 1, backward)
     raise ValueError(f"conv2d workspace has {space} elements, need {one.per_thread + one.upack}")
 
@@ -1045,9 +1047,9 @@ RUNS = {"forward": 0, "backward": 0}  # calls so far: `cnnspec bench` names the 
 def forward(x, w, bias, pad, out, ws, act):
     """out = act(conv2d(x, w) + bias), 3x3, stride 1 (checked by conv.py's caller)."""
     RUNS["forward"] += 1
-    geo, threads, flat = _plan(x, w, out, ws, False)
+    geo, sc, threads, flat = _plan(x, w, out, ws, False)
     pads = (int(pad[0]), int(pad[2]))
-    args = (x, w, bias, int(act), pads, tuple(geo), tuple(_scratch(geo)), threads, out, flat)
+    args = (x, w, bias, int(act), pads, tuple(geo), sc, threads, out, flat)
     kernel = _forward_blocks.now(threads == 1, args)  # one thread: the serial build
     if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
         conv_numpy.conv2d_forward(x, w, bias, (1, 1), pad, (1, 1), 1, out, act)
@@ -1058,11 +1060,10 @@ def forward(x, w, bias, pad, out, ws, act):
 def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
     """dx (None: skipped), dw, db (None: skipped) of :func:`forward`."""
     RUNS["backward"] += 1
-    geo, threads, flat = _plan(x, w, dout, ws, True)
+    geo, sc, threads, flat = _plan(x, w, dout, ws, True)
     pads = (int(pad[0]), int(pad[2]))
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
-    sc = tuple(_scratch(geo))
     args = (x, w, dout, y, int(act), want_dx, pads, tuple(geo), sc, threads, dx_arg, flat)
     kernel = _backward_samples.now(threads == 1, args)
     if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
