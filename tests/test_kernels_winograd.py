@@ -163,6 +163,65 @@ def test_winograd_finite_differences(mode):
     np.testing.assert_array_equal(dw2, dw)
 
 
+def _hooked(m, mode, x, w, b, pad, out, ws, dout, prior, hooks):
+    """A batch norm's fusion hooks around the conv, the dispatch forced to `m`: ResNet's
+    two kinds of conv. "after_norm": reads norm + ReLU through in_affine, its dx feeds
+    that norm (dx_sums), its output a norm without a ReLU; "after_add": reads a ReLU's
+    output (relu_dx, dx added to the shortcut's: accumulate), its output feeds norm +
+    ReLU. Returns what each writes."""
+    mode(m)
+    geo = ((1, 1), pad, (1, 1), 1)
+    rng = np.random.default_rng(1)
+    c, k = x.shape[1], w.shape[0]
+    scale, shift = rng.standard_normal(c).astype(x.dtype), rng.standard_normal(c).astype(x.dtype)
+    coeffs = rng.standard_normal((3, k)).astype(x.dtype)
+    affine = rng.standard_normal((2, k)).astype(x.dtype)
+    stats, sums = np.full((2, k), np.nan), np.full((2, c), np.nan)
+    mean = rng.standard_normal(c)
+    if hooks == "after_norm":
+        fwd = {"in_affine": (scale, shift, 1), "stats": stats}
+        bwd = {"in_affine": (scale, shift, 1), "dout_affine": (coeffs, affine, 0),
+               "dx_sums": (mean, sums)}  # fmt: skip
+    elif hooks == "after_add":
+        fwd = {"stats": stats}
+        bwd = {"accumulate": True, "dout_affine": (coeffs, affine, 1), "relu_dx": True}
+    else:  # accumulate alone: the builds without the hooks
+        fwd, bwd = {}, {"accumulate": True}
+    conv.conv2d_forward(x, w, b, *geo, out, ws, **fwd)
+    y = out.copy()
+    dx, dw = prior.copy(), np.full_like(w, np.nan)
+    db = None if b is None else np.full_like(b, np.nan)
+    conv.conv2d_backward(x, w, dout, *geo, ws, dx, dw, db, y, **bwd)
+    return y, dx, dw, db, stats, sums
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("hooks", ["after_norm", "after_add", "accumulate"])
+@pytest.mark.parametrize("name", ["odd_pad1", "wide_channels", "whole_tiles_pad1"])
+def test_winograd_fusion_hooks_match_direct(name, hooks, dtype, mode):
+    """Winograd honours the batch norms' fusion hooks as the direct conv does (ResNet's
+    training step runs its convs with them); statistics and sums in float64 alike."""
+    case = CASES[name]
+    pad = case[5]
+    mode("1")
+    x, w, b, out, ws, rng = _make(case, dtype, seed=9)
+    x = np.maximum(x, 0) + dtype(1.0) if hooks == "after_add" else x + dtype(2.0)
+    x[0, 0, 0, :2] = 0  # (a ReLU's zeros: relu_dx masks them)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    prior = rng.standard_normal(x.shape).astype(dtype)
+    direct = _hooked("0", mode, x, w, b, pad, out, ws, dout, prior, hooks)
+    wino = _hooked("1", mode, x, w, b, pad, out, ws, dout, prior, hooks)
+    for got, ref in zip(wino[:4], direct[:4], strict=True):
+        if ref is not None:
+            assert _scaled_error(got, ref) < TOL[dtype]
+    if hooks != "accumulate":
+        stats, var = wino[4], direct[4][1]
+        assert _scaled_error(stats[0], direct[4][0]) < TOL[dtype]
+        assert np.max(np.abs(stats[1] - var) / var) < 10 * TOL[dtype]
+    if hooks == "after_norm":
+        assert _scaled_error(wino[5], direct[5]) < 10 * TOL[dtype]
+
+
 def test_blocks_count_the_columns_each_thread_computes():
     """Small maps: the forward's blocks as long as a thread's share of the samples allows
     where shorter ones would pad their panels more (512 channels on 7x7 maps at b16, 4

@@ -114,6 +114,12 @@ def check_c(**arrays: np.ndarray | None) -> None:
 # max(x*scale + shift, 0).
 IN_COPY, IN_AFFINE, IN_AFFINE_RELU = 0, 1, 2
 
+# The output-gradient hook (conv2d's `dout_affine`): when a conv's output feeds only a
+# batch norm, the norm's input gradient ka*g + kb*y + kc (g: the norm's output gradient,
+# masked where its ReLU was 0, y: the conv's output) is formed by the conv as it reads
+# dout, instead of in a pass of the norm's own: plain dout, the hook without a ReLU, with.
+OUT_PLAIN, OUT_NORM, OUT_NORM_RELU = 0, 1, 2
+
 
 def input_hook(in_affine, x):
     """The kernels' (aff, mode) for `in_affine`: None, or (scale, shift, relu) with

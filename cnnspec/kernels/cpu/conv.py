@@ -25,6 +25,9 @@ from ._common import (
     HELPER,
     IN_AFFINE_RELU,
     IN_COPY,
+    OUT_NORM,
+    OUT_NORM_RELU,
+    OUT_PLAIN,
     VECTOR_BITS,
     Builds,
     check_c,
@@ -234,19 +237,21 @@ def prefetch(typingctx, a, at):
 
 
 @intrinsic
-def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act, shift, want, res):
-    """out[out_at + r*n:][:n] = act(p[p_at + r*p_stride:][:n] + bias) for r < rows (act 1:
+def epilogue_rows(
+    typingctx, p, p_at, p_stride, out, out_at, out_stride, rows, n, bias, act, shift, want, res
+):
+    """out[out_at + r*out_stride:][:n] = act(p[p_at + r*p_stride:][:n] + bias) for r < rows (act 1:
     ReLU); returns (sum(y - shift), sum((y - shift)^2)) over them in float64 if `want`,
     else (0, 0). Whole vectors and a masked one a row, the sums in vector registers
     across the rows. `res`: None, or an array shaped as out whose elements are added
     before act (a residual add fused into the conv: act((p + bias) + res))."""
     i64 = types.int64
     f64 = types.float64
-    sig = types.UniTuple(f64, 2)(p, i64, i64, out, i64, i64, i64, p.dtype, i64, f64, i64, res)
+    sig = types.UniTuple(f64, 2)(p, i64, i64, out, i64, i64, i64, i64, p.dtype, i64, f64, i64, res)
     residual = not isinstance(res, (types.NoneType, types.Omitted))
 
     def codegen(context, builder, signature, args):
-        p_ary, p_at, p_stride, o_ary, o_at, rows, n, bias, act, shift, want, r_ary = args
+        p_ary, p_at, p_stride, o_ary, o_at, o_stride, rows, n, bias, act, shift, want, r_ary = args
         vec = _llvm.vector(signature.args[0].dtype)
         single = isinstance(vec.element, ir.FloatType)
         parts = 2 if single else 1  # float64 vectors a vector of data makes
@@ -254,7 +259,7 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
         dvec = ir.VectorType(ir.DoubleType(), half)
         pp = _llvm.base(context, builder, signature.args[0], p_ary, p_at)
         po = _llvm.base(context, builder, signature.args[3], o_ary, o_at)
-        pr = _llvm.base(context, builder, signature.args[11], r_ary, o_at) if residual else None
+        pr = _llvm.base(context, builder, signature.args[12], r_ary, o_at) if residual else None
         bv, kv = _llvm.splat(builder, vec, bias), _llvm.splat(builder, dvec, shift)
         relu = builder.icmp_signed("==", act, _llvm.const(1))
         full = builder.sdiv(n, _llvm.const(vec.count))
@@ -294,8 +299,8 @@ def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act,
         def rows_loop(sums):
             def row(r, acc):
                 src = builder.gep(pp, [builder.mul(r, p_stride)])
-                dst = builder.gep(po, [builder.mul(r, n)])
-                rsd = builder.gep(pr, [builder.mul(r, n)]) if residual else None
+                dst = builder.gep(po, [builder.mul(r, o_stride)])
+                rsd = builder.gep(pr, [builder.mul(r, o_stride)]) if residual else None
 
                 def step(i, acc):
                     at = builder.mul(i, _llvm.const(vec.count))
@@ -390,12 +395,31 @@ def affine_rows(typingctx, src, at, src_stride, dst, dst_at, dst_stride, rows, n
     return sig, _rows_codegen("affine")
 
 
+@intrinsic
+def norm_rows(
+    typingctx, src, at, src_stride, y, dst, dst_at, dst_stride, rows, n, ka, kb, kc, sa, sb, relu
+):
+    """dst[dst_at + r*dst_stride:][:n] = ka*g + kb*y + kc for r < rows, g = src[at +
+    r*src_stride:][:n] and y at the same place, g 0 where `relu` and not y*sa + sb > 0:
+    the output-gradient hook (OUT_NORM, OUT_NORM_RELU) in whole vectors and a masked one
+    a row, the float operations of the norm's own backward."""
+    i64 = types.int64
+    t = src.dtype
+    sig = types.void(src, i64, i64, y, dst, i64, i64, i64, i64, t, t, t, t, t, i64)
+    return sig, _rows_codegen("norm")
+
+
 def _rows_codegen(kind):
-    """masked_rows' code (kind "masked"), add_rows' ("add") or affine_rows' ("affine")."""
+    """masked_rows' code (kind "masked"), add_rows' ("add"), affine_rows' ("affine") or
+    norm_rows' ("norm")."""
 
     def codegen(context, builder, signature, args):
         if kind == "masked":
             s_ary, at, s_stride, y_ary, d_ary, d_at, d_stride, rows, n, act = args
+            dst_ty = signature.args[4]
+        elif kind == "norm":
+            s_ary, at, s_stride, y_ary, d_ary, d_at, d_stride, rows, n = args[:9]
+            ka, kb, kc, sa, sb, act = args[9:]
             dst_ty = signature.args[4]
         elif kind == "add":
             s_ary, at, s_stride, d_ary, d_at, d_stride, rows, n = args
@@ -409,10 +433,13 @@ def _rows_codegen(kind):
         if kind != "add":
             plain = builder.icmp_signed("==", act, _llvm.const(0))  # no ReLU: lanes kept
             keep_all = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count), plain)
-        if kind == "masked":
+        if kind in ("masked", "norm"):
             py = _llvm.base(context, builder, signature.args[3], y_ary, at)
         if kind == "affine":
             av, bv = _llvm.splat(builder, vec, a), _llvm.splat(builder, vec, b)
+        if kind == "norm":
+            kav, kbv, kcv = (_llvm.splat(builder, vec, k) for k in (ka, kb, kc))
+            sav, sbv = _llvm.splat(builder, vec, sa), _llvm.splat(builder, vec, sb)
 
         def row(r, _):
             src_at = builder.mul(r, s_stride)
@@ -427,6 +454,14 @@ def _rows_codegen(kind):
                     yv = _llvm.load(builder, vec, _llvm.vec_ptr(builder, yr, at, vec), left)
                     keep = builder.or_(builder.fcmp_ordered(">", yv, _llvm.zeros(vec)), keep_all)
                     value = builder.select(keep, s, _llvm.zeros(vec))
+                elif kind == "norm":  # ka*g' + kb*y + kc, g' = g or 0 where the ReLU was
+                    yr = builder.gep(py, [src_at])
+                    yv = _llvm.load(builder, vec, _llvm.vec_ptr(builder, yr, at, vec), left)
+                    t = builder.fadd(builder.fmul(yv, sav), sbv)
+                    keep = builder.or_(builder.fcmp_ordered(">", t, _llvm.zeros(vec)), keep_all)
+                    g = builder.select(keep, s, _llvm.zeros(vec))
+                    value = builder.fadd(builder.fmul(kav, g), builder.fmul(kbv, yv))
+                    value = builder.fadd(value, kcv)
                 elif kind == "add":
                     value = builder.fadd(_llvm.load(builder, vec, dst, left), s)
                 else:
@@ -1382,11 +1417,8 @@ def _tile_at(tile, spt, tiles, rows, n_, oh):
 PREFETCH_DOUT = 1 << 22  # bytes
 
 
-# The output-gradient hook (`dout_affine`): when the conv's output feeds only a batch
-# norm, the norm's input gradient ka*g + kb*y + kc (g: the norm's output gradient,
-# masked where its ReLU was 0, y: this conv's output) is formed here, as dout is
-# gathered, instead of in a pass of the norm's own: mode 1 without a ReLU, 2 with.
-OUT_PLAIN, OUT_NORM, OUT_NORM_RELU = 0, 1, 2
+# The output-gradient hook (`dout_affine`, _common's OUT_* modes) is applied here, as
+# dout is gathered (norm_rows).
 
 
 @njit(**HELPER, nogil=True, fastmath={"reassoc"})
@@ -1402,8 +1434,6 @@ def _gather(
     compile time). `ahead`: prefetch each next plane (PREFETCH_DOUT)."""
     o_, oh, ow = dout.shape[1], dout.shape[2], dout.shape[3]
     og = o_ // g_
-    zero = dst.dtype.type(0)  # a literal 0.0 would make the selects (and vectors) float64:
-    # the hook's loop ran 2x slower
     flat, flat_y = dout.reshape(-1), y.reshape(-1)
     line = 64 // dout.itemsize
     band = nr * ow  # a plane's rows in this tile
@@ -1423,20 +1453,14 @@ def _gather(
                 for q in range(0, band, line):
                     prefetch(flat, first + q)
                     prefetch(flat_y, first + q)
+            plane = ((n0 + s) * o_ + o) * oh * ow + oy0 * ow
             if gk is None or gmode == OUT_PLAIN:
-                plane = ((n0 + s) * o_ + o) * oh * ow + oy0 * ow
                 masked_rows(flat, plane, ow, flat_y, dst, at + s * wq, rs, nr, ow, act)
-                continue
-            for r in range(nr):
-                d = row[s * wq + r * rs : s * wq + r * rs + ow]
-                src, yr = dout[n0 + s, o, oy0 + r], y[n0 + s, o, oy0 + r]
-                # both loaded unconditionally: a conditional load blocks SIMD, and in the
-                # loop's scalar tail it is a branch per element, which a ReLU's mask
-                # mispredicts (LeNet-5's c1, 28 columns a row: its gather 2.6x slower)
-                for v in range(ow):
-                    yv, sv = yr[v], src[v]
-                    gv = sv if (gmode == OUT_NORM or yv * sa + sb > 0) else zero
-                    d[v] = ka * gv + kb * yv + kc
+            else:  # (whole vectors: a Numba loop left short rows to its scalar tail)
+                relu = 1 if gmode == OUT_NORM_RELU else 0
+                norm_rows(
+                    flat, plane, ow, flat_y, dst, at + s * wq, rs, nr, ow, ka, kb, kc, sa, sb, relu
+                )
         # one long sum per row, not one per image row inside the loops above: each of
         # those ended in a horizontal sum over ~32 values
         acc = 0.0
@@ -1539,7 +1563,7 @@ def _forward_tiles(
                         shift = moments[t, o]
                     a, a2 = epilogue_rows(
                         prod, at, spt * wq, flat_out, ((n0 + s) * o_ + o) * oh * ow + oy0 * ow,
-                        nr, ow, b, act, shift, want, res,
+                        ow, nr, ow, b, act, shift, want, res,
                     )  # fmt: skip
                     if moments is not None and want_moments:
                         moments[t, o_ + o] += a
@@ -1943,13 +1967,16 @@ def conv2d_forward(
         if residual.dtype != out.dtype:
             raise ValueError("conv2d arrays must share one dtype")
     bias = _bias_or_empty(b, x.dtype)
-    hooked = in_affine is not None or stats is not None  # Winograd honours no hooks yet
-    if not hooked and winograd.chooses(x.shape, w.shape, out.shape, stride, pad, dilation, groups):
+    if stats is not None:
+        check_shape("stats", stats, (2, w.shape[0]))
+    # (stats with a residual: the sum's, which only the direct conv's epilogue sees)
+    plain_out = residual is None or stats is None
+    if plain_out and winograd.chooses(x.shape, w.shape, out.shape, stride, pad, dilation, groups):
         _check(x, w, out, groups, ws)
         if residual is None:
-            winograd.forward(x, w, bias, pad, out, ws, act)
+            winograd.forward(x, w, bias, pad, out, ws, act, in_affine, stats)
         else:  # the add after it, as its own pass (the same bits)
-            winograd.forward(x, w, bias, pad, out, ws, ACT_NONE)
+            winograd.forward(x, w, bias, pad, out, ws, ACT_NONE, in_affine, stats)
             merge.add_forward([out, residual], out, act)
         return
     call, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
@@ -1960,8 +1987,6 @@ def conv2d_forward(
     if in_affine is not None or stats is not None:
         aff, mode = input_hook(in_affine, x)
         moments = np.zeros((threads if stats is not None else 1, 3 * o + 1))
-    if stats is not None:
-        check_shape("stats", stats, (2, o))
     args = (
         x, w3, bias, int(act), dims, geo, threads, out, flat, aff, mode, moments,
         stats is not None, _split(stride), None if residual is None else residual.reshape(-1),
@@ -2029,26 +2054,7 @@ def conv2d_backward(
     if relu_dx and (dx is None or in_affine is not None):
         raise ValueError("relu_dx needs dx and a plain input (no in_affine)")
     y = out if out is not None else dout
-    hooked = in_affine is not None or dout_affine is not None or accumulate or relu_dx
-    if not hooked and winograd.chooses(x.shape, w.shape, dout.shape, stride, pad, dilation, groups):
-        winograd.backward(x, w, dout, pad, ws, dx, dw, db, y, act)
-        return
-    want_dx = dx is not None
-    call, flat, w3 = _plan(x, w, dout, stride, pad, dilation, groups, ws, True, want_dx)
-    dims, geo, threads = call.args
-    dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
-    aff = gk = dsums = None  # no hooks: the build without them
-    mode, gmode = IN_COPY, OUT_PLAIN
-    if in_affine is not None or dout_affine is not None or relu_dx:
-        aff, mode = input_hook(in_affine, x)
-        gk = np.zeros((5, 1), x.dtype)
-        # per thread: the norm's mean, then its two sums (no channels: none wanted)
-        dsums = np.zeros((threads, 3, 0 if dx_sums is None else x.shape[1]))
-    if dx_sums is not None:
-        mean, sums = dx_sums
-        check_shape("dx_sums mean", mean, (x.shape[1],))
-        check_shape("dx_sums", sums, (2, x.shape[1]))
-        dsums[:, 0] = mean
+    gk, gmode = None, OUT_PLAIN
     if dout_affine is not None:
         if out is None or act:
             raise ValueError("dout_affine needs the forward output and no fused activation")
@@ -2056,6 +2062,31 @@ def conv2d_backward(
         gk = np.empty((5, w.shape[0]), x.dtype)
         gk[:3], gk[3:] = k, affine
         gmode = OUT_NORM_RELU if relu else OUT_NORM
+    if dx_sums is not None:
+        check_shape("dx_sums mean", dx_sums[0], (x.shape[1],))
+        check_shape("dx_sums", dx_sums[1], (2, x.shape[1]))
+    if winograd.chooses(x.shape, w.shape, dout.shape, stride, pad, dilation, groups):
+        hooks = (in_affine, accumulate, gk, gmode, dx_sums, relu_dx)
+        if winograd.backward(x, w, dout, pad, ws, dx, dw, db, y, act, *hooks):
+            return
+        conv_numpy.conv2d_backward(  # a first run, the kernel compiling in a child
+            x, w, dout, stride, pad, dilation, groups, dx, dw, db, out, act, in_affine,
+            accumulate, dout_affine, dx_sums, relu_dx,
+        )  # fmt: skip
+        return
+    want_dx = dx is not None
+    call, flat, w3 = _plan(x, w, dout, stride, pad, dilation, groups, ws, True, want_dx)
+    dims, geo, threads = call.args
+    dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
+    aff = dsums = None  # no hooks: the build without them
+    mode = IN_COPY
+    if in_affine is not None or dout_affine is not None or relu_dx:
+        aff, mode = input_hook(in_affine, x)
+        gk = np.zeros((5, 1), x.dtype) if gk is None else gk
+        # per thread: the norm's mean, then its two sums (no channels: none wanted)
+        dsums = np.zeros((threads, 3, 0 if dx_sums is None else x.shape[1]))
+    if dx_sums is not None:
+        dsums[:, 0] = dx_sums[0]
     args = (
         x, w3, dout, y, int(act), want_dx, dims, geo, threads, dx_arg, flat, aff, mode,
         bool(accumulate), gk, gmode, call.dxc, dsums, int(relu_dx), _split(stride),
@@ -2069,6 +2100,7 @@ def conv2d_backward(
         return
     kernel(*args)
     if dx_sums is not None:  # the threads' sums, added in thread order
+        sums = dx_sums[1]
         sums[...] = 0.0
         for part in dsums:
             sums += part[1:]

@@ -66,7 +66,16 @@ from numba import njit, prange
 
 # conv imports this module for its dispatch: its names are looked up when used
 from . import conv, conv_numpy
-from ._common import HELPER, Builds
+from ._common import (
+    HELPER,
+    IN_AFFINE_RELU,
+    IN_COPY,
+    OUT_NORM_RELU,
+    OUT_PLAIN,
+    Builds,
+    input_hook,
+    merge_moments,
+)
 
 # CNNSPEC_WINOGRAD: "auto" (default) takes the measured rule below, "0" never uses
 # Winograd (the direct conv everywhere: A/B runs, tests), "1" uses it wherever it applies.
@@ -599,12 +608,24 @@ def _new_scratch(sc, tiles, tx_, dtype):
     return sa, sb, st
 
 
+@njit(inline="always", nogil=True)
+def _copy_rows(xf, src, stride, sa, at, step, rows, n, aff, mode, c):
+    """conv.masked_rows' copy of `rows` rows of n, or through the input hook (aff: (2, C)
+    scale and shift, `mode`; None: a build without it) as the direct conv applies it."""
+    if aff is None or mode == IN_COPY:
+        conv.masked_rows(xf, src, stride, xf, sa, at, step, rows, n, 0)
+    else:
+        relu = 1 if mode == IN_AFFINE_RELU else 0
+        conv.affine_rows(xf, src, stride, sa, at, step, rows, n, aff[0, c], aff[1, c], relu)
+
+
 @njit(**HELPER, nogil=True)
-def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails):
-    """Plane l of sa (l * pls): padded rows 4 (r0 + r) + l of x[n0 .. n0 + ns, c], 4 tx
-    columns a row (tile row r of sample s at (s * nrows + r) * 4 tx), and each row's
-    columns 4 tx and 4 tx + 1 at tails + 2 z for the row's last tile z. Padding columns
-    are left as they are (zero: never written); padding rows are cleared."""
+def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails, aff, mode):
+    """Plane l of sa (l * pls): padded rows 4 (r0 + r) + l of h(x[n0 .. n0 + ns, c]) (the
+    input hook: _copy_rows), 4 tx columns a row (tile row r of sample s at (s * nrows + r)
+    * 4 tx), and each row's columns 4 tx and 4 tx + 1 at tails + 2 z for the row's last
+    tile z. Padding columns are left as they are (zero: never written); padding rows are
+    cleared: the padding is h(x)'s, zeros."""
     zero = sa.dtype.type(0.0)
     h_, w_ = x.shape[2], x.shape[3]
     s_ = 4 * tx_
@@ -631,10 +652,10 @@ def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails):
                     sa[tail0 + 2 * r * tx_] = sa[tail0 + 2 * r * tx_ + 1] = zero
             if hi > lo:
                 at = row0 + lo * s_ + pl
-                conv.masked_rows(xf, src, 4 * w_, xf, sa, at, s_, hi - lo, ncopy, 0)
+                _copy_rows(xf, src, 4 * w_, sa, at, s_, hi - lo, ncopy, aff, mode, c)
                 if ntail > 0:
                     at = tail0 + 2 * lo * tx_
-                    conv.masked_rows(xf, src + c4, 4 * w_, xf, sa, at, 2 * tx_, hi - lo, ntail, 0)
+                    _copy_rows(xf, src + c4, 4 * w_, sa, at, 2 * tx_, hi - lo, ntail, aff, mode, c)
 
 
 @njit(**HELPER, nogil=True)
@@ -675,15 +696,15 @@ def _input_row(sb, src, tails, last, nt, ws, at, ps):
 
 
 @njit(**HELPER, nogil=True)
-def _input_tiles(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, sb, sc, ws, at, ps):
+def _input_tiles(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, sb, sc, ws, at, ps, aff, mode):
     """V[p][at + z] = (B^T d B)[p] for the tiles z of tile rows r0 .. r0 + nrows of
-    x[n0 .. n0 + ns, c] (`ps`: the distance between points in ws; sample s's tile (r, t)
+    h(x[n0 .. n0 + ns, c]) (`ps`: the distance between points in ws; sample s's tile (r, t)
     is z = (s nrows + r) tx + t). Tile (r, t) reads padded rows 4r .. 4r + 5, columns
     4t .. 4t + 5: along its columns first (the planes' elements, tails included), then
     along its rows."""
     pls, tails, _, _, _, _, _, _, last, _, _, _, _ = sc
     nt = ns * nrows * tx_
-    _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails)
+    _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails, aff, mode)
     _input_columns(sa, 0, 4 * nt, pls, sb)
     _input_columns(sa, tails, 2 * nt, pls, sb)
     for i in range(6):
@@ -705,29 +726,26 @@ def _output_column(ws, m, ps6, nt, sa, o, ts6):
 
 
 @njit(**HELPER, nogil=True)
-def _output_row(sa, t, ts, nt, b, act, sb, d):
-    """sb[d + 4 z + i] = act((A^T m)[i] + b), i < 4, for tile z's row of 6 at
-    sa[t + j * ts + z]."""
+def _output_row(sa, t, ts, nt, sb, d):
+    """sb[d + 4 z + i] = (A^T m)[i], i < 4, for tile z's row of 6 at sa[t + j * ts + z]."""
     two, four, eight = sa.dtype.type(2.0), sa.dtype.type(4.0), sa.dtype.type(8.0)
-    zero = sa.dtype.type(0.0)
     t0, t1, t2 = t, t + ts, t + _U(2) * ts
     t3, t4, t5 = t + _U(3) * ts, t + _U(4) * ts, t + _U(5) * ts
     for z in range(_U(nt)):
         y = _at(sa[t0 + z], sa[t1 + z], sa[t2 + z], sa[t3 + z], sa[t4 + z], sa[t5 + z],
                 two, four, eight)  # fmt: skip
-        y0, y1, y2, y3 = y[0] + b, y[1] + b, y[2] + b, y[3] + b
-        if act == 1:
-            y0, y1, y2, y3 = max(y0, zero), max(y1, zero), max(y2, zero), max(y3, zero)
         o = d + _U(4) * z
-        sb[o], sb[o + _U(1)], sb[o + _U(2)], sb[o + _U(3)] = y0, y1, y2, y3
+        sb[o], sb[o + _U(1)], sb[o + _U(2)], sb[o + _U(3)] = y[0], y[1], y[2], y[3]
 
 
 @njit(**HELPER, nogil=True)
-def _output_tiles(ws, at, ps, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows):
+def _output_tiles(ws, at, ps, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows, moments, th, first):
     """out[n0 .. n0 + ns, k] rows 4 r0 .. 4 (r0 + nrows) = act(A^T M A + b) for those
     tile rows, M[p] at ws[at + p * ps:] (tiles numbered as in _input_tiles): along the
     tiles' columns, then their rows into 4 planes (output rows 4 r + a, 4 tx columns a
-    row), copied out; outputs past the map's edge are dropped."""
+    row), copied out by conv.epilogue_rows; outputs past the map's edge are dropped.
+    `moments` (None: a build without it): thread th's row of the output's moments, as
+    the direct conv takes them, its shift the thread's `first` value."""
     pls, _, ts, _, _, tv, _, _, _, buf, _, _, _ = sc
     oh, ow = out.shape[2], out.shape[3]
     tx_ = -(-ow // 4)
@@ -736,14 +754,27 @@ def _output_tiles(ws, at, ps, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows):
     for j in range(6):
         _output_column(ws, _U(at + j * ps), _U(6 * ps), nt, sa, _U(tv + j * ts), _U(6 * ts))
     for a in range(4):
-        _output_row(sa, _U(tv + 6 * a * ts), _U(ts), nt, b, act, sb, _U(buf + a * pls))
+        _output_row(sa, _U(tv + 6 * a * ts), _U(ts), nt, sb, _U(buf + a * pls))
     outf = out.reshape(-1)
+    k_ = out.shape[1]
+    shift, want = 0.0, 0
+    if moments is not None:
+        want = 1
+        if first:  # the shift: the thread's first value (output row 0 of its first block)
+            y = sb[buf] + b
+            moments[th, k] = max(y, sb.dtype.type(0.0)) if act == 1 else y
+        shift = moments[th, k]
     for a in range(4):
         rows = min(nrows, (oh - a + 3) // 4 - r0)  # output rows 4 (r0 + r) + a inside
         for s in range(ns if rows > 0 else 0):
-            dst = (((n0 + s) * out.shape[1] + k) * oh + 4 * r0 + a) * ow
+            dst = (((n0 + s) * k_ + k) * oh + 4 * r0 + a) * ow
             src = buf + a * pls + s * nrows * s_
-            conv.masked_rows(sb, src, s_, sb, outf, dst, 4 * ow, rows, ow, 0)
+            s1, s2 = conv.epilogue_rows(
+                sb, src, s_, outf, dst, 4 * ow, rows, ow, b, act, shift, want, None
+            )
+            if moments is not None:
+                moments[th, k_ + k] += s1
+                moments[th, 2 * k_ + k] += s2
 
 
 @njit(**HELPER, nogil=True, fastmath={"reassoc"})
@@ -778,12 +809,13 @@ def _dout_column(sb, t, step, nt, ws, v, vstep):
 
 
 @njit(**HELPER, nogil=True)
-def _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ps, db):
+def _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ps, db, gk, gmode):
     """dM[p] at ws[at + p * ps:] = (A dY A^T)[p] for the tiles of tile rows r0 .. r0 +
-    nrows of dout[n0 .. n0 + ns, k] (masked where a fused ReLU's output is 0; zero past
-    the edge; tiles numbered as in _input_tiles); db[k] += the sum of dY. Its rows go
-    into 4 planes (rows 4 r + a, 4 tx columns a row), then along the tiles' columns,
-    then their rows."""
+    nrows of dout[n0 .. n0 + ns, k] (masked where a fused ReLU's output is 0, or through
+    the output-gradient hook: gk, gmode as the direct conv's, gk None: a build without
+    it; zero past the edge; tiles numbered as in _input_tiles); db[k] += the sum of dY.
+    Its rows go into 4 planes (rows 4 r + a, 4 tx columns a row), then along the tiles'
+    columns, then their rows."""
     _, _, ts, dps, dp, _, _, _, _, _, dm, _, _ = sc
     oh, ow = dout.shape[2], dout.shape[3]
     tx_ = -(-ow // 4)
@@ -801,7 +833,14 @@ def _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ps, d
                     sa[o + i] = zero
             if rows > 0:
                 src = (((n0 + s) * dout.shape[1] + k) * oh + 4 * r0 + a) * ow
-                conv.masked_rows(df, src, 4 * ow, yf, sa, row0, s_, rows, ow, act)
+                if gk is None or gmode == OUT_PLAIN:
+                    conv.masked_rows(df, src, 4 * ow, yf, sa, row0, s_, rows, ow, act)
+                else:
+                    ka, kb, kc, ga, gb = gk[0, k], gk[1, k], gk[2, k], gk[3, k], gk[4, k]
+                    relu = 1 if gmode == OUT_NORM_RELU else 0
+                    conv.norm_rows(
+                        df, src, 4 * ow, yf, sa, row0, s_, rows, ow, ka, kb, kc, ga, gb, relu
+                    )
     acc = zero
     for a in range(4):
         acc += _dout_row(sa, _U(dp + a * dps), nt, sb, _U(dm + 6 * a * ts), _U(ts))
@@ -875,15 +914,23 @@ def _input_adjoint_tiles(ws, at, ps, tx_, ns, r0, nrows, sa, sb, st, sc, base, s
 
 
 @njit(**HELPER, nogil=True)
-def _unpad(dxpad, base, wp, pt, pl, dx, n, c):
-    """dx[n, c] = the interior of one sample-channel of the padded dx."""
+def _unpad(dxpad, base, wp, pt, pl, dx, n, c, x, accumulate, relu_dx):
+    """dx[n, c] = (or +=, `accumulate`) the interior of one sample-channel of the padded
+    dx; then 0 where x <= 0 with `relu_dx` (the direct conv's hooks)."""
     h_, w_ = dx.shape[2], dx.shape[3]
-    dxf = dx.reshape(-1)
+    dxf, xf = dx.reshape(-1), x.reshape(-1)
+    zero = dx.dtype.type(0.0)
     for y in range(h_):
         src = _U(base + (y + pt) * wp + pl)
         dst = _U(((n * dx.shape[1] + c) * h_ + y) * w_)
+        if not accumulate and not relu_dx:
+            for i in range(_U(w_)):
+                dxf[dst + i] = dxpad[src + i]
+            continue
         for i in range(_U(w_)):
-            dxf[dst + i] = dxpad[src + i]
+            v = dxpad[src + i] + dxf[dst + i] if accumulate else dxpad[src + i]
+            xv = xf[dst + i]  # loaded unconditionally: a conditional load blocks SIMD
+            dxf[dst + i] = v if (not relu_dx or xv > 0) else zero
 
 
 @njit(**HELPER, nogil=True)
@@ -922,7 +969,8 @@ def _tables(geo, c_, v_at, m_at, dv_at, zero_at, vs, ms, dvs):
 
 
 @Builds
-def _forward_blocks(x, w, bias, act, pads, geo, sc, T, out, ws):
+def _forward_blocks(x, w, bias, act, pads, geo, sc, T, out, ws, aff, mode, moments):
+    # aff, moments: None (a build without the hooks), or the input hook and the moments
     ty_, tx_, spb, rows, bands, tp, km, _kd, _cb, cd, _hp, _wp, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
     k_ = w.shape[0]
@@ -938,20 +986,35 @@ def _forward_blocks(x, w, bias, act, pads, geo, sc, T, out, ws):
         rows_v, rows_m, _rows_dv = _tables(geo, c_, v_at, m_at, dv_at, zero_at, vs, ms, dvs)
         ws[v_at:m_at] = 0.0  # panel padding columns: finite junk
         sa, sb, _ = _new_scratch(sc, spb * rows * tx_, tx_, x.dtype)
-        for block in range(th * total // T, (th + 1) * total // T):
+        first = th * total // T
+        for block in range(first, (th + 1) * total // T):
             n0, ns, r0, nrows = conv._tile_at(block, spb, bands, rows, n_, ty_)
             for c in range(c_):
                 at = v_at + c * tp
-                _input_tiles(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, sb, sc, ws, at, vs)
+                _input_tiles(
+                    x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, sb, sc, ws, at, vs, aff, mode
+                )
             cols = -(-(ns * nrows * tx_) // nr_) * nr_  # a short block: fewer panels
             _products(upack, kb, c_, ws, rows_v, cd, rows_m, km, cols)  # M = U V
             for k in range(k_):
                 b = bias[k] if has_bias else ws.dtype.type(0.0)
-                _output_tiles(ws, m_at + k * tp, ms, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows)
+                _output_tiles(
+                    ws, m_at + k * tp, ms, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows,
+                    moments, th, block == first,
+                )  # fmt: skip
+            if moments is not None:
+                oh, ow = out.shape[2], out.shape[3]
+                moments[th, 3 * k_] += ns * (min(4 * (r0 + nrows), oh) - 4 * r0) * ow
 
 
+# fmt: off
 @Builds
-def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, sc, T, dx, ws):
+def _backward_samples(
+    x, w, dout, yout, act, want_dx, pads, geo, sc, T, dx, ws, aff, mode, accumulate, gk, gmode,
+    dsums, relu_dx,
+):
+    # fmt: on
+    # the direct conv's hooks (conv2d_backward); aff, gk, dsums None: a build without them
     ty_, tx_, spb, rows, bands, tp, km, kd, cb, cd, hp, wp, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
     k_ = w.shape[0]
@@ -991,10 +1054,15 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, sc, T, dx, ws):
                             ws[row + used : row + cols] = 0.0
                 for c in range(c_):
                     at = v_at + c * tp
-                    _input_tiles(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, sb, sc, ws, at, vs)
+                    _input_tiles(
+                        x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, sb, sc, ws, at, vs, aff, mode
+                    )
                 for k in range(k_):
                     at = m_at + k * tp
-                    _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ms, db)
+                    _dout_tiles(
+                        dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ms, db, gk,
+                        gmode,
+                    )  # fmt: skip
                 for p in range(P):  # dU += dM V^T
                     for ob in range(0, kd, md):
                         for cbk in range(0, cd, nd):
@@ -1015,7 +1083,10 @@ def _backward_samples(x, w, dout, yout, act, want_dx, pads, geo, sc, T, dx, ws):
                 for s in range(ns):
                     for c in range(c_):
                         base = dx_at + (s * c_ + c) * hp * wp
-                        _unpad(ws, base, wp, pt, pl, dx, n0 + s, c)
+                        _unpad(ws, base, wp, pt, pl, dx, n0 + s, c, x, accumulate, relu_dx)
+                # no channels: no sums wanted (taken while the chunk's dx is in cache)
+                if dsums is not None and dsums.shape[2] > 0:
+                    conv._dx_sums(dx, x, n0, ns, aff, mode, dsums[th])
             n0 += ns
 
 
@@ -1044,32 +1115,67 @@ def _blocks(x_shape, w_shape, out_shape, itemsize, space, threads, backward):
 RUNS = {"forward": 0, "backward": 0}  # calls so far: `cnnspec bench` names the layers
 
 
-def forward(x, w, bias, pad, out, ws, act):
-    """out = act(conv2d(x, w) + bias), 3x3, stride 1 (checked by conv.py's caller)."""
+def forward(x, w, bias, pad, out, ws, act, in_affine=None, stats=None):
+    """out = act(conv2d(h(x), w) + bias), 3x3, stride 1 (checked by conv.py's caller),
+    with conv.conv2d_forward's hooks: h(x) through `in_affine`, `stats` the output's
+    batch mean and variance."""
     RUNS["forward"] += 1
     geo, sc, threads, flat = _plan(x, w, out, ws, False)
     pads = (int(pad[0]), int(pad[2]))
-    args = (x, w, bias, int(act), pads, tuple(geo), sc, threads, out, flat)
+    aff = moments = None  # no hooks: the build without them
+    mode = IN_COPY
+    if in_affine is not None or stats is not None:
+        aff, mode = input_hook(in_affine, x)
+        moments = np.zeros((threads if stats is not None else 1, 3 * w.shape[0] + 1))
+    want = stats is not None
+    args = (x, w, bias, int(act), pads, tuple(geo), sc, threads, out, flat, aff, mode,
+            moments if want else None)  # fmt: skip
     kernel = _forward_blocks.now(threads == 1, args)  # one thread: the serial build
     if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
-        conv_numpy.conv2d_forward(x, w, bias, (1, 1), pad, (1, 1), 1, out, act)
+        conv_numpy.conv2d_forward(
+            x, w, bias, (1, 1), pad, (1, 1), 1, out, act, None, in_affine, stats
+        )
         return
     kernel(*args)
+    if want:
+        stats[0], stats[1] = merge_moments(moments)
 
 
-def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
-    """dx (None: skipped), dw, db (None: skipped) of :func:`forward`."""
+def backward(
+    x, w, dout, pad, ws, dx, dw, db, y, act, in_affine=None, accumulate=False, gk=None,
+    gmode=OUT_PLAIN, dx_sums=None, relu_dx=False,
+):  # fmt: skip
+    """dx (None: skipped), dw, db (None: skipped) of :func:`forward`, with
+    conv.conv2d_backward's hooks (gk, gmode: its `dout_affine` as the direct conv takes
+    it). False, having done nothing, on a first run while the kernel compiles in a child:
+    the caller runs its numpy stand-in."""
     RUNS["backward"] += 1
     geo, sc, threads, flat = _plan(x, w, dout, ws, True)
     pads = (int(pad[0]), int(pad[2]))
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
-    args = (x, w, dout, y, int(act), want_dx, pads, tuple(geo), sc, threads, dx_arg, flat)
+    aff = dsums = None  # no hooks: the build without them
+    mode = IN_COPY
+    if in_affine is not None or gk is not None or relu_dx:  # (accumulate: a flag of both)
+        aff, mode = input_hook(in_affine, x)
+        gk = np.zeros((5, 1), x.dtype) if gk is None else gk
+        # per thread: the norm's mean, then its two sums (no channels: none wanted)
+        dsums = np.zeros((threads, 3, 0 if dx_sums is None else x.shape[1]))
+        if dx_sums is not None:
+            dsums[:, 0] = dx_sums[0]
+    args = (
+        x, w, dout, y, int(act), want_dx, pads, tuple(geo), sc, threads, dx_arg, flat, aff,
+        mode, bool(accumulate), gk, gmode, dsums, int(relu_dx),
+    )  # fmt: skip
     kernel = _backward_samples.now(threads == 1, args)
     if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
-        conv_numpy.conv2d_backward(x, w, dout, (1, 1), pad, (1, 1), 1, dx, dw, db, y, act)
-        return
+        return False
     kernel(*args)
+    if dx_sums is not None:  # the threads' sums, added in thread order
+        sums = dx_sums[1]
+        sums[...] = 0.0
+        for part in dsums:
+            sums += part[1:]
     # the threads' private sums, added in thread order: the same bits every run
     k_ = w.shape[0]
     du_at, db_at = _regions.py_func(geo, x.shape[1], 0)[4:6]  # (a helper: no Python entry)
@@ -1080,3 +1186,4 @@ def backward(x, w, dout, pad, ws, dx, dw, db, y, act):
         db[...] = 0
         for t in range(threads):
             db += flat[starts[t] + db_at : starts[t] + db_at + k_]
+    return True
