@@ -237,21 +237,19 @@ def prefetch(typingctx, a, at):
 
 
 @intrinsic
-def epilogue_rows(
-    typingctx, p, p_at, p_stride, out, out_at, out_stride, rows, n, bias, act, shift, want, res
-):
-    """out[out_at + r*out_stride:][:n] = act(p[p_at + r*p_stride:][:n] + bias) for r < rows (act 1:
+def epilogue_rows(typingctx, p, p_at, p_stride, out, out_at, rows, n, bias, act, shift, want, res):
+    """out[out_at + r*n:][:n] = act(p[p_at + r*p_stride:][:n] + bias) for r < rows (act 1:
     ReLU); returns (sum(y - shift), sum((y - shift)^2)) over them in float64 if `want`,
     else (0, 0). Whole vectors and a masked one a row, the sums in vector registers
     across the rows. `res`: None, or an array shaped as out whose elements are added
     before act (a residual add fused into the conv: act((p + bias) + res))."""
     i64 = types.int64
     f64 = types.float64
-    sig = types.UniTuple(f64, 2)(p, i64, i64, out, i64, i64, i64, i64, p.dtype, i64, f64, i64, res)
+    sig = types.UniTuple(f64, 2)(p, i64, i64, out, i64, i64, i64, p.dtype, i64, f64, i64, res)
     residual = not isinstance(res, (types.NoneType, types.Omitted))
 
     def codegen(context, builder, signature, args):
-        p_ary, p_at, p_stride, o_ary, o_at, o_stride, rows, n, bias, act, shift, want, r_ary = args
+        p_ary, p_at, p_stride, o_ary, o_at, rows, n, bias, act, shift, want, r_ary = args
         vec = _llvm.vector(signature.args[0].dtype)
         single = isinstance(vec.element, ir.FloatType)
         parts = 2 if single else 1  # float64 vectors a vector of data makes
@@ -259,7 +257,7 @@ def epilogue_rows(
         dvec = ir.VectorType(ir.DoubleType(), half)
         pp = _llvm.base(context, builder, signature.args[0], p_ary, p_at)
         po = _llvm.base(context, builder, signature.args[3], o_ary, o_at)
-        pr = _llvm.base(context, builder, signature.args[12], r_ary, o_at) if residual else None
+        pr = _llvm.base(context, builder, signature.args[11], r_ary, o_at) if residual else None
         bv, kv = _llvm.splat(builder, vec, bias), _llvm.splat(builder, dvec, shift)
         relu = builder.icmp_signed("==", act, _llvm.const(1))
         full = builder.sdiv(n, _llvm.const(vec.count))
@@ -299,8 +297,8 @@ def epilogue_rows(
         def rows_loop(sums):
             def row(r, acc):
                 src = builder.gep(pp, [builder.mul(r, p_stride)])
-                dst = builder.gep(po, [builder.mul(r, o_stride)])
-                rsd = builder.gep(pr, [builder.mul(r, o_stride)]) if residual else None
+                dst = builder.gep(po, [builder.mul(r, n)])
+                rsd = builder.gep(pr, [builder.mul(r, n)]) if residual else None
 
                 def step(i, acc):
                     at = builder.mul(i, _llvm.const(vec.count))
@@ -1563,7 +1561,7 @@ def _forward_tiles(
                         shift = moments[t, o]
                     a, a2 = epilogue_rows(
                         prod, at, spt * wq, flat_out, ((n0 + s) * o_ + o) * oh * ow + oy0 * ow,
-                        ow, nr, ow, b, act, shift, want, res,
+                        nr, ow, b, act, shift, want, res,
                     )  # fmt: skip
                     if moments is not None and want_moments:
                         moments[t, o_ + o] += a

@@ -609,14 +609,13 @@ def _new_scratch(sc, tiles, tx_, dtype):
 
 
 @njit(inline="always", nogil=True)
-def _copy_rows(xf, src, stride, sa, at, step, rows, n, aff, mode, c):
-    """conv.masked_rows' copy of `rows` rows of n, or through the input hook (aff: (2, C)
-    scale and shift, `mode`; None: a build without it) as the direct conv applies it."""
-    if aff is None or mode == IN_COPY:
-        conv.masked_rows(xf, src, stride, xf, sa, at, step, rows, n, 0)
+def _copy_rows(xf, src, stride, sa, at, step, rows, n, hook, a, b, relu):
+    """conv.masked_rows' copy of `rows` rows of n, or with `hook` x * a + b (then its
+    ReLU if relu), as the direct conv applies the input hook."""
+    if hook:
+        conv.affine_rows(xf, src, stride, sa, at, step, rows, n, a, b, relu)
     else:
-        relu = 1 if mode == IN_AFFINE_RELU else 0
-        conv.affine_rows(xf, src, stride, sa, at, step, rows, n, aff[0, c], aff[1, c], relu)
+        conv.masked_rows(xf, src, stride, xf, sa, at, step, rows, n, 0)
 
 
 @njit(**HELPER, nogil=True)
@@ -633,6 +632,11 @@ def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails, aff, mod
     ncopy = min(w_, s_ - pl)
     c4 = s_ - pl  # x's column of a row's tail
     ntail = max(0, min(2, w_ - c4))
+    # the hook's scalars, taken here: aff passed on to the copies cost ~35 ns a call (4x
+    # the planes' time on 8x8 maps)
+    hook, a, b, relu = False, zero, zero, 0
+    if aff is not None and mode != IN_COPY:
+        hook, a, b, relu = True, aff[0, c], aff[1, c], 1 if mode == IN_AFFINE_RELU else 0
     for l in range(6):
         lo, hi = 0, nrows  # tile rows whose row y = 4 (r0 + r) + l - pt is inside x
         while lo < nrows and 4 * (r0 + lo) + l - pt < 0:
@@ -652,10 +656,11 @@ def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails, aff, mod
                     sa[tail0 + 2 * r * tx_] = sa[tail0 + 2 * r * tx_ + 1] = zero
             if hi > lo:
                 at = row0 + lo * s_ + pl
-                _copy_rows(xf, src, 4 * w_, sa, at, s_, hi - lo, ncopy, aff, mode, c)
+                inside = hi - lo
+                _copy_rows(xf, src, 4 * w_, sa, at, s_, inside, ncopy, hook, a, b, relu)
                 if ntail > 0:
-                    at = tail0 + 2 * lo * tx_
-                    _copy_rows(xf, src + c4, 4 * w_, sa, at, 2 * tx_, hi - lo, ntail, aff, mode, c)
+                    at, src = tail0 + 2 * lo * tx_, src + c4
+                    _copy_rows(xf, src, 4 * w_, sa, at, 2 * tx_, inside, ntail, hook, a, b, relu)
 
 
 @njit(**HELPER, nogil=True)
@@ -726,16 +731,34 @@ def _output_column(ws, m, ps6, nt, sa, o, ts6):
 
 
 @njit(**HELPER, nogil=True)
-def _output_row(sa, t, ts, nt, sb, d):
-    """sb[d + 4 z + i] = (A^T m)[i], i < 4, for tile z's row of 6 at sa[t + j * ts + z]."""
+def _output_row(sa, t, ts, nt, b, act, sb, d):
+    """sb[d + 4 z + i] = act((A^T m)[i] + b), i < 4, for tile z's row of 6 at
+    sa[t + j * ts + z]."""
     two, four, eight = sa.dtype.type(2.0), sa.dtype.type(4.0), sa.dtype.type(8.0)
+    zero = sa.dtype.type(0.0)
     t0, t1, t2 = t, t + ts, t + _U(2) * ts
     t3, t4, t5 = t + _U(3) * ts, t + _U(4) * ts, t + _U(5) * ts
     for z in range(_U(nt)):
         y = _at(sa[t0 + z], sa[t1 + z], sa[t2 + z], sa[t3 + z], sa[t4 + z], sa[t5 + z],
                 two, four, eight)  # fmt: skip
+        y0, y1, y2, y3 = y[0] + b, y[1] + b, y[2] + b, y[3] + b
+        if act == 1:
+            y0, y1, y2, y3 = max(y0, zero), max(y1, zero), max(y2, zero), max(y3, zero)
         o = d + _U(4) * z
-        sb[o], sb[o + _U(1)], sb[o + _U(2)], sb[o + _U(3)] = y[0], y[1], y[2], y[3]
+        sb[o], sb[o + _U(1)], sb[o + _U(2)], sb[o + _U(3)] = y0, y1, y2, y3
+
+
+@njit(**HELPER, nogil=True, fastmath={"reassoc"})
+def _moments(y, at, n, shift):
+    """(sum(e), sum(e^2)) over y[at : at + n] in float64, e = y - shift (the batch norm's
+    statistics, as the direct conv's epilogue takes them; 'reassoc' vectorises the
+    sums in an order fixed at compile time)."""
+    s1, s2 = 0.0, 0.0
+    for i in range(_U(at), _U(at + n)):
+        e = np.float64(y[i]) - shift
+        s1 += e
+        s2 += e * e
+    return s1, s2
 
 
 @njit(**HELPER, nogil=True)
@@ -743,38 +766,38 @@ def _output_tiles(ws, at, ps, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows, mom
     """out[n0 .. n0 + ns, k] rows 4 r0 .. 4 (r0 + nrows) = act(A^T M A + b) for those
     tile rows, M[p] at ws[at + p * ps:] (tiles numbered as in _input_tiles): along the
     tiles' columns, then their rows into 4 planes (output rows 4 r + a, 4 tx columns a
-    row), copied out by conv.epilogue_rows; outputs past the map's edge are dropped.
-    `moments` (None: a build without it): thread th's row of the output's moments, as
-    the direct conv takes them, its shift the thread's `first` value."""
+    row), copied out; outputs past the map's edge are dropped. `moments` (None: a build
+    without it): += those rows' moments in thread th's row, as the direct conv takes
+    them, shifted by the thread's `first` value."""
     pls, _, ts, _, _, tv, _, _, _, buf, _, _, _ = sc
-    oh, ow = out.shape[2], out.shape[3]
+    k_, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     tx_ = -(-ow // 4)
     nt = ns * nrows * tx_
     s_ = 4 * tx_
     for j in range(6):
         _output_column(ws, _U(at + j * ps), _U(6 * ps), nt, sa, _U(tv + j * ts), _U(6 * ts))
     for a in range(4):
-        _output_row(sa, _U(tv + 6 * a * ts), _U(ts), nt, sb, _U(buf + a * pls))
+        _output_row(sa, _U(tv + 6 * a * ts), _U(ts), nt, b, act, sb, _U(buf + a * pls))
     outf = out.reshape(-1)
-    k_ = out.shape[1]
-    shift, want = 0.0, 0
-    if moments is not None:
-        want = 1
-        if first:  # the shift: the thread's first value (output row 0 of its first block)
-            y = sb[buf] + b
-            moments[th, k] = max(y, sb.dtype.type(0.0)) if act == 1 else y
-        shift = moments[th, k]
     for a in range(4):
         rows = min(nrows, (oh - a + 3) // 4 - r0)  # output rows 4 (r0 + r) + a inside
         for s in range(ns if rows > 0 else 0):
             dst = (((n0 + s) * k_ + k) * oh + 4 * r0 + a) * ow
             src = buf + a * pls + s * nrows * s_
-            s1, s2 = conv.epilogue_rows(
-                sb, src, s_, outf, dst, 4 * ow, rows, ow, b, act, shift, want, None
-            )
-            if moments is not None:
-                moments[th, k_ + k] += s1
-                moments[th, 2 * k_ + k] += s2
+            conv.masked_rows(sb, src, s_, sb, outf, dst, 4 * ow, rows, ow, 0)
+    if moments is not None:  # over the rows just written, a sample's in one run (in L1)
+        size = (min(4 * (r0 + nrows), oh) - 4 * r0) * ow
+        start = ((n0 * k_ + k) * oh + 4 * r0) * ow
+        if first:
+            moments[th, k] = outf[start]
+        shift = moments[th, k]
+        s1, s2 = 0.0, 0.0
+        for s in range(ns):
+            m1, m2 = _moments(outf, start + s * k_ * oh * ow, size, shift)
+            s1 += m1
+            s2 += m2
+        moments[th, k_ + k] += s1
+        moments[th, 2 * k_ + k] += s2
 
 
 @njit(**HELPER, nogil=True, fastmath={"reassoc"})
@@ -823,6 +846,11 @@ def _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ps, d
     s_ = 4 * tx_
     df, yf = dout.reshape(-1), yout.reshape(-1)
     zero = ws.dtype.type(0.0)
+    # the hook's scalars, taken here (see _input_planes)
+    hook, ka, kb, kc, ga, gb, relu = False, zero, zero, zero, zero, zero, 0
+    if gk is not None and gmode != OUT_PLAIN:
+        hook, ka, kb, kc, ga, gb = True, gk[0, k], gk[1, k], gk[2, k], gk[3, k], gk[4, k]
+        relu = 1 if gmode == OUT_NORM_RELU else 0
     for a in range(4):
         rows = max(0, min(nrows, (oh - a + 3) // 4 - r0))  # rows 4 (r0 + r) + a inside
         for s in range(ns):
@@ -833,11 +861,9 @@ def _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ps, d
                     sa[o + i] = zero
             if rows > 0:
                 src = (((n0 + s) * dout.shape[1] + k) * oh + 4 * r0 + a) * ow
-                if gk is None or gmode == OUT_PLAIN:
+                if not hook:
                     conv.masked_rows(df, src, 4 * ow, yf, sa, row0, s_, rows, ow, act)
                 else:
-                    ka, kb, kc, ga, gb = gk[0, k], gk[1, k], gk[2, k], gk[3, k], gk[4, k]
-                    relu = 1 if gmode == OUT_NORM_RELU else 0
                     conv.norm_rows(
                         df, src, 4 * ow, yf, sa, row0, s_, rows, ow, ka, kb, kc, ga, gb, relu
                     )
@@ -914,23 +940,15 @@ def _input_adjoint_tiles(ws, at, ps, tx_, ns, r0, nrows, sa, sb, st, sc, base, s
 
 
 @njit(**HELPER, nogil=True)
-def _unpad(dxpad, base, wp, pt, pl, dx, n, c, x, accumulate, relu_dx):
+def _unpad(dxpad, base, wp, pt, pl, dx, n, c, accumulate):
     """dx[n, c] = (or +=, `accumulate`) the interior of one sample-channel of the padded
-    dx; then 0 where x <= 0 with `relu_dx` (the direct conv's hooks)."""
+    dx."""
     h_, w_ = dx.shape[2], dx.shape[3]
-    dxf, xf = dx.reshape(-1), x.reshape(-1)
-    zero = dx.dtype.type(0.0)
-    for y in range(h_):
-        src = _U(base + (y + pt) * wp + pl)
-        dst = _U(((n * dx.shape[1] + c) * h_ + y) * w_)
-        if not accumulate and not relu_dx:
-            for i in range(_U(w_)):
-                dxf[dst + i] = dxpad[src + i]
-            continue
-        for i in range(_U(w_)):
-            v = dxpad[src + i] + dxf[dst + i] if accumulate else dxpad[src + i]
-            xv = xf[dst + i]  # loaded unconditionally: a conditional load blocks SIMD
-            dxf[dst + i] = v if (not relu_dx or xv > 0) else zero
+    src, dst = base + pt * wp + pl, (n * dx.shape[1] + c) * h_ * w_
+    if accumulate:
+        conv.add_rows(dxpad, src, wp, dx.reshape(-1), dst, w_, h_, w_)
+    else:
+        conv.masked_rows(dxpad, src, wp, dxpad, dx.reshape(-1), dst, w_, h_, w_, 0)
 
 
 @njit(**HELPER, nogil=True)
@@ -1083,8 +1101,11 @@ def _backward_samples(
                 for s in range(ns):
                     for c in range(c_):
                         base = dx_at + (s * c_ + c) * hp * wp
-                        _unpad(ws, base, wp, pt, pl, dx, n0 + s, c, x, accumulate, relu_dx)
-                # no channels: no sums wanted (taken while the chunk's dx is in cache)
+                        _unpad(ws, base, wp, pt, pl, dx, n0 + s, c, accumulate)
+                # the hooks over the chunk's dx while it is in cache, as the direct conv
+                if aff is not None and relu_dx:
+                    conv._relu_dx(dx, x, n0, ns)
+                # (no channels: no sums wanted)
                 if dsums is not None and dsums.shape[2] > 0:
                     conv._dx_sums(dx, x, n0, ns, aff, mode, dsums[th])
             n0 += ns
