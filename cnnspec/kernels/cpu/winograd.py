@@ -762,13 +762,15 @@ def _moments(y, at, n, shift):
 
 
 @njit(**HELPER, nogil=True)
-def _output_tiles(ws, at, ps, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows, moments, th, first):
+def _output_tiles(
+    ws, at, ps, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows, moments, want, th, first
+):
     """out[n0 .. n0 + ns, k] rows 4 r0 .. 4 (r0 + nrows) = act(A^T M A + b) for those
     tile rows, M[p] at ws[at + p * ps:] (tiles numbered as in _input_tiles): along the
     tiles' columns, then their rows into 4 planes (output rows 4 r + a, 4 tx columns a
-    row), copied out; outputs past the map's edge are dropped. `moments` (None: a build
-    without it): += those rows' moments in thread th's row, as the direct conv takes
-    them, shifted by the thread's `first` value."""
+    row), copied out; outputs past the map's edge are dropped. With `want`, moments (None:
+    a build without them) += those rows' moments in thread th's row, as the direct conv
+    takes them, shifted by the thread's `first` value."""
     pls, _, ts, _, _, tv, _, _, _, buf, _, _, _ = sc
     k_, oh, ow = out.shape[1], out.shape[2], out.shape[3]
     tx_ = -(-ow // 4)
@@ -785,7 +787,7 @@ def _output_tiles(ws, at, ps, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows, mom
             dst = (((n0 + s) * k_ + k) * oh + 4 * r0 + a) * ow
             src = buf + a * pls + s * nrows * s_
             conv.masked_rows(sb, src, s_, sb, outf, dst, 4 * ow, rows, ow, 0)
-    if moments is not None:  # over the rows just written, a sample's in one run (in L1)
+    if moments is not None and want:  # over the rows just written, a sample's in one run
         size = (min(4 * (r0 + nrows), oh) - 4 * r0) * ow
         start = ((n0 * k_ + k) * oh + 4 * r0) * ow
         if first:
@@ -987,8 +989,9 @@ def _tables(geo, c_, v_at, m_at, dv_at, zero_at, vs, ms, dvs):
 
 
 @Builds
-def _forward_blocks(x, w, bias, act, pads, geo, sc, T, out, ws, aff, mode, moments):
-    # aff, moments: None (a build without the hooks), or the input hook and the moments
+def _forward_blocks(x, w, bias, act, pads, geo, sc, T, out, ws, aff, mode, moments, want):
+    # aff, moments: None (a build without the hooks), or the input hook and the output's
+    # moments (taken if `want`)
     ty_, tx_, spb, rows, bands, tp, km, _kd, _cb, cd, _hp, _wp, per, _ = geo
     n_, c_ = x.shape[0], x.shape[1]
     k_ = w.shape[0]
@@ -1018,9 +1021,9 @@ def _forward_blocks(x, w, bias, act, pads, geo, sc, T, out, ws, aff, mode, momen
                 b = bias[k] if has_bias else ws.dtype.type(0.0)
                 _output_tiles(
                     ws, m_at + k * tp, ms, b, act, sa, sb, sc, out, n0, ns, k, r0, nrows,
-                    moments, th, block == first,
+                    moments, want, th, block == first,
                 )  # fmt: skip
-            if moments is not None:
+            if moments is not None and want:
                 oh, ow = out.shape[2], out.shape[3]
                 moments[th, 3 * k_] += ns * (min(4 * (r0 + nrows), oh) - 4 * r0) * ow
 
@@ -1145,12 +1148,12 @@ def forward(x, w, bias, pad, out, ws, act, in_affine=None, stats=None):
     pads = (int(pad[0]), int(pad[2]))
     aff = moments = None  # no hooks: the build without them
     mode = IN_COPY
-    if in_affine is not None or stats is not None:
-        aff, mode = input_hook(in_affine, x)
-        moments = np.zeros((threads if stats is not None else 1, 3 * w.shape[0] + 1))
     want = stats is not None
+    if in_affine is not None or want:  # one build for both hooks (as the direct conv)
+        aff, mode = input_hook(in_affine, x)
+        moments = np.zeros((threads if want else 1, 3 * w.shape[0] + 1))
     args = (x, w, bias, int(act), pads, tuple(geo), sc, threads, out, flat, aff, mode,
-            moments if want else None)  # fmt: skip
+            moments, int(want))  # fmt: skip
     kernel = _forward_blocks.now(threads == 1, args)  # one thread: the serial build
     if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
         conv_numpy.conv2d_forward(
