@@ -210,7 +210,9 @@ def test_winograd_fusion_hooks_match_direct(name, hooks, dtype, mode):
     dout = rng.standard_normal(out.shape).astype(dtype)
     prior = rng.standard_normal(x.shape).astype(dtype)
     direct = _hooked("0", mode, x, w, b, pad, out, ws, dout, prior, hooks)
+    runs = dict(winograd.RUNS)
     wino = _hooked("1", mode, x, w, b, pad, out, ws, dout, prior, hooks)
+    assert winograd.RUNS == {name: count + 1 for name, count in runs.items()}  # (it ran)
     for got, ref in zip(wino[:4], direct[:4], strict=True):
         if ref is not None:
             assert _scaled_error(got, ref) < TOL[dtype]
