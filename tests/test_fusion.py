@@ -240,22 +240,6 @@ def test_add_stand_ins_give_the_kernels_bits(dtype):
             np.testing.assert_array_equal(masked[0], masked[1])
 
 
-def test_a_conv_with_fusion_hooks_runs_direct_where_winograd_would(monkeypatch):
-    """Winograd honours none of the hooks yet: a hooked conv must take the direct path
-    even where the rule (here forced) picks Winograd for it."""
-    from cnnspec.kernels.cpu import winograd
-
-    monkeypatch.setattr(winograd, "MODE", "1")
-    fused, plain = _pair(monkeypatch, np.float64)
-    rng = np.random.default_rng(10)
-    x, y = rng.normal(size=(3, 3, 7, 7)), rng.integers(0, 3, 3)
-    la, ga = fused.loss_and_grads(x, y, copy=True)
-    lb, gb = plain.loss_and_grads(x, y, copy=True)
-    assert np.isclose(la, lb, rtol=1e-9)
-    for k in gb:
-        np.testing.assert_allclose(ga[k], gb[k], rtol=1e-7, atol=1e-9, err_msg=k)
-
-
 # Residual blocks as ResNet-20's (option-A shortcut in the second): each block's bn1 feeds
 # only its conv2, which takes the norm's backward sums; a1 and a2 pass their gradient
 # through (their ReLUs' masks applied by c3 and c5, the convs that write those gradients
@@ -297,6 +281,34 @@ layers:
 
 def _flagged(model, flag):
     return {i.name for i in model.infos if getattr(i.layer, flag, False)}
+
+
+@pytest.mark.parametrize("text", [NET, RESIDUAL], ids=["net", "residual"])
+def test_convs_with_fusion_hooks_run_winograd_where_it_is_picked(monkeypatch, text):
+    """Winograd honours the hooks: with the rule forced, every 3x3 stride-1 conv of the
+    fused model runs it, hooks and all (statistics, the norm's affine and ReLU on its
+    input; backward the norm's gradient, dx added to or masked, the norm's sums), and
+    the model computes what the unfused one does."""
+    from cnnspec.kernels.cpu import winograd
+
+    monkeypatch.setattr(winograd, "MODE", "1")
+    fused, plain = _pair(monkeypatch, np.float64, text=text)
+    picked = [
+        i.layer for i in fused.infos
+        if i.node.type == "conv2d"
+        and i.layer.attrs["kernel"] == [3, 3] and i.layer.attrs["stride"] == [1, 1]
+    ]  # fmt: skip
+    assert any(c.stats_out is not None or c.in_affine is not None for c in picked)
+    rng = np.random.default_rng(10)
+    x, y = rng.normal(size=(3, *fused.input_shape)), rng.integers(0, 3, 3)
+    runs = dict(winograd.RUNS)
+    la, ga = fused.loss_and_grads(x, y, copy=True)
+    assert winograd.RUNS["forward"] - runs["forward"] == len(picked)
+    assert winograd.RUNS["backward"] - runs["backward"] == len(picked)
+    lb, gb = plain.loss_and_grads(x, y, copy=True)
+    assert np.isclose(la, lb, rtol=1e-9)
+    for k in gb:
+        np.testing.assert_allclose(ga[k], gb[k], rtol=1e-7, atol=1e-9, err_msg=k)
 
 
 def test_residual_blocks_pass_gradients_through_and_take_norm_sums(monkeypatch):
