@@ -1768,8 +1768,8 @@ def _backward_samples(
     sample, osample, line = x.size // n_, dout.size // n_, 64 // x.itemsize
     reads_y = act != 0 or gk is not None  # else y is dout, or unread
     calls = tiles * g_ * (tcp // nr_) * (kgb // mr)  # the transposed dx products
-    runs = max(1, (tcp + _DW_COLUMNS // 2) // _DW_COLUMNS)  # the dW products' column runs
-    share = -(-tcp // runs)
+    runs = (tcp + _DW_COLUMNS // 2) // _DW_COLUMNS  # the dW products' column runs
+    share = -(-tcp // runs) if runs > 1 else tcp
     run = -(-share // nr_) * nr_  # whole panels (as tcp)
     for t in prange(T):
         x_at, dx_at, zero_at, sink_at, prod_at, dw_at = _regions(geo, g_, t * per)
