@@ -136,6 +136,42 @@ def input_hook(in_affine, x):
     return aff, IN_AFFINE_RELU if relu else IN_AFFINE
 
 
+def forward_hooks(in_affine, stats, x, outputs, threads):
+    """A conv forward's (aff, mode, moments): all None / IN_COPY without hooks (the
+    build without them), else the input hook and per-thread moment rows for
+    :func:`merge_moments` (one row, unused, without `stats`): one build for both hooks."""
+    if in_affine is None and stats is None:
+        return None, IN_COPY, None
+    aff, mode = input_hook(in_affine, x)
+    return aff, mode, np.zeros((threads if stats is not None else 1, 3 * outputs + 1))
+
+
+def backward_hooks(in_affine, gk, relu_dx, dx_sums, x, threads):
+    """A conv backward's (aff, mode, gk, dsums): None / IN_COPY / gk / None without
+    hooks (the build without them; accumulate is a flag of both builds), else the input
+    hook, the output-gradient hook's coefficients (gk, or a (5, 1) placeholder) and per
+    thread the norm's mean then its two sums (no channels: none wanted), for
+    :func:`merge_dx_sums`."""
+    if in_affine is None and gk is None and not relu_dx:
+        return None, IN_COPY, gk, None
+    aff, mode = input_hook(in_affine, x)
+    gk = np.zeros((5, 1), x.dtype) if gk is None else gk
+    dsums = np.zeros((threads, 3, 0 if dx_sums is None else x.shape[1]))
+    if dx_sums is not None:
+        dsums[:, 0] = dx_sums[0]
+    return aff, mode, gk, dsums
+
+
+def merge_dx_sums(dx_sums, dsums):
+    """dx_sums' sums (float64 (2, C)) = the threads' in dsums, added in thread order."""
+    if dx_sums is None:
+        return
+    sums = dx_sums[1]
+    sums[...] = 0.0
+    for part in dsums:
+        sums += part[1:]
+
+
 def unpack_geometry(stride, pad, dilation):
     """(sh, sw, pt, pb, pl, pr, dh, dw) as Python ints from [h, w], [t, b, l, r], [h, w]."""
     sh, sw = (int(s) for s in stride)

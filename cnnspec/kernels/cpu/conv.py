@@ -30,9 +30,11 @@ from ._common import (
     OUT_PLAIN,
     VECTOR_BITS,
     Builds,
+    backward_hooks,
     check_c,
     check_shape,
-    input_hook,
+    forward_hooks,
+    merge_dx_sums,
     merge_moments,
 )
 from ._common import unpack_geometry as _unpack
@@ -1992,11 +1994,8 @@ def conv2d_forward(
     call, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
     dims, geo, threads = call.args
     o = w.shape[0]
-    aff = moments = None  # no hooks: the build without them (LeNet-5 compiles only that)
-    mode = IN_COPY
-    if in_affine is not None or stats is not None:
-        aff, mode = input_hook(in_affine, x)
-        moments = np.zeros((threads if stats is not None else 1, 3 * o + 1))
+    # no hooks: the build without them (LeNet-5 compiles only that)
+    aff, mode, moments = forward_hooks(in_affine, stats, x, o, threads)
     args = (
         x, w3, bias, int(act), dims, geo, threads, out, flat, aff, mode, moments,
         stats is not None, _split(stride), None if residual is None else residual.reshape(-1),
@@ -2088,15 +2087,7 @@ def conv2d_backward(
     call, flat, w3 = _plan(x, w, dout, stride, pad, dilation, groups, ws, True, want_dx)
     dims, geo, threads = call.args
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
-    aff = dsums = None  # no hooks: the build without them
-    mode = IN_COPY
-    if in_affine is not None or dout_affine is not None or relu_dx:
-        aff, mode = input_hook(in_affine, x)
-        gk = np.zeros((5, 1), x.dtype) if gk is None else gk
-        # per thread: the norm's mean, then its two sums (no channels: none wanted)
-        dsums = np.zeros((threads, 3, 0 if dx_sums is None else x.shape[1]))
-    if dx_sums is not None:
-        dsums[:, 0] = dx_sums[0]
+    aff, mode, gk, dsums = backward_hooks(in_affine, gk, relu_dx, dx_sums, x, threads)
     args = (
         x, w3, dout, y, int(act), want_dx, dims, geo, threads, dx_arg, flat, aff, mode,
         bool(accumulate), gk, gmode, call.dxc, dsums, int(relu_dx), _split(stride),
@@ -2109,11 +2100,7 @@ def conv2d_backward(
         )  # fmt: skip
         return
     kernel(*args)
-    if dx_sums is not None:  # the threads' sums, added in thread order
-        sums = dx_sums[1]
-        sums[...] = 0.0
-        for part in dsums:
-            sums += part[1:]
+    merge_dx_sums(dx_sums, dsums)
     # the threads' private sums, added in thread order: the same bits every run
     size = w3.shape[0] * call.geo.ogd * call.geo.kgd
     per, at, o = call.geo.per_thread, call.dw_at, w.shape[0]

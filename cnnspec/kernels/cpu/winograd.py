@@ -73,7 +73,9 @@ from ._common import (
     OUT_NORM_RELU,
     OUT_PLAIN,
     Builds,
-    input_hook,
+    backward_hooks,
+    forward_hooks,
+    merge_dx_sums,
     merge_moments,
 )
 
@@ -1146,12 +1148,8 @@ def forward(x, w, bias, pad, out, ws, act, in_affine=None, stats=None):
     RUNS["forward"] += 1
     geo, sc, threads, flat = _plan(x, w, out, ws, False)
     pads = (int(pad[0]), int(pad[2]))
-    aff = moments = None  # no hooks: the build without them
-    mode = IN_COPY
+    aff, mode, moments = forward_hooks(in_affine, stats, x, w.shape[0], threads)
     want = stats is not None
-    if in_affine is not None or want:  # one build for both hooks (as the direct conv)
-        aff, mode = input_hook(in_affine, x)
-        moments = np.zeros((threads if want else 1, 3 * w.shape[0] + 1))
     args = (x, w, bias, int(act), pads, tuple(geo), sc, threads, out, flat, aff, mode,
             moments, int(want))  # fmt: skip
     kernel = _forward_blocks.now(threads == 1, args)  # one thread: the serial build
@@ -1178,15 +1176,7 @@ def backward(
     pads = (int(pad[0]), int(pad[2]))
     want_dx = dx is not None
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
-    aff = dsums = None  # no hooks: the build without them
-    mode = IN_COPY
-    if in_affine is not None or gk is not None or relu_dx:  # (accumulate: a flag of both)
-        aff, mode = input_hook(in_affine, x)
-        gk = np.zeros((5, 1), x.dtype) if gk is None else gk
-        # per thread: the norm's mean, then its two sums (no channels: none wanted)
-        dsums = np.zeros((threads, 3, 0 if dx_sums is None else x.shape[1]))
-        if dx_sums is not None:
-            dsums[:, 0] = dx_sums[0]
+    aff, mode, gk, dsums = backward_hooks(in_affine, gk, relu_dx, dx_sums, x, threads)
     args = (
         x, w, dout, y, int(act), want_dx, pads, tuple(geo), sc, threads, dx_arg, flat, aff,
         mode, bool(accumulate), gk, gmode, dsums, int(relu_dx),
@@ -1195,11 +1185,7 @@ def backward(
     if kernel is None:  # a first run, the kernel compiling in a child (conv_numpy.py)
         return False
     kernel(*args)
-    if dx_sums is not None:  # the threads' sums, added in thread order
-        sums = dx_sums[1]
-        sums[...] = 0.0
-        for part in dsums:
-            sums += part[1:]
+    merge_dx_sums(dx_sums, dsums)
     # the threads' private sums, added in thread order: the same bits every run
     k_ = w.shape[0]
     du_at, db_at = _regions.py_func(geo, x.shape[1], 0)[4:6]  # (a helper: no Python entry)
