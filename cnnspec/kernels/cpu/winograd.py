@@ -876,11 +876,13 @@ def _new_scratch(sc, tiles, tx_, dtype):
 
 
 def _gather_codegen(context, builder, signature, args):
-    src, at, s_step, r_step, dst, d_at, ds_step, dr_step, samples, rows, n, a, b, hook, relu = args
+    src, at, s_step, r_step, dst, d_at, ds_step, dr_step, samples, rows, n = args[:11]
+    a, b, hook, relu, add = args[11:]
     vec = _llvm.vector(signature.args[0].dtype)
     ps = _llvm.base(context, builder, signature.args[0], src, at)
     pd = _llvm.base(context, builder, signature.args[4], dst, d_at)
     hooked = builder.icmp_signed("!=", hook, _llvm.const(0))
+    adding = builder.icmp_signed("!=", add, _llvm.const(0))
     plain = builder.icmp_signed("==", relu, _llvm.const(0))  # no ReLU: lanes kept
     keep_all = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count), plain)
     av, bv = _llvm.splat(builder, vec, a), _llvm.splat(builder, vec, b)
@@ -898,7 +900,12 @@ def _gather_codegen(context, builder, signature, args):
                 t = builder.fadd(builder.fmul(x, av), bv)  # affine_rows' hook
                 keep = builder.or_(builder.fcmp_ordered(">", t, _llvm.zeros(vec)), keep_all)
                 value = builder.select(hooked, builder.select(keep, t, _llvm.zeros(vec)), x)
-                _llvm.store(builder, vec, _llvm.vec_ptr(builder, to, e, vec), value, left)
+                ptr = _llvm.vec_ptr(builder, to, e, vec)
+                with builder.if_then(adding):  # (a branch: no load where not adding)
+                    added = builder.fadd(_llvm.load(builder, vec, ptr, left), value)
+                    _llvm.store(builder, vec, ptr, added, left)
+                with builder.if_then(builder.not_(adding)):
+                    _llvm.store(builder, vec, ptr, value, left)
                 return carried
 
             _llvm.vectors(builder, n, vec.count, _llvm.const(0), run)
@@ -914,16 +921,16 @@ def _gather_codegen(context, builder, signature, args):
 @intrinsic
 def _gather_rows(
     typingctx, src, at, s_step, r_step, dst, d_at, ds_step, dr_step, samples, rows, n, a, b,
-    hook, relu,
+    hook, relu, add,
 ):  # fmt: skip
-    """dst[d_at + s * ds_step + r * dr_step:][:n] = h(src[at + s * s_step + r * r_step:][:n])
-    for s < samples, r < rows: h a copy, or with `hook` x * a + b (a multiply, then an
-    add, as conv.affine_rows), then with `relu` 0 where not > 0. One call for all of a
-    block's samples: a call a sample's rows (2 rows of 8 on 8x8 maps) cost ~9 ns each,
-    the input planes 29 ns a tile and channel of ResNet-20's 64-channel convs, 1 thread,
-    Intel Xeon model 207."""
+    """dst[d_at + s * ds_step + r * dr_step:][:n] = (or with `add`, +=) h(src[at + s *
+    s_step + r * r_step:][:n]) for s < samples, r < rows: h a copy, or with `hook` x * a +
+    b (a multiply, then an add, as conv.affine_rows), then with `relu` 0 where not > 0.
+    One call for all of a block's samples: a call a sample's rows (2 rows of 8 on 8x8
+    maps) cost ~9 ns each, the input planes 29 ns a tile and channel of ResNet-20's
+    64-channel convs, 1 thread, Intel Xeon model 207."""
     i64, t = types.int64, src.dtype
-    sig = types.void(src, i64, i64, i64, dst, i64, i64, i64, i64, i64, i64, t, t, i64, i64)
+    sig = types.void(src, i64, i64, i64, dst, i64, i64, i64, i64, i64, i64, t, t, i64, i64, i64)
     return sig, _gather_codegen
 
 
@@ -967,11 +974,11 @@ def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails, aff, mod
             at = l * pls + lo * s_ + pl
             rows = hi - lo
             _gather_rows(xf, src, step, 4 * w_, sa, at, nrows * s_, s_, ns, rows, ncopy, a, b,
-                         hook, relu)  # fmt: skip
+                         hook, relu, 0)  # fmt: skip
             if ntail > 0:
                 at = l * pls + tails + 2 * (tx_ - 1) + 2 * lo * tx_
                 _gather_rows(xf, src + c4, step, 4 * w_, sa, at, 2 * nrows * tx_, 2 * tx_, ns,
-                             rows, ntail, a, b, hook, relu)  # fmt: skip
+                             rows, ntail, a, b, hook, relu, 0)  # fmt: skip
 
 
 @njit(**HELPER, nogil=True)
@@ -1024,12 +1031,13 @@ def _output_tiles(
     for a in range(4):
         _output_row(sa, _U(tv + 6 * a * ts), _U(ts), nt, b, act, sb, _U(buf + a * pls))
     outf = out.reshape(-1)
+    zero = sb.dtype.type(0.0)
     for a in range(4):
         rows = min(nrows, (oh - a + 3) // 4 - r0)  # output rows 4 (r0 + r) + a inside
-        for s in range(ns if rows > 0 else 0):
-            dst = (((n0 + s) * k_ + k) * oh + 4 * r0 + a) * ow
-            src = buf + a * pls + s * nrows * s_
-            conv.masked_rows(sb, src, s_, sb, outf, dst, 4 * ow, rows, ow, 0)
+        if rows > 0:
+            dst = ((n0 * k_ + k) * oh + 4 * r0 + a) * ow
+            _gather_rows(sb, buf + a * pls, nrows * s_, s_, outf, dst, k_ * oh * ow, 4 * ow, ns,
+                         rows, ow, zero, zero, 0, 0, 0)  # fmt: skip
     if moments is not None and want:  # over the rows just written, a sample's in one run
         size = (min(4 * (r0 + nrows), oh) - 4 * r0) * ow
         start = ((n0 * k_ + k) * oh + 4 * r0) * ow
@@ -1105,13 +1113,14 @@ def _input_adjoint_tiles(ws, at, ps, tx_, ns, r0, nrows, sa, sb, st, sc, base, s
     for l in range(6):
         t = _U(tv + 6 * l * ts)
         _adjoint_row(sa, t, _U(ts), nt, _U(first), sb, _U(l * pls), st, _U(l * tps))
-    for l in range(6):
-        for s in range(ns):
-            dst = base + s * step + (4 * r0 + l) * wp
-            row0 = l * pls + s * nrows * s_
-            conv.add_rows(sb, row0, s_, ws, dst, 4 * wp, nrows, s_)
-            tail0 = l * tps + 2 * (s * nrows * tx_ + tx_ - 1)
-            conv.add_rows(st, tail0, 2 * tx_, ws, dst + s_, 4 * wp, nrows, 2)
+    zero = ws.dtype.type(0.0)
+    for l in range(6):  # (an element's sums in the order of l: the same every run)
+        dst = base + (4 * r0 + l) * wp
+        _gather_rows(sb, l * pls, nrows * s_, s_, ws, dst, step, 4 * wp, ns, nrows, s_, zero,
+                     zero, 0, 0, 1)  # fmt: skip
+        tail0 = l * tps + 2 * (tx_ - 1)
+        _gather_rows(st, tail0, 2 * nrows * tx_, 2 * tx_, ws, dst + s_, step, 4 * wp, ns, nrows,
+                     2, zero, zero, 0, 0, 1)  # fmt: skip
 
 
 @njit(**HELPER, nogil=True)
