@@ -48,7 +48,8 @@ samples (small maps) or a band of tile rows of one sample, like the direct conv'
 The forward pass splits blocks among threads; the backward pass gives each thread whole
 samples (their dx tiles overlap) and private dU / db sums, added up afterwards in thread
 order (the same bits every run). The transforms' planes live in three scratch arrays a
-thread (_Scratch), allocated per call.
+thread (_Scratch), allocated per call; the transforms' passes over them are intrinsics
+(_planes_intrinsic, _rows_intrinsic, _gather_rows), as are the micro-kernels.
 
 The micro-kernels are conv.py's. Kernels as in conv.py: a parallel and a serial build
 (one thread), helpers without entry points.
@@ -240,6 +241,13 @@ def applies(x_shape, w_shape, stride, pad, dilation, groups) -> bool:
 # and lost there. So from 32 channels and maps of 8, with 256 tiles or more
 # in the batch: fewer (8x8 and 7x7 maps at b16, 4 tiles a sample) leave the backward's
 # blocks, a thread's samples at most, short of a panel at 2 threads.
+# With the transforms' passes as intrinsics (2026-12-06, the same Xeon, d698550, best of
+# 5; direct time over Winograd's, forward / backward, 1 | 2 threads, 256-bit in
+# brackets): ResNet-20's 16, 32, 64 ch 1.01 / 1.01, 1.54 / 1.40, 1.72 / 1.51 | 0.87 /
+# 1.07, 1.97 / 1.15, 1.30 / 1.37 (1.13 / 1.29, 2.09 / 2.04, 2.43 / 2.30 | 1.14 / 1.32,
+# 2.09 / 1.93, 2.06 / 2.20). 16 channels break even at 512 bits and gain at 256, where
+# this Xeon's direct conv runs at half its peak; on the Zen 3 (256-bit units) they lost
+# with the old transforms: not measured there since, so the rule stays.
 MIN_CHANNELS = 32
 MIN_MAP = 8
 MIN_TILES = 256
