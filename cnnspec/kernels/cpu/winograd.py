@@ -1061,6 +1061,62 @@ def _output_tiles(
         moments[th, 2 * k_ + k] += s2
 
 
+def _gather_dout_codegen(context, builder, signature, args):
+    src, at, s_step, r_step, y, dst, d_at, ds_step, dr_step, samples, rows, n = args[:12]
+    hook, ka, kb, kc, ga, gb, relu = args[12:]
+    vec = _llvm.vector(signature.args[0].dtype)
+    zero = _llvm.zeros(vec)
+    ps = _llvm.base(context, builder, signature.args[0], src, at)
+    py = _llvm.base(context, builder, signature.args[4], y, at)
+    pd = _llvm.base(context, builder, signature.args[5], dst, d_at)
+    hooked = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count),
+                         builder.icmp_signed("!=", hook, _llvm.const(0)))  # fmt: skip
+    plain = builder.icmp_signed("==", relu, _llvm.const(0))  # no ReLU: lanes kept
+    keep_all = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count), plain)
+    kav, kbv, kcv, gav, gbv = (_llvm.splat(builder, vec, v) for v in (ka, kb, kc, ga, gb))
+
+    def sample(s, _):
+        def row(r, _):
+            off = builder.add(builder.mul(s, s_step), builder.mul(r, r_step))
+            g_row, y_row = builder.gep(ps, [off]), builder.gep(py, [off])
+            to = builder.gep(pd, [builder.add(builder.mul(s, ds_step), builder.mul(r, dr_step))])
+
+            def run(e, left, carried):  # conv.masked_rows' or conv.norm_rows' values
+                g = _llvm.load(builder, vec, _llvm.vec_ptr(builder, g_row, e, vec), left)
+                yv = _llvm.load(builder, vec, _llvm.vec_ptr(builder, y_row, e, vec), left)
+                t = builder.select(hooked, builder.fadd(builder.fmul(yv, gav), gbv), yv)
+                keep = builder.or_(builder.fcmp_ordered(">", t, zero), keep_all)
+                g = builder.select(keep, g, zero)
+                normed = builder.fadd(builder.fmul(kav, g), builder.fmul(kbv, yv))
+                value = builder.select(hooked, builder.fadd(normed, kcv), g)
+                _llvm.store(builder, vec, _llvm.vec_ptr(builder, to, e, vec), value, left)
+                return carried
+
+            _llvm.vectors(builder, n, vec.count, _llvm.const(0), run)
+            return []
+
+        _llvm.loop(builder, rows, 0, zero, row, False)
+        return []
+
+    _llvm.loop(builder, samples, 0, zero, sample, False)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _gather_dout(
+    typingctx, src, at, s_step, r_step, y, dst, d_at, ds_step, dr_step, samples, rows, n, hook,
+    ka, kb, kc, ga, gb, relu,
+):  # fmt: skip
+    """_gather_rows for the output gradient: dst's rows = src's, 0 where `relu` and y (at
+    the same place as src) is not > 0 (conv.masked_rows), or with `hook` ka*g + kb*y + kc,
+    g 0 where `relu` and not y*ga + gb > 0 (conv.norm_rows: the norm's backward), for
+    all of a block's samples in one call (8x8 maps: a call a sample had 2 rows of 8)."""
+    i64, t = types.int64, src.dtype
+    sig = types.void(src, i64, i64, i64, y, dst, i64, i64, i64, i64, i64, i64, i64, t, t, t, t,
+                     t, i64)  # fmt: skip
+    return sig, _gather_dout_codegen
+
+
 @njit(**HELPER, nogil=True)
 def _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ps, db, gk, gmode):
     """dM[p] at ws[at + p * ps:] = (A dY A^T)[p] for the tiles of tile rows r0 .. r0 +
@@ -1076,27 +1132,24 @@ def _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ps, d
     s_ = 4 * tx_
     df, yf = dout.reshape(-1), yout.reshape(-1)
     zero = ws.dtype.type(0.0)
-    # the hook's scalars, taken here (see _input_planes)
-    hook, ka, kb, kc, ga, gb, relu = False, zero, zero, zero, zero, zero, 0
+    # the hook's scalars, taken here (see _input_planes); without it the fused ReLU's mask
+    hook, ka, kb, kc, ga, gb, relu = 0, zero, zero, zero, zero, zero, act
     if gk is not None and gmode != OUT_PLAIN:
-        hook, ka, kb, kc, ga, gb = True, gk[0, k], gk[1, k], gk[2, k], gk[3, k], gk[4, k]
+        hook, ka, kb, kc, ga, gb = 1, gk[0, k], gk[1, k], gk[2, k], gk[3, k], gk[4, k]
         relu = 1 if gmode == OUT_NORM_RELU else 0
+    step = dout.shape[1] * oh * ow  # from one sample to the next
     for a in range(4):
         rows = max(0, min(nrows, (oh - a + 3) // 4 - r0))  # rows 4 (r0 + r) + a inside
-        for s in range(ns):
+        for s in range(ns if rows < nrows else 0):  # those past the edge: zero
             row0 = dp + a * dps + s * nrows * s_
             for r in range(rows, nrows):
                 o = _U(row0 + r * s_)
                 for i in range(_U(s_)):
                     sa[o + i] = zero
-            if rows > 0:
-                src = (((n0 + s) * dout.shape[1] + k) * oh + 4 * r0 + a) * ow
-                if not hook:
-                    conv.masked_rows(df, src, 4 * ow, yf, sa, row0, s_, rows, ow, act)
-                else:
-                    conv.norm_rows(
-                        df, src, 4 * ow, yf, sa, row0, s_, rows, ow, ka, kb, kc, ga, gb, relu
-                    )
+        if rows > 0:
+            src = ((n0 * dout.shape[1] + k) * oh + 4 * r0 + a) * ow
+            _gather_dout(df, src, step, 4 * ow, yf, sa, dp + a * dps, nrows * s_, s_, ns, rows,
+                         ow, hook, ka, kb, kc, ga, gb, relu)  # fmt: skip
     acc = zero
     for a in range(4):
         acc += _dout_row(sa, _U(dp + a * dps), nt, sb, _U(dm + 6 * a * ts), _U(ts))
