@@ -1,5 +1,5 @@
 """Winograd F(4x4, 3x3) convolutions: against the direct conv, finite differences, and
-the dispatch's choice.
+the dispatch's choice; the transforms' vector passes against numpy, bit for bit.
 
 Tolerance (Winograd against the direct conv, the largest difference over the largest
 magnitude of the direct result): float64 1e-13, float32 2e-5. The transforms multiply
@@ -10,6 +10,7 @@ conv itself is held to PyTorch by test_kernels_conv.py and the conformance suite
 
 import numpy as np
 import pytest
+from numba import njit
 
 from cnnspec.kernels.cpu import conv, winograd
 from cnnspec.kernels.cpu.gradcheck import numerical_grad, rel_error
@@ -298,3 +299,142 @@ def test_ab_benchmark_runs_both_ways(winograd_ab, monkeypatch, capsys):
     assert row["picks"] is False  # the rule: 8 tiles (8x8 maps at b2) run direct
     assert all(t > 0 for t in row["direct"] + row["winograd"])
     assert "ResNet-20 64 ch 8x8" in capsys.readouterr().out
+
+
+# The transforms' passes are intrinsics built from the same _bt/_at/_a/_b as numpy can
+# evaluate on whole arrays (no fused multiply-adds either way): their results must be
+# those numpy gives, bit for bit. Tile counts: under one vector, one and a half, and
+# 37 (whole vectors, a masked rest, rows ending inside a vector).
+_TILES = (5, 24, 37)
+
+
+# jitted callers (intrinsics run only inside jitted code)
+@njit
+def _bt_planes(src, at, step, dst, dst_at, dst_step, n):
+    winograd._bt_planes(src, at, step, dst, dst_at, dst_step, n)
+
+
+@njit
+def _at_planes(src, at, step, dst, dst_at, dst_step, n):
+    winograd._at_planes(src, at, step, dst, dst_at, dst_step, n)
+
+
+@njit
+def _a_planes(src, at, step, dst, dst_at, dst_step, n):
+    winograd._a_planes(src, at, step, dst, dst_at, dst_step, n)
+
+
+@njit
+def _b_planes(src, at, step, dst, dst_at, dst_step, n):
+    winograd._b_planes(src, at, step, dst, dst_at, dst_step, n)
+
+
+@njit
+def _input_row(sb, src, tails, last, nt, ws, at, ps):
+    winograd._input_row(sb, src, tails, last, nt, ws, at, ps)
+
+
+@njit
+def _output_row(sa, t, ts, nt, b, act, sb, d):
+    winograd._output_row(sa, t, ts, nt, b, act, sb, d)
+
+
+@njit
+def _dout_row(sa, src, nt, sb, o, ts):
+    return winograd._dout_row(sa, src, nt, sb, o, ts)
+
+
+@njit
+def _adjoint_row(sa, t, ts, nt, first, sb, row, st, tails):
+    winograd._adjoint_row(sa, t, ts, nt, first, sb, row, st, tails)
+
+
+def _consts(dtype, values):
+    return [dtype(v) for v in values]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    "caller, transform, n_in, values",
+    [
+        (_bt_planes, winograd._bt, 6, (2, 4, 5)),
+        (_at_planes, winograd._at, 6, (2, 4, 8)),
+        (_a_planes, winograd._a, 4, (2, 4, 8)),
+        (_b_planes, winograd._b, 6, (2, 4, 5)),
+    ],
+)
+def test_column_passes_match_numpy(caller, transform, n_in, values, dtype):
+    rng = np.random.default_rng(1)
+    step, dstep = 53, 61  # planes apart by odd strides; offsets off the vector boundary
+    for n in _TILES:
+        src = rng.standard_normal(3 + n_in * step).astype(dtype)
+        dst = np.full(5 + 6 * dstep, np.nan, dtype)
+        caller(src, 3, step, dst, 5, dstep, n)
+        ins = [src[3 + i * step : 3 + i * step + n] for i in range(n_in)]
+        want = transform.py_func(*ins, *_consts(dtype, values))
+        for j, w in enumerate(want):
+            got = dst[5 + j * dstep : 5 + j * dstep + n]
+            np.testing.assert_array_equal(got, w)
+            assert np.isnan(dst[5 + j * dstep + n])  # nothing written past n
+
+
+def _marks(nt, tx, last):
+    """1.0 at each tile row's last (or first) tile of nt tiles, tx a row."""
+    z = np.arange(nt)
+    return ((z % tx == tx - 1) if last else (z % tx == 0)).astype(float)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_row_passes_match_numpy(dtype):
+    rng = np.random.default_rng(2)
+    two, four, five, eight = _consts(dtype, (2, 4, 5, 8))
+    for nt in _TILES:
+        tx = 3  # tiles a row: row ends inside and at the edge of vectors
+        ends, starts = _marks(nt, tx, True), _marks(nt, tx, False)
+        # input rows: columns 4 z .. 4 z + 5, at a row's end 4 and 5 from its tail
+        sb = rng.standard_normal(4 * nt + 4 + 2 * nt + nt + 16).astype(dtype)
+        tails, last = 4 * nt + 4, 6 * nt + 4
+        sb[last : last + nt] = ends
+        ws = np.full(6 * 50 + nt, np.nan, dtype)
+        _input_row(sb, 0, tails, last, nt, ws, 0, 50)
+        cols = [sb[k : 4 * nt : 4] for k in range(4)]
+        nxt = [sb[4 + k : 4 * nt + 4 : 4] for k in range(2)]
+        tail = [sb[tails + k : tails + 2 * nt : 2] for k in range(2)]
+        e = [np.where(ends != 0, tail[k], nxt[k]) for k in range(2)]
+        for j, w in enumerate(winograd._bt.py_func(*cols, *e, two, four, five)):
+            np.testing.assert_array_equal(ws[j * 50 : j * 50 + nt], w)
+        # output rows: 4 values a tile, bias and ReLU (max(y, 0))
+        sa = rng.standard_normal(6 * 40 + nt).astype(dtype)
+        out = np.full(4 * nt + 1, np.nan, dtype)
+        b = dtype(0.25)
+        _output_row(sa, 0, 40, nt, b, 1, out, 0)
+        rows = [sa[j * 40 : j * 40 + nt] for j in range(6)]
+        for i, y in enumerate(winograd._at.py_func(*rows, two, four, eight)):
+            y = y + b
+            np.testing.assert_array_equal(out[i : 4 * nt : 4], np.where(0 > y, 0, y))
+        assert np.isnan(out[4 * nt])
+        # output gradient rows: 4 values a tile in, 6 planes out, and their sum
+        g = rng.standard_normal(4 * nt).astype(dtype)
+        planes = np.full(6 * 45 + nt, np.nan, dtype)
+        total = _dout_row(g, 0, nt, planes, 0, 45)
+        d = [g[k::4] for k in range(4)]
+        for j, w in enumerate(winograd._a.py_func(*d, two, four, eight)):
+            np.testing.assert_array_equal(planes[j * 45 : j * 45 + nt], w)
+        assert total == pytest.approx(float(g.astype(np.float64).sum()), rel=1e-5, abs=1e-4)
+        # input gradient rows: B v, the left tile's columns 4 and 5 added to 0 and 1
+        # unless the tile starts a row; columns 4 and 5 to the tails
+        sa = rng.standard_normal(6 * 40 + nt + 40).astype(dtype)
+        first = 6 * 40 + 8
+        sa[first : first + nt] = starts
+        row, st = np.full(4 * nt, np.nan, dtype), np.full(2 * nt, np.nan, dtype)
+        _adjoint_row(sa, 0, 40, nt, first, row, 0, st, 0)
+        v = [sa[j * 40 : j * 40 + nt] for j in range(6)]
+        d = winograd._b.py_func(*v, two, four, five)
+        zero = dtype(0)
+        for k in range(2):
+            left = np.concatenate([[zero], d[4 + k][:-1]]).astype(dtype)
+            want = d[k] + np.where(starts != 0, zero, left)
+            np.testing.assert_array_equal(row[k::4], want)
+            np.testing.assert_array_equal(st[k::2], d[4 + k])
+        for k in (2, 3):
+            np.testing.assert_array_equal(row[k::4], d[k])
