@@ -308,25 +308,19 @@ def test_ab_benchmark_runs_both_ways(winograd_ab, monkeypatch, capsys):
 _TILES = (5, 24, 37)
 
 
-# jitted callers (intrinsics run only inside jitted code)
-@njit
-def _bt_planes(src, at, step, dst, dst_at, dst_step, n):
-    winograd._bt_planes(src, at, step, dst, dst_at, dst_step, n)
+def _columns_caller(intrinsic):
+    """A jitted caller of a column pass (intrinsics run only inside jitted code)."""
+
+    def call(src, at, step, dst, dst_at, dst_step, n):
+        intrinsic(src, at, step, dst, dst_at, dst_step, n)
+
+    return njit(call)
 
 
-@njit
-def _at_planes(src, at, step, dst, dst_at, dst_step, n):
-    winograd._at_planes(src, at, step, dst, dst_at, dst_step, n)
-
-
-@njit
-def _a_planes(src, at, step, dst, dst_at, dst_step, n):
-    winograd._a_planes(src, at, step, dst, dst_at, dst_step, n)
-
-
-@njit
-def _b_planes(src, at, step, dst, dst_at, dst_step, n):
-    winograd._b_planes(src, at, step, dst, dst_at, dst_step, n)
+_bt_planes, _at_planes, _a_planes, _b_planes = (
+    _columns_caller(getattr(winograd, name))
+    for name in ("_bt_planes", "_at_planes", "_a_planes", "_b_planes")
+)
 
 
 @njit
