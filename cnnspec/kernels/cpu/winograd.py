@@ -49,7 +49,8 @@ The forward pass splits blocks among threads; the backward pass gives each threa
 samples (their dx tiles overlap) and private dU / db sums, added up afterwards in thread
 order (the same bits every run). The transforms' planes live in three scratch arrays a
 thread (_Scratch), allocated per call; the transforms' passes over them are intrinsics
-(_planes_intrinsic, _rows_intrinsic, _gather_rows), as are the micro-kernels.
+(_planes_intrinsic, _rows_intrinsic, conv's *_samples row copies), as are the
+micro-kernels.
 
 The micro-kernels are conv.py's. Kernels as in conv.py: a parallel and a serial build
 (one thread), helpers without entry points.
@@ -883,69 +884,23 @@ def _new_scratch(sc, tiles, tx_, dtype):
     return sa, sb, st
 
 
-def _gather_codegen(context, builder, signature, args):
-    src, at, s_step, r_step, dst, d_at, ds_step, dr_step, samples, rows, n = args[:11]
-    a, b, hook, relu, add = args[11:]
-    vec = _llvm.vector(signature.args[0].dtype)
-    ps = _llvm.base(context, builder, signature.args[0], src, at)
-    pd = _llvm.base(context, builder, signature.args[4], dst, d_at)
-    hooked = builder.icmp_signed("!=", hook, _llvm.const(0))
-    adding = builder.icmp_signed("!=", add, _llvm.const(0))
-    plain = builder.icmp_signed("==", relu, _llvm.const(0))  # no ReLU: lanes kept
-    keep_all = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count), plain)
-    av, bv = _llvm.splat(builder, vec, a), _llvm.splat(builder, vec, b)
-
-    def sample(s, _):
-        s_row = builder.gep(ps, [builder.mul(s, s_step)])
-        d_row = builder.gep(pd, [builder.mul(s, ds_step)])
-
-        def row(r, _):
-            from_ = builder.gep(s_row, [builder.mul(r, r_step)])
-            to = builder.gep(d_row, [builder.mul(r, dr_step)])
-
-            def run(e, left, carried):
-                x = _llvm.load(builder, vec, _llvm.vec_ptr(builder, from_, e, vec), left)
-                t = builder.fadd(builder.fmul(x, av), bv)  # affine_rows' hook
-                keep = builder.or_(builder.fcmp_ordered(">", t, _llvm.zeros(vec)), keep_all)
-                value = builder.select(hooked, builder.select(keep, t, _llvm.zeros(vec)), x)
-                ptr = _llvm.vec_ptr(builder, to, e, vec)
-                with builder.if_then(adding):  # (a branch: no load where not adding)
-                    added = builder.fadd(_llvm.load(builder, vec, ptr, left), value)
-                    _llvm.store(builder, vec, ptr, added, left)
-                with builder.if_then(builder.not_(adding)):
-                    _llvm.store(builder, vec, ptr, value, left)
-                return carried
-
-            _llvm.vectors(builder, n, vec.count, _llvm.const(0), run)
-            return []
-
-        _llvm.loop(builder, rows, 0, _llvm.zeros(vec), row, False)
-        return []
-
-    _llvm.loop(builder, samples, 0, _llvm.zeros(vec), sample, False)
-    return context.get_dummy_value()
-
-
-@intrinsic
-def _gather_rows(
-    typingctx, src, at, s_step, r_step, dst, d_at, ds_step, dr_step, samples, rows, n, a, b,
-    hook, relu, add,
-):  # fmt: skip
-    """dst[d_at + s * ds_step + r * dr_step:][:n] = (or with `add`, +=) h(src[at + s *
-    s_step + r * r_step:][:n]) for s < samples, r < rows: h a copy, or with `hook` x * a +
-    b (a multiply, then an add, as conv.affine_rows), then with `relu` 0 where not > 0.
-    One call for all of a block's samples: a call a sample's rows (2 rows of 8 on 8x8
-    maps) cost ~9 ns each, the input planes 29 ns a tile and channel of ResNet-20's
-    64-channel convs, 1 thread, Intel Xeon model 207."""
-    i64, t = types.int64, src.dtype
-    sig = types.void(src, i64, i64, i64, dst, i64, i64, i64, i64, i64, i64, t, t, i64, i64, i64)
-    return sig, _gather_codegen
+@njit(inline="always", nogil=True)
+def _copy_samples(xf, src, stride, step, sa, at, d_stride, d_step, count, rows, n, hook, a, b,
+                  relu):  # fmt: skip
+    """conv.masked_samples' copy of `rows` rows of n for `count` samples, or with `hook`
+    x * a + b (then its ReLU if relu), as the direct conv applies the input hook."""
+    if hook:
+        conv.affine_samples(xf, src, stride, sa, at, d_stride, rows, n, a, b, relu, count,
+                            step, d_step)  # fmt: skip
+    else:
+        conv.masked_samples(xf, src, stride, xf, sa, at, d_stride, rows, n, 0, count, step,
+                            d_step)  # fmt: skip
 
 
 @njit(**HELPER, nogil=True)
 def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails, aff, mode):
     """Plane l of sa (l * pls): padded rows 4 (r0 + r) + l of h(x[n0 .. n0 + ns, c]) (the
-    input hook: _gather_rows), 4 tx columns a row (tile row r of sample s at (s * nrows + r)
+    input hook: _copy_samples), 4 tx columns a row (tile row r of sample s at (s * nrows + r)
     * 4 tx), and each row's columns 4 tx and 4 tx + 1 at tails + 2 z for the row's last
     tile z. Padding columns are left as they are (zero: never written); padding rows are
     cleared: the padding is h(x)'s, zeros."""
@@ -958,9 +913,9 @@ def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails, aff, mod
     ntail = max(0, min(2, w_ - c4))
     # the hook's scalars, taken here: aff passed on to the copies cost ~35 ns a call (4x
     # the planes' time on 8x8 maps)
-    hook, a, b, relu = 0, zero, zero, 0
+    hook, a, b, relu = False, zero, zero, 0
     if aff is not None and mode != IN_COPY:
-        hook, a, b, relu = 1, aff[0, c], aff[1, c], 1 if mode == IN_AFFINE_RELU else 0
+        hook, a, b, relu = True, aff[0, c], aff[1, c], 1 if mode == IN_AFFINE_RELU else 0
     step = x.shape[1] * h_ * w_  # from one sample to the next
     for l in range(6):
         lo, hi = 0, nrows  # tile rows whose row y = 4 (r0 + r) + l - pt is inside x
@@ -981,12 +936,12 @@ def _input_planes(x, n0, ns, c, r0, nrows, pt, pl, tx_, sa, pls, tails, aff, mod
             src = (n0 * x.shape[1] + c) * h_ * w_ + (4 * (r0 + lo) + l - pt) * w_
             at = l * pls + lo * s_ + pl
             rows = hi - lo
-            _gather_rows(xf, src, step, 4 * w_, sa, at, nrows * s_, s_, ns, rows, ncopy, a, b,
-                         hook, relu, 0)  # fmt: skip
+            _copy_samples(xf, src, 4 * w_, step, sa, at, s_, nrows * s_, ns, rows, ncopy, hook,
+                          a, b, relu)  # fmt: skip
             if ntail > 0:
                 at = l * pls + tails + 2 * (tx_ - 1) + 2 * lo * tx_
-                _gather_rows(xf, src + c4, step, 4 * w_, sa, at, 2 * nrows * tx_, 2 * tx_, ns,
-                             rows, ntail, a, b, hook, relu, 0)  # fmt: skip
+                _copy_samples(xf, src + c4, 4 * w_, step, sa, at, 2 * tx_, 2 * nrows * tx_, ns,
+                              rows, ntail, hook, a, b, relu)  # fmt: skip
 
 
 @njit(**HELPER, nogil=True)
@@ -1039,13 +994,13 @@ def _output_tiles(
     for a in range(4):
         _output_row(sa, _U(tv + 6 * a * ts), _U(ts), nt, b, act, sb, _U(buf + a * pls))
     outf = out.reshape(-1)
-    zero = sb.dtype.type(0.0)
     for a in range(4):
         rows = min(nrows, (oh - a + 3) // 4 - r0)  # output rows 4 (r0 + r) + a inside
         if rows > 0:
             dst = ((n0 * k_ + k) * oh + 4 * r0 + a) * ow
-            _gather_rows(sb, buf + a * pls, nrows * s_, s_, outf, dst, k_ * oh * ow, 4 * ow, ns,
-                         rows, ow, zero, zero, 0, 0, 0)  # fmt: skip
+            src = buf + a * pls
+            conv.masked_samples(sb, src, s_, sb, outf, dst, 4 * ow, rows, ow, 0, ns, nrows * s_,
+                                k_ * oh * ow)  # fmt: skip
     if moments is not None and want:  # over the rows just written, a sample's in one run
         size = (min(4 * (r0 + nrows), oh) - 4 * r0) * ow
         start = ((n0 * k_ + k) * oh + 4 * r0) * ow
@@ -1059,62 +1014,6 @@ def _output_tiles(
             s2 += m2
         moments[th, k_ + k] += s1
         moments[th, 2 * k_ + k] += s2
-
-
-def _gather_dout_codegen(context, builder, signature, args):
-    src, at, s_step, r_step, y, dst, d_at, ds_step, dr_step, samples, rows, n = args[:12]
-    hook, ka, kb, kc, ga, gb, relu = args[12:]
-    vec = _llvm.vector(signature.args[0].dtype)
-    zero = _llvm.zeros(vec)
-    ps = _llvm.base(context, builder, signature.args[0], src, at)
-    py = _llvm.base(context, builder, signature.args[4], y, at)
-    pd = _llvm.base(context, builder, signature.args[5], dst, d_at)
-    hooked = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count),
-                         builder.icmp_signed("!=", hook, _llvm.const(0)))  # fmt: skip
-    plain = builder.icmp_signed("==", relu, _llvm.const(0))  # no ReLU: lanes kept
-    keep_all = _llvm.splat(builder, ir.VectorType(ir.IntType(1), vec.count), plain)
-    kav, kbv, kcv, gav, gbv = (_llvm.splat(builder, vec, v) for v in (ka, kb, kc, ga, gb))
-
-    def sample(s, _):
-        def row(r, _):
-            off = builder.add(builder.mul(s, s_step), builder.mul(r, r_step))
-            g_row, y_row = builder.gep(ps, [off]), builder.gep(py, [off])
-            to = builder.gep(pd, [builder.add(builder.mul(s, ds_step), builder.mul(r, dr_step))])
-
-            def run(e, left, carried):  # conv.masked_rows' or conv.norm_rows' values
-                g = _llvm.load(builder, vec, _llvm.vec_ptr(builder, g_row, e, vec), left)
-                yv = _llvm.load(builder, vec, _llvm.vec_ptr(builder, y_row, e, vec), left)
-                t = builder.select(hooked, builder.fadd(builder.fmul(yv, gav), gbv), yv)
-                keep = builder.or_(builder.fcmp_ordered(">", t, zero), keep_all)
-                g = builder.select(keep, g, zero)
-                normed = builder.fadd(builder.fmul(kav, g), builder.fmul(kbv, yv))
-                value = builder.select(hooked, builder.fadd(normed, kcv), g)
-                _llvm.store(builder, vec, _llvm.vec_ptr(builder, to, e, vec), value, left)
-                return carried
-
-            _llvm.vectors(builder, n, vec.count, _llvm.const(0), run)
-            return []
-
-        _llvm.loop(builder, rows, 0, zero, row, False)
-        return []
-
-    _llvm.loop(builder, samples, 0, zero, sample, False)
-    return context.get_dummy_value()
-
-
-@intrinsic
-def _gather_dout(
-    typingctx, src, at, s_step, r_step, y, dst, d_at, ds_step, dr_step, samples, rows, n, hook,
-    ka, kb, kc, ga, gb, relu,
-):  # fmt: skip
-    """_gather_rows for the output gradient: dst's rows = src's, 0 where `relu` and y (at
-    the same place as src) is not > 0 (conv.masked_rows), or with `hook` ka*g + kb*y + kc,
-    g 0 where `relu` and not y*ga + gb > 0 (conv.norm_rows: the norm's backward), for
-    all of a block's samples in one call (8x8 maps: a call a sample had 2 rows of 8)."""
-    i64, t = types.int64, src.dtype
-    sig = types.void(src, i64, i64, i64, y, dst, i64, i64, i64, i64, i64, i64, i64, t, t, t, t,
-                     t, i64)  # fmt: skip
-    return sig, _gather_dout_codegen
 
 
 @njit(**HELPER, nogil=True)
@@ -1132,10 +1031,10 @@ def _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ps, d
     s_ = 4 * tx_
     df, yf = dout.reshape(-1), yout.reshape(-1)
     zero = ws.dtype.type(0.0)
-    # the hook's scalars, taken here (see _input_planes); without it the fused ReLU's mask
-    hook, ka, kb, kc, ga, gb, relu = 0, zero, zero, zero, zero, zero, act
+    # the hook's scalars, taken here (see _input_planes)
+    hook, ka, kb, kc, ga, gb, relu = False, zero, zero, zero, zero, zero, 0
     if gk is not None and gmode != OUT_PLAIN:
-        hook, ka, kb, kc, ga, gb = 1, gk[0, k], gk[1, k], gk[2, k], gk[3, k], gk[4, k]
+        hook, ka, kb, kc, ga, gb = True, gk[0, k], gk[1, k], gk[2, k], gk[3, k], gk[4, k]
         relu = 1 if gmode == OUT_NORM_RELU else 0
     step = dout.shape[1] * oh * ow  # from one sample to the next
     for a in range(4):
@@ -1148,8 +1047,13 @@ def _dout_tiles(dout, yout, act, n0, ns, k, r0, nrows, sa, sb, sc, ws, at, ps, d
                     sa[o + i] = zero
         if rows > 0:
             src = ((n0 * dout.shape[1] + k) * oh + 4 * r0 + a) * ow
-            _gather_dout(df, src, step, 4 * ow, yf, sa, dp + a * dps, nrows * s_, s_, ns, rows,
-                         ow, hook, ka, kb, kc, ga, gb, relu)  # fmt: skip
+            row0, d_step = dp + a * dps, nrows * s_
+            if not hook:
+                conv.masked_samples(df, src, 4 * ow, yf, sa, row0, s_, rows, ow, act, ns, step,
+                                    d_step)  # fmt: skip
+            else:
+                conv.norm_samples(df, src, 4 * ow, yf, sa, row0, s_, rows, ow, ka, kb, kc, ga,
+                                  gb, relu, ns, step, d_step)  # fmt: skip
     acc = zero
     for a in range(4):
         acc += _dout_row(sa, _U(dp + a * dps), nt, sb, _U(dm + 6 * a * ts), _U(ts))
@@ -1174,14 +1078,12 @@ def _input_adjoint_tiles(ws, at, ps, tx_, ns, r0, nrows, sa, sb, st, sc, base, s
     for l in range(6):
         t = _U(tv + 6 * l * ts)
         _adjoint_row(sa, t, _U(ts), nt, _U(first), sb, _U(l * pls), st, _U(l * tps))
-    zero = ws.dtype.type(0.0)
     for l in range(6):  # (an element's sums in the order of l: the same every run)
         dst = base + (4 * r0 + l) * wp
-        _gather_rows(sb, l * pls, nrows * s_, s_, ws, dst, step, 4 * wp, ns, nrows, s_, zero,
-                     zero, 0, 0, 1)  # fmt: skip
+        conv.add_samples(sb, l * pls, s_, ws, dst, 4 * wp, nrows, s_, ns, nrows * s_, step)
         tail0 = l * tps + 2 * (tx_ - 1)
-        _gather_rows(st, tail0, 2 * nrows * tx_, 2 * tx_, ws, dst + s_, step, 4 * wp, ns, nrows,
-                     2, zero, zero, 0, 0, 1)  # fmt: skip
+        conv.add_samples(st, tail0, 2 * tx_, ws, dst + s_, 4 * wp, nrows, 2, ns,
+                         2 * nrows * tx_, step)  # fmt: skip
 
 
 @njit(**HELPER, nogil=True)
