@@ -59,6 +59,103 @@ def test_sgd_matches_torch(momentum, nesterov, weight_decay):
     assert opt.steps == 6
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize(
+    "momentum, nesterov, weight_decay", [(0.0, False, 0.0), (0.0, False, 5e-4), (0.9, False, 0.0),
+                                         (0.9, True, 1e-2)],
+)  # fmt: skip
+def test_sgd_kernel_matches_its_numpy_stand_in_bit_for_bit(dtype, first, momentum, nesterov,
+                                                           weight_decay):  # fmt: skip
+    """The one-pass kernel and the numpy passes that stand in for it on a first run: the
+    same bits, subnormal flushes, NaN and infinities included (numpy in chunks of 7)."""
+    from cnnspec.kernels.cpu import optim
+
+    tiny = np.finfo(dtype).tiny
+    rng = np.random.default_rng(3)
+    special = np.array([0, -0.0, np.nan, np.inf, -np.inf, tiny, -tiny * 1.05, tiny * 0.5, 3e-37,
+                        tiny * 20, 1e-30, -2.5, 1e3], dtype)  # fmt: skip
+
+    def arrays():
+        a = (rng.standard_normal(200) * 10.0 ** rng.integers(-40, 2, 200)).astype(dtype)
+        a[rng.integers(0, 200, 40)] = rng.choice(special, 40)
+        return a
+
+    p, grad, buf = arrays(), arrays(), arrays()
+    t = dtype
+    args = (grad, buf, t(0.01), t(momentum), t(weight_decay), nesterov, first, t(tiny))
+    floor = t(tiny / 0.01)
+    ours = p.copy(), buf.copy()
+    with np.errstate(all="ignore"):
+        optim._sgd.serial(ours[0], grad, ours[1], *args[2:], floor)
+        scratch = (np.empty(7, dtype), np.empty(7, dtype), np.empty(7, bool))
+        ref = p.copy(), buf.copy()
+        optim._sgd_numpy(ref[0], grad, ref[1], *args[2:], floor, scratch)
+    np.testing.assert_array_equal(ours[0].view(np.uint8), ref[0].view(np.uint8))
+    np.testing.assert_array_equal(ours[1].view(np.uint8), ref[1].view(np.uint8))
+    if momentum:  # nothing subnormal stored, NaN kept
+        stored = np.abs(ours[1])
+        assert not np.any((stored > 0) & (stored < tiny))
+        assert np.isnan(ours[1]).any()
+
+
+def test_sgd_flushes_subnormal_momentum_as_torch_with_flush_denormal():
+    """A parameter whose gradient stops (a dead unit's, without weight decay): its momentum
+    decays by 0.9 a step and would spend ~150 steps subnormal. Ours is 0 where torch's
+    entry is subnormal, torch's own otherwise, and torch's exactly with
+    torch.set_flush_denormal(True); the parameters as torch's."""
+    grad = np.full(4, 1e-3, np.float32) * np.array([1, -2, 3, 0.5], np.float32)
+    for flush in [False, True]:
+        params = {"w": np.ones(4, np.float32)}
+        opt = SGD(params, lr=0.01, momentum=0.9)
+        tw = torch.ones(4, requires_grad=True)
+        topt = torch.optim.SGD([tw], lr=0.01, momentum=0.9)
+        subnormal_steps = 0
+        if flush and not torch.set_flush_denormal(True):
+            pytest.skip("torch cannot flush denormals on this CPU (no SSE3)")
+        try:
+            for step in range(900):
+                g = grad if step == 0 else np.zeros(4, np.float32)
+                tw.grad = torch.from_numpy(g.copy())
+                topt.step()
+                opt.step({"w": g})
+                theirs = topt.state[tw]["momentum_buffer"].numpy()
+                ours = opt._buffers["w"]
+                sub = (theirs != 0) & (np.abs(theirs) < np.finfo(np.float32).tiny)
+                subnormal_steps += bool(sub.any())
+                np.testing.assert_array_equal(ours, np.where(sub, 0, theirs))
+                np.testing.assert_allclose(params["w"], tw.detach().numpy(), rtol=1e-6)
+        finally:
+            torch.set_flush_denormal(False)
+        assert (subnormal_steps > 100) != flush  # torch's own buffers went subnormal
+        assert not ours.any()  # and reached 0 (at ~830 steps)
+
+
+def test_sgd_update_of_a_large_array_runs_its_parallel_build():
+    """Above SERIAL_BELOW elements on more than one thread: the prange build, the same bits
+    as the serial one."""
+    import numba
+
+    from cnnspec.kernels.cpu import optim
+
+    rng = np.random.default_rng(0)
+    n = 1 << 16
+    p, g, buf = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    scratch = (np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, bool))
+    ref = p.copy(), buf.copy()
+    t = np.float32
+    args = (t(0.1), t(0.9), t(1e-4), True, False, t(np.finfo(t).tiny), t(np.finfo(t).tiny / 0.1))
+    optim._sgd.serial(ref[0], g, ref[1], *args)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        optim.sgd_update(p, g, buf, 0.1, 0.9, 1e-4, True, False, scratch)
+    finally:
+        numba.set_num_threads(threads)
+    np.testing.assert_array_equal(p, ref[0])
+    np.testing.assert_array_equal(buf, ref[1])
+
+
 def test_sgd_updates_only_given_keys_and_does_not_touch_grads():
     params = make_params()
     before = {k: v.copy() for k, v in params.items()}
