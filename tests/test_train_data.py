@@ -442,6 +442,32 @@ def test_batches_crop_and_flip_are_shifted_mirrored_copies():
     assert not np.array_equal(x, ds.x)  # something was augmented
 
 
+@pytest.mark.parametrize(
+    "shape, n, p, hflip",
+    [((64, 1, 32, 32), 64, 2, False), ((9, 3, 5, 7), 7, 3, True), ((4, 2, 6, 6), 4, 0, True)],
+)
+def test_crop_flip_kernel_matches_its_numpy_stand_in(shape, n, p, hflip):
+    """The augmentation kernel and the numpy loop that stands in for it on a first run:
+    the same images, bit for bit, from a strided view of the random numbers (a replica's
+    rows), images past n untouched, the staging buffer's border still zero."""
+    from cnnspec.kernels.cpu import augment
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(np.float32)
+    uniform = rng.random((2 * shape[0], 3))[1::2]
+    b, c, h, w = shape
+    padded = [np.zeros((b, c, h + 2 * p, w + 2 * p), np.float32) for _ in range(2)]
+    ours, ref = x.copy(), x.copy()
+    augment._crop_flip.serial(ours, padded[0], uniform, n, p, hflip)
+    augment._crop_flip_numpy(ref, padded[1], uniform, n, p, hflip)
+    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(ours[n:], x[n:])
+    assert p == 0 or not np.array_equal(ours[:n], x[:n])
+    for staged in padded:
+        staged[:, :, p : p + h, p : p + w] = 0
+        assert not staged.any()
+
+
 def test_batches_hflip_only():
     ds = make_ds(n=8)
     b = Batches(ds, 8, rng=np.random.default_rng(0), hflip=True)

@@ -645,15 +645,7 @@ class Batches:
             yield self.x, self.y, n
 
     def _augment(self, n: int) -> None:
-        p = self.crop_padding
-        _, _, h, w = self.x.shape
-        padded = self._padded
-        padded[:n, :, p : p + h, p : p + w] = self.x[:n]
-        span = 2 * p + 1
+        from ..kernels.cpu.augment import crop_flip
+
         mine = self._uniform[self.rank :: self.replicas]
-        for i in range(n):
-            u = mine[i]
-            dy, dx = int(u[0] * span), int(u[1] * span)
-            window = padded[i, :, dy : dy + h, dx : dx + w]
-            # Flip while copying out of the staging buffer: no overlap, no temporary.
-            self.x[i] = window[:, :, ::-1] if self.hflip and u[2] < 0.5 else window
+        crop_flip(self.x, self._padded, mine, n, self.crop_padding, self.hflip)
