@@ -19,8 +19,9 @@ entry moves no parameter larger than ~1e-30 (float32) by a bit, and torch with
 ``torch.set_flush_denormal(True)`` gives the same values; otherwise the same operations
 in the same order as torch's (no fused multiply-adds): the same bits.
 
-One pass where numpy took six (LeNet-5's 61,706 parameters: 41 -> ~10 us, 1 thread);
-while a first run compiles it in the background, numpy stands in (the same bits).
+One pass where numpy took six (LeNet-5's 61,706 parameters: an SGD step 41 -> 23 us, 17
+of them in the kernel, 1 thread; 2.36M parameters 1.1 ms, 0.56 at 2 threads); while a
+first run compiles it in the background, numpy stands in (the same bits).
 """
 
 from __future__ import annotations
