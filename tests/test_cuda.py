@@ -299,8 +299,9 @@ def test_without_numba_cuda_the_line_says_how_to_install(tmp_path):
 
 # the CPU's own helpers: im2col/col2im serve its conv_transpose2d (the CUDA one runs on
 # the implicit-GEMM conv kernels), batchnorm2d_fold the eval-mode folding of its fused plan
-# (CPU only, as the fusions), the constants are plain numbers
-CPU_ONLY = {"im2col", "col2im", "batchnorm2d_fold", "ACT_NONE", "ACT_RELU"}
+# (CPU only, as the fusions), the constants are plain numbers, crop_flip the training
+# batches' augmentation (on the host whatever the device: train/data.py's Batches)
+CPU_ONLY = {"im2col", "col2im", "batchnorm2d_fold", "ACT_NONE", "ACT_RELU", "crop_flip"}
 
 
 def test_kernel_modules_cover_the_cpu_ones():

@@ -84,15 +84,21 @@ def _sgd_numpy(p, grad, buf, lr, momentum, weight_decay, nesterov, first, tiny, 
         p[part] -= step
 
 
-def sgd_update(p, grad, buf, lr, momentum, weight_decay, nesterov, first, scratch) -> None:
+def sgd_update(p, grad, buf, lr, momentum, weight_decay, nesterov, first, scratch=None):
     """One update of the 1-D contiguous arrays p (in place) and buf (the momentum buffer,
     None without momentum; started afresh when `first`) from grad. `scratch` = (a, b,
     mask): 1-D arrays of p's dtype (two) and of bools, of any one size, for numpy's passes
-    on a first run."""
+    on a first run (None: allocated then)."""
     t = p.dtype.type
     info = np.finfo(p.dtype)
     # |g| below this: lr * g would be subnormal (inf for lr 0: every step 0, as lr * g)
     floor = t(min(info.tiny / lr, info.max)) if lr > 0 else t(np.inf)
     args = (p, grad, p if buf is None else buf, t(lr), t(momentum), t(weight_decay))
     args += (bool(nesterov), bool(first), t(info.tiny), floor)
-    _sgd.or_stand_in(lambda *a: _sgd_numpy(*a, scratch), *args)
+
+    def stand_in(*a):
+        n, dt = p.size, p.dtype
+        s = scratch or (np.empty(n, dt), np.empty(n, dt), np.empty(n, bool))
+        _sgd_numpy(*a, s)
+
+    _sgd.or_stand_in(stand_in, *args)
