@@ -27,6 +27,8 @@ def _crop_flip(x, padded, uniform, n, p, hflip):
                 for v in range(w):
                     padded[i, c, p + r, p + v] = x[i, c, r, v]
         dy, dx = int(uniform[i, 0] * span), int(uniform[i, 1] * span)
+        # two loops, not one with a column step of -1 or 1: that kept the plain copy from
+        # vectorising (a b64 batch 53 -> 62 us at 1x32x32, 161 -> 187-193 at 3x32x32)
         if hflip and uniform[i, 2] < 0.5:
             for c in range(c_):
                 for r in range(h):
