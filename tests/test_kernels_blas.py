@@ -1,4 +1,5 @@
-"""Large matrix products split over Numba's threads, each block a call of numpy's BLAS."""
+"""Large matrix products split over Numba's threads, each block a call of numpy's BLAS;
+the dense layers' passes around their products."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numba
 import numpy as np
 import pytest
 
-from cnnspec.kernels.cpu import blas
+from cnnspec.kernels.cpu import blas, dense
 
 DTYPES = [np.float32, np.float64]
 
@@ -79,3 +80,41 @@ def test_small_products_run_unsplit(monkeypatch):
 def test_a_blas_function_giving_other_products_is_refused():
     """The check on first use: sgemm handed float64 arrays computes something else."""
     assert not blas._agrees(_gemm(np.float32), np.dtype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", [0, 1])
+@pytest.mark.parametrize("n, o", [(64, 120), (1, 7), (3, 1100), (300, 700), (0, 5)])
+def test_dense_passes_match_their_numpy_stand_ins_bit_for_bit(dtype, act, n, o):
+    """The bias + ReLU after the forward product, the ReLU mask + bias gradient before
+    the backward ones: kernel and stand-in (a first run's numpy) alike, NaN included,
+    and the old numpy code's bits (np.maximum; the column sums numpy's, row by row).
+    300 x 700: the parallel builds on more threads."""
+    rng = np.random.default_rng(n + o)
+    out = rng.standard_normal((n, o)).astype(dtype)
+    dout = rng.standard_normal((n, o)).astype(dtype)
+    if n > 1:
+        out[1, 1] = dout[0, 0] = np.nan
+        out[0, 2 % o] = 0.0
+    b = rng.standard_normal(o).astype(dtype)
+    for bias in (b, np.zeros(0, dtype)):
+        kernel, numpy_ = out.copy(), out.copy()
+        dense._bias_act(kernel, bias, act)
+        dense._bias_act_numpy(numpy_, bias, act)
+        old = out + bias if bias.size else out.copy()
+        if act:
+            np.maximum(old, 0, out=old)
+        np.testing.assert_array_equal(kernel, numpy_)
+        np.testing.assert_array_equal(kernel, old)
+    for want_db in (True, False):
+        g, g_numpy = dout.copy(), dout.copy()
+        db, db_numpy = np.full(o, 7, dtype), np.full(o, 7, dtype)
+        sums = (db, db_numpy) if want_db else (np.zeros(0, dtype),) * 2
+        dense._mask_sum(g, out, act, sums[0])
+        dense._mask_sum_numpy(g_numpy, out, act, sums[1])
+        np.testing.assert_array_equal(g, g_numpy)
+        np.testing.assert_array_equal(db.view(np.uint8), db_numpy.view(np.uint8))
+        masked = ~(out > 0) if act else np.zeros(out.shape, bool)
+        assert (g[masked] == 0).all() and np.array_equal(g[~masked], dout[~masked], equal_nan=True)
+        if want_db:
+            np.testing.assert_array_equal(db, g.sum(axis=0))

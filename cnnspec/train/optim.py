@@ -14,7 +14,18 @@ which flushes subnormal momentum entries and steps to zero: torch's values under
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
+
+
+@cache
+def _kernels():
+    """(sgd_update, governed), imported on first use (they load Numba)."""
+    from ..kernels.cpu.optim import sgd_update
+    from ..kernels.cpu.threads import governed
+
+    return sgd_update, governed
 
 
 class SGD:
@@ -83,9 +94,7 @@ class SGD:
         """The rule on arrays of one shape, p in place; buf is the momentum buffer (None
         without momentum), started afresh when `first` (kernels/cpu/optim.py), on the
         threads the model's kernels get (fewer beside busy processes: threads.py)."""
-        from ..kernels.cpu.optim import sgd_update
-        from ..kernels.cpu.threads import governed
-
+        sgd_update, governed = _kernels()
         grad = np.ascontiguousarray(grad, p.dtype).reshape(-1)
         buf = None if buf is None else buf.reshape(-1)
         settings = (self.momentum, self.weight_decay, self.nesterov, first)

@@ -20,6 +20,7 @@ from numba.core import caching
 
 from ..checks import check_shape as check_shape  # the kernels import it from here
 from .background import BACKGROUND
+from .threads import count as thread_count
 
 
 def cpu_has_avx512() -> bool:
@@ -273,8 +274,9 @@ class SplitBySize(Builds):
 
     @staticmethod
     def _serial(args) -> bool:
-        size = sum(a.size for a in args if isinstance(a, np.ndarray))
-        return size < SERIAL_BELOW or numba.get_num_threads() == 1
+        if thread_count() == 1:
+            return True
+        return sum([a.size for a in args if isinstance(a, np.ndarray)]) < SERIAL_BELOW
 
 
 def merge_moments(parts):

@@ -21,6 +21,8 @@ from functools import cache
 import numba
 import numpy as np
 
+from .threads import count as thread_count
+
 # at least this many floating-point operations a block. The speed-up of two blocks over
 # one call just after a parallel loop (AMD EPYC Zen 3, 2 threads, float32): 0.71 at
 # 6 MFLOP, 1.15 at 17, 1.6 at 34, 1.89 at 268 (VGG-small's fc3, b64)
@@ -126,19 +128,17 @@ def matmul(a, b, out):
     """out = a @ b, 2-D: split over Numba's threads where the product is large."""
     m, n = out.shape
     k = a.shape[1]
-    flops = 2.0 * m * k * n
-    parts = min(int(flops // _BLOCK_FLOPS), max(m, n) // _MIN_BLOCK)
-    if parts >= 2:  # (Numba's thread count takes a lock: ~1 us, 9 small products a step)
-        parts = min(parts, numba.get_num_threads())
     dtype = out.dtype
-    if parts >= 2 and a.dtype == b.dtype == dtype and k > 0:
-        gemm = _cblas_gemm(dtype)
-        if gemm is not None and _split(gemm, a, b, out, parts):
-            return
+    if 2.0 * m * k * n >= 2 * _BLOCK_FLOPS and max(m, n) >= 2 * _MIN_BLOCK:
+        parts = min(int(2.0 * m * k * n // _BLOCK_FLOPS), max(m, n) // _MIN_BLOCK, thread_count())
+        if parts >= 2 and a.dtype == b.dtype == dtype and k > 0:
+            gemm = _cblas_gemm(dtype)
+            if gemm is not None and _split(gemm, a, b, out, parts):
+                return
     # np.dot where it takes `out` (C-contiguous, the result's dtype): the same BLAS call,
     # but matmul takes a loop of its own for an inner dimension of 1 (a dense layer's dW
     # at batch 1: LeNet-5's c5 76 us against 12, numpy 2.4); same bits
-    if out.flags.c_contiguous and dtype == np.result_type(a, b):
+    if (a.dtype == b.dtype == dtype or dtype == np.result_type(a, b)) and out.flags.c_contiguous:
         np.dot(a, b, out=out)
     else:
         np.matmul(a, b, out=out)

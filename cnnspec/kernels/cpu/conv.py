@@ -39,6 +39,7 @@ from ._common import (
 )
 from ._common import unpack_geometry as _unpack
 from ._llvm import lanes
+from .threads import count as thread_count
 
 __all__ = [
     "ACT_NONE",
@@ -1931,10 +1932,25 @@ def _backward_samples(
             n0 += ns
 
 
-def _check(x, w, out, groups, ws):
-    check_grouped_conv(x, w, out, groups)
+def _check(x, w, out, groups, ws, key=None):
+    """The shapes checked once per `key` (:func:`_key`: a layer calls with the same
+    every step), the dtypes every call."""
+    if key is None or key not in _CHECKED:
+        check_grouped_conv(x, w, out, groups)
+        if key is not None:
+            _CHECKED.add(key)
     if x.dtype != w.dtype or x.dtype != out.dtype or x.dtype != ws.dtype:
         raise ValueError("conv2d arrays must share one dtype")
+
+
+_CHECKED: set = set()  # shape keys whose shapes passed check_grouped_conv
+
+
+def _key(x, w, out, stride, pad, dilation, groups) -> tuple:
+    """A call's shapes and geometry as one hashable tuple, made once per call: what
+    winograd.chooses's cache and :func:`_call`'s take (LeNet-5's four conv calls had
+    made and hashed them twice each, ~20 us of a step)."""
+    return (x.shape, w.shape, out.shape, tuple(stride), tuple(pad), tuple(dilation), groups)
 
 
 class _Call(NamedTuple):
@@ -1949,14 +1965,12 @@ class _Call(NamedTuple):
     dw_index: np.ndarray | None  # dW's elements in those sums (backward)
 
 
-def _plan(x, w, out, stride, pad, dilation, groups, ws, backward=False, want_dx=False):
-    """Checks, then the call's plan (:func:`_call`), the flat workspace and w as
-    (groups, outputs a group, inputs a group x kernel)."""
-    _check(x, w, out, groups, ws)
+def _plan(key, w, ws, itemsize, backward=False, want_dx=False):
+    """The call's plan (:func:`_call`) for its checked shape key, the flat workspace and
+    w as (groups, outputs a group, inputs a group x kernel)."""
     o, cg, kh, kw = w.shape
-    g = int(groups)
-    shapes = (x.shape, w.shape, out.shape, tuple(stride), tuple(pad), tuple(dilation))
-    call = _call(*shapes, x.itemsize, ws.size, numba.get_num_threads(), backward, want_dx)
+    g = int(key[6])
+    call = _call(*key[:6], itemsize, ws.size, thread_count(), backward, want_dx)
     return call, ws.reshape(-1), w.reshape(g, o // g, cg * kh * kw)
 
 
@@ -2042,15 +2056,16 @@ def conv2d_forward(
         check_shape("stats", stats, (2, w.shape[0]))
     # (stats with a residual: the sum's, which only the direct conv's epilogue sees)
     plain_out = residual is None or stats is None
-    if plain_out and winograd.chooses(x.shape, w.shape, out.shape, stride, pad, dilation, groups):
-        _check(x, w, out, groups, ws)
+    key = _key(x, w, out, stride, pad, dilation, groups)
+    _check(x, w, out, groups, ws, key)
+    if plain_out and winograd.chooses_key(key):
         if residual is None:
             winograd.forward(x, w, bias, pad, out, ws, act, in_affine, stats)
         else:  # the add after it, as its own pass (the same bits)
             winograd.forward(x, w, bias, pad, out, ws, ACT_NONE, in_affine, stats)
             merge.add_forward([out, residual], out, act)
         return
-    call, flat, w3 = _plan(x, w, out, stride, pad, dilation, groups, ws)
+    call, flat, w3 = _plan(key, w, ws, x.itemsize)
     dims, geo, threads = call.args
     o = w.shape[0]
     # no hooks: the build without them (LeNet-5 compiles only that)
@@ -2110,7 +2125,8 @@ def conv2d_backward(
     x <= 0), in place of the pass of the layer the ReLU is fused into."""
     check_c(x=x, w=w, dout=dout, ws=ws, dx=dx, dw=dw)
     check_shape("dw", dw, w.shape)
-    _check(x, w, dout, groups, ws)
+    key = _key(x, w, dout, stride, pad, dilation, groups)
+    _check(x, w, dout, groups, ws, key)
     if act and out is None:
         raise ValueError("a fused activation needs the forward output")
     if dx is not None:
@@ -2133,7 +2149,7 @@ def conv2d_backward(
     if dx_sums is not None:
         check_shape("dx_sums mean", dx_sums[0], (x.shape[1],))
         check_shape("dx_sums", dx_sums[1], (2, x.shape[1]))
-    if winograd.chooses(x.shape, w.shape, dout.shape, stride, pad, dilation, groups):
+    if winograd.chooses_key(key):
         hooks = (in_affine, accumulate, gk, gmode, dx_sums, relu_dx)
         if winograd.backward(x, w, dout, pad, ws, dx, dw, db, y, act, *hooks):
             return
@@ -2143,7 +2159,7 @@ def conv2d_backward(
         )  # fmt: skip
         return
     want_dx = dx is not None
-    call, flat, w3 = _plan(x, w, dout, stride, pad, dilation, groups, ws, True, want_dx)
+    call, flat, w3 = _plan(key, w, ws, x.itemsize, True, want_dx)
     dims, geo, threads = call.args
     dx_arg = dx if want_dx else np.empty((1, 1, 1, 1), x.dtype)
     aff, mode, gk, dsums = backward_hooks(in_affine, gk, relu_dx, dx_sums, x, threads)

@@ -26,6 +26,8 @@ first run compiles it in the background, numpy stands in (the same bits).
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 from numba import prange
 
@@ -84,17 +86,24 @@ def _sgd_numpy(p, grad, buf, lr, momentum, weight_decay, nesterov, first, tiny, 
         p[part] -= step
 
 
+@cache
+def _limits(dtype) -> tuple:
+    """The smallest normal and the largest finite value of a float dtype (its scalars)."""
+    info = np.finfo(dtype)
+    return info.tiny, info.max
+
+
 def sgd_update(p, grad, buf, lr, momentum, weight_decay, nesterov, first, scratch=None):
     """One update of the 1-D contiguous arrays p (in place) and buf (the momentum buffer,
     None without momentum; started afresh when `first`) from grad. `scratch` = (a, b,
     mask): 1-D arrays of p's dtype (two) and of bools, of any one size, for numpy's passes
     on a first run (None: allocated then)."""
     t = p.dtype.type
-    info = np.finfo(p.dtype)
+    tiny, largest = _limits(p.dtype)
     # |g| below this: lr * g would be subnormal (inf for lr 0: every step 0, as lr * g)
-    floor = t(min(info.tiny / lr, info.max)) if lr > 0 else t(np.inf)
+    floor = t(min(tiny / lr, largest)) if lr > 0 else t(np.inf)
     args = (p, grad, p if buf is None else buf, t(lr), t(momentum), t(weight_decay))
-    args += (bool(nesterov), bool(first), t(info.tiny), floor)
+    args += (bool(nesterov), bool(first), t(tiny), floor)
 
     def stand_in(*a):
         n, dt = p.size, p.dtype

@@ -82,6 +82,7 @@ from ._common import (
     merge_dx_sums,
     merge_moments,
 )
+from .threads import count as thread_count
 
 # CNNSPEC_WINOGRAD: "auto" (default) takes the measured rule below, "0" never uses
 # Winograd (the direct conv everywhere: A/B runs, tests), "1" uses it wherever it applies.
@@ -259,6 +260,12 @@ def chooses(x_shape, w_shape, out_shape, stride, pad, dilation, groups) -> bool:
     shapes = (tuple(x_shape), tuple(w_shape), tuple(out_shape))
     geometry = (tuple(stride), tuple(pad), tuple(dilation), int(groups))
     return _chooses(MODE, *shapes, *geometry)
+
+
+def chooses_key(key) -> bool:
+    """:func:`chooses` for conv.py's shape key (x, w, out shapes, stride, padding,
+    dilation as tuples, groups)."""
+    return _chooses(MODE, *key)
 
 
 @lru_cache(maxsize=1024)  # a layer asks with the same shapes every call (~4 us saved)
@@ -1272,7 +1279,7 @@ def _aligned(a):
 def _plan(x, w, out, ws, backward):
     flat = _aligned(ws.reshape(-1))
     shapes = (x.shape, w.shape, out.shape, x.itemsize)
-    geo, scratch, threads = _blocks(*shapes, flat.size, numba.get_num_threads(), backward)
+    geo, scratch, threads = _blocks(*shapes, flat.size, thread_count(), backward)
     return geo, scratch, threads, flat
 
 
