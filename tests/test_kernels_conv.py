@@ -641,7 +641,7 @@ def test_conv2d_shorter_last_band_matches_one_row_tiles():
     results = []
     for rows in (2, 1):
         ws = np.empty(conv.conv2d_workspace(*shapes, tile_rows=rows))
-        geo = conv._plan(x, w, out, stride, pad, dil, 1, ws)[0].geo
+        geo = conv._plan(conv._key(x, w, out, stride, pad, dil, 1), w, ws, x.itemsize)[0].geo
         assert geo.rows == rows and (rows == 1 or geo.tiles * rows > 5)  # a shorter last band
         conv.conv2d_forward(x, w, None, stride, pad, dil, 1, out, ws, conv.ACT_RELU)
         dw, db = np.empty_like(w), np.empty(4)

@@ -49,10 +49,18 @@ def test_softmax_cross_entropy_matches_torch(scale):
     assert rel_error(dlogits, lt.grad.numpy()) < TORCH_TOL
 
 
-def test_softmax_cross_entropy_rejects_bad_labels():
-    logits = np.zeros((2, 3), np.float32)
-    with pytest.raises(ValueError):
-        L.softmax_loss(logits, np.array([0, 3]), np.empty_like(logits), None)
+@pytest.mark.parametrize("labels", [[0, 3], [-1, 2], [2, 0, 7, -4]])
+def test_softmax_cross_entropy_rejects_bad_labels(labels):
+    """Out of [0, K): the kernel counts them as it reads them (its numpy stand-in too),
+    and the loss raises."""
+    labels = np.array(labels)
+    logits = np.zeros((len(labels), 3), np.float32)
+    with pytest.raises(ValueError, match=r"labels out of range \[0, 3\)"):
+        L.softmax_loss(logits, labels, np.empty_like(logits), None)
+    bad = int(((labels < 0) | (labels >= 3)).sum())
+    for run in (L._softmax_ce, L._softmax_ce_numpy):
+        probs, losses = np.zeros_like(logits), np.zeros(len(labels))
+        assert run(logits, labels, probs, probs, np.float32(1), False, losses) == bad
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 3, 2, 2)])

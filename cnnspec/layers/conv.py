@@ -4,6 +4,8 @@ on im2col/col2im and numpy's GEMM."""
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
 from ..errors import LayerError
@@ -138,7 +140,7 @@ class Conv2d(Layer):
 
     fusable = True  # a following ReLU can run in this layer's epilogue
 
-    @property
+    @cached_property  # (asked every call: its shapes and attributes never change)
     def is_dense(self) -> bool:
         """A kernel that covers the whole unpadded input (LeNet-5's C5) is a dense
         layer on the flattened input: weight [out, C, H, W] = [out, C*H*W]."""

@@ -39,8 +39,14 @@ def softmax_forward(z, out):
 
 @SplitBySize
 def _softmax_ce(logits, labels, probs, dlogits, grad_scale, want_grad, losses):
+    # returns how many labels are out of [0, K) (their rows are left as they were: the
+    # caller raises), checked here as they are read: two numpy passes less
     n_, k_ = logits.shape
+    bad = 0
     for n in prange(n_):
+        if labels[n] < 0 or labels[n] >= k_:
+            bad += 1
+            continue
         m = logits[n, 0]
         for j in range(1, k_):
             if logits[n, j] > m:
@@ -59,11 +65,15 @@ def _softmax_ce(logits, labels, probs, dlogits, grad_scale, want_grad, losses):
             for j in range(k_):
                 dlogits[n, j] = grad_scale * probs[n, j]
             dlogits[n, lab] -= grad_scale
+    return bad
 
 
 def _softmax_ce_numpy(logits, labels, probs, dlogits, grad_scale, want_grad, losses):
     """_softmax_ce in numpy, for a first run's first steps (pool.py's stand-ins): the
     exponentials numpy's, so the last bits may differ."""
+    bad = int(np.count_nonzero((labels < 0) | (labels >= logits.shape[1])))
+    if bad:
+        return bad
     rows = np.arange(logits.shape[0])
     m = logits.max(axis=1, keepdims=True)
     e = np.exp(logits - m)
@@ -73,6 +83,7 @@ def _softmax_ce_numpy(logits, labels, probs, dlogits, grad_scale, want_grad, los
     if want_grad:
         dlogits[...] = grad_scale * probs
         dlogits[rows, labels] -= grad_scale
+    return 0
 
 
 def softmax_loss(logits, labels, probs, dlogits, weight=1.0):
@@ -83,7 +94,7 @@ def softmax_loss(logits, labels, probs, dlogits, weight=1.0):
     """
     check_c(logits=logits, labels=labels, probs=probs, dlogits=dlogits)
     n, k = logits.shape
-    check_class_labels(labels, n, k)
+    check_class_labels(labels, n, None)  # (the range: _softmax_ce's)
     check_shape("probs", probs, (n, k))
     want_grad = dlogits is not None
     if want_grad:
@@ -92,9 +103,11 @@ def softmax_loss(logits, labels, probs, dlogits, weight=1.0):
         dlogits = probs  # never written (want_grad=False)
     losses = np.empty(n, dtype=np.float64)
     scale = logits.dtype.type(float(weight) / n)
-    _softmax_ce.or_stand_in(
+    bad = _softmax_ce.or_stand_in(
         _softmax_ce_numpy, logits, labels, probs, dlogits, scale, want_grad, losses
     )
+    if bad:
+        raise ValueError(f"labels out of range [0, {k})")
     return float(weight) * float(losses.sum()) / n
 
 
