@@ -1933,7 +1933,8 @@ def _backward_samples(
     # dW (dw_index: where each of its elements is in the sums) and db: the threads'
     # private sums, added in thread order (the same bits every run). Here, not in numpy
     # after the call: ~8 us a call less (LeNet-5's c3, Intel Xeon model 207)
-    dw0 = _regions(geo, g_, 0)[5]
+    dw0 = _regions(geo, g_, per)[5] - per  # (thread 1's less its start: an int argument
+    # typed as the prange's, so one build of _regions)
     for j in range(dw_index.size):
         v = ws[dw0 + dw_index[j]]
         for t in range(1, T):
