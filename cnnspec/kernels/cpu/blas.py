@@ -129,8 +129,9 @@ def matmul(a, b, out):
     m, n = out.shape
     k = a.shape[1]
     dtype = out.dtype
-    if 2.0 * m * k * n >= 2 * _BLOCK_FLOPS and max(m, n) >= 2 * _MIN_BLOCK:
-        parts = min(int(2.0 * m * k * n // _BLOCK_FLOPS), max(m, n) // _MIN_BLOCK, thread_count())
+    flops = 2.0 * m * k * n
+    if flops >= 2 * _BLOCK_FLOPS and max(m, n) >= 2 * _MIN_BLOCK:  # (else one block)
+        parts = min(int(flops // _BLOCK_FLOPS), max(m, n) // _MIN_BLOCK, thread_count())
         if parts >= 2 and a.dtype == b.dtype == dtype and k > 0:
             gemm = _cblas_gemm(dtype)
             if gemm is not None and _split(gemm, a, b, out, parts):
