@@ -39,6 +39,12 @@ PyTorch to AVX2 as well (``ATEN_CPU_CAPABILITY=avx2`` for its own kernels,
 the row compares what both would do on that CPU; ``--torch-isa native`` lets PyTorch use
 everything the CPU has. The report names both.
 
+Against the machine's peak: the run measures the fp32 GEMM peak on its threads once (the
+better of cnnspec's micro-kernel and numpy's matmul, as ``cnnspec bench`` does) and reports
+each row's GFLOP/s for both frameworks and a ceiling: the ratio cnnspec / torch would be if
+every multiply-add of cnnspec's ran at that peak and nothing else took time. A target above
+the ceiling needs fewer multiply-adds (a fast algorithm), not faster kernels.
+
 Graceful under load: a row with ``busy`` > 0 starts that many busy processes (``while True:
 pass``) beside the workers for each round (killed after it; their CPU is not counted as other
 load). A fair target is the 1-thread throughput beside one busy process: the cores left free.
@@ -257,6 +263,7 @@ class _CnnspecRunner:
         before = cb.kernel_state()
         t0 = time.perf_counter()
         net = cnnspec.load(ROOT / spec_file)
+        self.macs_per_image = int(net.totals()["macs"])
         self.model = net.compile(device=device, batch_size=batch, seed=0, training=mode == "train")
         self.build_s = time.perf_counter() - t0
         self.x, self.y = cb.random_batch(self.model, 0)
@@ -322,7 +329,16 @@ class _TorchRunner:
 
 
 def worker(args) -> None:
-    """Set up one framework's model, then answer 'run K' / 'quit' lines on stdin."""
+    """Set up one framework's model, then answer 'run K' / 'quit' lines on stdin; or
+    (``peak``) measure the machine's fp32 GEMM peak on these threads and reply once."""
+    if args.worker == "peak":
+        import numba
+
+        from cnnspec.bench.measure import gemm_peak
+
+        numba.set_num_threads(args.threads)
+        _reply(gemm_peak())
+        return
     if args.worker == "cnnspec":
         runner = _CnnspecRunner(
             SPECS[args.spec], args.batch, args.mode, args.threads, args.device, args.startup
@@ -340,6 +356,7 @@ def worker(args) -> None:
         "threads": runner.threads,
         "isa": runner.isa,
         "cache": runner.cache,
+        "macs_per_image": getattr(runner, "macs_per_image", None),
     }
     if args.startup:
         _reply(ready)
@@ -628,6 +645,7 @@ def _measure_row(row: Row, args, workers: dict, ready: dict) -> dict:
             "first_s": ready[fw]["first_s"],
             "cache": ready[fw]["cache"],
         }
+    out["macs_per_image"] = ready["cnnspec"].get("macs_per_image")
     out["ratio"] = out["cnnspec"]["images_per_s"] / out["torch"]["images_per_s"]
     if "torch-default" in out:
         out["ratio_default"] = out["cnnspec"]["images_per_s"] / out["torch-default"]["images_per_s"]
@@ -641,6 +659,77 @@ def _measure_row(row: Row, args, workers: dict, ready: dict) -> dict:
         flush=True,
     )
     return out
+
+
+def measure_peak(args) -> dict | None:
+    """The machine's fp32 GEMM peak on the run's threads (``cnnspec.bench.gemm_peak``: the
+    better of cnnspec's micro-kernel and numpy's matmul), in a fresh process with the
+    workers' thread settings; None if that process failed."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "peak"]
+    cmd += ["--threads", str(args.threads)]
+    env = _thread_env(args.threads)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith(PROTOCOL):
+            return json.loads(line[len(PROTOCOL) :])
+    print(f"  peak not measured: {done.stderr.strip()[-500:]}", flush=True)
+    return None
+
+
+def add_work(result: dict) -> None:
+    """Each row's arithmetic against the machine's peak, as row["work"]: GFLOP a batch
+    (2 per multiply-add of the forward pass; a training step 3 times that, as `cnnspec
+    bench` counts it: forward, input and weight gradients), each framework's GFLOP/s and,
+    but beside busy processes, the ceiling: the ratio cnnspec / torch were every
+    multiply-add of cnnspec's at the peak and nothing else to do (a fast algorithm, as
+    Winograd's, does fewer and can pass it)."""
+    peak = (result.get("peak") or {}).get("gflops")
+    for r in result["rows"]:
+        macs, row = r.get("macs_per_image"), r["row"]
+        if not macs:
+            continue
+        flops = 2.0 * macs * row["batch"] * (3 if row["mode"] == "train" else 1)
+        work = {"gflop_per_batch": flops / 1e9, "peak_gflops": peak}
+        for fw in ("cnnspec", "torch"):
+            work[f"{fw}_gflops"] = flops / r[fw]["median_ms"] / 1e6
+        if peak and not row.get("busy"):
+            work["ceiling"] = r["torch"]["median_ms"] / (flops / peak / 1e6)
+        r["work"] = work
+
+
+def _work_lines(rows: list[dict], result: dict) -> list[str]:
+    """The table of add_work's figures (none where the rows have none)."""
+    rows = [r for r in rows if r.get("work")]
+    peak = result.get("peak") or {}
+    if not rows or not peak.get("gflops"):
+        return []
+    lines = [
+        "",
+        f"Arithmetic against the machine's fp32 peak, {peak['gflops']:.0f} GFLOP/s on "
+        f"{result['settings']['threads']} threads (the better of cnnspec's micro-kernel, "
+        f"{peak['kernel_gflops']:.0f}, and numpy's {peak['n']}x{peak['n']} matmul, "
+        f"{peak['blas_gflops']:.0f}). GFLOP a batch: 2 per multiply-add of the forward pass, "
+        "3 times that for a training step (as `cnnspec bench` counts it). Ceiling: cnnspec / "
+        "torch were every multiply-add of cnnspec's at that peak and nothing else to do; "
+        "Winograd's convolutions, which do fewer, can pass it.",
+        "",
+        "| benchmark | batch | work | GFLOP a batch | cnnspec GFLOP/s (of peak) "
+        "| torch GFLOP/s (of peak) | ceiling |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        row, w = r["row"], r["work"]
+        work = "train step" if row["mode"] == "train" else "inference"
+        if row.get("busy"):
+            work += f", with {row['busy']} competing busy process" + "es" * (row["busy"] > 1)
+        shares = [f"{w[f'{fw}_gflops']:.0f} ({w[f'{fw}_gflops'] / peak['gflops']:.0%})"
+                  for fw in ("cnnspec", "torch")]  # fmt: skip
+        ceiling = f"{w['ceiling']:.2f}" if w.get("ceiling") else "-"
+        lines.append(
+            f"| {row['label']} | {row['batch']} | {work} | {w['gflop_per_batch']:.2f} | "
+            f"{shares[0]} | {shares[1]} | {ceiling} |"
+        )
+    return lines
 
 
 def startup_once(framework: str, row: Row, args, env=None, attempts: int = 3) -> dict:
@@ -800,6 +889,7 @@ def markdown(result: dict) -> str:
             f"{r['external_load_cores']:.2f}{flag} | {r.get('rounds_kept', '?')} / "
             f"{r.get('rounds_discarded', '?')} |"
         )
+    lines += _work_lines(rows, result)
     if result["startup"]:
         lines += [
             "",
@@ -903,7 +993,7 @@ def main(argv=None) -> int:
     )
     # worker mode (internal)
     p.add_argument(
-        "--worker", choices=["cnnspec", "torch", "torch-default"], help=argparse.SUPPRESS
+        "--worker", choices=["cnnspec", "torch", "torch-default", "peak"], help=argparse.SUPPRESS
     )
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -944,6 +1034,9 @@ def main(argv=None) -> int:
     )
     quiet = wait_for_quiet(args.wait_quiet, args.max_load)
     print(f"other processes use {quiet:.2f} cores; measuring", flush=True)
+    peak = measure_peak(args) if args.device == "cpu" else None
+    if peak:
+        print(f"fp32 GEMM peak on {args.threads} threads: {peak['gflops']:.0f} GFLOP/s", flush=True)
     result = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
@@ -965,6 +1058,7 @@ def main(argv=None) -> int:
             "malloc_env": MALLOC_ENV,
         },
         "param_counts": counts,
+        "peak": peak,
         "rows": [],
         "failed": [],
         "startup": [],
@@ -996,6 +1090,7 @@ def main(argv=None) -> int:
             except (RuntimeError, OSError) as exc:
                 print(f"  failed: {exc}", flush=True)
                 result["failed"].append({"startup": spec, "error": str(exc)[-2000:]})
+    add_work(result)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["elapsed_s"] = time.perf_counter() - started
     default = "cuda" if args.device == "cuda" else "quick" if quick else "latest"

@@ -349,6 +349,36 @@ def test_vs_torch_markdown_renders(vs_torch):
     assert "instruction sets: cnnspec ?, torch ?" in text  # older results name none
 
 
+def test_vs_torch_work_against_the_peak(vs_torch):
+    def row(mode, busy=0, macs=1_000_000):
+        return {
+            "row": {"label": "Net", "batch": 100, "mode": mode, "busy": busy},
+            "macs_per_image": macs,
+            "cnnspec": {"median_ms": 10.0},
+            "torch": {"median_ms": 20.0},
+        }
+
+    peak = {"gflops": 100.0, "kernel_gflops": 100.0, "blas_gflops": 80.0, "n": 2048}
+    rows = [row("train"), row("eval"), row("train", busy=1), row("train", macs=None)]
+    result = {"peak": peak, "rows": rows, "settings": {"threads": 2}}
+    vs_torch.add_work(result)
+    train, infer, busy, unknown = (r.get("work") for r in rows)
+    # a step: 3 x 2 x 1e6 x 100 = 0.6 GFLOP; at the peak 6 ms, against torch's 20
+    assert train["gflop_per_batch"] == pytest.approx(0.6)
+    assert train["cnnspec_gflops"] == pytest.approx(60.0)
+    assert train["torch_gflops"] == pytest.approx(30.0)
+    assert train["ceiling"] == pytest.approx(20.0 / 6.0)
+    assert infer["gflop_per_batch"] == pytest.approx(0.2)
+    assert infer["ceiling"] == pytest.approx(10.0)
+    assert "ceiling" not in busy and unknown is None  # beside busy processes: no ceiling
+    text = "\n".join(vs_torch._work_lines(rows, result))
+    assert "fp32 peak, 100 GFLOP/s on 2 threads" in text
+    assert "| Net | 100 | train step | 0.60 | 60 (60%) | 30 (30%) | 3.33 |" in text
+    assert "| Net | 100 | inference | 0.20 | 20 (20%) | 10 (10%) | 10.00 |" in text
+    assert "with 1 competing busy process | 0.60 | 60 (60%) | 30 (30%) | - |" in text
+    assert vs_torch._work_lines(rows, {"rows": rows, "peak": None}) == []
+
+
 def test_vs_torch_holds_torch_to_avx2_beside_the_256_bit_kernels(vs_torch, monkeypatch):
     from cnnspec.kernels.cpu import _common
 
