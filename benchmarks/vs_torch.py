@@ -35,9 +35,10 @@ unreliable, especially multi-threaded ones.
 Instruction sets: ``CNNSPEC_VECTOR_BITS=256`` runs cnnspec's 256-bit micro-kernels, as on a
 CPU without AVX-512. On a CPU that has it, ``--torch-isa auto`` (the default) then holds
 PyTorch to AVX2 as well (``ATEN_CPU_CAPABILITY=avx2`` for its own kernels,
-``ONEDNN_MAX_CPU_ISA=AVX2`` for oneDNN's convolutions, ``MKL_ENABLE_INSTRUCTIONS=AVX2``), so
-the row compares what both would do on that CPU; ``--torch-isa native`` lets PyTorch use
-everything the CPU has. The report names both.
+``ONEDNN_MAX_CPU_ISA=AVX2`` for oneDNN's convolutions, ``MKL_ENABLE_INSTRUCTIONS=AVX2``),
+and numpy's OpenBLAS, which runs cnnspec's dense layers, to its AVX2 kernels
+(``OPENBLAS_CORETYPE=Haswell``), so the row compares what both would do on that CPU;
+``--torch-isa native`` lets PyTorch use everything the CPU has. The report names both.
 
 Against the machine's peak: the run measures the fp32 GEMM peak on its threads once (the
 better of cnnspec's micro-kernel and numpy's matmul, as ``cnnspec bench`` does) and reports
@@ -206,12 +207,22 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def torch_isa_env(choice: str) -> dict:
-    """The environment that holds PyTorch to AVX2 (see the module docstring), or {}."""
+def _held_to_avx2(choice: str) -> bool:
     from cnnspec.kernels.cpu import _common
 
     narrow = os.environ.get("CNNSPEC_VECTOR_BITS") == "256" and _common.cpu_has_avx512()
-    if choice == "avx2" or (choice == "auto" and narrow):
+    return choice == "avx2" or (choice == "auto" and narrow)
+
+
+def blas_isa_env(choice: str) -> dict:
+    """The environment that holds numpy's OpenBLAS (cnnspec's dense layers, the peak's
+    matmul) to its AVX2 kernels where PyTorch is held there (torch_isa_env), or {}."""
+    return {"OPENBLAS_CORETYPE": "Haswell"} if _held_to_avx2(choice) else {}
+
+
+def torch_isa_env(choice: str) -> dict:
+    """The environment that holds PyTorch to AVX2 (see the module docstring), or {}."""
+    if _held_to_avx2(choice):
         return {
             "ATEN_CPU_CAPABILITY": "avx2",
             "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -521,7 +532,7 @@ class Worker:
             text=True,
             cwd=ROOT,
             env=_thread_env(args.threads, env)
-            | (torch_isa_env(args.torch_isa) if framework.startswith("torch") else {}),
+            | (torch_isa_env if framework.startswith("torch") else blas_isa_env)(args.torch_isa),
         )
 
     def read(self) -> dict:
@@ -667,7 +678,7 @@ def measure_peak(args) -> dict | None:
     workers' thread settings; None if that process failed."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "peak"]
     cmd += ["--threads", str(args.threads)]
-    env = _thread_env(args.threads)
+    env = _thread_env(args.threads) | blas_isa_env(args.torch_isa)
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     for line in done.stdout.splitlines():
         if line.startswith(PROTOCOL):
@@ -703,10 +714,11 @@ def _work_lines(rows: list[dict], result: dict) -> list[str]:
     peak = result.get("peak") or {}
     if not rows or not peak.get("gflops"):
         return []
+    threads = result["settings"]["threads"]
     lines = [
         "",
         f"Arithmetic against the machine's fp32 peak, {peak['gflops']:.0f} GFLOP/s on "
-        f"{result['settings']['threads']} threads (the better of cnnspec's micro-kernel, "
+        f"{threads} thread{'s' * (threads != 1)} (the better of cnnspec's micro-kernel, "
         f"{peak['kernel_gflops']:.0f}, and numpy's {peak['n']}x{peak['n']} matmul, "
         f"{peak['blas_gflops']:.0f}). GFLOP a batch: 2 per multiply-add of the forward pass, "
         "3 times that for a training step (as `cnnspec bench` counts it). Ceiling: cnnspec / "
@@ -827,6 +839,9 @@ def _isa_text(rows: list[dict], settings: dict) -> str:
     if settings.get("torch_isa_env"):
         held = ", ".join(f"{k}={v}" for k, v in settings["torch_isa_env"].items())
         text += f" (held there, as on a CPU without AVX-512: {held})"
+    if settings.get("blas_isa_env"):
+        held = ", ".join(f"{k}={v}" for k, v in settings["blas_isa_env"].items())
+        text += f"; numpy's OpenBLAS (cnnspec's dense layers, the peak's matmul) too: {held}"
     return text
 
 
@@ -1055,6 +1070,7 @@ def main(argv=None) -> int:
             "device": args.device,
             "torch_isa": args.torch_isa,
             "torch_isa_env": torch_isa_env(args.torch_isa),
+            "blas_isa_env": blas_isa_env(args.torch_isa),
             "malloc_env": MALLOC_ENV,
         },
         "param_counts": counts,

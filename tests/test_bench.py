@@ -384,17 +384,22 @@ def test_vs_torch_holds_torch_to_avx2_beside_the_256_bit_kernels(vs_torch, monke
 
     monkeypatch.setattr(_common, "cpu_has_avx512", lambda: True)
     monkeypatch.delenv("CNNSPEC_VECTOR_BITS", raising=False)
-    assert vs_torch.torch_isa_env("auto") == {}
+    assert vs_torch.torch_isa_env("auto") == {} == vs_torch.blas_isa_env("auto")
     assert vs_torch.torch_isa_env("avx2")["ATEN_CPU_CAPABILITY"] == "avx2"
     monkeypatch.setenv("CNNSPEC_VECTOR_BITS", "256")
     held = vs_torch.torch_isa_env("auto")
     assert held["ONEDNN_MAX_CPU_ISA"] == "AVX2" and held["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
-    assert vs_torch.torch_isa_env("native") == {}
+    # cnnspec's dense layers run numpy's OpenBLAS: held to AVX2 alike
+    blas = vs_torch.blas_isa_env("auto")
+    assert blas == {"OPENBLAS_CORETYPE": "Haswell"}
+    assert vs_torch.torch_isa_env("native") == {} == vs_torch.blas_isa_env("native")
     monkeypatch.setattr(_common, "cpu_has_avx512", lambda: False)  # an AVX2 CPU: no hold
-    assert vs_torch.torch_isa_env("auto") == {}
+    assert vs_torch.torch_isa_env("auto") == {} == vs_torch.blas_isa_env("auto")
     rows = [{"cnnspec": {"isa": "256-bit kernels"}, "torch": {"isa": "AVX2"}}]
-    text = vs_torch._isa_text(rows, {"torch_isa_env": held})
+    text = vs_torch._isa_text(rows, {"torch_isa_env": held, "blas_isa_env": blas})
     assert text.startswith("cnnspec 256-bit kernels, torch AVX2 (held there")
+    assert text.endswith("OpenBLAS (cnnspec's dense layers, the peak's matmul) too: "
+                         "OPENBLAS_CORETYPE=Haswell")  # fmt: skip
 
 
 def test_kernel_state_counts_both_builds_of_each_kernel():
