@@ -708,6 +708,14 @@ def add_work(result: dict) -> None:
         r["work"] = work
 
 
+def _work_label(row: dict) -> str:
+    """A row's `work` cell: train step or inference, and its busy neighbours."""
+    work = "train step" if row["mode"] == "train" else "inference"
+    if row.get("busy"):
+        work += f", with {row['busy']} competing busy process" + "es" * (row["busy"] > 1)
+    return work
+
+
 def _work_lines(rows: list[dict], result: dict) -> list[str]:
     """The table of add_work's figures (none where the rows have none)."""
     rows = [r for r in rows if r.get("work")]
@@ -731,9 +739,7 @@ def _work_lines(rows: list[dict], result: dict) -> list[str]:
     ]
     for r in rows:
         row, w = r["row"], r["work"]
-        work = "train step" if row["mode"] == "train" else "inference"
-        if row.get("busy"):
-            work += f", with {row['busy']} competing busy process" + "es" * (row["busy"] > 1)
+        work = _work_label(row)
         shares = [f"{w[f'{fw}_gflops']:.0f} ({w[f'{fw}_gflops'] / peak['gflops']:.0%})"
                   for fw in ("cnnspec", "torch")]  # fmt: skip
         ceiling = f"{w['ceiling']:.2f}" if w.get("ceiling") else "-"
@@ -893,9 +899,7 @@ def markdown(result: dict) -> str:
         rows = []
     for r in rows:
         row, c, t = r["row"], r["cnnspec"], r["torch"]
-        work = "train step" if row["mode"] == "train" else "inference"
-        if row.get("busy"):
-            work += f", with {row['busy']} competing busy process" + "es" * (row["busy"] > 1)
+        work = _work_label(row)
         flag = " ⚠" if r in loaded else ""
         lines.append(
             f"| {row['label']} | {row['batch']} | {work} | {c['images_per_s']:,.0f} | "
