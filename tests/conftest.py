@@ -82,6 +82,12 @@ def winograd_ab():
 
 
 @pytest.fixture(scope="session")
+def memory_bandwidth():
+    """benchmarks/memory_bandwidth.py, the machine's memory rates behind the Speed section."""
+    return _benchmark("memory_bandwidth")
+
+
+@pytest.fixture(scope="session")
 def unfold_ab():
     """benchmarks/unfold_ab.py, the per-layer measure behind the unfolded taps' rule."""
     return _benchmark("unfold_ab")

@@ -410,3 +410,20 @@ def test_kernel_state_counts_both_builds_of_each_kernel():
 
     found = {id(d) for d in _dispatchers()}
     assert {id(conv._forward_tiles.serial), id(conv._forward_tiles.parallel)} <= found
+
+
+def test_memory_bandwidth_measures_each_pass_on_each_thread_count(memory_bandwidth, capsys):
+    """benchmarks/memory_bandwidth.py: read, copy and streaming copy (each copy checked)
+    on the thread counts asked for, in whole aligned lines a thread; threads restored."""
+    import numba
+
+    was = numba.get_num_threads()
+    counts = sorted({1, numba.config.NUMBA_NUM_THREADS})
+    rows = memory_bandwidth.main(["--mib", "1", "--repeat", "1", "--threads", *map(str, counts)])
+    assert numba.get_num_threads() == was
+    assert [r["threads"] for r in rows] == counts
+    assert all(r[k] > 0 for r in rows for k in ("read", "copy", "streaming"))
+    assert "streaming" in capsys.readouterr().out
+    bounds = memory_bandwidth._slices(1000 * 16 + 5, 3)
+    assert bounds[0] == 0 and bounds[-1] == 1000 * 16 and all(b % 16 == 0 for b in bounds)
+    assert memory_bandwidth.aligned(5).ctypes.data % 64 == 0
