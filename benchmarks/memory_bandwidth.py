@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numba
 import numpy as np
@@ -26,6 +25,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from cnnspec.bench.measure import _timed
 from cnnspec.kernels.cpu import _llvm
 
 _BYTES = 64  # alignment of the arrays: a cache line, and the widest vector
@@ -125,15 +125,9 @@ def measure(mib, threads, repeat):
             if not np.array_equal(a + 1, b):
                 raise AssertionError(f"the {name} pass copied wrongly")
             b[:] = 0
-        best = min(_timed(run) for _ in range(repeat))
+        best = min(_timed(run, 0, repeat))  # (run once above)
         row[name] = a.nbytes / best / 1e9
     return row
-
-
-def _timed(run):
-    t0 = time.perf_counter()
-    run()
-    return time.perf_counter() - t0
 
 
 def main(argv=None) -> list[dict]:

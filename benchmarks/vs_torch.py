@@ -843,12 +843,20 @@ def _isa_text(rows: list[dict], settings: dict) -> str:
     seen = {fw: r[fw].get("isa") for r in rows for fw in ("cnnspec", "torch") if fw in r}
     text = f"cnnspec {seen.get('cnnspec') or '?'}, torch {seen.get('torch') or '?'}"
     if settings.get("torch_isa_env"):
-        held = ", ".join(f"{k}={v}" for k, v in settings["torch_isa_env"].items())
-        text += f" (held there, as on a CPU without AVX-512: {held})"
+        text += (
+            f" (held there, as on a CPU without AVX-512: {_assignments(settings['torch_isa_env'])})"
+        )
     if settings.get("blas_isa_env"):
-        held = ", ".join(f"{k}={v}" for k, v in settings["blas_isa_env"].items())
-        text += f"; numpy's OpenBLAS (cnnspec's dense layers, the peak's matmul) too: {held}"
+        text += (
+            "; numpy's OpenBLAS (cnnspec's dense layers, the peak's matmul) too: "
+            + _assignments(settings["blas_isa_env"])
+        )
     return text
+
+
+def _assignments(env: dict) -> str:
+    """Environment settings as the report names them: NAME=value, NAME=value."""
+    return ", ".join(f"{k}={v}" for k, v in env.items())
 
 
 def markdown(result: dict) -> str:
@@ -868,7 +876,7 @@ def markdown(result: dict) -> str:
         *(
             [
                 "- malloc: both workers keep freed memory ("
-                + ", ".join(f"{k}={v}" for k, v in s["malloc_env"].items())
+                + _assignments(s["malloc_env"])
                 + "): stock glibc made PyTorch's step times swing 2-3x between runs"
             ]
             if s.get("malloc_env")
